@@ -1,0 +1,114 @@
+"""Load a model from whatever a user points at, and export HF-loadable directories.
+
+Accepted by every stage that reads a model (eval, quantize, latency, export):
+
+* an exported directory (``config.json`` + ``model.safetensors``), e.g. from ``merino-pl export``;
+* a Lightning checkpoint (``*.ckpt``) written by ``merino-pl fit``: it carries the recipe under
+  ``checkpoint["merino"]["recipe"]`` and the ``MerinoForCausalLM`` weights under the prefix
+  ``model.`` of ``state_dict``; loaded with ``torch.load(weights_only=True)``;
+* a recipe (YAML path or built-in name): a freshly initialised model (latency, smoke tests).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merino_pl.config import Recipe, load_recipe
+from merino_pl.errors import MerinoError
+from merino_pl.io import sha256_file
+from merino_pl.model import MerinoForCausalLM, MerinoHFConfig
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    model: MerinoForCausalLM
+    recipe: Recipe
+    kind: str  # "hf-dir" | "lightning-ckpt" | "recipe"
+    path: str
+    weights_sha256: str | None  # of the file the weights came from; None for a fresh init
+
+
+def load_model(path_or_recipe: str | Path, seed: int = 0) -> LoadedModel:
+    """Load a model from an exported dir, a ``.ckpt`` or a recipe (see module docstring)."""
+    path = Path(path_or_recipe)
+    if path.is_dir():
+        return _load_hf_dir(path)
+    if path.suffix == ".ckpt":
+        if not path.exists():
+            raise MerinoError(f"checkpoint not found: {path}")
+        return _load_lightning_ckpt(path)
+    if path.suffix in (".yaml", ".yml") or not path.exists():
+        recipe = load_recipe(path_or_recipe)  # raises a MerinoError naming the file if missing
+        torch.manual_seed(seed)
+        return LoadedModel(MerinoForCausalLM.from_recipe(recipe), recipe, "recipe", str(path), None)
+    raise MerinoError(f"{path}: expected an exported model directory, a .ckpt file or a recipe YAML")
+
+
+def _load_hf_dir(path: Path) -> LoadedModel:
+    if not (path / "config.json").exists():
+        raise MerinoError(f"{path}: not a model directory (no config.json)")
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise MerinoError(f"{path}: no {WEIGHTS_NAME} (only safetensors weights are loaded)")
+    try:
+        config = MerinoHFConfig.from_pretrained(path)
+    except (ValueError, TypeError, OSError) as e:
+        raise MerinoError(f"{path}/config.json: {e}") from None
+    try:
+        model = MerinoForCausalLM.from_pretrained(path, config=config)
+    except RuntimeError as e:  # size mismatch: weights of another architecture than config.json
+        raise MerinoError(f"{path}: weights do not match the architecture in config.json: {_first_line(e)}") from None
+    recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
+    return LoadedModel(model.eval(), recipe, "hf-dir", str(path), sha256_file(weights))
+
+
+def _load_lightning_ckpt(path: Path) -> LoadedModel:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / truncated / not a torch file
+        raise MerinoError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "recipe" not in meta:
+        raise MerinoError(f"{path}: not a merino-pl checkpoint (no 'merino.recipe' entry)")
+    recipe = Recipe.from_dict(meta["recipe"], source=f"{path}[merino.recipe]")
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model = MerinoForCausalLM.from_recipe(recipe)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MerinoError(f"{path}: weights do not match its recipe {recipe.name!r}: {_first_line(e)}") from None
+    return LoadedModel(model.eval(), recipe, "lightning-ckpt", str(path), sha256_file(path))
+
+
+def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str | None = None) -> Path:
+    """Write an HF-loadable directory (safetensors + config + tokenizer), atomically.
+
+    The directory is built beside ``out`` and renamed into place, so an interrupted export never
+    leaves a half-written model where a user (or lm-eval) would load it.
+    """
+    from merino_pl.tokenizer import hf_tokenizer
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    hf_tokenizer(tokenizer).save_pretrained(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,75 @@
+"""``merino-pl``: one table dispatches to one entry module per stage.
+
+Each stage module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported
+only when its command runs, so ``merino-pl info`` does not pay for Lightning or lm-eval.
+``fit`` hands its arguments to LightningCLI unchanged.
+
+Bad input raises ``MerinoError`` anywhere below; it is printed here as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NoReturn, Sequence
+
+# command -> (module, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "info": ("merino_pl.info", "architecture table, parameters, FLOPs, KV cache and entropy of a recipe"),
+    "demo": ("merino_pl.demo", "the main job on the embedded default (CPU, tiny model, local data)"),
+    "search": ("merino_pl.search.cli", "entropy-driven evolutionary architecture search -> recipe YAML"),
+    "prepare": ("merino_pl.data.prepare", "tokenize a text source into pre-tokenized shards"),
+    "fit": ("merino_pl.train.cli", "pretrain a recipe (LightningCLI)"),
+    "export": ("merino_pl.export", "export a checkpoint as an HF-loadable directory (or ONNX)"),
+    "eval": ("merino_pl.evaluation.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
+    "quantize": ("merino_pl.quantize.cli", "GPTQ INT8 / INT4 quantization"),
+    "latency": ("merino_pl.latency.cli", "latency report on this device; device latency tables"),
+    "slurm": ("merino_pl.slurm.cli", "render / submit SLURM jobs for 8 x H100 nodes"),
+    "pipeline": ("merino_pl.pipeline", "search -> fit -> eval -> quantize -> eval -> latency"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (and still exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: merino-pl COMMAND [options]\n\ncommands:")
+        for name, (_, help_) in STAGES.items():
+            print(f"  {name:<10} {help_}")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from merino_pl import __version__
+
+        print(f"merino-pl {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        sys.stderr.write(f"merino-pl: error: unknown command {name!r} (valid: {', '.join(STAGES)})\n")
+        return 2
+    module = importlib.import_module(STAGES[name][0])
+    from merino_pl.errors import MerinoError
+
+    try:
+        if hasattr(module, "main"):  # stages that own their argument parsing (LightningCLI)
+            return int(module.main(rest) or 0)
+        parser = ArgumentParser(prog=f"merino-pl {name}", description=STAGES[name][1])
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(rest)) or 0)
+    except MerinoError as e:
+        sys.stderr.write(f"merino-pl {name}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"merino-pl {name}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Analytic cost model: parameters, FLOPs (the paper's convention) and KV-cache size.
+
+Pure arithmetic over a ``MerinoConfig`` (no torch), so the search can call it millions of times.
+A test checks ``count_params`` against the real model's ``numel``.
+
+FLOPs convention (DESIGN.md, reproduces the paper's 60 / 110 / 160 G budgets):
+``2 × multiply-accumulates of one forward pass over a 1024-token sequence``, counting every
+layer *application*, the QKᵀ and AV products over the full T×T score matrix, and the in / between
+/ out projections, but neither the token embedding nor the tied LM head (reported separately).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from merino_pl.config import BlockConfig, MerinoConfig
+
+PAPER_SEQ_LEN = 1024
+
+
+def layer_params(embed_dim: int, ffn: int, bias: bool = True) -> int:
+    """One pre-LN decoder layer: Q, K, V, O, FFN in/out, two norms (weight + bias)."""
+    e, f = embed_dim, ffn
+    attn = 4 * e * e + (4 * e if bias else 0)
+    mlp = 2 * e * f + ((f + e) if bias else 0)
+    norms = 2 * 2 * e
+    return attn + mlp + norms
+
+
+def projection_dims(cfg: MerinoConfig) -> list[tuple[int, int]]:
+    """(in, out) of every projection: d → E_1, E_j → E_{j+1} where widths change, E_N → d."""
+    widths = [b.embed_dim for b in cfg.blocks]
+    dims = [(cfg.d_model, widths[0]), *zip(widths[:-1], widths[1:]), (widths[-1], cfg.d_model)]
+    return [(i, o) for i, o in dims if i != o]
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    embed_dim: int
+    ffn: int
+    num_layers: int
+    heads: int
+    params: int
+    flops: int  # all L_j applications, paper convention
+
+
+def layer_flops(embed_dim: int, ffn: int, seq_len: int = PAPER_SEQ_LEN) -> int:
+    """2 × MACs of one layer application over ``seq_len`` tokens (linears + QKᵀ + AV)."""
+    linear_macs = seq_len * (4 * embed_dim * embed_dim + 2 * embed_dim * ffn)
+    attn_macs = 2 * seq_len * seq_len * embed_dim
+    return 2 * (linear_macs + attn_macs)
+
+
+def block_cost(b: BlockConfig, cfg: MerinoConfig, seq_len: int = PAPER_SEQ_LEN) -> BlockCost:
+    return BlockCost(
+        embed_dim=b.embed_dim,
+        ffn=b.ffn,
+        num_layers=b.num_layers,
+        heads=b.embed_dim // cfg.head_dim,
+        params=layer_params(b.embed_dim, b.ffn, cfg.bias),
+        flops=b.num_layers * layer_flops(b.embed_dim, b.ffn, seq_len),
+    )
+
+
+def count_params(cfg: MerinoConfig) -> int:
+    """All trainable parameters (the tied LM head counted once, as the embedding)."""
+    embed = cfg.vocab_size * cfg.d_model + cfg.max_position_embeddings * cfg.d_model
+    blocks = sum(layer_params(b.embed_dim, b.ffn, cfg.bias) for b in cfg.blocks)
+    proj = sum(i * o for i, o in projection_dims(cfg))
+    final_norm = 2 * cfg.blocks[-1].embed_dim
+    return embed + blocks + proj + final_norm
+
+
+def count_flops(cfg: MerinoConfig, seq_len: int = PAPER_SEQ_LEN, include_lm_head: bool = False) -> int:
+    """Forward FLOPs over ``seq_len`` tokens in the paper's convention (see module docstring)."""
+    flops = sum(b.num_layers * layer_flops(b.embed_dim, b.ffn, seq_len) for b in cfg.blocks)
+    flops += 2 * seq_len * sum(i * o for i, o in projection_dims(cfg))
+    if include_lm_head:
+        flops += lm_head_flops(cfg, seq_len)
+    return flops
+
+
+def lm_head_flops(cfg: MerinoConfig, seq_len: int = PAPER_SEQ_LEN) -> int:
+    return 2 * seq_len * cfg.d_model * cfg.vocab_size
+
+
+def kv_cache_bytes(cfg: MerinoConfig, tokens: int | None = None, bytes_per_value: int = 2) -> int:
+    """K and V of every layer application for ``tokens`` positions (default: the max context).
+
+    Weights are shared inside a block but activations are not: each of the L_j applications
+    keeps its own keys and values.
+    """
+    tokens = cfg.max_position_embeddings if tokens is None else tokens
+    return sum(2 * b.num_layers * b.embed_dim * tokens * bytes_per_value for b in cfg.blocks)

@@ -1,0 +1,301 @@
+"""The MeRino adaptive block-wise shared decoder, readable top to bottom.
+
+    tokens ─► embed (V×d, tied) + positions (2048×d) ─► in-proj d→E_1
+           ─► block 1: ONE layer applied L_1 times ─► proj E_1→E_2 ─► block 2 ... block N
+           ─► final norm ─► out-proj E_N→d ─► logits = h · embedᵀ
+
+Every block owns a single pre-LN transformer layer; ``forward`` runs it ``num_layers`` times, so
+the weights are shared while each application keeps its own KV-cache entry.
+
+``MerinoForCausalLM`` is a ``transformers.PreTrainedModel``: after ``import merino_pl``,
+``AutoModelForCausalLM.from_pretrained(dir)`` and ``generate()`` work with no remote code.
+The same class is what training, eval, quantization, latency and ONNX export use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from merino_pl.config import MerinoConfig
+
+
+def make_norm(cfg: MerinoConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention, head dim 64, through ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: MerinoConfig, dim: int) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = dim // cfg.head_dim, cfg.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, cache_idx: int
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, cache_idx)  # (B, nh, T_past + T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: MerinoConfig, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.down = nn.Linear(hidden, dim, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, cfg: MerinoConfig, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg, dim)
+        self.attn = Attention(cfg, dim)
+        self.ffn_norm = make_norm(cfg, dim)
+        self.ffn = FeedForward(cfg, dim, hidden)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, cache_idx: int) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask, cache, cache_idx))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class SharedBlock(nn.Module):
+    """ONE decoder layer whose weights are applied ``num_layers`` times in a row."""
+
+    def __init__(self, cfg: MerinoConfig, index: int) -> None:
+        super().__init__()
+        b = cfg.blocks[index]
+        self.num_layers = b.num_layers
+        self.layer = DecoderLayer(cfg, b.embed_dim, b.ffn)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, first_cache_idx: int) -> torch.Tensor:
+        for i in range(self.num_layers):  # the parameter sharing: same self.layer every time
+            x = self.layer(x, mask, cache, first_cache_idx + i)
+        return x
+
+
+def _projection(d_in: int, d_out: int) -> nn.Module:
+    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
+
+
+class MerinoDecoder(nn.Module):
+    """The network itself; ``MerinoConfig`` is its only argument."""
+
+    def __init__(self, cfg: MerinoConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        widths = [b.embed_dim for b in cfg.blocks]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.in_proj = _projection(cfg.d_model, widths[0])
+        self.blocks = nn.ModuleList(SharedBlock(cfg, j) for j in range(cfg.num_blocks))
+        # between_proj[j] maps block j's width to block j+1's (identity where equal)
+        self.between_proj = nn.ModuleList(_projection(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.final_norm = make_norm(cfg, widths[-1])
+        self.out_proj = _projection(widths[-1], cfg.d_model)
+        # first KV-cache slot of each block: block j's applications use slots [start_j, start_j + L_j)
+        starts = [0]
+        for b in cfg.blocks[:-1]:
+            starts.append(starts[-1] + b.num_layers)
+        self.cache_starts = starts
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, d) before the tied LM head."""
+        x = self.drop(self.embed_tokens(input_ids) + self.embed_positions(position_ids))  # (B, T, d)
+        x = self.in_proj(x)  # (B, T, E_1)
+        for j, block in enumerate(self.blocks):
+            x = block(x, mask, cache, self.cache_starts[j])
+            if j < len(self.between_proj):
+                x = self.between_proj[j](x)  # (B, T, E_j) -> (B, T, E_{j+1})
+        return self.out_proj(self.final_norm(x))  # (B, T, d)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embed_tokens.weight)  # tied LM head: (B, T, V)
+
+
+# ---- transformers integration -----------------------------------------------------------------
+class MerinoHFConfig(PretrainedConfig):
+    """``PretrainedConfig`` carrying a ``MerinoConfig`` (as ``architecture``) and its recipe."""
+
+    model_type = "merino"
+
+    def __init__(
+        self,
+        architecture: dict[str, Any] | None = None,
+        recipe_name: str | None = None,
+        provenance: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.architecture = architecture or {"blocks": [{"embed_dim": 64, "ffn_ratio": 1, "num_layers": 1}]}
+        self.recipe_name = recipe_name
+        self.provenance = provenance or {}
+        arch = self.arch
+        # the names generic tooling (generate, lm-eval, GPTQ engines) looks for
+        kwargs.setdefault("tie_word_embeddings", True)
+        self.vocab_size = arch.vocab_size
+        self.hidden_size = arch.d_model
+        self.max_position_embeddings = arch.max_position_embeddings
+        self.num_hidden_layers = arch.num_layer_applications
+        super().__init__(**kwargs)
+
+    @property
+    def arch(self) -> MerinoConfig:
+        return MerinoConfig.from_dict(self.architecture)
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> "MerinoHFConfig":
+        return cls(architecture=recipe.architecture.to_dict(), recipe_name=recipe.name, provenance=recipe.provenance)
+
+
+class MerinoPreTrainedModel(PreTrainedModel):
+    config_class = MerinoHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["SharedBlock"]
+    _supports_sdpa = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Standard GPT-style init: N(0, init_std) for matrices and embeddings, zero biases."""
+        std = self.config.arch.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
+    """Causal LM over ``MerinoDecoder`` with a KV cache (``transformers.DynamicCache``)."""
+
+    def __init__(self, config: MerinoHFConfig) -> None:
+        super().__init__(config)
+        self.model = MerinoDecoder(config.arch)
+        self.post_init()
+
+    @classmethod
+    def from_arch(cls, arch: MerinoConfig, **kwargs: Any) -> "MerinoForCausalLM":
+        return cls(MerinoHFConfig(architecture=arch.to_dict(), **kwargs))
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> "MerinoForCausalLM":
+        return cls(MerinoHFConfig.from_recipe(recipe))
+
+    @property
+    def arch(self) -> MerinoConfig:
+        return self.model.cfg
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """``logits_to_keep=k`` computes only the last k positions' logits (k=1 when generating)."""
+        B, T = input_ids.shape
+        use_cache = (not self.training) if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = past_key_values if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, past, T, input_ids.device)
+        mask = _attention_mask(attention_mask, past, T, input_ids.device)
+        hidden = self.model(input_ids, position_ids, mask, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.model.logits(hidden)
+        loss = None
+        if labels is not None:  # HF convention: labels are the inputs, shifted here
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor:
+        if attention_mask is None or bool(attention_mask.all()):
+            return torch.arange(past, past + T, device=device).unsqueeze(0)
+        # left padding: a sequence's positions count its real tokens only
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos[:, -T:]
+
+
+def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """A boolean (B, 1, T, past+T) mask, or None when SDPA's own causal mask is exact.
+
+    None covers the common cases (a full prompt without padding, or one new token): SDPA's
+    ``is_causal`` is then right and fastest. Otherwise the causal part is offset by ``past`` and
+    padded positions (``attention_mask == 0``) are hidden.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past == 0 or T == 1):
+        return None
+    S = past + T
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
+    mask = causal[None, None]  # (1, 1, T, S)
+    if padded:
+        keep = attention_mask[:, -S:].bool()[:, None, None, :]  # (B, 1, 1, S)
+        mask = mask & keep
+        # a query row with nothing to attend to (a pad token) would give NaN; let it attend
+        # everywhere instead: its output is never used
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return mask

@@ -1,0 +1,56 @@
+"""The tokenizer: GPT-NeoX-20B byte-level BPE (the Pile's, Pythia's), shipped with the package."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from merino_pl.errors import MerinoError
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def default_tokenizer_file() -> Path:
+    return Path(str(resources.files("merino_pl").joinpath("assets", "tokenizers", "gpt-neox-20b", "tokenizer.json")))
+
+
+def default_corpus_file() -> Path:
+    """The embedded pretraining corpus (public-domain Shakespeare) for demos and tests."""
+    return Path(str(resources.files("merino_pl").joinpath("assets", "corpus", "tinyshakespeare.txt")))
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` path, a folder holding one, or a hub
+    name. ``None`` and the default hub name resolve to the embedded copy (no network needed)."""
+    if name_or_path in (None, DEFAULT_TOKENIZER):
+        return Tokenizer.from_file(str(default_tokenizer_file()))
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.exists():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise MerinoError(f"{path}: not a valid tokenizer.json ({e})") from None
+    try:
+        return Tokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:
+        raise MerinoError(
+            f"tokenizer {name_or_path!r}: not a local file and not loadable from the hub ({type(e).__name__}); "
+            "pass a local tokenizer.json path"
+        ) from None
+
+
+def hf_tokenizer(name_or_path: str | None = None):
+    """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (for generate, lm-eval)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(name_or_path))
+    tok.eos_token = tok.bos_token = tok.unk_token = EOS_TOKEN
+    tok.pad_token = EOS_TOKEN
+    return tok

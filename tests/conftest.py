@@ -1,0 +1,48 @@
+"""Shared test fixtures: tiny configs on CPU, one thread (see MACHINE-NOTES: 2 threads on 2 busy
+cores made tiny steps 4x slower), offline hubs, W&B never prompting."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from merino_pl.config import BlockConfig, MerinoConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def tiny_arch(vocab_size: int = 512, **kw) -> MerinoConfig:
+    """A 4-block model small enough for ~ms forwards; widths change so projections exist."""
+    blocks = (
+        BlockConfig(embed_dim=64, ffn_ratio=2, num_layers=2),
+        BlockConfig(embed_dim=64, ffn_dim=96, num_layers=1),
+        BlockConfig(embed_dim=128, ffn_ratio=1.5, num_layers=3),
+        BlockConfig(embed_dim=128, ffn_ratio=1, num_layers=1),
+    )
+    return MerinoConfig(blocks=blocks, vocab_size=vocab_size, d_model=96, max_position_embeddings=128, **kw)
+
+
+@pytest.fixture
+def arch() -> MerinoConfig:
+    return tiny_arch()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = SHARED / "data"
+    if not path.exists():
+        pytest.skip(f"{path} not found (tests read ../shared/data beside the checkout)")
+    return path

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from merino_pl.cli import main
+
+from conftest import REPO
+
+# Paper Table 8 (params) and the paper's FLOPs budgets as DESIGN.md derives them, vocab 50272
+PAPER = {"merino-52m": (52.6e6, 60e9), "merino-61m": (61.3e6, 107e9), "merino-64m": (64.1e6, 163e9)}
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_info_reproduces_paper_sizes(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(REPO / "recipes" / f"{name}.yaml"), "--vocab-size", "50272", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    params, flops = PAPER[name]
+    assert abs(s["params"] - params) <= 0.2e6
+    assert abs(s["flops"] - flops) / flops <= 0.03
+    assert s["flops_with_lm_head"] == s["flops"] + 2 * 1024 * 768 * 50272
+    assert len(s["blocks"]) == 4 and s["kv_cache_bytes_fp16"] > 0
+
+
+def test_info_table_and_shipped_vocab(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "merino-52m"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "FLOPs (paper convention)" in out and "KV cache @ 2048" in out
+
+
+BAD_ARGS = {
+    "missing-file": (["info", "does/not/exist.yaml"], "does/not/exist.yaml"),
+    "unknown-command": (["infos"], "unknown command 'infos'"),
+    "bad-vocab": (["info", "merino-tiny", "--vocab-size", "0"], "--vocab-size"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGS, ids=list(BAD_ARGS))
+def test_bad_cli_input_is_one_line_exit_2(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, needle = BAD_ARGS[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_recipe_through_console_script(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "recipes" / "merino-tiny.yaml").read_text().replace("embed_dim: 128", "embed_dim: 100", 1))
+    exe = Path(sys.executable).with_name("merino-pl")
+    proc = subprocess.run([str(exe), "info", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr and "100" in proc.stderr
+    assert "Traceback" not in proc.stderr

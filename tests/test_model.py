@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import merino_pl  # noqa: F401  (registers the model type)
+from merino_pl.checkpoint import export_pretrained, load_model
+from merino_pl.costs import count_params
+from merino_pl.model import MerinoForCausalLM
+
+from conftest import tiny_arch
+
+
+@pytest.fixture
+def model() -> MerinoForCausalLM:
+    torch.manual_seed(0)
+    return MerinoForCausalLM.from_arch(tiny_arch()).eval()
+
+
+def test_param_count_matches_cost_model(model: MerinoForCausalLM) -> None:
+    assert sum(p.numel() for p in model.parameters()) == count_params(model.arch)
+
+
+def test_weight_sharing_really_shares_storage(model: MerinoForCausalLM) -> None:
+    arch = model.arch
+    # one layer per block, whatever its depth
+    layers = [m for m in model.modules() if type(m).__name__ == "DecoderLayer"]
+    assert len(layers) == arch.num_blocks < arch.num_layer_applications
+    # every application of block j runs the same tensors: record the q_proj weight pointer per call
+    seen: dict[int, set[int]] = {}
+    hooks = [
+        b.layer.attn.q_proj.register_forward_hook(lambda m, i, o, j=j: seen.setdefault(j, set()).add(m.weight.data_ptr()))
+        for j, b in enumerate(model.model.blocks)
+    ]
+    calls: list[int] = []
+    counters = [b.layer.register_forward_hook(lambda m, i, o, j=j: calls.append(j)) for j, b in enumerate(model.model.blocks)]
+    model(torch.randint(0, 512, (1, 8)))
+    for h in hooks + counters:
+        h.remove()
+    assert [calls.count(j) for j in range(arch.num_blocks)] == [b.num_layers for b in arch.blocks]
+    assert all(len(ptrs) == 1 for ptrs in seen.values())
+    assert len({next(iter(p)) for p in seen.values()}) == arch.num_blocks
+
+
+def test_kv_cache_decoding_matches_full_forward(model: MerinoForCausalLM) -> None:
+    x = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        out = model(x[:, :10], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(10, 24):
+            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        # a multi-token chunk on top of a cache uses the offset causal mask
+        chunk = model(x[:, :20], use_cache=True)
+        tail = model(x[:, 20:], past_key_values=chunk.past_key_values, use_cache=True).logits
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    assert (tail - full[:, 20:]).abs().max() < 1e-5
+    assert cache.get_seq_length() == 24
+
+
+def test_left_padding_does_not_change_logits(model: MerinoForCausalLM) -> None:
+    x = torch.randint(0, 512, (1, 12))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 12, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = model(x).logits
+        got = model(padded, attention_mask=mask).logits[:, 4:]
+    assert (ref - got).abs().max() < 1e-5
+
+
+def test_logits_to_keep_and_loss(model: MerinoForCausalLM) -> None:
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        full = model(x, labels=x)
+        last = model(x, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 512) and torch.allclose(last[:, 0], full.logits[:, -1], atol=1e-6)
+    assert 5.5 < full.loss.item() < 7.0  # ~ln(512) at init
+
+
+def test_save_then_automodel_gives_identical_logits_and_generates(model: MerinoForCausalLM, tmp_path: Path) -> None:
+    out = export_pretrained(model, tmp_path / "exported")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert type(again) is MerinoForCausalLM
+    x = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
+        gen = again.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 11)
+    loaded = load_model(out)
+    assert loaded.kind == "hf-dir" and loaded.weights_sha256 and loaded.recipe.architecture == model.arch
+
+
+def test_init_is_standard(model: MerinoForCausalLM) -> None:
+    w = model.model.blocks[2].layer.ffn.up.weight
+    assert abs(w.std().item() - 0.02) < 0.003 and model.model.blocks[0].layer.attn.q_proj.bias.abs().max() == 0
