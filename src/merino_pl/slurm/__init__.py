@@ -1,0 +1,1 @@
+"""SLURM: render and submit `merino-pl fit` jobs (one task per GPU, checkpoint + requeue on SIGUSR1)."""

@@ -1,0 +1,138 @@
+"""Render the sbatch script that pretrains a recipe with ``merino-pl fit`` under SLURM.
+
+One script serves one node or many: SLURM starts one task per device (``--ntasks-per-node``
+= GPUs per node) and Lightning's ``SLURMEnvironment`` reads ranks and the master address from
+the ``SLURM_*`` variables, so no launcher (torchrun) sits between ``srun`` and ``fit``.
+
+Pre-emption and time limits: ``--signal=SIGUSR1@S`` sends SIGUSR1 to every task S seconds
+before the limit (no ``B:`` prefix: the Python processes need it, not the batch shell).
+Lightning's SLURM auto-requeue then saves ``<run_dir>/hpc_ckpt_N.ckpt`` and runs
+``scontrol requeue``; the requeued job starts this script again, which resumes from the newest
+of that checkpoint and the periodic ``checkpoints/last.ckpt``. ``--ckpt_path last`` alone would
+ignore the ``hpc_ckpt`` file and lose the steps since the last periodic save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+# The arguments the script itself sets on `merino-pl fit`; giving them again would contradict
+# the allocation (a devices / tasks mismatch) or the resume logic.
+RESERVED_FIT_ARGS = (
+    "--config", "--model.recipe", "--ckpt_path", "--trainer.default_root_dir",
+    "--trainer.accelerator", "--trainer.devices", "--trainer.num_nodes",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """Everything the script depends on; ``render(spec)`` is a pure function of it."""
+
+    config: str
+    recipe: str
+    run_dir: str
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0 = CPU job (tests, debugging): tasks_per_node processes, gloo
+    tasks_per_node: int | None = None  # default: one per GPU
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    job_name: str = "merino-fit"
+    signal_seconds: int = 90
+    python: str | None = None  # None: `merino-pl` from PATH; else `<python> -m merino_pl.cli`
+    setup: tuple[str, ...] = ()  # shell lines before srun (module load, venv activation)
+    fit_args: tuple[str, ...] = ()  # extra `merino-pl fit` arguments, passed through
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node
+
+    @property
+    def log_dir(self) -> str:
+        return f"{self.run_dir.rstrip('/')}/slurm"
+
+    def command_line(self) -> str:
+        """The ``merino-pl slurm submit`` command that renders this script."""
+        args = ["merino-pl", "slurm", "submit", "--config", self.config, "--recipe", self.recipe,
+                "--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node)]
+        defaults = JobSpec(self.config, self.recipe, self.run_dir)
+        for field in ("tasks_per_node", "cpus_per_task", "time", "partition", "account",
+                      "job_name", "signal_seconds", "python"):
+            value = getattr(self, field)
+            if value != getattr(defaults, field):  # only what differs from the defaults
+                args += [f"--{field.replace('_', '-')}", str(value)]
+        args += ["--run-dir", self.run_dir]
+        for line in self.setup:
+            args += ["--setup", line]
+        if self.fit_args:
+            args += ["--", *self.fit_args]
+        return shlex.join(args)
+
+
+def _sbatch_lines(spec: JobSpec) -> list[str]:
+    lines = [
+        f"--job-name={spec.job_name}",  # never `bash`/`interactive`: Lightning would not detect SLURM
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.ntasks_per_node}",
+    ]
+    if spec.gpus_per_node:
+        lines.append(f"--gpus-per-node={spec.gpus_per_node}")
+    lines += [f"--cpus-per-task={spec.cpus_per_task}", f"--time={spec.time}"]
+    if spec.partition:
+        lines.append(f"--partition={spec.partition}")
+    if spec.account:
+        lines.append(f"--account={spec.account}")
+    lines += [
+        f"--signal=SIGUSR1@{spec.signal_seconds}",
+        "--requeue",
+        "--open-mode=append",  # a requeued run appends to the same log instead of truncating it
+        f"--output={spec.log_dir}/%j.out",
+    ]
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _fit_command(spec: JobSpec) -> list[str]:
+    q = shlex.quote
+    launcher = "merino-pl" if spec.python is None else f"{q(spec.python)} -m merino_pl.cli"
+    accelerator = "gpu" if spec.gpus_per_node else "cpu"
+    parts = [
+        f"srun --kill-on-bad-exit=1 {launcher} fit",
+        f"--config {q(spec.config)}",
+        f"--model.recipe {q(spec.recipe)}",
+        '--trainer.default_root_dir "$RUN_DIR"',
+        f"--trainer.accelerator {accelerator} --trainer.devices {spec.ntasks_per_node}"
+        f" --trainer.num_nodes {spec.nodes}",
+        '--ckpt_path "${CKPT:-last}"',
+    ]
+    if spec.fit_args:
+        parts.append(shlex.join(spec.fit_args))
+    return [parts[0] + " \\"] + [f"    {p} \\" for p in parts[1:-1]] + [f"    {parts[-1]}"]
+
+
+def render(spec: JobSpec) -> str:
+    """The complete sbatch script for ``spec`` (deterministic: same spec, same text)."""
+    where = f"{spec.nodes} node{'s' if spec.nodes > 1 else ''} x " + (
+        f"{spec.gpus_per_node} GPUs" if spec.gpus_per_node else f"{spec.ntasks_per_node} CPU tasks")
+    head = [
+        "#!/bin/bash",
+        f"# merino-pl: pretrain {Path(spec.recipe).stem} with {spec.config} on {where}.",
+        f"# Rendered by: {spec.command_line()}",
+        "# Paths are relative to the directory sbatch was run from; resubmit from there.",
+        *_sbatch_lines(spec),
+        "",
+        "set -euo pipefail",
+        f"RUN_DIR={shlex.quote(spec.run_dir)}",
+        'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
+        *spec.setup,
+        "",
+        "# Resume from the newest checkpoint: the one Lightning saved on SIGUSR1 before requeueing",
+        "# (hpc_ckpt_N.ckpt) or the periodic last.ckpt. With neither, `last` starts from scratch.",
+        'CKPT=$(ls -t "$RUN_DIR"/hpc_ckpt_*.ckpt "$RUN_DIR"/checkpoints/last*.ckpt 2>/dev/null | head -n 1 || true)',
+        'echo "merino-pl: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST,'
+        ' resuming from ${CKPT:-scratch}"',
+        "",
+    ]
+    return "\n".join(head + _fit_command(spec)) + "\n"
