@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean slurm-deps
 
 setup: $(STAMP)
 
@@ -27,8 +27,21 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/merino-pl demo
 
-test: setup
+test: setup slurm-deps
 	$(BIN)/python -m pytest -q tests
+
+# The real-SLURM tests (tests/test_slurm.py) start a local cluster from Debian's slurm-wlm and
+# munge. Installed only when missing, and only as root with apt-get (CI on this machine);
+# anywhere else nothing is installed and those tests skip with the reason.
+slurm-deps:
+	@if command -v sbatch >/dev/null && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/munged ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "slurm-deps: slurm-wlm/munge missing and not root with apt-get: SLURM tests will skip"; \
+	else \
+	  echo "slurm-deps: installing slurm-wlm and munge (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
+	    || echo "slurm-deps: apt-get failed: SLURM tests will skip"; \
+	fi
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -9,8 +9,8 @@ systemd or cgroups.
 
 By hand::
 
-    python tests/slurm_cluster.py /tmp/mycluster   # starts it, prints `export SLURM_CONF=...`,
-                                                    # Ctrl-C stops it
+    python tests/slurm_cluster.py [DIR]   # starts it, prints `export SLURM_CONF=...`,
+                                          # Ctrl-C stops it (DIR: kept; default: a temp dir)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,8 +61,12 @@ class LocalSlurmCluster:
     ``env`` is the environment clients need (``SLURM_CONF``); pass it to ``subprocess`` calls.
     """
 
-    def __init__(self, root: str | os.PathLike, cpus: int | None = None, memory_mb: int = 8000) -> None:
-        self.root = Path(root).resolve()
+    def __init__(self, root: str | os.PathLike | None = None, cpus: int | None = None,
+                 memory_mb: int = 8000) -> None:
+        # munged needs every folder above its socket traversable by all (pytest's tmp_path is
+        # 0700), hence a fresh /tmp directory by default, removed again by stop().
+        self._owns_root = root is None
+        self.root = Path(root or tempfile.mkdtemp(prefix="merino-slurm.")).resolve()
         self.cpus = cpus or max(2, os.cpu_count() or 2)
         self.memory_mb = memory_mb
         self.conf = self.root / "slurm.conf"
@@ -190,6 +195,8 @@ class LocalSlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LocalSlurmCluster":
         return self.start()
@@ -201,8 +208,7 @@ class LocalSlurmCluster:
 if __name__ == "__main__":
     if reason := unavailable_reason():
         sys.exit(reason)
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/merino-slurm")
-    with LocalSlurmCluster(root) as cluster:
+    with LocalSlurmCluster(sys.argv[1] if len(sys.argv) > 1 else None) as cluster:
         print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops the cluster", flush=True)
         try:
             signal.pause()

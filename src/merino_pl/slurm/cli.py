@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import yaml
 
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_path, write_json
+from merino_pl.io import write_json
 from merino_pl.slurm.render import RESERVED_FIT_ARGS, JobSpec, render
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")  # SLURM's --time forms
@@ -166,9 +167,13 @@ def write_new_script(directory: Path, text: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in directory.glob("job-*.sbatch") if (m := re.match(r"job-(\d+)\.sbatch$", p.name))]
     number = max(taken, default=0) + 1
-    with atomic_path(directory / ".job.sbatch") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o755)
+    fd, tmp = tempfile.mkstemp(prefix=".job.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
         while True:
             target = directory / f"job-{number:03d}.sbatch"
             try:
@@ -176,6 +181,8 @@ def write_new_script(directory: Path, text: str) -> Path:
                 return target
             except FileExistsError:
                 number += 1
+    finally:
+        os.unlink(tmp)
 
 
 def _submit(args: argparse.Namespace) -> int:

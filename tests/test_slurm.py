@@ -1,0 +1,239 @@
+"""`merino-pl slurm`: the rendered sbatch script, bad input, and real jobs on a local SLURM cluster.
+
+The cluster tests start munged + slurmctld + slurmd on localhost (``slurm_cluster.py``; installed
+by ``make slurm-deps``) and submit through ``merino-pl slurm submit`` itself: a 2-task DDP (gloo,
+CPU) run of ``merino-pl fit`` on the tiny recipe, and a second one that gets SIGUSR1 mid-run,
+checkpoints, requeues itself and finishes from that checkpoint. They skip with the reason where
+SLURM cannot run (not root, packages missing); ``MERINO_REQUIRE_SLURM=1`` turns the skip into a
+failure (CI on a machine that must run them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from merino_pl.cli import main as merino_main
+from merino_pl.slurm.cli import job_fields, time_limit_seconds, write_new_script
+from merino_pl.slurm.render import JobSpec, render
+from slurm_cluster import LocalSlurmCluster, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = REPO / "recipes" / "train" / "cpu-demo.yaml"
+PAPER_CONFIG = "recipes/train/pile-8xh100.yaml"
+# The shipped job scripts are `--dry-run` output of these commands (run from the repo root).
+SHIPPED = {
+    "slurm/merino-52m-1node.sbatch": ["--nodes", "1"],
+    "slurm/merino-52m-4nodes.sbatch": ["--nodes", "4", "--partition", "gpu"],
+}
+SHIPPED_COMMON = ["--config", PAPER_CONFIG, "--recipe", "recipes/merino-52m.yaml", "--gpus-per-node", "8",
+                  "--time", "24:00:00", "--run-dir", "runs/merino-52m-pile", "--setup", "source .venv/bin/activate"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = merino_main(["slurm", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+@pytest.fixture
+def train_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text("trainer:\n  default_root_dir: runs/from-config\n")
+    return path
+
+
+# -- the rendered script ------------------------------------------------------------------
+def test_dry_run_one_node_of_8_h100(capsys, train_yaml, tmp_path):
+    rc, out, err = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-52m",
+                           "--nodes", "1", "--gpus-per-node", "8", "--dry-run")
+    assert (rc, err) == (0, "")
+    assert sbatch_lines(out) == [
+        "--job-name=merino-fit", "--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8",
+        "--cpus-per-task=8", "--time=24:00:00", "--signal=SIGUSR1@90", "--requeue",
+        "--open-mode=append", "--output=runs/from-config/slurm/%j.out"]
+    assert "srun --kill-on-bad-exit=1 merino-pl fit" in out
+    assert f"--config {train_yaml}" in out and "--model.recipe merino-52m" in out
+    assert "--trainer.accelerator gpu --trainer.devices 8 --trainer.num_nodes 1" in out
+    assert '--ckpt_path "${CKPT:-last}"' in out and "RUN_DIR=runs/from-config" in out
+    assert not (tmp_path / "runs").exists() and not Path("runs/from-config").exists()  # dry run writes nothing
+
+
+def test_dry_run_several_nodes_with_options(capsys, train_yaml):
+    rc, out, _ = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-52m", "--nodes", "4",
+                         "--partition", "h100", "--account", "lm", "--time", "2-00:00:00", "--signal-seconds", "300",
+                         "--run-dir", "/scratch/my run", "--setup", "module load cuda", "--dry-run",
+                         "--", "--trainer.max_steps", "1000", "--data.batch_size=32")
+    assert rc == 0
+    lines = sbatch_lines(out)
+    assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=h100", "--account=lm",
+            "--time=2-00:00:00", "--signal=SIGUSR1@300", "--requeue"} <= set(lines)
+    assert "--output=/scratch/my run/slurm/%j.out" in lines
+    assert "RUN_DIR='/scratch/my run'" in out and "\nmodule load cuda\n" in out
+    assert "--trainer.devices 8 --trainer.num_nodes 4" in out
+    assert out.rstrip().endswith("--trainer.max_steps 1000 --data.batch_size=32")
+
+
+def test_cpu_job_runs_one_process_per_task(capsys, train_yaml):
+    rc, out, _ = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny",
+                         "--gpus-per-node", "0", "--tasks-per-node", "2", "--python", "/opt/py 3/bin/python", "--dry-run")
+    assert rc == 0
+    lines = sbatch_lines(out)
+    assert "--ntasks-per-node=2" in lines and "--cpus-per-task=1" in lines
+    assert not any(line.startswith("--gpus") for line in lines)
+    assert "srun --kill-on-bad-exit=1 '/opt/py 3/bin/python' -m merino_pl.cli fit" in out
+    assert "--trainer.accelerator cpu --trainer.devices 2 --trainer.num_nodes 1" in out
+
+
+def test_rendered_script_is_valid_bash(tmp_path):
+    spec = JobSpec(config="a b.yaml", recipe="r'x.yaml", run_dir="runs/$HOME", setup=("echo hi",),
+                   fit_args=("--data.source", "a;b"))
+    path = tmp_path / "job.sbatch"
+    path.write_text(render(spec))
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert "'runs/$HOME'" in path.read_text()  # quoted: no expansion of user text
+
+
+def test_rendered_header_command_reproduces_the_script(capsys, train_yaml):
+    spec = JobSpec(config=str(train_yaml), recipe="merino-tiny", run_dir="runs/x", nodes=2, partition="p",
+                   time="1:00:00", fit_args=("--trainer.max_steps", "5"))
+    command = shlex.split(spec.command_line())
+    assert command[:3] == ["merino-pl", "slurm", "submit"]
+    cut = command.index("--")
+    rc, out, _ = run_cli(capsys, *command[2:cut], "--dry-run", *command[cut:])
+    assert rc == 0 and out == render(spec)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_scripts_are_current(capsys, monkeypatch, name):
+    if not (REPO / PAPER_CONFIG).exists():
+        pytest.skip(f"{PAPER_CONFIG} not in this checkout (training stage)")
+    monkeypatch.chdir(REPO)
+    rc, out, err = run_cli(capsys, "submit", *SHIPPED_COMMON, *SHIPPED[name], "--dry-run")
+    assert rc == 0, err
+    assert (REPO / name).read_text() == out, f"regenerate {name}: the header line has the command"
+
+
+# -- bad input ----------------------------------------------------------------------------
+def test_bad_input_reports_every_problem_in_one_line(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "submit", "--config", str(tmp_path / "missing.yaml"), "--recipe", "nope",
+                           "--nodes", "0", "--gpus-per-node", "-1", "--time", "soon", "--job-name", "bash",
+                           "--dry-run", "--", "--trainer.devices", "3", "--ckpt_path=x")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    for needle in ("missing.yaml: no such file", "'nope'", "--nodes 0", "--gpus-per-node -1", "--time 'soon'",
+                   "--job-name bash", "--trainer.devices after `--`", "--ckpt_path after `--`"):
+        assert needle in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--time", "00:01:00"], "longer than --signal-seconds 90"),
+    (["--tasks-per-node", "4"], "--tasks-per-node is for CPU jobs"),
+    (["--cpus-per-task", "0"], "--cpus-per-task 0"),
+])
+def test_inconsistent_options_are_rejected(capsys, train_yaml, argv, needle):
+    rc, _, err = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny", *argv, "--dry-run")
+    assert rc == 2 and needle in err
+
+
+def test_sbatch_missing_suggests_dry_run(capsys, monkeypatch, train_yaml, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny")
+    assert rc == 2 and "sbatch not found" in err and "--dry-run" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_status_and_logs_need_a_submitted_run(capsys, tmp_path):
+    for action in ("status", "logs"):
+        rc, _, err = run_cli(capsys, action, str(tmp_path))
+        assert rc == 2 and "no jobs recorded" in err
+
+
+def test_time_limit_forms():
+    assert time_limit_seconds("90") == 90 * 60
+    assert time_limit_seconds("10:30") == 630
+    assert time_limit_seconds("24:00:00") == 86400
+    assert time_limit_seconds("2-00:00:00") == 2 * 86400
+    assert time_limit_seconds("1-6") == 30 * 3600
+    assert time_limit_seconds("1:2:3:4") is None and time_limit_seconds("soon") is None
+
+
+def test_scripts_are_numbered_never_overwritten(tmp_path):
+    first = write_new_script(tmp_path / "slurm", "one\n")
+    (tmp_path / "slurm" / "job-005.sbatch").write_text("five\n")
+    second = write_new_script(tmp_path / "slurm", "two\n")
+    assert (first.name, second.name) == ("job-001.sbatch", "job-006.sbatch")
+    assert first.read_text() == "one\n" and second.read_text() == "two\n"
+    assert sorted(p.name for p in (tmp_path / "slurm").iterdir()) == ["job-001.sbatch", "job-005.sbatch", "job-006.sbatch"]
+
+
+# -- a real cluster -----------------------------------------------------------------------
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node cluster; SLURM_CONF points clients at it for the whole session."""
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("MERINO_REQUIRE_SLURM") == "1":
+            pytest.fail(f"MERINO_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster = LocalSlurmCluster(cpus=2)
+    with cluster, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(cluster.conf))
+        yield cluster
+
+
+def submit(tmp_path: Path, *argv: str) -> tuple[str, Path]:
+    """`merino-pl slurm submit` in a subprocess (as a user would); returns (job id, run dir)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "merino_pl.cli", "slurm", "submit", "--run-dir", str(run_dir),
+                           "--python", sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    return job_id, run_dir
+
+
+def wait_for(job_id: str, run_dir: Path, timeout: float = 240, until=None) -> dict[str, str]:
+    """Poll until the job ends (or ``until()`` is true); fail with the job's log on a timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = job_fields(job_id) or {}
+        if fields.get("JobState") in TERMINAL or (until is not None and until()):
+            return fields
+        time.sleep(1)
+    log = run_dir / "slurm" / f"{job_id}.out"
+    pytest.fail(f"job {job_id} still {fields.get('JobState')} after {timeout} s; log:\n"
+                + (log.read_text()[-4000:] if log.exists() else "(none)"))
+
+
+def job_log(job_id: str, run_dir: Path) -> str:
+    return (run_dir / "slurm" / f"{job_id}.out").read_text(errors="replace")
+
+
+@pytest.mark.slurm
+def test_srun_starts_two_tasks(slurm_cluster, tmp_path):
+    """The cluster itself (seconds; the fit tests below need minutes): srun starts 2 ranks."""
+    script = tmp_path / "probe.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --job-name=probe\n#SBATCH --ntasks-per-node=2\n"
+                      f"#SBATCH --output={tmp_path}/%j.out\n"
+                      "srun bash -c 'echo rank $SLURM_PROCID of $SLURM_NTASKS on $SLURMD_NODENAME'\n")
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert wait_for(job_id, tmp_path, timeout=60)["JobState"] == "COMPLETED"
+    out = (tmp_path / f"{job_id}.out").read_text()
+    assert "rank 0 of 2 on localhost" in out and "rank 1 of 2 on localhost" in out
