@@ -215,7 +215,7 @@ def wait_for(job_id: str, run_dir: Path, timeout: float = 240, until=None) -> di
         fields = job_fields(job_id) or {}
         if fields.get("JobState") in TERMINAL or (until is not None and until()):
             return fields
-        time.sleep(1)
+        time.sleep(0.2 if until is not None else 1)  # `until` gates a signal: react quickly
     log = run_dir / "slurm" / f"{job_id}.out"
     pytest.fail(f"job {job_id} still {fields.get('JobState')} after {timeout} s; log:\n"
                 + (log.read_text()[-4000:] if log.exists() else "(none)"))
@@ -237,3 +237,66 @@ def test_srun_starts_two_tasks(slurm_cluster, tmp_path):
     assert wait_for(job_id, tmp_path, timeout=60)["JobState"] == "COMPLETED"
     out = (tmp_path / f"{job_id}.out").read_text()
     assert "rank 0 of 2 on localhost" in out and "rank 1 of 2 on localhost" in out
+
+
+# Tiny and short: 2 CPU tasks (DDP over gloo), 32-token sequences, no logger, no validation.
+FIT_TINY = ["--config", str(TRAIN_CONFIG), "--recipe", "merino-tiny", "--gpus-per-node", "0",
+            "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "15:00", "--",
+            "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "2",
+            "--data.seq_len", "32", "--data.batch_size", "2", "--model.warmup_steps", "2"]
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+@pytest.fixture
+def fit_available():
+    if not TRAIN_CONFIG.exists():
+        pytest.skip(f"{TRAIN_CONFIG.relative_to(REPO)} not in this checkout (training stage)")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_trains_with_two_ddp_tasks_and_checkpoint_loads(slurm_cluster, fit_available, tmp_path, capsys):
+    from merino_pl.checkpoint import load_model
+
+    job_id, run_dir = submit(tmp_path, *FIT_TINY, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2")
+    fields = wait_for(job_id, run_dir)
+    log = job_log(job_id, run_dir)
+    assert fields["JobState"] == "COMPLETED", log[-4000:]
+    assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log  # DDP world of 2
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt_step(last) == 4
+    loaded = load_model(last)
+    assert loaded.kind == "lightning-ckpt" and loaded.recipe.name == "merino-tiny"
+    assert sorted(p.name for p in (run_dir / "slurm").glob("job-*.sbatch")) == ["job-001.sbatch"]
+    # status / logs read the recorded job
+    assert merino_main(["slurm", "status", str(run_dir)]) == 0
+    assert re.search(rf"^{job_id}\s+COMPLETED\s", capsys.readouterr().out, re.M)
+    assert merino_main(["slurm", "logs", str(run_dir), "-n", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, fit_available, tmp_path):
+    """SIGUSR1 (what `--signal=SIGUSR1@90` sends before the time limit) mid-run: Lightning saves
+    hpc_ckpt_1.ckpt and requeues; the job runs again and continues from that step to the end."""
+    max_steps = 40
+    job_id, run_dir = submit(tmp_path, *FIT_TINY, "--trainer.max_steps", str(max_steps),
+                             "--checkpoint.every_n_train_steps", "10")
+    # Training is under way once the first periodic checkpoint exists (step 10 of 40).
+    fields = wait_for(job_id, run_dir, until=lambda: (run_dir / "checkpoints" / "last.ckpt").exists())
+    assert fields.get("JobState") == "RUNNING", f"job ended before the signal: {job_log(job_id, run_dir)[-3000:]}"
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    fields = wait_for(job_id, run_dir, timeout=300)
+    log = job_log(job_id, run_dir)
+    assert fields["JobState"] == "COMPLETED", log[-4000:]
+    assert fields["Restarts"] == "1", log[-4000:]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert "Requeued SLURM job" in log and f"resuming from {hpc}" in log
+    assert f"Restored all states from the checkpoint at {hpc}" in log
+    resumed_at = ckpt_step(hpc)
+    assert 10 <= resumed_at < max_steps  # the second run started there, not at 0 ...
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == max_steps  # ... and finished
