@@ -1,0 +1,145 @@
+"""What ``merino-pl fit`` adds to Lightning: throughput / MFU, and crash-safe checkpoint files.
+
+* ``SpeedMonitor`` logs tokens/s and MFU every ``log_every_n_steps`` optimizer steps and prints
+  one line per log interval (readable in SLURM logs, where progress bars are noise). Lightning's
+  ``ThroughputMonitor`` synchronizes the GPU after every micro-batch and knows no Jetson peak
+  nor a user-given one; this one syncs once per log interval.
+* ``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside the target, fsyncs it
+  and renames it into place: a ``kill -9`` (or a node crash) during a save leaves the previous
+  ``last.ckpt`` intact. Lightning's default buffers the whole checkpoint in memory and relies on
+  an fsspec transaction without fsync.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from merino_pl.io import atomic_path
+
+# Dense peak FLOP/s of devices Lightning's table (get_available_flops) does not know.
+# Jetson Nano: 128 Maxwell cores, 472 GFLOPS FP16 / 236 FP32 (NVIDIA Jetson Nano data sheet);
+# Jetson AGX Orin 64GB: 5.3 TFLOPS FP32 CUDA cores, 42.5 dense FP16/BF16 tensor (technical brief);
+# H200: the H100 SXM's tensor cores (989 TFLOPS dense BF16; Lightning lists only SXM1/NVL names).
+_EXTRA_PEAKS: dict[str, dict[str, float]] = {
+    "tegra x1": {"16": 472e9, "32": 236e9},
+    "orin": {"16": 42.5e12, "32": 5.3e12},
+    "h200": {"16": 989.4e12, "32": 66.9e12},
+}
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of ``device`` at the Trainer's ``precision``; None when unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    half = "16" in str(precision)
+    name = torch.cuda.get_device_name(device).lower()
+    for key, peaks in _EXTRA_PEAKS.items():
+        if key in name:
+            return peaks["16" if half else "32"]
+    # fp32 training on Ampere+ runs matmuls in TF32 when allowed (the CLI allows it)
+    dtype: Any = torch.bfloat16 if half else ("tfloat32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32)
+    flops = get_available_flops(device, dtype)
+    return float(flops) if flops else None
+
+
+class SpeedMonitor(L.Callback):
+    """Logs ``train/tokens_per_sec`` (all devices), ``train/mfu`` and prints a line per interval.
+
+    MFU = tokens/s × training FLOPs per token (3 × forward, LM head included; ``merino_pl.costs``)
+    / (peak FLOP/s × devices). The peak comes from ``peak_flops`` when given, else from the
+    device (H100 / H200 / A100 / Jetson ...); on CPUs give ``peak_flops`` to get an MFU.
+
+    Args:
+        peak_flops: dense peak FLOP/s of ONE device (overrides the built-in table).
+        print_metrics: print ``step loss lr tokens/s MFU`` lines (rank 0).
+    """
+
+    def __init__(self, peak_flops: float | None = None, print_metrics: bool = True) -> None:
+        super().__init__()
+        self.peak_flops = peak_flops
+        self.print_metrics = print_metrics
+        self._peak: float | None = None
+        self._t0 = 0.0
+        self._tokens0 = 0
+        self._last_step = -1
+        self._paused: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._peak = self.peak_flops or device_peak_flops(trainer.strategy.root_device, str(trainer.precision))
+        self._restart(pl_module)
+
+    def _restart(self, pl_module: L.LightningModule) -> None:
+        self._t0, self._tokens0 = time.perf_counter(), pl_module.tokens_seen
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused is not None:  # validation time is not training time
+            self._t0 += time.perf_counter() - self._paused
+            self._paused = None
+        if self.print_metrics and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            m = trainer.callback_metrics
+            _print(f"step {trainer.global_step:>7}  val loss {float(m['val/loss']):.4f}  val ppl {float(m['val/ppl']):.2f}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or trainer.log_every_n_steps <= 0 or step % trainer.log_every_n_steps:
+            return  # accumulating, or not a logging step (same rule as Lightning's loggers)
+        self._last_step = step
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._t0
+        tokens = pl_module.tokens_seen - self._tokens0
+        if elapsed <= 0 or tokens <= 0:
+            return
+        tps = tokens / elapsed
+        metrics = {"train/tokens_per_sec": tps, "train/tokens_per_sec_per_device": tps / trainer.world_size}
+        if self._peak:
+            metrics["train/mfu"] = tps * pl_module.flops_per_token / (self._peak * trainer.world_size)
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        if self.print_metrics:
+            self._print_line(trainer, metrics)
+        self._restart(pl_module)
+
+    @rank_zero_only
+    def _print_line(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        m = trainer.callback_metrics
+        parts = [f"step {trainer.global_step:>7}/{trainer.max_steps}"]
+        if "train/loss" in m:
+            parts.append(f"loss {float(m['train/loss']):.4f}")
+        if "train/lr" in m:
+            parts.append(f"lr {float(m['train/lr']):.2e}")
+        parts.append(f"{metrics['train/tokens_per_sec']:,.0f} tok/s")
+        if "train/mfu" in metrics:
+            parts.append(f"MFU {100 * metrics['train/mfu']:.1f} %")
+        _print("  ".join(parts))
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic and durable on local file systems.
+
+    Remote URLs (``s3://`` ...) keep Lightning's fsspec path. Temporary files left by a process
+    killed mid-save (``.last.ckpt.XXXX.tmp``) are removed the next time that file is saved.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)

@@ -1,0 +1,238 @@
+"""``merino-pl fit``: pretraining through LightningCLI.
+
+    merino-pl fit --config recipes/train/cpu-demo.yaml [--model.recipe R] [--trainer.max_steps N]
+                  [--ckpt_path last]
+
+The config has LightningCLI's sections: ``model`` (``MerinoLightningModule``: recipe + optimizer),
+``data`` (``PileDataModule``), ``trainer``, ``checkpoint`` (``ModelCheckpoint``, written to
+``<default_root_dir>/checkpoints`` with ``last.ckpt``) and ``speed`` (``SpeedMonitor``).
+On top of plain LightningCLI it:
+
+* validates the values that would only fail later (or silently train the wrong thing) before
+  anything is built, and reports every problem in one line, exit code 2 — parse errors too;
+* installs ``AtomicCheckpointIO`` so a kill during a save never corrupts ``last.ckpt``;
+* decides W&B's mode up front (offline, with the ``wandb sync`` command, when there is no API
+  key: an unset mode would hang on a login prompt) and continues the W&B run whose id the
+  resumed checkpoint carries;
+* logs the resolved config, the recipe and its parameters / FLOPs / entropy to every logger.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from merino_pl.config import load_recipe
+from merino_pl.errors import MerinoError
+from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor
+from merino_pl.train.module import MerinoLightningModule, validate_hparams
+
+
+def default_precision() -> str:
+    """bf16-mixed where the GPU has bf16 units; fp32 elsewhere (bf16 on a CPU is ~11x slower)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class MerinoSaveConfig(SaveConfigCallback):
+    """Saves the resolved config beside the logs (one file per run, never overwritten) and logs
+    it, with the recipe's summary (parameters, FLOPs, entropy), as every logger's run config."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from merino_pl.info import summarize
+
+        config = self.config.as_dict()
+        config.pop("config", None)  # the paths of the --config files: not a hyper-parameter
+        summary = summarize(pl_module.recipe, seq_len=_seq_len(config))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config, "recipe": pl_module.recipe.to_dict(), "recipe_summary": summary})
+
+
+def _seq_len(config: dict[str, Any]) -> int:
+    return int((config.get("data") or {}).get("init_args", config.get("data") or {}).get("seq_len", 1024))
+
+
+class MerinoCLI(LightningCLI):
+    """LightningCLI with up-front validation, atomic checkpoints and W&B resume (module doc)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "step-{step:08d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.every_n_train_steps": 1000,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 3,  # the newest three periodic checkpoints (plus last)
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
+            }
+        )
+        parser.link_arguments(
+            "trainer.default_root_dir", "checkpoint.dirpath", compute_fn=lambda root: str(Path(root or ".") / "checkpoints")
+        )
+        parser.add_lightning_class_args(SpeedMonitor, "speed")
+
+    def before_instantiate_classes(self) -> None:
+        problems = check_config(self.config[self.subcommand])
+        if problems:
+            raise MerinoError("bad fit config: " + "; ".join(problems))
+
+    def before_fit(self) -> None:
+        trainer, model, data = self.trainer, self.model, self.datamodule
+        if hasattr(data, "check_vocab"):
+            data.check_vocab(model.recipe.architecture.vocab_size)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # user-given plugins win
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on Ampere+
+        elif "bf16" in str(trainer.precision):
+            rank_zero_info("warning: bf16 on this CPU is emulated (~11x slower than fp32); use --trainer.precision 32-true")
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                setup_wandb(logger, resume_from=resolve_ckpt_path(ckpt_path, trainer))
+
+
+def check_config(cfg: Any) -> list[str]:
+    """Problems of a parsed ``fit`` config that would otherwise surface late (or never)."""
+    problems: list[str] = []
+    model, trainer, data = cfg.get("model"), cfg.get("trainer"), cfg.get("data")
+    model = getattr(model, "init_args", model) or {}
+    data = getattr(data, "init_args", data) or {}
+    problems += validate_hparams(
+        model.get("lr"), model.get("betas"), model.get("weight_decay"), model.get("eps"),
+        model.get("warmup_steps"), model.get("min_lr_ratio"),
+    )
+    arch = None
+    try:
+        arch = load_recipe(model.get("recipe")).architecture
+    except MerinoError as e:
+        problems.append(f"model.recipe: {e}")
+    max_steps = trainer.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        problems.append(f"trainer.max_steps must be a positive integer (the lr schedule decays to it), got {max_steps!r}")
+    elif isinstance(model.get("warmup_steps"), int) and model.get("warmup_steps") > max_steps:
+        problems.append(f"model.warmup_steps {model.get('warmup_steps')} exceeds trainer.max_steps {max_steps}")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if not isinstance(accumulate, int) or accumulate < 1:
+        problems.append(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    seq_len = data.get("seq_len")
+    if arch is not None and isinstance(seq_len, int) and seq_len > arch.max_position_embeddings:
+        problems.append(f"data.seq_len {seq_len} exceeds the recipe's max_position_embeddings {arch.max_position_embeddings}")
+    every = (cfg.get("checkpoint") or {}).get("every_n_train_steps")
+    if every is not None and (not isinstance(every, int) or every < 0):
+        problems.append(f"checkpoint.every_n_train_steps must be an integer >= 0, got {every!r}")
+    return problems
+
+
+def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> Path | None:
+    """The file ``--ckpt_path`` will resume from, if it exists ("last" = the newest last*.ckpt)."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        found = sorted((p for d in dirs for p in d.glob("last*.ckpt")), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+    path = Path(ckpt_path)
+    return path if path.is_file() else None
+
+
+def setup_wandb(logger: WandbLogger, resume_from: Path | None) -> None:
+    """Decide W&B's mode explicitly and continue the run a resumed checkpoint belongs to."""
+    if "WANDB_MODE" not in os.environ:
+        if logger._offline or not wandb_api_key_available():
+            os.environ["WANDB_MODE"] = "offline"
+            where = Path(logger.save_dir or ".") / "wandb"
+            rank_zero_info(
+                "W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline; upload later with\n"
+                f"  wandb sync {where}/offline-run-*"
+            )
+        else:
+            os.environ["WANDB_MODE"] = "online"
+    run_id = checkpoint_wandb_id(resume_from) if resume_from else None
+    if run_id is None and logger._id is None:
+        import wandb
+
+        run_id = wandb.util.generate_id()  # known before the first checkpoint stores it
+    if run_id is not None:
+        # WandbLogger reads the run id from these two fields when it first creates the run
+        # (resume="allow" is its default), so setting them before fit continues that run.
+        logger._wandb_init["id"] = logger._id = run_id
+    rank_zero_info(f"W&B run id {logger._id} ({os.environ['WANDB_MODE']}; stored in checkpoints: a resume continues it)")
+
+
+def wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def checkpoint_wandb_id(path: Path) -> str | None:
+    try:  # mmap: reads the small "merino" entry without loading the weights into memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: Lightning reports it when restoring
+        rank_zero_info(f"warning: cannot read the W&B run id from {path}: {type(e).__name__}")
+        return None
+    meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
+    return (meta or {}).get("wandb_run_id")
+
+
+def build_cli(argv: Sequence[str], run: bool = True) -> MerinoCLI:
+    """The LightningCLI behind ``merino-pl fit`` (``run=False`` only parses and instantiates)."""
+    from merino_pl.data import PileDataModule
+
+    args = ["fit", *argv] if run else list(argv)
+    return MerinoCLI(
+        MerinoLightningModule,
+        PileDataModule,
+        seed_everything_default=1234,
+        save_config_callback=MerinoSaveConfig,
+        save_config_kwargs={"config_filename": f"fit-config-{time.strftime('%Y%m%d-%H%M%S')}.yaml", "overwrite": True},
+        trainer_defaults={
+            "precision": default_precision(),
+            "gradient_clip_val": 1.0,
+            "max_steps": 600_000,
+            "default_root_dir": "runs/fit",
+        },
+        auto_configure_optimizers=False,  # the paper's AdamW + schedule live in the module
+        parser_kwargs={"exit_on_error": False} if run else {"fit": {"exit_on_error": False}},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``merino-pl fit``; jsonargparse errors become one line, exit code 2."""
+    from jsonargparse import ArgumentError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # sys.argv stays as it is: Lightning's DDP launcher re-runs it in the other processes
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        build_cli(argv)
+    except ArgumentError as e:
+        raise MerinoError(_one_line(str(e))) from None
+    return 0
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " | ".join(lines[:3]) if lines else "invalid arguments"
