@@ -181,7 +181,9 @@ class LocalSlurmCluster:
 
     # -- tear-down ------------------------------------------------------------------------
     def stop(self) -> None:
-        """SIGTERM each daemon we started (by PID, slurmd first), SIGKILL what is left after 10 s."""
+        """Cancel this cluster's jobs, then SIGTERM each daemon we started (by PID, slurmd
+        first) and SIGKILL what is left after 10 s."""
+        self._cancel_jobs()
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self._procs.get(name)
             if proc is not None and proc.poll() is None:
@@ -198,6 +200,21 @@ class LocalSlurmCluster:
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def _cancel_jobs(self, timeout: float = 20.0) -> None:
+        # slurmstepd and the job's tasks outlive slurmd by design: end them through SLURM first
+        # (a test that failed mid-job would otherwise leave training processes behind).
+        ctld = self._procs.get("slurmctld")
+        if ctld is None or ctld.poll() is not None:
+            return
+        squeue = [_binary("squeue"), "-h", "-o", "%i", "-t", "PENDING,RUNNING,SUSPENDED,COMPLETING,REQUEUED"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = subprocess.run(squeue, env=self.env, capture_output=True, text=True).stdout.split()
+            if not jobs:
+                return
+            subprocess.run([_binary("scancel"), *jobs], env=self.env, capture_output=True)
+            time.sleep(0.5)
+
     def __enter__(self) -> "LocalSlurmCluster":
         return self.start()
 
@@ -205,12 +222,21 @@ class LocalSlurmCluster:
         self.stop()
 
 
-if __name__ == "__main__":
+def _main() -> None:
     if reason := unavailable_reason():
         sys.exit(reason)
+
+    def _stop(signum, frame):  # `kill PID` (a background job ignores Ctrl-C) also stops the daemons
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     with LocalSlurmCluster(sys.argv[1] if len(sys.argv) > 1 else None) as cluster:
-        print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops the cluster", flush=True)
+        print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C or `kill {os.getpid()}` stops the cluster", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
             pass
+
+
+if __name__ == "__main__":
+    _main()
