@@ -98,6 +98,13 @@ def test_cpu_job_runs_one_process_per_task(capsys, train_yaml):
     assert "--trainer.accelerator cpu --trainer.devices 2 --trainer.num_nodes 1" in out
 
 
+def test_cpu_job_defaults_to_one_task(capsys, train_yaml):
+    rc, out, _ = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny",
+                         "--gpus-per-node", "0", "--dry-run")
+    assert rc == 0 and "--ntasks-per-node=1" in sbatch_lines(out)
+    assert "--trainer.accelerator cpu --trainer.devices 1 --trainer.num_nodes 1" in out
+
+
 def test_rendered_script_is_valid_bash(tmp_path):
     spec = JobSpec(config="a b.yaml", recipe="r'x.yaml", run_dir="runs/$HOME", setup=("echo hi",),
                    fit_args=("--data.source", "a;b"))

@@ -35,7 +35,7 @@ class JobSpec:
     run_dir: str
     nodes: int = 1
     gpus_per_node: int = 8  # 0 = CPU job (tests, debugging): tasks_per_node processes, gloo
-    tasks_per_node: int | None = None  # default: one per GPU
+    tasks_per_node: int | None = None  # default: one per GPU (1 on a CPU job)
     cpus_per_task: int = 8
     time: str = "24:00:00"
     partition: str | None = None
@@ -48,7 +48,7 @@ class JobSpec:
 
     @property
     def ntasks_per_node(self) -> int:
-        return self.tasks_per_node or self.gpus_per_node
+        return self.tasks_per_node or self.gpus_per_node or 1
 
     @property
     def log_dir(self) -> str:
