@@ -286,10 +286,10 @@ def test_sbatch_trains_with_two_ddp_tasks_and_checkpoint_loads(slurm_cluster, fi
 def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, fit_available, tmp_path):
     """SIGUSR1 (what `--signal=SIGUSR1@90` sends before the time limit) mid-run: Lightning saves
     hpc_ckpt_1.ckpt and requeues; the job runs again and continues from that step to the end."""
-    max_steps = 40
+    max_steps = 30
     job_id, run_dir = submit(tmp_path, *FIT_TINY, "--trainer.max_steps", str(max_steps),
                              "--checkpoint.every_n_train_steps", "10")
-    # Training is under way once the first periodic checkpoint exists (step 10 of 40).
+    # Training is under way once the first periodic checkpoint exists (step 10 of 30).
     fields = wait_for(job_id, run_dir, until=lambda: (run_dir / "checkpoints" / "last.ckpt").exists())
     assert fields.get("JobState") == "RUNNING", f"job ended before the signal: {job_log(job_id, run_dir)[-3000:]}"
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
