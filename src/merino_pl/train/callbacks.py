@@ -105,7 +105,7 @@ class SpeedMonitor(L.Callback):
         metrics = {"train/tokens_per_sec": tps, "train/tokens_per_sec_per_device": tps / trainer.world_size}
         if self._peak:
             metrics["train/mfu"] = tps * pl_module.flops_per_token / (self._peak * trainer.world_size)
-        pl_module.log_dict(metrics, rank_zero_only=True)
+        pl_module.log_dict(metrics, rank_zero_only=True, batch_size=1)
         if self.print_metrics:
             self._print_line(trainer, metrics)
         self._restart(pl_module)
