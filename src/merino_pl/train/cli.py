@@ -86,8 +86,11 @@ class MerinoCLI(LightningCLI):
         )
         parser.add_lightning_class_args(SpeedMonitor, "speed")
 
+    def _fit_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        problems = check_config(self.config[self.subcommand])
+        problems = check_config(self._fit_config())
         if problems:
             raise MerinoError("bad fit config: " + "; ".join(problems))
 
@@ -101,7 +104,7 @@ class MerinoCLI(LightningCLI):
             torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on Ampere+
         elif "bf16" in str(trainer.precision):
             rank_zero_info("warning: bf16 on this CPU is emulated (~11x slower than fp32); use --trainer.precision 32-true")
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        ckpt_path = self._fit_config().get("ckpt_path")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 setup_wandb(logger, resume_from=resolve_ckpt_path(ckpt_path, trainer))
@@ -226,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # sys.argv stays as it is: Lightning's DDP launcher re-runs it in the other processes
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    # training_step takes the data iterator on purpose (module.py); Lightning warns about it
+    warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
     try:
         build_cli(argv)
     except ArgumentError as e:
