@@ -23,7 +23,6 @@ import netrc
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
-from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor
+from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor, silence_known_warnings
 from merino_pl.train.module import MerinoLightningModule, validate_hparams
 
 
@@ -228,9 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # sys.argv stays as it is: Lightning's DDP launcher re-runs it in the other processes
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    # training_step takes the data iterator on purpose (module.py); Lightning warns about it
-    warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
+    silence_known_warnings()
     try:
         build_cli(argv)
     except ArgumentError as e:
