@@ -266,3 +266,51 @@ def test_two_process_ddp_on_cpu_with_accumulation(fit_config, tmp_path):
     assert ckpt["merino"]["tokens_seen"] == 3 * 2 * 2 * 4 * 32  # steps x accumulated x ranks x batch x seq_len
     loader = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader["world_size"] == 2 and len(loader["ranks"]) == 2
+
+
+# ---- W&B, demo, packaged configs --------------------------------------------------------------
+def test_wandb_without_key_goes_offline_and_says_how_to_sync(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from merino_pl.train.cli import setup_wandb
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    logger = WandbLogger(save_dir=str(tmp_path))
+    setup_wandb(logger, resume_from=None)
+    assert os.environ["WANDB_MODE"] == "offline" and logger._id
+    assert f"wandb sync {tmp_path}/wandb/offline-run-*" in capsys.readouterr().err
+
+
+def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_path):
+    import wandb
+
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(tmp_path / "run")]
+    common = ["fit", "--config", str(fit_config), "--model.warmup_steps", "1", "--checkpoint.every_n_train_steps", "2", *logger]
+    assert cli_main([*common, "--trainer.max_steps", "2"]) == 0
+    wandb.finish()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_id = torch.load(last, weights_only=True)["merino"]["wandb_run_id"]
+    assert cli_main([*common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
+    wandb.finish()
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["merino"]["wandb_run_id"] == run_id
+    runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
+
+
+def test_packaged_train_configs_are_the_recipes_folder():
+    packaged = REPO / "src" / "merino_pl" / "recipes" / "train"
+    names = sorted(p.name for p in (REPO / "recipes" / "train").glob("*.yaml"))
+    assert names == ["cpu-demo.yaml", "pile-8xh100.yaml"]
+    for name in names:
+        assert (packaged / name).read_bytes() == (REPO / "recipes" / "train" / name).read_bytes(), name
+
+
+def test_demo_trains_then_generates(tmp_path, capsys):
+    assert cli_main(["demo", "--max-steps", "2", "--out", str(tmp_path), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "step       2/2  loss" in out and "generation from the trained model" in out
+    assert list(tmp_path.glob("*/checkpoints/last.ckpt"))

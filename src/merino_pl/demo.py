@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     fit_args = ["--config", str(config), "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
     if args.max_steps is not None:
         warmup = min(int(cfg["model"].get("warmup_steps", 0)), max(1, args.max_steps // 10))
-        fit_args += ["--trainer.max_steps", str(args.max_steps), "--model.warmup_steps", str(warmup)]
+        every = min(int(cfg["trainer"].get("log_every_n_steps", 10)), args.max_steps)
+        fit_args += ["--trainer.max_steps", str(args.max_steps), "--model.warmup_steps", str(warmup),
+                     "--trainer.log_every_n_steps", str(every)]
     start = time.perf_counter()
     code = fit(fit_args)
     if code:
