@@ -74,9 +74,11 @@ def _generate(ckpt: Path, prompt: str, max_new_tokens: int) -> int:
     loaded = load_model(ckpt)
     tok = hf_tokenizer()
     enc = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-    print(f"\ngeneration from the trained model ({ckpt}):")
+    torch.manual_seed(0)
+    with torch.no_grad():  # sampled: greedy decoding of a minutes-old model repeats "\n" forever
+        out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+                                    pad_token_id=tok.eos_token_id)
+    print(f"\ngeneration from the trained model ({ckpt}; top-k 40, temperature 0.8, seed 0):")
     print(prompt + tok.decode(out[0, enc.input_ids.shape[1]:]))
     print(f"\nexport it for HF / lm-eval: merino-pl export {ckpt} --out {ckpt.parent.parent / 'hf'}")
     return 0
