@@ -4,10 +4,12 @@ An architecture is a row of ``num_blocks`` block codes (E, F, L indices; see ``b
 Scores (the Eq. 15 entropy, or a baseline proxy) and costs are per-code tables, so one
 generation is a handful of numpy gathers over M rows, not M Python objects.
 
-Algorithm 1, as implemented: keep the K best architectures as parents; make M − K children, each
-a copy of a random parent with ONE block mutated (Algorithm 2: its depth, width and FFN each
+Algorithm 1, as implemented: keep the K best architectures as P; make M − K children, each a
+copy of a random member of P with ONE block mutated (Algorithm 2: its depth, width and FFN each
 moved by a random step within ±``*_steps``); reject children that leave the space, break the
-non-decreasing widths, or exceed any budget; merge, drop duplicates, keep the K best; repeat.
+non-decreasing widths, or exceed any budget; add the others to P at once, so that later children
+of the same generation may descend from them (as in Algorithm 1, where P grows inside the inner
+loop; done here in rounds of K children); drop duplicates, keep the K best; repeat.
 T (``iterations``) counts mutations, i.e. candidates generated (rejected ones included):
 100 000 candidates in ~200 generations of 448. That is what the paper's 0.05 h on a Jetson
 Nano CPU can evaluate in Python (~1.8 ms a candidate); T generations of 448 would be 45 M.
@@ -172,27 +174,28 @@ def evolve(problem: Problem, cfg: EvolutionConfig, seed: int = 0, progress: bool
     pop = initial_population(problem, cfg, rng)
     score, costs, _ = problem.evaluate(pop)
     res = SearchResult(pop, score, costs)
-    n_children = cfg.population - cfg.parents
     bar = tqdm(total=cfg.iterations, desc="search", unit="cand", disable=(not progress) if progress is not None else None)
     while res.candidates < cfg.iterations:
         keep = np.argsort(-res.scores, kind="stable")[: cfg.parents]
-        parents = res.codes[keep]
-        n = min(n_children, cfg.iterations - res.candidates)
-        children = mutate(problem, parents, n, cfg, rng)
-        valid = (children >= 0).all(axis=1)
-        children = children[valid]
-        c_score, c_costs, ok = problem.evaluate(children)
-        merged = np.concatenate([parents, children[ok]])
-        merged, first = np.unique(merged, axis=0, return_index=True)  # no clones among the parents
-        m_score = np.concatenate([res.scores[keep], c_score[ok]])[first]
-        m_costs = np.concatenate([res.costs[keep], c_costs[ok]])[first]
+        codes, scores, costs = [res.codes[keep]], [res.scores[keep]], [res.costs[keep]]
+        budget = min(cfg.population - cfg.parents, cfg.iterations - res.candidates)
+        done = 0
+        while done < budget:  # Alg. 1's inner loop: P grows, and children may be chosen as parents
+            n = min(cfg.parents, budget - done)
+            children = mutate(problem, np.concatenate(codes), n, cfg, rng)
+            children = children[(children >= 0).all(axis=1)]
+            c_score, c_costs, ok = problem.evaluate(children)
+            codes.append(children[ok]), scores.append(c_score[ok]), costs.append(c_costs[ok])
+            done += n
+            res.accepted += int(ok.sum())
+        merged, first = np.unique(np.concatenate(codes), axis=0, return_index=True)  # no clones
+        m_score, m_costs = np.concatenate(scores)[first], np.concatenate(costs)[first]
         order = np.argsort(-m_score, kind="stable")
         res.codes, res.scores, res.costs = merged[order], m_score[order], m_costs[order]
-        res.candidates += n
-        res.accepted += int(ok.sum())
+        res.candidates += budget
         res.generations += 1
         res.history.append((res.candidates, float(res.scores[0])))
-        bar.update(n)
+        bar.update(budget)
         bar.set_postfix(best=f"{res.scores[0]:.1f}", refresh=False)
     bar.close()
     res.seconds = time.perf_counter() - start
