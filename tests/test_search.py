@@ -323,3 +323,12 @@ def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, capsys: pytest.
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     if case == "two-problems":
         assert "unknown cost 'energy'" in err  # every problem at once
+
+
+def test_vectorised_entropy_equals_scalar_path() -> None:
+    g = Genes.of(SPACE)
+    rows = np.random.default_rng(0).choice(len(g.embed_dim), 50, replace=False)
+    e, f, L = g.embed_dim[rows], g.ffn_dim[rows], g.num_layers[rows]
+    mhsa, ffn = ent.block_entropies(e, f, L)
+    want = [ent.block_entropy(int(a), int(b), int(c)) for a, b, c in zip(e, f, L)]
+    np.testing.assert_allclose(np.stack([mhsa, ffn], 1), want, rtol=1e-12)

@@ -25,7 +25,7 @@ from merino_pl.costs import count_flops, count_params
 from merino_pl.errors import MerinoError
 from merino_pl.latency_table import LatencyTable
 from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
-from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropy
+from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
 from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
 from merino_pl.space import SearchSpace, load_space
 
@@ -136,8 +136,8 @@ def build_problem(s: SearchSettings) -> Problem:
         params = cost_tables("params", s.space, genes)
         score, extra = np.zeros(len(genes.embed_idx)), replace(params, const=0.0)
     else:
-        terms = [block_entropy(int(e), int(f), int(L), s.entropy) for e, f, L in zip(genes.embed_dim, genes.ffn_dim, genes.num_layers)]
-        score, extra = np.array([s.entropy.alpha_mhsa * m + s.entropy.alpha_ffn * f for m, f in terms]), None
+        mhsa, ffn = block_entropies(genes.embed_dim, genes.ffn_dim, genes.num_layers, s.entropy)
+        score, extra = s.entropy.alpha_mhsa * mhsa + s.entropy.alpha_ffn * ffn, None
     return Problem(s.space, genes, score, costs, s.budgets, extra)
 
 
