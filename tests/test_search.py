@@ -309,6 +309,7 @@ BAD = {
     "empty-space": (["--budget", "flops=60G", "--space", "EMPTY"], "embed_dims is empty"),
     "contradictory-space": (["--budget", "flops=60G", "--space", "BOTH"], "exactly one of ffn_dims"),
     "two-problems": (["--budget", "flops=1x", "--budget", "energy=1"], "unit 'x'"),
+    "parents-vs-population": (["--budget", "flops=60G", "--population", "32"], "must be smaller than population"),
 }
 
 

@@ -44,6 +44,7 @@ import numpy as np
 
 from merino_pl.config import MerinoConfig
 from merino_pl.errors import MerinoError
+from merino_pl.search import config_section
 from merino_pl.io import write_json
 
 INITS = ("normal",)
@@ -78,11 +79,8 @@ class EntropyConfig:
     @classmethod
     def from_dict(cls, data: Any, source: str = "entropy") -> "EntropyConfig":
         """Build from a mapping; ``MerinoError`` listing every bad key / value at once."""
-        data = data or {}
-        if not isinstance(data, dict):
-            raise MerinoError(f"{source} must be a mapping, got {data!r}")
         known = set(cls.__dataclass_fields__)
-        problems = [f"unknown key {source}.{k} (valid: {', '.join(sorted(known))})" for k in data if k not in known]
+        data, problems = config_section(data, known, source)
         if data.get("init", "normal") not in INITS:
             problems.append(f"{source}.init {data['init']!r} is not one of {', '.join(INITS)}")
         table = data.get("table")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from merino_pl.errors import MerinoError
+from merino_pl.search import config_section
 from merino_pl.search.budget import Budget, CostTables, Genes, min_cost
 from merino_pl.space import SearchSpace
 
@@ -44,11 +45,8 @@ class EvolutionConfig:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "evolution") -> "EvolutionConfig":
-        data = data or {}
-        if not isinstance(data, dict):
-            raise MerinoError(f"{source} must be a mapping, got {data!r}")
         known = set(cls.__dataclass_fields__)
-        problems = [f"unknown key {source}.{k} (valid: {', '.join(sorted(known))})" for k in data if k not in known]
+        data, problems = config_section(data, known, source)
         for k, v in data.items():
             if k in known and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k.endswith("steps") else 1)):
                 problems.append(f"{source}.{k} must be a {'non-negative' if k.endswith('steps') else 'positive'} integer, got {v!r}")
