@@ -6,14 +6,13 @@ Applied to a loaded model at inference time (never a second model definition):
   last position, and the tied LM head (``seq × d × vocab``; 50 304 × 768 here) is a large share of
   a small model's prefill;
 * **fused QKV**: one ``(3E × E)`` GEMM per layer application instead of three. The three weights
-  are re-pointed at views into the stacked tensor, so the fused form costs no extra memory and
-  the plain path stays available on the same model (``use_fused_qkv(model, False)``);
+  are re-pointed at views into the stacked tensor, so the fused form costs no extra memory;
 * **no redundant copies of shared weights**: the LM head reads the embedding itself, and a block's
   layer is one module however many times it runs; ``weight_bytes_in_memory`` checks both.
 
-Not done: a static KV cache. ``DynamicCache`` appends with ``torch.cat``, but at sequence 128 that
-copy is small next to the GEMMs, and a pre-allocated cache would need an explicit mask for its
-empty slots on every decode step, which costs more than it saves on CPU.
+Not done (not measured either): a static KV cache. Pre-allocated slots need an explicit mask for
+the empty ones on every decode step, where the dynamic cache lets one new token run SDPA with no
+mask at all; ``DynamicCache``'s ``torch.cat`` copies at sequence 128 are small next to the GEMMs.
 """
 
 from __future__ import annotations
@@ -46,15 +45,6 @@ def fuse_qkv(model: nn.Module) -> int:
                 if bias is not None:
                     p.bias = nn.Parameter(bias[i * C : (i + 1) * C], requires_grad=False)
         attn.fused_qkv = (weight, bias)
-        attn._fused_qkv_off = None
         fused += 1
     return fused
 
-
-def use_fused_qkv(model: nn.Module, enabled: bool) -> None:
-    """Switch between the fused and the plain projections of a model ``fuse_qkv`` prepared."""
-    for attn in (m for m in model.modules() if isinstance(m, Attention)):
-        if enabled and attn.fused_qkv is None and getattr(attn, "_fused_qkv_off", None) is not None:
-            attn.fused_qkv, attn._fused_qkv_off = attn._fused_qkv_off, None
-        elif not enabled and attn.fused_qkv is not None:
-            attn._fused_qkv_off, attn.fused_qkv = attn.fused_qkv, None
