@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from merino_pl.errors import MerinoError
 
 # name -> (transformers config class, hyper-parameters of the published config.json)
 PEER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -70,21 +69,19 @@ PAPER: dict[str, PaperPoint] = {
 HEADLINE_PAIRS = [("merino-64m", "opt-350m"), ("merino-52m", "pythia-70m")]
 
 
-def parse_peers(spec: str | None) -> list[str]:
-    """``"pythia-70m,opt-350m"`` -> names; raises naming every unknown one."""
-    names = [n.strip().lower() for n in (spec or "").split(",") if n.strip()]
-    unknown = [n for n in names if n not in PEER_CONFIGS]
-    if unknown:
-        raise MerinoError(f"unknown peer(s) {', '.join(unknown)} (valid: {', '.join(PEER_CONFIGS)})")
-    return list(dict.fromkeys(names))
-
-
-def build_peer(name: str, seed: int = 0) -> torch.nn.Module:
-    """The peer's transformers model with random weights (SDPA attention, eval mode)."""
+def peer_config(name: str, **overrides: Any) -> Any:
+    """The transformers config of a peer (``overrides`` shrink it for tests)."""
     import transformers
 
     cls_name, params = PEER_CONFIGS[name]
-    config = getattr(transformers, cls_name)(**params)
+    return getattr(transformers, cls_name)(**{**params, **overrides})
+
+
+def build_peer(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The peer's transformers model with random weights (SDPA attention, eval mode)."""
+    import transformers
+
+    config = peer_config(name, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
