@@ -52,50 +52,54 @@ def main() -> int:
     summary = summarize(results)
     print_table(summary, results[0]["report"]["device"]["summary"], runs, warmup, time.time() - t0)
     write_json(args.out, {"device": results[0]["report"]["device"], "protocol": results[0]["report"]["protocol"],
-                          "summary": summary, "reports": [str(out_dir / r["ours"] / "latency.json") for r in results]})
+                          "speedups": summary[0], "fast_path": summary[1], "reports": [str(out_dir / r["ours"] / "latency.json") for r in results]})
     print(f"wrote {args.out}")
     return 0
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    rows = []
+def summarize(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(speed-up rows: each pair, precision and comparison; fast-path rows: plain vs fast)."""
+    pairs, fast = [], []
     for r in results:
         rep = r["report"]
         by = {(x["model"], x["precision"], x["path"]): x for x in rep["rows"]}
         for s in rep["speedups"]:
-            p = s["precision"]
-            plain, fast, peer = by[(r["ours"], p, "plain")], by.get((r["ours"], p, "fast")), by[(r["peer"], p, "plain")]
-            gain = next((g for g in rep["fast_path"] if g["precision"] == p and g["path"] == "fast"), None)
-            rows.append({
-                "precision": p, "ours": r["ours"], "peer": r["peer"],
-                "ours_prefill_ms": plain["prefill_ms"]["mean"], "peer_prefill_ms": peer["prefill_ms"]["mean"],
-                "ours_decode_ms": plain["decode_ms_per_token"]["mean"], "peer_decode_ms": peer["decode_ms_per_token"]["mean"],
+            mine, theirs = s["paths"].split(" vs ")
+            me, peer = by[(r["ours"], s["precision"], mine)], by[(r["peer"], s["precision"], theirs)]
+            pairs.append({
+                "precision": s["precision"], "ours": r["ours"], "peer": r["peer"], "paths": s["paths"],
+                "ours_prefill_ms": me["prefill_ms"]["mean"], "peer_prefill_ms": peer["prefill_ms"]["mean"],
+                "ours_decode_ms": me["decode_ms_per_token"]["mean"], "peer_decode_ms": peer["decode_ms_per_token"]["mean"],
                 "speedup_prefill": s["prefill"], "speedup_decode": s["decode"], "paper": s["paper_jetson_nano"],
                 "target": r["target"], "meets_target": s["prefill"] >= r["target"],
-                "fast_prefill_ms": fast["prefill_ms"]["mean"] if fast else None,
-                "fast_decode_ms": fast["decode_ms_per_token"]["mean"] if fast else None,
-                "fast_gain_prefill": gain["prefill"] if gain else None, "fast_gain_decode": gain["decode"] if gain else None,
-                "fast_outputs_match": all(c["match"] for c in rep["checks"] if c["precision"] == p),
             })
-    return rows
+        for g in rep["fast_path"]:
+            plain, other = by[(r["ours"], g["precision"], "plain")], by[(r["ours"], g["precision"], g["path"])]
+            fast.append({
+                "precision": g["precision"], "model": r["ours"], "path": g["path"],
+                "plain_prefill_ms": plain["prefill_ms"]["mean"], "prefill_ms": other["prefill_ms"]["mean"],
+                "plain_decode_ms": plain["decode_ms_per_token"]["mean"], "decode_ms": other["decode_ms_per_token"]["mean"],
+                "gain_prefill": g["prefill"], "gain_decode": g["decode"],
+                "outputs_match": all(c["match"] for c in rep["checks"] if c["precision"] == g["precision"]),
+            })
+    return pairs, fast
 
 
-def print_table(rows: list[dict], device: str, runs: int, warmup: int, seconds: float) -> None:
+def print_table(summary: tuple[list[dict], list[dict]], device: str, runs: int, warmup: int, seconds: float) -> None:
+    pairs, fast = summary
     print(f"\nlatency on {device}: batch 1, seq 128, mean of {runs} after {warmup} warm-up ({seconds:.0f} s)\n")
-    print("| prec | ours | peer | ours prefill ms | peer prefill ms | speed-up | paper (Nano) | target | ours decode ms/tok | peer decode ms/tok | decode speed-up |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ok = "ok" if r["meets_target"] else "MISSED"
-        print(f"| {r['precision']} | {r['ours']} | {r['peer']} | {r['ours_prefill_ms']:.1f} | {r['peer_prefill_ms']:.1f} | "
+    print("| prec | ours | peer | paths | ours prefill ms | peer prefill ms | speed-up | paper (Nano) | target | ours decode ms/tok | peer decode ms/tok | decode speed-up |")
+    print("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in pairs:
+        ok = "met" if r["meets_target"] else "missed"
+        print(f"| {r['precision']} | {r['ours']} | {r['peer']} | {r['paths']} | {r['ours_prefill_ms']:.1f} | {r['peer_prefill_ms']:.1f} | "
               f"{r['speedup_prefill']:.2f}x | {r['paper']:.1f}x | >= {r['target']:.0f}x {ok} | "
               f"{r['ours_decode_ms']:.2f} | {r['peer_decode_ms']:.2f} | {r['speedup_decode']:.2f}x |")
-    print("\n| prec | model | plain prefill ms | fast prefill ms | prefill gain | plain decode ms/tok | fast decode ms/tok | decode gain | outputs equal |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        if r["fast_prefill_ms"] is None:
-            continue
-        print(f"| {r['precision']} | {r['ours']} | {r['ours_prefill_ms']:.1f} | {r['fast_prefill_ms']:.1f} | {r['fast_gain_prefill']:.2f}x | "
-              f"{r['ours_decode_ms']:.2f} | {r['fast_decode_ms']:.2f} | {r['fast_gain_decode']:.2f}x | {r['fast_outputs_match']} |")
+    print("\n| prec | model | path | plain prefill ms | prefill ms | prefill gain | plain decode ms/tok | decode ms/tok | decode gain | outputs equal |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in fast:
+        print(f"| {r['precision']} | {r['model']} | {r['path']} | {r['plain_prefill_ms']:.1f} | {r['prefill_ms']:.1f} | {r['gain_prefill']:.2f}x | "
+              f"{r['plain_decode_ms']:.2f} | {r['decode_ms']:.2f} | {r['gain_decode']:.2f}x | {r['outputs_match']} |")
 
 
 if __name__ == "__main__":

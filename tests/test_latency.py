@@ -78,14 +78,14 @@ def test_report_has_every_field(report: dict) -> None:
     assert model["name"] == "tiny" and model["kind"] == "recipe" and model["params"] > 0 and model["flops_g"] > 0
     assert "size_on_disk_bytes" in model
     paths = {(r["model"], r["precision"], r["path"]) for r in report["rows"]}
-    assert paths == {("tiny", "fp32", "plain"), ("tiny", "fp32", "fast"), ("pythia-70m", "fp32", "plain")}
+    assert paths == {("tiny", "fp32", "plain"), ("tiny", "fp32", "fast"), ("pythia-70m", "fp32", "plain"), ("pythia-70m", "fp32", "last-logits")}
     for row in report["rows"]:
         for stat in ("prefill_ms", "decode_ms_per_token"):
             assert set(row[stat]) >= {"mean", "median", "p90", "runs"} and len(row[stat]["runs"]) == 2
             assert row[stat]["mean"] > 0
         assert row["peak_memory_bytes"] is not None and "peak" in row["peak_memory_method"]
         assert row["weights_bytes"] > 0 and row["params"] > 0
-    assert [(s["peer"], s["precision"]) for s in report["speedups"]] == [("pythia-70m", "fp32")]
+    assert [(s["peer"], s["paths"]) for s in report["speedups"]] == [("pythia-70m", "plain vs plain"), ("pythia-70m", "fast vs last-logits")]
     assert report["speedups"][0]["prefill"] > 0
     assert report["fast_path"][0]["path"] == "fast"
     assert report["checks"] and all(c["match"] for c in report["checks"])
