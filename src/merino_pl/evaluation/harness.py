@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+import lm_eval.models  # noqa: F401  (before registering: lm-eval fills its built-in registry
+import torch            # lazily only while the registry is empty, so "hf" would vanish otherwise)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
