@@ -183,7 +183,7 @@ def test_shipped_presets_parse(preset, capsys):
     (["--bits", "3", "--nsamples", "0"], "--nsamples 0: must be positive"),  # every problem at once
     (["--group-size", "48"], "--group-size 48 does not divide the layer widths"),
     (["--calib", "EMPTY"], "is empty"),
-    (["--calib", "/nonexistent/x.txt"], "not found"),
+    (["--calib", "/nonexistent/x.txt"], "no such file"),
     (["--method", "awq"], "--method 'awq'"),
 ])
 def test_bad_input_is_one_line_exit_2(float_dir, tmp_path, capsys, argv, message):

@@ -1,94 +1,67 @@
 """Calibration samples: ``nsamples`` random windows of ``seq_len`` tokens from a text source.
 
-GPTQ's recipe (random fixed-length segments of pretraining-like text) on the sources the data
-stage reads: ``"embedded"`` (the corpus shipped in the package, the default), a ``.txt`` file, a
-``.jsonl`` / ``.json`` / ``.parquet`` file (its ``text_field``), a glob, or a directory of those.
-A few extra windows beyond the calibration set are kept aside as a held-out check.
+GPTQ's recipe (random fixed-length segments of pretraining-like text) on exactly the sources the
+DataModule reads (``merino_pl.data.sources``): ``"embedded"`` (the corpus shipped in the package,
+the default), local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, globs, directories,
+or a hub dataset name. Documents are packed with EOS between them, as training sees them. A few
+more windows than the calibration set are kept aside as a held-out check.
 """
 
 from __future__ import annotations
 
-import glob
-from pathlib import Path
-from typing import Iterator
-
 import torch
 
+from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import default_corpus_file, load_tokenizer
+from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
 
-SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def resolve_files(source: str) -> list[Path]:
-    """The files a source names; raises ``MerinoError`` when it names none."""
-    if source == "embedded":
-        return [default_corpus_file()]
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
-    elif any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix in SUFFIXES)
-    elif path.exists():
-        files = [path] if path.suffix in SUFFIXES else []
-        if not files:
-            raise MerinoError(f"calibration source {source}: unsupported file type (valid: {', '.join(SUFFIXES)})")
-    else:
-        raise MerinoError(f"calibration source {source!r} not found (a file, glob, directory, or 'embedded')")
-    if not files:
-        raise MerinoError(f"calibration source {source!r} holds no {'/'.join(SUFFIXES)} files")
-    return files
+POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
 
 
-def _texts(files: list[Path], text_field: str) -> Iterator[tuple[str, bool]]:
-    """(text, ends a document) pieces of the files in order; ``datasets`` streams json / parquet."""
-    for f in files:
-        if f.suffix == ".txt":  # one document, read in ~64 KB pieces so a big file stops early
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                piece = fh.read(1 << 16)
-                while piece:
-                    piece += fh.readline()
-                    nxt = fh.read(1 << 16)
-                    yield piece, not nxt
-                    piece = nxt
-            continue
-        from datasets import load_dataset
-
-        ds = load_dataset(SUFFIXES[f.suffix], data_files=str(f), split="train", streaming=True)
-        for row in ds:
-            if text_field not in row:
-                raise MerinoError(f"{f}: no field {text_field!r} (fields: {', '.join(row)}); pass --calib-text-field")
-            yield row[text_field], True
+def check_source(source: str, text_field: str = "text") -> None:
+    """Raise ``MerinoError`` if the source names no readable, non-empty text (cheap: one document)."""
+    src = resolve_source(source)
+    check_text_field(open_stream(src), src, text_field)
 
 
 def calibration_tokens(
     source: str, nsamples: int, seq_len: int, holdout: int = 0, tokenizer: str | None = None,
     text_field: str = "text", seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids, disjoint windows.
-
-    Documents are joined with EOS into one stream (as pretraining sees them) until enough tokens
-    are read for 4× the windows needed, then windows are drawn at random non-overlapping offsets.
-    """
+    """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids: disjoint windows,
+    drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens."""
+    src = resolve_source(source)
+    stream = open_stream(src)
+    check_text_field(stream, src, text_field)
+    field = src.field(text_field)
     tok = load_tokenizer(tokenizer)
-    eos = tok.token_to_id("<|endoftext|>")
+    eos = tok.token_to_id(EOS_TOKEN)
     need = (nsamples + holdout) * seq_len
-    stream: list[int] = []
-    for text, end_of_doc in _texts(resolve_files(source), text_field):
-        if text and text.strip():
-            stream += tok.encode(text).ids
-        if end_of_doc and eos is not None and stream:
-            stream.append(eos)
-        if len(stream) >= 4 * need:
+    ids: list[int] = []
+    batch: list[str] = []
+    for row in stream:
+        if row[field] and row[field].strip():
+            batch.append(row[field])
+        if len(batch) == 256 or (batch and len(ids) >= POOL * need):
+            ids = _extend(ids, tok, batch, eos)
+            batch = []
+        if len(ids) >= POOL * need:
             break
-    if not stream:
-        raise MerinoError(f"calibration source {source!r} is empty (no text)")
-    slots = len(stream) // seq_len
+    ids = _extend(ids, tok, batch, eos)
+    if not ids:
+        raise MerinoError(f"calibration source {source!r} is empty (no text in {src.describe()})")
+    slots = len(ids) // seq_len
     if slots < nsamples + holdout:
         raise MerinoError(
-            f"calibration source {source!r} has {len(stream)} tokens: fewer than --nsamples {nsamples} "
+            f"calibration source {source!r} has {len(ids)} tokens: fewer than --nsamples {nsamples} "
             f"(+{holdout} held out) windows of --seq-len {seq_len}"
         )
-    ids = torch.tensor(stream[: slots * seq_len]).view(slots, seq_len)
+    windows = torch.tensor(ids[: slots * seq_len]).view(slots, seq_len)
     order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))
-    return ids[order[:nsamples]], ids[order[nsamples : nsamples + holdout]]
+    return windows[order[:nsamples]], windows[order[nsamples : nsamples + holdout]]
+
+
+def _extend(ids: list[int], tok, texts: list[str], eos: int | None) -> list[int]:
+    for enc in tok.encode_batch(texts):  # batched: the tokenizer's fast path
+        ids += enc.ids + ([eos] if eos is not None else [])
+    return ids

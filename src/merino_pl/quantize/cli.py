@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--desc-act", action=flag, help="act-order: columns by decreasing Hessian diagonal (default off)")
     p.add_argument("--sym", action=flag, help="symmetric grid (default) or asymmetric (--no-sym)")
     p.add_argument("--method", help=f"{' or '.join(METHODS)}: GPTQ (default) or round-to-nearest baseline")
-    p.add_argument("--calib", help="calibration text: 'embedded' (default), a .txt/.jsonl/.json/.parquet file, glob or directory")
+    p.add_argument("--calib", help="calibration text, any data-stage source: 'embedded' (default), .txt/.jsonl/.json/.parquet files, glob, directory, hub name")
     p.add_argument("--calib-text-field", help="text field of jsonl / parquet rows (default text)")
     p.add_argument("--nsamples", type=int, help=f"calibration windows (default {d['nsamples']})")
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d['seq_len']})")
