@@ -78,7 +78,8 @@ def test_report_has_every_field(report: dict) -> None:
     assert model["name"] == "tiny" and model["kind"] == "recipe" and model["params"] > 0 and model["flops_g"] > 0
     assert "size_on_disk_bytes" in model
     paths = {(r["model"], r["precision"], r["path"]) for r in report["rows"]}
-    assert paths == {("tiny", "fp32", "plain"), ("tiny", "fp32", "fast"), ("pythia-70m", "fp32", "plain"), ("pythia-70m", "fp32", "last-logits")}
+    assert paths == {("tiny", "fp32", "plain"), ("tiny", "fp32", "fast"), ("pythia-70m", "fp32", "plain"),
+                     ("pythia-70m", "fp32", "last-logits"), ("tiny", "int8", "plain"), ("tiny", "int8", "fast")}
     for row in report["rows"]:
         for stat in ("prefill_ms", "decode_ms_per_token"):
             assert set(row[stat]) >= {"mean", "median", "p90", "runs"} and len(row[stat]["runs"]) == 2
@@ -89,7 +90,9 @@ def test_report_has_every_field(report: dict) -> None:
     assert report["speedups"][0]["prefill"] > 0
     assert report["fast_path"][0]["path"] == "fast"
     assert report["checks"] and all(c["match"] for c in report["checks"])
-    assert any(s["row"] == "tiny int8" for s in report["skipped"])  # not faked
+    rows = {(r["precision"], r["path"]): r for r in report["rows"] if r["model"] == "tiny"}
+    # int8 through the quantize stage's RTN + GPTQ format: the packed file is smaller than fp32's
+    assert rows[("int8", "plain")]["weights_bytes"] < rows[("fp32", "plain")]["weights_bytes"]
 
 
 def test_fast_path_keeps_outputs_and_copies_no_weights() -> None:
@@ -113,7 +116,7 @@ def test_fast_path_keeps_outputs_and_copies_no_weights() -> None:
 
 def test_markdown_names_device_protocol_and_rows(report: dict) -> None:
     md = render_markdown(report)
-    for text in ("AMD" if "AMD" in report["device"]["cpu"] else report["device"]["cpu"], "sequence 8", "pythia-70m", "fast", "p90", "skipped tiny int8"):
+    for text in ("AMD" if "AMD" in report["device"]["cpu"] else report["device"]["cpu"], "sequence 8", "pythia-70m", "fast", "p90", "int8"):
         assert text in md
 
 
@@ -213,13 +216,14 @@ def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> Non
     from merino_pl.io import write_json
 
     write_json(tmp_path / "lat.json", report)
-    write_json(tmp_path / "eval.json", {"model": {"name": "tiny"}, "average_accuracy": 0.35})
+    tasks = {"hellaswag": {"status": "ok", "value": 0.3}, "boolq": {"status": "ok", "value": 0.4}, "wic": {"status": "skipped"}}
+    write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"}, "tasks": tasks})
     out = tmp_path / "chart.png"
     assert cli(["latency", "plot", "--latency", str(tmp_path / "lat.json"), "--eval", str(tmp_path / "eval.json"), "--paper", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = json.loads(out.with_suffix(".json").read_text())["panels"]
     measured = {p["model"]: p for p in panels[0]["points"]}
-    assert measured["tiny"]["accuracy"] == 0.35 and measured["tiny"]["accuracy_from"] == "eval report"
+    assert measured["tiny"]["accuracy"] == pytest.approx(0.35) and measured["tiny"]["accuracy_from"] == "eval report"
     assert measured["pythia-70m"]["accuracy_from"] == "paper Table 2"
     assert len(panels[1]["points"]) == len(PAPER)
 

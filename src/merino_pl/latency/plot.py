@@ -43,12 +43,22 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
 
 
 def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float]:
-    """(model name, average accuracy) of an eval report."""
+    """(model name, average accuracy) of an eval report.
+
+    A ``merino-pl eval`` report (format ``merino-eval/1``) keeps one score per task under
+    ``tasks``; the average is over the tasks that ran (``status: ok``), which is the paper's
+    Avg. when the report covers its twelve tasks. Other JSON may give the average directly.
+    """
     model = report.get("model")
     name = model.get("name") if isinstance(model, dict) else model
     acc = next((report[k] for k in EVAL_ACCURACY_KEYS if isinstance(report.get(k), (int, float))), None)
+    if acc is None and isinstance(report.get("tasks"), dict):
+        scores = [t["value"] for t in report["tasks"].values()
+                  if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))]
+        acc = sum(scores) / len(scores) if scores else None
     if not isinstance(name, str) or acc is None:
-        raise MerinoError(f"{source}: not an eval report (need a model name and one of {', '.join(EVAL_ACCURACY_KEYS)})")
+        raise MerinoError(f"{source}: no average accuracy in this eval report (need model.name and task scores "
+                          f"under 'tasks', or one of {', '.join(EVAL_ACCURACY_KEYS)})")
     return name, float(acc)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer
 
 FORMAT = "merino-latency-report/1"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+INT_BITS = {"int8": 8, "int4": 4}
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit difference| fast vs plain (and onnxruntime vs PyTorch) that still counts as "equal"
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -139,7 +141,8 @@ class ReportBuilder:
     def _count_rows(self) -> int:
         o = self.opts
         floats = [p for p in o.precisions if p in FLOAT_DTYPES]
-        return len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast)))
+        ints = [p for p in o.precisions if p in INT_BITS]
+        return len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (1 + int(o.fast))
 
     def _measure(self, runner: Runner) -> Measurement:
         o = self.opts
@@ -176,6 +179,25 @@ class ReportBuilder:
         for peer in o.peers:
             self._peer(peer, dtype, precision)
 
+    def integer(self, precision: str) -> None:
+        """Our model at int8 / int4 (``quantized_model``), plain and fast; peers stay float."""
+        o, name = self.opts, self.loaded.recipe.name
+        model = self.loaded.model if self.loaded.kind == "gptq" else quantized_model(self.loaded, precision, self.tmp)
+        model = model.to(o.device)
+        plain = self._runner(model)
+        ref = _reference_logits(plain)
+        self._add(f"{name} {precision} plain", lambda: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        if o.fast:  # fused QKV leaves quantized linears alone: only the last-logits prefill applies
+            fast = self._runner(model, last_logits_only=True)
+            self.checks.append(_compare(ref, _reference_logits(fast), "fp32", f"fast path vs plain ({precision})"))
+            size = self.rows[-1]["weights_bytes"]
+            self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+        if o.peers or o.onnx:
+            self.skipped.append({"row": f"peers / onnxruntime {precision}", "reason": "int rows are ours only (peers and the ONNX graph stay float)"})
+        if "int" not in " ".join(self.warnings):
+            self.warnings.append("int rows: the quantize stage's QuantLinear dequantizes each weight once and runs float GEMMs, "
+                                 "so int latency ~ fp32 latency; weights_bytes is the packed file (no integer kernels on this stack)")
+
     def _peer(self, peer: str, dtype: torch.dtype, precision: str) -> None:
         """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position
         logits, as ``generate`` runs every transformers model) to compare our fast path with."""
@@ -205,9 +227,7 @@ class ReportBuilder:
 
     def close(self) -> None:
         self.bar.close()
-        for f in self.tmp.iterdir():
-            f.unlink()
-        self.tmp.rmdir()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # (our path, the peer path it is compared with): the paper's full forward, and generation's prefill
@@ -256,12 +276,30 @@ def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
     }
 
 
-def int_rows_unavailable(loaded: LoadedModel, precisions: tuple[str, ...]) -> list[dict[str, str]]:
-    """INT8 / INT4 rows come from the quantize stage; say so instead of faking them."""
-    return [
-        {"row": f"{loaded.recipe.name} {p}", "reason": f"{p} needs a GPTQ directory from `merino-pl quantize` (or its round-to-nearest function); this build has no quantize stage"}
-        for p in precisions if p in ("int8", "int4")
-    ]
+def quantized_model(loaded: LoadedModel, precision: str, tmp: Path) -> torch.nn.Module:
+    """The int8 / int4 model: a GPTQ directory as loaded, or the quantize stage's round-to-nearest
+    of a float model (group 128 where every width allows it, else per channel), written in its
+    GPTQ format and read back, so the rows time exactly what a GPTQ directory would run."""
+    from merino_pl.quantize.format import load_quantized, write_quantized
+    from merino_pl.quantize.runner import QuantSpec, quantize_model, quantized_linears
+
+    model = copy.deepcopy(loaded.model)
+    group = 128 if all(lin.in_features % 128 == 0 for lin in quantized_linears(model).values()) else -1
+    spec = QuantSpec(bits=INT_BITS[precision], group_size=group, method="rtn")
+    results, _ = quantize_model(model, spec, None, progress=False)
+    out = tmp / f"rtn-{precision}"
+    out.mkdir()
+    write_quantized(out, model, results, spec, tokenizer=None)
+    quantized, _ = load_quantized(out)
+    return quantized
+
+
+def gptq_bits(loaded: LoadedModel) -> int | None:
+    import json
+
+    if loaded.kind != "gptq":
+        return None
+    return int(json.loads((Path(loaded.path) / "quantize_config.json").read_text())["bits"])
 
 
 def build_report(
@@ -284,11 +322,15 @@ def build_report(
         slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
         if slow:
             builder.warnings.append(f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU")
-    builder.skipped += int_rows_unavailable(loaded, opts.precisions)
+    bits = gptq_bits(loaded)
     try:
         for p in opts.precisions:
-            if p in FLOAT_DTYPES:
+            if bits is not None and p != f"int{bits}":
+                builder.skipped.append({"row": f"{loaded.recipe.name} {p}", "reason": f"the input is a GPTQ int{bits} checkpoint"})
+            elif p in FLOAT_DTYPES:
                 builder.precision(p)
+            else:
+                builder.integer(p)
     finally:
         builder.close()
     return assemble(loaded, opts, builder, tegra_release)
