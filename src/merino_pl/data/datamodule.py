@@ -21,6 +21,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout, stack
+from merino_pl.data.shards import ShardStream, TokenFiles
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
 from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
@@ -85,6 +86,8 @@ class PileDataModule(L.LightningDataModule):
         epochs: passes over the data before the training loader ends; None = stream forever
             (train with ``max_steps``; with several devices keep None so ranks stay in step).
         resume: restore the data position from a checkpoint (False restarts the stream).
+        verify_shards: check every shard's SHA-256 against the manifest at setup (sizes are
+            always checked; turn off for very large shard sets already verified).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class PileDataModule(L.LightningDataModule):
         sample_by: Literal["line", "paragraph", "document"] = "paragraph",
         epochs: int | None = None,
         resume: bool = True,
+        verify_shards: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -112,6 +116,7 @@ class PileDataModule(L.LightningDataModule):
         self.eos_id: int = self._find_eos()
         self._rank_override: tuple[int, int] | None = None
         self._stream = None
+        self._files: TokenFiles | None = None
         self._val: torch.Tensor | None = None
         self._train_loader: RankStatefulDataLoader | None = None
 
@@ -167,22 +172,38 @@ class PileDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self._stream is not None:
+        if self._stream is not None or self._files is not None:
             return
         h = self.hparams
+        if h.shards:
+            self._files = TokenFiles(h.shards, "train", checksum=h.verify_shards)
+            self._check_shard_tokenizer(self._files.manifest)
+            log.info("data: %s train tokens from shards in %s", f"{self._files.total:,}", h.shards)
+            return
         source = resolve_source(h.source)
         stream = open_stream(source, sample_by=h.sample_by)
         check_text_field(stream, source, h.text_field)
         self._source, self._stream = source, stream
         log.info("data: streaming %s", source.describe())
 
+    def _check_shard_tokenizer(self, manifest: dict) -> None:
+        from merino_pl.data.prepare import tokenizer_sha256
+
+        if manifest["tokenizer_sha256"] != tokenizer_sha256(self.hparams.tokenizer):
+            raise MerinoError(
+                f"shards in {self.hparams.shards} were tokenized with {manifest['tokenizer']}, not with "
+                f"{self.hparams.tokenizer or 'the default tokenizer'}: pass --data.tokenizer {manifest['tokenizer']}"
+            )
+
     def tokenize(self) -> DocumentTokenizer:
         return DocumentTokenizer(self.hparams.tokenizer, self.eos_id)
 
-    def train_dataset(self) -> PackedStream:
+    def train_dataset(self) -> PackedStream | ShardStream:
         self.setup()
         h = self.hparams
         rank, world = self.rank_world()
+        if self._files is not None:
+            return ShardStream(self._files, h.seq_len, h.batch_size, h.seed, self.eos_id, rank, world, h.epochs)
         return PackedStream(
             self._stream, self._source.field(h.text_field), self.tokenize(), h.seq_len, h.batch_size, h.seed,
             rank=rank, world_size=world, shuffle_windows=h.shuffle_windows, val_fraction=h.val_fraction, epochs=h.epochs,
@@ -208,7 +229,7 @@ class PileDataModule(L.LightningDataModule):
     def validation_windows(self) -> torch.Tensor | None:
         """This rank's validation sequences ``(n, seq_len + 1)``, the same count on every rank."""
         h = self.hparams
-        if h.val_sequences == 0 or h.val_fraction == 0:
+        if h.val_sequences == 0 or (h.val_fraction == 0 and not h.shards):
             return None
         if self._val is None:
             self._val = self._heldout_windows()
@@ -226,6 +247,10 @@ class PileDataModule(L.LightningDataModule):
         self.setup()
         h = self.hparams
         size, need = h.seq_len + 1, h.val_sequences * (h.seq_len + 1)
+        if self._files is not None:  # prepare held the same documents out into the val split
+            val = TokenFiles(h.shards, "val", checksum=h.verify_shards)
+            tokens = val.read(0, min(need, val.total - val.total % size)) if val.total else np.empty(0, np.int32)
+            return torch.from_numpy(tokens.astype(np.int64).reshape(-1, size))
         field, tokenize = self._source.field(h.text_field), self.tokenize()
         parts, have = [], 0
         for docs in self._stream.iter(batch_size=256):
