@@ -306,3 +306,53 @@ def test_prepare_bad_arguments_exit_2(tmp_path, capsys):
     rc = prepare(tmp_path / "missing.jsonl", "--out", tmp_path / "o", "--workers", 0, "--val-fraction", 2)
     err = capsys.readouterr().err
     assert rc == 2 and "--workers 0" in err and "--val-fraction 2" in err
+
+
+class _Recorder:
+    """A LightningModule that trains one scalar and remembers every batch it saw."""
+
+    @staticmethod
+    def make():
+        import lightning as L
+
+        class Recorder(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(()))
+                self.seen: list[torch.Tensor] = []
+
+            def training_step(self, batch, _):
+                self.seen.append(batch.clone())
+                return (self.w - batch.float().mean()) ** 2
+
+            def validation_step(self, batch, _):
+                assert batch.shape[1] == 16
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        return Recorder()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_shards", [False, True])
+def test_lightning_checkpoint_resumes_the_data_stream(tmp_path, use_shards, prepared):
+    import lightning as L
+
+    write_corpus(tmp_path / "c", n_docs=60)
+    kw = dict(num_workers=2, batch_size=2, shards=prepared[0] if use_shards else None, val_fraction=0.1, val_sequences=4)
+
+    def fit(max_steps: int, ckpt: str | None = None):
+        module = _Recorder.make()
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, val_check_interval=4, limit_val_batches=2,
+            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1)],
+        )
+        trainer.fit(module, datamodule=make_dm(tmp_path / "c", **kw), ckpt_path=ckpt)
+        return module.seen
+
+    full = fit(9)
+    ckpt = next((tmp_path / "ck").glob("*step=5.ckpt"))
+    rest = fit(9, str(ckpt))
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, full[5:]))

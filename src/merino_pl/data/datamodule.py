@@ -13,7 +13,8 @@ checkpoint and restores it before the first batch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from collections import deque
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -32,18 +33,49 @@ EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
 class RankStatefulDataLoader(StatefulDataLoader):
-    """A ``StatefulDataLoader`` whose state holds the positions of all ranks.
+    """A ``StatefulDataLoader`` whose state holds the positions of all ranks, as of the last
+    batch the training step actually used.
 
-    Lightning calls ``state_dict`` on every rank while saving (and writes rank 0's checkpoint),
-    so the per-rank states are gathered here; ``load_state_dict`` takes this rank's entry.
+    - Lightning calls ``state_dict`` on every rank while saving (and writes rank 0's
+      checkpoint), so the per-rank states are gathered here; ``load_state_dict`` takes this
+      rank's entry.
+    - Lightning fetches one batch ahead of the training step; a checkpoint taken after step k
+      would otherwise resume at k + 2. ``ConsumedBatches`` (added to the Trainer by the
+      DataModule) reports each used batch, and the state of that moment is returned.
     """
 
     def __init__(self, *args: Any, rank: int = 0, world_size: int = 1, resume: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank, self.world_size, self.resume = rank, world_size, resume
+        self.track_consumption = False
+        self._history: deque[dict] = deque(maxlen=16)  # states after each of the last yielded batches
+        self._yielded = self._consumed = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        inner = super().__iter__()
+        self._history.clear()
+        self._history.append(inner.state_dict())
+        self._yielded = self._consumed = 0
+        return self._tracked(inner)
+
+    def _tracked(self, inner: Iterator) -> Iterator[torch.Tensor]:
+        for batch in inner:
+            self._yielded += 1
+            self._history.append(self._iterator.state_dict())
+            yield batch
+
+    def mark_consumed(self) -> None:
+        self.track_consumption = True
+        self._consumed += 1
+
+    def _local_state(self) -> dict:
+        ahead = self._yielded - self._consumed
+        if self.track_consumption and 0 < ahead < len(self._history):
+            return self._history[-1 - ahead]
+        return super().state_dict()
 
     def state_dict(self) -> dict:
-        local = super().state_dict()
+        local = self._local_state()
         states = [local]
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * self.world_size
@@ -62,6 +94,17 @@ class RankStatefulDataLoader(StatefulDataLoader):
                 "exact resume needs the same world size (or --data.resume false to restart the data stream)"
             )
         super().load_state_dict(ranks[self.rank])
+
+
+class ConsumedBatches(L.Callback):
+    """Tells the DataModule's training loader which batches the training step has used."""
+
+    def __init__(self, datamodule: "PileDataModule") -> None:
+        self.datamodule = datamodule
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if (loader := self.datamodule._train_loader) is not None:
+            loader.mark_consumed()
 
 
 class PileDataModule(L.LightningDataModule):
@@ -109,6 +152,9 @@ class PileDataModule(L.LightningDataModule):
         verify_shards: bool = True,
     ) -> None:
         super().__init__()
+        # plain strings in the checkpoint: torch.load(weights_only=True) refuses pathlib objects
+        source, shards = str(source), None if shards is None else str(shards)
+        tokenizer = None if tokenizer is None else str(tokenizer)
         self.save_hyperparameters()
         self._check_arguments()
         self.tok = load_tokenizer(tokenizer)
@@ -163,7 +209,7 @@ class PileDataModule(L.LightningDataModule):
     def rank_world(self) -> tuple[int, int]:
         if self._rank_override is not None:
             return self._rank_override
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -217,6 +263,9 @@ class PileDataModule(L.LightningDataModule):
             resume=self.hparams.resume, pin_memory=torch.cuda.is_available(), persistent_workers=False,
             prefetch_factor=4 if workers else None,
         )
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, ConsumedBatches) for c in trainer.callbacks):
+            trainer.callbacks.append(ConsumedBatches(self))
         return self._train_loader
 
     def val_dataloader(self) -> Any:
