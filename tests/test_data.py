@@ -38,8 +38,12 @@ def make_dm(source, **kw) -> PileDataModule:
 
 
 def take(loader, n: int) -> list[torch.Tensor]:
+    """The first ``n`` batches; worker processes are stopped now rather than at garbage collection."""
     it = iter(loader)
-    return [next(it) for _ in range(n)]
+    batches = [next(it) for _ in range(n)]
+    if hasattr(loader._iterator, "_shutdown_workers"):
+        loader._iterator._shutdown_workers()
+    return batches
 
 
 def doc_tokens(docs: list[str], eos: int) -> Counter:
@@ -93,9 +97,9 @@ def test_two_ranks_two_workers_cover_every_token_once(tmp_path, n_files):
     assert Counter(real) == Counter(windows_by_slot)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_streaming_resume_is_exact(tmp_path, num_workers):
-    write_corpus(tmp_path / "c", n_docs=40)
+@pytest.mark.parametrize("num_workers,n_files", [(0, 3), (2, 3), (2, 1)])  # (2, 1): every 2nd document
+def test_streaming_resume_is_exact(tmp_path, num_workers, n_files):
+    write_corpus(tmp_path / "c", n_docs=40, n_files=n_files)
     kw = dict(num_workers=num_workers, shuffle_windows=5, batch_size=3)
     full = take(make_dm(tmp_path / "c", **kw).train_dataloader(), 40)  # several passes, many blocks
     for k in (1, 7, 23):

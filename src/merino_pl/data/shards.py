@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from merino_pl.data.packing import rng_for, worker_slot
+from merino_pl.data.packing import check_slot, rng_for, worker_slot
 from merino_pl.errors import MerinoError
 from merino_pl.io import sha256_file
 
@@ -126,11 +126,7 @@ class ShardStream(IterableDataset):
         g, n = worker_slot(self.rank, self.world_size)
         if state.get("format") != STATE_FORMAT:
             raise MerinoError(f"data state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
-        if tuple(state["slot"]) != (g, n):
-            raise MerinoError(
-                f"data state was saved by worker {state['slot'][0]} of {state['slot'][1]}, but this is worker {g} of {n}: "
-                "resume with the same number of devices and --data.num_workers"
-            )
+        check_slot(state, g, n)
         self._taken = int(state["taken"])
 
     @lru_cache(maxsize=2)
