@@ -137,7 +137,7 @@ def evaluate(loaded: Any, plan: dict[str, Any], args: argparse.Namespace) -> dic
     return {
         "format": "merino-eval/1",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "merino-pl eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None,
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "model": {
             "name": loaded.recipe.name, "path": str(loaded.path), "kind": loaded.kind,
             "weights_sha256": loaded.weights_sha256, "params_m": count_params(arch) / 1e6,

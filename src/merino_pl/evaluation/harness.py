@@ -122,7 +122,7 @@ class MerinoLM(TemplateLM):
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or [self.tok_decode([self._eot])]
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", 256))
+            max_new = min(int(kwargs.pop("max_gen_toks", 256)), self.max_length - 1)
             ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self._eot]
             text = self._greedy(ids, max_new, until)
             outputs.append(text)
