@@ -50,15 +50,6 @@ metadata: {version: 1.0}
 """
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    """../shared/data beside the checkout, or beside its parent (a worktree under wt/)."""
-    for base in (REPO.parent, REPO.parents[1]):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    pytest.skip("shared/data not found beside the checkout")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny model over the real GPT-NeoX vocabulary (context 128), exported like `merino-pl export`."""
