@@ -1,0 +1,332 @@
+"""``PileDataModule``: the one LightningDataModule for streaming text and pre-tokenized shards.
+
+Training batches are ``LongTensor (batch_size, seq_len + 1)``: inputs ``[:, :-1]``, targets
+``[:, 1:]``. Validation batches have the same shape and come from documents held out by a hash
+of their text (``val_fraction``), which training never sees.
+
+Exact resume: the training loader is a torchdata ``StatefulDataLoader`` whose ``state_dict``
+holds every rank's position (gathered across ranks, because Lightning saves the checkpoint from
+rank 0 only) and whose ``load_state_dict`` picks this rank's; Lightning 2.x stores it in the
+checkpoint and restores it before the first batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Iterator, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout, stack
+from merino_pl.data.shards import ShardStream, TokenFiles
+from merino_pl.data.sources import check_text_field, open_stream, resolve_source
+from merino_pl.errors import MerinoError
+from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
+
+log = logging.getLogger(__name__)
+LOADER_FORMAT = "merino-loader/1"
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+
+class RankStatefulDataLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` whose state holds the positions of all ranks, as of the last
+    batch the training step actually used.
+
+    - Lightning calls ``state_dict`` on every rank while saving (and writes rank 0's
+      checkpoint), so the per-rank states are gathered here; ``load_state_dict`` takes this
+      rank's entry.
+    - Lightning fetches one batch ahead of the training step; a checkpoint taken after step k
+      would otherwise resume at k + 2. ``ConsumedBatches`` (added to the Trainer by the
+      DataModule) reports each used batch, and the state of that moment is returned.
+    """
+
+    def __init__(self, *args: Any, rank: int = 0, world_size: int = 1, resume: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank, self.world_size, self.resume = rank, world_size, resume
+        self.track_consumption = False
+        self._history: deque[dict] = deque(maxlen=16)  # states after each of the last yielded batches
+        self._yielded = self._consumed = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        inner = super().__iter__()
+        self._history.clear()
+        self._history.append(inner.state_dict())
+        self._yielded = self._consumed = 0
+        return self._tracked(inner)
+
+    def _tracked(self, inner: Iterator) -> Iterator[torch.Tensor]:
+        for batch in inner:
+            self._yielded += 1
+            self._history.append(self._iterator.state_dict())
+            yield batch
+
+    def mark_consumed(self) -> None:
+        self.track_consumption = True
+        self._consumed += 1
+
+    def _local_state(self) -> dict:
+        ahead = self._yielded - self._consumed
+        if self.track_consumption and 0 < ahead < len(self._history):
+            return self._history[-1 - ahead]
+        return super().state_dict()
+
+    def state_dict(self) -> dict:
+        local = self._local_state()
+        states = [local]
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * self.world_size
+            torch.distributed.all_gather_object(states, local)
+        return {"format": LOADER_FORMAT, "world_size": self.world_size, "ranks": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not self.resume:
+            return
+        if state_dict.get("format") != LOADER_FORMAT:  # a plain StatefulDataLoader state
+            return super().load_state_dict(state_dict)
+        ranks = state_dict["ranks"]
+        if len(ranks) != self.world_size:
+            raise MerinoError(
+                f"data position was saved with {len(ranks)} rank(s) but this run has {self.world_size}: "
+                "exact resume needs the same world size (or --data.resume false to restart the data stream)"
+            )
+        super().load_state_dict(ranks[self.rank])
+
+
+class ConsumedBatches(L.Callback):
+    """Tells the DataModule's training loader which batches the training step has used."""
+
+    def __init__(self, datamodule: "PileDataModule") -> None:
+        self.datamodule = datamodule
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if (loader := self.datamodule._train_loader) is not None:
+            loader.mark_consumed()
+
+
+class PileDataModule(L.LightningDataModule):
+    """Streams (or reads pre-tokenized shards of) a text source, packed into LM windows.
+
+    Args:
+        source: hub dataset name (streamed), local file / glob / directory of txt, jsonl or
+            parquet (comma-separated for several), or ``"embedded"`` (the shipped corpus).
+        text_field: the column holding the text (jsonl / parquet).
+        tokenizer: ``tokenizer.json`` path, folder or hub name; None = shipped GPT-NeoX-20B.
+        seq_len: tokens per training sequence; batches hold ``seq_len + 1`` tokens per row.
+        batch_size: sequences per batch, per device.
+        num_workers: DataLoader worker processes per device (each tokenizes on one core).
+        seed: seeds the shuffle (shard order, window permutation).
+        shards: a directory written by ``merino-pl prepare``; when set, read it instead of
+            streaming ``source``.
+        val_fraction: fraction of documents (by a hash of their text) held out for validation.
+        val_sequences: validation sequences in all (split across ranks); 0 = no validation.
+        shuffle_windows: streaming: windows permuted together (a block; memory and the resume
+            cost are one block per worker).
+        sample_by: .txt files: one document per ``line``, ``paragraph`` or whole ``document``.
+        epochs: passes over the data before the training loader ends; None = stream forever
+            (train with ``max_steps``; with several devices keep None so ranks stay in step).
+        resume: restore the data position from a checkpoint (False restarts the stream).
+        verify_shards: check every shard's SHA-256 against the manifest at setup (sizes are
+            always checked; turn off for very large shard sets already verified).
+    """
+
+    def __init__(
+        self,
+        source: str = "EleutherAI/the_pile_deduplicated",
+        text_field: str = "text",
+        tokenizer: str | None = None,
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        seed: int = 1234,
+        shards: str | None = None,
+        val_fraction: float = 0.01,
+        val_sequences: int = 256,
+        shuffle_windows: int = 1024,
+        sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+        epochs: int | None = None,
+        resume: bool = True,
+        verify_shards: bool = True,
+    ) -> None:
+        super().__init__()
+        # plain strings in the checkpoint: torch.load(weights_only=True) refuses pathlib objects
+        source, shards = str(source), None if shards is None else str(shards)
+        tokenizer = None if tokenizer is None else str(tokenizer)
+        self.save_hyperparameters()
+        self._check_arguments()
+        self.tok = load_tokenizer(tokenizer)
+        self.vocab_size: int = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id: int = self._find_eos()
+        self._rank_override: tuple[int, int] | None = None
+        self._stream = None
+        self._files: TokenFiles | None = None
+        self._val: torch.Tensor | None = None
+        self._train_loader: RankStatefulDataLoader | None = None
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_arguments(self) -> None:
+        h = self.hparams
+        problems = []
+        for name in ("seq_len", "batch_size", "shuffle_windows"):
+            if int(h[name]) < 1:
+                problems.append(f"{name}={h[name]} (must be >= 1)")
+        for name in ("num_workers", "val_sequences"):
+            if int(h[name]) < 0:
+                problems.append(f"{name}={h[name]} (must be >= 0)")
+        if not 0.0 <= h.val_fraction < 1.0:
+            problems.append(f"val_fraction={h.val_fraction} (must be in [0, 1))")
+        if h.epochs is not None and h.epochs < 1:
+            problems.append(f"epochs={h.epochs} (must be >= 1, or None to stream forever)")
+        if h.sample_by not in ("line", "paragraph", "document"):
+            problems.append(f"sample_by={h.sample_by!r} (valid: line, paragraph, document)")
+        if problems:
+            raise MerinoError("bad data arguments: " + "; ".join(problems))
+
+    def _find_eos(self) -> int:
+        for token in EOS_CANDIDATES:
+            if (i := self.tok.token_to_id(token)) is not None:
+                return i
+        raise MerinoError(f"tokenizer {self.hparams.tokenizer!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Raise ``MerinoError`` when token ids could exceed the model's embedding table."""
+        if self.vocab_size > model_vocab_size:
+            raise MerinoError(
+                f"tokenizer {self.hparams.tokenizer or 'gpt-neox-20b (default)'} has {self.vocab_size} ids but the model's "
+                f"vocab_size is {model_vocab_size}: use a recipe with vocab_size >= {self.vocab_size} or a smaller tokenizer"
+            )
+
+    # -- distribution ---------------------------------------------------------------------------
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Pretend to be ``rank`` of ``world_size`` (tests; tools that shard without a Trainer)."""
+        if not 0 <= rank < world_size:
+            raise MerinoError(f"rank {rank} is not in [0, {world_size})")
+        self._rank_override = (rank, world_size)
+
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank_override is not None:
+            return self._rank_override
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._stream is not None or self._files is not None:
+            return
+        h = self.hparams
+        if h.shards:
+            self._files = TokenFiles(h.shards, "train", checksum=h.verify_shards)
+            self._check_shard_tokenizer(self._files.manifest)
+            log.info("data: %s train tokens from shards in %s", f"{self._files.total:,}", h.shards)
+            return
+        source = resolve_source(h.source)
+        stream = open_stream(source, sample_by=h.sample_by)
+        check_text_field(stream, source, h.text_field)
+        self._source, self._stream = source, stream
+        log.info("data: streaming %s", source.describe())
+
+    def _check_shard_tokenizer(self, manifest: dict) -> None:
+        from merino_pl.data.prepare import tokenizer_sha256
+
+        if manifest["tokenizer_sha256"] != tokenizer_sha256(self.hparams.tokenizer):
+            raise MerinoError(
+                f"shards in {self.hparams.shards} were tokenized with {manifest['tokenizer']}, not with "
+                f"{self.hparams.tokenizer or 'the default tokenizer'}: pass --data.tokenizer {manifest['tokenizer']}"
+            )
+
+    def tokenize(self) -> DocumentTokenizer:
+        return DocumentTokenizer(self.hparams.tokenizer, self.eos_id)
+
+    def train_dataset(self) -> PackedStream | ShardStream:
+        self.setup()
+        h = self.hparams
+        rank, world = self.rank_world()
+        if self._files is not None:
+            return ShardStream(self._files, h.seq_len, h.batch_size, h.seed, self.eos_id, rank, world, h.epochs)
+        return PackedStream(
+            self._stream, self._source.field(h.text_field), self.tokenize(), h.seq_len, h.batch_size, h.seed,
+            rank=rank, world_size=world, shuffle_windows=h.shuffle_windows, val_fraction=h.val_fraction, epochs=h.epochs,
+        )
+
+    def train_dataloader(self) -> RankStatefulDataLoader:
+        rank, world = self.rank_world()
+        workers = self.hparams.num_workers
+        self._train_loader = RankStatefulDataLoader(
+            self.train_dataset(), batch_size=None, num_workers=workers, rank=rank, world_size=world,
+            resume=self.hparams.resume, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, ConsumedBatches) for c in trainer.callbacks):
+            trainer.callbacks.append(ConsumedBatches(self))
+        return self._train_loader
+
+    def val_dataloader(self) -> Any:
+        windows = self.validation_windows()
+        if windows is None:
+            return []
+        return torch.utils.data.DataLoader(windows, batch_size=self.hparams.batch_size, shuffle=False)
+
+    # -- validation -----------------------------------------------------------------------------
+    def validation_windows(self) -> torch.Tensor | None:
+        """This rank's validation sequences ``(n, seq_len + 1)``, the same count on every rank."""
+        h = self.hparams
+        if h.val_sequences == 0 or (h.val_fraction == 0 and not h.shards):
+            return None
+        if self._val is None:
+            self._val = self._heldout_windows()
+        rank, world = self.rank_world()
+        per_rank = len(self._val) // world
+        if per_rank == 0:
+            raise MerinoError(
+                f"validation hold-out too small: {len(self._val)} sequence(s) of {h.seq_len + 1} tokens for {world} rank(s); "
+                "raise --data.val_fraction, lower --data.seq_len, or set --data.val_sequences 0"
+            )
+        return self._val[rank * per_rank : (rank + 1) * per_rank]
+
+    def _heldout_windows(self) -> torch.Tensor:
+        """Pack held-out documents, in source order, into at most ``val_sequences`` windows."""
+        self.setup()
+        h = self.hparams
+        size, need = h.seq_len + 1, h.val_sequences * (h.seq_len + 1)
+        if self._files is not None:  # prepare held the same documents out into the val split
+            val = TokenFiles(h.shards, "val", checksum=h.verify_shards)
+            tokens = val.read(0, min(need, val.total - val.total % size)) if val.total else np.empty(0, np.int32)
+            return torch.from_numpy(tokens.astype(np.int64).reshape(-1, size))
+        field, tokenize = self._source.field(h.text_field), self.tokenize()
+        parts, have = [], 0
+        for docs in self._stream.iter(batch_size=256):
+            tokens = tokenize([t for t in docs[field] if t and is_heldout(t, h.val_fraction)])
+            parts.append(tokens)
+            have += len(tokens)
+            if have >= need:
+                break
+        tokens = np.concatenate(parts or [np.empty(0, np.int32)])[: need - need % size]
+        n = len(tokens) // size
+        return stack(list(tokens[: n * size].reshape(n, size))) if n else torch.empty(0, size, dtype=torch.long)
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the data position depends on; checked on restore (the position itself travels
+        with the training loader's state, which Lightning saves)."""
+        h = self.hparams
+        keys = ("source", "shards", "tokenizer", "seq_len", "batch_size", "num_workers", "seed", "shuffle_windows", "val_fraction")
+        return {"format": "merino-data/1", **{k: h[k] for k in keys}, "world_size": self.rank_world()[1]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not self.hparams.resume:
+            return
+        now = self.state_dict()
+        changed = [f"{k}: {state_dict[k]!r} -> {now[k]!r}" for k in now if k in state_dict and state_dict[k] != now[k]]
+        if changed:
+            raise MerinoError(
+                "cannot resume the data stream exactly, its settings changed (" + "; ".join(changed) + "); "
+                "restore them or pass --data.resume false to restart the data stream"
+            )

@@ -1,0 +1,189 @@
+"""One place that turns a source string into a ``datasets`` streaming ``IterableDataset``.
+
+A source is one of
+- ``"embedded"``: the public-domain corpus shipped in the package (one document per paragraph);
+- local files: a file, a glob (``data/*.jsonl``), a directory, or several joined by commas, of
+  ``.txt`` (one document per blank-line-separated paragraph by default), ``.jsonl`` / ``.json``
+  or ``.parquet`` (one document per row, text in ``text_field``); ``.gz`` / ``.zst`` allowed;
+- a hub dataset name (``EleutherAI/the_pile_deduplicated``), always streamed.
+
+Every source goes through ``datasets.load_dataset(..., streaming=True)`` so that local test files
+and the Pile take the same code path (one shard per file).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from merino_pl.errors import MerinoError
+from merino_pl.tokenizer import default_corpus_file
+
+EMBEDDED = "embedded"
+SampleBy = Literal["line", "paragraph", "document"]
+# extension (after stripping a compression suffix) -> datasets' packaged builder
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
+HUB_TIMEOUT_S = 5.0
+LOCAL_HINT = (
+    "to train offline, point the source at local files, e.g. --data.source 'corpus/*.jsonl' "
+    "(txt, jsonl or parquet; --data.text_field names the text column), or 'embedded' for the "
+    "shipped corpus, or pre-tokenize once with `merino-pl prepare` and pass --data.shards DIR"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved source: a hub name, or a builder over a sorted list of local files."""
+
+    spec: str
+    builder: str | None  # None = hub dataset
+    files: tuple[str, ...] = ()
+
+    @property
+    def is_hub(self) -> bool:
+        return self.builder is None
+
+    def field(self, text_field: str) -> str:
+        """The column holding the text: always ``text`` for .txt files (datasets' text builder)."""
+        return "text" if self.builder == "text" else text_field
+
+    def describe(self) -> str:
+        if self.is_hub:
+            return f"hub dataset {self.spec}"
+        return f"{len(self.files)} local {self.builder} file(s) from {self.spec}"
+
+
+def _extension(path: str) -> str:
+    p = Path(path)
+    suffixes = [s.lower() for s in p.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _expand(part: str) -> list[str]:
+    """Files named by one comma-separated part: a file, a directory (recursive) or a glob."""
+    path = Path(part).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.is_file() and _extension(p.name) in BUILDERS)
+    if path.is_file():
+        return [str(path)]
+    return sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+
+
+def _looks_local(spec: str) -> bool:
+    return (
+        spec.startswith((".", "/", "~"))
+        or any(ch in spec for ch in "*?[,")
+        or _extension(spec) in BUILDERS
+        or spec.count("/") > 1
+        or os.path.exists(os.path.expanduser(spec))
+    )
+
+
+def resolve_source(spec: str) -> Source:
+    """Classify ``spec`` (see module docstring); local files must exist and share one format."""
+    if not spec or not spec.strip():
+        raise MerinoError("data source is empty; pass a hub name, local files or 'embedded'")
+    if spec == EMBEDDED:
+        return Source(spec, "text", (str(default_corpus_file()),))
+    if not _looks_local(spec):
+        return Source(spec, None)
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    files: list[str] = []
+    for part in parts:
+        found = _expand(part)
+        if not found:
+            raise MerinoError(f"data source {part!r}: no such file, or no .txt/.jsonl/.json/.parquet files match")
+        files.extend(found)
+    kinds = {BUILDERS.get(_extension(f)) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if _extension(f) not in BUILDERS)
+        raise MerinoError(f"data source file {bad}: unknown format (valid: {', '.join(sorted(BUILDERS))})")
+    if len(kinds) > 1:
+        raise MerinoError(f"data source {spec!r} mixes formats {sorted(kinds)}; use one format per source")
+    return Source(spec, kinds.pop(), tuple(dict.fromkeys(files)))
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
+
+
+def check_hub_reachable(name: str, timeout_s: float = HUB_TIMEOUT_S) -> None:
+    """Fail fast when the hub cannot be reached: ``datasets`` itself spends ~23 s on DNS retries.
+
+    DNS lookups ignore socket timeouts, so the lookup + connect runs in a thread we stop waiting
+    for after ``timeout_s``.
+    """
+    if _hub_offline():
+        raise MerinoError(f"hub dataset {name!r} cannot be streamed: offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) is set; {LOCAL_HINT}")
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+    def connect() -> None:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(connect).result(timeout=timeout_s)
+    except (OSError, FutureTimeout) as e:
+        reason = "timed out" if isinstance(e, FutureTimeout) else type(e).__name__
+        raise MerinoError(f"hub dataset {name!r} cannot be streamed: {host}:{port} unreachable ({reason}); {LOCAL_HINT}") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def open_stream(source: Source, sample_by: SampleBy = "paragraph", split: str = "train"):
+    """The source as a ``datasets.IterableDataset`` (text in ``source.field(text_field)``).
+
+    ``sample_by`` applies to .txt files: one document per ``line``, blank-line-separated
+    ``paragraph`` (default), or whole file (``document``).
+    """
+    import datasets
+
+    datasets.logging.set_verbosity_error()  # "Too many dataloader workers" etc. do not apply: we split ourselves
+    if source.is_hub:
+        check_hub_reachable(source.spec)
+        try:
+            return datasets.load_dataset(source.spec, split=split, streaming=True)
+        except Exception as e:  # the hub raises many types (connection, not found, gated)
+            raise MerinoError(f"hub dataset {source.spec!r} could not be opened ({type(e).__name__}: {e}); {LOCAL_HINT}") from None
+    kwargs: dict = {}
+    if source.builder == "text":
+        kwargs = {"sample_by": sample_by, "keep_linebreaks": True}
+    if all(os.path.getsize(f) == 0 for f in source.files):
+        raise MerinoError(f"data source {source.spec!r} is empty: {source.describe()}, all of 0 bytes")
+    try:
+        return datasets.load_dataset(source.builder, data_files={split: list(source.files)}, split=split, streaming=True, **kwargs)
+    except Exception as e:  # malformed json / parquet: datasets raises many types
+        raise MerinoError(f"data source {source.spec!r}: cannot read {source.describe()} ({type(e).__name__}: {e})") from None
+
+
+def check_text_field(stream, source: Source, text_field: str) -> None:
+    """Peek at the first example: the source must not be empty and must hold ``text_field``."""
+    try:
+        first = next(iter(stream.take(1)), None)
+    except MerinoError:
+        raise
+    except Exception as e:  # malformed json / parquet surfaces here
+        raise MerinoError(f"data source {source.spec!r}: cannot read the first document ({type(e).__name__}: {e})") from None
+    if first is None:
+        raise MerinoError(f"data source {source.spec!r} is empty: no documents in {source.describe()}")
+    text_field = source.field(text_field)
+    if text_field not in first:
+        raise MerinoError(
+            f"data source {source.spec!r} has no text field {text_field!r} (fields: {', '.join(first)}); "
+            "set --data.text_field"
+        )
+    if not isinstance(first[text_field], str):
+        raise MerinoError(f"data source {source.spec!r}: field {text_field!r} is {type(first[text_field]).__name__}, not text")
