@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from merino_pl.errors import MerinoError
-from merino_pl.evaluation.perplexity import CORPORA, MODES
+from merino_pl.evaluation.perplexity import CORPORA, MODES, embedded_wikitext2
 
 log = logging.getLogger("merino_pl.eval")
 
@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="folder of local lm-eval task YAMLs (repeatable), e.g. eval/tasks")
     p.add_argument("--data-files", nargs="+", default=[], metavar="NAME=PATH",
-                   help="local perplexity data instead of the hub: wikitext2=wiki.test.raw ptb=ptb.test.txt")
+                   help="local perplexity data instead of the hub: wikitext2=wiki.test.raw ptb=ptb.test.txt; "
+                   "wikitext2=embedded is the copy shipped with merino-pl")
     p.add_argument("--metadata", nargs="+", default=[], metavar="KEY=VALUE",
                    help="metadata passed to lm-eval tasks (e.g. data_file=... for eval/tasks/wikitext_local)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task / documents per corpus")
@@ -70,6 +71,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     ppl = [] if args.ppl in ("", "none") else [s.strip() for s in args.ppl.split(",") if s.strip()]
     errors += [f"--ppl {n!r}: unknown corpus (valid: {', '.join(CORPORA)})" for n in ppl if n not in CORPORA]
     data_files = _pairs(args.data_files, "--data-files", errors)
+    if data_files.get("wikitext2") == "embedded":  # the copy shipped in the package (offline demo)
+        data_files["wikitext2"] = str(embedded_wikitext2())
     for name, path in data_files.items():
         if name not in CORPORA:
             errors.append(f"--data-files {name}=...: unknown corpus (valid: {', '.join(CORPORA)})")
