@@ -42,7 +42,8 @@ def arch() -> MerinoConfig:
 
 @pytest.fixture
 def shared_data() -> Path:
-    path = SHARED / "data"
+    # ../shared beside the checkout (CI, a developer's clone); a git worktree one level deeper
+    path = next((p / "data" for p in (SHARED, REPO.parents[1] / "shared") if (p / "data").exists()), SHARED / "data")
     if not path.exists():
         pytest.skip(f"{path} not found (tests read ../shared/data beside the checkout)")
     return path

@@ -83,3 +83,11 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_config_rejects_bad_values_directly() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         MerinoConfig(blocks=tiny_arch().blocks, vocab_size=0)
+
+
+def test_packaged_recipes_are_the_recipes_folder() -> None:
+    """The built-in recipes ship inside the package (pip installs have no repo): they must be
+    byte-identical to the ones users read and edit in `recipes/`."""
+    packaged = REPO / "src" / "merino_pl" / "recipes"
+    for p in sorted(packaged.glob("*.yaml")):
+        assert p.read_bytes() == (REPO / "recipes" / p.name).read_bytes(), p.name

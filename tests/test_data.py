@@ -38,8 +38,12 @@ def make_dm(source, **kw) -> PileDataModule:
 
 
 def take(loader, n: int) -> list[torch.Tensor]:
+    """The first ``n`` batches; worker processes are stopped now rather than at garbage collection."""
     it = iter(loader)
-    return [next(it) for _ in range(n)]
+    batches = [next(it) for _ in range(n)]
+    if hasattr(loader._iterator, "_shutdown_workers"):
+        loader._iterator._shutdown_workers()
+    return batches
 
 
 def doc_tokens(docs: list[str], eos: int) -> Counter:
@@ -93,9 +97,9 @@ def test_two_ranks_two_workers_cover_every_token_once(tmp_path, n_files):
     assert Counter(real) == Counter(windows_by_slot)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_streaming_resume_is_exact(tmp_path, num_workers):
-    write_corpus(tmp_path / "c", n_docs=40)
+@pytest.mark.parametrize("num_workers,n_files", [(0, 3), (2, 3), (2, 1)])  # (2, 1): every 2nd document
+def test_streaming_resume_is_exact(tmp_path, num_workers, n_files):
+    write_corpus(tmp_path / "c", n_docs=40, n_files=n_files)
     kw = dict(num_workers=num_workers, shuffle_windows=5, batch_size=3)
     full = take(make_dm(tmp_path / "c", **kw).train_dataloader(), 40)  # several passes, many blocks
     for k in (1, 7, 23):
@@ -199,3 +203,160 @@ def test_resume_refuses_a_different_world_size(tmp_path):
     dm.set_rank(0, 2)
     with pytest.raises(MerinoError, match="same world size"):
         dm.train_dataloader().load_state_dict(state)
+
+
+# -- pre-tokenized shards -------------------------------------------------------------------------
+def prepare(*argv) -> int:
+    from merino_pl.cli import main
+
+    return main(["prepare", *map(str, argv)])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("prepared")
+    docs = write_corpus(root / "c", n_docs=90, n_files=3)
+    assert prepare(root / "c", "--out", root / "s", "--shard-tokens", 300, "--workers", 2, "--val-fraction", 0.1) == 0
+    return root / "s", docs
+
+
+@pytest.fixture
+def shard_dir(prepared, tmp_path) -> tuple[Path, list[str]]:
+    """A private copy of the prepared shards (tests may corrupt them) beside the corpus."""
+    import shutil
+
+    out, docs = prepared
+    shutil.copytree(out, tmp_path / "s")
+    shutil.copytree(out.parent / "c", tmp_path / "c")
+    return tmp_path / "s", docs
+
+
+def test_prepare_writes_uint16_shards_with_manifest(shard_dir):
+    out, docs = shard_dir
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["dtype"] == "uint16" and m["vocab_size"] == 50281
+    assert all(e["tokens"] == 300 for e in m["splits"]["train"][:-1])
+    held = [d for d in docs if is_heldout(d, 0.1)]
+    assert m["documents"] == {"train": len(docs) - len(held), "val": len(held)}
+    eos = m["eos_id"]
+    train = np.concatenate([np.fromfile(out / e["file"], dtype=np.uint16) for e in m["splits"]["train"]])
+    assert Counter(split_docs([train.astype(np.int64)], eos)) == doc_tokens([d for d in docs if d not in held], eos)
+    assert m["tokens"]["train"] == len(train)
+
+
+def test_prepare_resumes_after_interruption(shard_dir, tmp_path):
+    out, _ = shard_dir
+    part = tmp_path / "part"
+    common = ["--shard-tokens", 300, "--workers", 2, "--val-fraction", 0.1, "--docs-per-batch", 7]
+    assert prepare(tmp_path / "c", "--out", part, "--max-shards", 2, *common) == 0
+    m = json.loads((part / "manifest.json").read_text())
+    assert not m["complete"] and len(m["splits"]["train"]) == 2
+    (part / "train-00001.bin").write_bytes(b"\0" * 600)  # corrupt one: it is rewritten, not trusted
+    assert prepare(tmp_path / "c", "--out", part, *common) == 0
+    done = json.loads((part / "manifest.json").read_text())
+    ref = json.loads((out / "manifest.json").read_text())
+    assert done["complete"] and done["documents"] == ref["documents"]
+    for split in ("train", "val"):
+        assert [e["sha256"] for e in done["splits"][split]] == [e["sha256"] for e in ref["splits"][split]]
+
+
+def test_shards_two_ranks_two_workers_cover_every_window_once(shard_dir):
+    out, _ = shard_dir
+    total = json.loads((out / "manifest.json").read_text())["tokens"]["train"]
+    n_windows = -(-total // 16)
+    real = []
+    for rank in range(2):
+        dm = make_dm("unused", shards=out, epochs=1, num_workers=2, batch_size=3)
+        dm.set_rank(rank, 2)
+        real.extend(tuple(w) for b in dm.train_dataloader() for w in b.numpy())
+    files = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(out.glob("train-*.bin"))]).astype(np.int64)
+    padded = np.concatenate([files, np.zeros(n_windows * 16 - total, np.int64)])  # EOS id 0 pads the tail
+    assert Counter(real) == Counter(map(tuple, padded.reshape(n_windows, 16)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shards_resume_is_exact(shard_dir, num_workers):
+    out, _ = shard_dir
+    kw = dict(shards=out, num_workers=num_workers, batch_size=3)
+    full = take(make_dm("unused", **kw).train_dataloader(), 30)  # > 1 pass
+    loader = make_dm("unused", **kw).train_dataloader()
+    take(loader, 11)
+    fresh = make_dm("unused", **kw).train_dataloader()
+    fresh.load_state_dict(loader.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(take(fresh, 19), full[11:]))
+
+
+def test_shards_validation_split(shard_dir):
+    out, _ = shard_dir
+    dm = make_dm("unused", shards=out, val_sequences=4)
+    val = dm.validation_windows()
+    assert val.shape[1] == 16 and 1 <= len(val) <= 4
+    first = np.fromfile(out / "val-00000.bin", dtype=np.uint16)[:16]
+    assert val[0].tolist() == first.tolist()
+
+
+def test_corrupted_shard_exits_2(shard_dir, capsys):
+    out, _ = shard_dir
+    data = bytearray((out / "train-00000.bin").read_bytes())
+    data[10] ^= 0xFF
+    (out / "train-00000.bin").write_bytes(bytes(data))
+    with pytest.raises(MerinoError, match="train-00000.bin: SHA-256 mismatch"):
+        make_dm("unused", shards=out).setup()
+    rc = prepare(out.parent / "c", "--out", out, "--shard-tokens", 999)
+    assert rc == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_prepare_bad_arguments_exit_2(tmp_path, capsys):
+    rc = prepare(tmp_path / "missing.jsonl", "--out", tmp_path / "o", "--workers", 0, "--val-fraction", 2)
+    err = capsys.readouterr().err
+    assert rc == 2 and "--workers 0" in err and "--val-fraction 2" in err
+
+
+class _Recorder:
+    """A LightningModule that trains one scalar and remembers every batch it saw."""
+
+    @staticmethod
+    def make():
+        import lightning as L
+
+        class Recorder(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(()))
+                self.seen: list[torch.Tensor] = []
+
+            def training_step(self, batch, _):
+                self.seen.append(batch.clone())
+                return (self.w - batch.float().mean()) ** 2
+
+            def validation_step(self, batch, _):
+                assert batch.shape[1] == 16
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        return Recorder()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_shards", [False, True])
+def test_lightning_checkpoint_resumes_the_data_stream(tmp_path, use_shards, prepared):
+    import lightning as L
+
+    write_corpus(tmp_path / "c", n_docs=60)
+    kw = dict(num_workers=2, batch_size=2, shards=prepared[0] if use_shards else None, val_fraction=0.1, val_sequences=4)
+
+    def fit(max_steps: int, ckpt: str | None = None):
+        module = _Recorder.make()
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, val_check_interval=4, limit_val_batches=2,
+            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1)],
+        )
+        trainer.fit(module, datamodule=make_dm(tmp_path / "c", **kw), ckpt_path=ckpt)
+        return module.seen
+
+    full = fit(9)
+    ckpt = next((tmp_path / "ck").glob("*step=5.ckpt"))
+    rest = fit(9, str(ckpt))
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, full[5:]))

@@ -6,7 +6,9 @@ Accepted by every stage that reads a model (eval, quantize, latency, export):
 * a Lightning checkpoint (``*.ckpt``) written by ``merino-pl fit``: it carries the recipe under
   ``checkpoint["merino"]["recipe"]`` and the ``MerinoForCausalLM`` weights under the prefix
   ``model.`` of ``state_dict``; loaded with ``torch.load(weights_only=True)``;
-* a recipe (YAML path or built-in name): a freshly initialised model (latency, smoke tests).
+* a recipe (YAML path or built-in name): a freshly initialised model (latency, smoke tests);
+* a GPTQ directory written by ``merino-pl quantize`` (``quantize_config.json`` present): the
+  model with its quantized linears as ``merino_pl.quantize.qlinear.QuantLinear`` (kind ``"gptq"``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ WEIGHTS_NAME = "model.safetensors"
 class LoadedModel:
     model: MerinoForCausalLM
     recipe: Recipe
-    kind: str  # "hf-dir" | "lightning-ckpt" | "recipe"
+    kind: str  # "hf-dir" | "lightning-ckpt" | "recipe" | "gptq"
     path: str
     weights_sha256: str | None  # of the file the weights came from; None for a fresh init
 
@@ -38,6 +40,8 @@ def load_model(path_or_recipe: str | Path, seed: int = 0) -> LoadedModel:
     """Load a model from an exported dir, a ``.ckpt`` or a recipe (see module docstring)."""
     path = Path(path_or_recipe)
     if path.is_dir():
+        if (path / "quantize_config.json").exists():
+            return _load_gptq_dir(path)
         return _load_hf_dir(path)
     if path.suffix == ".ckpt":
         if not path.exists():
@@ -66,6 +70,15 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         raise MerinoError(f"{path}: weights do not match the architecture in config.json: {_first_line(e)}") from None
     recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
     return LoadedModel(model.eval(), recipe, "hf-dir", str(path), sha256_file(weights))
+
+
+def _load_gptq_dir(path: Path) -> LoadedModel:
+    from merino_pl.quantize.format import WEIGHTS_NAME as QWEIGHTS, load_quantized  # only when needed
+
+    model, _ = load_quantized(path)
+    config = model.config
+    recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
+    return LoadedModel(model, recipe, "gptq", str(path), sha256_file(path / QWEIGHTS))
 
 
 def _load_lightning_ckpt(path: Path) -> LoadedModel:

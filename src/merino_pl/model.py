@@ -46,15 +46,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=cfg.bias)
         self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
         self.dropout = cfg.dropout
+        # (weight (3C, C), bias) of Q, K, V stacked, set by merino_pl.latency.fast for inference;
+        # q/k/v_proj's weights are then views into it, so nothing is stored twice
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, cache_idx: int
     ) -> torch.Tensor:
         B, T, C = x.shape
+        if self.fused_qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one GEMM instead of three: same weights, same result
+            q, k, v = F.linear(x, *self.fused_qkv).split(C, dim=-1)
         # (B, T, C) -> (B, nh, T, hs)
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, cache_idx)  # (B, nh, T_past + T, hs)
         y = F.scaled_dot_product_attention(

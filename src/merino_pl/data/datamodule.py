@@ -13,7 +13,8 @@ checkpoint and restores it before the first batch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from collections import deque
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout, stack
+from merino_pl.data.shards import ShardStream, TokenFiles
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
 from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
@@ -31,18 +33,49 @@ EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
 class RankStatefulDataLoader(StatefulDataLoader):
-    """A ``StatefulDataLoader`` whose state holds the positions of all ranks.
+    """A ``StatefulDataLoader`` whose state holds the positions of all ranks, as of the last
+    batch the training step actually used.
 
-    Lightning calls ``state_dict`` on every rank while saving (and writes rank 0's checkpoint),
-    so the per-rank states are gathered here; ``load_state_dict`` takes this rank's entry.
+    - Lightning calls ``state_dict`` on every rank while saving (and writes rank 0's
+      checkpoint), so the per-rank states are gathered here; ``load_state_dict`` takes this
+      rank's entry.
+    - Lightning fetches one batch ahead of the training step; a checkpoint taken after step k
+      would otherwise resume at k + 2. ``ConsumedBatches`` (added to the Trainer by the
+      DataModule) reports each used batch, and the state of that moment is returned.
     """
 
     def __init__(self, *args: Any, rank: int = 0, world_size: int = 1, resume: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank, self.world_size, self.resume = rank, world_size, resume
+        self.track_consumption = False
+        self._history: deque[dict] = deque(maxlen=16)  # states after each of the last yielded batches
+        self._yielded = self._consumed = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        inner = super().__iter__()
+        self._history.clear()
+        self._history.append(inner.state_dict())
+        self._yielded = self._consumed = 0
+        return self._tracked(inner)
+
+    def _tracked(self, inner: Iterator) -> Iterator[torch.Tensor]:
+        for batch in inner:
+            self._yielded += 1
+            self._history.append(self._iterator.state_dict())
+            yield batch
+
+    def mark_consumed(self) -> None:
+        self.track_consumption = True
+        self._consumed += 1
+
+    def _local_state(self) -> dict:
+        ahead = self._yielded - self._consumed
+        if self.track_consumption and 0 < ahead < len(self._history):
+            return self._history[-1 - ahead]
+        return super().state_dict()
 
     def state_dict(self) -> dict:
-        local = super().state_dict()
+        local = self._local_state()
         states = [local]
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * self.world_size
@@ -61,6 +94,17 @@ class RankStatefulDataLoader(StatefulDataLoader):
                 "exact resume needs the same world size (or --data.resume false to restart the data stream)"
             )
         super().load_state_dict(ranks[self.rank])
+
+
+class ConsumedBatches(L.Callback):
+    """Tells the DataModule's training loader which batches the training step has used."""
+
+    def __init__(self, datamodule: "PileDataModule") -> None:
+        self.datamodule = datamodule
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if (loader := self.datamodule._train_loader) is not None:
+            loader.mark_consumed()
 
 
 class PileDataModule(L.LightningDataModule):
@@ -85,6 +129,8 @@ class PileDataModule(L.LightningDataModule):
         epochs: passes over the data before the training loader ends; None = stream forever
             (train with ``max_steps``; with several devices keep None so ranks stay in step).
         resume: restore the data position from a checkpoint (False restarts the stream).
+        verify_shards: check every shard's SHA-256 against the manifest at setup (sizes are
+            always checked; turn off for very large shard sets already verified).
     """
 
     def __init__(
@@ -103,8 +149,12 @@ class PileDataModule(L.LightningDataModule):
         sample_by: Literal["line", "paragraph", "document"] = "paragraph",
         epochs: int | None = None,
         resume: bool = True,
+        verify_shards: bool = True,
     ) -> None:
         super().__init__()
+        # plain strings in the checkpoint: torch.load(weights_only=True) refuses pathlib objects
+        source, shards = str(source), None if shards is None else str(shards)
+        tokenizer = None if tokenizer is None else str(tokenizer)
         self.save_hyperparameters()
         self._check_arguments()
         self.tok = load_tokenizer(tokenizer)
@@ -112,6 +162,7 @@ class PileDataModule(L.LightningDataModule):
         self.eos_id: int = self._find_eos()
         self._rank_override: tuple[int, int] | None = None
         self._stream = None
+        self._files: TokenFiles | None = None
         self._val: torch.Tensor | None = None
         self._train_loader: RankStatefulDataLoader | None = None
 
@@ -158,7 +209,7 @@ class PileDataModule(L.LightningDataModule):
     def rank_world(self) -> tuple[int, int]:
         if self._rank_override is not None:
             return self._rank_override
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -167,22 +218,38 @@ class PileDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self._stream is not None:
+        if self._stream is not None or self._files is not None:
             return
         h = self.hparams
+        if h.shards:
+            self._files = TokenFiles(h.shards, "train", checksum=h.verify_shards)
+            self._check_shard_tokenizer(self._files.manifest)
+            log.info("data: %s train tokens from shards in %s", f"{self._files.total:,}", h.shards)
+            return
         source = resolve_source(h.source)
         stream = open_stream(source, sample_by=h.sample_by)
         check_text_field(stream, source, h.text_field)
         self._source, self._stream = source, stream
         log.info("data: streaming %s", source.describe())
 
+    def _check_shard_tokenizer(self, manifest: dict) -> None:
+        from merino_pl.data.prepare import tokenizer_sha256
+
+        if manifest["tokenizer_sha256"] != tokenizer_sha256(self.hparams.tokenizer):
+            raise MerinoError(
+                f"shards in {self.hparams.shards} were tokenized with {manifest['tokenizer']}, not with "
+                f"{self.hparams.tokenizer or 'the default tokenizer'}: pass --data.tokenizer {manifest['tokenizer']}"
+            )
+
     def tokenize(self) -> DocumentTokenizer:
         return DocumentTokenizer(self.hparams.tokenizer, self.eos_id)
 
-    def train_dataset(self) -> PackedStream:
+    def train_dataset(self) -> PackedStream | ShardStream:
         self.setup()
         h = self.hparams
         rank, world = self.rank_world()
+        if self._files is not None:
+            return ShardStream(self._files, h.seq_len, h.batch_size, h.seed, self.eos_id, rank, world, h.epochs)
         return PackedStream(
             self._stream, self._source.field(h.text_field), self.tokenize(), h.seq_len, h.batch_size, h.seed,
             rank=rank, world_size=world, shuffle_windows=h.shuffle_windows, val_fraction=h.val_fraction, epochs=h.epochs,
@@ -196,6 +263,9 @@ class PileDataModule(L.LightningDataModule):
             resume=self.hparams.resume, pin_memory=torch.cuda.is_available(), persistent_workers=False,
             prefetch_factor=4 if workers else None,
         )
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, ConsumedBatches) for c in trainer.callbacks):
+            trainer.callbacks.append(ConsumedBatches(self))
         return self._train_loader
 
     def val_dataloader(self) -> Any:
@@ -208,7 +278,7 @@ class PileDataModule(L.LightningDataModule):
     def validation_windows(self) -> torch.Tensor | None:
         """This rank's validation sequences ``(n, seq_len + 1)``, the same count on every rank."""
         h = self.hparams
-        if h.val_sequences == 0 or h.val_fraction == 0:
+        if h.val_sequences == 0 or (h.val_fraction == 0 and not h.shards):
             return None
         if self._val is None:
             self._val = self._heldout_windows()
@@ -226,6 +296,10 @@ class PileDataModule(L.LightningDataModule):
         self.setup()
         h = self.hparams
         size, need = h.seq_len + 1, h.val_sequences * (h.seq_len + 1)
+        if self._files is not None:  # prepare held the same documents out into the val split
+            val = TokenFiles(h.shards, "val", checksum=h.verify_shards)
+            tokens = val.read(0, min(need, val.total - val.total % size)) if val.total else np.empty(0, np.int32)
+            return torch.from_numpy(tokens.astype(np.int64).reshape(-1, size))
         field, tokenize = self._source.field(h.text_field), self.tokenize()
         parts, have = [], 0
         for docs in self._stream.iter(batch_size=256):

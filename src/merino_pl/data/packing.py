@@ -37,6 +37,15 @@ def worker_slot(rank: int, world_size: int) -> tuple[int, int]:
     return rank * nw + wid, world_size * nw
 
 
+def check_slot(state: dict, g: int, n: int) -> None:
+    """A saved position belongs to one reader: refuse it anywhere else (no silent overlap)."""
+    if tuple(state["slot"]) != (g, n):
+        raise MerinoError(
+            f"data state was saved by worker {state['slot'][0]} of {state['slot'][1]}, but this is worker {g} of {n}: "
+            "resume with the same number of devices and --data.num_workers"
+        )
+
+
 def is_heldout(text: str, fraction: float) -> bool:
     """Whether a document belongs to the validation hold-out: a hash of its text, so that the
     split is the same for every pass, rank, worker and for ``prepare`` (and duplicates agree)."""
@@ -183,11 +192,7 @@ class PackedStream(IterableDataset):
         g, n = worker_slot(self.rank, self.world_size)
         st = self._start or self._fresh_state()
         self._start = None
-        if tuple(st["slot"]) != (g, n):
-            raise MerinoError(
-                f"data state was saved by worker {st['slot'][0]} of {st['slot'][1]}, but this is worker {g} of {n}: "
-                "resume with the same number of devices and --data.num_workers"
-            )
+        check_slot(st, g, n)
         if st["done"]:
             return
         cursor: Cursor | None = Cursor(st["epoch"], st["source"], st["skip"])

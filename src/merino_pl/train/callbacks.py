@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.io import atomic_path
+
+def silence_known_warnings() -> None:
+    """Hide warnings about choices made on purpose here, and library noise we cannot fix."""
+    # training_step takes the data iterator on purpose (module.py); Lightning warns about it
+    warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # cli.main passes args
+    for noise in ("The `srun` command is available", "'set_vital' is deprecated", ".*LeafSpec"):
+        warnings.filterwarnings("ignore", message=noise)
+
 
 # Dense peak FLOP/s of devices Lightning's table (get_available_flops) does not know.
 # Jetson Nano: 128 Maxwell cores, 472 GFLOPS FP16 / 236 FP32 (NVIDIA Jetson Nano data sheet);
@@ -105,7 +115,7 @@ class SpeedMonitor(L.Callback):
         metrics = {"train/tokens_per_sec": tps, "train/tokens_per_sec_per_device": tps / trainer.world_size}
         if self._peak:
             metrics["train/mfu"] = tps * pl_module.flops_per_token / (self._peak * trainer.world_size)
-        pl_module.log_dict(metrics, rank_zero_only=True)
+        pl_module.log_dict(metrics, rank_zero_only=True, batch_size=1)
         if self.print_metrics:
             self._print_line(trainer, metrics)
         self._restart(pl_module)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,11 +33,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
-from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor
+from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor, silence_known_warnings
 from merino_pl.train.module import MerinoLightningModule, validate_hparams
 
 
@@ -86,8 +87,11 @@ class MerinoCLI(LightningCLI):
         )
         parser.add_lightning_class_args(SpeedMonitor, "speed")
 
+    def _fit_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        problems = check_config(self.config[self.subcommand])
+        problems = check_config(self._fit_config())
         if problems:
             raise MerinoError("bad fit config: " + "; ".join(problems))
 
@@ -100,8 +104,8 @@ class MerinoCLI(LightningCLI):
         if trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on Ampere+
         elif "bf16" in str(trainer.precision):
-            rank_zero_info("warning: bf16 on this CPU is emulated (~11x slower than fp32); use --trainer.precision 32-true")
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            _say("warning: bf16 on this CPU is emulated (~11x slower than fp32); use --trainer.precision 32-true")
+        ckpt_path = self._fit_config().get("ckpt_path")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 setup_wandb(logger, resume_from=resolve_ckpt_path(ckpt_path, trainer))
@@ -157,7 +161,7 @@ def setup_wandb(logger: WandbLogger, resume_from: Path | None) -> None:
         if logger._offline or not wandb_api_key_available():
             os.environ["WANDB_MODE"] = "offline"
             where = Path(logger.save_dir or ".") / "wandb"
-            rank_zero_info(
+            _say(
                 "W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline; upload later with\n"
                 f"  wandb sync {where}/offline-run-*"
             )
@@ -165,14 +169,19 @@ def setup_wandb(logger: WandbLogger, resume_from: Path | None) -> None:
             os.environ["WANDB_MODE"] = "online"
     run_id = checkpoint_wandb_id(resume_from) if resume_from else None
     if run_id is None and logger._id is None:
-        import wandb
-
-        run_id = wandb.util.generate_id()  # known before the first checkpoint stores it
+        # W&B's id alphabet; chosen here so it is known before the first checkpoint stores it
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     if run_id is not None:
         # WandbLogger reads the run id from these two fields when it first creates the run
         # (resume="allow" is its default), so setting them before fit continues that run.
         logger._wandb_init["id"] = logger._id = run_id
-    rank_zero_info(f"W&B run id {logger._id} ({os.environ['WANDB_MODE']}; stored in checkpoints: a resume continues it)")
+    _say(f"W&B run id {logger._id} ({os.environ['WANDB_MODE']}; stored in checkpoints: a resume continues it)")
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """One notice on stderr from rank 0 (not through logging: it must show in every setup)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def wandb_api_key_available() -> bool:
@@ -189,7 +198,7 @@ def checkpoint_wandb_id(path: Path) -> str | None:
     try:  # mmap: reads the small "merino" entry without loading the weights into memory
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file: Lightning reports it when restoring
-        rank_zero_info(f"warning: cannot read the W&B run id from {path}: {type(e).__name__}")
+        _say(f"warning: cannot read the W&B run id from {path}: {type(e).__name__}")
         return None
     meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
     return (meta or {}).get("wandb_run_id")
@@ -225,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # sys.argv stays as it is: Lightning's DDP launcher re-runs it in the other processes
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    silence_known_warnings()
     try:
         build_cli(argv)
     except ArgumentError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -118,7 +118,12 @@ class MerinoLightningModule(L.LightningModule):
         """Mean next-token loss of a (B, T+1) batch of token ids."""
         return self._loss_fn(batch[:, :-1], batch[:, 1:])
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, dataloader_iter: Iterator[Any]) -> torch.Tensor:
+        # Taking the iterator (instead of a batch) turns off Lightning's one-batch prefetch:
+        # with it, the data position saved in a checkpoint is one batch ahead of the step that
+        # saved it, and a resume would silently skip a batch. (Loader workers still prefetch.)
+        batch, _, _ = next(dataloader_iter)
+        batch = batch.to(self.device, non_blocking=True)
         loss = self(batch)
         # flag a NaN/inf without a host sync; checked once per optimizer step
         self._nonfinite = self._nonfinite.to(loss.device) | ~torch.isfinite(loss.detach())
@@ -126,9 +131,10 @@ class MerinoLightningModule(L.LightningModule):
         if batch.shape[1] - 1 != self.seq_len:
             self.seq_len = batch.shape[1] - 1
             self.flops_per_token = 3 * self._forward_flops_per_token(self.seq_len)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
-        self.log("train/tokens_seen", float(self.tokens_seen))
+        n = batch.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)), batch_size=n)
+        self.log("train/tokens_seen", float(self.tokens_seen), batch_size=n)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -137,7 +143,7 @@ class MerinoLightningModule(L.LightningModule):
                 f"non-finite loss at step {self.global_step}: training stopped before the update; "
                 "the last checkpoint is kept (lower model.lr or check the data, then resume with --ckpt_path last)"
             )
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = self(batch)

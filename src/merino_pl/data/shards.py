@@ -1,0 +1,171 @@
+"""Pre-tokenized token shards: the on-disk format ``merino-pl prepare`` writes, and their reader.
+
+A shard directory holds ``manifest.json`` and raw little-endian token files
+``{split}-{index:05d}.bin`` (``uint16`` when the vocabulary fits, else ``uint32``), each exactly
+``shard_tokens`` long except the last of a split. Documents are concatenated with EOS after each,
+so the files of a split read back-to-back are one token stream. ``np.memmap`` gives random access
+at page-cache speed, which is what lets ``ShardStream`` shuffle globally.
+
+``ShardStream`` cuts the stream into ``seq_len + 1`` windows (the last one EOS-padded) and visits
+them in a seeded two-level order (a permutation of blocks of windows, then of the windows inside
+each block: O(blocks) memory, not O(windows)); global worker g of G takes positions g, g + G, ...
+of the endless sequence pass 0, pass 1, ... Its state is one number per worker.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from merino_pl.data.packing import check_slot, rng_for, worker_slot
+from merino_pl.errors import MerinoError
+from merino_pl.io import sha256_file
+
+MANIFEST = "manifest.json"
+SHARDS_FORMAT = "merino-shards/1"
+STATE_FORMAT = "merino-shard-stream/1"
+BLOCK_WINDOWS = 4096
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.bin"
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise MerinoError(f"{directory}: not a shard directory (no {MANIFEST}); write one with `merino-pl prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MerinoError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != SHARDS_FORMAT:
+        raise MerinoError(f"{path}: format {manifest.get('format')!r}, expected {SHARDS_FORMAT!r}")
+    return manifest
+
+
+def verify_shard(directory: Path, entry: dict, dtype: np.dtype, checksum: bool = True) -> None:
+    """Size always; SHA-256 when ``checksum``. A mismatch is a ``MerinoError`` naming the file."""
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise MerinoError(f"shard {path} is missing (listed in {MANIFEST}); re-run `merino-pl prepare` to rewrite it")
+    size = path.stat().st_size
+    if size != entry["tokens"] * dtype.itemsize:
+        raise MerinoError(f"shard {path} is {size} bytes, expected {entry['tokens'] * dtype.itemsize}: truncated or corrupted")
+    if checksum and sha256_file(path) != entry["sha256"]:
+        raise MerinoError(f"shard {path}: SHA-256 mismatch with {MANIFEST} (corrupted); delete it and re-run `merino-pl prepare`")
+
+
+class TokenFiles:
+    """The token files of one split as one random-access array (opened lazily per process)."""
+
+    def __init__(self, directory: str | Path, split: str, checksum: bool = True) -> None:
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        if not manifest.get("complete"):
+            raise MerinoError(f"{self.directory}: `merino-pl prepare` did not finish; re-run it to complete the shards")
+        self.manifest, self.split = manifest, split
+        self.dtype = np.dtype(manifest["dtype"])
+        self.entries = manifest["splits"].get(split, [])
+        for entry in self.entries:
+            verify_shard(self.directory, entry, self.dtype, checksum)
+        self.starts = np.cumsum([0] + [e["tokens"] for e in self.entries])
+        self.total = int(self.starts[-1])
+        self._maps: list[np.memmap] | None = None
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getstate__(self) -> dict:  # memmaps are reopened in each worker, not pickled
+        return {**self.__dict__, "_maps": None}
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens ``[start, start + n)`` of the split, across file boundaries."""
+        if self._maps is None:
+            self._maps = [np.memmap(self.directory / e["file"], dtype=self.dtype, mode="r") for e in self.entries]
+        out, end = [], min(start + n, self.total)
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            local = start - self.starts[i]
+            take = min(end - start, self.entries[i]["tokens"] - local)
+            out.append(self._maps[i][local : local + take])
+            start, i = start + take, i + 1
+        return np.concatenate(out) if len(out) != 1 else np.asarray(out[0])
+
+
+class ShardStream(IterableDataset):
+    """Batches ``(B, seq_len + 1)`` from shards in a seeded global order (see module docstring)."""
+
+    def __init__(
+        self, files: TokenFiles, seq_len: int, batch_size: int, seed: int, eos_id: int,
+        rank: int = 0, world_size: int = 1, epochs: int | None = None, block_windows: int = BLOCK_WINDOWS,
+    ) -> None:
+        self.files, self.seq_len, self.batch_size, self.seed, self.eos_id = files, seq_len, batch_size, seed, eos_id
+        self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.windows = -(-files.total // (seq_len + 1))  # the last one is EOS-padded
+        self.block = max(1, min(block_windows, self.windows))
+        if self.windows == 0:
+            raise MerinoError(f"{files.directory}: split {files.split!r} holds no tokens")
+        self._taken = 0  # windows this worker has yielded (its whole state)
+
+    def state_dict(self) -> dict:
+        g, n = worker_slot(self.rank, self.world_size)
+        return {"format": STATE_FORMAT, "slot": [g, n], "taken": self._taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        g, n = worker_slot(self.rank, self.world_size)
+        if state.get("format") != STATE_FORMAT:
+            raise MerinoError(f"data state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        check_slot(state, g, n)
+        self._taken = int(state["taken"])
+
+    @lru_cache(maxsize=2)
+    def _pass_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block order of a pass and where each block starts in that pass's sequence."""
+        n_blocks = -(-self.windows // self.block)
+        order = rng_for(self.seed, epoch).permutation(n_blocks)
+        sizes = np.minimum(self.block, self.windows - order * self.block)
+        return order, np.concatenate([[0], np.cumsum(sizes)])
+
+    @lru_cache(maxsize=4)
+    def _block_order(self, epoch: int, block: int) -> np.ndarray:
+        size = min(self.block, self.windows - block * self.block)
+        return rng_for(self.seed, epoch, block).permutation(size)
+
+    def window_index(self, position: int) -> int:
+        """The window at ``position`` of the endless sequence pass 0, pass 1, ..."""
+        epoch, i = divmod(position, self.windows)
+        order, starts = self._pass_layout(epoch)
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        block = int(order[k])
+        return block * self.block + int(self._block_order(epoch, block)[i - starts[k]])
+
+    def window(self, index: int) -> np.ndarray:
+        size = self.seq_len + 1
+        tokens = self.files.read(index * size, size).astype(np.int64)
+        if len(tokens) < size:
+            tokens = np.concatenate([tokens, np.full(size - len(tokens), self.eos_id, dtype=np.int64)])
+        return tokens
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        g, n = worker_slot(self.rank, self.world_size)
+        end = None if self.epochs is None else self.epochs * self.windows
+        while True:
+            positions = [g + (self._taken + k) * n for k in range(self.batch_size)]
+            if end is not None:
+                positions = [p for p in positions if p < end]
+            if not positions:
+                return
+            batch = np.stack([self.window(self.window_index(p)) for p in positions])
+            self._taken += len(positions)
+            yield torch.from_numpy(batch)

@@ -1,0 +1,82 @@
+"""``merino-pl latency``: reports, device latency tables and the Figure-1 chart.
+
+    merino-pl latency CKPT_OR_RECIPE --device cpu --precision fp32,fp16 --peers opt-350m --out DIR
+    merino-pl latency profile --device cpu [--space search/space.yaml] --out table.json
+    merino-pl latency plot --latency REPORT.json ... [--eval REPORT.json ...] --out chart.png
+
+The first form owns the positional argument, so the two sub-commands are recognised by the
+first word before argparse sees the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from merino_pl.cli import ArgumentParser
+from merino_pl.errors import MerinoError
+from merino_pl.io import atomic_write_text, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from merino_pl.latency.report import PRECISIONS
+
+    p.add_argument("source", metavar="CKPT_OR_RECIPE", help="a .ckpt, an exported / GPTQ directory, a recipe YAML or a built-in recipe name")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--precision", default="fp32", help=f"comma-separated, of {','.join(PRECISIONS)} (default: fp32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (paper: 1)")
+    p.add_argument("--seq", type=int, default=128, help="prompt length (paper: 128)")
+    p.add_argument("--runs", type=int, default=16, help="timed runs; the paper reports their mean (default: 16)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed runs first (default: 4)")
+    p.add_argument("--decode-tokens", type=int, default=8, help="one-token decode steps per timed decode run (default: 8)")
+    p.add_argument("--peers", default="", help="comma-separated peers timed in the same run: pythia-70m,pythia-160m,opt-125m,opt-350m,gpt2,cerebras-111m")
+    p.add_argument("--onnx", action="store_true", help="also export to ONNX and time the onnxruntime path")
+    p.add_argument("--no-fast", action="store_true", help="skip the fast-path rows")
+    p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) intra-op threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (and of a recipe's fresh weights)")
+    p.add_argument("--out", required=True, help="output directory: latency.json, latency.md (and model-*.onnx)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, then write ``latency.json`` and ``latency.md`` into ``--out``."""
+    import torch
+
+    from merino_pl.latency.report import Options, build_report, render_markdown
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MerinoError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    opts = Options(
+        device=args.device, precisions=tuple(x.strip().lower() for x in args.precision.split(",") if x.strip()),
+        batch=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup, decode_tokens=args.decode_tokens,
+        peers=tuple(x.strip().lower() for x in args.peers.split(",") if x.strip()),
+        onnx=args.onnx, fast=not args.no_fast, seed=args.seed,
+    )
+    out = Path(args.out)
+    report = build_report(args.source, opts, out)
+    write_json(out / "latency.json", report)
+    markdown = render_markdown(report)
+    atomic_write_text(out / "latency.md", markdown)
+    print(markdown)
+    print(f"wrote {out / 'latency.json'} and {out / 'latency.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("profile", "plot"):
+        import importlib
+
+        module = importlib.import_module(f"merino_pl.latency.{argv[0]}")
+        parser = ArgumentParser(prog=f"merino-pl latency {argv[0]}", description=module.__doc__.splitlines()[0])
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(argv[1:])) or 0)
+    parser = ArgumentParser(
+        prog="merino-pl latency", description="latency report on this device (sub-commands: profile, plot)",
+        epilog="sub-commands: `merino-pl latency profile --help`, `merino-pl latency plot --help`",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

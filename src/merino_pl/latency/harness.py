@@ -1,0 +1,226 @@
+"""The timing protocol, shared by our models, the peers and the onnxruntime path.
+
+Protocol (paper: "batch size 1, sequence length 128, averaged over 16 measurements"):
+``warmup`` untimed calls, then ``runs`` timed calls; each call is timed on its own with
+``time.perf_counter`` (after ``torch.cuda.synchronize`` on CUDA, so queued kernels count). The
+paper's number is the mean; the median and p90 say how noisy the device was.
+
+* prefill: one forward over ``batch × seq`` tokens that also fills the KV cache;
+* decode: ``decode_tokens`` single-token steps on top of a ``seq``-token KV cache, reported per
+  token; the cache is cropped back to ``seq`` after every run so each run sees the same cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import math
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+PROTOCOL = "warm-up, then each run timed alone with time.perf_counter (CUDA synchronised); mean of runs (paper), median, p90"
+
+
+@dataclass
+class Stats:
+    """Milliseconds over the timed runs."""
+
+    mean: float
+    median: float
+    p90: float
+    min: float
+    max: float
+    std: float
+    runs: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_samples(cls, ms: list[float]) -> "Stats":
+        s = sorted(ms)
+        # p90 by linear interpolation between order statistics (numpy's default method)
+        pos = 0.9 * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        p90 = s[lo] + (s[hi] - s[lo]) * (pos - lo)
+        std = statistics.stdev(s) if len(s) > 1 else 0.0
+        return cls(statistics.fmean(s), statistics.median(s), p90, s[0], s[-1], std, [round(x, 4) for x in ms])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None]) -> list[float]:
+    """``warmup`` untimed calls, then the wall time of each of ``runs`` calls in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+# ---- peak memory ------------------------------------------------------------------------------
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS, so a previous model's activations that glibc kept
+    resident do not hide this measurement's peak."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@dataclass
+class PeakMemory:
+    bytes: int | None = None
+    method: str = ""
+
+
+@contextlib.contextmanager
+def peak_memory(device: str) -> Iterator[PeakMemory]:
+    """Peak memory of the code inside the ``with``; ``method`` says exactly what was measured."""
+    result = PeakMemory()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        yield result
+        torch.cuda.synchronize()
+        result.bytes = torch.cuda.max_memory_allocated()
+        result.method = "torch.cuda.max_memory_allocated: weights + KV cache + activations"
+        return
+    _trim_heap()
+    exact = _reset_rss_peak() and _proc_status_kb("VmHWM") is not None
+    before_kb = _proc_status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield result
+    after_kb = _proc_status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result.bytes = max(0, (after_kb or 0) - (before_kb or 0)) * 1024
+    result.method = (
+        "peak RSS delta (VmHWM reset through /proc/self/clear_refs): KV cache + activations, weights excluded"
+        if exact
+        else "ru_maxrss delta (lower bound: the process peak only grows): KV cache + activations, weights excluded"
+    )
+
+
+# ---- runners ----------------------------------------------------------------------------------
+class Runner(Protocol):
+    """What the harness times: a prefill, and decode runs on top of a ``seq``-token cache."""
+
+    def prefill(self) -> Any: ...
+
+    def start_decode(self) -> None: ...
+
+    def decode_run(self) -> Any: ...
+
+    def end_decode(self) -> None: ...
+
+
+class TorchRunner:
+    """Any transformers causal LM (ours or a peer) on random token ids, under inference_mode.
+
+    ``last_logits_only`` is the generation-time prefill: only the last position's logits (what
+    ``generate`` needs) instead of ``seq × vocab`` of them.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, batch: int, seq: int, device: str, decode_tokens: int,
+        last_logits_only: bool = False, vocab_size: int | None = None, seed: int = 0,
+    ) -> None:
+        self.model, self.seq, self.decode_tokens = model, seq, decode_tokens
+        self.keep = 1 if last_logits_only else 0
+        vocab = vocab_size or model.config.vocab_size
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        self.next_ids = torch.randint(0, vocab, (batch, decode_tokens), generator=g).to(device)
+        self.cache: Any = None
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        return self.model(self.ids, use_cache=True, logits_to_keep=self.keep).logits
+
+    @torch.inference_mode()
+    def start_decode(self) -> None:
+        self.cache = self.model(self.ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    @torch.inference_mode()
+    def decode_run(self) -> torch.Tensor:
+        logits = None
+        for i in range(self.decode_tokens):
+            out = self.model(self.next_ids[:, i : i + 1], past_key_values=self.cache, use_cache=True)
+            logits = out.logits
+        self.cache.crop(-self.decode_tokens)  # back to seq tokens: every run decodes on the same cache
+        return logits
+
+    def end_decode(self) -> None:
+        self.cache = None
+
+
+@dataclass
+class Measurement:
+    prefill: Stats
+    decode: Stats  # per token
+    peak_memory: PeakMemory
+
+
+def measure(runner: Runner, device: str, runs: int, warmup: int, decode_tokens: int) -> Measurement:
+    """Prefill and per-token decode latency of one runner, and the peak memory over both."""
+    sync = synchronizer(device)
+    with peak_memory(device) as mem:
+        prefill = time_calls(runner.prefill, runs, warmup, sync)
+        runner.start_decode()
+        decode = time_calls(runner.decode_run, runs, warmup, sync)
+        runner.end_decode()
+    return Measurement(Stats.from_samples(prefill), Stats.from_samples([t / decode_tokens for t in decode]), mem)
+
+
+# ---- sizes ------------------------------------------------------------------------------------
+def weight_bytes_in_memory(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind parameters and buffers: a tied or shared weight is
+    counted once, and a copy made by an inference transform would show up here."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def serialized_bytes(model: torch.nn.Module, tmp_dir: Path) -> int:
+    """Size of the weights written as safetensors (shared tensors once), measured by writing them."""
+    from safetensors.torch import save_model
+
+    path = Path(tmp_dir) / "weights.safetensors"
+    save_model(model, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    return size

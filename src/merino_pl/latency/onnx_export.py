@@ -1,0 +1,166 @@
+"""ONNX export with KV-cache inputs/outputs, for onnxruntime and TensorRT on a Jetson.
+
+Graph signature (one graph serves prefill and decode; every dimension named is dynamic):
+
+    inputs   input_ids      int64 (batch, seq)
+             position_ids   int64 (batch, seq)      absolute positions of these tokens
+             past_key_i     float (batch, heads_i, past, 64)   i = 0 .. Σ L_j - 1
+             past_value_i   float (batch, heads_i, past, 64)
+    outputs  logits         float (batch, seq, vocab)
+             present_key_i / present_value_i  (batch, heads_i, past + seq, 64)
+
+Prefill passes ``past = 0`` tensors; each decode step feeds the presents back as pasts. There is
+one KV entry per layer *application* (a block applied L_j times keeps L_j entries), and
+``heads_i`` follows that application's block width.
+
+``transformers``' ``DynamicCache`` is not a tensor, so the exporter gets a thin wrapper that
+takes and returns flat tensors; the model inside is the very ``MerinoForCausalLM`` PyTorch runs.
+The causal mask is built from ``position_ids`` (key j is visible to a query at position p iff
+j ≤ p), which is exact for prefill, decode and chunked prefill alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from merino_pl.errors import MerinoError
+from merino_pl.io import atomic_path
+
+OPSET = 18
+
+
+class _FlatCache:
+    """Duck-types the one method the decoder calls on a cache: ``update(k, v, idx)``."""
+
+    def __init__(self, past: list[torch.Tensor]) -> None:
+        self.past = past  # [k0, v0, k1, v1, ...]
+        self.present: list[torch.Tensor] = []
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.cat([self.past[2 * idx], k], dim=2)  # (B, nh, past + T, hs)
+        v = torch.cat([self.past[2 * idx + 1], v], dim=2)
+        self.present += [k, v]
+        return k, v
+
+
+class OnnxDecoder(nn.Module):
+    """``(input_ids, position_ids, *past) -> (logits, *present)`` over a MerinoForCausalLM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        S = past[0].shape[2] + input_ids.shape[1]
+        keys = torch.arange(S, device=input_ids.device)
+        mask = keys[None, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, T, S)
+        cache = _FlatCache(list(past))
+        hidden = self.model.model(input_ids, position_ids, mask, cache)
+        return (self.model.model.logits(hidden), *cache.present)
+
+
+def cache_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(heads, head_dim) of each layer application, in cache order."""
+    arch = model.arch
+    return [(b.embed_dim // arch.head_dim, arch.head_dim) for b in arch.blocks for _ in range(b.num_layers)]
+
+
+def io_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    n = len(cache_shapes(model))
+    past = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+    present = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", *past], ["logits", *present]
+
+
+def example_inputs(model: nn.Module, batch: int, seq: int, past: int) -> tuple[torch.Tensor, ...]:
+    """Random ids, positions after ``past`` cached tokens, and a random cache of that length."""
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, model.arch.vocab_size, (batch, seq))
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [torch.randn(batch, h, past, d, dtype=dtype) for h, d in cache_shapes(model) for _ in range(2)]
+    return (ids, pos, *cache)
+
+
+def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
+    """Write ``model`` (a MerinoForCausalLM) as ONNX with KV-cache inputs; atomic, one file."""
+    if not hasattr(model, "arch"):
+        raise MerinoError(f"ONNX export supports MeRino models only, got {type(model).__name__}")
+    path = Path(path)
+    model = model.eval()
+    wrapper = OnnxDecoder(model)
+    in_names, out_names = io_names(model)
+    # dim sizes of 0 / 1 would be specialised by the exporter: trace with 2 / 3 / 4
+    args = example_inputs(model, batch=2, seq=3, past=4)
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    # structure follows forward(input_ids, position_ids, *past): the varargs are one tuple
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in in_names[2:]))
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" x4: noise for an LM
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            _export(wrapper, args, dyn, in_names, out_names, opset, tmp)
+    finally:
+        onnx_log.setLevel(level)
+    return path
+
+
+def _export(wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], out_names: list[str], opset: int, tmp: Path) -> None:
+    try:
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
+            dynamic_shapes=dyn, opset_version=opset, external_data=False, verbose=False,
+        )
+    except Exception as e:  # the exporter's own report is long; keep its first line
+        raise MerinoError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    program.save(str(tmp), external_data=False)
+
+
+class OnnxRunner:
+    """The harness's runner over an onnxruntime session of an exported graph (see module doc)."""
+
+    def __init__(self, path: str | Path, model: nn.Module, batch: int, seq: int, decode_tokens: int, device: str = "cpu", seed: int = 0) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch's rows
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.in_names, self.out_names = io_names(model)
+        self.seq, self.decode_tokens = seq, decode_tokens
+        g = torch.Generator().manual_seed(seed)
+        vocab = model.arch.vocab_size
+        self.ids = torch.randint(0, vocab, (batch, seq), generator=g).numpy()
+        self.next_ids = torch.randint(0, vocab, (batch, decode_tokens), generator=g).numpy()
+        dtype = np.float16 if next(model.parameters()).dtype == torch.float16 else np.float32
+        self.empty = [np.zeros((batch, h, 0, d), dtype=dtype) for h, d in cache_shapes(model) for _ in range(2)]
+        self.positions = np.arange(seq + decode_tokens, dtype=np.int64)[None].repeat(batch, 0)
+        self.past: list[Any] = []
+
+    def _run(self, ids: Any, start: int, past: list[Any]) -> list[Any]:
+        feed = {"input_ids": ids, "position_ids": self.positions[:, start : start + ids.shape[1]]}
+        feed.update(zip(self.in_names[2:], past))
+        return self.session.run(None, feed)
+
+    def prefill(self) -> Any:
+        return self._run(self.ids, 0, self.empty)[0]
+
+    def start_decode(self) -> None:
+        self.past = self._run(self.ids, 0, self.empty)[1:]
+
+    def decode_run(self) -> Any:
+        past, logits = self.past, None  # each run starts again from the same seq-token cache
+        for i in range(self.decode_tokens):
+            logits, *past = self._run(self.next_ids[:, i : i + 1], self.seq + i, past)
+        return logits
+
+    def end_decode(self) -> None:
+        self.past = []

@@ -1,0 +1,87 @@
+"""Peer models of the paper's Tables 2 and 3, built from their published configs.
+
+No download: each peer is its transformers class instantiated from the hyper-parameters of its
+published ``config.json`` (written out below), with random weights. Latency does not depend on
+the weight values, so a peer timed here is the peer the paper timed, at the same shapes.
+``PAPER`` holds the paper's own figures (Jetson Nano latency, FLOPs, average zero-shot accuracy)
+for the Figure-1 style chart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+# name -> (transformers config class, hyper-parameters of the published config.json)
+PEER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pythia-70m": ("GPTNeoXConfig", dict(  # EleutherAI/pythia-70m
+        vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+        intermediate_size=2048, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
+        max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)),
+    "pythia-160m": ("GPTNeoXConfig", dict(  # EleutherAI/pythia-160m (the paper's "Pythia-162M")
+        vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
+        max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)),
+    "opt-125m": ("OPTConfig", dict(  # facebook/opt-125m
+        vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        ffn_dim=3072, word_embed_proj_dim=768, max_position_embeddings=2048,
+        do_layer_norm_before=True, activation_function="relu")),
+    "opt-350m": ("OPTConfig", dict(  # facebook/opt-350m: post-LN, 512-wide embeddings projected
+        vocab_size=50272, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        ffn_dim=4096, word_embed_proj_dim=512, max_position_embeddings=2048,
+        do_layer_norm_before=False, activation_function="relu")),
+    "gpt2": ("GPT2Config", dict(  # openai-community/gpt2 (124 M)
+        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+        activation_function="gelu_new")),
+    "cerebras-111m": ("GPT2Config", dict(  # cerebras/Cerebras-GPT-111M
+        vocab_size=50257, n_embd=768, n_layer=10, n_head=12, n_inner=3072, n_positions=2048,
+        activation_function="gelu")),
+}
+
+
+@dataclass(frozen=True)
+class PaperPoint:
+    """One model in the paper: params (M), FLOPs (G, Table 3), Jetson Nano latency (ms, Table 3),
+    average zero-shot accuracy (Table 2)."""
+
+    params_m: float
+    flops_g: float
+    jetson_ms: float
+    avg_acc: float
+
+
+PAPER: dict[str, PaperPoint] = {
+    "pythia-70m": PaperPoint(70, 100, 95, 0.383),
+    "pythia-160m": PaperPoint(162, 270, 243, 0.409),
+    "cerebras-111m": PaperPoint(111, 260, 185, 0.402),
+    "gpt2": PaperPoint(124, 290, 213, 0.400),
+    "opt-125m": PaperPoint(125, 210, 182, 0.373),
+    "opt-350m": PaperPoint(331, 720, 559, 0.408),
+    "merino-52m": PaperPoint(52, 60, 48, 0.383),
+    "merino-61m": PaperPoint(61, 110, 77, 0.392),
+    "merino-64m": PaperPoint(64, 160, 114, 0.408),
+}
+
+# the paper's headline pairs (Table 3): our model, its peer, the paper's Jetson Nano speed-up
+HEADLINE_PAIRS = [("merino-64m", "opt-350m"), ("merino-52m", "pythia-70m")]
+
+
+def peer_config(name: str, **overrides: Any) -> Any:
+    """The transformers config of a peer (``overrides`` shrink it for tests)."""
+    import transformers
+
+    cls_name, params = PEER_CONFIGS[name]
+    return getattr(transformers, cls_name)(**{**params, **overrides})
+
+
+def build_peer(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The peer's transformers model with random weights (SDPA attention, eval mode)."""
+    import transformers
+
+    config = peer_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()

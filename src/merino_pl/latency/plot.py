@@ -1,0 +1,142 @@
+"""Accuracy vs latency bubble chart in the style of the paper's Figure 1 (``merino-pl latency plot``).
+
+x = prefill latency (mean, ms), y = average zero-shot accuracy, bubble diameter ∝ FLOPs (the
+paper's convention). Latency comes from latency reports (every model and peer row at the chosen
+precision, plain path); accuracy from eval reports, matched by model name, or else from the
+paper's Table 2 for the models it lists. ``--paper`` adds the paper's own Jetson Nano points as a
+second panel: latencies from different devices are never drawn on one axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from merino_pl.errors import MerinoError
+from merino_pl.io import atomic_path, write_json
+from merino_pl.latency.peers import PAPER
+
+# where an eval report may keep its average accuracy (first found wins)
+EVAL_ACCURACY_KEYS = ("average_accuracy", "avg_accuracy", "average_acc", "avg_acc", "average")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latency", nargs="*", default=[], metavar="REPORT.json", help="latency reports (`merino-pl latency ... --out DIR` wrote DIR/latency.json)")
+    p.add_argument("--eval", nargs="*", default=[], metavar="REPORT.json", help="eval reports: their average accuracy, matched by model name")
+    p.add_argument("--paper", action="store_true", help="add a panel with the paper's published Jetson Nano points (Tables 2, 3)")
+    p.add_argument("--precision", default="fp32", help="which rows of the latency reports (default: fp32)")
+    p.add_argument("--out", required=True, help="PNG to write (the points go beside it as .json)")
+
+
+def _read_json(path: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MerinoError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MerinoError(f"{path}: cannot read {what}: {e}") from None
+    if not isinstance(data, dict):
+        raise MerinoError(f"{path}: not a {what} (expected a JSON object)")
+    return data
+
+
+def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float]:
+    """(model name, average accuracy) of an eval report.
+
+    A ``merino-pl eval`` report (format ``merino-eval/1``) keeps one score per task under
+    ``tasks``; the average is over the tasks that ran (``status: ok``), which is the paper's
+    Avg. when the report covers its twelve tasks. Other JSON may give the average directly.
+    """
+    model = report.get("model")
+    name = model.get("name") if isinstance(model, dict) else model
+    acc = next((report[k] for k in EVAL_ACCURACY_KEYS if isinstance(report.get(k), (int, float))), None)
+    if acc is None and isinstance(report.get("tasks"), dict):
+        scores = [t["value"] for t in report["tasks"].values()
+                  if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))]
+        acc = sum(scores) / len(scores) if scores else None
+    if not isinstance(name, str) or acc is None:
+        raise MerinoError(f"{source}: no average accuracy in this eval report (need model.name and task scores "
+                          f"under 'tasks', or one of {', '.join(EVAL_ACCURACY_KEYS)})")
+    return name, float(acc)
+
+
+def measured_points(latency: list[str], evals: list[str], precision: str) -> tuple[list[dict[str, Any]], str | None, list[str]]:
+    """Points of this device, its description, and the rows left out (no accuracy known)."""
+    acc = dict(eval_accuracy(_read_json(p, "eval report"), p) for p in evals)
+    points, device, missing = [], None, []
+    for path in latency:
+        report = _read_json(path, "latency report")
+        if report.get("format") != "merino-latency-report/1":
+            raise MerinoError(f"{path}: not a latency report (format {report.get('format')!r})")
+        device = device or report["device"]["summary"]
+        for row in report["rows"]:
+            if row["precision"] != precision or row["path"] != "plain":
+                continue
+            name = row["model"]
+            accuracy, source = (acc[name], "eval report") if name in acc else (
+                (PAPER[name].avg_acc, "paper Table 2") if name in PAPER else (None, None))
+            if accuracy is None:
+                missing.append(name)
+                continue
+            points.append({"model": name, "latency_ms": row["prefill_ms"]["mean"], "accuracy": accuracy,
+                           "flops_g": row.get("flops_g"), "accuracy_from": source})
+    return points, device, missing
+
+
+def paper_points() -> list[dict[str, Any]]:
+    return [{"model": n, "latency_ms": p.jetson_ms, "accuracy": p.avg_acc, "flops_g": p.flops_g, "accuracy_from": "paper Table 2"}
+            for n, p in PAPER.items()]
+
+
+def _family(name: str) -> str:
+    return name.split("-")[0]
+
+
+def draw(panels: list[tuple[str, list[dict[str, Any]]]], out: Path) -> None:
+    """One bubble panel per (title, points); diameter ∝ FLOPs as in the paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"merino": "tab:red", "pythia": "tab:green", "opt": "tab:blue", "gpt2": "tab:orange", "cerebras": "tab:purple"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    biggest = max((p["flops_g"] or 0) for _, pts in panels for p in pts) or 1.0
+    for ax, (title, pts) in zip(axes[0], panels):
+        for p in pts:
+            diameter = 8 + 52 * (p["flops_g"] or 0) / biggest  # points; marker area = diameter²
+            ax.scatter(p["latency_ms"], p["accuracy"], s=diameter**2, alpha=0.45,
+                       color=colors.get(_family(p["model"]), "tab:gray"), edgecolors="black", linewidths=0.6)
+            ax.annotate(p["model"], (p["latency_ms"], p["accuracy"]), xytext=(0, diameter / 2 + 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("latency, prefill batch 1 (ms)")
+        ax.set_ylabel("average zero-shot accuracy")
+        ax.margins(0.18)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy vs latency (bubble diameter ∝ FLOPs)")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collect the points, draw the chart, write PNG + points JSON."""
+    if not args.latency and not args.paper:
+        raise MerinoError("nothing to plot: give --latency REPORT.json ... and/or --paper")
+    points, device, missing = measured_points(args.latency, args.eval, args.precision)
+    panels = []
+    if args.latency:
+        if not points:
+            raise MerinoError(f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} (models without accuracy: {', '.join(missing) or 'none'})")
+        panels.append((f"measured on {device} ({args.precision})", points))
+    if args.paper:
+        panels.append(("paper (Jetson Nano, Tables 2-3)", paper_points()))
+    out = Path(args.out)
+    draw(panels, out)
+    write_json(out.with_suffix(".json"), {"panels": [{"title": t, "points": p} for t, p in panels], "no_accuracy": missing})
+    print(f"wrote {out} ({sum(len(p) for _, p in panels)} points)" + (f"; no accuracy for {', '.join(missing)}" if missing else ""))
+    return 0

@@ -1,0 +1,415 @@
+"""``merino-pl latency``: the latency report of one model (and its peers) on this device.
+
+For every requested precision: our model on the plain path (what the paper times), on the fast
+path (``fast.py``; outputs checked against the plain path) and optionally through onnxruntime;
+then each peer on the plain path, so the speed-ups compare like with like (paper Table 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from merino_pl.checkpoint import LoadedModel, load_model
+from merino_pl.costs import count_flops
+from merino_pl.errors import MerinoError
+from merino_pl.latency import device as device_mod
+from merino_pl.latency.fast import fuse_qkv
+from merino_pl.latency.harness import (
+    PROTOCOL, Measurement, Runner, TorchRunner, measure, serialized_bytes, weight_bytes_in_memory,
+)
+from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer
+
+FORMAT = "merino-latency-report/1"
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+INT_BITS = {"int8": 8, "int4": 4}
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# max |logit difference| fast vs plain (and onnxruntime vs PyTorch) that still counts as "equal"
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+
+
+@dataclass
+class Options:
+    """Everything a report depends on besides the model and the device."""
+
+    device: str = "cpu"
+    precisions: tuple[str, ...] = ("fp32",)
+    batch: int = 1
+    seq: int = 128
+    runs: int = 16
+    warmup: int = 4
+    decode_tokens: int = 8
+    peers: tuple[str, ...] = ()
+    onnx: bool = False
+    fast: bool = True
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """Every invalid value, each naming what is wrong (checked before any heavy work)."""
+        p = []
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            p.append(f"--device {self.device!r} is not one of cpu, cuda")
+        elif self.device.startswith("cuda") and not torch.cuda.is_available():
+            p.append(f"--device {self.device}: no CUDA device is available here (torch {torch.__version__})")
+        bad = [x for x in self.precisions if x not in PRECISIONS]
+        if bad or not self.precisions:
+            p.append(f"--precision {','.join(bad) or '(empty)'} is not valid (choose from {','.join(PRECISIONS)})")
+        for name in ("batch", "seq", "runs", "decode_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            p.append(f"--warmup must be >= 0, got {self.warmup}")
+        unknown = [x for x in self.peers if x not in PEER_CONFIGS]
+        if unknown:
+            p.append(f"unknown peer(s) {', '.join(unknown)} (valid: {', '.join(PEER_CONFIGS)})")
+        return p
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch, "seq_len": self.seq, "runs": self.runs, "warmup": self.warmup,
+            "decode_tokens": self.decode_tokens, "statistic": "mean (paper), median, p90 of the runs",
+            "timing": PROTOCOL, "inputs": "random token ids (seed %d)" % self.seed,
+            "decode": f"{self.decode_tokens} one-token steps on a {self.seq}-token KV cache, per token",
+        }
+
+
+def size_on_disk(loaded: LoadedModel) -> int | None:
+    """Bytes of the weight files the model was loaded from (None for a recipe: nothing on disk)."""
+    path = Path(loaded.path)
+    if loaded.kind == "recipe":
+        return None
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+    return path.stat().st_size
+
+
+def _row(name: str, role: str, precision: str, path: str, model: torch.nn.Module, m: Measurement, tmp: Path, weights_bytes: int | None = None) -> dict[str, Any]:
+    arch = getattr(model, "arch", None)
+    if name in PAPER and arch is None:
+        flops = PAPER[name].flops_g  # a peer: the paper's Table 3 figure
+    else:
+        flops = count_flops(arch) / 1e9 if arch is not None else None
+    return {
+        "model": name, "role": role, "precision": precision, "path": path,
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops_g": flops,
+        "weights_bytes": serialized_bytes(model, tmp) if weights_bytes is None else weights_bytes,
+        "weights_in_memory_bytes": weight_bytes_in_memory(model),
+        "prefill_ms": m.prefill.to_dict(),
+        "decode_ms_per_token": m.decode.to_dict(),
+        "peak_memory_bytes": m.peak_memory.bytes,
+        "peak_memory_method": m.peak_memory.method,
+    }
+
+
+def _reference_logits(runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-position logits of a prefill and of the last decode step (for equality checks)."""
+    prefill = torch.as_tensor(runner.prefill())[:, -1].float()
+    runner.start_decode()
+    decode = torch.as_tensor(runner.decode_run())[:, -1].float()
+    runner.end_decode()
+    return prefill, decode
+
+
+def _compare(ref: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Tensor, torch.Tensor], precision: str, what: str) -> dict[str, Any]:
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    tol = TOLERANCE[precision]
+    return {"precision": precision, "compared": what, "max_abs_logit_diff": diff, "tolerance": tol, "match": diff <= tol}
+
+
+class ReportBuilder:
+    """Measures rows one after another and collects them with the checks and speed-ups."""
+
+    def __init__(self, loaded: LoadedModel, opts: Options, out_dir: Path, peer_factory: Callable[[str], torch.nn.Module]) -> None:
+        self.loaded, self.opts, self.out_dir, self.peer_factory = loaded, opts, out_dir, peer_factory
+        self.rows: list[dict[str, Any]] = []
+        self.checks: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+        self.warnings: list[str] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="merino-latency-"))
+        self.bar = tqdm(total=self._count_rows(), desc="latency", unit="row", dynamic_ncols=True)
+
+    def _count_rows(self) -> int:
+        o = self.opts
+        floats = [p for p in o.precisions if p in FLOAT_DTYPES]
+        ints = [p for p in o.precisions if p in INT_BITS]
+        return len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (1 + int(o.fast))
+
+    def _measure(self, runner: Runner) -> Measurement:
+        o = self.opts
+        return measure(runner, o.device, o.runs, o.warmup, o.decode_tokens)
+
+    def _runner(self, model: torch.nn.Module, last_logits_only: bool = False) -> TorchRunner:
+        o = self.opts
+        return TorchRunner(model, o.batch, o.seq, o.device, o.decode_tokens, last_logits_only, seed=o.seed)
+
+    def _add(self, label: str, make_row: Callable[[], dict[str, Any] | None]) -> None:
+        self.bar.set_postfix_str(label)
+        row = make_row()
+        if row is not None:
+            self.rows.append(row)
+        self.bar.update(1)
+
+    def precision(self, precision: str) -> None:
+        """All rows of one float precision: ours plain / fast / onnxruntime, then the peers."""
+        o, name = self.opts, self.loaded.recipe.name
+        dtype = FLOAT_DTYPES[precision]
+        model = copy.deepcopy(self.loaded.model).to(device=o.device, dtype=dtype).eval()
+        plain = self._runner(model)
+        ref = _reference_logits(plain)
+        self._add(f"{name} {precision} plain", lambda: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        if o.fast:
+            fuse_qkv(model)  # after the plain rows: it re-points the model's Q/K/V weights
+            fast = self._runner(model, last_logits_only=True)
+            self.checks.append(_compare(ref, _reference_logits(fast), precision, "fast path vs plain"))
+            size = self.rows[-1]["weights_bytes"]  # the same weights: a file of the fused form is no different
+            self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+        if o.onnx:
+            self._add(f"{name} {precision} onnxruntime", lambda: self._onnx(model, precision, ref))
+        del model
+        for peer in o.peers:
+            self._peer(peer, dtype, precision)
+
+    def integer(self, precision: str) -> None:
+        """Our model at int8 / int4 (``quantized_model``), plain and fast; peers stay float."""
+        o, name = self.opts, self.loaded.recipe.name
+        model = self.loaded.model if self.loaded.kind == "gptq" else quantized_model(self.loaded, precision, self.tmp)
+        model = model.to(o.device)
+        plain = self._runner(model)
+        ref = _reference_logits(plain)
+        self._add(f"{name} {precision} plain", lambda: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        if o.fast:  # fused QKV leaves quantized linears alone: only the last-logits prefill applies
+            fast = self._runner(model, last_logits_only=True)
+            self.checks.append(_compare(ref, _reference_logits(fast), "fp32", f"fast path vs plain ({precision})"))
+            size = self.rows[-1]["weights_bytes"]
+            self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+        if o.peers or o.onnx:
+            self.skipped.append({"row": f"peers / onnxruntime {precision}", "reason": "int rows are ours only (peers and the ONNX graph stay float)"})
+        if "int" not in " ".join(self.warnings):
+            self.warnings.append("int rows: the quantize stage's QuantLinear dequantizes each weight once and runs float GEMMs, "
+                                 "so int latency ~ fp32 latency; weights_bytes is the packed file (no integer kernels on this stack)")
+
+    def _peer(self, peer: str, dtype: torch.dtype, precision: str) -> None:
+        """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position
+        logits, as ``generate`` runs every transformers model) to compare our fast path with."""
+        model = self.peer_factory(peer).to(device=self.opts.device, dtype=dtype)
+        self._add(f"{peer} {precision}", lambda: _row(peer, "peer", precision, "plain", model, self._measure(self._runner(model)), self.tmp))
+        if self.opts.fast:
+            size = self.rows[-1]["weights_bytes"]
+            last = self._runner(model, last_logits_only=True)
+            self._add(f"{peer} {precision} last-logits", lambda: _row(peer, "peer", precision, "last-logits", model, self._measure(last), self.tmp, size))
+        del model
+
+    def _onnx(self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any] | None:
+        from merino_pl.latency.onnx_export import OnnxRunner, export_onnx
+
+        o = self.opts
+        if precision == "bf16" or (precision == "fp16" and not o.device.startswith("cuda")):
+            self.skipped.append({"row": f"onnxruntime {precision}", "reason": f"onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, not {precision} on {o.device}"})
+            return None
+        # exported from a fresh CPU copy: the graph is the same whatever device times it
+        cpu_copy = copy.deepcopy(self.loaded.model).to(FLOAT_DTYPES[precision])
+        path = export_onnx(cpu_copy, self.out_dir / f"model-{precision}.onnx")
+        runner = OnnxRunner(path, model, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed)
+        self.checks.append(_compare(ref, _reference_logits(runner), precision, "onnxruntime vs PyTorch"))
+        row = _row(self.loaded.recipe.name, "model", precision, "onnxruntime", model, self._measure(runner), self.tmp, path.stat().st_size)
+        row["onnx_file"], row["weights_in_memory_bytes"] = path.name, None  # held by onnxruntime, not torch
+        return row
+
+    def close(self) -> None:
+        self.bar.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# (our path, the peer path it is compared with): the paper's full forward, and generation's prefill
+COMPARISONS = (("plain", "plain"), ("fast", "last-logits"))
+
+
+def speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]]:
+    """Peer mean / our mean per precision, like with like (paper Table 3's comparison)."""
+    ours = {(r["precision"], r["path"]): r for r in rows if r["role"] == "model"}
+    out = []
+    for mine, theirs in COMPARISONS:
+        for peer in (r for r in rows if r["role"] == "peer" and r["path"] == theirs and (r["precision"], mine) in ours):
+            me = ours[(peer["precision"], mine)]
+            paper = PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms if peer["model"] in PAPER and model_name in PAPER else None
+            out.append({
+                "precision": peer["precision"], "model": model_name, "peer": peer["model"], "paths": f"{mine} vs {theirs}",
+                "prefill": peer["prefill_ms"]["mean"] / me["prefill_ms"]["mean"],
+                "decode": peer["decode_ms_per_token"]["mean"] / me["decode_ms_per_token"]["mean"],
+                "paper_jetson_nano": paper,
+            })
+    return out
+
+
+def fast_path_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plain mean / fast (and onnxruntime) mean of our model, per precision."""
+    out = []
+    for plain in (r for r in rows if r["role"] == "model" and r["path"] == "plain"):
+        for other in (r for r in rows if r["role"] == "model" and r["path"] != "plain" and r["precision"] == plain["precision"]):
+            out.append({
+                "precision": plain["precision"], "path": other["path"],
+                "prefill": plain["prefill_ms"]["mean"] / other["prefill_ms"]["mean"],
+                "decode": plain["decode_ms_per_token"]["mean"] / other["decode_ms_per_token"]["mean"],
+            })
+    return out
+
+
+def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
+    arch = loaded.recipe.architecture
+    return {
+        "name": loaded.recipe.name, "kind": loaded.kind, "path": loaded.path,
+        "weights_sha256": loaded.weights_sha256, "size_on_disk_bytes": size_on_disk(loaded),
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "flops_g": count_flops(arch) / 1e9,  # paper convention: 1024 tokens, no LM head
+        "flops_prefill_g": count_flops(arch, seq_len=seq, include_lm_head=True) / 1e9,
+        "architecture": arch.to_dict(),
+    }
+
+
+def quantized_model(loaded: LoadedModel, precision: str, tmp: Path) -> torch.nn.Module:
+    """The int8 / int4 model: a GPTQ directory as loaded, or the quantize stage's round-to-nearest
+    of a float model (group 128 where every width allows it, else per channel), written in its
+    GPTQ format and read back, so the rows time exactly what a GPTQ directory would run."""
+    from merino_pl.quantize.format import load_quantized, write_quantized
+    from merino_pl.quantize.runner import QuantSpec, quantize_model, quantized_linears
+
+    model = copy.deepcopy(loaded.model)
+    group = 128 if all(lin.in_features % 128 == 0 for lin in quantized_linears(model).values()) else -1
+    spec = QuantSpec(bits=INT_BITS[precision], group_size=group, method="rtn")
+    results, _ = quantize_model(model, spec, None, progress=False)
+    out = tmp / f"rtn-{precision}"
+    out.mkdir()
+    write_quantized(out, model, results, spec, tokenizer=None)
+    quantized, _ = load_quantized(out)
+    return quantized
+
+
+def gptq_bits(loaded: LoadedModel) -> int | None:
+    import json
+
+    if loaded.kind != "gptq":
+        return None
+    return int(json.loads((Path(loaded.path) / "quantize_config.json").read_text())["bits"])
+
+
+def build_report(
+    source: str | Path, opts: Options, out_dir: str | Path,
+    peer_factory: Callable[[str], torch.nn.Module] = build_peer,
+    tegra_release: Path = device_mod.TEGRA_RELEASE,
+) -> dict[str, Any]:
+    """Measure ``source`` (anything ``load_model`` accepts) and its peers; returns the report."""
+    problems = opts.problems()
+    if problems:
+        raise MerinoError("; ".join(problems))
+    loaded = load_model(source, seed=opts.seed)
+    limit = loaded.recipe.architecture.max_position_embeddings
+    if opts.seq + opts.decode_tokens > limit:
+        raise MerinoError(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {loaded.recipe.name}'s {limit} positions")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    builder = ReportBuilder(loaded, opts, out_dir, peer_factory)
+    if not opts.device.startswith("cuda"):
+        slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
+        if slow:
+            builder.warnings.append(f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU")
+    bits = gptq_bits(loaded)
+    try:
+        for p in opts.precisions:
+            if bits is not None and p != f"int{bits}":
+                builder.skipped.append({"row": f"{loaded.recipe.name} {p}", "reason": f"the input is a GPTQ int{bits} checkpoint"})
+            elif p in FLOAT_DTYPES:
+                builder.precision(p)
+            else:
+                builder.integer(p)
+    finally:
+        builder.close()
+    return assemble(loaded, opts, builder, tegra_release)
+
+
+def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release: Path) -> dict[str, Any]:
+    import transformers
+
+    rows = b.rows
+    return {
+        "format": FORMAT,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_info(loaded, opts.seq),
+        "device": device_mod.describe_device(opts.device, tegra_release),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": _onnxruntime_version() if opts.onnx else None,
+        "precisions": list(opts.precisions),
+        "protocol": opts.protocol(),
+        "rows": rows,
+        "speedups": speedups(rows, loaded.recipe.name),
+        "fast_path": fast_path_gains(rows),
+        "checks": b.checks,
+        "skipped": b.skipped,
+        "warnings": b.warnings + opts.notes + [f"{c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} > {c['tolerance']}" for c in b.checks if not c["match"]],
+    }
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+# ---- Markdown ---------------------------------------------------------------------------------
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def _stats(s: dict[str, float]) -> str:
+    return f"{s['mean']:.2f} / {s['median']:.2f} / {s['p90']:.2f}"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    """The report as Markdown: device, protocol, the rows, speed-ups, checks."""
+    d, p, m = r["device"], r["protocol"], r["model"]
+    lines = [
+        f"# Latency: {m['name']} on {d['summary']}", "",
+        f"- model: `{m['path']}` ({m['kind']}), {m['params'] / 1e6:.1f} M parameters, {m['flops_g']:.0f} GFLOPs (paper convention), "
+        f"on disk: {_mb(m['size_on_disk_bytes'])} MiB",
+        f"- device: {d['device']}; CPU {d['cpu']} ({d['cpu_count']} cores, {d['torch_threads']} torch threads); "
+        f"GPU {d['gpu']['name'] + ' CUDA ' + str(d['gpu']['cuda_runtime']) + ' driver ' + str(d['gpu']['driver']) if d['gpu'] else '–'}; "
+        f"Jetson {('L4T ' + d['jetson']['l4t']) if d['jetson'] else '–'}",
+        f"- torch {r['torch']}, transformers {r['transformers']}" + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
+        f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; {p['decode']}; {p['timing']}",
+        "", "| model | precision | path | params (M) | weights (MiB) | prefill ms mean / median / p90 | decode ms/token mean / median / p90 | peak mem (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | {_mb(row['weights_bytes'])} | "
+            f"{_stats(row['prefill_ms'])} | {_stats(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
+        )
+    if r["rows"]:
+        lines += ["", f"Peak memory: {r['rows'][0]['peak_memory_method']}."]
+    if r["speedups"]:
+        lines += ["", "## Speed-up of " + m["name"] + " (peer mean / ours; plain = full forward as the paper times, "
+                  "fast vs last-logits = generation's prefill for both)", "",
+                  "| precision | peer | paths | prefill × | decode × | paper (Jetson Nano) × |", "|---|---|---|---:|---:|---:|"]
+        for s in r["speedups"]:
+            paper = f"{s['paper_jetson_nano']:.1f}" if s["paper_jetson_nano"] else "–"
+            lines.append(f"| {s['precision']} | {s['peer']} | {s['paths']} | {s['prefill']:.2f} | {s['decode']:.2f} | {paper} |")
+    if r["fast_path"]:
+        lines += ["", "## Fast path (plain mean / this path's mean)", "", "| precision | path | prefill × | decode × |", "|---|---|---:|---:|"]
+        lines += [f"| {g['precision']} | {g['path']} | {g['prefill']:.2f} | {g['decode']:.2f} |" for g in r["fast_path"]]
+    if r["checks"]:
+        lines += ["", "## Output checks", ""]
+        lines += [f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} (tolerance {c['tolerance']}): {'ok' if c['match'] else 'MISMATCH'}" for c in r["checks"]]
+    if r["skipped"] or r["warnings"]:
+        lines += ["", "## Not measured / warnings", ""]
+        lines += [f"- skipped {s['row']}: {s['reason']}" for s in r["skipped"]] + [f"- {w}" for w in r["warnings"]]
+    return "\n".join(lines) + "\n"

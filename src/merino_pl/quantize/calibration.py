@@ -1,0 +1,67 @@
+"""Calibration samples: ``nsamples`` random windows of ``seq_len`` tokens from a text source.
+
+GPTQ's recipe (random fixed-length segments of pretraining-like text) on exactly the sources the
+DataModule reads (``merino_pl.data.sources``): ``"embedded"`` (the corpus shipped in the package,
+the default), local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, globs, directories,
+or a hub dataset name. Documents are packed with EOS between them, as training sees them. A few
+more windows than the calibration set are kept aside as a held-out check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merino_pl.data.sources import check_text_field, open_stream, resolve_source
+from merino_pl.errors import MerinoError
+from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
+
+POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
+
+
+def check_source(source: str, text_field: str = "text") -> None:
+    """Raise ``MerinoError`` if the source names no readable, non-empty text (cheap: one document)."""
+    src = resolve_source(source)
+    check_text_field(open_stream(src), src, text_field)
+
+
+def calibration_tokens(
+    source: str, nsamples: int, seq_len: int, holdout: int = 0, tokenizer: str | None = None,
+    text_field: str = "text", seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids: disjoint windows,
+    drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens."""
+    src = resolve_source(source)
+    stream = open_stream(src)
+    check_text_field(stream, src, text_field)
+    field = src.field(text_field)
+    tok = load_tokenizer(tokenizer)
+    eos = tok.token_to_id(EOS_TOKEN)
+    need = (nsamples + holdout) * seq_len
+    ids: list[int] = []
+    batch: list[str] = []
+    for row in stream:
+        if row[field] and row[field].strip():
+            batch.append(row[field])
+        if len(batch) == 256 or (batch and len(ids) >= POOL * need):
+            ids = _extend(ids, tok, batch, eos)
+            batch = []
+        if len(ids) >= POOL * need:
+            break
+    ids = _extend(ids, tok, batch, eos)
+    if not ids:
+        raise MerinoError(f"calibration source {source!r} is empty (no text in {src.describe()})")
+    slots = len(ids) // seq_len
+    if slots < nsamples + holdout:
+        raise MerinoError(
+            f"calibration source {source!r} has {len(ids)} tokens: fewer than --nsamples {nsamples} "
+            f"(+{holdout} held out) windows of --seq-len {seq_len}"
+        )
+    windows = torch.tensor(ids[: slots * seq_len]).view(slots, seq_len)
+    order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))
+    return windows[order[:nsamples]], windows[order[nsamples : nsamples + holdout]]
+
+
+def _extend(ids: list[int], tok, texts: list[str], eos: int | None) -> list[int]:
+    for enc in tok.encode_batch(texts):  # batched: the tokenizer's fast path
+        ids += enc.ids + ([eos] if eos is not None else [])
+    return ids

@@ -1,0 +1,153 @@
+"""``merino-pl quantize CKPT_OR_DIR --bits 4|8 [...] --out DIR``: GPTQ (or RTN) INT8 / INT4.
+
+Reads any checkpoint ``load_model`` reads; writes a GPTQ v1 directory (see ``format.py``) that
+``load_model`` / eval / latency load back, plus ``quantize_report.{json,md}`` beside it.
+``--config quantize/int4-g128.yaml`` takes option defaults from a preset; flags still win.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from merino_pl.errors import MerinoError
+from merino_pl.quantize.rtn import SUPPORTED_BITS
+from merino_pl.quantize.runner import QuantSpec
+
+METHODS = ("gptq", "rtn")
+
+
+DEFAULTS: dict[str, Any] = {
+    "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "method": "gptq",
+    "calib": "embedded", "calib_text_field": "text", "nsamples": 128, "seq_len": 512, "holdout": 8,
+    "damp_percent": 0.01, "block_size": 128, "true_sequential": True, "batch_size": 8, "seed": 0,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options default to None here so a ``--config`` preset can tell them apart from flags."""
+    d, flag = DEFAULTS, argparse.BooleanOptionalAction
+    p.add_argument("checkpoint", help="a .ckpt from `merino-pl fit`, an exported directory, or a recipe")
+    p.add_argument("--config", help="YAML preset of these options (e.g. quantize/int4-g128.yaml); flags override it")
+    p.add_argument("--out", help="output directory (default: beside the checkpoint, <name>-<method>-int<bits>-g<group>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped GPT-NeoX-20B)")
+    p.add_argument("--bits", type=int, help=f"weight bits: {' or '.join(map(str, SUPPORTED_BITS))} (default {d['bits']})")
+    p.add_argument("--group-size", type=int, help=f"input columns per scale/zero; -1 = per output channel (default {d['group_size']})")
+    p.add_argument("--desc-act", action=flag, help="act-order: columns by decreasing Hessian diagonal (default off)")
+    p.add_argument("--sym", action=flag, help="symmetric grid (default) or asymmetric (--no-sym)")
+    p.add_argument("--method", help=f"{' or '.join(METHODS)}: GPTQ (default) or round-to-nearest baseline")
+    p.add_argument("--calib", help="calibration text, any data-stage source: 'embedded' (default), .txt/.jsonl/.json/.parquet files, glob, directory, hub name")
+    p.add_argument("--calib-text-field", help="text field of jsonl / parquet rows (default text)")
+    p.add_argument("--nsamples", type=int, help=f"calibration windows (default {d['nsamples']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d['seq_len']})")
+    p.add_argument("--holdout", type=int, help=f"held-out windows for the float-vs-quantized check (default {d['holdout']})")
+    p.add_argument("--damp-percent", type=float, help=f"Hessian dampening, fraction of its mean diagonal (default {d['damp_percent']})")
+    p.add_argument("--block-size", type=int, help=f"GPTQ lazy-update block of columns (default {d['block_size']})")
+    p.add_argument("--true-sequential", action=flag, help="quantize q/k/v, o, up, down in order, re-running the block (default on)")
+    p.add_argument("--batch-size", type=int, help=f"calibration windows per forward (default {d['batch_size']})")
+    p.add_argument("--seed", type=int, help=f"seed of the calibration window draw (default {d['seed']})")
+
+
+def resolve_options(args: argparse.Namespace) -> None:
+    """Options not given as flags: from the ``--config`` preset, else ``DEFAULTS``."""
+    preset: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise MerinoError(f"--config {path}: file not found")
+        preset = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(preset, dict):
+            raise MerinoError(f"--config {path}: expected a mapping of option: value")
+        preset = {k.replace("-", "_"): v for k, v in preset.items()}
+        unknown = sorted(set(preset) - set(DEFAULTS) - {"out", "tokenizer"})
+        if unknown:
+            raise MerinoError(f"--config {path}: unknown keys {unknown} (valid: {', '.join(sorted(DEFAULTS))}, out, tokenizer)")
+    for key in [*DEFAULTS, "out", "tokenizer"]:
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, DEFAULTS.get(key)))
+
+
+def validate(args: argparse.Namespace) -> list[str]:
+    """Every problem with the options that needs no model (all at once)."""
+    problems = []
+    if args.bits not in SUPPORTED_BITS:
+        problems.append(f"--bits {args.bits} is not supported (valid: {', '.join(map(str, SUPPORTED_BITS))})")
+    if args.group_size != -1 and args.group_size <= 0:
+        problems.append(f"--group-size {args.group_size}: must be positive or -1 (per channel)")
+    if args.method not in METHODS:
+        problems.append(f"--method {args.method!r} (valid: {', '.join(METHODS)})")
+    for flag in ("nsamples", "seq_len", "batch_size", "block_size"):
+        if getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if args.holdout < 0 or not 0 <= args.damp_percent < 1:
+        problems.append(f"--holdout must be >= 0 and --damp-percent in [0, 1) (got {args.holdout}, {args.damp_percent})")
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists() and (ckpt.suffix == ".ckpt" or "/" in args.checkpoint):  # (a bare name may be a built-in recipe)
+        problems.append(f"checkpoint not found: {ckpt}")
+    return problems
+
+
+def validate_for_model(args: argparse.Namespace, arch: Any) -> list[str]:
+    """Problems that depend on the architecture (group size vs widths, seq_len vs positions)."""
+    problems = []
+    widths = sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})
+    if args.group_size > 0:
+        bad = [w for w in widths if w % args.group_size]
+        if bad:
+            problems.append(f"--group-size {args.group_size} does not divide the layer widths {bad} (widths: {widths})")
+    if args.seq_len > arch.max_position_embeddings:
+        problems.append(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {arch.max_position_embeddings}")
+    return problems
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    ckpt = Path(args.checkpoint)
+    g = "pc" if args.group_size == -1 else f"g{args.group_size}"
+    return ckpt.with_name(f"{ckpt.stem}-{args.method}-int{args.bits}-{g}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything (all problems in one message), then quantize, write and report."""
+    from merino_pl.quantize.pipeline import quantize_checkpoint
+
+    resolve_options(args)
+    problems = validate(args)
+    out = Path(args.out) if args.out else default_out(args)
+    if out.exists() and not args.overwrite:
+        problems.append(f"--out {out} exists (pass --overwrite to replace it)")
+    loaded, calib, held, problems = _load_inputs(args, problems)
+    if problems:
+        raise MerinoError("; ".join(problems))
+    spec = QuantSpec(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.damp_percent, args.block_size, args.true_sequential)
+    print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out}: {spec}")
+    report = quantize_checkpoint(loaded, spec, calib, held, out, args)
+    print(report["summary_line"])
+    return 0
+
+
+def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, Any, Any, list[str]]:
+    """The model and calibration windows, collecting their problems with the ones found so far."""
+    from merino_pl.checkpoint import load_model
+    from merino_pl.quantize.calibration import calibration_tokens
+
+    loaded = calib = held = None
+    if not any(p.startswith("checkpoint not found") for p in problems):
+        try:
+            loaded = load_model(args.checkpoint)
+            problems += validate_for_model(args, loaded.recipe.architecture)
+        except MerinoError as e:
+            problems.append(str(e))
+    n_calib = args.nsamples if args.method == "gptq" else 0
+    if (n_calib or args.holdout > 0) and args.seq_len > 0 and args.nsamples > 0 and args.holdout >= 0:
+        try:
+            calib, held = calibration_tokens(args.calib, n_calib, args.seq_len, args.holdout, args.tokenizer, args.calib_text_field, args.seed)
+        except MerinoError as e:
+            problems.append(str(e))
+    else:
+        calib = held = torch.zeros(0, max(args.seq_len, 0), dtype=torch.long)
+    return loaded, calib, held, problems

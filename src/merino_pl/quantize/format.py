@@ -1,0 +1,139 @@
+"""Write and read GPTQ checkpoint directories.
+
+    OUT/
+      config.json            the model's HF config + ``quantization_config`` (as transformers' GPTQ integration reads)
+      quantize_config.json   bits, group_size, desc_act, sym, ... (as auto-gptq / GPTQModel write it)
+      model.safetensors      per quantized linear: qweight, qzeros, scales, g_idx (+ bias);
+                             everything else (embeddings, norms, projections) in full precision
+      tokenizer.json, tokenizer_config.json, ...
+      quantize_report.json / .md
+
+One file per model, one set of tensors per block: a shared layer is stored once however many
+times it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from merino_pl import __version__
+from merino_pl.errors import MerinoError
+from merino_pl.model import MerinoForCausalLM, MerinoHFConfig
+from merino_pl.quantize.packing import pack
+from merino_pl.quantize.qlinear import QuantLinear
+from merino_pl.quantize.rtn import QuantizedWeight
+from merino_pl.quantize.runner import QuantSpec
+
+QUANTIZE_CONFIG = "quantize_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def quantize_config(spec: QuantSpec) -> dict[str, Any]:
+    """The ``quantize_config.json`` keys auto-gptq 0.7 / GPTQModel 7 write for a v1 checkpoint."""
+    return {
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "desc_act": spec.desc_act,
+        "sym": spec.sym,
+        "lm_head": False,
+        "damp_percent": spec.damp_percent,
+        "static_groups": False,
+        "true_sequential": spec.true_sequential,
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "model_file_base_name": "model",
+        "meta": {"quantizer": [f"merino-pl:{__version__}"], "method": spec.method},
+    }
+
+
+def packed_state_dict(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: packed GPTQ tensors for ``quantized``, the rest as they are."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (k.endswith(".weight") and k[: -len(".weight")] in quantized)}
+    for name, q in quantized.items():
+        state.update({f"{name}.{t}": v.contiguous() for t, v in pack(q).items()})
+    return state
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` that replaces ``out`` only once everything is written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # temp-file helpers create 0600 files; a shipped model is readable
+            f.chmod(0o666 & ~umask)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_quantized(
+    tmp: Path, model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], spec: QuantSpec, tokenizer: str | None
+) -> None:
+    """Fill directory ``tmp`` with config, quantize config, weights and tokenizer."""
+    from merino_pl.tokenizer import hf_tokenizer
+
+    qcfg = quantize_config(spec)
+    config = MerinoHFConfig.from_dict(model.config.to_dict())
+    config.quantization_config = {k: v for k, v in qcfg.items() if k != "meta"}
+    config.save_pretrained(tmp)
+    (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
+    save_file(packed_state_dict(model, quantized), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    hf_tokenizer(tokenizer).save_pretrained(tmp)
+
+
+def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]:
+    """A ``MerinoForCausalLM`` whose quantized linears are ``QuantLinear`` modules, and its config."""
+    path = Path(path)
+    try:
+        qcfg = json.loads((path / QUANTIZE_CONFIG).read_text())
+        bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MerinoError(f"{path / QUANTIZE_CONFIG}: not a GPTQ quantize config ({type(e).__name__}: {e})") from None
+    if qcfg.get("checkpoint_format", "gptq") != "gptq" or bits not in (4, 8):
+        raise MerinoError(f"{path / QUANTIZE_CONFIG}: only checkpoint_format 'gptq' with bits 4 or 8 loads here")
+    if not (path / WEIGHTS_NAME).exists():
+        raise MerinoError(f"{path}: no {WEIGHTS_NAME}")
+    config = MerinoHFConfig.from_pretrained(path)
+    state = load_file(str(path / WEIGHTS_NAME))
+    with torch.device("meta"):
+        model = MerinoForCausalLM(config)
+    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear):
+            raise MerinoError(f"{path}: {name} holds a qweight but is not a linear layer of this architecture")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None))
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise MerinoError(f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}") from None
+    return model.eval(), qcfg
+
+
+def spec_dict(spec: QuantSpec) -> dict[str, Any]:
+    return asdict(spec)

@@ -1,0 +1,119 @@
+"""The GPTQ solver (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", Algorithm 1), written here from the paper.
+
+For a linear layer with weight W (out × in) and calibration inputs X (in × n), GPTQ minimises
+‖WX − ŴX‖² one input column at a time: it quantizes column i, then spreads that column's
+rounding error over the columns not yet quantized, weighted by the inverse Hessian
+H⁻¹ of H = 2XXᵀ/n. The inverse's upper Cholesky factor gives every needed row at once, and
+updates are applied lazily in blocks of columns (the paper's "lazy batch" trick). ``desc_act``
+(act-order) visits columns by decreasing Hessian diagonal; groups are then contiguous in that
+order and ``g_idx`` maps every original column to its group.
+
+Why written by hand: the maintained engines either pin older transformers/torch than this
+project (auto-gptq, llmcompressor) or miss the Hessian of all but the first application of a
+shared layer (GPTQModel 7.6.0); see docs/quantize.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from merino_pl.quantize.rtn import QuantizedWeight, grid_params, quantize_codes
+
+
+class HessianAccumulator:
+    """Running H = 2/n · Σ x xᵀ over every row x fed to a linear (all applications, all samples)."""
+
+    def __init__(self, columns: int) -> None:
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64)
+        self.samples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x``: (..., in) inputs of one forward call of the linear."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        # float32 matmul (fast), summed into float64 so millions of rows lose nothing
+        self.sum += (x.t() @ x).to(self.sum.device, torch.float64)
+        self.samples += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.samples == 0:
+            raise RuntimeError("no calibration inputs reached this layer")
+        return (2.0 * self.sum / self.samples).float()
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # Σ of the paper's per-column objective (w − q)² / [H⁻¹]ᵢᵢ / 2, summed over rows
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = True,
+    desc_act: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> GPTQResult:
+    """Quantize one (out, in) ``weight`` given its input Hessian (in, in). Pure function."""
+    W = weight.detach().float().clone()
+    H = hessian.float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0  # inputs that never fire: any value works, keep the weight 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, damp)
+
+    gs = cols if group_size == -1 else group_size
+    # lazy-update blocks hold whole groups, so a group's grid is always fitted on columns that
+    # already carry every earlier column's error compensation
+    block = max(block_size // gs, 1) * gs if gs < cols else cols
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(cols // gs, rows)
+    zeros = torch.zeros(cols // gs, rows)
+    loss = torch.zeros(rows)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if (i1 + i) % gs == 0:
+                g = (i1 + i) // gs
+                scales[g], zeros[g] = grid_params(W1[:, i : i + gs], bits, sym)
+            s, z = scales[(i1 + i) // gs], zeros[(i1 + i) // gs]
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quantize_codes(w, s, z, bits)
+            codes[:, i1 + i] = q
+            err = (w - s * (q - z)) / d
+            loss += (w - s * (q - z)) ** 2 / d**2 / 2
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # compensate the columns still to do
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of everything after the block
+
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(cols) // gs)[inv]  # group of each ORIGINAL column
+    q = QuantizedWeight(
+        codes[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size
+    )
+    return GPTQResult(q, float(loss.sum()))
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = ``damp`` · mean diag(H), raising λ if needed."""
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(6):
+        lam = damp * (10**attempt) * mean_diag
+        Hd = H + lam * torch.eye(H.shape[0])
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise RuntimeError("Hessian is not positive definite even with 10^5 x the dampening")

@@ -1,0 +1,268 @@
+"""``merino-pl search``: budgets in, a recipe YAML out (plus a PNG and the final population).
+
+    merino-pl search --budget flops=60G --out recipes/my-60g.yaml
+    merino-pl search --config search/flops-60g.yaml --budget params=60M --out recipes/x.yaml
+    merino-pl search --budget latency=50ms --latency-table jetson.json --proxy params
+
+A search config (``search/flops-*.yaml``) names the budgets, the space, the proxy, the seed and
+the entropy (ε, init, α, β) and evolution (M, K, T, mutation steps) settings; command-line
+options override it. The recipe records all of it under ``provenance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from merino_pl.config import MerinoConfig, Recipe
+from merino_pl.costs import count_flops, count_params
+from merino_pl.errors import MerinoError
+from merino_pl.latency_table import LatencyTable
+from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
+from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
+from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
+from merino_pl.space import SearchSpace, load_space
+
+CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "name")
+
+
+@dataclass
+class SearchSettings:
+    """Everything one search needs, resolved and checked."""
+
+    budgets: list[Budget]
+    space: SearchSpace
+    proxy: str = "entropy"
+    seed: int = 0
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    latency: LatencyTable | None = None
+    name: str | None = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="search config YAML (search/flops-60g.yaml, ...): budgets, space, entropy and evolution settings")
+    p.add_argument("--budget", action="append", default=[], metavar="COST=LIMIT",
+                   help="flops=60G, params=60M or latency=50ms; repeat for several (replaces the config's budgets)")
+    p.add_argument("--latency-table", help="device latency table JSON (from `merino-pl latency profile`) for latency budgets")
+    p.add_argument("--entropy-table", help="entropy table JSON for a custom space / config "
+                   "(python -m merino_pl.search.entropy build-table); default: the shipped one + the closed form")
+    p.add_argument("--space", help="search space YAML (default: the config's, else the shipped search/space.yaml)")
+    p.add_argument("--proxy", choices=PROXIES, default=None, help="objective: entropy (MeRino), params (LTS), naive (uniform scaling)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None, help="T: candidates to generate (default 100000)")
+    p.add_argument("--population", type=int, default=None, help="M (default 512)")
+    p.add_argument("--parents", type=int, default=None, help="K (default 64)")
+    p.add_argument("--name", help="recipe name (default: the --out file's stem)")
+    p.add_argument("--out", help="write the recipe here (YAML), with NAME.png and NAME.population.json beside it")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
+
+
+def _read_config(path: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        problems.append(f"cannot read search config {path}: {e}".splitlines()[0])
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: a search config must be a mapping")
+        return {}
+    problems += [f"{path}: unknown key {k!r} (valid: {', '.join(CONFIG_KEYS)})" for k in data if k not in CONFIG_KEYS]
+    if isinstance(data.get("space"), str):  # relative to the config file, as users expect
+        data["space"] = str((Path(path).parent / data["space"]).resolve())
+    return data
+
+
+def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
+    """Run one check; a ``MerinoError`` joins the list instead of stopping the others."""
+    try:
+        return fn(*args)
+    except MerinoError as e:
+        problems.append(str(e))
+        return None
+
+
+def resolve_settings(args: argparse.Namespace) -> SearchSettings:
+    """Merge config file and options; report every problem in one ``MerinoError``."""
+    problems: list[str] = []
+    cfg = _read_config(args.config, problems) if args.config else {}
+    budget_texts = args.budget or cfg.get("budgets") or []
+    if isinstance(budget_texts, str):
+        budget_texts = [budget_texts]
+    budgets = [b for b in (_collect(problems, parse_budget, str(t)) for t in budget_texts) if b]
+    if not budget_texts:
+        problems.append("no budget: give at least one --budget (flops=60G, params=60M, latency=50ms) or --config")
+    names = [b.cost for b in budgets]
+    if len(set(names)) < len(names):
+        problems.append(f"each cost may be budgeted once, got {', '.join(b.text for b in budgets)}")
+    space = _collect(problems, load_space, args.space or cfg.get("space"))
+    entropy_cfg = cfg.get("entropy") or {}
+    if args.entropy_table and isinstance(entropy_cfg, dict):
+        entropy_cfg = {**entropy_cfg, "table": args.entropy_table}
+    entropy = _collect(problems, EntropyConfig.from_dict, entropy_cfg)
+    evo = dict(cfg.get("evolution") or {}) if isinstance(cfg.get("evolution") or {}, dict) else cfg.get("evolution")
+    for key in ("iterations", "population", "parents"):
+        if getattr(args, key) is not None and isinstance(evo, dict):
+            evo[key] = getattr(args, key)
+    evolution = _collect(problems, EvolutionConfig.from_dict, evo)
+    proxy = args.proxy or cfg.get("proxy", "entropy")
+    if proxy not in PROXIES:
+        problems.append(f"proxy {proxy!r} is not one of {', '.join(PROXIES)}")
+    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        problems.append(f"seed must be a non-negative integer, got {seed!r}")
+    latency = _collect(problems, LatencyTable.load, args.latency_table) if args.latency_table else None
+    if "latency" in names and not args.latency_table:
+        problems.append("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
+    if args.out and (Path(args.out).is_dir() or Path(args.out).suffix not in (".yaml", ".yml")):
+        problems.append(f"--out {args.out} must be a .yaml file path")
+    if problems:
+        raise MerinoError("; ".join(problems))
+    return SearchSettings(budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"))
+
+
+def build_problem(s: SearchSettings) -> Problem:
+    """Per-code score and cost tables for the settings' space, budgets and proxy."""
+    genes = Genes.of(s.space)
+    costs = [cost_tables(b.cost, s.space, genes, s.latency) for b in s.budgets]
+    if s.proxy == "params":  # LTS: the decoder's parameter count (everything but the embeddings)
+        params = cost_tables("params", s.space, genes)
+        score, extra = np.zeros(len(genes.embed_idx)), replace(params, const=0.0)
+    else:
+        mhsa, ffn = block_entropies(genes.embed_dim, genes.ffn_dim, genes.num_layers, s.entropy)
+        score, extra = s.entropy.alpha_mhsa * mhsa + s.entropy.alpha_ffn * ffn, None
+    return Problem(s.space, genes, score, costs, s.budgets, extra)
+
+
+def decode(space: SearchSpace, genes: Genes, codes: np.ndarray) -> MerinoConfig:
+    """A row of block codes as an architecture."""
+    blocks = [space.block(genes.embed_dim[c], space.ffn_choices[genes.ffn_idx[c]], genes.num_layers[c]) for c in codes]
+    return space.config(blocks)
+
+
+def run_search(s: SearchSettings, progress: bool | None = None) -> tuple[Problem, SearchResult]:
+    """Build the tables and run the proxy's search (evolution, or naive scaling)."""
+    problem = build_problem(s)
+    if s.proxy == "naive":
+        return problem, naive_scaling(problem)
+    return problem, evolve(problem, s.evolution, seed=s.seed, progress=progress)
+
+
+def arch_costs(arch: MerinoConfig, s: SearchSettings) -> dict[str, float]:
+    """Costs of one architecture, from the reference implementations (not the search's tables)."""
+    out: dict[str, float] = {"params": count_params(arch), "flops": count_flops(arch)}
+    if s.latency is not None:
+        out["latency_ms"] = round(s.latency.estimate_ms(arch), 4)
+    return out
+
+
+def make_recipe(s: SearchSettings, problem: Problem, result: SearchResult, name: str, command: str | None = None) -> Recipe:
+    """The best architecture as a recipe whose provenance says how it was found."""
+    arch = decode(s.space, problem.genes, result.codes[0])
+    entropy = {k: round(v, 3) for k, v in arch_entropy(arch, s.entropy).items()}
+    provenance = {
+        "source": "search",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "budgets": [b.text for b in s.budgets],
+        "costs": arch_costs(arch, s),
+        "entropy": entropy,
+        "proxy": s.proxy,
+        "proxy_score": round(float(result.scores[0]), 4),
+        "seed": s.seed,
+        "entropy_config": s.entropy.to_dict(),
+        "evolution": vars(s.evolution).copy(),
+        "space": {"file": s.space.source, **s.space.to_dict()},
+        "search": {"candidates": result.candidates, "accepted": result.accepted,
+                   "generations": result.generations, "seconds": round(result.seconds, 3)},
+    }
+    if s.latency is not None:
+        provenance["latency_table"] = {"file": s.latency.source, "device": s.latency.device}
+    return Recipe(name=name, architecture=arch, provenance={k: v for k, v in provenance.items() if v is not None})
+
+
+def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -> dict[str, Any]:
+    g = problem.genes
+    members = [{"embed_dims": g.embed_dim[c].tolist(), "ffn_dims": g.ffn_dim[c].tolist(), "num_layers": g.num_layers[c].tolist(),
+                "score": round(float(sc), 4), "costs": dict(zip((b.cost for b in s.budgets), co.tolist()))}
+               for c, sc, co in zip(result.codes, result.scores, result.costs)]
+    return {"proxy": s.proxy, "budgets": [b.text for b in s.budgets], "history": result.history, "population": members}
+
+
+def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
+    """Best score over the search, and the final population's score vs its first cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from merino_pl.io import atomic_path
+
+    budget = s.budgets[0]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    x, y = zip(*result.history)
+    a.plot(x, y)
+    a.set(xlabel="candidates generated", ylabel=f"best {s.proxy} score", title="search progress")
+    b.scatter(result.costs[:, 0], result.scores, s=10, alpha=0.6, label="final population")
+    b.scatter(result.costs[:1, 0], result.scores[:1], s=60, c="red", marker="*", label="best (the recipe)")
+    b.axvline(budget.limit, ls="--", c="gray", label=f"budget {budget.text}")
+    b.set(xlabel=budget.cost, ylabel=f"{s.proxy} score", title="final population")
+    b.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def summary(recipe: Recipe, result: SearchResult) -> str:
+    p = recipe.provenance
+    blocks = recipe.architecture.blocks
+    return "\n".join([
+        f"{recipe.name}: {p['proxy']} search, budgets {', '.join(p['budgets'])}, seed {p['seed']}",
+        "  E = " + str([b.embed_dim for b in blocks]) + "  F = " + str([b.ffn for b in blocks]) + "  L = " + str([b.num_layers for b in blocks]),
+        f"  params {p['costs']['params'] / 1e6:.2f} M, FLOPs {p['costs']['flops'] / 1e9:.2f} G"
+        + (f", latency {p['costs']['latency_ms']:.2f} ms" if "latency_ms" in p["costs"] else ""),
+        f"  entropy MHSA {p['entropy']['mhsa']:.1f}  FFN {p['entropy']['ffn']:.1f}  total {p['entropy']['total']:.1f}",
+        f"  {result.candidates} candidates ({result.accepted} accepted) in {result.generations} generations, {result.seconds:.2f} s",
+    ])
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this search (options as resolved by argparse)."""
+    parts = ["merino-pl search"]
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            parts += [f"{flag} {v}" for v in value]
+        elif value is True:
+            parts.append(flag)
+        elif value not in (None, False):
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``merino-pl search`` (see the module docstring)."""
+    s = resolve_settings(args)
+    problem, result = run_search(s, progress=args.progress)
+    name = s.name or (Path(args.out).stem if args.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}")
+    recipe = make_recipe(s, problem, result, name, _command(args))
+    print(summary(recipe, result))
+    if not args.out:
+        print(recipe.to_yaml())
+        return 0
+    out = recipe.save(args.out)
+    from merino_pl.io import write_json
+
+    write_json(out.with_suffix(".population.json"), population_json(s, problem, result))
+    if not args.no_plot:
+        plot(out.with_suffix(".png"), s, result)
+    print(f"wrote {out} (+ {out.with_suffix('.png').name if not args.no_plot else ''} {out.with_suffix('.population.json').name})")
+    return 0

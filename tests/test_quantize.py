@@ -1,0 +1,204 @@
+"""GPTQ / RTN quantization: packing, the solver, shared blocks, the format, reload, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_arch
+from merino_pl.checkpoint import export_pretrained, load_model
+from merino_pl.cli import main as cli
+from merino_pl.model import MerinoForCausalLM
+from merino_pl.quantize.format import atomic_dir, write_quantized
+from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
+from merino_pl.quantize.packing import dequantize, pack, pack_rows, unpack_rows
+from merino_pl.quantize.qlinear import QuantLinear
+from merino_pl.quantize.rtn import rtn_quantize
+from merino_pl.quantize.runner import QuantSpec, quantize_model
+
+LINEARS_PER_LAYER = 6
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory) -> Path:
+    """A tiny model with the real vocabulary (so the shipped tokenizer's ids fit), exported."""
+    torch.manual_seed(0)
+    model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=50304))
+    return export_pretrained(model, tmp_path_factory.mktemp("float") / "tiny")
+
+
+def _ids(n: int, T: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 50304, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_roundtrip_covers_every_code(bits):
+    codes = torch.randint(0, 2**bits, (256, 24), dtype=torch.int32)
+    codes[: 2**bits, 0] = torch.arange(2**bits)  # incl. the top code, whose high bit is int32's sign
+    words = pack_rows(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (256 * bits // 32, 24)
+    assert torch.equal(unpack_rows(words, bits), codes)
+
+
+def test_v1_layout_matches_the_reference_bit_order():
+    """Row r·8 + i of the (in, out) codes sits in bits 4i..4i+3 of qweight[r] (auto-gptq's order)."""
+    codes = torch.zeros(8, 1, dtype=torch.int32)
+    codes[1, 0], codes[7, 0] = 3, 15
+    assert int(pack_rows(codes, 4)[0, 0]) == (3 << 4) - (1 << 32) + (15 << 28)  # as a signed int32
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_packed_tensors_dequantize_to_the_solver_weight(sym, desc_act):
+    torch.manual_seed(0)
+    W, X = torch.randn(48, 128), torch.randn(4096, 128) * torch.linspace(0.1, 3, 128)
+    q = gptq_quantize(W, 2 * X.t() @ X / len(X), 4, 32, sym, desc_act).weight
+    p = pack(q)
+    assert p["qzeros"].dtype == torch.int32 and p["scales"].dtype == torch.float16 and p["g_idx"].dtype == torch.int32
+    assert torch.equal(dequantize(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4), q.dequantize())
+    assert torch.bincount(q.g_idx.long()).tolist() == [32] * 4  # every group has group_size columns
+    if sym:
+        assert torch.equal(q.zeros, torch.full_like(q.zeros, 8))
+    if not desc_act:
+        assert torch.equal(q.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+
+
+def test_gptq_beats_rtn_on_its_objective():
+    """GPTQ's output error ||WX - ŴX|| on correlated inputs is well below round-to-nearest's."""
+    torch.manual_seed(0)
+    W = torch.randn(64, 256)
+    X = torch.randn(2048, 32) @ torch.randn(32, 256) + 0.1 * torch.randn(2048, 256)  # low-rank + noise
+    acc = HessianAccumulator(256)
+    for chunk in X.split(500):
+        acc.add(chunk)
+    assert acc.samples == 2048
+    err = {}
+    for name, Wq in (("gptq", gptq_quantize(W, acc.hessian(), 4, 128).weight.dequantize()),
+                     ("rtn", rtn_quantize(W, 4, 128, True).dequantize())):
+        err[name] = float(((W - Wq) @ X.t()).norm())
+    assert err["gptq"] < 0.7 * err["rtn"]
+
+
+@pytest.mark.parametrize("bits,limit", [(8, 0.01), (4, 0.2)])
+def test_quantize_write_reload_logits(float_dir, tmp_path, bits, limit):
+    model = load_model(float_dir).model
+    ids = _ids(2)
+    with torch.no_grad():
+        ref = model(ids).logits
+        spec = QuantSpec(bits=bits, group_size=32)
+        quantized, reports = quantize_model(model, spec, _ids(8, 64, seed=2), batch_size=4, progress=False)
+        mem = model(ids).logits
+        with atomic_dir(tmp_path / "q") as tmp:
+            write_quantized(tmp, model, quantized, spec, None)
+        loaded = load_model(tmp_path / "q")
+        out = loaded.model(ids).logits
+    assert loaded.kind == "gptq"
+    assert _rel(out, ref) < limit  # INT8: < 1 % relative logit error vs the float model
+    torch.testing.assert_close(out, mem, rtol=0, atol=1e-5)  # reload == the in-memory quantized model
+    # Hessian rows per linear = nsamples · seq_len · L_j: every application of the shared layer counts
+    L = [b.num_layers for b in tiny_arch().blocks]
+    assert len(reports) == LINEARS_PER_LAYER * len(L)
+    for r in reports:
+        assert r.hessian_samples == 8 * 64 * L[int(r.name.split(".")[2])] and r.applications == L[int(r.name.split(".")[2])]
+
+
+def test_gptq_beats_rtn_at_int4_on_the_model(float_dir):
+    """On the calibration distribution, GPTQ's logits are much closer to float than RTN's."""
+    calib, err = _ids(8, 64, seed=3), {}
+    with torch.no_grad():
+        ref = load_model(float_dir).model(calib[:2]).logits
+        for method in ("gptq", "rtn"):
+            model = load_model(float_dir).model
+            quantize_model(model, QuantSpec(bits=4, group_size=32, method=method), calib, 4, progress=False)
+            err[method] = _rel(model(calib[:2]).logits, ref)
+    assert err["gptq"] < 0.6 * err["rtn"]
+
+
+def test_format_files_keys_and_one_copy_per_shared_block(float_dir, tmp_path):
+    code = cli(["quantize", str(float_dir), "--bits", "4", "--group-size", "32", "--nsamples", "4",
+                "--seq-len", "32", "--holdout", "2", "--out", str(tmp_path / "q")])
+    assert code == 0
+    q = tmp_path / "q"
+    for f in ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json", "quantize_report.json", "quantize_report.md"):
+        assert (q / f).is_file(), f
+    qcfg = json.loads((q / "quantize_config.json").read_text())
+    assert {k: qcfg[k] for k in ("bits", "group_size", "desc_act", "sym", "quant_method", "checkpoint_format")} == {
+        "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "quant_method": "gptq", "checkpoint_format": "gptq"}
+    assert json.loads((q / "config.json").read_text())["quantization_config"]["bits"] == 4
+    state = load_file(q / "model.safetensors")
+    arch = tiny_arch()
+    qweights = sorted(k for k in state if k.endswith(".qweight"))
+    assert len(qweights) == LINEARS_PER_LAYER * arch.num_blocks  # one set per block, not per application
+    for j, b in enumerate(arch.blocks):
+        p = f"model.blocks.{j}.layer.ffn.down"
+        assert state[f"{p}.qweight"].shape == (b.ffn // 8, b.embed_dim) and state[f"{p}.qweight"].dtype == torch.int32
+        assert state[f"{p}.qzeros"].shape == (b.ffn // 32, b.embed_dim // 8) and state[f"{p}.qzeros"].dtype == torch.int32
+        assert state[f"{p}.scales"].shape == (b.ffn // 32, b.embed_dim) and state[f"{p}.scales"].dtype == torch.float16
+        assert state[f"{p}.g_idx"].shape == (b.ffn,) and f"{p}.weight" not in state and f"{p}.bias" in state
+    assert state["model.embed_tokens.weight"].dtype == torch.float32  # embedding / tied head stay float
+    model = load_model(q).model
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    assert len({t.data_ptr() for _, t in tensors}) == len(tensors) == len(state)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == LINEARS_PER_LAYER * arch.num_blocks
+    report = json.loads((q / "quantize_report.json").read_text())
+    assert report["reload_max_abs_logit_diff"] < 1e-5 and report["calibration"]["tokens"] == 4 * 32
+
+
+def test_rtn_desc_act_asym_and_preset(float_dir, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("bits: 8\ngroup_size: -1\nmethod: rtn\nholdout: 1\nseq_len: 32\n")
+    assert cli(["quantize", str(float_dir), "--config", str(preset), "--no-sym", "--out", str(tmp_path / "r")]) == 0
+    cfg = json.loads((tmp_path / "r" / "quantize_config.json").read_text())
+    assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["meta"]["method"]) == (8, -1, False, "rtn")
+    assert cli(["quantize", str(float_dir), "--desc-act", "--group-size", "32", "--nsamples", "2", "--seq-len", "32",
+                "--holdout", "1", "--out", str(tmp_path / "d")]) == 0
+    ref, model = load_model(float_dir).model, load_model(tmp_path / "d").model
+    with torch.no_grad():
+        assert _rel(model(_ids(1)).logits, ref(_ids(1)).logits) < 0.15
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "quantize").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_presets_parse(preset, capsys):
+    """Every preset is valid (bad keys / values would stop here before any model is loaded)."""
+    from merino_pl.quantize.cli import resolve_options, validate
+    import argparse
+
+    args = argparse.Namespace(**{k: None for k in ("bits", "group_size", "desc_act", "sym", "method", "calib",
+                                "calib_text_field", "nsamples", "seq_len", "holdout", "damp_percent", "block_size",
+                                "true_sequential", "batch_size", "seed", "out", "tokenizer")}, config=str(preset), checkpoint="x")
+    resolve_options(args)
+    assert validate(args) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "3"], "--bits 3 is not supported (valid: 4, 8)"),
+    (["--bits", "3", "--nsamples", "0"], "--nsamples 0: must be positive"),  # every problem at once
+    (["--group-size", "48"], "--group-size 48 does not divide the layer widths"),
+    (["--calib", "EMPTY"], "is empty"),
+    (["--calib", "/nonexistent/x.txt"], "no such file"),
+    (["--method", "awq"], "--method 'awq'"),
+])
+def test_bad_input_is_one_line_exit_2(float_dir, tmp_path, capsys, argv, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    argv = [a.replace("EMPTY", str(empty)) for a in argv]
+    base = ["--nsamples", "2", "--seq-len", "32", "--group-size", "32", "--out", str(tmp_path / "o")]
+    assert cli(["quantize", str(float_dir), *base, *argv]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (earlier lines: transformers' loading bar)
+    assert err.startswith("merino-pl quantize: error:") and message in err
+    if argv[:2] == ["--bits", "3"]:
+        assert "--bits 3" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_checkpoint_exit_2(tmp_path, capsys):
+    assert cli(["quantize", str(tmp_path / "nope.ckpt"), "--nsamples", "2", "--seq-len", "32", "--out", str(tmp_path / "o")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

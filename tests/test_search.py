@@ -1,0 +1,335 @@
+"""Search stage: space, latency table, entropy (fast vs exact), evolutionary search, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from merino_pl.config import load_recipe
+from merino_pl.errors import MerinoError
+from merino_pl.latency_table import LatencyTable
+from merino_pl.space import default_space_path, load_space, space_from_dict
+
+from conftest import REPO
+
+
+# ---- search space ------------------------------------------------------------------------------
+def test_shipped_space_is_table_7_and_matches_package_copy() -> None:
+    space = load_space(REPO / "search" / "space.yaml")
+    assert space.embed_dims == tuple(range(64, 1025, 64)) and space.ffn_dims == tuple(range(128, 4097, 128))
+    assert space.num_layers == (1, 2, 3, 4) and space.num_blocks == 4
+    assert (REPO / "search" / "space.yaml").read_text() == default_space_path().read_text()
+    assert len(space.layer_shapes()) == 16 * 32
+    assert all(r <= c for r, c in space.matrix_shapes())
+
+
+def test_space_ratio_form_and_size() -> None:
+    space = space_from_dict({"num_blocks": 2, "embed_dims": [64, 128], "ffn_ratios": [1, 1.5], "num_layers": [1]})
+    assert space.layer_shapes() == [(64, 64), (64, 96), (128, 128), (128, 192)]
+    # non-decreasing pairs of widths: (64,64), (64,128), (128,128) × 2 ratios per block squared
+    assert space.size() == 3 * 4
+    assert space.block(128, 1.5, 1).ffn == 192
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"embed_dims": [], "ffn_dims": [128], "num_layers": [1]}, "embed_dims is empty"),
+        ({"embed_dims": [64], "ffn_dims": [128], "ffn_ratios": [1], "num_layers": [1]}, "exactly one of ffn_dims"),
+        ({"embed_dims": {"start": 64, "stop": 32, "step": 64}, "ffn_dims": [128], "num_layers": [1]}, "embed_dims is empty"),
+        ({"embed_dims": [100], "ffn_dims": [128], "num_layers": [1]}, "multiples of head_dim"),
+        ({"embed_dims": [64], "ffn_dims": [128], "num_layers": [0]}, "num_layers must hold positive"),
+        ({"embed_dims": [64], "ffn_dims": [128], "num_layers": [1], "depth": 3}, "unknown key 'depth'"),
+    ],
+)
+def test_bad_space_is_one_merino_error(data: dict, needle: str) -> None:
+    with pytest.raises(MerinoError, match=needle):
+        space_from_dict(data)
+
+
+# ---- latency table -----------------------------------------------------------------------------
+def _latency_table() -> LatencyTable:
+    layers = [{"embed_dim": e, "ffn_dim": f, "ms": 0.001 * e + 0.0005 * f} for e in (64, 128, 256) for f in (128, 256, 512)]
+    projections = [{"in": i, "out": o, "ms": 1e-5 * i * o / 64} for i in (64, 128, 256, 768) for o in (64, 128, 256, 768) if i != o]
+    return LatencyTable(fixed={"d_model": 768, "vocab_size": 50304, "ms": 1.0}, layers=layers, projections=projections)
+
+
+def test_latency_table_roundtrip_interpolation_and_range(tmp_path: Path) -> None:
+    table = _latency_table()
+    path = table.save(tmp_path / "t.json")
+    loaded = LatencyTable.load(path)
+    assert loaded.layer_ms(128, 256) == pytest.approx(0.128 + 0.128)
+    assert loaded.layer_ms(192, 384) == pytest.approx(0.001 * 192 + 0.0005 * 384)  # linear data: exact
+    with pytest.raises(MerinoError, match=r"E=512, F=256"):
+        loaded.layer_ms(512, 256)
+    space = space_from_dict({"embed_dims": [64, 128], "ffn_dims": [128, 256], "num_layers": [1, 2]})
+    arch = space.config([space.block(64, 128, 2), space.block(64, 256, 1), space.block(128, 128, 1), space.block(128, 256, 2)])
+    want = 1.0 + 2 * 0.128 + 0.192 + 0.192 + 2 * 0.256 + sum(1e-5 * i * o / 64 for i, o in ((768, 64), (64, 128), (128, 768)))
+    assert loaded.estimate_ms(arch) == pytest.approx(want)
+
+
+def test_latency_table_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(MerinoError, match="not a latency table"):
+        LatencyTable.load(bad)
+    with pytest.raises(MerinoError, match="not found"):
+        LatencyTable.load(tmp_path / "missing.json")
+
+
+# ---- entropy -----------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+from merino_pl.cli import main  # noqa: E402
+from merino_pl.costs import count_flops, count_params  # noqa: E402
+from merino_pl.search import entropy as ent  # noqa: E402
+from merino_pl.search.budget import Genes, cost_tables, min_cost, parse_budget  # noqa: E402
+from merino_pl.search.cli import SearchSettings, arch_costs, decode, run_search  # noqa: E402
+from merino_pl.search.evolution import EvolutionConfig  # noqa: E402
+
+SPACE = load_space(REPO / "search" / "space.yaml")
+PAPER = {"flops-60g": "merino-52m", "flops-110g": "merino-61m", "flops-160g": "merino-64m"}
+
+
+def _rel_errors(shapes: list[tuple[int, int]], rel_se: float) -> np.ndarray:
+    """|fast − exact| / exact, the exact value from a fresh Monte-Carlo run (another seed)."""
+    errs = []
+    for n, m in shapes:
+        exact, se = ent.matrix_entropy_exact(n, m, rel_se=rel_se, seed=12345)
+        assert se <= 1.1 * rel_se * exact
+        errs.append(abs(ent.matrix_entropy(n, m) - exact) / exact)
+    return np.array(errs)
+
+
+@pytest.mark.slow
+def test_fast_entropy_matches_exact_svd_on_50_random_shapes() -> None:
+    """Paper Fig. 2: table / closed form vs Monte-Carlo over 50 random shapes of the space."""
+    shapes = SPACE.matrix_shapes()
+    rng = np.random.default_rng(2025)
+    picked = [shapes[i] for i in rng.choice(len(shapes), size=50, replace=False)]
+    errs = _rel_errors(picked, rel_se=1e-4)
+    assert errs.mean() <= 3e-4 and errs.max() <= 1e-3, (errs.mean(), errs.max())
+
+
+def test_fast_entropy_small_shapes_and_symmetry() -> None:
+    errs = _rel_errors([(64, 128), (64, 64), (128, 384)], rel_se=1e-4)
+    assert errs.max() <= 1e-3
+    assert ent.matrix_entropy(128, 384) == ent.matrix_entropy(384, 128)
+    # the closed form alone is within 1e-5 on rectangular shapes (where the table adds nothing)
+    exact, _ = ent.matrix_entropy_exact(192, 256, rel_se=1e-5, seed=7)
+    assert abs(ent.matrix_entropy_closed_form(192, 256) - exact) / exact <= 2e-5
+
+
+def test_shipped_table_covers_the_space_squares() -> None:
+    table = ent.shipped_table()
+    assert table is not None and table.matches(ent.DEFAULT)
+    assert {(e, e) for e in SPACE.embed_dims} <= set(table.values)
+    assert ent.default_table_path().stat().st_size < 1_000_000
+
+
+def test_recipe_entropy_terms_and_effectiveness() -> None:
+    arch = load_recipe("merino-52m").architecture
+    e = ent.recipe_entropy(arch)
+    assert e["total"] == pytest.approx(e["mhsa"] + e["ffn"]) and e["mhsa"] > e["ffn"] > 0
+    # paper Table 1: γ = 0.008 for L = 1, E = 256 and 0.25 for L = 24, E = 64 (β = 1/16, log2)
+    assert 1 - ent.effectiveness(1, 256, 1 / 16) == pytest.approx(0.0078, abs=1e-4)
+    assert 1 - ent.effectiveness(24, 64, 1 / 16) == pytest.approx(0.25)
+    cfg = ent.EntropyConfig(alpha_mhsa=0.5, alpha_ffn=2.0)
+    w = ent.arch_entropy(arch, cfg)
+    assert w["total"] == pytest.approx(0.5 * e["mhsa"] + 2.0 * e["ffn"])
+
+
+def test_entropy_config_rejects_bad_values() -> None:
+    with pytest.raises(MerinoError, match=r"entropy.init 'xavier'.*entropy.eps must be a positive"):
+        ent.EntropyConfig.from_dict({"init": "xavier", "eps": 0})
+
+
+# ---- costs as tables ---------------------------------------------------------------------------
+def _random_codes(space, n: int, seed: int = 0) -> np.ndarray:
+    from merino_pl.search.evolution import _random_population
+    from merino_pl.search.cli import build_problem
+
+    s = SearchSettings([parse_budget("flops=1T")], space)
+    return _random_population(build_problem(s), n, np.random.default_rng(seed))
+
+
+def test_cost_tables_match_reference_counts() -> None:
+    genes = Genes.of(SPACE)
+    codes = _random_codes(SPACE, 40)
+    latency = _latency_table_for(SPACE)
+    for name, ref in (("params", count_params), ("flops", count_flops), ("latency", latency.estimate_ms)):
+        tables = cost_tables(name, SPACE, genes, latency)
+        got = tables.evaluate(codes, genes.embed_idx[codes])
+        want = [ref(decode(SPACE, genes, c)) for c in codes]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def _latency_table_for(space) -> LatencyTable:
+    dims = sorted(set(space.embed_dims) | {768})
+    layers = [{"embed_dim": e, "ffn_dim": f, "ms": 1e-6 * e * (e + f)} for e in space.embed_dims for f in space.ffn_dims]
+    projections = [{"in": i, "out": o, "ms": 1e-7 * i * o} for i in dims for o in dims if i != o]
+    return LatencyTable(fixed={"d_model": 768, "vocab_size": 50304, "ms": 2.0}, layers=layers, projections=projections)
+
+
+def test_min_cost_dp_is_the_brute_force_minimum() -> None:
+    space = space_from_dict({"num_blocks": 3, "embed_dims": [64, 128, 768, 832], "ffn_dims": [128, 256], "num_layers": [1, 2]})
+    genes = Genes.of(space)
+    tables = cost_tables("params", space, genes)
+    grid = np.stack(np.meshgrid(*[np.arange(len(genes.embed_idx))] * 3, indexing="ij"), -1).reshape(-1, 3)
+    ei = genes.embed_idx[grid]
+    ok = (np.diff(ei, axis=1) >= 0).all(axis=1)
+    brute = tables.evaluate(grid[ok], ei[ok]).min()
+    cost, codes = min_cost(tables)
+    assert cost == brute == count_params(decode(space, genes, np.array(codes)))
+
+
+@pytest.mark.parametrize("text, cost, limit", [("flops=60G", "flops", 60e9), ("params<=60M", "params", 60e6),
+                                               ("latency=50ms", "latency", 50.0), ("latency=0.5s", "latency", 500.0)])
+def test_parse_budget(text: str, cost: str, limit: float) -> None:
+    b = parse_budget(text)
+    assert (b.cost, b.limit) == (cost, limit)
+
+
+# ---- evolutionary search -----------------------------------------------------------------------
+def _settings(budgets: list[str], proxy: str = "entropy", iterations: int = 20000, seed: int = 0) -> SearchSettings:
+    return SearchSettings([parse_budget(b) for b in budgets], SPACE, proxy=proxy, seed=seed,
+                          evolution=EvolutionConfig(iterations=iterations))
+
+
+def _check_population(problem, result, budgets: dict[str, float]) -> None:
+    for codes in result.codes:
+        arch = decode(SPACE, problem.genes, codes)  # MerinoConfig validates non-decreasing widths
+        widths = [b.embed_dim for b in arch.blocks]
+        assert widths == sorted(widths)
+        costs = {"flops": count_flops(arch), "params": count_params(arch)}
+        assert all(costs[k] <= v for k, v in budgets.items())
+
+
+@pytest.mark.parametrize("config", PAPER)
+def test_search_beats_the_paper_recipe_at_its_cost(config: str) -> None:
+    """At the paper recipe's own FLOPs, the searched recipe has at least its entropy."""
+    paper = load_recipe(PAPER[config]).architecture
+    flops = count_flops(paper)
+    s = _settings([f"flops={flops}"])
+    problem, result = run_search(s, progress=False)
+    best = decode(SPACE, problem.genes, result.codes[0])
+    assert ent.recipe_entropy(best)["total"] >= ent.recipe_entropy(paper)["total"]
+    assert result.scores[0] == pytest.approx(ent.recipe_entropy(best)["total"])
+    assert len(result.codes) == len(np.unique(result.codes, axis=0)) >= 2
+    _check_population(problem, result, {"flops": flops})
+
+
+def test_search_is_deterministic_and_respects_several_budgets() -> None:
+    s = _settings(["flops=60G", "params=44M"], iterations=5000, seed=3)
+    (p1, r1), (_, r2) = run_search(s, progress=False), run_search(s, progress=False)
+    np.testing.assert_array_equal(r1.codes, r2.codes)
+    assert r1.history == r2.history and r1.candidates == 5000
+    _check_population(p1, r1, {"flops": 60e9, "params": 44e6})
+    _, r3 = run_search(_settings(["flops=60G", "params=44M"], iterations=5000, seed=4), progress=False)
+    assert not np.array_equal(r1.codes, r3.codes)
+
+
+def test_baseline_proxies() -> None:
+    p, params = run_search(_settings(["flops=60G"], proxy="params", iterations=5000), progress=False)
+    best = decode(SPACE, p.genes, params.codes[0])
+    assert params.scores[0] == count_params(best) - (50304 + 2048) * 768  # decoder parameters (LTS)
+    _check_population(p, params, {"flops": 60e9})
+    p, naive = run_search(_settings(["flops=60G"], proxy="naive"), progress=False)
+    uniform = decode(SPACE, p.genes, naive.codes[0])
+    assert len({(b.embed_dim, b.ffn, b.num_layers) for b in uniform.blocks}) == 1
+    assert uniform.blocks[0].ffn in (4 * uniform.blocks[0].embed_dim, 4096)
+    assert count_flops(uniform) <= 60e9
+    e = ent.recipe_entropy
+    _, entropy = run_search(_settings(["flops=60G"], iterations=5000), progress=False)
+    assert e(decode(SPACE, p.genes, entropy.codes[0]))["total"] > max(e(best)["total"], e(uniform)["total"])
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def test_search_cli_writes_recipe_plot_population(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "recipes" / "found.yaml"
+    argv = ["search", "--config", str(REPO / "search" / "flops-60g.yaml"), "--budget", "flops=60G",
+            "--budget", "params=50M", "--iterations", "3000", "--seed", "1", "--out", str(out)]
+    assert main(argv) == 0
+    recipe = load_recipe(out)
+    prov = recipe.provenance
+    assert prov["budgets"] == ["flops=60G", "params=50M"] and prov["proxy"] == "entropy" and prov["seed"] == 1
+    assert prov["entropy_config"]["eps"] == 1e-3 and prov["evolution"]["population"] == 512
+    assert prov["evolution"]["iterations"] == 3000 and prov["space"]["num_blocks"] == 4
+    assert prov["entropy"]["total"] == pytest.approx(ent.recipe_entropy(recipe.architecture)["total"], abs=1e-2)
+    assert prov["costs"]["flops"] <= 60e9 and prov["costs"]["params"] <= 50e6
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    pop = json.loads(out.with_suffix(".population.json").read_text())
+    assert pop["population"][0]["score"] == pytest.approx(prov["proxy_score"], abs=1e-3)
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entropy"]["total"] == pytest.approx(prov["entropy"]["total"], abs=1e-2)
+    from merino_pl.checkpoint import load_model
+
+    model = load_model(out).model
+    assert sum(p.numel() for p in model.parameters()) == prov["costs"]["params"]
+
+
+def test_search_with_latency_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = _latency_table_for(SPACE).save(tmp_path / "dev.json")
+    out = tmp_path / "lat.yaml"
+    assert main(["search", "--budget", "latency=30ms", "--latency-table", str(table), "--iterations", "2000",
+                 "--no-plot", "--out", str(out)]) == 0
+    prov = load_recipe(out).provenance
+    assert prov["costs"]["latency_ms"] <= 30 and prov["latency_table"]["file"] == str(table)
+
+
+def test_shipped_search_configs_load() -> None:
+    from merino_pl.search.cli import add_arguments, resolve_settings
+    import argparse
+
+    for name in PAPER:
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        s = resolve_settings(p.parse_args(["--config", str(REPO / "search" / f"{name}.yaml")]))
+        assert s.budgets[0].limit == float(name.split("-")[1][:-1]) * 1e9
+        assert s.evolution == EvolutionConfig() and s.entropy == ent.DEFAULT and s.space == SPACE
+
+
+def _bad_space(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD = {
+    "unmeetable": (["--budget", "flops=1G"], "flops=1G cannot be met"),
+    "unknown-cost": (["--budget", "energy=3J"], "unknown cost 'energy'"),
+    "no-budget": ([], "no budget"),
+    "latency-without-table": (["--budget", "latency=5ms"], "needs --latency-table"),
+    "bad-out": (["--budget", "flops=60G", "--out", "x.txt"], "must be a .yaml"),
+    "empty-space": (["--budget", "flops=60G", "--space", "EMPTY"], "embed_dims is empty"),
+    "contradictory-space": (["--budget", "flops=60G", "--space", "BOTH"], "exactly one of ffn_dims"),
+    "two-problems": (["--budget", "flops=1x", "--budget", "energy=1"], "unit 'x'"),
+    "parents-vs-population": (["--budget", "flops=60G", "--population", "32"], "must be smaller than population"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, needle = BAD[case]
+    spaces = {"EMPTY": "embed_dims: []\nffn_dims: [128]\nnum_layers: [1]\n",
+              "BOTH": "embed_dims: [64]\nffn_dims: [128]\nffn_ratios: [1]\nnum_layers: [1]\n"}
+    argv = [_bad_space(tmp_path, spaces[a]) if a in spaces else a for a in argv]
+    assert main(["search", *argv, "--iterations", "100"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    if case == "two-problems":
+        assert "unknown cost 'energy'" in err  # every problem at once
+
+
+def test_vectorised_entropy_equals_scalar_path() -> None:
+    g = Genes.of(SPACE)
+    rows = np.random.default_rng(0).choice(len(g.embed_dim), 50, replace=False)
+    e, f, L = g.embed_dim[rows], g.ffn_dim[rows], g.num_layers[rows]
+    mhsa, ffn = ent.block_entropies(e, f, L)
+    want = [ent.block_entropy(int(a), int(b), int(c)) for a, b, c in zip(e, f, L)]
+    np.testing.assert_allclose(np.stack([mhsa, ffn], 1), want, rtol=1e-12)

@@ -1,0 +1,316 @@
+"""Training stage: schedule, optimizer groups, config checks, exact resume after kill -9,
+atomic checkpoints under a kill mid-save, the non-finite guard, 2-process DDP, export.
+
+All runs use a micro recipe (d_model 32; the vocabulary stays the shipped tokenizer's 50 304)
+on the embedded corpus, fp32, one thread. Runs that need a fresh process (kill -9, DDP) go
+through the real ``python -m merino_pl.cli fit``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merino_pl.checkpoint import load_model
+from merino_pl.cli import main as cli_main
+from merino_pl.errors import MerinoError
+from merino_pl.train.callbacks import AtomicCheckpointIO
+from merino_pl.train.module import MerinoLightningModule, NonFiniteLossError, lr_factor, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = {
+    "name": "micro",
+    "architecture": {
+        "vocab_size": 50304, "d_model": 32, "max_position_embeddings": 64, "head_dim": 16,
+        "blocks": [
+            {"embed_dim": 32, "ffn_ratio": 2, "num_layers": 2}, {"embed_dim": 32, "ffn_ratio": 2, "num_layers": 1},
+            {"embed_dim": 48, "ffn_ratio": 2, "num_layers": 1}, {"embed_dim": 48, "ffn_ratio": 2, "num_layers": 1},
+        ],
+    },
+    "provenance": {"source": "test"},
+}
+
+
+@pytest.fixture
+def fit_config(tmp_path: Path) -> Path:
+    """A complete ``fit`` config: micro recipe, embedded corpus, CSV losses every step."""
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text(yaml.safe_dump(MICRO))
+    cfg = {
+        "seed_everything": 7,
+        "model": {"recipe": str(recipe), "lr": 3e-3, "warmup_steps": 2},
+        "data": {"source": "embedded", "seq_len": 32, "batch_size": 4, "num_workers": 0, "val_sequences": 0, "shuffle_windows": 64},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 10, "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "run"), "name": "logs"}},
+        },
+        "checkpoint": {"every_n_train_steps": 4},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_dir_args(root: Path) -> list[str]:
+    return ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
+
+
+def fit_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "merino_pl.cli", "fit", "--config", str(config), *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def step_losses(root: Path) -> dict[int, str]:
+    """{logged step: loss as written} from every CSV log under ``root`` (exact text: bitwise)."""
+    out: dict[int, str] = {}
+    for path in sorted(root.glob("logs/version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss"):
+                out[int(row["step"])] = row["train/loss"]
+    return out
+
+
+# ---- units -------------------------------------------------------------------------------------
+def test_lr_schedule_warms_up_then_decays_linearly_to_ten_percent():
+    f = [lr_factor(s, warmup_steps=10, max_steps=110, min_lr_ratio=0.1) for s in range(130)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
+    assert f[60] == pytest.approx(1 - 0.9 * 0.5)
+    assert f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_weight_decay_on_matrices_only(tmp_path):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(MICRO))
+    module = MerinoLightningModule(str(tmp_path / "m.yaml"))
+    decay, no_decay = param_groups(module.model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+    assert any(p is module.model.model.embed_tokens.weight for p in decay["params"])  # tied head, once
+
+
+def test_module_rejects_bad_hyperparameters():
+    with pytest.raises(MerinoError, match=r"model.lr .*model.betas"):
+        MerinoLightningModule("merino-tiny", lr=-1.0, betas=(0.9, 1.5))
+
+
+# ---- the fit CLI -------------------------------------------------------------------------------
+def test_fit_reports_every_bad_value_in_one_line_before_work(fit_config, tmp_path, capsys):
+    code = cli_main(["fit", "--config", str(fit_config), "--model.lr", "-1", "--model.warmup_steps", "50",
+                     "--data.seq_len", "4096", "--model.recipe", "no-such-recipe"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    for part in ("model.lr", "warmup_steps 50 exceeds trainer.max_steps 10", "model.recipe", "no-such-recipe"):
+        assert part in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fit_parse_errors_are_one_line(fit_config, capsys):
+    code = cli_main(["fit", "--config", str(fit_config), "--model.lr", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "model.lr" in err, err
+    assert "Traceback" not in err
+
+
+def test_fit_writes_loadable_exportable_checkpoints(fit_config, tmp_path, capsys):
+    assert cli_main(["fit", "--config", str(fit_config), "--trainer.max_steps", "4", "--model.warmup_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step       4/4  loss" in out
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert {p.name for p in ckpt_dir.iterdir()} == {"last.ckpt", "step-00000004.ckpt"}
+    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)  # what load_model / export use
+    assert ckpt["global_step"] == 4 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert ckpt["merino"]["recipe"]["name"] == "micro" and ckpt["merino"]["tokens_seen"] == 4 * 4 * 32
+    assert {"torch", "numpy", "python"} <= set(ckpt["merino"]["rng"])
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "data position missing"
+    loaded = load_model(ckpt_dir / "last.ckpt")
+    assert torch.equal(loaded.model.model.embed_tokens.weight, ckpt["state_dict"]["model.model.embed_tokens.weight"])
+    assert cli_main(["export", str(ckpt_dir / "last.ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_shipped_train_recipes_parse(tmp_path):
+    """Both shipped configs parse and instantiate (the paper's with CPU overrides)."""
+    from merino_pl.train.cli import build_cli
+
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+           "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path)]
+    demo = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), *cpu], run=False)
+    assert demo.model.recipe.name == "merino-tiny" and demo.datamodule.hparams.source == "embedded"
+    pile = yaml.safe_load((REPO / "recipes/train/pile-8xh100.yaml").read_text())
+    t, d = pile["trainer"], pile["data"]
+    assert t["max_steps"] == 600_000 and t["precision"] == "bf16-mixed" and t["strategy"] == "ddp"
+    assert t["devices"] * d["batch_size"] * t["accumulate_grad_batches"] == 1024 and d["seq_len"] == 1024
+    pile_cli = build_cli(["--config", str(REPO / "recipes/train/pile-8xh100.yaml"), *cpu,
+                          "--model.recipe", "merino-tiny", "--data.seq_len", "128", "--trainer.logger", "false"], run=False)
+    assert pile_cli.datamodule.hparams.source == "EleutherAI/the_pile_deduplicated"
+
+
+# ---- guards ------------------------------------------------------------------------------------
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(fit_config, tmp_path):
+    import lightning as L
+
+    from merino_pl.train.cli import build_cli
+
+    class PoisonAt(L.Callback):  # the test's fault injection: a weight turns NaN before step 6
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                with torch.no_grad():
+                    pl_module.model.model.embed_tokens.weight[0, 0] = float("nan")
+
+    cli = build_cli(["--config", str(fit_config), "--model.warmup_steps", "1"], run=False)
+    cli.trainer.callbacks.append(PoisonAt())
+    cli.before_fit()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+SLOW_SAVE = textwrap.dedent(
+    """
+    import pathlib, sys, time, torch
+    from merino_pl.train.callbacks import AtomicCheckpointIO
+
+    class Slow:  # pickled inside torch.save: signals, then stalls mid-save
+        def __reduce__(self):
+            pathlib.Path(sys.argv[2]).touch()
+            time.sleep(600)
+            return (int, ())
+
+    ckpt = torch.load(sys.argv[1], weights_only=True)
+    ckpt["stall"] = Slow()
+    AtomicCheckpointIO().save_checkpoint(ckpt, sys.argv[1])
+    """
+)
+
+
+def test_kill_during_checkpoint_save_keeps_previous_last(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(MICRO))
+    module = MerinoLightningModule(str(tmp_path / "m.yaml"))
+    good = {"state_dict": module.state_dict(), "merino": {"recipe": module.recipe.to_dict()}, "global_step": 4}
+    AtomicCheckpointIO().save_checkpoint(good, last)
+    before = last.read_bytes()
+    marker = tmp_path / "saving"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(last), str(marker)], env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the saver never reached the save"
+            time.sleep(0.02)
+        assert list(last.parent.glob(".last.ckpt.*.tmp")), "the new checkpoint is written beside last.ckpt"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert last.read_bytes() == before
+    assert load_model(last).recipe.name == "micro"
+    AtomicCheckpointIO().save_checkpoint(good, last)  # the next save clears the dead temp file
+    assert not list(last.parent.glob(".last.ckpt.*.tmp"))
+
+
+# ---- exact resume and DDP (fresh processes) ---------------------------------------------------
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_with_identical_losses(fit_config, tmp_path):
+    env = subprocess_env()
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(fit_cmd(fit_config, *run_dir_args(straight)), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(fit_cmd(fit_config, *run_dir_args(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "no checkpoint before the kill"
+    resumed_from = torch.load(last, weights_only=True)["global_step"]
+    assert resumed_from < 10, "the run finished before it was killed: nothing to resume"
+    subprocess.run(fit_cmd(fit_config, *run_dir_args(killed), "--ckpt_path", "last"), env=env, check=True,
+                   capture_output=True, timeout=600)
+    want, got = step_losses(straight), step_losses(killed)
+    assert sorted(want) == list(range(10))
+    assert {s: got[s] for s in range(resumed_from, 10)} == {s: want[s] for s in range(resumed_from, 10)}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_with_accumulation(fit_config, tmp_path):
+    root = tmp_path / "ddp"
+    proc = subprocess.run(
+        fit_cmd(fit_config, *run_dir_args(root), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                "--trainer.max_steps", "3", "--trainer.accumulate_grad_batches", "2", "--model.warmup_steps", "1",
+                "--checkpoint.every_n_train_steps", "3"),
+        env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["merino"]["tokens_seen"] == 3 * 2 * 2 * 4 * 32  # steps x accumulated x ranks x batch x seq_len
+    loader = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["world_size"] == 2 and len(loader["ranks"]) == 2
+
+
+# ---- W&B, demo, packaged configs --------------------------------------------------------------
+def test_wandb_without_key_goes_offline_and_says_how_to_sync(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from merino_pl.train.cli import setup_wandb
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    logger = WandbLogger(save_dir=str(tmp_path))
+    setup_wandb(logger, resume_from=None)
+    assert os.environ["WANDB_MODE"] == "offline" and logger._id
+    assert f"wandb sync {tmp_path}/wandb/offline-run-*" in capsys.readouterr().err
+
+
+def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_path):
+    import wandb
+
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(tmp_path / "run")]
+    common = ["fit", "--config", str(fit_config), "--model.warmup_steps", "1", "--checkpoint.every_n_train_steps", "2", *logger]
+    assert cli_main([*common, "--trainer.max_steps", "2"]) == 0
+    wandb.finish()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_id = torch.load(last, weights_only=True)["merino"]["wandb_run_id"]
+    assert cli_main([*common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
+    wandb.finish()
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["merino"]["wandb_run_id"] == run_id
+    runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
+
+
+def test_packaged_train_configs_are_the_recipes_folder():
+    packaged = REPO / "src" / "merino_pl" / "recipes" / "train"
+    names = sorted(p.name for p in (REPO / "recipes" / "train").glob("*.yaml"))
+    assert names == ["cpu-demo.yaml", "pile-8xh100.yaml"]
+    for name in names:
+        assert (packaged / name).read_bytes() == (REPO / "recipes" / "train" / name).read_bytes(), name
+
+
+def test_demo_trains_then_generates(tmp_path, capsys):
+    assert cli_main(["demo", "--max-steps", "2", "--out", str(tmp_path), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "step       2/2  loss" in out and "generation from the trained model" in out
+    assert list(tmp_path.glob("*/checkpoints/last.ckpt"))
