@@ -27,8 +27,6 @@ from merino_pl.io import atomic_path
 
 def silence_known_warnings() -> None:
     """Hide warnings about choices made on purpose here, and library noise we cannot fix."""
-    # training_step takes the data iterator on purpose (module.py); Lightning warns about it
-    warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # cli.main passes args
     for noise in ("The `srun` command is available", "'set_vital' is deprecated", ".*LeafSpec"):
         warnings.filterwarnings("ignore", message=noise)

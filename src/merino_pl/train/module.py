@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -118,12 +118,10 @@ class MerinoLightningModule(L.LightningModule):
         """Mean next-token loss of a (B, T+1) batch of token ids."""
         return self._loss_fn(batch[:, :-1], batch[:, 1:])
 
-    def training_step(self, dataloader_iter: Iterator[Any]) -> torch.Tensor:
-        # Taking the iterator (instead of a batch) turns off Lightning's one-batch prefetch:
-        # with it, the data position saved in a checkpoint is one batch ahead of the step that
-        # saved it, and a resume would silently skip a batch. (Loader workers still prefetch.)
-        batch, _, _ = next(dataloader_iter)
-        batch = batch.to(self.device, non_blocking=True)
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # Exact resume: Lightning prefetches one batch, so the loader is one batch ahead when a
+        # checkpoint is saved; PileDataModule's loader saves the position of the batch this step
+        # used (its ConsumedBatches callback), and the RNG states are restored before the step.
         loss = self(batch)
         # flag a NaN/inf without a host sync; checked once per optimizer step
         self._nonfinite = self._nonfinite.to(loss.device) | ~torch.isfinite(loss.detach())
