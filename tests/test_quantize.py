@@ -71,6 +71,19 @@ def test_packed_tensors_dequantize_to_the_solver_weight(sym, desc_act):
         assert torch.equal(q.g_idx, torch.arange(128, dtype=torch.int32) // 32)
 
 
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_ragged_last_group_as_auto_gptq_writes_it(method):
+    """96 inputs in groups of 64: two groups, the last of 32 columns (MeRino-64M: 960 in g128)."""
+    torch.manual_seed(0)
+    W, X = torch.randn(16, 96), torch.randn(512, 96)
+    q = (gptq_quantize(W, 2 * X.t() @ X / 512, 4, 64).weight if method == "gptq" else rtn_quantize(W, 4, 64, True))
+    assert q.scales.shape == (2, 16) and torch.bincount(q.g_idx.long()).tolist() == [64, 32]
+    p = pack(q)
+    lin = QuantLinear(96, 16, 4, 64, bias=False)
+    lin.load_state_dict(p, strict=False)
+    assert torch.equal(lin.weight_float(), q.dequantize()) and _rel(q.dequantize(), W) < 0.15
+
+
 def test_gptq_beats_rtn_on_its_objective():
     """GPTQ's output error ||WX - ŴX|| on correlated inputs is well below round-to-nearest's."""
     torch.manual_seed(0)
@@ -181,7 +194,7 @@ def test_shipped_presets_parse(preset, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--bits", "3"], "--bits 3 is not supported (valid: 4, 8)"),
     (["--bits", "3", "--nsamples", "0"], "--nsamples 0: must be positive"),  # every problem at once
-    (["--group-size", "48"], "--group-size 48 does not divide the layer widths"),
+    (["--group-size", "256"], "--group-size 256 exceeds the narrowest layer width 64"),
     (["--calib", "EMPTY"], "is empty"),
     (["--calib", "/nonexistent/x.txt"], "no such file"),
     (["--method", "awq"], "--method 'awq'"),

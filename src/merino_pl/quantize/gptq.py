@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merino_pl.quantize.rtn import QuantizedWeight, grid_params, quantize_codes
+from merino_pl.quantize.rtn import QuantizedWeight, grid_params, num_groups, quantize_codes
 
 
 class HessianAccumulator:
@@ -73,17 +73,19 @@ def gptq_quantize(
     gs = cols if group_size == -1 else group_size
     # lazy-update blocks hold whole groups, so a group's grid is always fitted on columns that
     # already carry every earlier column's error compensation
-    block = max(block_size // gs, 1) * gs if gs < cols else cols
+    block = max(block_size // gs, 1) * gs if group_size != -1 else block_size
     codes = torch.zeros_like(W)
-    scales = torch.zeros(cols // gs, rows)
-    zeros = torch.zeros(cols // gs, rows)
+    scales = torch.zeros(num_groups(cols, group_size), rows)
+    zeros = torch.zeros_like(scales)
     loss = torch.zeros(rows)
+    if group_size == -1:  # one grid per output channel, fitted on the whole row up front
+        scales[0], zeros[0] = grid_params(W, bits, sym)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            if (i1 + i) % gs == 0:
+            if group_size != -1 and (i1 + i) % gs == 0:
                 g = (i1 + i) // gs
                 scales[g], zeros[g] = grid_params(W1[:, i : i + gs], bits, sym)
             s, z = scales[(i1 + i) // gs], zeros[(i1 + i) // gs]
