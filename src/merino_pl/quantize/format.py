@@ -118,7 +118,10 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
     if not (path / WEIGHTS_NAME).exists():
         raise MerinoError(f"{path}: no {WEIGHTS_NAME}")
     config = MerinoHFConfig.from_pretrained(path)
-    state = load_file(str(path / WEIGHTS_NAME))
+    # float tensors load as float32 whatever the writer used (GPTQModel writes bf16 / fp16 ones);
+    # scales stay fp16 as the format defines them
+    state = {k: v.float() if v.is_floating_point() and not k.endswith(".scales") else v
+             for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
     with torch.device("meta"):
         model = MerinoForCausalLM(config)
     for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
