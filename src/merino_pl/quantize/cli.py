@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "method": "gptq",
     "calib": "embedded", "calib_text_field": "text", "nsamples": 128, "seq_len": 512, "holdout": 8,
     "damp_percent": 0.01, "block_size": 128, "true_sequential": True, "batch_size": 8, "seed": 0,
+    "float_dtype": "float16",
 }
 
 
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--true-sequential", action=flag, help="quantize q/k/v, o, up, down in order, re-running the block (default on)")
     p.add_argument("--batch-size", type=int, help=f"calibration windows per forward (default {d['batch_size']})")
     p.add_argument("--seed", type=int, help=f"seed of the calibration window draw (default {d['seed']})")
+    p.add_argument("--float-dtype", help="dtype of the tensors left unquantized (embedding / tied head, norms, biases, "
+                   "projections): float16 (default, as GPTQ checkpoints), bfloat16 or float32 (bit-exact)")
 
 
 def resolve_options(args: argparse.Namespace) -> None:
@@ -84,6 +87,8 @@ def validate(args: argparse.Namespace) -> list[str]:
     for flag in ("nsamples", "seq_len", "batch_size", "block_size"):
         if getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if args.float_dtype not in ("float16", "bfloat16", "float32"):
+        problems.append(f"--float-dtype {args.float_dtype!r} (valid: float16, bfloat16, float32)")
     if args.holdout < 0 or not 0 <= args.damp_percent < 1:
         problems.append(f"--holdout must be >= 0 and --damp-percent in [0, 1) (got {args.holdout}, {args.damp_percent})")
     ckpt = Path(args.checkpoint)
