@@ -58,7 +58,8 @@ def calibration_tokens(
         )
     windows = torch.tensor(ids[: slots * seq_len]).view(slots, seq_len)
     order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))
-    return windows[order[:nsamples]], windows[order[nsamples : nsamples + holdout]]
+    # held-out windows first: the same ones whatever nsamples is (GPTQ and RTN reports compare)
+    return windows[order[holdout : holdout + nsamples]], windows[order[:holdout]]
 
 
 def _extend(ids: list[int], tok, texts: list[str], eos: int | None) -> list[int]:

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "method": "gptq",
     "calib": "embedded", "calib_text_field": "text", "nsamples": 128, "seq_len": 512, "holdout": 8,
     "damp_percent": 0.01, "block_size": 128, "true_sequential": True, "batch_size": 8, "seed": 0,
+    "float_dtype": "float16",
 }
 
 
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--true-sequential", action=flag, help="quantize q/k/v, o, up, down in order, re-running the block (default on)")
     p.add_argument("--batch-size", type=int, help=f"calibration windows per forward (default {d['batch_size']})")
     p.add_argument("--seed", type=int, help=f"seed of the calibration window draw (default {d['seed']})")
+    p.add_argument("--float-dtype", help="dtype of the tensors left unquantized (embedding / tied head, norms, biases, "
+                   "projections): float16 (default, as GPTQ checkpoints), bfloat16 or float32 (bit-exact)")
 
 
 def resolve_options(args: argparse.Namespace) -> None:
@@ -84,6 +87,8 @@ def validate(args: argparse.Namespace) -> list[str]:
     for flag in ("nsamples", "seq_len", "batch_size", "block_size"):
         if getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if args.float_dtype not in ("float16", "bfloat16", "float32"):
+        problems.append(f"--float-dtype {args.float_dtype!r} (valid: float16, bfloat16, float32)")
     if args.holdout < 0 or not 0 <= args.damp_percent < 1:
         problems.append(f"--holdout must be >= 0 and --damp-percent in [0, 1) (got {args.holdout}, {args.damp_percent})")
     ckpt = Path(args.checkpoint)
@@ -93,16 +98,27 @@ def validate(args: argparse.Namespace) -> list[str]:
 
 
 def validate_for_model(args: argparse.Namespace, arch: Any) -> list[str]:
-    """Problems that depend on the architecture (group size vs widths, seq_len vs positions)."""
+    """Problems that depend on the architecture (group size and packing vs widths, seq_len)."""
     problems = []
-    widths = sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})
-    if args.group_size > 0:
-        bad = [w for w in widths if w % args.group_size]
-        if bad:
-            problems.append(f"--group-size {args.group_size} does not divide the layer widths {bad} (widths: {widths})")
+    widths = sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})  # in- and out-features of every linear
+    if args.group_size > widths[0]:
+        problems.append(f"--group-size {args.group_size} exceeds the narrowest layer width {widths[0]} "
+                        f"(widths: {widths}); use -1 for one group per output channel")
+    if args.bits in SUPPORTED_BITS and any(w % (32 // args.bits) for w in widths):
+        problems.append(f"layer widths {widths} must be multiples of {32 // args.bits} to pack {args.bits}-bit codes in int32")
     if args.seq_len > arch.max_position_embeddings:
         problems.append(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {arch.max_position_embeddings}")
     return problems
+
+
+def ragged_note(group_size: int, arch: Any) -> str | None:
+    """A note when the group size does not divide some input width (the last group is shorter)."""
+    widths = sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})
+    ragged = [w for w in widths if group_size > 0 and w % group_size]
+    if not ragged:
+        return None
+    return (f"note: --group-size {group_size} does not divide input widths {ragged}: their last group is shorter "
+            "(valid GPTQ, as auto-gptq / GPTQModel write it; fixed-shape kernels such as Marlin need a divisor)")
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -125,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         raise MerinoError("; ".join(problems))
     spec = QuantSpec(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.damp_percent, args.block_size, args.true_sequential)
     print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out}: {spec}")
+    note = ragged_note(args.group_size, loaded.recipe.architecture)
+    if note:
+        print(note)
     report = quantize_checkpoint(loaded, spec, calib, held, out, args)
     print(report["summary_line"])
     return 0

@@ -57,10 +57,30 @@ def quantize_config(spec: QuantSpec) -> dict[str, Any]:
     }
 
 
-def packed_state_dict(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: packed GPTQ tensors for ``quantized``, the rest as they are."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (k.endswith(".weight") and k[: -len(".weight")] in quantized)}
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _unquantized(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not (k.endswith(".weight") and k[: -len(".weight")] in quantized)}
+
+
+def round_unquantized(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
+    """Round the tensors stored unquantized (embedding, norms, biases, projections) to ``dtype``
+    in place, so the in-memory model is exactly what the written files hold."""
+    with torch.no_grad():
+        for v in _unquantized(model, quantized).values():
+            if v.is_floating_point():
+                v.copy_(v.to(dtype))
+
+
+def packed_state_dict(
+    model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: packed GPTQ tensors for ``quantized``, the rest in ``dtype``
+    (float16 by default, as GPTQ checkpoints are fp16 models: at MeRino's scale the unquantized
+    embedding is most of the file)."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+             for k, v in _unquantized(model, quantized).items()}
     for name, q in quantized.items():
         state.update({f"{name}.{t}": v.contiguous() for t, v in pack(q).items()})
     return state
@@ -91,7 +111,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
 
 def write_quantized(
-    tmp: Path, model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], spec: QuantSpec, tokenizer: str | None
+    tmp: Path, model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], spec: QuantSpec, tokenizer: str | None,
+    float_dtype: str = "float16",
 ) -> None:
     """Fill directory ``tmp`` with config, quantize config, weights and tokenizer."""
     from merino_pl.tokenizer import hf_tokenizer
@@ -99,9 +120,10 @@ def write_quantized(
     qcfg = quantize_config(spec)
     config = MerinoHFConfig.from_dict(model.config.to_dict())
     config.quantization_config = {k: v for k, v in qcfg.items() if k != "meta"}
+    config.dtype = float_dtype  # what the unquantized tensors are stored in
     config.save_pretrained(tmp)
     (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
-    save_file(packed_state_dict(model, quantized), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(packed_state_dict(model, quantized, FLOAT_DTYPES[float_dtype]), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     hf_tokenizer(tokenizer).save_pretrained(tmp)
 
 
@@ -118,7 +140,10 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
     if not (path / WEIGHTS_NAME).exists():
         raise MerinoError(f"{path}: no {WEIGHTS_NAME}")
     config = MerinoHFConfig.from_pretrained(path)
-    state = load_file(str(path / WEIGHTS_NAME))
+    # float tensors load as float32 whatever the writer used (GPTQModel writes bf16 / fp16 ones);
+    # scales stay fp16 as the format defines them
+    state = {k: v.float() if v.is_floating_point() and not k.endswith(".scales") else v
+             for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
     with torch.device("meta"):
         model = MerinoForCausalLM(config)
     for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merino_pl.quantize.rtn import QuantizedWeight, grid_params, quantize_codes
+from merino_pl.quantize.rtn import QuantizedWeight, grid_params, num_groups, quantize_codes
 
 
 class HessianAccumulator:
@@ -46,7 +46,7 @@ class HessianAccumulator:
 @dataclass
 class GPTQResult:
     weight: QuantizedWeight
-    loss: float  # Σ of the paper's per-column objective (w − q)² / [H⁻¹]ᵢᵢ / 2, summed over rows
+    loss: float  # the paper's objective Σ (w − q)² / [H⁻¹]ᵢᵢ² / 2 over all weights
 
 
 def gptq_quantize(
@@ -73,35 +73,37 @@ def gptq_quantize(
     gs = cols if group_size == -1 else group_size
     # lazy-update blocks hold whole groups, so a group's grid is always fitted on columns that
     # already carry every earlier column's error compensation
-    block = max(block_size // gs, 1) * gs if gs < cols else cols
-    codes = torch.zeros_like(W)
-    scales = torch.zeros(cols // gs, rows)
-    zeros = torch.zeros(cols // gs, rows)
-    loss = torch.zeros(rows)
+    block = max(block_size // gs, 1) * gs if group_size != -1 else block_size
+    Wt = W.t().contiguous()  # (in, out): column i of W is the contiguous row i here (2-3x faster on CPU)
+    codes = torch.zeros_like(Wt)
+    scales = torch.zeros(num_groups(cols, group_size), rows)
+    zeros = torch.zeros_like(scales)
+    loss = 0.0
+    if group_size == -1:  # one grid per output channel, fitted on the whole row up front
+        scales[0], zeros[0] = grid_params(W, bits, sym)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        W1, Hinv1 = Wt[i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            if (i1 + i) % gs == 0:
-                g = (i1 + i) // gs
-                scales[g], zeros[g] = grid_params(W1[:, i : i + gs], bits, sym)
-            s, z = scales[(i1 + i) // gs], zeros[(i1 + i) // gs]
-            w, d = W1[:, i], Hinv1[i, i]
+            g = (i1 + i) // gs
+            if group_size != -1 and (i1 + i) % gs == 0:
+                scales[g], zeros[g] = grid_params(W1[i : i + gs].t(), bits, sym)
+            s, z = scales[g], zeros[g]
+            w = W1[i]
             q = quantize_codes(w, s, z, bits)
-            codes[:, i1 + i] = q
-            err = (w - s * (q - z)) / d
-            loss += (w - s * (q - z)) ** 2 / d**2 / 2
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # compensate the columns still to do
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of everything after the block
+            codes[i1 + i] = q
+            Err1[i] = err = (w - s * (q - z)) / Hinv1[i, i]
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)  # compensate the columns still to do
+        loss += float(Err1.pow(2).sum()) / 2  # the paper's Σ (w - q)² / [H⁻¹]ᵢᵢ² / 2
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1  # the lazy batch update of everything after the block
 
     inv = torch.argsort(perm)
     g_idx = (torch.arange(cols) // gs)[inv]  # group of each ORIGINAL column
     q = QuantizedWeight(
-        codes[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size
+        codes.t()[:, inv].to(torch.int32).contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size
     )
-    return GPTQResult(q, float(loss.sum()))
+    return GPTQResult(q, loss)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

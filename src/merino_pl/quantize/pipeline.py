@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from merino_pl.checkpoint import LoadedModel
 from merino_pl.io import write_json
 from merino_pl.model import MerinoForCausalLM
-from merino_pl.quantize.format import WEIGHTS_NAME, atomic_dir, load_quantized, quantize_config, write_quantized
+from merino_pl.quantize.format import (
+    FLOAT_DTYPES, WEIGHTS_NAME, atomic_dir, load_quantized, quantize_config, round_unquantized, write_quantized,
+)
 from merino_pl.quantize.runner import QuantSpec, quantize_model, report_rows
 
 
@@ -63,9 +65,10 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     quantized, layers = quantize_model(model, spec, calib if spec.method == "gptq" else None, args.batch_size)
     quant_seconds = time.perf_counter() - t0
+    round_unquantized(model, quantized, FLOAT_DTYPES[args.float_dtype])
     heldout = compare_logits(reference, model, held) if reference is not None else {}
     with atomic_dir(out) as tmp:
-        write_quantized(tmp, model, quantized, spec, args.tokenizer)
+        write_quantized(tmp, model, quantized, spec, args.tokenizer, args.float_dtype)
         reloaded, _ = load_quantized(tmp)
         probe = (held[:1] if held.numel() else torch.arange(16)[None]) % model.config.vocab_size
         with torch.no_grad():
@@ -73,7 +76,7 @@ def quantize_checkpoint(
         report = {
             "checkpoint": loaded.path, "kind": loaded.kind, "recipe": loaded.recipe.name,
             "weights_sha256": loaded.weights_sha256, "out": str(out),
-            "quantize_config": quantize_config(spec),
+            "quantize_config": quantize_config(spec), "unquantized_dtype": args.float_dtype,
             "calibration": {
                 "source": args.calib, "text_field": args.calib_text_field, "nsamples": int(calib.shape[0]),
                 "seq_len": args.seq_len, "tokens": int(calib.numel()), "holdout_windows": int(held.shape[0]), "seed": args.seed,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merino_pl.quantize.packing import dequantize
+from merino_pl.quantize.rtn import num_groups
 
 
 class QuantLinear(nn.Module):
@@ -23,7 +24,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool) -> None:
         super().__init__()
         k = 32 // bits
-        groups = 1 if group_size == -1 else in_features // group_size
+        groups = num_groups(in_features, group_size)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.register_buffer("qweight", torch.zeros(in_features // k, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(groups, out_features // k, dtype=torch.int32))

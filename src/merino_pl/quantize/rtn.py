@@ -71,17 +71,22 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+def num_groups(columns: int, group_size: int) -> int:
+    """Groups per row: ceil(columns / group_size), the last one shorter when it does not divide
+    (as auto-gptq / GPTQModel do: MeRino-64M's FFN widths 960 and 1344 are not multiples of 128)."""
+    return 1 if group_size == -1 else -(-columns // group_size)
+
+
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
     """Round-to-nearest: each (output channel, group) on its own min-max grid; no calibration."""
     w = weight.detach().float()
     rows, cols = w.shape
     gs = cols if group_size == -1 else group_size
-    groups = w.view(rows, cols // gs, gs).transpose(0, 1).reshape(-1, gs)  # (groups·rows, gs)
-    scale, zero = grid_params(groups, bits, sym)
-    codes = quantize_codes(groups, scale[:, None], zero[:, None], bits)
-    codes = codes.view(cols // gs, rows, gs).transpose(0, 1).reshape(rows, cols)
+    codes = torch.empty(rows, cols)
+    scales, zeros = torch.empty(num_groups(cols, group_size), rows), torch.empty(num_groups(cols, group_size), rows)
+    for g, start in enumerate(range(0, cols, gs)):
+        part = w[:, start : start + gs]
+        scales[g], zeros[g] = grid_params(part, bits, sym)
+        codes[:, start : start + gs] = quantize_codes(part, scales[g][:, None], zeros[g][:, None], bits)
     g_idx = torch.arange(cols) // gs
-    return QuantizedWeight(
-        codes.to(torch.int32), scale.view(-1, rows), zero.view(-1, rows).to(torch.int32), g_idx.to(torch.int32),
-        bits, group_size,
-    )
+    return QuantizedWeight(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size)

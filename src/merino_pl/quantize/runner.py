@@ -123,7 +123,10 @@ def _block0_inputs(model: MerinoForCausalLM, calib: torch.Tensor, batch_size: in
     return xs
 
 
-def _quantize_block(model, j, xs, spec, results, reports, bar) -> None:
+def _quantize_block(
+    model: MerinoForCausalLM, j: int, xs: list[torch.Tensor], spec: QuantSpec,
+    results: dict[str, QuantizedWeight], reports: list[LayerReport], bar: tqdm,
+) -> None:
     """GPTQ over block ``j``'s one layer; every application's inputs count."""
     layer, L = model.model.blocks[j].layer, model.model.blocks[j].num_layers
     groups = SUBGROUPS if spec.true_sequential else (tuple(n for g in SUBGROUPS for n in g),)
