@@ -1,4 +1,4 @@
-# merino-pl: `make demo` runs the main job on the embedded default, `make test` the test suite.
+# merino-pl: `make demo` runs the whole pipeline on the embedded default, `make test` the test suite.
 # Both set up .venv first (idempotent). The CPU build of torch is pinned here only; the project
 # itself accepts any torch >= 2.4 so GPU clusters keep their CUDA build.
 PYTHON ?= python3
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/merino-pl demo
+	$(BIN)/merino-pl pipeline --config recipes/pipeline/cpu-demo.yaml
 
 test: setup slurm-deps
 	$(BIN)/python -m pytest -q tests

@@ -228,6 +228,18 @@ def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> Non
     assert len(panels[1]["points"]) == len(PAPER)
 
 
+def test_plot_places_a_model_whose_tasks_were_all_skipped_among_no_accuracy(tmp_path: Path, report: dict) -> None:
+    from merino_pl.io import write_json
+
+    write_json(tmp_path / "lat.json", report)
+    write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"},
+                                        "tasks": {"hellaswag": {"status": "skipped", "reason": "offline"}}})
+    out = tmp_path / "chart.png"
+    assert cli(["latency", "plot", "--latency", str(tmp_path / "lat.json"), "--eval", str(tmp_path / "eval.json"), "--paper", "--out", str(out)]) == 0
+    points = json.loads(out.with_suffix(".json").read_text())
+    assert "tiny" in points["no_accuracy"] and "tiny" not in {p["model"] for p in points["panels"][0]["points"]}
+
+
 def test_plot_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli(["latency", "plot", "--out", str(tmp_path / "c.png")]) == 2
     assert cli(["latency", "plot", "--latency", str(tmp_path / "none.json"), "--out", str(tmp_path / "c.png")]) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -119,14 +120,14 @@ def _hub_offline() -> bool:
     )
 
 
-def check_hub_reachable(name: str, timeout_s: float = HUB_TIMEOUT_S) -> None:
-    """Fail fast when the hub cannot be reached: ``datasets`` itself spends ~23 s on DNS retries.
+def hub_unreachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be reached (``None`` when it can), within ``timeout_s``.
 
     DNS lookups ignore socket timeouts, so the lookup + connect runs in a thread we stop waiting
-    for after ``timeout_s``.
+    for after ``timeout_s`` (``datasets`` itself spends ~23 s on DNS retries).
     """
     if _hub_offline():
-        raise MerinoError(f"hub dataset {name!r} cannot be streamed: offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) is set; {LOCAL_HINT}")
+        return "offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) is set"
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
@@ -137,10 +138,37 @@ def check_hub_reachable(name: str, timeout_s: float = HUB_TIMEOUT_S) -> None:
     try:
         pool.submit(connect).result(timeout=timeout_s)
     except (OSError, FutureTimeout) as e:
-        reason = "timed out" if isinstance(e, FutureTimeout) else type(e).__name__
-        raise MerinoError(f"hub dataset {name!r} cannot be streamed: {host}:{port} unreachable ({reason}); {LOCAL_HINT}") from None
+        return f"{host}:{port} unreachable ({'timed out' if isinstance(e, FutureTimeout) else type(e).__name__})"
     finally:
         pool.shutdown(wait=False)
+    return None
+
+
+def check_hub_reachable(name: str, timeout_s: float = HUB_TIMEOUT_S) -> None:
+    """Fail fast, with how to use local files, when the hub cannot be reached."""
+    reason = hub_unreachable(timeout_s)
+    if reason:
+        raise MerinoError(f"hub dataset {name!r} cannot be streamed: {reason}; {LOCAL_HINT}")
+
+
+def offline_unless_reachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+    """Switch this process to the hub's offline mode when the hub cannot be reached.
+
+    Without it every hub dataset (each lm-eval task, say) spends ~40 s in retries before failing;
+    in offline mode cached datasets still load and the others fail at once. Returns the reason
+    when it switched.
+    """
+    if _hub_offline():
+        return None  # already offline: nothing to do
+    reason = hub_unreachable(timeout_s)
+    if reason:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        import huggingface_hub.constants as hub_constants  # read at import: set it there too
+
+        hub_constants.HF_HUB_OFFLINE = True
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+    return reason
 
 
 def open_stream(source: Source, sample_by: SampleBy = "paragraph", split: str = "train"):

@@ -99,6 +99,13 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.tasks not in ("", "none") or args.ppl not in ("", "none"):
+        from merino_pl.data.sources import offline_unless_reachable
+
+        reason = offline_unless_reachable()
+        if reason:
+            print(f"note: {reason}: hub datasets are read from the local cache only (uncached tasks are "
+                  "skipped at once); --data-files and --include-path data are unaffected", file=sys.stderr)
     plan = validate(args)
     from merino_pl.checkpoint import load_model
 

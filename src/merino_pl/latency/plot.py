@@ -64,7 +64,15 @@ def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float]:
 
 def measured_points(latency: list[str], evals: list[str], precision: str) -> tuple[list[dict[str, Any]], str | None, list[str]]:
     """Points of this device, its description, and the rows left out (no accuracy known)."""
-    acc = dict(eval_accuracy(_read_json(p, "eval report"), p) for p in evals)
+    acc = {}
+    for p in evals:
+        report = _read_json(p, "eval report")
+        tasks = report.get("tasks")
+        if report.get("format") == "merino-eval/1" and isinstance(tasks, dict) and not any(
+                isinstance(t, dict) and t.get("status") == "ok" for t in tasks.values()):
+            continue  # every task skipped (offline): the model is listed as having no accuracy
+        name, value = eval_accuracy(report, p)
+        acc[name] = value
     points, device, missing = [], None, []
     for path in latency:
         report = _read_json(path, "latency report")
@@ -130,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
     points, device, missing = measured_points(args.latency, args.eval, args.precision)
     panels = []
     if args.latency:
-        if not points:
+        if not points and args.paper:
+            print(f"note: no accuracy for {', '.join(missing)} (eval reports without a finished task): only the paper's panel is drawn")
+        elif not points:
             raise MerinoError(f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} (models without accuracy: {', '.join(missing) or 'none'})")
-        panels.append((f"measured on {device} ({args.precision})", points))
+        if points:
+            panels.append((f"measured on {device} ({args.precision})", points))
     if args.paper:
         panels.append(("paper (Jetson Nano, Tables 2-3)", paper_points()))
     out = Path(args.out)

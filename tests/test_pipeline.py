@@ -1,0 +1,137 @@
+"""``merino-pl pipeline``: stages run in order through the real CLIs, a failed stage is named and
+resumed, a second run skips everything, a changed input re-runs that stage and what reads it.
+
+One end-to-end run on the micro recipe (4 training steps, INT8 only, perplexity on a few
+documents, 2 latency runs) keeps this to about a minute on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from merino_pl.cli import main as cli_main
+from merino_pl.pipeline import PipelineConfig, build_stages
+
+from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
+
+STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
+
+
+def pipeline_config(tmp_path: Path, fit_config: Path, eval_args: list[str]) -> Path:  # noqa: F811
+    cfg = {
+        "name": "micro-pipe",
+        "out_dir": str(tmp_path / "out"),
+        "recipe": str(tmp_path / "micro.yaml"),  # written by the fit_config fixture
+        "fit": {"config": str(fit_config), "args": ["--trainer.max_steps", "4", "--model.warmup_steps", "1"]},
+        "quantize": {"bits": [8], "args": ["--group-size", "16", "--nsamples", "4", "--seq-len", "32", "--holdout", "2"]},
+        "eval": {"tasks": "none", "ppl": "wikitext2", "args": eval_args},
+        "latency": {"precision": "fp32", "args": ["--runs", "2", "--warmup", "1", "--seq", "16", "--decode-tokens", "2"]},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def state(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "out" / "pipeline-state.json").read_text())
+
+
+def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, fit_config, capsys):  # noqa: F811
+    ok_eval = ["--data-files", "wikitext2=embedded", "--limit", "2"]
+    # 1. a bad eval argument: fit, export and quantize finish, eval-fp32 fails and is named
+    config = pipeline_config(tmp_path, fit_config, [*ok_eval, "--batch-size", "0"])
+    assert cli_main(["pipeline", "--config", str(config)]) != 0
+    err = capsys.readouterr().err
+    assert "stage 'eval-fp32' failed" in err and "logs/eval-fp32.log" in err
+    st = state(tmp_path)
+    assert [st[s]["status"] for s in ("fit", "export", "quantize-int8", "eval-fp32")] == ["done"] * 3 + ["failed"]
+    assert "latency-fp32" not in st
+    ckpt_bytes = (tmp_path / "out" / "fit" / "checkpoints" / "last.ckpt").read_bytes()
+
+    # 2. fixed: the finished stages are skipped, the rest run, summary.md links every report
+    config = pipeline_config(tmp_path, fit_config, ok_eval)
+    assert cli_main(["pipeline", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "export", "quantize-int8"):
+        assert f"{name:<14} up to date" in out
+    st = state(tmp_path)
+    assert all(st[s]["status"] == "done" for s in STAGES), st
+    assert (tmp_path / "out" / "fit" / "checkpoints" / "last.ckpt").read_bytes() == ckpt_bytes
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for link in ("eval/fp32/eval.md", "eval/int8/eval.md", "latency/int8/latency.md", "quantized/int8/quantize_report.md",
+                 "plots/accuracy-vs-latency.png", "## Perplexity and latency (paper Table 3 layout"):
+        assert link in summary, link
+    assert "micro fp32 (ours)" in summary and "micro int8 (ours)" in summary
+    evals = {lb: json.loads((tmp_path / "out" / "eval" / lb / "eval.json").read_text()) for lb in ("fp32", "int8")}
+    assert evals["int8"]["model"]["kind"] == "gptq" and evals["fp32"]["perplexity"]["wikitext2"]["word_perplexity"] > 1
+
+    # 3. nothing changed: every stage is skipped and summary.md is rewritten
+    assert cli_main(["pipeline", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date (inputs unchanged), skipped") == len(STAGES)
+
+    # 4. a changed input: the dry run names that stage and every stage downstream of it
+    cfg = yaml.safe_load(fit_config.read_text())
+    cfg["model"]["lr"] = 1e-3
+    fit_config.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["pipeline", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would run") == len(STAGES)
+    # ... and --force of one late stage re-runs only that one
+    fit_config.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "lr": 3e-3}}))
+    assert cli_main(["pipeline", "--config", str(config), "--force", "plot"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == len(STAGES) - 1 and "[8/8] plot           done" in out
+
+
+def test_search_stage_feeds_fit(tmp_path):
+    (tmp_path / "fit.yaml").write_text("trainer: {}\n")
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({"name": "s", "search": {"config": "search/cpu-demo.yaml", "args": ["--iterations", "600"]},
+                                      "fit": {"config": str(tmp_path / "fit.yaml")}}))
+    stages = build_stages(PipelineConfig.load(config, str(tmp_path / "out")))
+    assert [s.name for s in stages] == ["search", "fit", "export"]
+    recipe = str(tmp_path / "out" / "search" / "recipe.yaml")
+    assert stages[0].argv[:3] == ["search", "--out", recipe] and stages[0].argv[-2:] == ["--iterations", "600"]
+    fit = stages[1].argv
+    assert fit[fit.index("--model.recipe") + 1] == recipe and Path(recipe) in stages[1].inputs
+    assert fit[-2:] == ["--ckpt_path", "last"]  # a killed fit resumes from its last checkpoint
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml"}, "serach": {}}, "unknown key 'serach'"),
+    ({"name": "x", "recipe": "merino-tiny", "search": {"config": "s.yaml"}, "fit": {"config": "f.yaml"}}, "exactly one of 'recipe'"),
+    ({"name": "x", "recipe": "merino-tiny"}, "fit.config"),
+    ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml"}, "eval": {"taks": "paper"}}, "unknown key eval.'taks'"),
+    ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml", "args": "--x"}}, "fit.args must be a list"),
+    ([1, 2], "must be a mapping"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, config, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and str(path) in err
+
+
+def test_missing_config_and_unknown_force_stage_exit_2(tmp_path, capsys):
+    assert cli_main(["pipeline", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    (tmp_path / "f.yaml").write_text("trainer: {}\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "recipe": "merino-tiny", "fit": {"config": str(tmp_path / "f.yaml")}}))
+    assert cli_main(["pipeline", "--config", str(path), "--out-dir", str(tmp_path / "o"), "--force", "evl"]) == 2
+    assert "--force evl: no such stage (stages: fit, export)" in capsys.readouterr().err
+
+
+def test_shipped_demo_pipeline_parses():
+    repo = Path(__file__).resolve().parents[1]
+    stages = build_stages(PipelineConfig.load(repo / "recipes" / "pipeline" / "cpu-demo.yaml"))
+    assert [s.name for s in stages] == ["search", "fit", "export", "quantize-int8", "quantize-int4", "eval-fp32", "eval-int8",
+                                        "eval-int4", "latency-fp32", "latency-int8", "latency-int4", "plot"]
+    for s in stages:
+        assert s.argv[0] in {"search", "fit", "export", "quantize", "eval", "latency"}, s.argv
