@@ -50,7 +50,7 @@ def bench_arch() -> MerinoConfig:
 
 
 def train(out: Path, steps: int, seq_len: int = 128, batch: int = 16, seed: int = 0) -> dict:
-    """Plain AdamW on random windows of the embedded corpus (the train stage's CLI is not merged here)."""
+    """Plain AdamW on random windows of the embedded corpus (self-contained: no Lightning run to set up)."""
     torch.manual_seed(seed)
     model = MerinoForCausalLM.from_arch(bench_arch()).train()
     ids, held = calibration_tokens("embedded", 2000, seq_len, 16, seed=seed + 1)

@@ -13,7 +13,8 @@ from conftest import REPO, tiny_arch
 from merino_pl.checkpoint import export_pretrained, load_model
 from merino_pl.cli import main as cli
 from merino_pl.model import MerinoForCausalLM
-from merino_pl.quantize.format import atomic_dir, write_quantized
+from merino_pl.io import atomic_dir
+from merino_pl.quantize.format import write_quantized
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
 from merino_pl.quantize.packing import dequantize, pack, pack_rows, unpack_rows
 from merino_pl.quantize.qlinear import QuantLinear

@@ -13,7 +13,6 @@ Accepted by every stage that reads a model (eval, quantize, latency, export):
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from merino_pl.config import Recipe, load_recipe
 from merino_pl.errors import MerinoError
-from merino_pl.io import sha256_file
+from merino_pl.io import atomic_dir, sha256_file
 from merino_pl.model import MerinoForCausalLM, MerinoHFConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -108,18 +107,9 @@ def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str 
     from merino_pl.tokenizer import hf_tokenizer
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    hf_tokenizer(tokenizer).save_pretrained(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer(tokenizer).save_pretrained(tmp)
     return out
 
 

@@ -17,7 +17,7 @@ from typing import NoReturn, Sequence
 # command -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "info": ("merino_pl.info", "architecture table, parameters, FLOPs, KV cache and entropy of a recipe"),
-    "demo": ("merino_pl.demo", "the main job on the embedded default (CPU, tiny model, local data)"),
+    "demo": ("merino_pl.demo", "train the tiny model on the embedded corpus and generate (make demo runs `pipeline`)"),
     "search": ("merino_pl.search.cli", "entropy-driven evolutionary architecture search -> recipe YAML"),
     "prepare": ("merino_pl.data.prepare", "tokenize a text source into pre-tokenized shards"),
     "fit": ("merino_pl.train.cli", "pretrain a recipe (LightningCLI)"),

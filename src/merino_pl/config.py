@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text
+from merino_pl.io import atomic_write_text, read_yaml
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "gelu", "silu")
@@ -231,12 +231,4 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
             )
     if path.is_dir():
         raise MerinoError(f"{path}: is a directory, expected a recipe YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise MerinoError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MerinoError(f"{path}: cannot read recipe: {e}") from None
-    return Recipe.from_dict(data, source=str(path))
+    return Recipe.from_dict(read_yaml(path, "recipe"), source=str(path))

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,3 +64,49 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A fresh directory beside ``out`` that replaces ``out`` only once everything is written,
+    so an interrupted write never leaves a half-written model where a user would load it."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # temp-file helpers create 0600 files; a shipped model is readable
+            f.chmod(0o666 & ~umask)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """``yaml.safe_load`` of a file; a missing, unreadable or malformed file is a one-line
+    ``MerinoError`` naming the file (and the line of a syntax error)."""
+    import yaml
+
+    from merino_pl.errors import MerinoError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MerinoError(f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MerinoError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MerinoError(f"{path}: cannot read {what}: {e}") from None

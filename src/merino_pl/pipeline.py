@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from merino_pl.errors import MerinoError
-from merino_pl.io import write_json
+from merino_pl.io import read_yaml, write_json
 
 SECTIONS = ("name", "out_dir", "recipe", "search", "fit", "eval", "quantize", "latency")
 STAGE_KEYS = {
@@ -92,12 +91,7 @@ class PipelineConfig:
     @classmethod
     def load(cls, path: str | Path, out_dir: str | None = None) -> "PipelineConfig":
         path = Path(path)
-        if not path.is_file():
-            raise MerinoError(f"pipeline config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise MerinoError(f"{path}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        data = read_yaml(path, "pipeline config")
         if not isinstance(data, dict):
             raise MerinoError(f"{path}: a pipeline config must be a mapping, got {type(data).__name__}")
         problems = [f"unknown key {k!r} (valid: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
@@ -136,10 +130,8 @@ def _fit_overrides(config: Path, run_dir: Path) -> list[str]:
     """Send the run (checkpoints, and a logger's files when the config names a save_dir) under
     the pipeline's folder, so two pipelines never share (or resume) each other's run."""
     argv = ["--trainer.default_root_dir", str(run_dir)]
-    try:
-        trainer = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("trainer") or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MerinoError(f"{config}: cannot read fit config: {e}") from None
+    data = read_yaml(config, "fit config")
+    trainer = (data.get("trainer") if isinstance(data, dict) else None) or {}
     logger = trainer.get("logger")
     if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
         argv += ["--trainer.logger.init_args.save_dir", str(run_dir)]

@@ -20,10 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from merino_pl.config import BlockConfig, MerinoConfig
 from merino_pl.errors import MerinoError
+from merino_pl.io import read_yaml
 
 SPACE_KEYS = ("num_blocks", "embed_dims", "ffn_dims", "ffn_ratios", "num_layers", "architecture")
 
@@ -180,10 +180,4 @@ def default_space_path() -> Path:
 def load_space(path: str | Path | None = None) -> SearchSpace:
     """Load ``search/space.yaml`` (or any space file); ``None`` = the shipped default."""
     path = default_space_path() if path is None else Path(path)
-    if not path.is_file():
-        raise MerinoError(f"search space not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise MerinoError(f"{path}: malformed YAML: {getattr(e, 'problem', e)}") from None
-    return space_from_dict(data, source=str(path))
+    return space_from_dict(read_yaml(path, "search space"), source=str(path))

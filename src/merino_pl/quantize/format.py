@@ -14,13 +14,10 @@ times it runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -84,30 +81,6 @@ def packed_state_dict(
     for name, q in quantized.items():
         state.update({f"{name}.{t}": v.contiguous() for t, v in pack(q).items()})
     return state
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """A fresh directory beside ``out`` that replaces ``out`` only once everything is written."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.iterdir():  # temp-file helpers create 0600 files; a shipped model is readable
-            f.chmod(0o666 & ~umask)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_quantized(

@@ -4,7 +4,7 @@
     AdamW(lr 6e-4, betas 0.9/0.95, weight decay 0.1 on 2-D weights) ─► warm-up 1000 steps,
     then linear decay to 10 % of the peak at ``trainer.max_steps`` (Pythia's schedule)
 
-Checkpoint layout (INTERFACES.md): the model's weights under ``state_dict["model.*"]``, the recipe
+Checkpoint layout (what `merino_pl.checkpoint.load_model` reads): the model's weights under ``state_dict["model.*"]``, the recipe
 under ``checkpoint["merino"]["recipe"]``, plus what exact resume needs beyond Lightning's own
 state (tokens seen, RNG states, the W&B run id). Everything in it loads with
 ``torch.load(weights_only=True)``.
