@@ -4,10 +4,11 @@ and the quantization time of MeRino-64M on this CPU.
     python bench/quantize.py                 # full: trained bench model + MeRino-64M at 128 x 512
     python bench/quantize.py --quick         # minutes: fewer steps / documents / calibration windows
 
-1. A small MeRino (widths multiples of 128, so group size 128 applies) is trained on the
-   embedded corpus with a plain AdamW loop (``--train-steps``), so quantization acts on weights
-   that learned real text. Perplexity on WikiText-2 (``../shared/data/wikitext-2-raw``) goes
-   through the eval stage's ``perplexity()`` (lm-eval's document-level rule).
+1. A small MeRino (widths multiples of 128, so group size 128 applies) is trained with a plain
+   AdamW loop (``--train-steps``) on the WikiText-2 test articles after the first ``--limit``
+   (default 16), and calibrated on the same text; perplexity is scored on those first 16
+   articles, which it never saw (``--train-on embedded``: Shakespeare instead, out of domain).
+   Perplexity goes through the eval stage's ``perplexity()`` (lm-eval's document-level rule).
 2. Each variant is written by ``merino-pl quantize`` and read back by ``load_model``: the figures
    are those of the files a user ships. Sizes are the ``model.safetensors`` files.
 3. MeRino-64M (random init: the timing does not depend on the values) is quantized with GPTQ
@@ -32,9 +33,9 @@ sys.path.insert(0, str(REPO / "src"))
 from merino_pl.checkpoint import export_pretrained, load_model  # noqa: E402
 from merino_pl.cli import main as merino  # noqa: E402
 from merino_pl.config import BlockConfig, MerinoConfig, load_recipe  # noqa: E402
+from merino_pl.io import atomic_write_text  # noqa: E402
 from merino_pl.model import MerinoForCausalLM  # noqa: E402
-from merino_pl.quantize.calibration import calibration_tokens  # noqa: E402
-from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer  # noqa: E402
+from merino_pl.tokenizer import EOS_TOKEN, default_corpus_file, load_tokenizer  # noqa: E402
 
 # ../shared beside the checkout (or two levels up for a git worktree under wt/)
 WIKI = next((p / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw" for p in (REPO.parent, REPO.parent.parent)
@@ -49,11 +50,29 @@ def bench_arch() -> MerinoConfig:
     return MerinoConfig(blocks=blocks, d_model=128, max_position_embeddings=512)  # d: the 50 k-vocab head dominates the cost
 
 
-def train(out: Path, steps: int, seq_len: int = 128, batch: int = 16, seed: int = 0) -> dict:
-    """Plain AdamW on random windows of the embedded corpus (self-contained: no Lightning run to set up)."""
+def wikitext_train_file(wikitext: str, held_docs: int, work: Path) -> Path:
+    """The WikiText-2 test articles after the first ``held_docs`` (those are scored): in-domain
+    training / calibration text that never overlaps the perplexity documents."""
+    from merino_pl.evaluation.perplexity import wikitext_pages
+
+    pages = wikitext_pages(Path(wikitext).read_text(encoding="utf-8"))
+    if len(pages) <= held_docs:
+        raise SystemExit(f"{wikitext}: {len(pages)} articles, need more than --limit {held_docs}")
+    out = work / "wikitext2-train-articles.txt"
+    atomic_write_text(out, "\n".join(pages[held_docs:]))
+    return out
+
+
+def train(out: Path, steps: int, text: str, seq_len: int = 128, batch: int = 16, seed: int = 0) -> dict:
+    """Plain AdamW on random windows of ``text`` (``embedded`` or a file): self-contained, no
+    Lightning run to set up. The last 16 windows are held out for a validation loss."""
     torch.manual_seed(seed)
     model = MerinoForCausalLM.from_arch(bench_arch()).train()
-    ids, held = calibration_tokens("embedded", 2000, seq_len, 16, seed=seed + 1)
+    tok = load_tokenizer(None)
+    source = default_corpus_file() if text == "embedded" else Path(text)
+    ids = torch.tensor(tok.encode(source.read_text(encoding="utf-8")).ids)
+    ids = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    ids, held = ids[:-16], ids[-16:]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     t0, g = time.perf_counter(), torch.Generator().manual_seed(seed)
@@ -69,7 +88,8 @@ def train(out: Path, steps: int, seq_len: int = 128, batch: int = 16, seed: int 
     with torch.no_grad():
         val = model(held, labels=held, use_cache=False).loss.item()
     export_pretrained(model, out)
-    return {"steps": steps, "seconds": time.perf_counter() - t0, "val_loss_embedded": val, "params": sum(p.numel() for p in model.parameters())}
+    return {"steps": steps, "text": str(source), "train_windows": len(ids), "seconds": time.perf_counter() - t0,
+            "val_loss": val, "params": sum(p.numel() for p in model.parameters())}
 
 
 def wikitext_ppl(model_dir: Path, limit: int | None, wikitext: str) -> dict:
@@ -82,9 +102,9 @@ def wikitext_ppl(model_dir: Path, limit: int | None, wikitext: str) -> dict:
     return {"token_ppl": r.token_perplexity, "word_ppl": r.word_perplexity, "tokens": r.tokens, "documents": r.documents, "seconds": time.perf_counter() - t0}
 
 
-def quantize(src: Path, out: Path, method: str, bits: int, nsamples: int, seq_len: int, group: int = 128) -> dict:
-    argv = ["quantize", str(src), "--method", method, "--bits", str(bits), "--group-size", str(group),
-            "--nsamples", str(nsamples), "--seq-len", str(seq_len), "--holdout", "4", "--out", str(out), "--overwrite"]
+def quantize(src: Path, out: Path, method: str, bits: int, nsamples: int, seq_len: int, group: int = 128, calib: str = "embedded") -> dict:
+    argv = ["quantize", str(src), "--method", method, "--bits", str(bits), "--group-size", str(group), "--calib", calib,
+            "--nsamples", str(nsamples), "--seq-len", str(seq_len), "--holdout", "16", "--out", str(out), "--overwrite"]
     if merino(argv) != 0:
         raise SystemExit(f"merino-pl {' '.join(argv)} failed")
     return json.loads((out / "quantize_report.json").read_text())
@@ -101,14 +121,15 @@ def fp16_size(model_dir: Path, out: Path) -> int:
 
 
 def accuracy_part(work: Path, args: argparse.Namespace) -> dict:
-    float_dir = work / "bench-fp32"
+    float_dir = work / f"bench-fp32-{args.train_on}"
+    text = "embedded" if args.train_on == "embedded" else str(wikitext_train_file(args.wikitext, args.limit, work))
     if args.reuse and (float_dir / "model.safetensors").exists():
-        training = json.loads((work / "training.json").read_text())
+        training = json.loads((float_dir.parent / f"{float_dir.name}.training.json").read_text())
         print(f"[1/3] reusing the trained bench model in {float_dir}", flush=True)
     else:
-        print(f"[1/3] training the bench model ({args.train_steps} steps) ...", flush=True)
-        training = train(float_dir, args.train_steps)
-        (work / "training.json").write_text(json.dumps(training))
+        print(f"[1/3] training the bench model on {text} ({args.train_steps} steps) ...", flush=True)
+        training = train(float_dir, args.train_steps, text)
+        atomic_write_text(float_dir.parent / f"{float_dir.name}.training.json", json.dumps(training))
     rows = {"fp32": {"method": "-", "bits": 32, "size": (float_dir / "model.safetensors").stat().st_size,
                      "ppl": wikitext_ppl(float_dir, args.limit, args.wikitext)}}
     rows["fp16"] = {"method": "-", "bits": 16, "size": fp16_size(float_dir, work / "fp16.safetensors"), "ppl": None}
@@ -116,14 +137,15 @@ def accuracy_part(work: Path, args: argparse.Namespace) -> dict:
     print("[2/3] quantizing the bench model ...", flush=True)
     for method, bits in VARIANTS:
         out = work / f"bench-{method}-int{bits}"
-        rep = quantize(float_dir, out, method, bits, args.nsamples, args.seq_len)
+        rep = quantize(float_dir, out, method, bits, args.nsamples, args.seq_len, calib=text)
         rows[f"{method}-int{bits}"] = {"method": method, "bits": bits, "size": (out / "model.safetensors").stat().st_size,
-                                       "quantize_s": rep["seconds"]["quantize"], "ppl": wikitext_ppl(out, args.limit, args.wikitext)}
+                                       "quantize_s": rep["seconds"]["quantize"], "ppl": wikitext_ppl(out, args.limit, args.wikitext),
+                                       "heldout": rep["heldout"]}  # in-domain: held-out windows of the calibration corpus
     base = rows["fp32"]["ppl"]["token_ppl"]
     for r in rows.values():
         if r["ppl"]:
             r["ppl_delta_pct"] = 100 * (r["ppl"]["token_ppl"] / base - 1)
-    return {"training": training, "arch": bench_arch().to_dict(), "rows": rows}
+    return {"training": training, "train_on": args.train_on, "arch": bench_arch().to_dict(), "rows": rows}
 
 
 def timing_part(work: Path, args: argparse.Namespace) -> dict:
@@ -146,11 +168,16 @@ def timing_part(work: Path, args: argparse.Namespace) -> dict:
 def print_tables(res: dict) -> None:
     if "accuracy" in res:
         rows = res["accuracy"]["rows"]
-        print("\nWikiText-2 token perplexity (bench model, document-level, eval stage's perplexity())")
-        print(f"{'variant':<12} {'size MB':>8} {'token ppl':>10} {'delta %':>8} {'quant s':>8}")
+        docs = next(r["ppl"]["documents"] for r in rows.values() if r["ppl"])
+        trained = "the other WikiText-2 articles" if res["accuracy"]["train_on"] == "wikitext" else "the embedded corpus"
+        print(f"\nWikiText-2 token perplexity ({docs} documents, document-level, the eval stage's perplexity()) of the bench "
+              f"model trained and calibrated on {trained}; held-out: windows of the calibration text not used to calibrate")
+        print(f"{'variant':<12} {'size MB':>8} {'wt2 ppl':>10} {'delta %':>8} {'held-out delta %':>17} {'quant s':>8}")
         for name, r in rows.items():
             ppl = r["ppl"]["token_ppl"] if r["ppl"] else float("nan")
-            print(f"{name:<12} {r['size'] / 1e6:8.2f} {ppl:10.3f} {r.get('ppl_delta_pct', float('nan')):8.2f} {r.get('quantize_s', float('nan')):8.1f}")
+            held = (r.get("heldout") or {}).get("ppl_delta_pct", float("nan"))
+            print(f"{name:<12} {r['size'] / 1e6:8.2f} {ppl:10.3f} {r.get('ppl_delta_pct', float('nan')):8.2f} {held:17.2f} "
+                  f"{r.get('quantize_s', float('nan')):8.1f}")
         for bits in (8, 4):
             g, n = rows[f"gptq-int{bits}"], rows[f"rtn-int{bits}"]
             print(f"INT{bits}: GPTQ ppl increase {g['ppl_delta_pct']:+.2f} % vs RTN {n['ppl_delta_pct']:+.2f} % "
@@ -168,7 +195,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small version for development")
     p.add_argument("--train-steps", type=int, default=None, help="bench model training steps (default 400; quick 30)")
-    p.add_argument("--limit", type=int, default=None, help="WikiText-2 documents (default all 62; quick 8)")
+    p.add_argument("--limit", type=int, default=None, help="WikiText-2 documents scored (default 16; quick 8; with --train-on "
+                   "embedded, default all 62)")
+    p.add_argument("--train-on", choices=("wikitext", "embedded"), default="wikitext",
+                   help="bench model training + calibration text: the WikiText-2 articles after the scored ones (in-domain, "
+                   "default) or the embedded Shakespeare")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows for the bench model (default 128)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--timing-recipe", default="merino-64m")
@@ -182,7 +213,7 @@ def main() -> None:
     p.add_argument("--wikitext", default=str(WIKI), help="wiki.test.raw (default: ../shared/data/wikitext-2-raw)")
     args = p.parse_args()
     args.train_steps = args.train_steps or (30 if args.quick else 400)
-    args.limit = args.limit or (8 if args.quick else None)
+    args.limit = args.limit or (8 if args.quick else 16 if args.train_on == "wikitext" else None)
     args.timing_nsamples = args.timing_nsamples or (8 if args.quick else 128)
     if args.quick:
         args.nsamples = min(args.nsamples, 32)
@@ -199,7 +230,7 @@ def main() -> None:
     print_tables(res)
     out = REPO / "runs" / "bench" / "quantize.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    atomic_write_text(out, json.dumps(res, indent=2, default=str) + "\n")
     print(f"\n-> {out}")
 
 
