@@ -21,7 +21,6 @@ torch.set_num_threads(1)
 from merino_pl.config import BlockConfig, MerinoConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def tiny_arch(vocab_size: int = 512, **kw) -> MerinoConfig:
@@ -41,9 +40,8 @@ def arch() -> MerinoConfig:
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    # ../shared beside the checkout (CI, a developer's clone); a git worktree one level deeper
-    path = next((p / "data" for p in (SHARED, REPO.parents[1] / "shared") if (p / "data").exists()), SHARED / "data")
-    if not path.exists():
-        pytest.skip(f"{path} not found (tests read ../shared/data beside the checkout)")
-    return path
+def wikitext_raw() -> Path:
+    """WikiText-2 raw test split: the copy shipped in the package (tests never need ../shared)."""
+    from merino_pl.evaluation.perplexity import embedded_wikitext2
+
+    return embedded_wikitext2()

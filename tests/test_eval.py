@@ -110,8 +110,11 @@ def test_generate_until_matches_hf_generate(model_dir: Path) -> None:
     assert ours == stock and all(isinstance(t, str) and t for t in ours)
 
 
-def test_wikitext_pages_split_like_the_hub_dataset(shared_data: Path) -> None:
-    raw = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+def test_wikitext_pages_split_like_the_hub_dataset(wikitext_raw: Path) -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    if shared.exists():  # the shipped copy is the shared one, byte for byte
+        assert wikitext_raw.read_bytes() == shared.read_bytes()
+    raw = wikitext_raw.read_text(encoding="utf-8")
     pages = wikitext_pages(raw)
     assert len(pages) == 62  # EleutherAI/wikitext_document_level wikitext-2-raw-v1 test
     assert "\n".join(pages) == raw
@@ -119,8 +122,8 @@ def test_wikitext_pages_split_like_the_hub_dataset(shared_data: Path) -> None:
     assert all(p.lstrip("\n").startswith(" = ") and not p.lstrip("\n").startswith(" = = ") for p in pages)
 
 
-def test_word_perplexity_equals_lm_eval_wikitext(model_dir: Path, tasks_dir: Path, shared_data: Path) -> None:
-    raw = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+def test_word_perplexity_equals_lm_eval_wikitext(model_dir: Path, tasks_dir: Path, wikitext_raw: Path) -> None:
+    raw = wikitext_raw
     loaded = load_model(model_dir)
     ours = perplexity(loaded.model, load_tokenizer(str(model_dir)), "wikitext2", data_file=str(raw), limit=1)
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False, metadata={"data_file": str(raw)})
@@ -164,7 +167,7 @@ def test_paper_data_transcribed_and_shipped() -> None:
     assert len(base["table3"]["rows"]) == len(base["table2"]["rows"]) == 9
 
 
-def test_cli_offline_report(model_dir: Path, tasks_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_cli_offline_report(model_dir: Path, tasks_dir: Path, wikitext_raw: Path, tmp_path: Path) -> None:
     """A hub task offline is skipped with its reason; the local task and perplexity still run.
 
     lm-eval's own ARC folder is passed as an include path so that its real hub task is found
@@ -173,7 +176,7 @@ def test_cli_offline_report(model_dir: Path, tasks_dir: Path, shared_data: Path,
     arc_dir = Path(lm_eval.__file__).parent / "tasks" / "arc"
     rc = main(["eval", str(model_dir), "--tasks", "arc_easy_local,arc_easy", "--include-path", str(tasks_dir),
                "--include-path", str(arc_dir),
-               "--ppl", "wikitext2,ptb", "--data-files", f"wikitext2={shared_data}/wikitext-2-raw/wiki.test.raw",
+               "--ppl", "wikitext2,ptb", "--data-files", f"wikitext2={wikitext_raw}",
                "--limit", "1", "--batch-size", "4", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
@@ -190,7 +193,7 @@ def test_cli_offline_report(model_dir: Path, tasks_dir: Path, shared_data: Path,
     assert "| MeRino-64M (paper) | 64 M |" in md and "(ours)" in md and "arc_easy_local" in md and "## Skipped" in md
 
 
-def test_cli_lightning_checkpoint(tmp_path: Path, shared_data: Path, model_dir: Path) -> None:
+def test_cli_lightning_checkpoint(tmp_path: Path, model_dir: Path) -> None:
     """A `.ckpt` in the layout `merino-pl fit` writes: its SHA-256 is what the report records."""
     loaded = load_model(model_dir)
     ckpt = tmp_path / "last.ckpt"
