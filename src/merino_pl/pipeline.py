@@ -14,6 +14,7 @@ The state lives in ``OUT/pipeline-state.json``; ``OUT/summary.md`` links every r
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 
 from merino_pl.errors import MerinoError
-from merino_pl.io import read_yaml, write_json
+from merino_pl.io import atomic_write_text, read_yaml, sha256_file, write_json
 
 SECTIONS = ("name", "out_dir", "recipe", "search", "fit", "eval", "quantize", "latency")
 STAGE_KEYS = {
@@ -62,17 +63,21 @@ class Stage:
 
 
 def _content_hash(path: Path) -> str:
-    """SHA-256 of a file, or of every file under a directory (names and bytes)."""
+    """SHA-256 over a file, or over every file under a directory (relative names and digests)."""
     if not path.exists():
         return "missing"
-    h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}".encode())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """One read per file version per run: the model directory is an input of half the stages."""
+    return sha256_file(path)
 
 
 # ---- the config ------------------------------------------------------------------------------
@@ -357,8 +362,6 @@ def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any
             rel = p.relative_to(out)
             lines.append(f"- ![{rel}]({rel})" if p.suffix == ".png" else f"- [{rel}]({rel})")
     path = out / "summary.md"
-    from merino_pl.io import atomic_write_text
-
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 

@@ -42,37 +42,37 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
-def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float]:
-    """(model name, average accuracy) of an eval report.
+def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float | None]:
+    """(model name, average accuracy) of an eval report; ``None`` when no task finished.
 
     A ``merino-pl eval`` report (format ``merino-eval/1``) keeps one score per task under
     ``tasks``; the average is over the tasks that ran (``status: ok``), which is the paper's
-    Avg. when the report covers its twelve tasks. Other JSON may give the average directly.
+    Avg. when the report covers its twelve tasks (offline, every task may be skipped: the model
+    then has no accuracy). Other JSON may give the average directly.
     """
     model = report.get("model")
     name = model.get("name") if isinstance(model, dict) else model
     acc = next((report[k] for k in EVAL_ACCURACY_KEYS if isinstance(report.get(k), (int, float))), None)
-    if acc is None and isinstance(report.get("tasks"), dict):
-        scores = [t["value"] for t in report["tasks"].values()
+    tasks = report.get("tasks")
+    if acc is None and isinstance(tasks, dict):
+        scores = [t["value"] for t in tasks.values()
                   if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))]
-        acc = sum(scores) / len(scores) if scores else None
-    if not isinstance(name, str) or acc is None:
-        raise MerinoError(f"{source}: no average accuracy in this eval report (need model.name and task scores "
-                          f"under 'tasks', or one of {', '.join(EVAL_ACCURACY_KEYS)})")
-    return name, float(acc)
+        return _named(name, source), (sum(scores) / len(scores) if scores else None)
+    if acc is None:
+        raise MerinoError(f"{source}: no average accuracy in this eval report (need task scores under 'tasks', "
+                          f"or one of {', '.join(EVAL_ACCURACY_KEYS)})")
+    return _named(name, source), float(acc)
+
+
+def _named(name: Any, source: str) -> str:
+    if not isinstance(name, str):
+        raise MerinoError(f"{source}: eval report without model.name")
+    return name
 
 
 def measured_points(latency: list[str], evals: list[str], precision: str) -> tuple[list[dict[str, Any]], str | None, list[str]]:
     """Points of this device, its description, and the rows left out (no accuracy known)."""
-    acc = {}
-    for p in evals:
-        report = _read_json(p, "eval report")
-        tasks = report.get("tasks")
-        if report.get("format") == "merino-eval/1" and isinstance(tasks, dict) and not any(
-                isinstance(t, dict) and t.get("status") == "ok" for t in tasks.values()):
-            continue  # every task skipped (offline): the model is listed as having no accuracy
-        name, value = eval_accuracy(report, p)
-        acc[name] = value
+    acc = {name: value for name, value in (eval_accuracy(_read_json(p, "eval report"), p) for p in evals) if value is not None}
     points, device, missing = [], None, []
     for path in latency:
         report = _read_json(path, "latency report")
