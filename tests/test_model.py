@@ -24,6 +24,12 @@ def test_param_count_matches_cost_model(model: MerinoForCausalLM) -> None:
     assert sum(p.numel() for p in model.parameters()) == count_params(model.arch)
 
 
+def test_param_count_matches_cost_model_with_rmsnorm() -> None:
+    arch = tiny_arch(norm="rmsnorm")
+    model = MerinoForCausalLM.from_arch(arch)
+    assert sum(p.numel() for p in model.parameters()) == count_params(arch)
+
+
 def test_weight_sharing_really_shares_storage(model: MerinoForCausalLM) -> None:
     arch = model.arch
     # one layer per block, whatever its depth

@@ -18,13 +18,22 @@ from merino_pl.config import BlockConfig, MerinoConfig
 PAPER_SEQ_LEN = 1024
 
 
-def layer_params(embed_dim: int, ffn: int, bias: bool = True) -> int:
-    """One pre-LN decoder layer: Q, K, V, O, FFN in/out, two norms (weight + bias)."""
+def norm_params(norm: str, dim: int) -> int:
+    """LayerNorm: weight + bias; RMSNorm: weight only."""
+    return dim if norm == "rmsnorm" else 2 * dim
+
+
+def embedding_params(cfg: MerinoConfig) -> int:
+    """Token + position embeddings (the tied LM head adds nothing)."""
+    return (cfg.vocab_size + cfg.max_position_embeddings) * cfg.d_model
+
+
+def layer_params(embed_dim: int, ffn: int, bias: bool = True, norm: str = "layernorm") -> int:
+    """One pre-norm decoder layer: Q, K, V, O, FFN in/out, two norms."""
     e, f = embed_dim, ffn
     attn = 4 * e * e + (4 * e if bias else 0)
     mlp = 2 * e * f + ((f + e) if bias else 0)
-    norms = 2 * 2 * e
-    return attn + mlp + norms
+    return attn + mlp + 2 * norm_params(norm, e)
 
 
 def projection_dims(cfg: MerinoConfig) -> list[tuple[int, int]]:
@@ -57,18 +66,16 @@ def block_cost(b: BlockConfig, cfg: MerinoConfig, seq_len: int = PAPER_SEQ_LEN) 
         ffn=b.ffn,
         num_layers=b.num_layers,
         heads=b.embed_dim // cfg.head_dim,
-        params=layer_params(b.embed_dim, b.ffn, cfg.bias),
+        params=layer_params(b.embed_dim, b.ffn, cfg.bias, cfg.norm),
         flops=b.num_layers * layer_flops(b.embed_dim, b.ffn, seq_len),
     )
 
 
 def count_params(cfg: MerinoConfig) -> int:
     """All trainable parameters (the tied LM head counted once, as the embedding)."""
-    embed = cfg.vocab_size * cfg.d_model + cfg.max_position_embeddings * cfg.d_model
-    blocks = sum(layer_params(b.embed_dim, b.ffn, cfg.bias) for b in cfg.blocks)
+    blocks = sum(layer_params(b.embed_dim, b.ffn, cfg.bias, cfg.norm) for b in cfg.blocks)
     proj = sum(i * o for i, o in projection_dims(cfg))
-    final_norm = 2 * cfg.blocks[-1].embed_dim
-    return embed + blocks + proj + final_norm
+    return embedding_params(cfg) + blocks + proj + norm_params(cfg.norm, cfg.blocks[-1].embed_dim)
 
 
 def count_flops(cfg: MerinoConfig, seq_len: int = PAPER_SEQ_LEN, include_lm_head: bool = False) -> int:

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from merino_pl.config import Recipe, load_recipe
-from merino_pl.costs import PAPER_SEQ_LEN, block_cost, count_flops, count_params, kv_cache_bytes, lm_head_flops
+from merino_pl.costs import PAPER_SEQ_LEN, block_cost, count_flops, count_params, embedding_params, kv_cache_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,17 +22,18 @@ def summarize(recipe: Recipe, seq_len: int = PAPER_SEQ_LEN) -> dict[str, Any]:
     """Everything ``info`` reports, as a JSON-able dict (also logged by training)."""
     arch = recipe.architecture
     blocks = [dataclasses.asdict(block_cost(b, arch, seq_len)) for b in arch.blocks]
+    params = count_params(arch)
     out: dict[str, Any] = {
         "name": recipe.name,
         "vocab_size": arch.vocab_size,
         "d_model": arch.d_model,
         "max_position_embeddings": arch.max_position_embeddings,
         "blocks": blocks,
-        "params": count_params(arch),
-        "params_non_embedding": count_params(arch) - (arch.vocab_size + arch.max_position_embeddings) * arch.d_model,
+        "params": params,
+        "params_non_embedding": params - embedding_params(arch),
         "flops_seq_len": seq_len,
         "flops": count_flops(arch, seq_len),
-        "flops_with_lm_head": count_flops(arch, seq_len) + lm_head_flops(arch, seq_len),
+        "flops_with_lm_head": count_flops(arch, seq_len, include_lm_head=True),
         "kv_cache_tokens": arch.max_position_embeddings,
         "kv_cache_bytes_fp16": kv_cache_bytes(arch, bytes_per_value=2),
         "kv_cache_bytes_fp32": kv_cache_bytes(arch, bytes_per_value=4),

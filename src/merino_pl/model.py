@@ -207,7 +207,8 @@ class MerinoPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Standard GPT-style init: N(0, init_std) for matrices and embeddings, zero biases."""
-        std = self.config.arch.init_std
+        model = getattr(self, "model", None)  # the decoder's parsed config; no re-parse per module
+        std = model.cfg.init_std if isinstance(model, MerinoDecoder) else self.config.arch.init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
@@ -263,6 +264,8 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache()
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: one host sync here, not one per helper
         if position_ids is None:
             position_ids = self._positions(attention_mask, past, T, input_ids.device)
         mask = _attention_mask(attention_mask, past, T, input_ids.device)
@@ -279,7 +282,7 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor:
-        if attention_mask is None or bool(attention_mask.all()):
+        if attention_mask is None:
             return torch.arange(past, past + T, device=device).unsqueeze(0)
         # left padding: a sequence's positions count its real tokens only
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -293,7 +296,7 @@ def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int, devi
     ``is_causal`` is then right and fastest. Otherwise the causal part is offset by ``past`` and
     padded positions (``attention_mask == 0``) are hidden.
     """
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded = attention_mask is not None  # the caller turned an all-ones mask into None
     if not padded and (past == 0 or T == 1):
         return None
     S = past + T

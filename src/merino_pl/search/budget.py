@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from merino_pl.costs import PAPER_SEQ_LEN, layer_flops, layer_params
+from merino_pl.costs import PAPER_SEQ_LEN, embedding_params, layer_flops, layer_params, norm_params
 from merino_pl.errors import MerinoError
 from merino_pl.latency_table import LatencyTable
 from merino_pl.space import SearchSpace
@@ -93,9 +93,8 @@ def cost_tables(name: str, space: SearchSpace, genes: "Genes", latency: LatencyT
     """Tables for ``params``, ``flops`` or ``latency`` (the last needs a device latency table)."""
     arch = space.config([space.block(space.embed_dims[0], space.ffn_choices[0], space.num_layers[0])])
     if name == "params":
-        const = (arch.vocab_size + arch.max_position_embeddings) * arch.d_model
-        return _tables(name, space, genes, const, lambda e, f, L: layer_params(e, f, arch.bias),
-                       lambda i, o: i * o if i != o else 0, lambda e: 2 * e)
+        return _tables(name, space, genes, embedding_params(arch), lambda e, f, L: layer_params(e, f, arch.bias, arch.norm),
+                       lambda i, o: i * o if i != o else 0, lambda e: norm_params(arch.norm, e))
     if name == "flops":
         seq = PAPER_SEQ_LEN
         return _tables(name, space, genes, 0.0, lambda e, f, L: L * layer_flops(e, f, seq),
