@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from merino_pl.errors import MerinoError
+from merino_pl.evaluation.report import FORMAT
 from merino_pl.evaluation.perplexity import CORPORA, MODES, embedded_wikitext2
 
 log = logging.getLogger("merino_pl.eval")
@@ -99,14 +100,14 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.tasks not in ("", "none") or args.ppl not in ("", "none"):
+    plan = validate(args)
+    if plan["specs"] or any(c not in plan["data_files"] for c in plan["ppl"]):  # some data comes from the hub
         from merino_pl.data.sources import offline_unless_reachable
 
         reason = offline_unless_reachable()
         if reason:
             print(f"note: {reason}: hub datasets are read from the local cache only (uncached tasks are "
                   "skipped at once); --data-files and --include-path data are unaffected", file=sys.stderr)
-    plan = validate(args)
     from merino_pl.checkpoint import load_model
 
     loaded = load_model(args.checkpoint)  # MerinoError: missing file, weights of another architecture
@@ -145,7 +146,7 @@ def evaluate(loaded: Any, plan: dict[str, Any], args: argparse.Namespace) -> dic
                           num_fewshot=plan["num_fewshot"], bootstrap_iters=args.bootstrap_iters)
     arch = loaded.recipe.architecture
     return {
-        "format": "merino-eval/1",
+        "format": FORMAT,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "model": {

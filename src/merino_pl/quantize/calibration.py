@@ -18,12 +18,6 @@ from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
 POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
 
 
-def check_source(source: str, text_field: str = "text") -> None:
-    """Raise ``MerinoError`` if the source names no readable, non-empty text (cheap: one document)."""
-    src = resolve_source(source)
-    check_text_field(open_stream(src), src, text_field)
-
-
 def calibration_tokens(
     source: str, nsamples: int, seq_len: int, holdout: int = 0, tokenizer: str | None = None,
     text_field: str = "text", seed: int = 0,
@@ -42,7 +36,7 @@ def calibration_tokens(
     for row in stream:
         if row[field] and row[field].strip():
             batch.append(row[field])
-        if len(batch) == 256 or (batch and len(ids) >= POOL * need):
+        if len(batch) == 256:
             ids = _extend(ids, tok, batch, eos)
             batch = []
         if len(ids) >= POOL * need:

@@ -8,13 +8,14 @@ Reads any checkpoint ``load_model`` reads; writes a GPTQ v1 directory (see ``for
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from merino_pl.errors import MerinoError
+from merino_pl.io import read_yaml
 from merino_pl.quantize.rtn import SUPPORTED_BITS
 from merino_pl.quantize.runner import QuantSpec
 
@@ -61,9 +62,7 @@ def resolve_options(args: argparse.Namespace) -> None:
     preset: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
-        if not path.exists():
-            raise MerinoError(f"--config {path}: file not found")
-        preset = yaml.safe_load(path.read_text()) or {}
+        preset = read_yaml(path, "--config preset") or {}
         if not isinstance(preset, dict):
             raise MerinoError(f"--config {path}: expected a mapping of option: value")
         preset = {k.replace("-", "_"): v for k, v in preset.items()}
@@ -136,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args)
     if out.exists() and not args.overwrite:
         problems.append(f"--out {out} exists (pass --overwrite to replace it)")
-    loaded, calib, held, problems = _load_inputs(args, problems)
+    loaded, calib, held, tokenize_s, problems = _load_inputs(args, problems)
     if problems:
         raise MerinoError("; ".join(problems))
     spec = QuantSpec(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.damp_percent, args.block_size, args.true_sequential)
@@ -144,17 +143,19 @@ def run(args: argparse.Namespace) -> int:
     note = ragged_note(args.group_size, loaded.recipe.architecture)
     if note:
         print(note)
-    report = quantize_checkpoint(loaded, spec, calib, held, out, args)
+    report = quantize_checkpoint(loaded, spec, calib, held, out, args, tokenize_seconds=tokenize_s)
     print(report["summary_line"])
     return 0
 
 
-def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, Any, Any, list[str]]:
-    """The model and calibration windows, collecting their problems with the ones found so far."""
+def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, Any, Any, float, list[str]]:
+    """The model, the calibration windows and the seconds spent reading + tokenizing them,
+    collecting their problems with the ones found so far."""
     from merino_pl.checkpoint import load_model
     from merino_pl.quantize.calibration import calibration_tokens
 
     loaded = calib = held = None
+    tokenize_s = 0.0
     if not any(p.startswith("checkpoint not found") for p in problems):
         try:
             loaded = load_model(args.checkpoint)
@@ -163,10 +164,12 @@ def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, An
             problems.append(str(e))
     n_calib = args.nsamples if args.method == "gptq" else 0
     if (n_calib or args.holdout > 0) and args.seq_len > 0 and args.nsamples > 0 and args.holdout >= 0:
+        t0 = time.perf_counter()
         try:
             calib, held = calibration_tokens(args.calib, n_calib, args.seq_len, args.holdout, args.tokenizer, args.calib_text_field, args.seed)
+            tokenize_s = time.perf_counter() - t0
         except MerinoError as e:
             problems.append(str(e))
     else:
         calib = held = torch.zeros(0, max(args.seq_len, 0), dtype=torch.long)
-    return loaded, calib, held, problems
+    return loaded, calib, held, tokenize_s, problems

@@ -15,7 +15,6 @@ times it runs.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +131,3 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         raise MerinoError(f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}") from None
     return model.eval(), qcfg
 
-
-def spec_dict(spec: QuantSpec) -> dict[str, Any]:
-    return asdict(spec)

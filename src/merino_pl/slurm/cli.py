@@ -21,11 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
-from merino_pl.io import write_json
+from merino_pl.io import read_yaml, write_json
 from merino_pl.slurm.render import RESERVED_FIT_ARGS, JobSpec, render
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")  # SLURM's --time forms
@@ -93,17 +92,16 @@ def default_run_dir(config: dict[str, Any], recipe: str) -> str:
 
 def _check_files(args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    path = Path(args.config)
-    if not path.is_file():
+    if not Path(args.config).is_file():
         problems.append(f"--config {args.config}: no such file")
     else:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = read_yaml(args.config, "training config")
             config = loaded if isinstance(loaded, dict) else {}
             if not isinstance(loaded, (dict, type(None))):
                 problems.append(f"--config {args.config}: expected a YAML mapping (trainer:, model:, data:)")
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            problems.append(f"--config {args.config}: malformed YAML ({str(e).splitlines()[0]})")
+        except MerinoError as e:  # unreadable or malformed: one line, never a traceback
+            problems.append(f"--config: {e}")
     try:
         load_recipe(args.recipe)
     except MerinoError as e:
