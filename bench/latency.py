@@ -22,8 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from merino_pl.io import atomic_write_text, write_json  # noqa: E402
-from merino_pl.latency.report import Options, build_report, render_markdown  # noqa: E402
+from merino_pl.io import write_json  # noqa: E402
+from merino_pl.latency.report import Options, build_report, write_report  # noqa: E402
 
 PAIRS = [("merino-64m", "opt-350m", 5.0), ("merino-52m", "pythia-70m", 2.0)]  # (ours, peer, target x)
 
@@ -45,9 +45,8 @@ def main() -> int:
     results, t0 = [], time.time()
     for ours, peer, target in PAIRS:
         opts = Options(device=device, precisions=precisions, runs=runs, warmup=warmup, decode_tokens=decode, peers=(peer,))
-        report = build_report(ours, opts, out_dir / ours, tegra_release=Path("/etc/nv_tegra_release"))
-        write_json(out_dir / ours / "latency.json", report)
-        atomic_write_text(out_dir / ours / "latency.md", render_markdown(report))
+        report = build_report(ours, opts, out_dir / ours)
+        write_report(out_dir / ours, report)
         results.append({"ours": ours, "peer": peer, "target": target, "report": report})
     summary = summarize(results)
     print_table(summary, results[0]["report"]["device"]["summary"], runs, warmup, time.time() - t0)

@@ -204,13 +204,6 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
 
 
 # ---- running ---------------------------------------------------------------------------------
-def _load_state(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}  # a state we cannot read only costs a re-run, never a wrong skip
-
-
 def _up_to_date(stage: Stage, state: dict[str, Any]) -> bool:
     done = state.get(stage.name, {})
     return done.get("key") == stage.key and done.get("status") == "done" and all(p.exists() for p in stage.outputs)
@@ -244,7 +237,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool
     if unknown:
         raise MerinoError(f"--force {', '.join(unknown)}: no such stage (stages: {', '.join(s.name for s in stages)})")
     state_path = cfg.out_dir / "pipeline-state.json"
-    state = _load_state(state_path)
+    state = _read_json(state_path) or {}  # a state we cannot read only costs a re-run, never a wrong skip
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
     t_start = time.perf_counter()
     changed: set[Path] = set()  # dry run: outputs of stages that would run (their readers would too)

@@ -17,7 +17,6 @@ from typing import Sequence
 
 from merino_pl.cli import ArgumentParser
 from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure, then write ``latency.json`` and ``latency.md`` into ``--out``."""
     import torch
 
-    from merino_pl.latency.report import Options, build_report, render_markdown
+    from merino_pl.latency.report import Options, build_report, write_report
 
     if args.threads is not None:
         if args.threads < 1:
@@ -57,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     report = build_report(args.source, opts, out)
-    write_json(out / "latency.json", report)
-    markdown = render_markdown(report)
-    atomic_write_text(out / "latency.md", markdown)
-    print(markdown)
+    print(write_report(out, report))
     print(f"wrote {out / 'latency.json'} and {out / 'latency.md'}")
     return 0
 

@@ -65,9 +65,6 @@ PAPER: dict[str, PaperPoint] = {
     "merino-64m": PaperPoint(64, 160, 114, 0.408),
 }
 
-# the paper's headline pairs (Table 3): our model, its peer, the paper's Jetson Nano speed-up
-HEADLINE_PAIRS = [("merino-64m", "opt-350m"), ("merino-52m", "pythia-70m")]
-
 
 def peer_config(name: str, **overrides: Any) -> Any:
     """The transformers config of a peer (``overrides`` shrink it for tests)."""

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from merino_pl.checkpoint import LoadedModel, load_model
 from merino_pl.costs import count_flops
 from merino_pl.errors import MerinoError
+from merino_pl.io import atomic_write_text, write_json
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import (
@@ -194,9 +195,6 @@ class ReportBuilder:
             self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
         if o.peers or o.onnx:
             self.skipped.append({"row": f"peers / onnxruntime {precision}", "reason": "int rows are ours only (peers and the ONNX graph stay float)"})
-        if "int" not in " ".join(self.warnings):
-            self.warnings.append("int rows: the quantize stage's QuantLinear dequantizes each weight once and runs float GEMMs, "
-                                 "so int latency ~ fp32 latency; weights_bytes is the packed file (no integer kernels on this stack)")
 
     def _peer(self, peer: str, dtype: torch.dtype, precision: str) -> None:
         """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position
@@ -295,11 +293,8 @@ def quantized_model(loaded: LoadedModel, precision: str, tmp: Path) -> torch.nn.
 
 
 def gptq_bits(loaded: LoadedModel) -> int | None:
-    import json
-
-    if loaded.kind != "gptq":
-        return None
-    return int(json.loads((Path(loaded.path) / "quantize_config.json").read_text())["bits"])
+    """The bits of a GPTQ directory (``load_quantized`` put its quantize config on the model)."""
+    return int(loaded.model.config.quantization_config["bits"]) if loaded.kind == "gptq" else None
 
 
 def build_report(
@@ -322,6 +317,9 @@ def build_report(
         slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
         if slow:
             builder.warnings.append(f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU")
+    if any(p in INT_BITS for p in opts.precisions):
+        builder.warnings.append("int rows: the quantize stage's QuantLinear dequantizes each weight once and runs float GEMMs, "
+                                "so int latency ~ fp32 latency; weights_bytes is the packed file (no integer kernels on this stack)")
     bits = gptq_bits(loaded)
     try:
         for p in opts.precisions:
@@ -413,3 +411,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["", "## Not measured / warnings", ""]
         lines += [f"- skipped {s['row']}: {s['reason']}" for s in r["skipped"]] + [f"- {w}" for w in r["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, report: dict[str, Any]) -> str:
+    """``out_dir/latency.json`` and ``out_dir/latency.md`` (atomically); returns the Markdown."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "latency.json", report)
+    markdown = render_markdown(report)
+    atomic_write_text(out_dir / "latency.md", markdown)
+    return markdown
