@@ -1,6 +1,6 @@
 """Data-path throughput, side by side, against what one H100 consumes for MeRino-64M.
 
-    python bench/data.py            # full: ~10 M tokens of ../shared/data text
+    python bench/data.py            # full: ~10 M tokens of the shipped real text
     python bench/data.py --quick    # a smaller corpus while developing
 
 Rows: the tokenizer alone in one process (the peer every parallel path is compared to),
@@ -59,11 +59,13 @@ def h100_tokens_per_s(recipe: str, seq_len: int = 1024) -> dict:
 
 
 def make_corpus(folder: Path, target_mb: float) -> Path:
-    """../shared/data text (Shakespeare + WikiText-2), repeated to ``target_mb``, as jsonl files
-    of paragraph documents (a repeat index keeps every document distinct)."""
-    candidates = [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data"]  # checkout, worktree
-    shared = next((c for c in candidates if c.exists()), candidates[0])
-    texts = [(shared / p).read_text() for p in ("corpus/tinyshakespeare.txt", "wikitext-2-raw/wiki.test.raw")]
+    """The shipped real text (Shakespeare + WikiText-2 test, the same files as ../shared/data),
+    repeated to ``target_mb``, as jsonl files of paragraph documents (a repeat index keeps every
+    document distinct)."""
+    from merino_pl.evaluation.perplexity import embedded_wikitext2
+    from merino_pl.tokenizer import default_corpus_file
+
+    texts = [p.read_text() for p in (default_corpus_file(), embedded_wikitext2())]
     paragraphs = [p for t in texts for p in t.split("\n\n") if p.strip()]
     size = sum(len(p) for p in paragraphs)
     repeats = max(1, round(target_mb * 1e6 / size))
@@ -139,7 +141,7 @@ def main() -> None:
 def report(rows: dict, gpu: dict, mb: float) -> None:
     base = rows["tokenizer alone, 1 process"]
     base_rate = base["tokens"] / base["seconds"]
-    print(f"\ncorpus: ../shared/data text repeated to {mb:g} MB; GPT-NeoX-20B tokenizer; {os.cpu_count()} cores")
+    print(f"\ncorpus: shipped Shakespeare + WikiText-2 text repeated to {mb:g} MB; GPT-NeoX-20B tokenizer; {os.cpu_count()} cores")
     print(f"{'path':38} {'tokens':>12} {'s':>7} {'M tok/s':>8} {'x tokenizer':>11} {'x H100 need':>11}")
     for name, r in rows.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]

@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout, or beside its parent (a worktree under wt/)
-SHARED = next((b / "shared" for b in (REPO.parent, REPO.parents[1]) if (b / "shared").is_dir()), REPO.parent / "shared")
 
 
 def main() -> None:
@@ -26,8 +24,12 @@ def main() -> None:
     p.add_argument("--recipe", default="merino-tiny")
     p.add_argument("--docs", type=int, default=2, help="WikiText-2 test articles to score")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
+    p.add_argument("--data", default=None, help="wiki.test.raw (default: the copy shipped in the package)")
     args = p.parse_args()
+    if args.data is None:
+        from merino_pl.evaluation.perplexity import embedded_wikitext2
+
+        args.data = str(embedded_wikitext2())
 
     from lm_eval.api.instance import Instance
 

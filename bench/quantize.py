@@ -33,13 +33,11 @@ sys.path.insert(0, str(REPO / "src"))
 from merino_pl.checkpoint import export_pretrained, load_model  # noqa: E402
 from merino_pl.cli import main as merino  # noqa: E402
 from merino_pl.config import BlockConfig, MerinoConfig, load_recipe  # noqa: E402
+from merino_pl.evaluation.perplexity import embedded_wikitext2  # noqa: E402
 from merino_pl.io import atomic_write_text  # noqa: E402
 from merino_pl.model import MerinoForCausalLM  # noqa: E402
 from merino_pl.tokenizer import EOS_TOKEN, default_corpus_file, load_tokenizer  # noqa: E402
 
-# ../shared beside the checkout (or two levels up for a git worktree under wt/)
-WIKI = next((p / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw" for p in (REPO.parent, REPO.parent.parent)
-             if (p / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").exists()), REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
 VARIANTS = [("gptq", 8), ("rtn", 8), ("gptq", 4), ("rtn", 4)]
 
 
@@ -210,7 +208,7 @@ def main() -> None:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--work", default=str(REPO / "runs" / "bench" / "quantize"))
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--wikitext", default=str(WIKI), help="wiki.test.raw (default: ../shared/data/wikitext-2-raw)")
+    p.add_argument("--wikitext", default=str(embedded_wikitext2()), help="wiki.test.raw (default: the copy shipped in the package)")
     args = p.parse_args()
     args.train_steps = args.train_steps or (30 if args.quick else 400)
     args.limit = args.limit or (8 if args.quick else 16 if args.train_on == "wikitext" else None)

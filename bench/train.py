@@ -94,13 +94,7 @@ def run_bare(args, batches, precision: str, device: str) -> float:
 
 
 def _optimizer(module: MerinoLightningModule, max_steps: int, dev: torch.device):
-    from merino_pl.train.module import lr_factor, param_groups
-
-    hp = module.hparams
-    opt = torch.optim.AdamW(param_groups(module.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                            eps=hp.eps, fused=dev.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup_steps, max_steps, hp.min_lr_ratio))
-    return opt, sched
+    return module.build_optimizer(max_steps, fused=dev.type == "cuda")  # the same recipe as training
 
 
 def cpu_gemm_peak(n: int = 1024, reps: int = 20) -> float:

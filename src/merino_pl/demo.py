@@ -2,8 +2,8 @@
 
 Runs ``merino-pl fit`` with the packaged ``recipes/train/cpu-demo.yaml`` (the tiny recipe,
 public-domain Shakespeare, fp32 on the CPU, a few minutes on 2 cores, no network), prints the
-loss as it falls, and a greedy generation from the trained checkpoint. Later stages extend this
-into the whole pipeline (search -> fit -> eval -> quantize -> latency).
+loss as it falls, and a sampled generation (top-k 40, temperature 0.8) from the trained
+checkpoint. `make demo` runs the whole pipeline instead (``merino-pl pipeline``).
 """
 
 from __future__ import annotations

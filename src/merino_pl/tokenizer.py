@@ -12,6 +12,8 @@ from merino_pl.errors import MerinoError
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 EOS_TOKEN = "<|endoftext|>"
+# end-of-document tokens of common tokenizers, first found wins (GPT-NeoX / GPT-2 first)
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
 def default_tokenizer_file() -> Path:
@@ -54,3 +56,11 @@ def hf_tokenizer(name_or_path: str | None = None):
     tok.eos_token = tok.bos_token = tok.unk_token = EOS_TOKEN
     tok.pad_token = EOS_TOKEN
     return tok
+
+
+def find_eos(tok: Tokenizer, spec: str | None) -> int:
+    """The id of ``tok``'s end-of-document token (``spec`` names the tokenizer in the error)."""
+    for token in EOS_CANDIDATES:
+        if (i := tok.token_to_id(token)) is not None:
+            return i
+    raise MerinoError(f"tokenizer {spec!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")

@@ -25,11 +25,10 @@ from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout, 
 from merino_pl.data.shards import ShardStream, TokenFiles
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
+from merino_pl.tokenizer import find_eos, load_tokenizer
 
 log = logging.getLogger(__name__)
 LOADER_FORMAT = "merino-loader/1"
-EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
 class RankStatefulDataLoader(StatefulDataLoader):
@@ -159,7 +158,7 @@ class PileDataModule(L.LightningDataModule):
         self._check_arguments()
         self.tok = load_tokenizer(tokenizer)
         self.vocab_size: int = self.tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id: int = self._find_eos()
+        self.eos_id: int = find_eos(self.tok, self.hparams.tokenizer)
         self._rank_override: tuple[int, int] | None = None
         self._stream = None
         self._files: TokenFiles | None = None
@@ -184,12 +183,6 @@ class PileDataModule(L.LightningDataModule):
             problems.append(f"sample_by={h.sample_by!r} (valid: line, paragraph, document)")
         if problems:
             raise MerinoError("bad data arguments: " + "; ".join(problems))
-
-    def _find_eos(self) -> int:
-        for token in EOS_CANDIDATES:
-            if (i := self.tok.token_to_id(token)) is not None:
-                return i
-        raise MerinoError(f"tokenizer {self.hparams.tokenizer!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Raise ``MerinoError`` when token ids could exceed the model's embedding table."""

@@ -33,7 +33,7 @@ from merino_pl.data.shards import MANIFEST, SHARDS_FORMAT, read_manifest, shard_
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
 from merino_pl.io import atomic_path, sha256_file, write_json
-from merino_pl.tokenizer import EOS_TOKEN, default_tokenizer_file, load_tokenizer
+from merino_pl.tokenizer import default_tokenizer_file, find_eos, load_tokenizer
 
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per file
@@ -158,9 +158,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _settings(args: argparse.Namespace, source_files: tuple[str, ...]) -> dict:
     tok = load_tokenizer(args.tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    eos = tok.token_to_id(EOS_TOKEN)
-    if eos is None:
-        raise MerinoError(f"tokenizer {args.tokenizer!r} has no {EOS_TOKEN} token")
+    eos = find_eos(tok, args.tokenizer)  # the same rule as the streaming DataModule
     return {
         "format": SHARDS_FORMAT,
         "source": args.source,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from merino_pl.config import Recipe, load_recipe
-from merino_pl.costs import count_flops, lm_head_flops
+from merino_pl.costs import count_flops
 from merino_pl.errors import MerinoError
 from merino_pl.model import MerinoForCausalLM
 
@@ -104,7 +104,7 @@ class MerinoLightningModule(L.LightningModule):
     def _forward_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token including the LM head (MFU counts all matmul work)."""
         arch = self.recipe.architecture
-        return (count_flops(arch, seq_len) + lm_head_flops(arch, seq_len)) / seq_len
+        return count_flops(arch, seq_len, include_lm_head=True) / seq_len
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._loss_fn == self._loss:
@@ -155,17 +155,21 @@ class MerinoLightningModule(L.LightningModule):
 
     # ---- optimizer and schedule -------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
             raise MerinoError("trainer.max_steps must be set (the lr schedule decays to it), got " f"{max_steps}")
-        fused = self.device.type == "cuda"  # one kernel for all parameters on GPUs
+        opt, sched = self.build_optimizer(max_steps, fused=self.device.type == "cuda")  # fused: one kernel on GPUs
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def build_optimizer(self, max_steps: int, fused: bool = False) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over the paper's groups (decay on matrices only) + the warm-up / linear-decay schedule."""
+        hp = self.hparams
         opt = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused
         )
         warmup, ratio = hp.warmup_steps, hp.min_lr_ratio
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, max_steps, ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return opt, sched
 
     # ---- checkpoint extras ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
