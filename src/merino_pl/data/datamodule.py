@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout, stack
+from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout
 from merino_pl.data.shards import ShardStream, TokenFiles
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
@@ -301,9 +301,9 @@ class PileDataModule(L.LightningDataModule):
             have += len(tokens)
             if have >= need:
                 break
-        tokens = np.concatenate(parts or [np.empty(0, np.int32)])[: need - need % size]
+        tokens = np.concatenate(parts or [np.empty(0, np.int32)])[:need]
         n = len(tokens) // size
-        return stack(list(tokens[: n * size].reshape(n, size))) if n else torch.empty(0, size, dtype=torch.long)
+        return torch.from_numpy(tokens[: n * size].astype(np.int64).reshape(n, size))
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
