@@ -1,4 +1,8 @@
-"""``merino-pl export CKPT --out DIR [--onnx]``: a checkpoint as an HF-loadable directory.
+"""``merino-pl export CKPT --out DIR [--overwrite] [--onnx]``: a checkpoint as an HF-loadable directory.
+
+``--out`` is replaced as one unit, so it must be a directory the user means to give up: an
+existing non-empty one needs ``--overwrite``, and one that holds the checkpoint being exported
+(``export RUN/checkpoints/last.ckpt --out RUN``) is refused even with it.
 
 ``--onnx`` additionally writes ``model.onnx`` (with KV-cache inputs for decoding) through the
 latency stage's exporter: what a Jetson user feeds to TensorRT.
@@ -10,16 +14,37 @@ import argparse
 from pathlib import Path
 
 from merino_pl.checkpoint import export_pretrained, load_model
+from merino_pl.errors import MerinoError
+from merino_pl.io import check_out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .ckpt from `merino-pl fit`, an exported directory, or a recipe")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (written beside, then renamed into place)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to ship with the model (default: GPT-NeoX-20B)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx with KV-cache inputs")
 
 
+def validate(args: argparse.Namespace) -> list[str]:
+    """Problems with the paths and the tokenizer, before the model is read (``--out`` is
+    replaced as a whole, so it must not hold anything this command reads)."""
+    from merino_pl.tokenizer import load_tokenizer
+
+    problems = []
+    try:
+        load_tokenizer(args.tokenizer)
+    except MerinoError as e:
+        problems.append(str(e))
+    protect = [(p, what) for p, what in [(args.checkpoint, "the checkpoint being exported"),
+                                         (args.tokenizer, "the --tokenizer file")] if p and Path(p).exists()]
+    return problems + check_out(args.out, overwrite=args.overwrite, protect=protect)
+
+
 def run(args: argparse.Namespace) -> int:
+    problems = validate(args)
+    if problems:
+        raise MerinoError("; ".join(problems))
     loaded = load_model(args.checkpoint)
     out = export_pretrained(loaded.model, args.out, tokenizer=args.tokenizer)
     print(f"exported {loaded.recipe.name} ({loaded.kind}) -> {out}")

@@ -3,13 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+
+def _temp_name(name: str, kind: str) -> str:
+    """``.NAME.HOST-PID-TOKEN.KIND``: unique per process (two concurrent runs never share one),
+    and it says which process made it, so a later run can remove those whose process is gone."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.{kind}"
+
+
+def _remove_stale(directory: Path, name: str, kinds: tuple[str, ...] = ("tmp",)) -> None:
+    """Remove temp files/directories of ``name`` left by processes of this host that have died
+    (a ``kill -9`` mid-write); those of live processes, or of other hosts, are left alone."""
+    host = socket.gethostname()
+    for kind in kinds:
+        for stale in directory.glob(f".{glob.escape(name)}.*.{kind}"):
+            middle = stale.name[len(name) + 2:-len(kind) - 1]
+            parts = middle.rsplit("-", 2)
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -18,12 +53,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     A crash (or ``kill -9``) at any point leaves either the old file or the new one, never a
     truncated mix: the rename is atomic on POSIX file systems and the data is fsync'ed first.
+    The file gets the mode the user's umask gives (teammates can read a shared checkpoint);
+    temp files of processes that died mid-write are removed here, on the next write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    _remove_stale(path.parent, path.name)
+    tmp_path = path.parent / _temp_name(path.name, "tmp")
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 & ~umask
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -69,20 +106,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """A fresh directory beside ``out`` that replaces ``out`` only once everything is written,
-    so an interrupted write never leaves a half-written model where a user would load it."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    so an interrupted write never leaves a half-written model where a user would load it.
+
+    The temp directory's name is unique per process (see ``_temp_name``); ones left by dead
+    processes are removed on the next write. Callers check ``out`` first (``check_out``): this
+    replaces whatever ``out`` holds.
+    """
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out.parent, out.name, ("tmp", "old"))
+    tmp = out.parent / _temp_name(out.name, "tmp")
+    tmp.mkdir()
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        for f in tmp.iterdir():  # temp-file helpers create 0600 files; a shipped model is readable
+        for f in tmp.iterdir():  # files written by other libraries may be 0600; a shipped model is readable
             f.chmod(0o666 & ~umask)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = out.parent / _temp_name(out.name, "old")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
@@ -90,6 +132,52 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out(out: str | os.PathLike, *, overwrite: bool | None = None, flag: str = "--out",
+              protect: Sequence[tuple[str | os.PathLike, str]] = ()) -> list[str]:
+    """Problems with an output path, found before any work starts (all of them, one line each).
+
+    * ``protect``: (path, what) pairs that ``out`` must neither be nor contain — replacing
+      ``out`` would delete them (e.g. the checkpoint being exported); refused even with
+      ``--overwrite``, as is an ``out`` containing the working directory;
+    * ``overwrite``: when not None, an existing non-empty ``out`` needs it (``--overwrite``);
+    * the nearest existing folder of ``out`` must accept a new file (probed by creating one:
+      read-only mounts and ``chattr +i`` defeat ``os.access`` for root).
+    """
+    out_path = Path(os.path.abspath(out))
+    problems = []
+    real = Path(os.path.realpath(out_path))
+    for path, what in [*protect, (Path.cwd(), "the current directory")]:
+        p = Path(os.path.realpath(path))
+        if real == p or real in p.parents:
+            problems.append(f"{flag} {out} contains {what} ({path}): replacing it would delete it; choose another {flag}")
+            break
+    if out_path.exists() and overwrite is not None and not overwrite:
+        if out_path.is_dir() and any(out_path.iterdir()):
+            problems.append(f"{flag} {out} exists and is not empty (pass --overwrite to replace it)")
+        elif not out_path.is_dir():
+            problems.append(f"{flag} {out} exists (pass --overwrite to replace it)")
+    folder = out_path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        problems.append(f"{flag} {out}: {folder} is not a directory")
+    elif (why := _unwritable(folder)) is not None:
+        problems.append(f"{flag} {out}: cannot write in {folder} ({why})")
+    return problems
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why a new file cannot be created in ``folder`` (None when it can)."""
+    probe = folder / _temp_name("write-probe", "tmp")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    with contextlib.suppress(OSError):
+        probe.unlink()
+    return None
 
 
 def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:

@@ -168,12 +168,13 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     argv = ["fit", "--config", str(fit_cfg), "--model.recipe", recipe_arg, *_fit_overrides(fit_cfg, run_dir)]
     stages.append(Stage("fit", argv + _args(cfg.fit) + ["--ckpt_path", "last"], [fit_cfg, *recipe_inputs], [ckpt], run_dir))
     model = out / "model"
-    stages.append(Stage("export", ["export", str(ckpt), "--out", str(model)], [ckpt], [model / "config.json"], model))
+    # --overwrite: the pipeline owns these folders (a stage killed after writing reruns over its own output)
+    stages.append(Stage("export", ["export", str(ckpt), "--out", str(model), "--overwrite"], [ckpt], [model / "config.json"], model))
     models = {"fp32": model}
     q = cfg.quantize
     for bits in ([int(b) for b in (q.get("bits") or [8, 4])] if q is not None else []):
         qdir = out / "quantized" / f"int{bits}"
-        argv = ["quantize", str(model), "--bits", str(bits), "--out", str(qdir)]
+        argv = ["quantize", str(model), "--bits", str(bits), "--out", str(qdir), "--overwrite"]
         if q.get("method"):
             argv += ["--method", str(q["method"])]
         stages.append(Stage(f"quantize-int{bits}", argv + _args(q), [model], [qdir / "quantize_config.json"], qdir))
