@@ -196,7 +196,7 @@ def test_shipped_presets_parse(preset, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--bits", "3"], "--bits 3 is not supported (valid: 4, 8)"),
     (["--bits", "3", "--nsamples", "0"], "--nsamples 0: must be positive"),  # every problem at once
-    (["--group-size", "256"], "--group-size 256 exceeds the narrowest layer width 64"),
+    (["--group-size", "0"], "--group-size 0: must be positive or -1"),
     (["--calib", "EMPTY"], "is empty"),
     (["--calib", "/nonexistent/x.txt"], "no such file"),
     (["--method", "awq"], "--method 'awq'"),
@@ -231,3 +231,43 @@ def test_quantized_model_runs_on_gpu(float_dir, tmp_path):
         half = model.half()(ids.cuda()).logits.float().cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
     assert _rel(half, cpu) < 0.01
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "recipes").glob("merino-*.yaml")))
+def test_default_options_fit_every_shipped_recipe(recipe):
+    """`quantize CKPT --bits 4` with the defaults (group 128) is valid for every shipped recipe."""
+    import argparse
+
+    from merino_pl.config import load_recipe
+    from merino_pl.quantize.cli import DEFAULTS, group_note, validate_for_model
+
+    arch = load_recipe(REPO / "recipes" / f"{recipe}.yaml").architecture
+    args = argparse.Namespace(**{**DEFAULTS, "bits": 4})
+    assert validate_for_model(args, arch) == []
+    for bits in (4, 8):
+        assert validate_for_model(argparse.Namespace(**{**DEFAULTS, "bits": bits}), arch) == []
+    if min(b.embed_dim for b in arch.blocks) < 128:
+        assert "one group per row" in group_note(128, arch)
+
+
+def test_group_wider_than_a_layer_is_one_group_per_row(tmp_path, capsys):
+    """merino-tiny's 64-wide blocks under the default group 128: one group of 64 per row, the
+    global group_size kept (what auto-gptq / GPTQModel size as ceil(64 / 128) = 1 group), the
+    directory loads back, and the report says which layers."""
+    out = tmp_path / "q"
+    assert cli(["quantize", "merino-tiny", "--bits", "4", "--nsamples", "2", "--seq-len", "32", "--holdout", "1",
+                "--batch-size", "2", "--out", str(out)]) == 0
+    assert "one group per row" in capsys.readouterr().out
+    assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 128
+    report = json.loads((out / "quantize_report.json").read_text())
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["model.blocks.0.layer.attn.q_proj"]["groups"] == 1 and rows["model.blocks.0.layer.attn.q_proj"]["group_columns"] == 64
+    assert rows["model.blocks.2.layer.attn.q_proj"]["groups"] == 1 and rows["model.blocks.2.layer.ffn.down"]["groups"] == 2
+    assert "one group per row" in report["group_note"] and "64" in report["group_note"]
+    assert "one group per row" in (out / "quantize_report.md").read_text()
+    loaded = load_model(out)
+    assert loaded.kind == "gptq"
+    lin = loaded.model.model.blocks[0].layer.attn.q_proj
+    assert lin.scales.shape == (1, 64) and lin.g_idx.eq(0).all()
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(torch.arange(8)[None]).logits).all()

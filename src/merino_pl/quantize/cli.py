@@ -97,12 +97,10 @@ def validate(args: argparse.Namespace) -> list[str]:
 
 
 def validate_for_model(args: argparse.Namespace, arch: Any) -> list[str]:
-    """Problems that depend on the architecture (group size and packing vs widths, seq_len)."""
+    """Problems that depend on the architecture (packing vs widths, seq_len). A group larger
+    than a layer's input width is not one: that layer gets one group per row (``group_note``)."""
     problems = []
-    widths = sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})  # in- and out-features of every linear
-    if args.group_size > widths[0]:
-        problems.append(f"--group-size {args.group_size} exceeds the narrowest layer width {widths[0]} "
-                        f"(widths: {widths}); use -1 for one group per output channel")
+    widths = _widths(arch)
     if args.bits in SUPPORTED_BITS and any(w % (32 // args.bits) for w in widths):
         problems.append(f"layer widths {widths} must be multiples of {32 // args.bits} to pack {args.bits}-bit codes in int32")
     if args.seq_len > arch.max_position_embeddings:
@@ -110,14 +108,33 @@ def validate_for_model(args: argparse.Namespace, arch: Any) -> list[str]:
     return problems
 
 
-def ragged_note(group_size: int, arch: Any) -> str | None:
-    """A note when the group size does not divide some input width (the last group is shorter)."""
-    widths = sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})
-    ragged = [w for w in widths if group_size > 0 and w % group_size]
-    if not ragged:
+def _widths(arch: Any) -> list[int]:
+    return sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})  # in- and out-features of every linear
+
+
+def group_note(group_size: int, arch: Any) -> str | None:
+    """What the group size means for layers it does not fit, or None when it divides every width.
+
+    The format keeps one global ``group_size`` (as auto-gptq / GPTQModel write and read it) and
+    every reader sizes a layer's scales as ``ceil(in / group_size)`` groups: a layer narrower
+    than the group has one group per row (its whole input width), one whose width the group
+    does not divide has a shorter last group.
+    """
+    if group_size == -1:
         return None
-    return (f"note: --group-size {group_size} does not divide input widths {ragged}: their last group is shorter "
-            "(valid GPTQ, as auto-gptq / GPTQModel write it; fixed-shape kernels such as Marlin need a divisor)")
+    widths = _widths(arch)
+    narrow = [w for w in widths if w < group_size]
+    ragged = [w for w in widths if w > group_size and w % group_size]
+    parts = []
+    if narrow:
+        parts.append(f"layers with {' / '.join(map(str, narrow))} inputs are narrower than --group-size {group_size}: "
+                     "one group per row there (the layer's whole input width, as GPTQ tools do)")
+    if ragged:
+        parts.append(f"--group-size {group_size} does not divide input widths {ragged}: their last group is shorter")
+    if not parts:
+        return None
+    return ("note: " + "; ".join(parts) + " (valid GPTQ v1 with the global group_size, as auto-gptq / GPTQModel read it; "
+            "fixed-shape kernels such as Marlin need a group that divides every width)")
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -140,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
         raise MerinoError("; ".join(problems))
     spec = QuantSpec(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.damp_percent, args.block_size, args.true_sequential)
     print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out}: {spec}")
-    note = ragged_note(args.group_size, loaded.recipe.architecture)
+    note = group_note(args.group_size, loaded.recipe.architecture)
     if note:
         print(note)
-    report = quantize_checkpoint(loaded, spec, calib, held, out, args, tokenize_seconds=tokenize_s)
+    report = quantize_checkpoint(loaded, spec, calib, held, out, args, tokenize_seconds=tokenize_s, group_note=note)
     print(report["summary_line"])
     return 0
 

@@ -57,7 +57,7 @@ def sizes(model: MerinoForCausalLM, quantized_file: Path, bits: int) -> dict[str
 
 def quantize_checkpoint(
     loaded: LoadedModel, spec: QuantSpec, calib: torch.Tensor, held: torch.Tensor, out: Path,
-    args: argparse.Namespace, tokenize_seconds: float = 0.0,
+    args: argparse.Namespace, tokenize_seconds: float = 0.0, group_note: str | None = None,
 ) -> dict[str, Any]:
     """Quantize ``loaded.model`` (in place), write ``out`` atomically with its report, return the report."""
     model = loaded.model.eval()
@@ -85,7 +85,8 @@ def quantize_checkpoint(
             "sizes": sizes(model, tmp / WEIGHTS_NAME, spec.bits),
             "heldout": heldout,
             "reload_max_abs_logit_diff": reload_diff,
-            "layers": report_rows(layers),
+            "group_note": group_note,
+            "layers": report_rows(layers, spec.group_size),
         }
         report["summary_line"] = _summary(report)
         write_json(tmp / "quantize_report.json", report)
@@ -109,6 +110,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- checkpoint: `{r['checkpoint']}` ({r['kind']})",
         f"- bits {q['bits']}, group size {q['group_size']}, sym {q['sym']}, desc_act {q['desc_act']}, "
         f"true_sequential {q['true_sequential']}, damp {q['damp_percent']}",
+        *([f"- {r['group_note'].removeprefix('note: ')}"] if r.get("group_note") else []),
         f"- calibration: {c['nsamples']} x {c['seq_len']} tokens from `{c['source']}` (seed {c['seed']}); "
         f"quantization {r['seconds']['quantize']:.1f} s",
         f"- reload check: max |logit difference| reloaded vs in-memory = {r['reload_max_abs_logit_diff']:.2e}", "",
@@ -121,9 +123,9 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"({h['ppl_delta_pct']:+.2f} %), logits relative error {h['logits_rel_err_pct']:.3f} %, "
             f"top-1 agreement {h['top1_agreement_pct']:.2f} %", "",
         ]
-    lines += ["| layer | in | out | L_j | Hessian rows | loss | s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| layer | in | out | groups x columns | L_j | Hessian rows | loss | s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["layers"]:
         loss = "" if row["loss"] is None else f"{row['loss']:.4g}"
-        lines.append(f"| {row['name']} | {row['in_features']} | {row['out_features']} | {row['applications']} | "
+        lines.append(f"| {row['name']} | {row['in_features']} | {row['out_features']} | {row['groups']} x {row['group_columns']} | {row['applications']} | "
                      f"{row['hessian_samples']} | {loss} | {row['seconds']:.2f} |")
     return "\n".join(lines) + "\n"

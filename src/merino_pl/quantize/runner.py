@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from merino_pl.model import MerinoForCausalLM
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
-from merino_pl.quantize.rtn import QuantizedWeight, rtn_quantize
+from merino_pl.quantize.rtn import QuantizedWeight, num_groups, rtn_quantize
 
 # a decoder layer's linears, in the order their inputs are produced; one tuple = one input
 SUBGROUPS: tuple[tuple[str, ...], ...] = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.o_proj",), ("ffn.up",), ("ffn.down",))
@@ -157,5 +157,8 @@ def _quantize_block(
                 bar.update()
 
 
-def report_rows(reports: list[LayerReport]) -> list[dict]:
-    return [asdict(r) for r in reports]
+def report_rows(reports: list[LayerReport], group_size: int) -> list[dict]:
+    """One dict per linear, with its groups per row and the columns in each (``group_columns``
+    is the layer's input width where the group does not fit: one group per row)."""
+    return [{**asdict(r), "groups": num_groups(r.in_features, group_size),
+             "group_columns": r.in_features if group_size == -1 else min(group_size, r.in_features)} for r in reports]
