@@ -163,6 +163,41 @@ def test_shipped_train_recipes_parse(tmp_path):
     assert pile_cli.datamodule.hparams.source == "EleutherAI/the_pile_deduplicated"
 
 
+def _first_run_state(fit_config, *extra):
+    """(seeds, first weight, first training batch) of the run ``fit`` would start."""
+    from merino_pl.train.cli import build_cli
+
+    cli = build_cli(["--config", str(fit_config), *extra], run=False)
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    weight = cli.model.model.model.embed_tokens.weight.detach().clone()
+    return (cli.model.hparams.seed, cli.datamodule.hparams.seed), weight, batch
+
+
+def test_seed_everything_seeds_the_init_and_the_data_order(fit_config):
+    """`--seed_everything N` changes the run (LightningCLI's convention); a given seed wins."""
+    seeds1, w1, b1 = _first_run_state(fit_config, "--seed_everything", "1")
+    seeds2, w2, b2 = _first_run_state(fit_config, "--seed_everything", "2")
+    assert seeds1 == (1, 1) and seeds2 == (2, 2)
+    assert not torch.equal(w1, w2) and not torch.equal(b1, b2)
+    seeds3, w3, b3 = _first_run_state(fit_config, "--seed_everything", "2", "--model.seed", "1", "--data.seed", "1")
+    assert seeds3 == (1, 1) and torch.equal(w3, w1) and torch.equal(b3, b1)
+
+
+def test_logs_follow_default_root_dir(tmp_path):
+    """The shipped config's logger writes under --trainer.default_root_dir, not ./runs/cpu-demo."""
+    from merino_pl.train.cli import build_cli
+
+    root = tmp_path / "elsewhere"
+    cli = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root)], run=False)
+    assert [Path(lg.save_dir) for lg in cli.trainer.loggers] == [root]
+    assert Path(cli.trainer.checkpoint_callback.dirpath) == root / "checkpoints"
+    mine = tmp_path / "logs-here"
+    cli = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root),
+                     "--trainer.logger.init_args.save_dir", str(mine)], run=False)
+    assert [Path(lg.save_dir) for lg in cli.trainer.loggers] == [mine]
+
+
 # ---- guards ------------------------------------------------------------------------------------
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(fit_config, tmp_path):
     import lightning as L

@@ -86,12 +86,17 @@ class MerinoCLI(LightningCLI):
             "trainer.default_root_dir", "checkpoint.dirpath", compute_fn=lambda root: str(Path(root or ".") / "checkpoints")
         )
         parser.add_lightning_class_args(SpeedMonitor, "speed")
+        # None = "not given": derive_seeds fills them from seed_everything (a given value wins)
+        parser.set_defaults({"model.seed": None, "data.seed": None})
 
     def _fit_config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        problems = check_config(self._fit_config())
+        cfg = self._fit_config()
+        derive_seeds(cfg)
+        root_logger_dirs(cfg)
+        problems = check_config(cfg)
         if problems:
             raise MerinoError("bad fit config: " + "; ".join(problems))
 
@@ -109,6 +114,37 @@ class MerinoCLI(LightningCLI):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 setup_wandb(logger, resume_from=resolve_ckpt_path(ckpt_path, trainer))
+
+
+ROOT_DIR = "${trainer.default_root_dir}"
+
+
+def derive_seeds(cfg: Any) -> None:
+    """LightningCLI's convention: ``seed_everything`` seeds the run. The weight init
+    (``model.seed``) and the data order (``data.seed``) take its value unless given
+    explicitly (``--model.seed``, ``--data.seed`` or the config); with ``seed_everything``
+    false they keep the classes' default, 1234."""
+    seed = cfg.get("seed_everything")
+    derived = seed if isinstance(seed, int) and not isinstance(seed, bool) else 1234
+    for section in ("model", "data"):
+        args = cfg.get(section)
+        args = getattr(args, "init_args", args)
+        if args is not None and args.get("seed") is None:
+            args["seed"] = derived
+
+
+def root_logger_dirs(cfg: Any) -> None:
+    """A logger ``save_dir`` written as ``${trainer.default_root_dir}`` (as the shipped configs
+    do) follows ``--trainer.default_root_dir``, so everything a run writes lands under its
+    directory; a ``save_dir`` the user sets is kept."""
+    trainer = cfg.get("trainer") or {}
+    root = str(trainer.get("default_root_dir") or ".")
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = getattr(logger, "init_args", None)
+        save_dir = init.get("save_dir") if init is not None else None
+        if isinstance(save_dir, str) and ROOT_DIR in save_dir:
+            init["save_dir"] = save_dir.replace(ROOT_DIR, root)
 
 
 def check_config(cfg: Any) -> list[str]:

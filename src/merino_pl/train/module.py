@@ -68,7 +68,8 @@ class MerinoLightningModule(L.LightningModule):
         warmup_steps: optimizer steps of linear warm-up.
         min_lr_ratio: the lr at ``trainer.max_steps``, as a fraction of the peak.
         compile: ``torch.compile`` the loss computation (opt-in: ~1 min cold start).
-        seed: seed of the weight initialisation (the data order has its own seed).
+        seed: seed of the weight initialisation (the data order has its own seed); ``merino-pl
+            fit`` sets both from ``seed_everything`` unless they are given.
     """
 
     def __init__(
