@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from conftest import REPO
 
 
 # ---- search space ------------------------------------------------------------------------------
-def test_shipped_space_is_table_7_and_matches_package_copy() -> None:
+def test_shipped_space_is_ratio_form_and_matches_package_copy() -> None:
     space = load_space(REPO / "search" / "space.yaml")
-    assert space.embed_dims == tuple(range(64, 1025, 64)) and space.ffn_dims == tuple(range(128, 4097, 128))
+    assert space.embed_dims == tuple(range(64, 1025, 64)) and space.ffn_dims is None
+    assert space.ffn_ratios == (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)  # paper Alg. 2 / Table 8; F ≤ 4096 as Table 7
     assert space.num_layers == (1, 2, 3, 4) and space.num_blocks == 4
     assert (REPO / "search" / "space.yaml").read_text() == default_space_path().read_text()
-    assert len(space.layer_shapes()) == 16 * 32
+    assert len(space.layer_shapes()) == 16 * 7 and max(f for _, f in space.layer_shapes()) == 4096
     assert all(r <= c for r, c in space.matrix_shapes())
 
 
@@ -169,7 +171,7 @@ def test_cost_tables_match_reference_counts() -> None:
 
 def _latency_table_for(space) -> LatencyTable:
     dims = sorted(set(space.embed_dims) | {768})
-    layers = [{"embed_dim": e, "ffn_dim": f, "ms": 1e-6 * e * (e + f)} for e in space.embed_dims for f in space.ffn_dims]
+    layers = [{"embed_dim": e, "ffn_dim": f, "ms": 1e-6 * e * (e + f)} for e, f in space.layer_shapes()]
     projections = [{"in": i, "out": o, "ms": 1e-7 * i * o} for i in dims for o in dims if i != o]
     return LatencyTable(fixed={"d_model": 768, "vocab_size": 50304, "ms": 2.0}, layers=layers, projections=projections)
 
@@ -290,7 +292,8 @@ def test_shipped_search_configs_load() -> None:
         p = argparse.ArgumentParser()
         add_arguments(p)
         s = resolve_settings(p.parse_args(["--config", str(REPO / "search" / f"{name}.yaml")]))
-        assert s.budgets[0].limit == float(name.split("-")[1][:-1]) * 1e9
+        nominal = float(name.split("-")[1][:-1]) * 1e9  # the paper's printed budget
+        assert nominal <= s.budgets[0].limit <= 1.02 * nominal
         assert s.evolution == EvolutionConfig() and s.entropy == ent.DEFAULT and s.space == SPACE
 
 
@@ -333,3 +336,122 @@ def test_vectorised_entropy_equals_scalar_path() -> None:
     mhsa, ffn = ent.block_entropies(e, f, L)
     want = [ent.block_entropy(int(a), int(b), int(c)) for a, b, c in zip(e, f, L)]
     np.testing.assert_allclose(np.stack([mhsa, ffn], 1), want, rtol=1e-12)
+
+
+# ---- space and budgets hold the paper's recipes ------------------------------------------------
+def _encode(space, arch) -> np.ndarray:
+    """A recipe's blocks as the search's block codes (KeyError / ValueError if not in the space)."""
+    ei = [space.embed_dims.index(b.embed_dim) for b in arch.blocks]
+    fi = [space.ffn_choices.index(b.ffn_ratio if space.ffn_dims is None else b.ffn) for b in arch.blocks]
+    li = [space.num_layers.index(b.num_layers) for b in arch.blocks]
+    return Genes.encode(space, np.array(ei), np.array(fi), np.array(li))
+
+
+@pytest.mark.parametrize("config", PAPER)
+def test_paper_recipe_is_in_the_default_space_and_meets_its_budget(config: str) -> None:
+    from merino_pl.search.cli import build_problem
+
+    arch = load_recipe(PAPER[config]).architecture
+    space = load_space()  # the shipped default, as `merino-pl search` uses it
+    assert space.to_dict() == SPACE.to_dict()
+    codes = _encode(space, arch)
+    assert decode(space, Genes.of(space), codes) == arch
+    budget = yaml.safe_load((REPO / "search" / f"{config}.yaml").read_text())["budgets"][0]
+    assert count_flops(arch) <= parse_budget(budget).limit
+    score, _, ok = build_problem(SearchSettings([parse_budget(budget)], space)).evaluate(codes[None])
+    assert ok[0] and score[0] == pytest.approx(ent.recipe_entropy(arch)["total"])
+
+
+# ---- exhaustive search -------------------------------------------------------------------------
+from merino_pl.costs import embedding_params  # noqa: E402
+from merino_pl.search import exhaustive  # noqa: E402
+
+TINY = {"num_blocks": 4, "embed_dims": [64, 128, 192], "ffn_ratios": [1, 2], "num_layers": [1, 2],
+        "architecture": {"vocab_size": 512, "d_model": 128, "max_position_embeddings": 256}}
+
+
+def _brute_force(space) -> list[tuple[tuple[int, ...], dict[str, float]]]:
+    """Every architecture of ``space`` with its proxies and costs, from the reference functions."""
+    genes = Genes.of(space)
+    rows = []
+    for codes in itertools.product(range(len(genes.embed_idx)), repeat=space.num_blocks):
+        widths = genes.embed_dim[list(codes)]
+        if (np.diff(widths) < 0).any():
+            continue
+        arch = decode(space, genes, np.array(codes))
+        rows.append((codes, {"entropy": ent.arch_entropy(arch)["total"], "params_proxy": count_params(arch) - embedding_params(arch),
+                             "flops": count_flops(arch), "params": count_params(arch)}))
+    return rows
+
+
+@pytest.mark.parametrize("proxy", ["entropy", "params"])
+@pytest.mark.parametrize("two_budgets", [False, True], ids=["flops", "flops+params"])
+def test_exhaustive_equals_brute_force_on_a_tiny_space(proxy: str, two_budgets: bool) -> None:
+    from merino_pl.search.cli import build_problem
+
+    space = space_from_dict(TINY)
+    rows = _brute_force(space)
+    assert len(rows) == space.size()
+    budgets = [f"flops={np.median([r['flops'] for _, r in rows])}"]
+    if two_budgets:  # a params budget that cuts into the FLOPs-feasible set
+        budgets.append(f"params={np.quantile([r['params'] for _, r in rows], 0.4)}")
+    limits = {b.cost: b.limit for b in map(parse_budget, budgets)}
+    key = "entropy" if proxy == "entropy" else "params_proxy"
+    feasible = [(c, r[key]) for c, r in rows if all(r[k] <= v for k, v in limits.items())]
+    best = max(v for _, v in feasible)
+    problem = build_problem(SearchSettings([parse_budget(b) for b in budgets], space, proxy=proxy))
+    opt = exhaustive.optimum(problem)
+    assert opt.n_feasible == len(feasible) == exhaustive.count_feasible(problem)
+    assert opt.score == pytest.approx(best, rel=1e-12)
+    assert dict(feasible)[tuple(int(c) for c in opt.codes)] == pytest.approx(best, rel=1e-12)
+    median = float(np.median([v for _, v in feasible]))  # rank = 1 + designs strictly better
+    assert exhaustive.count_better(problem, median) == sum(v > median * (1 + 1e-9) for _, v in feasible)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3, 5])
+def test_exhaustive_any_number_of_blocks(num_blocks: int) -> None:
+    from merino_pl.search.cli import build_problem
+
+    space = space_from_dict({**TINY, "num_blocks": num_blocks})
+    n = len(Genes.of(space).embed_idx)
+    grid = np.array(list(itertools.product(range(n), repeat=num_blocks)))
+    problem = build_problem(SearchSettings([parse_budget("flops=1T")], space))
+    cost = problem.evaluate(grid)[1][:, 0]
+    problem = build_problem(SearchSettings([parse_budget(f"flops={np.median(cost)}")], space))
+    score, _, ok = problem.evaluate(grid)
+    opt = exhaustive.optimum(problem)
+    assert opt.n_feasible == ok.sum() and opt.score == pytest.approx(score[ok].max(), rel=1e-12)
+
+
+def test_exhaustive_cli_and_certified_evolution(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "opt.yaml"
+    assert main(["search", "--config", str(REPO / "search" / "flops-60g.yaml"), "--exhaustive", "--out", str(out)]) == 0
+    prov = load_recipe(out).provenance
+    assert prov["search"]["method"] == "exhaustive" and prov["search"]["feasible"] > 10**8 and "evolution" not in prov
+    assert "global optimum of" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".population.json").read_text())["population"][0]["score"] == pytest.approx(prov["proxy_score"])
+    ea = tmp_path / "ea.yaml"
+    assert main(["search", "--config", str(REPO / "search" / "flops-60g.yaml"), "--iterations", "20000", "--no-plot", "--out", str(ea)]) == 0
+    search = load_recipe(ea).provenance["search"]
+    assert search["method"] == "evolution" and search["optimum"]["feasible"] == prov["search"]["feasible"]
+    assert search["optimum"]["score"] == pytest.approx(prov["proxy_score"])
+    assert search["optimum"]["fraction"] == pytest.approx(load_recipe(ea).provenance["proxy_score"] / prov["proxy_score"])
+    assert "of the global optimum" in capsys.readouterr().out
+
+
+BAD_EXHAUSTIVE = {
+    "with-iterations": (["--budget", "flops=60G", "--exhaustive", "--iterations", "100"], "--exhaustive does not evolve: drop --iterations"),
+    "too-large": (["--budget", "flops=1T", "--exhaustive", "--space", "HUGE"], "too large to enumerate"),
+    "too-many-pairs": (["--budget", "flops=1T", "--budget", "params=1T", "--exhaustive"], "give one budget or a smaller space"),
+    "unmeetable": (["--budget", "flops=1G", "--exhaustive"], "flops=1G cannot be met"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EXHAUSTIVE, ids=list(BAD_EXHAUSTIVE))
+def test_exhaustive_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, needle = BAD_EXHAUSTIVE[case]
+    huge = "num_blocks: 12\nembed_dims: {start: 64, stop: 1024, step: 64}\nffn_ratios: [1]\nnum_layers: [1, 2, 3, 4]\n"
+    argv = [_bad_space(tmp_path, huge) if a == "HUGE" else a for a in argv]
+    assert main(["search", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -3,6 +3,11 @@
     merino-pl search --budget flops=60G --out recipes/my-60g.yaml
     merino-pl search --config search/flops-60g.yaml --budget params=60M --out recipes/x.yaml
     merino-pl search --budget latency=50ms --latency-table jetson.json --proxy params
+    merino-pl search --config search/flops-60g.yaml --exhaustive --out recipes/opt-60g.yaml
+
+``--exhaustive`` replaces the evolutionary search by exact enumeration (``exhaustive.optimum``):
+the global optimum and the number of feasible architectures. Without it, the evolutionary
+result is reported as a fraction of that optimum whenever it is cheap to compute.
 
 A search config (``search/flops-*.yaml``) names the budgets, the space, the proxy, the seed and
 the entropy (ε, init, α, β) and evolution (M, K, T, mutation steps) settings; command-line
@@ -24,6 +29,7 @@ from merino_pl.config import MerinoConfig, Recipe
 from merino_pl.costs import count_flops, count_params
 from merino_pl.errors import MerinoError
 from merino_pl.latency_table import LatencyTable
+from merino_pl.search import exhaustive
 from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
 from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
 from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
@@ -44,6 +50,7 @@ class SearchSettings:
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     latency: LatencyTable | None = None
     name: str | None = None
+    exhaustive: bool = False  # the global optimum by enumeration instead of Algorithm 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(python -m merino_pl.search.entropy build-table); default: the shipped one + the closed form")
     p.add_argument("--space", help="search space YAML (default: the config's, else the shipped search/space.yaml)")
     p.add_argument("--proxy", choices=PROXIES, default=None, help="objective: entropy (MeRino), params (LTS), naive (uniform scaling)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="return the global optimum by exact enumeration (and count the feasible architectures) instead of evolving")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="T: candidates to generate (default 100000)")
     p.add_argument("--population", type=int, default=None, help="M (default 512)")
@@ -121,11 +130,15 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
     latency = _collect(problems, LatencyTable.load, args.latency_table) if args.latency_table else None
     if "latency" in names and not args.latency_table:
         problems.append("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
+    exhaustive = bool(getattr(args, "exhaustive", False))
+    evo_flags = [f"--{k}" for k in ("iterations", "population", "parents") if getattr(args, k) is not None]
+    if exhaustive and evo_flags:
+        problems.append(f"--exhaustive does not evolve: drop {', '.join(evo_flags)}")
     if args.out and (Path(args.out).is_dir() or Path(args.out).suffix not in (".yaml", ".yml")):
         problems.append(f"--out {args.out} must be a .yaml file path")
     if problems:
         raise MerinoError("; ".join(problems))
-    return SearchSettings(budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"))
+    return SearchSettings(budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"), exhaustive)
 
 
 def build_problem(s: SearchSettings) -> Problem:
@@ -148,11 +161,16 @@ def decode(space: SearchSpace, genes: Genes, codes: np.ndarray) -> MerinoConfig:
 
 
 def run_search(s: SearchSettings, progress: bool | None = None) -> tuple[Problem, SearchResult]:
-    """Build the tables and run the proxy's search (evolution, or naive scaling)."""
+    """Build the tables and run the proxy's search: exhaustive, evolution (certified against the
+    exhaustive optimum when that is cheap), or naive scaling (already exhaustive over its designs)."""
     problem = build_problem(s)
     if s.proxy == "naive":
         return problem, naive_scaling(problem)
-    return problem, evolve(problem, s.evolution, seed=s.seed, progress=progress)
+    if s.exhaustive:
+        return problem, exhaustive.as_result(problem, exhaustive.optimum(problem))
+    result = evolve(problem, s.evolution, seed=s.seed, progress=progress)
+    result.optimum = exhaustive.certify(problem)
+    return problem, result
 
 
 def arch_costs(arch: MerinoConfig, s: SearchSettings) -> dict[str, float]:
@@ -178,14 +196,28 @@ def make_recipe(s: SearchSettings, problem: Problem, result: SearchResult, name:
         "proxy_score": round(float(result.scores[0]), 4),
         "seed": s.seed,
         "entropy_config": s.entropy.to_dict(),
-        "evolution": vars(s.evolution).copy(),
+        "evolution": vars(s.evolution).copy() if result.method == "evolution" else None,
         "space": {"file": s.space.source, **s.space.to_dict()},
-        "search": {"candidates": result.candidates, "accepted": result.accepted,
-                   "generations": result.generations, "seconds": round(result.seconds, 3)},
+        "search": search_provenance(result),
     }
     if s.latency is not None:
         provenance["latency_table"] = {"file": s.latency.source, "device": s.latency.device}
     return Recipe(name=name, architecture=arch, provenance={k: v for k, v in provenance.items() if v is not None})
+
+
+def search_provenance(result: SearchResult) -> dict[str, Any]:
+    """How the result was found; an evolutionary one with its fraction of the global optimum."""
+    opt = result.optimum
+    if result.method == "exhaustive":
+        return {"method": "exhaustive", "algorithm": opt.method, "feasible": opt.n_feasible, "seconds": round(opt.seconds, 3)}
+    out: dict[str, Any] = {"method": result.method, "candidates": result.candidates, "accepted": result.accepted,
+                           "generations": result.generations, "seconds": round(result.seconds, 3)}
+    if isinstance(opt, exhaustive.Optimum):
+        out["optimum"] = {"score": round(opt.score, 4), "fraction": float(result.scores[0] / opt.score) if opt.score else None,
+                          "feasible": opt.n_feasible, "seconds": round(opt.seconds, 3)}
+    elif opt is not None:
+        out["optimum"] = f"not computed: {opt}"
+    return out
 
 
 def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -> dict[str, Any]:
@@ -208,8 +240,9 @@ def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
     budget = s.budgets[0]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     x, y = zip(*result.history)
-    a.plot(x, y)
-    a.set(xlabel="candidates generated", ylabel=f"best {s.proxy} score", title="search progress")
+    a.plot(x, y, marker="o" if len(x) == 1 else None)
+    xlabel = "feasible architectures (exhaustive)" if result.method == "exhaustive" else "candidates generated"
+    a.set(xlabel=xlabel, ylabel=f"best {s.proxy} score", title=f"search progress ({result.method})")
     b.scatter(result.costs[:, 0], result.scores, s=10, alpha=0.6, label="final population")
     b.scatter(result.costs[:1, 0], result.scores[:1], s=60, c="red", marker="*", label="best (the recipe)")
     b.axvline(budget.limit, ls="--", c="gray", label=f"budget {budget.text}")
@@ -230,8 +263,21 @@ def summary(recipe: Recipe, result: SearchResult) -> str:
         f"  params {p['costs']['params'] / 1e6:.2f} M, FLOPs {p['costs']['flops'] / 1e9:.2f} G"
         + (f", latency {p['costs']['latency_ms']:.2f} ms" if "latency_ms" in p["costs"] else ""),
         f"  entropy MHSA {p['entropy']['mhsa']:.1f}  FFN {p['entropy']['ffn']:.1f}  total {p['entropy']['total']:.1f}",
-        f"  {result.candidates} candidates ({result.accepted} accepted) in {result.generations} generations, {result.seconds:.2f} s",
+        *_search_lines(result),
     ])
+
+
+def _search_lines(result: SearchResult) -> list[str]:
+    opt = result.optimum
+    if result.method == "exhaustive":
+        return [f"  exhaustive ({opt.method}): the global optimum of {opt.n_feasible:,} feasible architectures, {opt.seconds:.2f} s"]
+    lines = [f"  {result.candidates} candidates ({result.accepted} accepted) in {result.generations} generations, {result.seconds:.2f} s"]
+    if isinstance(opt, exhaustive.Optimum):
+        lines.append(f"  {result.scores[0] / opt.score:.4%} of the global optimum {opt.score:.1f} "
+                     f"({opt.n_feasible:,} feasible architectures, exhaustive in {opt.seconds:.2f} s)")
+    elif opt is not None:
+        lines.append(f"  global optimum not computed: {opt}")
+    return lines
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -96,6 +96,8 @@ class SearchResult:
     generations: int = 0
     accepted: int = 0
     seconds: float = 0.0
+    method: str = "evolution"  # "evolution", "exhaustive" or "naive scaling"
+    optimum: Any = None  # exhaustive.Optimum of the same problem, or why it was not computed (str)
 
 
 def check_meetable(problem: Problem) -> list[np.ndarray]:
@@ -221,4 +223,4 @@ def naive_scaling(problem: Problem) -> SearchResult:
     codes, costs = codes[key], costs[key]
     score = costs[:, 0] / problem.budgets[0].limit  # how much of the budget it uses
     return SearchResult(codes, score, costs, [(len(codes), float(score[0]))], candidates=len(ok),
-                        generations=1, accepted=len(codes), seconds=time.perf_counter() - start)
+                        generations=1, accepted=len(codes), seconds=time.perf_counter() - start, method="naive scaling")
