@@ -262,6 +262,8 @@ def test_search_cli_writes_recipe_plot_population(tmp_path: Path, capsys: pytest
     assert prov["evolution"]["iterations"] == 3000 and prov["space"]["num_blocks"] == 4
     assert prov["entropy"]["total"] == pytest.approx(ent.recipe_entropy(recipe.architecture)["total"], abs=1e-2)
     assert prov["costs"]["flops"] <= 60e9 and prov["costs"]["params"] <= 50e6
+    # two budgets whose tightest admits ~5.8e8 pairs: too many to certify in passing, and it says so
+    assert prov["search"]["optimum"].startswith("not computed: several budgets") and "run --exhaustive" in prov["search"]["optimum"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     pop = json.loads(out.with_suffix(".population.json").read_text())
     assert pop["population"][0]["score"] == pytest.approx(prov["proxy_score"], abs=1e-3)
@@ -441,7 +443,7 @@ def test_exhaustive_cli_and_certified_evolution(tmp_path: Path, capsys: pytest.C
 
 BAD_EXHAUSTIVE = {
     "with-iterations": (["--budget", "flops=60G", "--exhaustive", "--iterations", "100"], "--exhaustive does not evolve: drop --iterations"),
-    "too-large": (["--budget", "flops=1T", "--exhaustive", "--space", "HUGE"], "too large to enumerate"),
+    "too-large": (["--budget", "flops=1T", "--exhaustive", "--space", "HUGE"], "block sequences to enumerate in half of the space"),
     "too-many-pairs": (["--budget", "flops=1T", "--budget", "params=1T", "--exhaustive"], "give one budget or a smaller space"),
     "unmeetable": (["--budget", "flops=1G", "--exhaustive"], "flops=1G cannot be met"),
 }

@@ -310,5 +310,6 @@ def run(args: argparse.Namespace) -> int:
     write_json(out.with_suffix(".population.json"), population_json(s, problem, result))
     if not args.no_plot:
         plot(out.with_suffix(".png"), s, result)
-    print(f"wrote {out} (+ {out.with_suffix('.png').name if not args.no_plot else ''} {out.with_suffix('.population.json').name})")
+    extra = ([] if args.no_plot else [out.with_suffix(".png").name]) + [out.with_suffix(".population.json").name]
+    print(f"wrote {out} (+ {' '.join(extra)})")
     return 0

@@ -37,6 +37,14 @@ CHEAP_PAIRS = 100_000_000
 CHUNK = 1_000_000  # pairs per vectorised step (bounded memory, cache-sized)
 
 
+class TooLarge(MerinoError):
+    """The enumeration would exceed a work limit (bad input for ``--exhaustive``)."""
+
+    def __init__(self, what: str, work: int, limit: int, full_limit: int, advice: str) -> None:
+        super().__init__(f"--exhaustive: {what}: {work:,} (limit {limit:,}); {advice}")
+        self.what, self.work, self.full_limit = what, work, full_limit  # full: the --exhaustive limit
+
+
 @dataclass(frozen=True)
 class Optimum:
     """The global optimum of a problem: its codes, score, and how many architectures are feasible."""
@@ -87,9 +95,8 @@ def _half(problem: Problem, lo: int, hi: int, max_rows: int) -> _Half:
     space, ei = problem.space, problem.genes.embed_idx
     rows = sequences(len(space.embed_dims), len(ei) // len(space.embed_dims), hi - lo)
     if rows > max_rows:
-        raise MerinoError(f"--exhaustive: the space {space.source} is too large to enumerate: half of it "
-                          f"({hi - lo} blocks) has {rows:,} block sequences (limit {max_rows:,}); "
-                          "use fewer choices or the evolutionary search")
+        raise TooLarge(f"block sequences to enumerate in half of the space {space.source} ({hi - lo} blocks)",
+                       rows, max_rows, MAX_HALF_ROWS, "use fewer choices or the evolutionary search")
     pair_score, pair_cost = _pair_terms(problem)
     score, costs = _block_terms(problem, lo)
     codes = np.arange(len(ei))[:, None]
@@ -254,8 +261,8 @@ def _solve(sp: _Split, max_pairs: int) -> tuple[_Best, str]:
         return singles[0], "meet in the middle, prefix maxima + searchsorted"
     primary = int(np.argmin([s.count for s in singles]))
     if singles[primary].count > max_pairs:
-        raise MerinoError(f"--exhaustive with several constraints checks every pair the tightest one admits: "
-                          f"{singles[primary].count:,} (limit {max_pairs:,}); give one budget or a smaller space")
+        raise TooLarge("several budgets: pairs of half-architectures the tightest budget admits, each checked against the others",
+                       singles[primary].count, max_pairs, MAX_PAIRS, "give one budget or a smaller space")
     return _several(sp, primary), f"meet in the middle, {singles[primary].count:,} pairs of the tightest constraint checked"
 
 
@@ -297,8 +304,9 @@ def certify(problem: Problem) -> Optimum | str:
     """The optimum when it is cheap (about a second), else the reason it was not computed."""
     try:
         return optimum(problem, CHEAP_PAIRS, CHEAP_HALF_ROWS)
-    except MerinoError as e:
-        return str(e).removeprefix("--exhaustive: ")
+    except TooLarge as e:
+        hint = "run --exhaustive for it" if e.work <= e.full_limit else "too large for --exhaustive too"
+        return f"{e.what}: {e.work:,}, more than a search checks in passing; {hint}"
 
 
 def as_result(problem: Problem, opt: Optimum) -> SearchResult:
