@@ -128,3 +128,97 @@ def test_atomic_files_follow_the_umask_and_temp_names_are_unique_and_cleaned(tmp
         (d / "f").write_text("y")
     assert not stale.exists() and not stale_dir.exists(), "a dead process's temp files are removed on the next write"
     assert live.exists(), "a live process's temp file is left alone"
+
+
+# ---- corrupt inputs ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int4_dir(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int4") / "q"
+    assert cli(["quantize", str(model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32", "--holdout", "0", "--seq-len", "32",
+                "--out", str(out)]) == 0
+    return out
+
+
+def _damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # the JSON header after its 8-byte length
+        data[8:24] = b"#" * 16
+    weights.write_bytes(bytes(data))
+    return dst
+
+
+COMMANDS = {
+    "export": ["export", "MODEL", "--out", "OUT"],
+    "quantize": ["quantize", "MODEL", "--nsamples", "2", "--seq-len", "32", "--holdout", "0", "--out", "OUT"],
+    "eval": ["eval", "MODEL", "--tasks", "none", "--ppl", "wikitext2", "--data-files", "wikitext2=embedded", "--out", "OUT"],
+}
+
+
+@pytest.mark.parametrize("how", ["truncated", "header"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_damaged_safetensors_is_one_line(model_dir, tmp_path, capsys, command, how):
+    bad = _damaged_copy(model_dir, tmp_path / "bad", how)
+    argv = [a.replace("MODEL", str(bad)).replace("OUT", str(tmp_path / "out")) for a in COMMANDS[command]]
+    assert cli(argv) == 2
+    one_line_error(capsys, f"{bad / 'model.safetensors'}: truncated or corrupt safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_int4_dir_in_latency(int4_dir, tmp_path, capsys):
+    bad = _damaged_copy(int4_dir, tmp_path / "bad", "truncated")
+    assert cli(["latency", str(bad), "--precision", "int4", "--seq", "16", "--runs", "1", "--out", str(tmp_path / "lat")]) == 2
+    one_line_error(capsys, "truncated or corrupt safetensors file")
+
+
+def test_quantize_of_a_gptq_dir_is_refused(int4_dir, tmp_path, capsys):
+    assert cli(["quantize", str(int4_dir), "--nsamples", "2", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 2
+    one_line_error(capsys, f"{int4_dir} is already a GPTQ int4 directory")
+
+
+def test_latency_of_a_gptq_dir_at_another_precision_is_refused(int4_dir, tmp_path, capsys):
+    assert cli(["latency", str(int4_dir), "--precision", "int8", "--seq", "16", "--runs", "1", "--out", str(tmp_path / "lat")]) == 2
+    one_line_error(capsys, "--precision int8", "GPTQ int4", "--precision int4")
+    assert not (tmp_path / "lat" / "latency.json").exists()
+
+
+# ---- devices -----------------------------------------------------------------------------------
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@no_cuda
+def test_eval_on_cuda_without_cuda(model_dir, tmp_path, capsys):
+    assert cli(["eval", str(model_dir), "--tasks", "none", "--ppl", "wikitext2", "--device", "cuda", "--out", str(tmp_path / "e")]) == 2
+    one_line_error(capsys, "--device cuda: no CUDA device")
+
+
+# ---- eval that would measure nothing -----------------------------------------------------------
+def test_eval_ppl_without_data_offline_is_an_error(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))  # nothing cached
+    assert cli(["eval", str(model_dir), "--tasks", "none", "--ppl", "ptb", "--out", str(tmp_path / "e")]) == 2
+    one_line_error(capsys, "--ppl ptb", "--data-files ptb=PATH")
+    assert not (tmp_path / "e").exists()
+
+
+# ---- outputs that cannot be written ------------------------------------------------------------
+OUT_COMMANDS = {
+    "quantize": ["quantize", "MODEL", "--nsamples", "2", "--seq-len", "32", "--holdout", "0", "--out", "OUT"],
+    "eval": ["eval", "MODEL", "--tasks", "none", "--ppl", "wikitext2", "--data-files", "wikitext2=embedded", "--out", "OUT"],
+    "latency": ["latency", "MODEL", "--seq", "16", "--runs", "1", "--out", "OUT"],
+}
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_unwritable_out_is_found_before_the_work(model_dir, tmp_path, capsys, command):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    argv = [a.replace("MODEL", str(model_dir)).replace("OUT", str(locked / "sub" / "out")) for a in OUT_COMMANDS[command]]
+    with immutable(locked):
+        assert cli(argv) == 2
+    err = one_line_error(capsys, f"--out {locked / 'sub' / 'out'}: cannot write in {locked}")
+    assert "Operation not permitted" in err or "Permission denied" in err or "Read-only" in err

@@ -163,6 +163,35 @@ def test_shipped_train_recipes_parse(tmp_path):
     assert pile_cli.datamodule.hparams.source == "EleutherAI/the_pile_deduplicated"
 
 
+@pytest.mark.parametrize("extra,needles", [
+    (["--trainer.accelerator", "gpu"], ["trainer.accelerator 'gpu'", "no CUDA device"]),
+    (["--trainer.accelerator", "cuda"], ["trainer.accelerator 'cuda'", "no CUDA device"]),
+    (["--ckpt_path", "MISSING"], ["ckpt_path", "missing.ckpt: file not found"]),
+    (["--ckpt_path", "TRUNCATED"], ["ckpt_path", "truncated.ckpt: not a readable checkpoint"]),
+    (["--trainer.precision", "fp64"], ["trainer.precision", "fp64", "valid:", "32-true"]),
+], ids=["gpu", "cuda", "ckpt-missing", "ckpt-truncated", "precision"])
+def test_fit_bad_environment_is_one_line_before_anything_is_written(fit_config, tmp_path, capsys, extra, needles):
+    if "accelerator" in extra[0] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"PK\x03\x04 not the whole archive")
+    extra = [a.replace("MISSING", str(tmp_path / "missing.ckpt")).replace("TRUNCATED", str(truncated)) for a in extra]
+    assert cli_main(["fit", "--config", str(fit_config), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "run").exists(), "nothing written before the check"
+
+
+def test_fit_yaml_error_names_the_file(fit_config, tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model:\n  lr: [1,\n")
+    assert cli_main(["fit", "--config", str(fit_config), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: line 3" in err, err
+
+
 def _first_run_state(fit_config, *extra):
     """(seeds, first weight, first training batch) of the run ``fit`` would start."""
     from merino_pl.train.cli import build_cli

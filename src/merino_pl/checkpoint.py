@@ -13,8 +13,10 @@ Accepted by every stage that reads a model (eval, quantize, latency, export):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -59,16 +61,30 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     weights = path / WEIGHTS_NAME
     if not weights.exists():
         raise MerinoError(f"{path}: no {WEIGHTS_NAME} (only safetensors weights are loaded)")
+    check_safetensors(weights)
     try:
         config = MerinoHFConfig.from_pretrained(path)
     except (ValueError, TypeError, OSError) as e:
         raise MerinoError(f"{path}/config.json: {e}") from None
     try:
-        model = MerinoForCausalLM.from_pretrained(path, config=config)
+        with _quiet_transformers():
+            model = MerinoForCausalLM.from_pretrained(path, config=config)
     except RuntimeError as e:  # size mismatch: weights of another architecture than config.json
         raise MerinoError(f"{path}: weights do not match the architecture in config.json: {_first_line(e)}") from None
     recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
     return LoadedModel(model.eval(), recipe, "hf-dir", str(path), sha256_file(weights))
+
+
+def check_safetensors(path: Path) -> None:
+    """A one-line ``MerinoError`` for a truncated file or a corrupt header (read without loading
+    the tensors), before a library deep below turns it into a traceback."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError (not an OSError subclass), OSError
+        raise MerinoError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from None
 
 
 def _load_gptq_dir(path: Path) -> LoadedModel:
@@ -111,6 +127,21 @@ def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str 
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer(tokenizer).save_pretrained(tmp)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" bar from transformers (a load is a fraction of a second here, and a
+    bar on stderr would precede a one-line error about the model)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(e: BaseException) -> str:

@@ -135,30 +135,36 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_out(out: str | os.PathLike, *, overwrite: bool | None = None, flag: str = "--out",
-              protect: Sequence[tuple[str | os.PathLike, str]] = ()) -> list[str]:
+              protect: Sequence[tuple[str | os.PathLike, str]] = (), file: bool = False) -> list[str]:
     """Problems with an output path, found before any work starts (all of them, one line each).
 
-    * ``protect``: (path, what) pairs that ``out`` must neither be nor contain — replacing
-      ``out`` would delete them (e.g. the checkpoint being exported); refused even with
-      ``--overwrite``, as is an ``out`` containing the working directory;
-    * ``overwrite``: when not None, an existing non-empty ``out`` needs it (``--overwrite``);
+    * ``overwrite``: None for an output that files are written into; a bool for a directory
+      replaced as a whole (``atomic_dir``): then an existing non-empty ``out`` needs
+      ``--overwrite``, and an ``out`` that is or contains a ``protect`` path ((path, what)
+      pairs, e.g. the checkpoint being read) or the working directory is refused even with it,
+      since replacing it would delete them;
+    * ``file``: ``out`` is a file (replaced atomically), so it must not be a directory;
     * the nearest existing folder of ``out`` must accept a new file (probed by creating one:
       read-only mounts and ``chattr +i`` defeat ``os.access`` for root).
     """
     out_path = Path(os.path.abspath(out))
     problems = []
-    real = Path(os.path.realpath(out_path))
-    for path, what in [*protect, (Path.cwd(), "the current directory")]:
-        p = Path(os.path.realpath(path))
-        if real == p or real in p.parents:
-            problems.append(f"{flag} {out} contains {what} ({path}): replacing it would delete it; choose another {flag}")
-            break
-    if out_path.exists() and overwrite is not None and not overwrite:
-        if out_path.is_dir() and any(out_path.iterdir()):
+    if overwrite is not None:
+        real = Path(os.path.realpath(out_path))
+        for path, what in [*protect, (Path.cwd(), "the current directory")]:
+            p = Path(os.path.realpath(path))
+            if real == p or real in p.parents:
+                problems.append(f"{flag} {out} contains {what} ({path}): replacing it would delete it; choose another {flag}")
+                break
+        if out_path.is_dir() and not overwrite and any(out_path.iterdir()):
             problems.append(f"{flag} {out} exists and is not empty (pass --overwrite to replace it)")
-        elif not out_path.is_dir():
-            problems.append(f"{flag} {out} exists (pass --overwrite to replace it)")
-    folder = out_path.parent
+        elif out_path.exists() and not out_path.is_dir():
+            problems.append(f"{flag} {out} exists and is not a directory")
+    elif file and out_path.is_dir():
+        problems.append(f"{flag} {out} is a directory, expected a file name")
+    elif not file and out_path.exists() and not out_path.is_dir():
+        problems.append(f"{flag} {out} exists and is not a directory")
+    folder = out_path if out_path.is_dir() and overwrite is None and not file else out_path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():

@@ -114,7 +114,8 @@ def resolve_source(spec: str) -> Source:
     return Source(spec, kinds.pop(), tuple(dict.fromkeys(files)))
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Whether this process reads the hub from the local cache only (HF_*_OFFLINE set)."""
     return any(
         os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
     )
@@ -126,7 +127,7 @@ def hub_unreachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
     DNS lookups ignore socket timeouts, so the lookup + connect runs in a thread we stop waiting
     for after ``timeout_s`` (``datasets`` itself spends ~23 s on DNS retries).
     """
-    if _hub_offline():
+    if hub_offline():
         return "offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) is set"
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
@@ -158,7 +159,7 @@ def offline_unless_reachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
     in offline mode cached datasets still load and the others fail at once. Returns the reason
     when it switched.
     """
-    if _hub_offline():
+    if hub_offline():
         return None  # already offline: nothing to do
     reason = hub_unreachable(timeout_s)
     if reason:

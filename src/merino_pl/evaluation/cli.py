@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from merino_pl.errors import MerinoError
-from merino_pl.evaluation.report import FORMAT
 from merino_pl.evaluation.perplexity import CORPORA, MODES, embedded_wikitext2
+from merino_pl.evaluation.report import FORMAT
+from merino_pl.io import check_out
 
 log = logging.getLogger("merino_pl.eval")
 
@@ -87,6 +88,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             errors.append(f"--{flag.replace('_', '-')} {value}: must be >= 1")
     if not specs and not ppl:
         errors.append("nothing to evaluate: --tasks none and --ppl none")
+    errors += _device_problems(args.device)
+    errors += check_out(args.out)
     if errors:
         raise MerinoError("; ".join(errors))
     manager = None
@@ -108,18 +111,67 @@ def run(args: argparse.Namespace) -> int:
         if reason:
             print(f"note: {reason}: hub datasets are read from the local cache only (uncached tasks are "
                   "skipped at once); --data-files and --include-path data are unaffected", file=sys.stderr)
+    problems = _offline_corpora_problems(plan)
     from merino_pl.checkpoint import load_model
 
-    loaded = load_model(args.checkpoint)  # MerinoError: missing file, weights of another architecture
+    try:
+        loaded = load_model(args.checkpoint)  # MerinoError: missing file, weights of another architecture
+    except MerinoError as e:
+        raise MerinoError("; ".join([str(e), *problems])) from None
+    if problems:
+        raise MerinoError("; ".join(problems))
     _check_window(args, loaded.model.config.max_position_embeddings)
     print(f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}", file=sys.stderr)
     report = evaluate(loaded, plan, args)
     from merino_pl.evaluation.report import markdown, write
 
+    _check_measured(report)
     paths = write(report, args.out)
     print(markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+def _device_problems(device: str | None) -> list[str]:
+    import torch
+
+    if device is None:
+        return []
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return [f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return [f"--device {device}: no CUDA device is available here (torch {torch.__version__})"]
+    return []
+
+
+def _offline_corpora_problems(plan: dict[str, Any]) -> list[str]:
+    """Offline, a perplexity corpus neither given as a file nor in the hub cache is skipped; when
+    that leaves nothing to measure, say so now rather than exit 0 with an empty report."""
+    from merino_pl.data.sources import hub_offline
+    from merino_pl.evaluation.perplexity import DataUnavailable, load_documents
+
+    if plan["specs"] or not hub_offline():
+        return []
+    missing = {}
+    for name in (n for n in plan["ppl"] if n not in plan["data_files"]):
+        try:
+            load_documents(CORPORA[name], None)
+        except DataUnavailable as e:
+            missing[name] = str(e)
+    if not missing or len(missing) < len(plan["ppl"]):
+        return []
+    return ["nothing to measure offline: " + "; ".join(
+        f"--ppl {n}: not in the hub cache ({why}); pass --data-files {n}=PATH" for n, why in missing.items())]
+
+
+def _check_measured(report: dict[str, Any]) -> None:
+    """A report in which every task and corpus was skipped is an error, not a result."""
+    results = [*report["tasks"].values(), *report["perplexity"].values()]
+    if results and not any(r.get("status") == "ok" for r in results):
+        raise MerinoError("nothing was measured: " + "; ".join(
+            f"{name}: {r.get('reason', 'skipped')}" for name, r in [*report["tasks"].items(), *report["perplexity"].items()]))
 
 
 def _check_window(args: argparse.Namespace, context: int) -> None:

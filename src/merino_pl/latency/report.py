@@ -21,7 +21,7 @@ from tqdm import tqdm
 from merino_pl.checkpoint import LoadedModel, load_model
 from merino_pl.costs import count_flops
 from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text, write_json
+from merino_pl.io import atomic_write_text, check_out, write_json
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import (
@@ -303,13 +303,20 @@ def build_report(
     tegra_release: Path = device_mod.TEGRA_RELEASE,
 ) -> dict[str, Any]:
     """Measure ``source`` (anything ``load_model`` accepts) and its peers; returns the report."""
-    problems = opts.problems()
+    problems = opts.problems() + check_out(out_dir)
     if problems:
         raise MerinoError("; ".join(problems))
     loaded = load_model(source, seed=opts.seed)
     limit = loaded.recipe.architecture.max_position_embeddings
     if opts.seq + opts.decode_tokens > limit:
-        raise MerinoError(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {loaded.recipe.name}'s {limit} positions")
+        problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {loaded.recipe.name}'s {limit} positions")
+    bits = gptq_bits(loaded)
+    other = [p for p in opts.precisions if bits is not None and p != f"int{bits}"]
+    if other:  # a GPTQ directory holds one precision: any other would be an empty row
+        problems.append(f"--precision {','.join(other)}: {source} is a GPTQ int{bits} directory, timed only at --precision int{bits} "
+                        "(time the float model for the other precisions)")
+    if problems:
+        raise MerinoError("; ".join(problems))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     builder = ReportBuilder(loaded, opts, out_dir, peer_factory)
@@ -320,12 +327,9 @@ def build_report(
     if any(p in INT_BITS for p in opts.precisions):
         builder.warnings.append("int rows: the quantize stage's QuantLinear dequantizes each weight once and runs float GEMMs, "
                                 "so int latency ~ fp32 latency; weights_bytes is the packed file (no integer kernels on this stack)")
-    bits = gptq_bits(loaded)
     try:
         for p in opts.precisions:
-            if bits is not None and p != f"int{bits}":
-                builder.skipped.append({"row": f"{loaded.recipe.name} {p}", "reason": f"the input is a GPTQ int{bits} checkpoint"})
-            elif p in FLOAT_DTYPES:
+            if p in FLOAT_DTYPES:
                 builder.precision(p)
             else:
                 builder.integer(p)

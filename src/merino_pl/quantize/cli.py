@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from merino_pl.errors import MerinoError
-from merino_pl.io import read_yaml
+from merino_pl.io import check_out, read_yaml
 from merino_pl.quantize.rtn import SUPPORTED_BITS
 from merino_pl.quantize.runner import QuantSpec
 
@@ -150,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
     resolve_options(args)
     problems = validate(args)
     out = Path(args.out) if args.out else default_out(args)
-    if out.exists() and not args.overwrite:
-        problems.append(f"--out {out} exists (pass --overwrite to replace it)")
+    protect = [(p, what) for p, what in [(args.checkpoint, "the checkpoint being quantized"), (args.calib, "the --calib data"),
+                                         (args.tokenizer, "the --tokenizer file")] if p and Path(p).exists()]
+    problems += check_out(out, overwrite=args.overwrite, protect=protect)
     loaded, calib, held, tokenize_s, problems = _load_inputs(args, problems)
     if problems:
         raise MerinoError("; ".join(problems))
@@ -176,7 +177,12 @@ def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, An
     if not any(p.startswith("checkpoint not found") for p in problems):
         try:
             loaded = load_model(args.checkpoint)
-            problems += validate_for_model(args, loaded.recipe.architecture)
+            if loaded.kind == "gptq":
+                bits = loaded.model.config.quantization_config.get("bits")
+                problems.append(f"{args.checkpoint} is already a GPTQ int{bits} directory (quantize_config.json); "
+                                "quantize the float model it came from (the exported directory or the .ckpt)")
+            else:
+                problems += validate_for_model(args, loaded.recipe.architecture)
         except MerinoError as e:
             problems.append(str(e))
     n_calib = args.nsamples if args.method == "gptq" else 0

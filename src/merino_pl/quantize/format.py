@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from merino_pl import __version__
+from merino_pl.checkpoint import check_safetensors
 from merino_pl.errors import MerinoError
 from merino_pl.model import MerinoForCausalLM, MerinoHFConfig
 from merino_pl.quantize.packing import pack
@@ -111,6 +112,7 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         raise MerinoError(f"{path / QUANTIZE_CONFIG}: only checkpoint_format 'gptq' with bits 4 or 8 loads here")
     if not (path / WEIGHTS_NAME).exists():
         raise MerinoError(f"{path}: no {WEIGHTS_NAME}")
+    check_safetensors(path / WEIGHTS_NAME)
     config = MerinoHFConfig.from_pretrained(path)
     # float tensors load as float32 whatever the writer used (GPTQModel writes bf16 / fp16 ones);
     # scales stay fp16 as the format defines them

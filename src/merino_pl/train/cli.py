@@ -19,12 +19,15 @@ On top of plain LightningCLI it:
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import re
 import secrets
 import string
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
+from merino_pl.io import read_yaml
 from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor, silence_known_warnings
 from merino_pl.train.module import MerinoLightningModule, validate_hparams
 
@@ -92,6 +96,17 @@ class MerinoCLI(LightningCLI):
     def _fit_config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def _set_seed(self) -> None:
+        """LightningCLI's seeding, its "Seed set to N" banner held back until the config is
+        valid (a bad value is then the only line printed)."""
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+        level = seed_log.level
+        seed_log.setLevel(logging.WARNING)
+        try:
+            super()._set_seed()
+        finally:
+            seed_log.setLevel(level)
+
     def before_instantiate_classes(self) -> None:
         cfg = self._fit_config()
         derive_seeds(cfg)
@@ -99,6 +114,8 @@ class MerinoCLI(LightningCLI):
         problems = check_config(cfg)
         if problems:
             raise MerinoError("bad fit config: " + "; ".join(problems))
+        if cfg.get("seed_everything") not in (None, False):
+            logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {cfg.get('seed_everything')}")
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
@@ -176,7 +193,39 @@ def check_config(cfg: Any) -> list[str]:
     every = (cfg.get("checkpoint") or {}).get("every_n_train_steps")
     if every is not None and (not isinstance(every, int) or every < 0):
         problems.append(f"checkpoint.every_n_train_steps must be an integer >= 0, got {every!r}")
+    problems += _accelerator_problems(trainer.get("accelerator"))
     return problems
+
+
+def _accelerator_problems(accelerator: Any) -> list[str]:
+    """A GPU accelerator on a machine without one (Lightning finds out only once it builds the
+    Trainer, with a traceback)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return [f"trainer.accelerator {accelerator!r}: no CUDA device is available here (torch {torch.__version__}); use cpu or auto"]
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        return ["trainer.accelerator 'mps': MPS is not available here; use cpu or auto"]
+    return []
+
+
+def _ckpt_path_problems(ckpt_path: Any) -> list[str]:
+    """``--ckpt_path FILE`` must be a readable Lightning checkpoint, checked before anything
+    (logs, the saved config) is written; "last" with no checkpoint yet starts fresh, as in
+    Lightning (that is what makes a first run and its requeues one command)."""
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        return []
+    path = Path(ckpt_path)
+    if not path.is_file():
+        return [f"ckpt_path {ckpt_path}: {'is a directory' if path.is_dir() else 'file not found'}"]
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+        return [f"ckpt_path {ckpt_path}: not a readable checkpoint (truncated, or not written by torch.save)"]
+    try:  # mmap: checks the archive and reads the top-level keys without loading the tensors
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt / not a torch file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return [f"ckpt_path {ckpt_path}: cannot read checkpoint ({type(e).__name__}: {first})"]
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        return [f"ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict)"]
+    return []
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> Path | None:
@@ -271,6 +320,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # sys.argv stays as it is: Lightning's DDP launcher re-runs it in the other processes
     silence_known_warnings()
+    # jsonargparse's YAML errors name "<unicode string>", not the file
+    configs = [read_yaml(path, "fit --config file") for path in _config_files(argv)]
+    # LightningCLI loads --ckpt_path while parsing (a traceback for a corrupt file), and a missing
+    # one only fails once logs and the saved config are written: check it first
+    ckpt_path = _last_value(argv, "--ckpt_path")
+    if ckpt_path is None:
+        ckpt_path = next((c["ckpt_path"] for c in reversed(configs) if isinstance(c, dict) and c.get("ckpt_path")), None)
+    problems = _ckpt_path_problems(ckpt_path)
+    if problems:
+        raise MerinoError("bad fit config: " + "; ".join(problems))
     try:
         build_cli(argv)
     except ArgumentError as e:
@@ -278,6 +337,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _config_files(argv: Sequence[str]) -> list[str]:
+    return [v for i, a in enumerate(argv) if (v := _flag_value(argv, i, "--config")) is not None]
+
+
+def _last_value(argv: Sequence[str], flag: str) -> str | None:
+    values = [v for i in range(len(argv)) if (v := _flag_value(argv, i, flag)) is not None]
+    return values[-1] if values else None
+
+
+def _flag_value(argv: Sequence[str], i: int, flag: str) -> str | None:
+    """The value of ``flag`` at ``argv[i]`` (``--flag V`` or ``--flag=V``), else None."""
+    if argv[i] == flag and i + 1 < len(argv):
+        return argv[i + 1]
+    if argv[i].startswith(flag + "="):
+        return argv[i].split("=", 1)[1]
+    return None
+
+
 def _one_line(message: str) -> str:
+    """jsonargparse's multi-line error as one line: the key, the problem, the given value and,
+    for a choice, the valid ones (its list of per-subtype errors is left out)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return " | ".join(lines[:3]) if lines else "invalid arguments"
+    if not lines:
+        return "invalid arguments"
+    given = next((line for line in lines if line.startswith("Given value:")), None)
+    if given is None:
+        return " | ".join(lines[:3])
+    subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+    choices = [c.strip().strip("'\"") for group in re.findall(r"Literal\[([^\]]*)\]", subtypes) for c in group.split(",")]
+    valid = f" (valid: {', '.join(dict.fromkeys(choices))})" if choices else ""
+    return f"{lines[0]} {given.replace('Given value:', 'got').strip()!s}: {lines[1] if len(lines) > 1 else 'invalid'}{valid}"
