@@ -8,6 +8,7 @@ trainer state no reader needs) and its export.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -222,3 +223,28 @@ def test_unwritable_out_is_found_before_the_work(model_dir, tmp_path, capsys, co
         assert cli(argv) == 2
     err = one_line_error(capsys, f"--out {locked / 'sub' / 'out'}: cannot write in {locked}")
     assert "Operation not permitted" in err or "Permission denied" in err or "Read-only" in err
+
+
+# ---- data sources ------------------------------------------------------------------------------
+def test_prepare_reads_any_text_file_name_as_text(tmp_path, capsys):
+    src = tmp_path / "wiki.valid.tokens"  # WikiText's own file name
+    src.write_text("".join(f" = Article {i} = \n\n the <unk> company said N shares rose {i} points . \n\n" for i in range(50)))
+    assert cli(["prepare", str(src), "--out", str(tmp_path / "shards"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert sum(s["tokens"] for s in manifest["splits"]["train"]) > 0
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    capsys.readouterr()
+    assert cli(["prepare", str(binary), "--out", str(tmp_path / "s2"), "--workers", "1"]) == 2
+    one_line_error(capsys, f"{binary}: not UTF-8 text")
+
+
+def test_hints_name_the_flags_of_the_command_at_hand(model_dir, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(5)))
+    assert cli(["prepare", str(rows), "--out", str(tmp_path / "shards"), "--workers", "1"]) == 2
+    err = one_line_error(capsys, "no text field 'text'", "body", "set --text-field")
+    assert "--data." not in err
+    assert cli(["quantize", str(model_dir), "--calib", str(rows), "--nsamples", "2", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 2
+    err = one_line_error(capsys, "no text field 'text'", "set --calib-text-field")
+    assert "--data." not in err

@@ -30,10 +30,12 @@ from tqdm import tqdm
 
 from merino_pl.data.packing import DocumentTokenizer, is_heldout
 from merino_pl.data.shards import MANIFEST, SHARDS_FORMAT, read_manifest, shard_name, token_dtype, verify_shard
-from merino_pl.data.sources import check_text_field, open_stream, resolve_source
+from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_path, sha256_file, write_json
+from merino_pl.io import atomic_path, check_out, sha256_file, write_json
 from merino_pl.tokenizer import default_tokenizer_file, find_eos, load_tokenizer
+
+FLAGS = Flags(source="SOURCE", text_field="--text-field")  # the options hints name here
 
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per file
@@ -149,8 +151,7 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--docs-per-batch {args.docs_per_batch} (must be >= 1)")
     if args.max_shards is not None and args.max_shards < 1:
         problems.append(f"--max-shards {args.max_shards} (must be >= 1)")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        problems.append(f"--out {args.out} is a file")
+    problems += check_out(args.out)  # a file, or a folder that cannot be written
     if problems:
         raise MerinoError("bad arguments: " + "; ".join(problems))
 
@@ -203,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.source)
     out = Path(args.out)
     settings = _settings(args, source.files)
-    stream = open_stream(source, sample_by=args.sample_by)
-    check_text_field(stream, source, args.text_field)
+    stream = open_stream(source, sample_by=args.sample_by, flags=FLAGS)
+    check_text_field(stream, source, args.text_field, flags=FLAGS)
     entries, positions = _resume(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(settings["dtype"])

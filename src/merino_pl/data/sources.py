@@ -4,7 +4,8 @@ A source is one of
 - ``"embedded"``: the public-domain corpus shipped in the package (one document per paragraph);
 - local files: a file, a glob (``data/*.jsonl``), a directory, or several joined by commas, of
   ``.txt`` (one document per blank-line-separated paragraph by default), ``.jsonl`` / ``.json``
-  or ``.parquet`` (one document per row, text in ``text_field``); ``.gz`` / ``.zst`` allowed;
+  or ``.parquet`` (one document per row, text in ``text_field``); ``.gz`` / ``.zst`` allowed; a
+  file named explicitly with any other extension is read as text if it is UTF-8 text;
 - a hub dataset name (``EleutherAI/the_pile_deduplicated``), always streamed.
 
 Every source goes through ``datasets.load_dataset(..., streaming=True)`` so that local test files
@@ -13,6 +14,7 @@ and the Pile take the same code path (one shard per file).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import socket
@@ -33,11 +35,24 @@ SampleBy = Literal["line", "paragraph", "document"]
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
 HUB_TIMEOUT_S = 5.0
-LOCAL_HINT = (
-    "to train offline, point the source at local files, e.g. --data.source 'corpus/*.jsonl' "
-    "(txt, jsonl or parquet; --data.text_field names the text column), or 'embedded' for the "
-    "shipped corpus, or pre-tokenize once with `merino-pl prepare` and pass --data.shards DIR"
-)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The options of the command at hand that hints name (fit's by default)."""
+
+    source: str = "--data.source"
+    text_field: str = "--data.text_field"
+
+    def local_hint(self) -> str:
+        hint = (f"to work offline, point {self.source} at local files, e.g. 'corpus/*.jsonl' (txt, jsonl or parquet; "
+                f"{self.text_field} names the text column), or 'embedded' for the shipped corpus")
+        if self.source == FIT_FLAGS.source:
+            hint += ", or pre-tokenize once with `merino-pl prepare` and pass --data.shards DIR"
+        return hint
+
+
+FIT_FLAGS = Flags()
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,21 @@ def _extension(path: str) -> str:
     if suffixes and suffixes[-1] in COMPRESSION:
         suffixes = suffixes[:-1]
     return suffixes[-1] if suffixes else ""
+
+
+def _is_text(path: str, probe: int = 1 << 16) -> bool:
+    """Whether a file reads as UTF-8 text (its first ``probe`` bytes; compressed: trusted)."""
+    if Path(path).suffix.lower() in COMPRESSION:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut multi-byte tail is fine
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _expand(part: str) -> list[str]:
@@ -105,10 +135,10 @@ def resolve_source(spec: str) -> Source:
         if not found:
             raise MerinoError(f"data source {part!r}: no such file, or no .txt/.jsonl/.json/.parquet files match")
         files.extend(found)
-    kinds = {BUILDERS.get(_extension(f)) for f in files}
-    if None in kinds:
-        bad = next(f for f in files if _extension(f) not in BUILDERS)
-        raise MerinoError(f"data source file {bad}: unknown format (valid: {', '.join(sorted(BUILDERS))})")
+    for f in files:  # any other name is plain text (WikiText's wiki.valid.tokens), if it is text
+        if _extension(f) not in BUILDERS and not _is_text(f):
+            raise MerinoError(f"data source file {f}: not UTF-8 text, and not {', '.join(sorted(BUILDERS))} by its name")
+    kinds = {BUILDERS.get(_extension(f), "text") for f in files}
     if len(kinds) > 1:
         raise MerinoError(f"data source {spec!r} mixes formats {sorted(kinds)}; use one format per source")
     return Source(spec, kinds.pop(), tuple(dict.fromkeys(files)))
@@ -145,11 +175,11 @@ def hub_unreachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
     return None
 
 
-def check_hub_reachable(name: str, timeout_s: float = HUB_TIMEOUT_S) -> None:
+def check_hub_reachable(name: str, timeout_s: float = HUB_TIMEOUT_S, flags: Flags = FIT_FLAGS) -> None:
     """Fail fast, with how to use local files, when the hub cannot be reached."""
     reason = hub_unreachable(timeout_s)
     if reason:
-        raise MerinoError(f"hub dataset {name!r} cannot be streamed: {reason}; {LOCAL_HINT}")
+        raise MerinoError(f"hub dataset {name!r} cannot be streamed: {reason}; {flags.local_hint()}")
 
 
 def offline_unless_reachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
@@ -172,21 +202,21 @@ def offline_unless_reachable(timeout_s: float = HUB_TIMEOUT_S) -> str | None:
     return reason
 
 
-def open_stream(source: Source, sample_by: SampleBy = "paragraph", split: str = "train"):
+def open_stream(source: Source, sample_by: SampleBy = "paragraph", split: str = "train", flags: Flags = FIT_FLAGS):
     """The source as a ``datasets.IterableDataset`` (text in ``source.field(text_field)``).
 
-    ``sample_by`` applies to .txt files: one document per ``line``, blank-line-separated
-    ``paragraph`` (default), or whole file (``document``).
+    ``sample_by`` applies to text files: one document per ``line``, blank-line-separated
+    ``paragraph`` (default), or whole file (``document``). ``flags``: the options hints name.
     """
     import datasets
 
     datasets.logging.set_verbosity_error()  # "Too many dataloader workers" etc. do not apply: we split ourselves
     if source.is_hub:
-        check_hub_reachable(source.spec)
+        check_hub_reachable(source.spec, flags=flags)
         try:
             return datasets.load_dataset(source.spec, split=split, streaming=True)
         except Exception as e:  # the hub raises many types (connection, not found, gated)
-            raise MerinoError(f"hub dataset {source.spec!r} could not be opened ({type(e).__name__}: {e}); {LOCAL_HINT}") from None
+            raise MerinoError(f"hub dataset {source.spec!r} could not be opened ({type(e).__name__}: {e}); {flags.local_hint()}") from None
     kwargs: dict = {}
     if source.builder == "text":
         kwargs = {"sample_by": sample_by, "keep_linebreaks": True}
@@ -198,7 +228,7 @@ def open_stream(source: Source, sample_by: SampleBy = "paragraph", split: str = 
         raise MerinoError(f"data source {source.spec!r}: cannot read {source.describe()} ({type(e).__name__}: {e})") from None
 
 
-def check_text_field(stream, source: Source, text_field: str) -> None:
+def check_text_field(stream, source: Source, text_field: str, flags: Flags = FIT_FLAGS) -> None:
     """Peek at the first example: the source must not be empty and must hold ``text_field``."""
     try:
         first = next(iter(stream.take(1)), None)
@@ -212,7 +242,7 @@ def check_text_field(stream, source: Source, text_field: str) -> None:
     if text_field not in first:
         raise MerinoError(
             f"data source {source.spec!r} has no text field {text_field!r} (fields: {', '.join(first)}); "
-            "set --data.text_field"
+            f"set {flags.text_field}"
         )
     if not isinstance(first[text_field], str):
         raise MerinoError(f"data source {source.spec!r}: field {text_field!r} is {type(first[text_field]).__name__}, not text")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from merino_pl.data.sources import check_text_field, open_stream, resolve_source
+from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
 from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
 
 POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
+FLAGS = Flags(source="--calib", text_field="--calib-text-field")  # what hints name here
 
 
 def calibration_tokens(
@@ -25,8 +26,8 @@ def calibration_tokens(
     """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids: disjoint windows,
     drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens."""
     src = resolve_source(source)
-    stream = open_stream(src)
-    check_text_field(stream, src, text_field)
+    stream = open_stream(src, flags=FLAGS)
+    check_text_field(stream, src, text_field, flags=FLAGS)
     field = src.field(text_field)
     tok = load_tokenizer(tokenizer)
     eos = tok.token_to_id(EOS_TOKEN)
