@@ -1,11 +1,11 @@
-"""The architecture search space (paper Table 7), read from ``search/space.yaml``.
+"""The architecture search space (paper Table 7, FFN as Table 8's ratios), read from ``search/space.yaml``.
 
 A root module (no search imports) so that the latency stage can enumerate the shapes it has
 to profile without importing the search package::
 
     num_blocks: 4
     embed_dims: {start: 64, stop: 1024, step: 64}    # E: an inclusive range or a list
-    ffn_dims: {start: 128, stop: 4096, step: 128}    # F: a range / list, or `ffn_ratios: [...]`
+    ffn_ratios: [1, 1.5, 2, 2.5, 3, 3.5, 4]          # F = round(R·E); or `ffn_dims:` (absolute F)
     num_layers: [1, 2, 3, 4]
     architecture: {vocab_size: 50304, d_model: 768, max_position_embeddings: 2048}
 
@@ -173,7 +173,7 @@ def _check_buildable(space: SearchSpace) -> list[str]:
 
 
 def default_space_path() -> Path:
-    """The shipped Table 7 space (a copy of ``search/space.yaml`` inside the package)."""
+    """The shipped default space (a byte-identical copy of ``search/space.yaml`` inside the package)."""
     return Path(str(resources.files("merino_pl").joinpath("assets", "search", "space.yaml")))
 
 
