@@ -248,3 +248,11 @@ def test_hints_name_the_flags_of_the_command_at_hand(model_dir, tmp_path, capsys
     assert cli(["quantize", str(model_dir), "--calib", str(rows), "--nsamples", "2", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 2
     err = one_line_error(capsys, "no text field 'text'", "set --calib-text-field")
     assert "--data." not in err
+
+
+def test_search_to_an_unwritable_folder_fails_before_searching(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with immutable(locked):
+        assert cli(["search", "--budget", "params=1M", "--out", str(locked / "r.yaml")]) == 2
+    one_line_error(capsys, f"--out {locked / 'r.yaml'}: cannot write in {locked}")

@@ -297,6 +297,11 @@ def _command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``merino-pl search`` (see the module docstring)."""
     s = resolve_settings(args)
+    if args.out:  # an unwritable --out is found before the search, not after it
+        from merino_pl.io import check_out
+
+        if problems := check_out(args.out, file=True):
+            raise MerinoError("; ".join(problems))
     problem, result = run_search(s, progress=args.progress)
     name = s.name or (Path(args.out).stem if args.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}")
     recipe = make_recipe(s, problem, result, name, _command(args))
