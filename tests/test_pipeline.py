@@ -42,8 +42,9 @@ def state(tmp_path: Path) -> dict:
 
 def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, fit_config, capsys):  # noqa: F811
     ok_eval = ["--data-files", "wikitext2=embedded", "--limit", "2"]
-    # 1. a bad eval argument: fit, export and quantize finish, eval-fp32 fails and is named
-    config = pipeline_config(tmp_path, fit_config, [*ok_eval, "--batch-size", "0"])
+    # 1. an eval argument wrong only for the trained model (bad options fail up front, see below):
+    #    fit, export and quantize finish, eval-fp32 fails and is named
+    config = pipeline_config(tmp_path, fit_config, [*ok_eval, "--window", "4096"])
     assert cli_main(["pipeline", "--config", str(config)]) != 0
     err = capsys.readouterr().err
     assert "stage 'eval-fp32' failed" in err and "logs/eval-fp32.log" in err
@@ -135,3 +136,23 @@ def test_shipped_demo_pipeline_parses():
                                         "eval-int4", "latency-fp32", "latency-int8", "latency-int4", "plot"]
     for s in stages:
         assert s.argv[0] in {"search", "fit", "export", "quantize", "eval", "latency"}, s.argv
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_every_stage_checks_its_arguments_before_the_first_runs(tmp_path, capsys, dry_run):
+    """Each stage's own validator runs up front: a bad quantize or latency option fails in
+    seconds, not after fit and export (files earlier stages will write are not "missing")."""
+    repo = Path(__file__).resolve().parents[1]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "x", "recipe": "merino-tiny", "out_dir": str(tmp_path / "out"),
+        "fit": {"config": str(repo / "recipes" / "train" / "cpu-demo.yaml"), "args": ["--model.lr", "-1"]},
+        "quantize": {"bits": [3]}, "latency": {"precision": "fp64"},
+    }))
+    assert cli_main(["pipeline", "--config", str(path), *(["--dry-run"] if dry_run else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for part in ("quantize-int3: --bits 3 is not supported", "latency-fp32: --precision fp64", "fit: bad fit config: model.lr"):
+        assert part in err, (part, err)
+    assert "export" not in err and "not found" not in err  # the checkpoint and model dir are pending
+    assert not (tmp_path / "out" / "fit").exists()

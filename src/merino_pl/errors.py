@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import Callable, NoReturn, Sequence
+
 
 class MerinoError(Exception):
     """Bad user input (a file, a value, a name): reported as one line, exit code 2.
@@ -11,3 +14,20 @@ class MerinoError(Exception):
     """
 
     exit_code = 2
+
+
+def parse_problems(add_arguments: Callable[[argparse.ArgumentParser], None], argv: Sequence[str],
+                   prog: str) -> tuple[argparse.Namespace | None, list[str]]:
+    """Parse ``argv`` with a stage's own ``add_arguments`` without exiting: (args, []) or
+    (None, [the usage error]). How ``pipeline`` checks a stage's arguments before running it."""
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise MerinoError(f"{prog}: {message}")
+
+    parser = _Parser(prog=prog, add_help=False)
+    add_arguments(parser)
+    try:
+        return parser.parse_args(list(argv)), []
+    except MerinoError as e:
+        return None, [str(e)]

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from merino_pl.checkpoint import export_pretrained, load_model
-from merino_pl.errors import MerinoError
+from merino_pl.errors import MerinoError, parse_problems
 from merino_pl.io import check_out
 
 
@@ -39,6 +39,13 @@ def validate(args: argparse.Namespace) -> list[str]:
     protect = [(p, what) for p, what in [(args.checkpoint, "the checkpoint being exported"),
                                          (args.tokenizer, "the --tokenizer file")] if p and Path(p).exists()]
     return problems + check_out(args.out, overwrite=args.overwrite, protect=protect)
+
+
+def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
+    """Problems with these arguments, for ``pipeline`` before any stage runs (``pending``: paths
+    earlier stages will write, so their absence is no problem)."""
+    args, problems = parse_problems(add_arguments, argv, "export")
+    return problems if args is None else validate(args)
 
 
 def run(args: argparse.Namespace) -> int:

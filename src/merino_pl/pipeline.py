@@ -108,6 +108,9 @@ class PipelineConfig:
                 problems += [f"unknown key {section}.{k!r} (valid: {', '.join(sorted(keys))})" for k in value if k not in keys]
                 if not isinstance(value.get("args", []), list):
                     problems.append(f"{section}.args must be a list of command-line arguments, got {value['args']!r}")
+        bits = (data.get("quantize") or {}).get("bits") if isinstance(data.get("quantize"), dict) else None
+        if bits is not None and (not isinstance(bits, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits)):
+            problems.append(f"quantize.bits must be a list of integers, got {bits!r}")
         if bool(data.get("recipe")) == bool(data.get("search")):
             problems.append("give exactly one of 'recipe' (a recipe to train) or 'search' (search for one)")
         if not isinstance(data.get("fit"), dict) or not data["fit"].get("config"):
@@ -204,6 +207,24 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     return stages
 
 
+# ---- checking --------------------------------------------------------------------------------
+def stage_problems(stages: list[Stage]) -> list[str]:
+    """Every stage's arguments checked by that stage's own ``validate_argv`` before the first
+    one runs (a bad ``latency.precision`` must not wait for fit and export). Files earlier
+    stages will write are ``pending``: their absence is not a problem."""
+    import importlib
+
+    from merino_pl.cli import STAGES
+
+    pending = frozenset(str(p) for s in stages for p in (*s.outputs, s.workdir))
+    problems = []
+    for stage in stages:
+        module = importlib.import_module(STAGES[stage.argv[0]][0])
+        if hasattr(module, "validate_argv"):
+            problems += [f"{stage.name}: {p}" for p in module.validate_argv(stage.argv[1:], pending)]
+    return problems
+
+
 # ---- running ---------------------------------------------------------------------------------
 def _up_to_date(stage: Stage, state: dict[str, Any]) -> bool:
     done = state.get(stage.name, {})
@@ -237,6 +258,9 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool
     unknown = [f for f in force if f not in {s.name for s in stages} and f != "all"]
     if unknown:
         raise MerinoError(f"--force {', '.join(unknown)}: no such stage (stages: {', '.join(s.name for s in stages)})")
+    problems = stage_problems(stages)
+    if problems:
+        raise MerinoError(f"{cfg.source}: " + "; ".join(problems))
     state_path = cfg.out_dir / "pipeline-state.json"
     state = _read_json(state_path) or {}  # a state we cannot read only costs a re-run, never a wrong skip
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from merino_pl.errors import MerinoError
+from merino_pl.errors import MerinoError, parse_problems
 from merino_pl.evaluation.perplexity import CORPORA, MODES, embedded_wikitext2
 from merino_pl.evaluation.report import FORMAT
 from merino_pl.io import check_out
@@ -60,7 +60,20 @@ def _pairs(items: list[str], what: str, errors: list[str]) -> dict[str, str]:
     return out
 
 
-def validate(args: argparse.Namespace) -> dict[str, Any]:
+def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
+    """Problems with these arguments that need no model, for ``pipeline`` before any stage runs
+    (task names are checked against lm-eval's index only when eval itself runs: ~20 s)."""
+    args, problems = parse_problems(add_arguments, argv, "eval")
+    if args is None:
+        return problems
+    try:
+        validate(args, index_tasks=False)
+    except MerinoError as e:
+        return [str(e)]
+    return []
+
+
+def validate(args: argparse.Namespace, index_tasks: bool = True) -> dict[str, Any]:
     """Check every argument before any heavy work; all problems in one ``MerinoError``."""
     from merino_pl.evaluation.tasks import resolve_tasks
 
@@ -93,7 +106,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     if errors:
         raise MerinoError("; ".join(errors))
     manager = None
-    if specs:
+    if specs and index_tasks:
         from merino_pl.evaluation.tasks import task_manager
 
         manager = task_manager([s.task for s in specs], args.include_path, metadata)

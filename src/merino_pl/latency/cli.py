@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from merino_pl.cli import ArgumentParser
-from merino_pl.errors import MerinoError
+from merino_pl.errors import MerinoError, parse_problems
+
+if TYPE_CHECKING:
+    from merino_pl.latency.report import Options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,23 +45,47 @@ def run(args: argparse.Namespace) -> int:
     """Measure, then write ``latency.json`` and ``latency.md`` into ``--out``."""
     import torch
 
-    from merino_pl.latency.report import Options, build_report, write_report
+    from merino_pl.latency.report import build_report, write_report
 
     if args.threads is not None:
         if args.threads < 1:
             raise MerinoError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    opts = Options(
-        device=args.device, precisions=tuple(x.strip().lower() for x in args.precision.split(",") if x.strip()),
-        batch=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup, decode_tokens=args.decode_tokens,
-        peers=tuple(x.strip().lower() for x in args.peers.split(",") if x.strip()),
-        onnx=args.onnx, fast=not args.no_fast, seed=args.seed,
-    )
+    opts = options(args)
     out = Path(args.out)
     report = build_report(args.source, opts, out)
     print(write_report(out, report))
     print(f"wrote {out / 'latency.json'} and {out / 'latency.md'}")
     return 0
+
+
+def options(args: argparse.Namespace) -> Options:
+    from merino_pl.latency.report import Options
+
+    return Options(
+        device=args.device, precisions=tuple(x.strip().lower() for x in args.precision.split(",") if x.strip()),
+        batch=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup, decode_tokens=args.decode_tokens,
+        peers=tuple(x.strip().lower() for x in args.peers.split(",") if x.strip()),
+        onnx=args.onnx, fast=not args.no_fast, seed=args.seed,
+    )
+
+
+def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
+    """Problems with these arguments that need no model, for ``pipeline`` before any stage runs
+    (the ``plot`` / ``profile`` sub-commands: their own parsers)."""
+    from merino_pl.io import check_out
+
+    if argv and argv[0] in ("profile", "plot"):
+        import importlib
+
+        module = importlib.import_module(f"merino_pl.latency.{argv[0]}")
+        return parse_problems(module.add_arguments, argv[1:], f"latency {argv[0]}")[1]
+    args, problems = parse_problems(add_arguments, argv, "latency")
+    if args is None:
+        return problems
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads must be >= 1, got {args.threads}")
+    return problems + options(args).problems() + check_out(args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from merino_pl.errors import MerinoError
+from merino_pl.errors import MerinoError, parse_problems
 from merino_pl.io import check_out, read_yaml
 from merino_pl.quantize.rtn import SUPPORTED_BITS
 from merino_pl.quantize.runner import QuantSpec
@@ -74,8 +74,9 @@ def resolve_options(args: argparse.Namespace) -> None:
             setattr(args, key, preset.get(key, DEFAULTS.get(key)))
 
 
-def validate(args: argparse.Namespace) -> list[str]:
-    """Every problem with the options that needs no model (all at once)."""
+def validate(args: argparse.Namespace, pending: frozenset[str] = frozenset()) -> list[str]:
+    """Every problem with the options that needs no model (all at once); ``pending``: paths an
+    earlier pipeline stage will write (not missing, only not there yet)."""
     problems = []
     if args.bits not in SUPPORTED_BITS:
         problems.append(f"--bits {args.bits} is not supported (valid: {', '.join(map(str, SUPPORTED_BITS))})")
@@ -91,9 +92,22 @@ def validate(args: argparse.Namespace) -> list[str]:
     if args.holdout < 0 or not 0 <= args.damp_percent < 1:
         problems.append(f"--holdout must be >= 0 and --damp-percent in [0, 1) (got {args.holdout}, {args.damp_percent})")
     ckpt = Path(args.checkpoint)
-    if not ckpt.exists() and (ckpt.suffix == ".ckpt" or "/" in args.checkpoint):  # (a bare name may be a built-in recipe)
+    if not ckpt.exists() and args.checkpoint not in pending and (ckpt.suffix == ".ckpt" or "/" in args.checkpoint):  # (a bare name may be a built-in recipe)
         problems.append(f"checkpoint not found: {ckpt}")
     return problems
+
+
+def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
+    """Problems with these arguments that need no model, for ``pipeline`` before any stage runs."""
+    args, problems = parse_problems(add_arguments, argv, "quantize")
+    if args is None:
+        return problems
+    try:
+        resolve_options(args)
+    except MerinoError as e:
+        return [str(e)]
+    out = Path(args.out) if args.out else default_out(args)
+    return validate(args, pending) + check_out(out, overwrite=args.overwrite)
 
 
 def validate_for_model(args: argparse.Namespace, arch: Any) -> list[str]:

@@ -107,15 +107,21 @@ class MerinoCLI(LightningCLI):
         finally:
             seed_log.setLevel(level)
 
+    pending: frozenset[str] = frozenset()  # recipe paths an earlier pipeline stage will write
+
     def before_instantiate_classes(self) -> None:
         cfg = self._fit_config()
         derive_seeds(cfg)
         root_logger_dirs(cfg)
-        problems = check_config(cfg)
+        problems = check_config(cfg, self.pending)
         if problems:
             raise MerinoError("bad fit config: " + "; ".join(problems))
-        if cfg.get("seed_everything") not in (None, False):
-            logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {cfg.get('seed_everything')}")
+
+    def instantiate_classes(self) -> None:
+        seed = self._fit_config().get("seed_everything")
+        if seed not in (None, False):  # the banner _set_seed held back, now that the config is valid
+            logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
+        super().instantiate_classes()
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
@@ -164,8 +170,16 @@ def root_logger_dirs(cfg: Any) -> None:
             init["save_dir"] = save_dir.replace(ROOT_DIR, root)
 
 
-def check_config(cfg: Any) -> list[str]:
-    """Problems of a parsed ``fit`` config that would otherwise surface late (or never)."""
+class CheckOnlyCLI(MerinoCLI):
+    """Parses and checks a ``fit`` command line, builds nothing (``pipeline``'s up-front check)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def check_config(cfg: Any, pending: frozenset[str] = frozenset()) -> list[str]:
+    """Problems of a parsed ``fit`` config that would otherwise surface late (or never);
+    ``pending``: recipe paths not written yet (a pipeline's search output): not checked."""
     problems: list[str] = []
     model, trainer, data = cfg.get("model"), cfg.get("trainer"), cfg.get("data")
     model = getattr(model, "init_args", model) or {}
@@ -176,7 +190,8 @@ def check_config(cfg: Any) -> list[str]:
     )
     arch = None
     try:
-        arch = load_recipe(model.get("recipe")).architecture
+        if str(model.get("recipe")) not in pending:
+            arch = load_recipe(model.get("recipe")).architecture
     except MerinoError as e:
         problems.append(f"model.recipe: {e}")
     max_steps = trainer.get("max_steps")
@@ -289,12 +304,12 @@ def checkpoint_wandb_id(path: Path) -> str | None:
     return (meta or {}).get("wandb_run_id")
 
 
-def build_cli(argv: Sequence[str], run: bool = True) -> MerinoCLI:
+def build_cli(argv: Sequence[str], run: bool = True, cli_class: type[MerinoCLI] = MerinoCLI) -> MerinoCLI:
     """The LightningCLI behind ``merino-pl fit`` (``run=False`` only parses and instantiates)."""
     from merino_pl.data import PileDataModule
 
     args = ["fit", *argv] if run else list(argv)
-    return MerinoCLI(
+    return cli_class(
         MerinoLightningModule,
         PileDataModule,
         seed_everything_default=1234,
@@ -307,7 +322,7 @@ def build_cli(argv: Sequence[str], run: bool = True) -> MerinoCLI:
             "default_root_dir": "runs/fit",
         },
         auto_configure_optimizers=False,  # the paper's AdamW + schedule live in the module
-        parser_kwargs={"exit_on_error": False} if run else {"fit": {"exit_on_error": False}},
+        parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
         args=args,
         run=run,
     )
@@ -335,6 +350,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as e:
         raise MerinoError(_one_line(str(e))) from None
     return 0
+
+
+def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
+    """Problems with a ``fit`` command line, for ``pipeline`` before any stage runs: parsed and
+    checked as ``fit`` does, nothing built; ``--ckpt_path`` (a resume) is left to ``fit``."""
+    from jsonargparse import ArgumentError
+
+    keep = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i and argv[i - 1] == "--ckpt_path"))]
+    silence_known_warnings()
+    try:
+        for path in _config_files(keep):
+            read_yaml(path, "fit --config file")
+        build_cli(keep, run=False, cli_class=type("PipelineCheck", (CheckOnlyCLI,), {"pending": pending}))
+    except MerinoError as e:
+        return [str(e)]
+    except ArgumentError as e:
+        return [_one_line(str(e))]
+    return []
 
 
 def _config_files(argv: Sequence[str]) -> list[str]:
