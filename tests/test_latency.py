@@ -244,3 +244,21 @@ def test_plot_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert cli(["latency", "plot", "--out", str(tmp_path / "c.png")]) == 2
     assert cli(["latency", "plot", "--latency", str(tmp_path / "none.json"), "--out", str(tmp_path / "c.png")]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_noisy_timings_are_flagged_and_ratios_come_from_medians_too() -> None:
+    """A loaded machine (p90 = 7x the median) gets a warning naming the row; every ratio is
+    given of the means (paper) and of the medians (which one outlier cannot move)."""
+    from merino_pl.latency.report import speedups, spread_warnings
+
+    def row(model: str, role: str, ms: list[float]) -> dict:
+        s = Stats.from_samples(ms).to_dict()
+        return {"model": model, "role": role, "precision": "fp32", "path": "plain", "prefill_ms": s, "decode_ms_per_token": s}
+
+    quiet = row("pythia-70m", "peer", [10.0, 10.1, 9.9, 10.0, 10.05, 9.95, 10.0, 10.0, 10.1, 9.9])
+    noisy = row("merino-tiny", "model", [2.0, 2.0, 2.1, 1.9, 2.0, 2.0, 2.0, 2.0, 14.0, 14.0])
+    assert noisy["prefill_ms"]["p90_over_median"] > 5 and noisy["prefill_ms"]["cv"] > 0.5
+    warnings = spread_warnings([quiet, noisy])
+    assert len(warnings) == 1 and "merino-tiny fp32 plain" in warnings[0] and "p90/median" in warnings[0]
+    (s,) = speedups([quiet, noisy], "merino-tiny")
+    assert s["prefill_median"] == pytest.approx(10.0 / 2.0) and s["prefill"] == pytest.approx(10.0 / 4.4, rel=1e-3)

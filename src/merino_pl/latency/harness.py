@@ -51,7 +51,11 @@ class Stats:
         return cls(statistics.fmean(s), statistics.median(s), p90, s[0], s[-1], std, [round(x, 4) for x in ms])
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        """The fields, plus the spread: ``cv`` (std / mean) and ``p90_over_median``."""
+        d = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        d["cv"] = round(self.std / self.mean, 4) if self.mean > 0 else 0.0
+        d["p90_over_median"] = round(self.p90 / self.median, 4) if self.median > 0 else 1.0
+        return d
 
 
 def synchronizer(device: str) -> Callable[[], None]:

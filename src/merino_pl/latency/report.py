@@ -33,6 +33,8 @@ FORMAT = "merino-latency-report/1"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT_BITS = {"int8": 8, "int4": 4}
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# spread beyond which a row's timings (and every ratio using them) are flagged as untrustworthy
+CV_LIMIT, P90_LIMIT = 0.15, 1.5
 # max |logit difference| fast vs plain (and onnxruntime vs PyTorch) that still counts as "equal"
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 
@@ -242,9 +244,7 @@ def speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]
             paper = PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms if peer["model"] in PAPER and model_name in PAPER else None
             out.append({
                 "precision": peer["precision"], "model": model_name, "peer": peer["model"], "paths": f"{mine} vs {theirs}",
-                "prefill": peer["prefill_ms"]["mean"] / me["prefill_ms"]["mean"],
-                "decode": peer["decode_ms_per_token"]["mean"] / me["decode_ms_per_token"]["mean"],
-                "paper_jetson_nano": paper,
+                **_ratios(peer, me), "paper_jetson_nano": paper,
             })
     return out
 
@@ -254,11 +254,35 @@ def fast_path_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for plain in (r for r in rows if r["role"] == "model" and r["path"] == "plain"):
         for other in (r for r in rows if r["role"] == "model" and r["path"] != "plain" and r["precision"] == plain["precision"]):
-            out.append({
-                "precision": plain["precision"], "path": other["path"],
-                "prefill": plain["prefill_ms"]["mean"] / other["prefill_ms"]["mean"],
-                "decode": plain["decode_ms_per_token"]["mean"] / other["decode_ms_per_token"]["mean"],
-            })
+            out.append({"precision": plain["precision"], "path": other["path"], **_ratios(plain, other)})
+    return out
+
+
+def _ratios(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, float]:
+    """slow / fast for prefill and decode: of the means (``prefill``, ``decode``: the paper's
+    statistic) and of the medians (``*_median``: what an outlier run cannot move)."""
+    out = {}
+    for key, stat in (("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")):
+        out[key] = slow[stat]["mean"] / fast[stat]["mean"]
+        out[f"{key}_median"] = slow[stat]["median"] / fast[stat]["median"]
+    return out
+
+
+def spread_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One warning per row whose runs spread too much for its ratios to be trusted."""
+    out = []
+    for row in rows:
+        bad = []
+        for what, stat in (("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")):
+            st = row[stat]
+            cv = st.get("cv", st["std"] / st["mean"] if st["mean"] else 0.0)
+            tail = st.get("p90_over_median", st["p90"] / st["median"] if st["median"] else 1.0)
+            if cv > CV_LIMIT or tail > P90_LIMIT:
+                bad.append(f"{what} CV {100 * cv:.0f} %, p90/median {tail:.2f}")
+        if bad:
+            out.append(f"noisy timings, {row['model']} {row['precision']} {row['path']}: {'; '.join(bad)} (limits CV {100 * CV_LIMIT:.0f} %, "
+                       f"p90/median {P90_LIMIT}): ratios using this row are not trustworthy (compare the median columns; "
+                       "rerun on a quiet machine or with more --runs)")
     return out
 
 
@@ -357,7 +381,7 @@ def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release
         "fast_path": fast_path_gains(rows),
         "checks": b.checks,
         "skipped": b.skipped,
-        "warnings": b.warnings + opts.notes + [f"{c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} > {c['tolerance']}" for c in b.checks if not c["match"]],
+        "warnings": b.warnings + opts.notes + spread_warnings(rows) + [f"{c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} > {c['tolerance']}" for c in b.checks if not c["match"]],
     }
 
 
@@ -376,6 +400,17 @@ def _stats(s: dict[str, float]) -> str:
     return f"{s['mean']:.2f} / {s['median']:.2f} / {s['p90']:.2f}"
 
 
+def _spread(s: dict[str, float]) -> str:
+    cv = s.get("cv", s["std"] / s["mean"] if s["mean"] else 0.0)
+    flag = " ⚠" if cv > CV_LIMIT or s["p90"] > P90_LIMIT * s["median"] else ""
+    return f"{100 * cv:.0f}{flag}"
+
+
+def _x(r: dict[str, float], key: str) -> str:
+    median = r.get(f"{key}_median")
+    return f"{r[key]:.2f}" + (f" / {median:.2f}" if median is not None else "")
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     """The report as Markdown: device, protocol, the rows, speed-ups, checks."""
     d, p, m = r["device"], r["protocol"], r["model"]
@@ -388,26 +423,30 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Jetson {('L4T ' + d['jetson']['l4t']) if d['jetson'] else '–'}",
         f"- torch {r['torch']}, transformers {r['transformers']}" + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
         f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; {p['decode']}; {p['timing']}",
-        "", "| model | precision | path | params (M) | weights (MiB) | prefill ms mean / median / p90 | decode ms/token mean / median / p90 | peak mem (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "", "| model | precision | path | params (M) | weights (MiB) | prefill ms mean / median / p90 | CV % | "
+        "decode ms/token mean / median / p90 | CV % | peak mem (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         lines.append(
             f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | {_mb(row['weights_bytes'])} | "
-            f"{_stats(row['prefill_ms'])} | {_stats(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
+            f"{_stats(row['prefill_ms'])} | {_spread(row['prefill_ms'])} | {_stats(row['decode_ms_per_token'])} | "
+            f"{_spread(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
         )
     if r["rows"]:
         lines += ["", f"Peak memory: {r['rows'][0]['peak_memory_method']}."]
     if r["speedups"]:
-        lines += ["", "## Speed-up of " + m["name"] + " (peer mean / ours; plain = full forward as the paper times, "
-                  "fast vs last-logits = generation's prefill for both)", "",
-                  "| precision | peer | paths | prefill × | decode × | paper (Jetson Nano) × |", "|---|---|---|---:|---:|---:|"]
+        lines += ["", "## Speed-up of " + m["name"] + " (peer / ours, of the means (paper) / of the medians; plain = full "
+                  "forward as the paper times, fast vs last-logits = generation's prefill for both)", "",
+                  "| precision | peer | paths | prefill × mean / median | decode × mean / median | paper (Jetson Nano) × |",
+                  "|---|---|---|---:|---:|---:|"]
         for s in r["speedups"]:
             paper = f"{s['paper_jetson_nano']:.1f}" if s["paper_jetson_nano"] else "–"
-            lines.append(f"| {s['precision']} | {s['peer']} | {s['paths']} | {s['prefill']:.2f} | {s['decode']:.2f} | {paper} |")
+            lines.append(f"| {s['precision']} | {s['peer']} | {s['paths']} | {_x(s, 'prefill')} | {_x(s, 'decode')} | {paper} |")
     if r["fast_path"]:
-        lines += ["", "## Fast path (plain mean / this path's mean)", "", "| precision | path | prefill × | decode × |", "|---|---|---:|---:|"]
-        lines += [f"| {g['precision']} | {g['path']} | {g['prefill']:.2f} | {g['decode']:.2f} |" for g in r["fast_path"]]
+        lines += ["", "## Fast path (plain / this path, of the means / of the medians)", "",
+                  "| precision | path | prefill × | decode × |", "|---|---|---:|---:|"]
+        lines += [f"| {g['precision']} | {g['path']} | {_x(g, 'prefill')} | {_x(g, 'decode')} |" for g in r["fast_path"]]
     if r["checks"]:
         lines += ["", "## Output checks", ""]
         lines += [f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} (tolerance {c['tolerance']}): {'ok' if c['match'] else 'MISMATCH'}" for c in r["checks"]]
