@@ -368,7 +368,7 @@ def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_
 def test_packaged_train_configs_are_the_recipes_folder():
     packaged = REPO / "src" / "merino_pl" / "recipes" / "train"
     names = sorted(p.name for p in (REPO / "recipes" / "train").glob("*.yaml"))
-    assert names == ["cpu-demo.yaml", "pile-8xh100.yaml"]
+    assert names == ["cpu-demo.yaml", "pile-8xh100.yaml", "study-cpu.yaml"]
     for name in names:
         assert (packaged / name).read_bytes() == (REPO / "recipes" / "train" / name).read_bytes(), name
 

@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("merino_pl.evaluation.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
     "quantize": ("merino_pl.quantize.cli", "GPTQ INT8 / INT4 quantization"),
     "latency": ("merino_pl.latency.cli", "latency report on this device; device latency tables"),
+    "study": ("merino_pl.study.cli", "proxy study: train sampled architectures, rank proxies, calibrate the entropy"),
     "slurm": ("merino_pl.slurm.cli", "render / submit SLURM jobs for 8 x H100 nodes"),
     "pipeline": ("merino_pl.pipeline", "search -> fit -> eval -> quantize -> eval -> latency"),
 }

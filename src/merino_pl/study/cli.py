@@ -1,0 +1,104 @@
+"""``merino-pl study``: the proxy study (run, report, calibrate, compare).
+
+    merino-pl study run --config search/study-cpu.yaml --out runs/study/cpu [--jobs 2] [--trainer.max_steps 400]
+    merino-pl study report runs/study/cpu
+    merino-pl study calibrate runs/study/cpu/report.json --out search/entropy-calibrated.yaml
+    merino-pl study compare --config search/study-cpu.yaml --out runs/study/cpu-h2h
+
+Options after the study's own (``--trainer.*``, ``--model.*``, ``--data.*``) pass through to
+every run's ``merino-pl fit``, so the same command trains on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from merino_pl.errors import MerinoError
+
+PASS_THROUGH = ("--trainer.", "--model.", "--data.", "--checkpoint.", "--speed.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from merino_pl.cli import ArgumentParser
+
+    p = ArgumentParser(prog="merino-pl study", description="which zero-cost proxy ranks trained quality?")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
+    r = sub.add_parser("run", help="sample architectures, train each through fit, score held-out loss")
+    r.add_argument("--config", required=True, help="study config YAML (search/study-cpu.yaml)")
+    r.add_argument("--out", required=True, help="study directory (created; a re-run continues it)")
+    r.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    r.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    rep = sub.add_parser("report", help="correlate every proxy with held-out loss: JSON, Markdown, plots")
+    rep.add_argument("study", help="a study directory written by `study run`")
+    rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95 %% intervals")
+    cal = sub.add_parser("calibrate", help="fit the entropy settings the paper leaves open, cross-validated")
+    cal.add_argument("report", help="report.json of a study")
+    cal.add_argument("--out", required=True, help="entropy config YAML that `merino-pl search --config` reads")
+    cal.add_argument("--folds", type=int, default=4)
+    cmp_ = sub.add_parser("compare", help="train the searched recipes head to head, several seeds")
+    cmp_.add_argument("--config", required=True, help="study config with a head_to_head section")
+    cmp_.add_argument("--out", required=True)
+    cmp_.add_argument("--jobs", type=int, default=1)
+    cmp_.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = [a for i, a in enumerate(argv) if a.startswith(PASS_THROUGH)
+             or (i > 0 and argv[i - 1].startswith(PASS_THROUGH) and "=" not in argv[i - 1] and not a.startswith("--"))]
+    own = [a for a in argv if a not in extra] if extra else argv
+    args = _parser().parse_args(own)
+    if args.cmd in ("run", "compare"):
+        for name in ("jobs", "threads"):
+            if getattr(args, name) < 1:
+                raise MerinoError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    elif extra:
+        raise MerinoError(f"study {args.cmd} takes no fit options, got {' '.join(extra)}")
+    if args.cmd == "run":
+        from merino_pl.study.config import load_study_config
+        from merino_pl.study.runner import run_study
+
+        cfg = load_study_config(args.config)
+        run_study(cfg, _writable(args.out), jobs=args.jobs, threads=args.threads, extra=extra)
+        if not args.no_report:
+            from merino_pl.study.report import write_report
+
+            write_report(Path(args.out))
+        return 0
+    if args.cmd == "report":
+        from merino_pl.study.report import write_report
+
+        write_report(_study_dir(args.study), bootstrap=args.bootstrap)
+        return 0
+    if args.cmd == "calibrate":
+        from merino_pl.study.calibrate import calibrate_cli
+
+        return calibrate_cli(args.report, args.out, args.folds)
+    from merino_pl.study.compare import compare_cli
+
+    return compare_cli(args.config, _writable(args.out), args.jobs, args.threads, extra)
+
+
+def _study_dir(path: str) -> Path:
+    out = Path(path)
+    if not (out / "study.json").is_file():
+        raise MerinoError(f"{out}: not a study directory (no study.json); run `merino-pl study run` first")
+    return out
+
+
+def _writable(path: str) -> Path:
+    """The output directory, checked writable before any work (created if missing)."""
+    import os
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MerinoError(f"--out {out} exists and is not a directory")
+    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK):
+        raise MerinoError(f"--out {out}: {parent} is not writable")
+    return out

@@ -1,0 +1,82 @@
+"""Uniform sampling of architectures from a space's feasible set under budgets.
+
+An architecture of the space is a choice of widths E_1 ≤ … ≤ E_N and, per block, an FFN choice
+and a depth. Every width sequence admits the same number of (FFN, depth) choices, so drawing a
+width sequence uniformly from all non-decreasing ones, then each block's (FFN, depth) uniformly,
+draws uniformly from the whole space; keeping the draws that fit every budget (rejection) then
+draws uniformly from the feasible set, as the paper samples its Fig. 3 architectures. Draws are
+taken in batches from one seeded generator and de-duplicated in order, so the first n of a
+larger sample are the sample of size n (a study can grow without changing what it trained).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from merino_pl.config import MerinoConfig
+from merino_pl.errors import MerinoError
+from merino_pl.search.budget import Budget, Genes, cost_tables
+from merino_pl.space import SearchSpace
+
+
+def width_sequences(space: SearchSpace) -> np.ndarray:
+    """Every non-decreasing sequence of width indices, (S, num_blocks)."""
+    seqs = itertools.combinations_with_replacement(range(len(space.embed_dims)), space.num_blocks)
+    return np.array(list(seqs), dtype=np.int64)
+
+
+def feasible(space: SearchSpace, genes: Genes, budgets: list[Budget], codes: np.ndarray) -> np.ndarray:
+    """Which rows of block codes fit every budget (widths are non-decreasing by construction)."""
+    ei = genes.embed_idx[codes]
+    ok = np.ones(len(codes), dtype=bool)
+    for b in budgets:
+        ok &= cost_tables(b.cost, space, genes).evaluate(codes, ei) <= b.limit
+    return ok
+
+
+def draw(space: SearchSpace, widths: np.ndarray, rng: np.random.Generator, batch: int) -> np.ndarray:
+    """``batch`` architectures drawn uniformly from the whole space (with replacement), as codes."""
+    ei = widths[rng.integers(len(widths), size=batch)]
+    fi = rng.integers(len(space.ffn_choices), size=ei.shape)
+    li = rng.integers(len(space.num_layers), size=ei.shape)
+    return Genes.encode(space, ei, fi, li)
+
+
+def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, batch: int = 65536,
+                 max_draws: int = 50_000_000) -> np.ndarray:
+    """``n`` distinct feasible architectures as block-code rows, uniform over the feasible set."""
+    genes = Genes.of(space)
+    widths = width_sequences(space)
+    rng = np.random.default_rng(seed)
+    seen: set[tuple[int, ...]] = set()
+    out: list[np.ndarray] = []
+    drawn = 0
+    while len(out) < n:
+        if drawn >= max_draws:
+            raise MerinoError(f"only {len(out)} distinct feasible architectures found in {drawn:,} draws "
+                              f"(asked for {n}): the budget admits too few designs of {space.source}")
+        codes = draw(space, widths, rng, batch)
+        drawn += batch
+        for row in codes[feasible(space, genes, budgets, codes)]:
+            key = tuple(int(c) for c in row)
+            if key not in seen:
+                seen.add(key)
+                out.append(row)
+                if len(out) == n:
+                    break
+    return np.stack(out)
+
+
+def decode(space: SearchSpace, codes: np.ndarray) -> MerinoConfig:
+    """One row of block codes as an architecture (the recipe's blocks, as the space writes them)."""
+    genes = Genes.of(space)
+    blocks = [space.block(int(genes.embed_dim[c]), space.ffn_choices[genes.ffn_idx[c]], int(genes.num_layers[c]))
+              for c in codes]
+    return space.config(blocks)
+
+
+def sample_architectures(space: SearchSpace, budgets: list[Budget], n: int, seed: int) -> list[MerinoConfig]:
+    """``n`` distinct architectures drawn uniformly from the feasible set (see module docstring)."""
+    return [decode(space, row) for row in sample_codes(space, budgets, n, seed)]

@@ -1,0 +1,155 @@
+"""The proxy study: uniform sampling, statistics, resumable runs, report, calibrate -> search."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from merino_pl.search.budget import Genes, parse_budget
+from merino_pl.space import space_from_dict
+from merino_pl.study.calibrate import cross_validate
+from merino_pl.study.sample import draw, feasible, sample_codes, width_sequences
+from merino_pl.study.stats import correlate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SPACE = {"num_blocks": 2, "embed_dims": [64, 128], "ffn_ratios": [1, 2], "num_layers": [1, 2],
+              "architecture": {"vocab_size": 512, "d_model": 64, "max_position_embeddings": 64}}
+
+
+def _all_feasible(space, budgets) -> set[tuple[int, ...]]:
+    genes = Genes.of(space)
+    rows = [c for c in itertools.product(range(len(genes.embed_idx)), repeat=space.num_blocks)
+            if all(genes.embed_idx[a] <= genes.embed_idx[b] for a, b in zip(c, c[1:]))]
+    codes = np.array(rows)
+    return {tuple(r) for r in codes[feasible(space, genes, budgets, codes)].tolist()}
+
+
+def test_sampling_is_the_feasible_set_reproducibly():
+    space = space_from_dict(TINY_SPACE)
+    budgets = [parse_budget("flops=1.6G")]
+    every = _all_feasible(space, budgets)
+    assert 4 < len(every) < space.size()  # the budget excludes some designs
+    sample = sample_codes(space, budgets, len(every), seed=3)
+    assert {tuple(r) for r in sample.tolist()} == every  # distinct, feasible, complete
+    assert np.array_equal(sample, sample_codes(space, budgets, len(every), seed=3))
+    assert not np.array_equal(sample, sample_codes(space, budgets, len(every), seed=4))
+    assert np.array_equal(sample_codes(space, budgets, 5, seed=3), sample[:5])  # a larger study extends a smaller one
+
+
+def test_draws_are_uniform_over_the_feasible_set():
+    space = space_from_dict(TINY_SPACE)
+    budgets = [parse_budget("flops=1.6G")]
+    genes = Genes.of(space)
+    codes = draw(space, width_sequences(space), np.random.default_rng(0), 200_000)
+    kept = codes[feasible(space, genes, budgets, codes)]
+    _, counts = np.unique(kept, axis=0, return_counts=True)
+    assert len(counts) == len(_all_feasible(space, budgets))
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_rank_correlations_equal_a_hand_computed_case():
+    x, y = np.array([1, 2, 3, 4, 5]), np.array([2, 1, 4, 3, 5])
+    c = correlate(x, y, resamples=200)
+    assert c.spearman == pytest.approx(1 - 6 * 4 / (5 * 24))  # d = 1,1,1,1,0
+    assert c.kendall == pytest.approx((8 - 2) / 10)  # 8 concordant, 2 discordant pairs
+    assert c.spearman_ci[0] <= c.spearman <= c.spearman_ci[1] + 1e-9
+
+
+def test_cross_validation_picks_the_informative_setting():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=24)
+    scores = np.stack([rng.normal(size=24), target + 0.1 * rng.normal(size=24), rng.normal(size=24)])
+    cv = cross_validate(scores, target, folds=4, repeats=5)
+    assert cv["most_chosen"] == 1 and cv["cv_rho_mean"] > 0.8
+
+
+def _tiny_study(tmp_path: Path, architectures: int = 4) -> Path:
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
+    fit = yaml.safe_load((ROOT / "recipes/train/study-cpu.yaml").read_text())
+    fit["trainer"]["max_steps"], fit["model"]["warmup_steps"] = 4, 1
+    fit["data"]["seq_len"], fit["data"]["batch_size"] = 32, 2
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
+    study = {"name": "tiny", "space": "space.yaml", "budgets": ["flops=1.6G"], "architectures": architectures,
+             "seed": 1, "noise_ceiling": {"architectures": 0, "seed": 2}, "fit": {"config": "fit.yaml"},
+             "tokenizer": {"vocab_size": 300}, "heldout": {"sequences": 8, "cross_domain": "wikitext2"},
+             "proxies": {"batches": 1, "batch_size": 2, "entropy": {"paper": {"beta": 0.0625}, "beta1": {"beta": 1.0}}},
+             "head_to_head": {"searches": {"paper": {"proxy": "entropy"}, "params": {"proxy": "params"}},
+                              "uniform": True, "seeds": [5], "args": ["--trainer.max_steps", "6"]}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    return tmp_path / "study.yaml"
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "merino_pl.cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_reports_and_calibrates_for_search(tmp_path):
+    config, out = _tiny_study(tmp_path), tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "merino_pl.cli", "study", "run", "--config", str(config), "--out", str(out),
+                             "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((out / "results").glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill the study and its worker mid-way
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert done, "no run finished before the kill"
+    r = _cli("study", "run", "--config", str(config), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(done)} of 4 runs finished" in r.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert len(after) == 4 and all(after[k] == v for k, v in done.items())  # nothing finished was re-trained
+    report = json.loads((out / "report.json").read_text())
+    assert {"entropy:paper", "entropy:beta1", "decoder_params", "flops", "layer_applications", "ntk_cond", "dss"} <= set(report["correlations"])
+    assert (out / "proxies.png").is_file() and (out / "report.md").is_file()
+    r = _cli("study", "run", "--config", str(config), "--out", str(out), "--no-report")
+    assert r.returncode == 0 and "4 of 4 runs finished, 0 to train" in r.stdout
+    # calibrate -> an entropy config that search reads and records
+    cal = tmp_path / "entropy.yaml"
+    r = _cli("study", "calibrate", str(out / "report.json"), "--out", str(cal), "--folds", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = yaml.safe_load(cal.read_text())["entropy"]
+    recipe = tmp_path / "r.yaml"
+    r = _cli("search", "--config", str(cal), "--budget", "flops=60G", "--out", str(recipe), "--no-plot")
+    assert r.returncode == 0, r.stderr[-2000:]
+    recorded = yaml.safe_load(recipe.read_text())["provenance"]["entropy_config"]
+    assert {k: recorded[k] for k in best} == best
+
+
+def test_study_bad_inputs_are_one_line(tmp_path):
+    config = _tiny_study(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data.update(architectures=2, budgets=["flops=1k"], bogus=1)
+    config.write_text(yaml.safe_dump(data))
+    r = _cli("study", "run", "--config", str(config), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "bogus" in r.stderr and "architectures must be an integer >= 4" in r.stderr
+    r = _cli("study", "report", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "not a study directory" in r.stderr
+    r = _cli("study", "run", "--config", str(config), "--out", str(tmp_path / "o"), "--jobs", "0")
+    assert r.returncode == 2
+
+
+def test_shipped_study_config_loads():
+    from merino_pl.study.config import load_study_config
+    from merino_pl.study.runner import plan_runs
+
+    cfg = load_study_config(ROOT / "search" / "study-cpu.yaml")
+    runs = plan_runs(cfg)
+    assert len(runs) == cfg.architectures + cfg.ceiling_architectures >= 24 + 8
+    assert len({r.id for r in runs}) == len(runs)
+    assert cfg.vocab_size <= cfg.space.architecture["vocab_size"]
