@@ -1,35 +1,55 @@
 """merino-pl: design, pretrain, evaluate, quantize and time MeRino language models.
 
-Importing the package registers the ``merino`` model type with ``transformers`` so that
-``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load a saved MeRino model without
-``trust_remote_code``.
+The public names below are imported on first use (PEP 562), so ``import merino_pl`` and
+``merino-pl --help`` / ``merino-pl info`` load neither torch nor transformers.
+
+Importing ``merino_pl.model`` (directly, through ``merino_pl.MerinoForCausalLM``, or through any
+stage that loads a model) registers the ``merino`` model type with ``transformers``, after which
+``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load a saved MeRino model. When
+``transformers`` is already imported, ``import merino_pl`` registers it at once, so a script that
+imports ``transformers`` first (the usual import order) needs nothing more than
+``import merino_pl``.
 """
 
 from __future__ import annotations
 
-from merino_pl.config import BlockConfig, MerinoConfig, Recipe, load_recipe
-from merino_pl.errors import MerinoError
-from merino_pl.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BlockConfig",
-    "MerinoConfig",
-    "MerinoDecoder",
-    "MerinoError",
-    "MerinoForCausalLM",
-    "MerinoHFConfig",
-    "Recipe",
-    "load_recipe",
-]
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "BlockConfig": "merino_pl.config",
+    "MerinoConfig": "merino_pl.config",
+    "Recipe": "merino_pl.config",
+    "load_recipe": "merino_pl.config",
+    "MerinoError": "merino_pl.errors",
+    "MerinoDecoder": "merino_pl.model",
+    "MerinoForCausalLM": "merino_pl.model",
+    "MerinoHFConfig": "merino_pl.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from merino_pl.config import BlockConfig, MerinoConfig, Recipe, load_recipe
+    from merino_pl.errors import MerinoError
+    from merino_pl.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig
 
 
-def _register_with_transformers() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'merino_pl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-    AutoConfig.register(MerinoHFConfig.model_type, MerinoHFConfig, exist_ok=True)
-    AutoModelForCausalLM.register(MerinoHFConfig, MerinoForCausalLM, exist_ok=True)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-_register_with_transformers()
+if "transformers" in sys.modules:  # the caller uses transformers anyway: register the model type now
+    importlib.import_module("merino_pl.model")

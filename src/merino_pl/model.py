@@ -7,8 +7,9 @@
 Every block owns a single pre-LN transformer layer; ``forward`` runs it ``num_layers`` times, so
 the weights are shared while each application keeps its own KV-cache entry.
 
-``MerinoForCausalLM`` is a ``transformers.PreTrainedModel``: after ``import merino_pl``,
-``AutoModelForCausalLM.from_pretrained(dir)`` and ``generate()`` work with no remote code.
+``MerinoForCausalLM`` is a ``transformers.PreTrainedModel``: importing this module registers the
+``merino`` model type, after which ``AutoModelForCausalLM.from_pretrained(dir)`` and
+``generate()`` work with no remote code.
 The same class is what training, eval, quantization, latency and ONNX export use.
 """
 
@@ -309,3 +310,15 @@ def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int, devi
         # everywhere instead: its output is never used
         mask = mask | ~mask.any(-1, keepdim=True)
     return mask
+
+
+def _register_with_transformers() -> None:
+    """Let ``AutoConfig`` / ``AutoModelForCausalLM`` resolve ``model_type: merino``. Done here,
+    not in the package ``__init__``, so that commands which load no model never import torch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(MerinoHFConfig.model_type, MerinoHFConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MerinoHFConfig, MerinoForCausalLM, exist_ok=True)
+
+
+_register_with_transformers()

@@ -16,6 +16,9 @@ Example::
 
 from __future__ import annotations
 
+# packing and shards import torch: they are imported inside the functions that use them, so that
+# `merino-pl prepare --help` (and the worker-free parts of a run) start without it
+
 import argparse
 import hashlib
 import multiprocessing as mp
@@ -24,16 +27,18 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from merino_pl.data.packing import DocumentTokenizer, is_heldout
-from merino_pl.data.shards import MANIFEST, SHARDS_FORMAT, read_manifest, shard_name, token_dtype, verify_shard
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
 from merino_pl.io import atomic_path, check_out, sha256_file, write_json
 from merino_pl.tokenizer import default_tokenizer_file, find_eos, load_tokenizer
+
+if TYPE_CHECKING:
+    from merino_pl.data.packing import DocumentTokenizer
 
 FLAGS = Flags(source="SOURCE", text_field="--text-field")  # the options hints name here
 
@@ -98,6 +103,8 @@ class SplitWriter:
 
     def write_shard(self) -> None:
         """Write the next ``shard_tokens`` ids (fewer for a split's last shard) as one file."""
+        from merino_pl.data.shards import shard_name
+
         n = min(self.buffered, self.shard_tokens)
         if n == 0:
             return
@@ -119,12 +126,16 @@ class SplitWriter:
 
 
 def _init_worker(tokenizer: str | None, eos_id: int) -> None:
+    from merino_pl.data.packing import DocumentTokenizer
+
     global _ENCODE
     _ENCODE = DocumentTokenizer(tokenizer, eos_id)
 
 
 def _encode(texts: list[str], val_fraction: float) -> dict[str, tuple[np.ndarray, int]]:
     """One batch of documents -> {split: (ids with EOS after each doc, documents)}."""
+    from merino_pl.data.packing import is_heldout
+
     assert _ENCODE is not None
     held = [is_heldout(t, val_fraction) for t in texts]
     out = {}
@@ -157,6 +168,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace, source_files: tuple[str, ...]) -> dict:
+    from merino_pl.data.shards import SHARDS_FORMAT, token_dtype
+
     tok = load_tokenizer(args.tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     eos = find_eos(tok, args.tokenizer)  # the same rule as the streaming DataModule
@@ -178,6 +191,8 @@ def _settings(args: argparse.Namespace, source_files: tuple[str, ...]) -> dict:
 
 def _resume(out: Path, settings: dict) -> tuple[dict[str, list], dict[str, Position]]:
     """Shards and positions to continue from: the verified prefix of each split."""
+    from merino_pl.data.shards import MANIFEST, read_manifest, verify_shard
+
     entries = {s: [] for s in SPLITS}
     positions = {s: Position() for s in SPLITS}
     if not (out / MANIFEST).exists():
@@ -269,6 +284,8 @@ def _tokenize(args: argparse.Namespace, text_field: str, stream, start: Position
 
 
 def _write_manifest(out: Path, settings: dict, writers: dict, complete: bool) -> dict:
+    from merino_pl.data.shards import MANIFEST
+
     manifest = {
         **settings,
         "complete": complete,

@@ -8,8 +8,8 @@
         simple_evaluate(model="merino", model_args="pretrained=runs/demo/checkpoints/last.ckpt")
 
 (b) ``hf``: lm-eval's stock ``HFLM`` on an exported directory. ``transformers`` finds the
-    ``merino`` model type only after ``import merino_pl``; :func:`hf_lm` builds HFLM from the
-    loaded instance, and ``python -m merino_pl.evaluation.harness ARGS`` is the stock
+    ``merino`` model type only after ``merino_pl.model`` is imported (this module does so);
+    :func:`hf_lm` builds HFLM from the loaded instance, and ``python -m merino_pl.evaluation.harness ARGS`` is the stock
     ``lm_eval`` command line with that import done first (see docs/eval.md).
 
 Both compute the same numbers (a test checks every log-likelihood to 1e-4).
