@@ -55,3 +55,43 @@ def test_bad_recipe_through_console_script(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr and "100" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# Commands that must start without the deep-learning stack: run as `python -m merino_pl.cli ...`
+# in a fresh interpreter, then report which heavy packages ended up in sys.modules.
+LIGHT_COMMANDS = {
+    "help": ["--help"],
+    "info": ["info", "recipes/merino-52m.yaml"],
+    "info-json": ["info", "recipes/merino-52m.yaml", "--json"],
+    "prepare-help": ["prepare", "--help"],
+}
+HEAVY = ("torch", "transformers", "lightning", "datasets")
+_REPORT_HEAVY = """
+import json, runpy, sys
+argv = json.loads(sys.argv[1])
+sys.argv = ["merino-pl", *argv]
+try:
+    runpy.run_module("merino_pl.cli", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+print("HEAVY=" + json.dumps([m for m in {heavy!r} if m in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("case", LIGHT_COMMANDS, ids=list(LIGHT_COMMANDS))
+def test_light_commands_import_no_torch(case: str) -> None:
+    code = _REPORT_HEAVY.format(heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(LIGHT_COMMANDS[case])],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == "HEAVY=[]", f"{case} imported {last}"
+
+
+def test_import_merino_pl_is_light_and_lazy() -> None:
+    code = ("import sys, merino_pl; assert not {'torch', 'transformers'} & set(sys.modules); "
+            "assert merino_pl.load_recipe('merino-tiny').name == 'merino-tiny'; "
+            "assert 'torch' not in sys.modules; print(merino_pl.MerinoForCausalLM.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "MerinoForCausalLM"

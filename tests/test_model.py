@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,12 @@ def test_save_then_automodel_gives_identical_logits_and_generates(model: MerinoF
 def test_init_is_standard(model: MerinoForCausalLM) -> None:
     w = model.model.blocks[2].layer.ffn.up.weight
     assert abs(w.std().item() - 0.02) < 0.003 and model.model.blocks[0].layer.attn.q_proj.bias.abs().max() == 0
+
+
+def test_import_merino_pl_after_transformers_registers_the_model_type() -> None:
+    """Scripts import transformers first (isort order); `import merino_pl` then registers."""
+    code = ("from transformers import AutoConfig; import merino_pl; "
+            "print(type(AutoConfig.for_model('merino')).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "MerinoHFConfig"

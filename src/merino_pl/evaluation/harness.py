@@ -9,8 +9,9 @@
 
 (b) ``hf``: lm-eval's stock ``HFLM`` on an exported directory. ``transformers`` finds the
     ``merino`` model type only after ``merino_pl.model`` is imported (this module does so);
-    :func:`hf_lm` builds HFLM from the loaded instance, and ``python -m merino_pl.evaluation.harness ARGS`` is the stock
-    ``lm_eval`` command line with that import done first (see docs/eval.md).
+    :func:`hf_lm` builds HFLM from the loaded instance, and
+    ``python -m merino_pl.evaluation.harness ARGS`` is the stock ``lm_eval`` command line with
+    that import done first (see docs/eval.md).
 
 Both compute the same numbers (a test checks every log-likelihood to 1e-4).
 """
