@@ -260,18 +260,27 @@ def test_prepare_resumes_after_interruption(shard_dir, tmp_path):
         assert [e["sha256"] for e in done["splits"][split]] == [e["sha256"] for e in ref["splits"][split]]
 
 
+def shard_windows(out: Path, size: int = 16) -> Counter:
+    """Every ``size``-token window of a shard directory's train split, once (one epoch)."""
+    total = json.loads((out / "manifest.json").read_text())["tokens"]["train"]
+    n_windows = -(-total // size)
+    files = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(out.glob("train-*.bin"))]).astype(np.int64)
+    padded = np.concatenate([files, np.zeros(n_windows * size - total, np.int64)])  # EOS id 0 pads the tail
+    return Counter(map(tuple, padded.reshape(n_windows, size)))
+
+
+def windows_of(batches) -> Counter:
+    return Counter(tuple(w) for b in batches for w in b.numpy())
+
+
 def test_shards_two_ranks_two_workers_cover_every_window_once(shard_dir):
     out, _ = shard_dir
-    total = json.loads((out / "manifest.json").read_text())["tokens"]["train"]
-    n_windows = -(-total // 16)
-    real = []
+    real = Counter()
     for rank in range(2):
         dm = make_dm("unused", shards=out, epochs=1, num_workers=2, batch_size=3)
         dm.set_rank(rank, 2)
-        real.extend(tuple(w) for b in dm.train_dataloader() for w in b.numpy())
-    files = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(out.glob("train-*.bin"))]).astype(np.int64)
-    padded = np.concatenate([files, np.zeros(n_windows * 16 - total, np.int64)])  # EOS id 0 pads the tail
-    assert Counter(real) == Counter(map(tuple, padded.reshape(n_windows, 16)))
+        real += windows_of(dm.train_dataloader())
+    assert real == shard_windows(out)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -284,6 +293,57 @@ def test_shards_resume_is_exact(shard_dir, num_workers):
     fresh = make_dm("unused", **kw).train_dataloader()
     fresh.load_state_dict(loader.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(take(fresh, 19), full[11:]))
+
+
+@pytest.mark.parametrize("before,after", [(2, 0), (0, 2)])
+def test_shards_resume_on_another_num_workers(shard_dir, before, after):
+    """One rank: the job's batch order does not depend on the workers, so a resume with
+    another ``num_workers`` continues it exactly, and one epoch is every window once."""
+    out, _ = shard_dir
+    kw = dict(shards=out, batch_size=3, epochs=1)
+    straight = list(make_dm("unused", num_workers=0, **kw).train_dataloader())
+    loader = make_dm("unused", num_workers=before, **kw).train_dataloader()
+    head = take(loader, 7)
+    fresh = make_dm("unused", num_workers=after, **kw).train_dataloader()
+    fresh.load_state_dict(loader.state_dict())
+    tail = list(fresh)
+    assert len(head + tail) == len(straight) and all(torch.equal(a, b) for a, b in zip(head + tail, straight))
+    assert windows_of(head + tail) == shard_windows(out)
+
+
+def test_shards_resume_two_ranks_two_workers_on_one_rank(shard_dir, monkeypatch):
+    """2 ranks x 2 workers stopped after 4 batches each, resumed on 1 rank x 0 workers: no
+    window repeated or skipped in the epoch (the gather across ranks is simulated here; the
+    2-process run is tests/test_train.py::test_ddp_kill_resumes_on_one_process_exactly)."""
+    out, _ = shard_dir
+    kw = dict(shards=out, batch_size=3, epochs=1)
+    loaders, seen = [], Counter()
+    for rank in range(2):
+        dm = make_dm("unused", num_workers=2, **kw)
+        dm.set_rank(rank, 2)
+        loaders.append(dm.train_dataloader())
+        seen += windows_of(take(loaders[-1], 4))
+    local = [loader._local_state() for loader in loaders]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda gathered, _: gathered.__setitem__(slice(None), local))
+    state = loaders[0].state_dict()
+    monkeypatch.undo()
+    assert state["cursor"] == 2 * 4 * 3
+    fresh = make_dm("unused", num_workers=0, **kw).train_dataloader()
+    fresh.load_state_dict(state)
+    seen += windows_of(fresh)
+    assert seen == shard_windows(out)
+
+
+def test_streaming_resume_on_another_world_size_is_refused(tmp_path):
+    write_corpus(tmp_path / "c")
+    saved = make_dm(tmp_path / "c")
+    saved.set_rank(0, 2)
+    dm = make_dm(tmp_path / "c")
+    with pytest.raises(MerinoError, match=r"streamed data source.*world_size: 2 -> 1.*--data.shards"):
+        dm.load_state_dict(saved.state_dict())
+    dm = make_dm(tmp_path / "c", shards="unused")  # shards resume on any world size
+    dm.load_state_dict({**saved.state_dict(), "shards": "unused"})
 
 
 def test_shards_validation_split(shard_dir):

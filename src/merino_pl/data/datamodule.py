@@ -7,7 +7,8 @@ of their text (``val_fraction``), which training never sees.
 Exact resume: the training loader is a torchdata ``StatefulDataLoader`` whose ``state_dict``
 holds every rank's position (gathered across ranks, because Lightning saves the checkpoint from
 rank 0 only) and whose ``load_state_dict`` picks this rank's; Lightning 2.x stores it in the
-checkpoint and restores it before the first batch.
+checkpoint and restores it before the first batch. From shards, the position is one cursor for
+the whole job, so a run resumes exactly on another world size or ``num_workers``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class RankStatefulDataLoader(StatefulDataLoader):
     - Lightning fetches one batch ahead of the training step; a checkpoint taken after step k
       would otherwise resume at k + 2. ``ConsumedBatches`` (added to the Trainer by the
       DataModule) reports each used batch, and the state of that moment is returned.
+    - Shards (``ShardStream``): the state also holds ``cursor``, the job's position in the
+      window sequence (ranks consume batches in lockstep, so the used batches are exactly the
+      first ones of the sequence). Resuming restarts every rank and worker from it, for any
+      world size and ``num_workers`` (elastic exact resume); streaming needs both unchanged.
     """
 
     def __init__(self, *args: Any, rank: int = 0, world_size: int = 1, resume: bool = True, **kwargs: Any) -> None:
@@ -49,6 +54,16 @@ class RankStatefulDataLoader(StatefulDataLoader):
         self.track_consumption = False
         self._history: deque[dict] = deque(maxlen=16)  # states after each of the last yielded batches
         self._yielded = self._consumed = 0
+        self._start = 0  # shards: where the current iterator's global batch 0 begins
+        self._iterators = 0
+
+    def _get_iterator(self) -> Any:
+        if isinstance(self.dataset, ShardStream):
+            if self._iterators:  # a later pass over the loader continues where the last one ended
+                self._start += self._yielded * self.world_size * self.dataset.batch_size
+            self.dataset.rebase(self._start)  # workers get this copy when the iterator starts them
+        self._iterators += 1
+        return super()._get_iterator()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         inner = super().__iter__()
@@ -67,30 +82,38 @@ class RankStatefulDataLoader(StatefulDataLoader):
         self.track_consumption = True
         self._consumed += 1
 
-    def _local_state(self) -> dict:
+    def _local_state(self) -> tuple[int, dict]:
+        """(batches used, loader state after them) of this rank."""
         ahead = self._yielded - self._consumed
         if self.track_consumption and 0 < ahead < len(self._history):
-            return self._history[-1 - ahead]
-        return super().state_dict()
+            return self._consumed, self._history[-1 - ahead]
+        return self._yielded, super().state_dict()
 
     def state_dict(self) -> dict:
-        local = self._local_state()
-        states = [local]
+        used, local = self._local_state()
+        states = [(used, local)]
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * self.world_size
-            torch.distributed.all_gather_object(states, local)
-        return {"format": LOADER_FORMAT, "world_size": self.world_size, "ranks": states}
+            torch.distributed.all_gather_object(states, (used, local))
+        state = {"format": LOADER_FORMAT, "world_size": self.world_size, "ranks": [s for _, s in states]}
+        if isinstance(self.dataset, ShardStream):
+            state["cursor"] = self._start + sum(u for u, _ in states) * self.dataset.batch_size
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not self.resume:
             return
         if state_dict.get("format") != LOADER_FORMAT:  # a plain StatefulDataLoader state
             return super().load_state_dict(state_dict)
+        if isinstance(self.dataset, ShardStream) and state_dict.get("cursor") is not None:
+            self._start, self._iterators = int(state_dict["cursor"]), 0
+            return super().load_state_dict({})  # a fresh iterator, rebased at the cursor
         ranks = state_dict["ranks"]
         if len(ranks) != self.world_size:
             raise MerinoError(
                 f"data position was saved with {len(ranks)} rank(s) but this run has {self.world_size}: "
-                "exact resume needs the same world size (or --data.resume false to restart the data stream)"
+                "exact resume from a stream needs the same world size (pre-tokenize with `merino-pl prepare` "
+                "and train from --data.shards to resume on any, or --data.resume false to restart the data stream)"
             )
         super().load_state_dict(ranks[self.rank])
 
@@ -317,7 +340,18 @@ class PileDataModule(L.LightningDataModule):
         if not self.hparams.resume:
             return
         now = self.state_dict()
+        elastic = ("world_size", "num_workers")  # shards resume on any (RankStatefulDataLoader)
         changed = [f"{k}: {state_dict[k]!r} -> {now[k]!r}" for k in now if k in state_dict and state_dict[k] != now[k]]
+        if self.hparams.shards:
+            changed = [c for c in changed if not c.startswith(elastic)]
+        elif any(c.startswith(elastic) for c in changed):
+            raise MerinoError(
+                "cannot resume a streamed data source exactly on another number of readers ("
+                + "; ".join(c for c in changed if c.startswith(elastic)) + "): each rank and worker holds its own "
+                "place in its own part of the source; resume with the same --trainer.devices / --data.num_workers, "
+                "pre-tokenize with `merino-pl prepare` and train from --data.shards (resumes on any), "
+                "or pass --data.resume false to restart the data stream"
+            )
         if changed:
             raise MerinoError(
                 "cannot resume the data stream exactly, its settings changed (" + "; ".join(changed) + "); "

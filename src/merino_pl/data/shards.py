@@ -8,8 +8,13 @@ at page-cache speed, which is what lets ``ShardStream`` shuffle globally.
 
 ``ShardStream`` cuts the stream into ``seq_len + 1`` windows (the last one EOS-padded) and visits
 them in a seeded two-level order (a permutation of blocks of windows, then of the windows inside
-each block: O(blocks) memory, not O(windows)); global worker g of G takes positions g, g + G, ...
-of the endless sequence pass 0, pass 1, ... Its state is one number per worker.
+each block: O(blocks) memory, not O(windows)): one endless sequence pass 0, pass 1, ... for the
+whole job. From a cursor ``start`` on, it is cut into global batches of ``batch_size``
+consecutive windows; global batch b goes to rank b mod W and, within that rank, to DataLoader
+worker (b // W) mod K (the order in which the loader polls its workers). So once every rank has
+consumed k batches, exactly the first k·W global batches are used, whatever W and K: the
+position of the whole job is one number (``start + k·W·batch_size``), and a resume with other
+W' x K' restarts every reader from it (elastic exact resume).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from merino_pl.data.packing import check_slot, rng_for, worker_slot
 from merino_pl.errors import MerinoError
@@ -29,7 +34,7 @@ from merino_pl.io import sha256_file
 
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "merino-shards/1"
-STATE_FORMAT = "merino-shard-stream/1"
+STATE_FORMAT = "merino-shard-stream/2"
 BLOCK_WINDOWS = 4096
 
 
@@ -116,18 +121,26 @@ class ShardStream(IterableDataset):
         self.block = max(1, min(block_windows, self.windows))
         if self.windows == 0:
             raise MerinoError(f"{files.directory}: split {files.split!r} holds no tokens")
-        self._taken = 0  # windows this worker has yielded (its whole state)
+        self.start = 0  # position (in windows) of the sequence where global batch 0 begins
+        self._taken = 0  # batches this worker has yielded since ``start``
 
     def state_dict(self) -> dict:
         g, n = worker_slot(self.rank, self.world_size)
-        return {"format": STATE_FORMAT, "slot": [g, n], "taken": self._taken}
+        return {"format": STATE_FORMAT, "slot": [g, n], "start": self.start, "taken": self._taken}
 
     def load_state_dict(self, state: dict) -> None:
         g, n = worker_slot(self.rank, self.world_size)
         if state.get("format") != STATE_FORMAT:
-            raise MerinoError(f"data state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+            raise MerinoError(
+                f"data state has format {state.get('format')!r}, expected {STATE_FORMAT!r} "
+                "(saved by an older merino-pl): pass --data.resume false to restart the data stream"
+            )
         check_slot(state, g, n)
-        self._taken = int(state["taken"])
+        self.start, self._taken = int(state["start"]), int(state["taken"])
+
+    def rebase(self, start: int) -> None:
+        """Continue from window ``start`` of the job's sequence, with global batch 0 there."""
+        self.start, self._taken = int(start), 0
 
     @lru_cache(maxsize=2)
     def _pass_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,14 +171,17 @@ class ShardStream(IterableDataset):
         return tokens
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        g, n = worker_slot(self.rank, self.world_size)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         end = None if self.epochs is None else self.epochs * self.windows
         while True:
-            positions = [g + (self._taken + k) * n for k in range(self.batch_size)]
+            local = worker + self._taken * workers  # this rank's batch number
+            first = self.start + (self.rank + local * self.world_size) * self.batch_size
+            positions = range(first, first + self.batch_size)
             if end is not None:
                 positions = [p for p in positions if p < end]
             if not positions:
                 return
             batch = np.stack([self.window(self.window_index(p)) for p in positions])
-            self._taken += len(positions)
+            self._taken += 1
             yield torch.from_numpy(batch)
