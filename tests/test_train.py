@@ -9,6 +9,7 @@ through the real ``python -m merino_pl.cli fit``.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -330,6 +331,79 @@ def test_two_process_ddp_on_cpu_with_accumulation(fit_config, tmp_path):
     assert ckpt["merino"]["tokens_seen"] == 3 * 2 * 2 * 4 * 32  # steps x accumulated x ranks x batch x seq_len
     loader = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader["world_size"] == 2 and len(loader["ranks"]) == 2
+
+
+RECORDER = """
+import json
+import lightning as L
+
+
+class Record(L.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(f"{self.path}.{trainer.global_rank}", "a") as f:
+            f.write(json.dumps([trainer.global_step, batch.tolist()]) + "\\n")
+"""
+
+
+def seen_windows(path: Path, before: int | None = None) -> list[tuple[int, ...]]:
+    """The windows the Record callback logged (all ranks), of steps < ``before`` if given."""
+    out = []
+    for log in path.parent.glob(path.name + ".*"):
+        for line in log.read_text().splitlines():
+            step, batch = json.loads(line)
+            if before is None or step < before:
+                out.extend(map(tuple, batch))
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_kill_resumes_on_one_process_exactly(fit_config, tmp_path):
+    """Elastic exact resume: a 2-process DDP fit from shards, kill -9 after a checkpoint,
+    resumed on 1 process with 0 workers: every window of the epoch seen exactly once."""
+    from collections import Counter
+
+    import numpy as np
+
+    corpus = tmp_path / "corpus.txt"
+    words = (" ".join(f"w{(i * 7 + j * 13) % 101}" for j in range(i % 9 + 3)) for i in range(120))
+    corpus.write_text("\n\n".join(f"paragraph {i}: {w}" for i, w in enumerate(words)))
+    assert cli_main(["prepare", str(corpus), "--out", str(tmp_path / "shards"), "--val-fraction", "0", "--workers", "1"]) == 0
+    (tmp_path / "record.py").write_text(RECORDER)
+    cfg = yaml.safe_load(fit_config.read_text())
+    cfg["data"].update(shards=str(tmp_path / "shards"), seq_len=15, batch_size=2, num_workers=2, epochs=1)
+    cfg["trainer"].update(max_steps=1000, max_epochs=1, callbacks=[{"class_path": "record.Record", "init_args": {"path": str(tmp_path / "seen")}}])
+    cfg["checkpoint"]["every_n_train_steps"] = 2
+    fit_config.write_text(yaml.safe_dump(cfg))
+    env = subprocess_env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    root = tmp_path / "run"
+    proc = subprocess.Popen(fit_cmd(fit_config, *run_dir_args(root), "--trainer.devices", "2", "--trainer.strategy", "ddp"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = root / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its DDP worker process
+    proc.wait()
+    assert last.exists(), "no checkpoint before the kill"
+    ckpt = torch.load(last, weights_only=True)
+    loader = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["world_size"] == 2 and loader["cursor"] == ckpt["global_step"] * 2 * 2
+    before = seen_windows(tmp_path / "seen", before=ckpt["global_step"])
+    (tmp_path / "seen.0").rename(tmp_path / "killed.0")
+    (tmp_path / "seen.1").rename(tmp_path / "killed.1")
+    resumed = subprocess.run(fit_cmd(fit_config, *run_dir_args(root), "--data.num_workers", "0", "--ckpt_path", "last"),
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = seen_windows(tmp_path / "seen")
+    assert before and after and not list(tmp_path.glob("seen.1")), "run 1 on two ranks, run 2 on one"
+    tokens = np.fromfile(next((tmp_path / "shards").glob("train-*.bin")), dtype=np.uint16).astype(np.int64)
+    n = -(-len(tokens) // 16)
+    epoch = Counter(map(tuple, np.concatenate([tokens, np.zeros(n * 16 - len(tokens), np.int64)]).reshape(n, 16).tolist()))
+    assert Counter(before + after) == epoch
 
 
 # ---- W&B, demo, packaged configs --------------------------------------------------------------
