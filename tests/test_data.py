@@ -346,6 +346,13 @@ def test_streaming_resume_on_another_world_size_is_refused(tmp_path):
     dm.load_state_dict({**saved.state_dict(), "shards": "unused"})
 
 
+def test_shards_resume_refuses_a_state_without_cursor(shard_dir):
+    out, _ = shard_dir
+    old = {"format": "merino-loader/1", "world_size": 1, "ranks": [{}]}  # before the cursor existed
+    with pytest.raises(MerinoError, match="older merino-pl.*--data.resume false"):
+        make_dm("unused", shards=out).train_dataloader().load_state_dict(old)
+
+
 def test_shards_validation_split(shard_dir):
     out, _ = shard_dir
     dm = make_dm("unused", shards=out, val_sequences=4)

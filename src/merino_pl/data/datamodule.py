@@ -105,7 +105,12 @@ class RankStatefulDataLoader(StatefulDataLoader):
             return
         if state_dict.get("format") != LOADER_FORMAT:  # a plain StatefulDataLoader state
             return super().load_state_dict(state_dict)
-        if isinstance(self.dataset, ShardStream) and state_dict.get("cursor") is not None:
+        if isinstance(self.dataset, ShardStream):
+            if state_dict.get("cursor") is None:
+                raise MerinoError(
+                    "the checkpoint's shard position was saved by an older merino-pl (no data cursor): "
+                    "pass --data.resume false to restart the data stream"
+                )
             self._start, self._iterators = int(state_dict["cursor"]), 0
             return super().load_state_dict({})  # a fresh iterator, rebased at the cursor
         ranks = state_dict["ranks"]
