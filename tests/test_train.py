@@ -147,6 +147,18 @@ def test_fit_writes_loadable_exportable_checkpoints(fit_config, tmp_path, capsys
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
+def test_streaming_resume_on_other_workers_is_one_line_exit_2(fit_config, tmp_path, capsys):
+    """A streamed source cannot resume exactly with another reader layout: one line, exit 2."""
+    assert cli_main(["fit", "--config", str(fit_config), "--trainer.max_steps", "2", "--model.warmup_steps", "1"]) == 0
+    capsys.readouterr()
+    argv = ["fit", "--config", str(fit_config), "--trainer.max_steps", "4", "--model.warmup_steps", "1"]
+    assert cli_main([*argv, "--data.num_workers", "1", "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err  # (after Lightning's "checkpoint directory not empty" of every resume)
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("merino-pl fit: error: ") and "Traceback" not in err, err
+    err = err.splitlines()[-1]
+    assert "num_workers: 0 -> 1" in err and "--data.shards" in err and "--data.resume false" in err
+
+
 def test_shipped_train_recipes_parse(tmp_path):
     """Both shipped configs parse and instantiate (the paper's with CPU overrides)."""
     from merino_pl.train.cli import build_cli
