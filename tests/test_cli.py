@@ -64,6 +64,8 @@ LIGHT_COMMANDS = {
     "info": ["info", "recipes/merino-52m.yaml"],
     "info-json": ["info", "recipes/merino-52m.yaml", "--json"],
     "prepare-help": ["prepare", "--help"],
+    # the model stages load torch to run, not to show their options
+    **{f"{c}-help": [c, "--help"] for c in ("search", "demo", "export", "eval", "quantize", "slurm", "pipeline")},
 }
 HEAVY = ("torch", "transformers", "lightning", "datasets")
 _REPORT_HEAVY = """

@@ -14,14 +14,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 import yaml
 
-from merino_pl.checkpoint import load_model
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
 from merino_pl.info import format_table, summarize
-from merino_pl.tokenizer import hf_tokenizer
 
 
 def demo_config() -> Path:
@@ -71,6 +68,11 @@ def _losses(root: Path) -> list[tuple[int, float]]:
 
 
 def _generate(ckpt: Path, prompt: str, max_new_tokens: int) -> int:
+    import torch
+
+    from merino_pl.checkpoint import load_model
+    from merino_pl.tokenizer import hf_tokenizer
+
     loaded = load_model(ckpt)
     tok = hf_tokenizer()
     enc = tok(prompt, return_tensors="pt")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merino_pl.checkpoint import export_pretrained, load_model
 from merino_pl.errors import MerinoError, parse_problems
 from merino_pl.io import check_out
 
@@ -49,6 +48,8 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
 
 
 def run(args: argparse.Namespace) -> int:
+    from merino_pl.checkpoint import export_pretrained, load_model  # torch: not for --help / validation
+
     problems = validate(args)
     if problems:
         raise MerinoError("; ".join(problems))

@@ -26,12 +26,13 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from merino_pl.errors import MerinoError
-from merino_pl.evaluation.scoring import score
 from merino_pl.io import sha256_file
-from merino_pl.model import MerinoForCausalLM
+
+if TYPE_CHECKING:  # torch: imported by perplexity() only, so `eval --help` and validation start without it
+    from merino_pl.model import MerinoForCausalLM
 
 MODES = ("document", "concatenated")
 
@@ -182,6 +183,8 @@ def perplexity(
 
     ``tokenizer`` is a ``tokenizers.Tokenizer``; ``limit`` keeps the first N documents.
     """
+    from merino_pl.evaluation.scoring import score
+
     corpus = CORPORA[name]
     mode = mode or corpus.default_mode
     window = window or model.config.max_position_embeddings

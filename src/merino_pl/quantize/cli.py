@@ -12,12 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from merino_pl.errors import MerinoError, parse_problems
 from merino_pl.io import check_out, read_yaml
-from merino_pl.quantize.rtn import SUPPORTED_BITS
-from merino_pl.quantize.runner import QuantSpec
+from merino_pl.quantize import SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn")
 
@@ -160,6 +157,7 @@ def default_out(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Validate everything (all problems in one message), then quantize, write and report."""
     from merino_pl.quantize.pipeline import quantize_checkpoint
+    from merino_pl.quantize.runner import QuantSpec
 
     resolve_options(args)
     problems = validate(args)
@@ -183,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
 def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, Any, Any, float, list[str]]:
     """The model, the calibration windows and the seconds spent reading + tokenizing them,
     collecting their problems with the ones found so far."""
+    import torch
+
     from merino_pl.checkpoint import load_model
     from merino_pl.quantize.calibration import calibration_tokens
 

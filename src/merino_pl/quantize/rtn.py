@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (4, 8)
-
 
 @dataclass
 class QuantizedWeight:
