@@ -277,6 +277,52 @@ def test_search_cli_writes_recipe_plot_population(tmp_path: Path, capsys: pytest
     assert sum(p.numel() for p in model.parameters()) == prov["costs"]["params"]
 
 
+def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recipe + population + PNG: the recipe records its companions' SHA-256; a failure while
+    writing leaves the previous run's three files untouched (and no temp file); a kill between
+    the renames leaves a recipe whose hashes say the files do not belong together."""
+    import hashlib
+    import os
+
+    from merino_pl import io
+    from merino_pl.search import cli as search_cli
+
+    out = tmp_path / "r.yaml"
+    files = [out, out.with_suffix(".population.json"), out.with_suffix(".png")]
+    argv = ["search", "--budget", "params=60M", "--iterations", "300", "--population", "64", "--parents", "8", "--out", str(out)]
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert main([*argv, "--seed", "1"]) == 0
+    first = {p: p.read_bytes() for p in files}
+    assert load_recipe(out).provenance["outputs"] == {p.name: digest(p) for p in files[1:]}
+
+    def broken_plot(*_):  # the second run fails after its population JSON is written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(search_cli, "plot", broken_plot)
+    with pytest.raises(OSError):
+        main([*argv, "--seed", "2"])
+    assert {p: p.read_bytes() for p in files} == first and sorted(tmp_path.iterdir()) == sorted(files)
+    monkeypatch.undo()
+
+    real_replace = os.replace
+
+    def killed_after_the_png(src, dst):  # the renames go PNG, population, recipe: die between
+        if Path(dst) == files[1]:
+            raise RuntimeError("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", killed_after_the_png)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*argv, "--seed", "3"])
+    monkeypatch.undo()
+    assert out.read_bytes() == first[out] and files[2].read_bytes() != first[files[2]], "the PNG is the new run's"
+    recorded = load_recipe(out).provenance["outputs"]
+    sha = {p.name: digest(p) for p in files[1:]}
+    assert recorded[files[1].name] == sha[files[1].name] and recorded[files[2].name] != sha[files[2].name]
+
+
 def test_search_with_latency_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = _latency_table_for(SPACE).save(tmp_path / "dev.json")
     out = tmp_path / "lat.yaml"

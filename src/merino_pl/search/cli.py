@@ -1,4 +1,5 @@
-"""``merino-pl search``: budgets in, a recipe YAML out (plus a PNG and the final population).
+"""``merino-pl search``: budgets in, a recipe YAML out (plus a PNG and the final population, the
+three replaced as one unit: the recipe, renamed last, records the others' SHA-256).
 
     merino-pl search --budget flops=60G --out recipes/my-60g.yaml
     merino-pl search --config search/flops-60g.yaml --budget params=60M --out recipes/x.yaml
@@ -17,7 +18,9 @@ options override it. The recipe records all of it under ``provenance``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,13 +232,12 @@ def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -
 
 
 def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
-    """Best score over the search, and the final population's score vs its first cost."""
+    """Best score over the search, and the final population's score vs its first cost, as a PNG
+    at ``path`` (written in place: ``write_outputs`` passes a temporary file)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from merino_pl.io import atomic_path
 
     budget = s.budgets[0]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -249,8 +251,7 @@ def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
     b.set(xlabel=budget.cost, ylabel=f"{s.proxy} score", title="final population")
     b.legend(loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -309,12 +310,26 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print(recipe.to_yaml())
         return 0
-    out = recipe.save(args.out)
-    from merino_pl.io import write_json
-
-    write_json(out.with_suffix(".population.json"), population_json(s, problem, result))
-    if not args.no_plot:
-        plot(out.with_suffix(".png"), s, result)
-    extra = ([] if args.no_plot else [out.with_suffix(".png").name]) + [out.with_suffix(".population.json").name]
-    print(f"wrote {out} (+ {' '.join(extra)})")
+    out = Path(args.out)
+    extra = write_outputs(out, recipe, population_json(s, problem, result), None if args.no_plot else (s, result))
+    print(f"wrote {out} (+ {' '.join(p.name for p in extra)})")
     return 0
+
+
+def write_outputs(out: Path, recipe: Recipe, population: dict[str, Any], plot_args: tuple | None) -> list[Path]:
+    """Recipe, population JSON and PNG as one unit: all three are written to temporary files
+    first (a failure leaves the previous run's files untouched), then renamed into place, the
+    recipe last. Its ``provenance.outputs`` holds the SHA-256 of the two others, so a kill
+    between the renames leaves files that say they do not belong together, never a silent mix."""
+    from merino_pl.io import atomic_path, sha256_file
+
+    companions = [out.with_suffix(".population.json")] + ([out.with_suffix(".png")] if plot_args else [])
+    with contextlib.ExitStack() as stack:  # renames run in reverse order of entry: the recipe last
+        recipe_tmp = stack.enter_context(atomic_path(out))
+        staged = [stack.enter_context(atomic_path(path)) for path in companions]
+        staged[0].write_text(json.dumps(population, indent=2, default=str) + "\n", encoding="utf-8")
+        if plot_args:
+            plot(staged[1], *plot_args)
+        recipe.provenance["outputs"] = {path.name: sha256_file(tmp) for path, tmp in zip(companions, staged)}
+        recipe_tmp.write_text(recipe.to_yaml(), encoding="utf-8")
+    return companions
