@@ -65,7 +65,8 @@ LIGHT_COMMANDS = {
     "info-json": ["info", "recipes/merino-52m.yaml", "--json"],
     "prepare-help": ["prepare", "--help"],
     # the model stages load torch to run, not to show their options
-    **{f"{c}-help": [c, "--help"] for c in ("search", "demo", "export", "eval", "quantize", "slurm", "pipeline")},
+    **{f"{c}-help": [c, "--help"] for c in ("search", "demo", "export", "eval", "quantize", "latency", "slurm", "pipeline")},
+    "latency-plot-help": ["latency", "plot", "--help"],
 }
 HEAVY = ("torch", "transformers", "lightning", "datasets")
 _REPORT_HEAVY = """

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from merino_pl.latency.report import PRECISIONS
+    from merino_pl.latency import PRECISIONS
 
     p.add_argument("source", metavar="CKPT_OR_RECIPE", help="a .ckpt, an exported / GPTQ directory, a recipe YAML or a built-in recipe name")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")

@@ -10,10 +10,10 @@ for the Figure-1 style chart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+if TYPE_CHECKING:  # torch only where a peer is built: `latency plot` reads PAPER without it
+    import torch
 
 # name -> (transformers config class, hyper-parameters of the published config.json)
 PEER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -76,6 +76,7 @@ def peer_config(name: str, **overrides: Any) -> Any:
 
 def build_peer(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """The peer's transformers model with random weights (SDPA attention, eval mode)."""
+    import torch
     import transformers
 
     config = peer_config(name, **overrides)

@@ -22,6 +22,7 @@ from merino_pl.checkpoint import LoadedModel, load_model
 from merino_pl.costs import count_flops
 from merino_pl.errors import MerinoError
 from merino_pl.io import atomic_write_text, check_out, write_json
+from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import (
@@ -30,7 +31,6 @@ from merino_pl.latency.harness import (
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer
 
 FORMAT = "merino-latency-report/1"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT_BITS = {"int8": 8, "int4": 4}
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # spread beyond which a row's timings (and every ratio using them) are flagged as untrustworthy
