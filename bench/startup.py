@@ -9,7 +9,8 @@ transformers).
 The machine may be busy (a training study in the background): each row also gives the ratio to a
 bare ``python -c pass`` timed the same way, which is steadier than the seconds.
 
-Prints a table and writes runs/bench/startup.json.
+Prints a table (a missed target is marked "!") and writes runs/bench/startup.json; exits 1 when
+a command imports a heavy package.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main() -> int:
     out.write_text(json.dumps({"repeats": args.repeats, "launcher": launcher, "load_average": load,
                                "cpu_count": os.cpu_count(), "bare_python_s": bare, "commands": rows}, indent=2) + "\n")
     print(f"\nwrote {out}")
-    return 0 if all(r["meets_target"] is not False and not r["heavy_imports"] for r in rows) else 1
+    return 1 if any(r["heavy_imports"] for r in rows) else 0  # seconds depend on the machine; imports do not
 
 
 if __name__ == "__main__":
