@@ -76,9 +76,10 @@ def contenders(cfg: StudyConfig) -> dict[str, MerinoConfig]:
     searches = h2h.get("searches") or {}
     if not isinstance(searches, dict) or not (searches or h2h.get("uniform")):
         raise MerinoError(f"{cfg.source}: head_to_head needs `searches` (name: settings) and/or `uniform: true`")
-    out = {str(name): searched(cfg, spec or {}, where) for name, spec in searches.items()}
-    if h2h.get("uniform"):
-        out["uniform"] = uniform_decoder(cfg.space, cfg)
+    # the uniform decoder first: a search added to the config later then extends the list (the
+    # contenders already trained keep their index, so a re-run trains only the new one)
+    out = {"uniform": uniform_decoder(cfg.space, cfg)} if h2h.get("uniform") else {}
+    out.update({str(name): searched(cfg, spec or {}, where) for name, spec in searches.items()})
     return out
 
 
