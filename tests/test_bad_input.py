@@ -256,3 +256,17 @@ def test_search_to_an_unwritable_folder_fails_before_searching(tmp_path, capsys)
     with immutable(locked):
         assert cli(["search", "--budget", "params=1M", "--out", str(locked / "r.yaml")]) == 2
     one_line_error(capsys, f"--out {locked / 'r.yaml'}: cannot write in {locked}")
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_weights_of_another_architecture_are_one_line_without_a_load_report(model_dir, tmp_path, capsys, command):
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    for block in config["architecture"]["blocks"]:
+        block["embed_dim"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    args = ["export", str(other), "--out", str(tmp_path / "x")] if command == "export" else \
+        ["eval", str(other), "--out", str(tmp_path / "x"), "--ppl", "wikitext2", "--data-files", "wikitext2=embedded"]
+    assert cli(args) == 2
+    one_line_error(capsys, "weights do not match the architecture in config.json", "by config.json")

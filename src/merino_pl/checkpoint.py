@@ -66,6 +66,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         config = MerinoHFConfig.from_pretrained(path)
     except (ValueError, TypeError, OSError) as e:
         raise MerinoError(f"{path}/config.json: {e}") from None
+    check_shapes(weights, config)
     try:
         with _quiet_transformers():
             model = MerinoForCausalLM.from_pretrained(path, config=config)
@@ -73,6 +74,21 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         raise MerinoError(f"{path}: weights do not match the architecture in config.json: {_first_line(e)}") from None
     recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
     return LoadedModel(model.eval(), recipe, "hf-dir", str(path), sha256_file(weights))
+
+
+def check_shapes(weights: Path, config: MerinoHFConfig) -> None:
+    """One line naming the first tensor whose shape differs from what ``config.json`` builds, read
+    from the safetensors header before transformers prints its multi-line load report."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = {k: tuple(v.shape) for k, v in MerinoForCausalLM(config).state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            got = tuple(f.get_slice(key).get_shape())
+            if key in expected and expected[key] != got:
+                raise MerinoError(f"{weights.parent}: weights do not match the architecture in config.json: "
+                                  f"{key} is {list(got)} in {weights.name} but {list(expected[key])} by config.json")
 
 
 def check_safetensors(path: Path) -> None:
