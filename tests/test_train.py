@@ -464,3 +464,16 @@ def test_demo_trains_then_generates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step       2/2  loss" in out and "generation from the trained model" in out
     assert list(tmp_path.glob("*/checkpoints/last.ckpt"))
+
+
+def test_validate_and_test_print_the_held_out_loss_of_a_checkpoint(fit_config, tmp_path, capsys):
+    """`merino-pl validate|test` score a checkpoint through the same LightningCLI config as fit."""
+    held = ["--data.val_sequences", "4", "--data.val_fraction", "0.05"]
+    assert cli_main(["fit", "--config", str(fit_config), "--trainer.max_steps", "2", *held]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    for command, key in (("validate", "val/loss"), ("test", "test/loss")):
+        assert cli_main([command, "--config", str(fit_config), *held, "--ckpt_path", str(ckpt)]) == 0
+        assert key in capsys.readouterr().out
+    assert cli_main(["validate", "--config", str(fit_config), *held]) == 2
+    assert "give --ckpt_path" in capsys.readouterr().err

@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "search": ("merino_pl.search.cli", "entropy-driven evolutionary architecture search -> recipe YAML"),
     "prepare": ("merino_pl.data.prepare", "tokenize a text source into pre-tokenized shards"),
     "fit": ("merino_pl.train.cli", "pretrain a recipe (LightningCLI)"),
+    "validate": ("merino_pl.train.cli:validate_main", "held-out loss of a checkpoint (LightningCLI validate)"),
+    "test": ("merino_pl.train.cli:test_main", "held-out loss of a checkpoint through the test loop (LightningCLI test)"),
     "export": ("merino_pl.export", "export a checkpoint as an HF-loadable directory (or ONNX)"),
     "eval": ("merino_pl.evaluation.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
     "quantize": ("merino_pl.quantize.cli", "GPTQ INT8 / INT4 quantization"),
@@ -55,12 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in STAGES:
         sys.stderr.write(f"merino-pl: error: unknown command {name!r} (valid: {', '.join(STAGES)})\n")
         return 2
-    module = importlib.import_module(STAGES[name][0])
+    module_name, _, entry = STAGES[name][0].partition(":")
+    module = importlib.import_module(module_name)
     from merino_pl.errors import MerinoError
 
     try:
-        if hasattr(module, "main"):  # stages that own their argument parsing (LightningCLI)
-            return int(module.main(rest) or 0)
+        if entry or hasattr(module, "main"):  # stages that own their argument parsing (LightningCLI)
+            return int(getattr(module, entry or "main")(rest) or 0)
         parser = ArgumentParser(prog=f"merino-pl {name}", description=STAGES[name][1])
         module.add_arguments(parser)
         return int(module.run(parser.parse_args(rest)) or 0)

@@ -219,7 +219,7 @@ def stage_problems(stages: list[Stage]) -> list[str]:
     pending = frozenset(str(p) for s in stages for p in (*s.outputs, s.workdir))
     problems = []
     for stage in stages:
-        module = importlib.import_module(STAGES[stage.argv[0]][0])
+        module = importlib.import_module(STAGES[stage.argv[0]][0].partition(":")[0])
         if hasattr(module, "validate_argv"):
             problems += [f"{stage.name}: {p}" for p in module.validate_argv(stage.argv[1:], pending)]
     return problems

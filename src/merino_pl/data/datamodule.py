@@ -295,6 +295,10 @@ class PileDataModule(L.LightningDataModule):
             return []
         return torch.utils.data.DataLoader(windows, batch_size=self.hparams.batch_size, shuffle=False)
 
+    def test_dataloader(self) -> Any:
+        """``merino-pl test`` scores the same held-out windows as validation."""
+        return self.val_dataloader()
+
     # -- validation -----------------------------------------------------------------------------
     def validation_windows(self) -> torch.Tensor | None:
         """This rank's validation sequences ``(n, seq_len + 1)``, the same count on every rank."""

@@ -304,11 +304,12 @@ def checkpoint_wandb_id(path: Path) -> str | None:
     return (meta or {}).get("wandb_run_id")
 
 
-def build_cli(argv: Sequence[str], run: bool = True, cli_class: type[MerinoCLI] = MerinoCLI) -> MerinoCLI:
-    """The LightningCLI behind ``merino-pl fit`` (``run=False`` only parses and instantiates)."""
+def build_cli(argv: Sequence[str], run: bool = True, cli_class: type[MerinoCLI] = MerinoCLI,
+              subcommand: str = "fit") -> MerinoCLI:
+    """The LightningCLI behind ``merino-pl fit|validate|test`` (``run=False`` only parses and instantiates)."""
     from merino_pl.data import PileDataModule
 
-    args = ["fit", *argv] if run else list(argv)
+    args = [subcommand, *argv] if run else list(argv)
     return cli_class(
         MerinoLightningModule,
         PileDataModule,
@@ -322,14 +323,15 @@ def build_cli(argv: Sequence[str], run: bool = True, cli_class: type[MerinoCLI] 
             "default_root_dir": "runs/fit",
         },
         auto_configure_optimizers=False,  # the paper's AdamW + schedule live in the module
-        parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in SUBCOMMANDS}},
         args=args,
         run=run,
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``merino-pl fit``; jsonargparse errors become one line, exit code 2."""
+def main(argv: Sequence[str] | None = None, subcommand: str = "fit") -> int:
+    """Entry point of ``merino-pl fit`` (and ``validate`` / ``test``: the held-out loss of
+    ``--ckpt_path``); jsonargparse errors become one line, exit code 2."""
     from jsonargparse import ArgumentError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -344,12 +346,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_path = next((c["ckpt_path"] for c in reversed(configs) if isinstance(c, dict) and c.get("ckpt_path")), None)
     problems = _ckpt_path_problems(ckpt_path)
     if problems:
-        raise MerinoError("bad fit config: " + "; ".join(problems))
+        raise MerinoError(f"bad {subcommand} config: " + "; ".join(problems))
+    if subcommand != "fit" and not ckpt_path:
+        raise MerinoError(f"{subcommand} scores a trained model: give --ckpt_path CHECKPOINT (or last)")
     try:
-        build_cli(argv)
+        build_cli(argv, subcommand=subcommand)
     except ArgumentError as e:
         raise MerinoError(_one_line(str(e))) from None
     return 0
+
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def validate_main(argv: Sequence[str] | None = None) -> int:
+    """``merino-pl validate``: the held-out (validation) loss of a checkpoint, same config as fit."""
+    return main(argv, "validate")
+
+
+def test_main(argv: Sequence[str] | None = None) -> int:
+    """``merino-pl test``: the same held-out windows through Lightning's test loop."""
+    return main(argv, "test")
 
 
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:

@@ -149,10 +149,19 @@ class MerinoLightningModule(L.LightningModule):
         self.val_nll.update(loss, weight=batch[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
+        self._log_heldout("val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_heldout("test")
+
+    def _log_heldout(self, prefix: str) -> None:
         nll = self.val_nll.compute()
         self.val_nll.reset()
-        self.log("val/loss", nll, sync_dist=False)  # MeanMetric already reduced over ranks
-        self.log("val/ppl", torch.exp(nll.clamp(max=50)))
+        self.log(f"{prefix}/loss", nll, sync_dist=False)  # MeanMetric already reduced over ranks
+        self.log(f"{prefix}/ppl", torch.exp(nll.clamp(max=50)))
 
     # ---- optimizer and schedule -------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
