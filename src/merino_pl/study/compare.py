@@ -38,10 +38,9 @@ FORMAT = "merino-study-compare/1"
 
 def searched(cfg: StudyConfig, spec: dict[str, Any], where: Path) -> MerinoConfig:
     """The global optimum of one search setting over the study's space and budgets."""
-    from merino_pl.search.cli import SearchSettings, build_problem
+    from merino_pl.search.cli import SearchSettings, build_problem, decode
     from merino_pl.search.evolution import PROXIES
     from merino_pl.search.exhaustive import optimum
-    from merino_pl.study.sample import decode
 
     spec = dict(spec)
     if "config" in spec:
@@ -51,7 +50,8 @@ def searched(cfg: StudyConfig, spec: dict[str, Any], where: Path) -> MerinoConfi
     if proxy not in PROXIES or proxy == "naive":
         raise MerinoError(f"head_to_head search proxy {proxy!r} must be entropy or params")
     settings = SearchSettings(cfg.budgets, cfg.space, proxy, 0, EntropyConfig.from_dict(spec.get("entropy") or {}))
-    return decode(cfg.space, optimum(build_problem(settings)).codes)
+    problem = build_problem(settings)
+    return decode(cfg.space, problem.genes, optimum(problem).codes)
 
 
 def uniform_decoder(space: SearchSpace, cfg: StudyConfig) -> MerinoConfig:

@@ -27,12 +27,15 @@ def width_sequences(space: SearchSpace) -> np.ndarray:
     return np.array(list(seqs), dtype=np.int64)
 
 
-def feasible(space: SearchSpace, genes: Genes, budgets: list[Budget], codes: np.ndarray) -> np.ndarray:
-    """Which rows of block codes fit every budget (widths are non-decreasing by construction)."""
+def feasible(space: SearchSpace, genes: Genes, budgets: list[Budget], codes: np.ndarray,
+             tables: list | None = None) -> np.ndarray:
+    """Which rows of block codes fit every budget (widths are non-decreasing by construction);
+    ``tables``: the budgets' cost tables, when the caller checks many batches."""
     ei = genes.embed_idx[codes]
+    tables = tables or [cost_tables(b.cost, space, genes) for b in budgets]
     ok = np.ones(len(codes), dtype=bool)
-    for b in budgets:
-        ok &= cost_tables(b.cost, space, genes).evaluate(codes, ei) <= b.limit
+    for b, t in zip(budgets, tables):
+        ok &= t.evaluate(codes, ei) <= b.limit
     return ok
 
 
@@ -49,6 +52,7 @@ def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, b
     """``n`` distinct feasible architectures as block-code rows, uniform over the feasible set."""
     genes = Genes.of(space)
     widths = width_sequences(space)
+    tables = [cost_tables(b.cost, space, genes) for b in budgets]  # built once, not per batch
     rng = np.random.default_rng(seed)
     seen: set[tuple[int, ...]] = set()
     out: list[np.ndarray] = []
@@ -59,7 +63,7 @@ def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, b
                               f"(asked for {n}): the budget admits too few designs of {space.source}")
         codes = draw(space, widths, rng, batch)
         drawn += batch
-        for row in codes[feasible(space, genes, budgets, codes)]:
+        for row in codes[feasible(space, genes, budgets, codes, tables)]:
             key = tuple(int(c) for c in row)
             if key not in seen:
                 seen.add(key)
@@ -69,14 +73,9 @@ def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, b
     return np.stack(out)
 
 
-def decode(space: SearchSpace, codes: np.ndarray) -> MerinoConfig:
-    """One row of block codes as an architecture (the recipe's blocks, as the space writes them)."""
-    genes = Genes.of(space)
-    blocks = [space.block(int(genes.embed_dim[c]), space.ffn_choices[genes.ffn_idx[c]], int(genes.num_layers[c]))
-              for c in codes]
-    return space.config(blocks)
-
-
 def sample_architectures(space: SearchSpace, budgets: list[Budget], n: int, seed: int) -> list[MerinoConfig]:
     """``n`` distinct architectures drawn uniformly from the feasible set (see module docstring)."""
-    return [decode(space, row) for row in sample_codes(space, budgets, n, seed)]
+    from merino_pl.search.cli import decode
+
+    genes = Genes.of(space)
+    return [decode(space, genes, row) for row in sample_codes(space, budgets, n, seed)]

@@ -134,9 +134,8 @@ def main(argv: list[str]) -> int:
         "fit_argv": args,
     }
     write_json(out / "results" / f"{run.id}.json", result)
-    if "--keep-checkpoints" not in manifest.get("flags", []):
-        for f in ckpts.glob("*.ckpt"):  # the study's own scratch: scored, no longer needed
-            f.unlink()
+    for f in ckpts.glob("*.ckpt"):  # the study's own scratch: scored, no longer needed
+        f.unlink()
     return 0
 
 
