@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import yaml
 from merino_pl.checkpoint import load_model
 from merino_pl.cli import main as cli_main
 from merino_pl.errors import MerinoError
-from merino_pl.train.callbacks import AtomicCheckpointIO
+from merino_pl.train.callbacks import AtomicCheckpointIO, format_duration
 from merino_pl.train.module import MerinoLightningModule, NonFiniteLossError, lr_factor, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,10 @@ def test_weight_decay_on_matrices_only(tmp_path):
     assert any(p is module.model.model.embed_tokens.weight for p in decay["params"])  # tied head, once
 
 
+def test_durations_in_progress_lines():
+    assert [format_duration(x) for x in (0, 59.6, 3725, 10 * 86400 + 47288)] == ["0:00:00", "0:01:00", "1:02:05", "10d 13:08:08"]
+
+
 def test_module_rejects_bad_hyperparameters():
     with pytest.raises(MerinoError, match=r"model.lr .*model.betas"):
         MerinoLightningModule("merino-tiny", lr=-1.0, betas=(0.9, 1.5))
@@ -134,6 +139,10 @@ def test_fit_writes_loadable_exportable_checkpoints(fit_config, tmp_path, capsys
     assert cli_main(["fit", "--config", str(fit_config), "--trainer.max_steps", "4", "--model.warmup_steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "step       4/4  loss" in out
+    # one plain line per log interval (readable in a SLURM log): step rate, elapsed, ETA
+    progress = re.findall(r"^step +(\d+)/4  .* (?:steps/s|s/step)  elapsed \d+:\d\d:\d\d  ETA (\d+:\d\d:\d\d)$", out, re.M)
+    assert [int(step) for step, _ in progress] == [1, 2, 3, 4], out
+    assert progress[-1][1] == "0:00:00"
     ckpt_dir = tmp_path / "run" / "checkpoints"
     assert {p.name for p in ckpt_dir.iterdir()} == {"last.ckpt", "step-00000004.ckpt"}
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)  # what load_model / export use
@@ -266,7 +275,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(fit_config, tmp_pa
 SLOW_SAVE = textwrap.dedent(
     """
     import pathlib, sys, time, torch
-    from merino_pl.train.callbacks import AtomicCheckpointIO
+    from merino_pl.train.callbacks import AtomicCheckpointIO, format_duration
 
     class Slow:  # pickled inside torch.save: signals, then stalls mid-save
         def __reduce__(self):
@@ -420,21 +429,22 @@ def test_ddp_kill_resumes_on_one_process_exactly(fit_config, tmp_path):
 
 # ---- W&B, demo, packaged configs --------------------------------------------------------------
 def test_wandb_without_key_goes_offline_and_says_how_to_sync(tmp_path, monkeypatch, capsys):
-    from lightning.pytorch.loggers import WandbLogger
-
     from merino_pl.train.cli import setup_wandb
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
-    logger = WandbLogger(save_dir=str(tmp_path))
-    setup_wandb(logger, resume_from=None)
-    assert os.environ["WANDB_MODE"] == "offline" and logger._id
+    init_args = {"save_dir": str(tmp_path), "offline": False, "version": None, "id": None, "mode": None, "resume": None}
+    setup_wandb(init_args, resume_from=None)
+    assert init_args["mode"] == "offline" and init_args["version"] and init_args["resume"] == "allow"
+    assert "WANDB_MODE" not in os.environ  # wandb.init's own argument, no process-wide side effect
     assert f"wandb sync {tmp_path}/wandb/offline-run-*" in capsys.readouterr().err
 
 
-def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_path):
+def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_path, capsys):
+    """A resume continues the checkpoint's W&B run through WandbLogger's public arguments:
+    ``version`` = the stored run id and ``resume="allow"``, recorded in the saved config."""
     import wandb
 
     logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(tmp_path / "run")]
@@ -443,12 +453,19 @@ def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_
     wandb.finish()
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_id = torch.load(last, weights_only=True)["merino"]["wandb_run_id"]
+    assert f"W&B run id {run_id} (offline" in capsys.readouterr().err
+    time.sleep(1.1)  # the saved config's name carries the second it was written
     assert cli_main([*common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
     wandb.finish()
+    assert f"W&B run id {run_id} (offline" in capsys.readouterr().err
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["merino"]["wandb_run_id"] == run_id
     runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
+    saved = sorted((tmp_path / "run").rglob("fit-config-*.yaml"))
+    assert len(saved) == 2, saved
+    init_args = yaml.safe_load(saved[-1].read_text())["trainer"]["logger"]["init_args"]
+    assert (init_args["version"], init_args["resume"]) == (run_id, "allow")
 
 
 def test_packaged_train_configs_are_the_recipes_folder():

@@ -1,7 +1,8 @@
 """What ``merino-pl fit`` adds to Lightning: throughput / MFU, and crash-safe checkpoint files.
 
 * ``SpeedMonitor`` logs tokens/s and MFU every ``log_every_n_steps`` optimizer steps and prints
-  one line per log interval (readable in SLURM logs, where progress bars are noise). Lightning's
+  one line per log interval with the step, its rate, the time elapsed and an ETA (readable in
+  SLURM logs, where a carriage-return progress bar is noise). Lightning's
   ``ThroughputMonitor`` synchronizes the GPU after every micro-batch and knows no Jetson peak
   nor a user-given one; this one syncs once per log interval.
 * ``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside the target, fsyncs it
@@ -59,7 +60,12 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 class SpeedMonitor(L.Callback):
-    """Logs ``train/tokens_per_sec`` (all devices), ``train/mfu`` and prints a line per interval.
+    """Logs ``train/tokens_per_sec`` (all devices), ``train/mfu`` and prints a line per interval:
+
+        step     500/600000  loss 4.1234  lr 6.00e-04  812,345 tok/s  MFU 41.2 %  1.52 s/step  elapsed 0:12:40  ETA 10d 13:08:12
+
+    The step rate (and so the ETA) is the average over the wall time since this process started
+    training, so the time spent in validation and checkpoint saves is part of the estimate.
 
     MFU = tokens/s × training FLOPs per token (3 × forward, LM head included; ``merino_pl.costs``)
     / (peak FLOP/s × devices). The peak comes from ``peak_flops`` when given, else from the
@@ -67,7 +73,7 @@ class SpeedMonitor(L.Callback):
 
     Args:
         peak_flops: dense peak FLOP/s of ONE device (overrides the built-in table).
-        print_metrics: print ``step loss lr tokens/s MFU`` lines (rank 0).
+        print_metrics: print ``step loss lr tokens/s MFU rate elapsed ETA`` lines (rank 0).
     """
 
     def __init__(self, peak_flops: float | None = None, print_metrics: bool = True) -> None:
@@ -79,9 +85,12 @@ class SpeedMonitor(L.Callback):
         self._tokens0 = 0
         self._last_step = -1
         self._paused: float | None = None
+        self._start = 0.0  # wall clock and step when this process started training (a resume counts from there)
+        self._start_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._peak = self.peak_flops or device_peak_flops(trainer.strategy.root_device, str(trainer.precision))
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
         self._restart(pl_module)
 
     def _restart(self, pl_module: L.LightningModule) -> None:
@@ -121,7 +130,8 @@ class SpeedMonitor(L.Callback):
     @rank_zero_only
     def _print_line(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
         m = trainer.callback_metrics
-        parts = [f"step {trainer.global_step:>7}/{trainer.max_steps}"]
+        total = total_steps(trainer)
+        parts = [f"step {trainer.global_step:>7}" + (f"/{total}" if total is not None else "")]
         if "train/loss" in m:
             parts.append(f"loss {float(m['train/loss']):.4f}")
         if "train/lr" in m:
@@ -129,7 +139,39 @@ class SpeedMonitor(L.Callback):
         parts.append(f"{metrics['train/tokens_per_sec']:,.0f} tok/s")
         if "train/mfu" in metrics:
             parts.append(f"MFU {100 * metrics['train/mfu']:.1f} %")
+        parts += self._progress(trainer, total)
         _print("  ".join(parts))
+
+    def _progress(self, trainer: L.Trainer, total: int | None) -> list[str]:
+        """``rate  elapsed  ETA`` from the average step rate since training started here."""
+        elapsed = time.perf_counter() - self._start
+        done = trainer.global_step - self._start_step
+        if done <= 0 or elapsed <= 0:
+            return []
+        rate = done / elapsed  # optimizer steps per second
+        parts = [f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step", f"elapsed {format_duration(elapsed)}"]
+        if total is not None:
+            parts.append(f"ETA {format_duration(max(total - trainer.global_step, 0) / rate)}")
+        return parts
+
+
+def total_steps(trainer: L.Trainer) -> int | None:
+    """The optimizer step training ends at: ``max_steps``, else Lightning's estimate (epochs)."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    try:
+        estimate = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - an iterable dataset without a length: no estimate
+        return None
+    return int(estimate) if estimate != float("inf") else None
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (``Nd H:MM:SS`` past a day): sortable and unambiguous in log files."""
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    text = f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def _print(line: str) -> None:

@@ -13,7 +13,8 @@ On top of plain LightningCLI it:
 * installs ``AtomicCheckpointIO`` so a kill during a save never corrupts ``last.ckpt``;
 * decides W&B's mode up front (offline, with the ``wandb sync`` command, when there is no API
   key: an unset mode would hang on a login prompt) and continues the W&B run whose id the
-  resumed checkpoint carries;
+  resumed checkpoint carries, through ``WandbLogger``'s own arguments (``version``, and
+  ``wandb.init``'s ``mode`` / ``resume="allow"``) set in the config before it is instantiated;
 * logs the resolved config, the recipe and its parameters / FLOPs / entropy to every logger.
 """
 
@@ -34,7 +35,6 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -118,9 +118,14 @@ class MerinoCLI(LightningCLI):
             raise MerinoError("bad fit config: " + "; ".join(problems))
 
     def instantiate_classes(self) -> None:
-        seed = self._fit_config().get("seed_everything")
+        cfg = self._fit_config()
+        seed = cfg.get("seed_everything")
         if seed not in (None, False):  # the banner _set_seed held back, now that the config is valid
             logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
+        for init_args in wandb_init_args(cfg):
+            # a fit resumed from a checkpoint continues its W&B run; validate / test start their own
+            resume = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if self.subcommand in (None, "fit") else None
+            setup_wandb(init_args, resume_from=resume)
         super().instantiate_classes()
 
     def before_fit(self) -> None:
@@ -133,10 +138,6 @@ class MerinoCLI(LightningCLI):
             torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on Ampere+
         elif "bf16" in str(trainer.precision):
             _say("warning: bf16 on this CPU is emulated (~11x slower than fp32); use --trainer.precision 32-true")
-        ckpt_path = self._fit_config().get("ckpt_path")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                setup_wandb(logger, resume_from=resolve_ckpt_path(ckpt_path, trainer))
 
 
 ROOT_DIR = "${trainer.default_root_dir}"
@@ -243,39 +244,62 @@ def _ckpt_path_problems(ckpt_path: Any) -> list[str]:
     return []
 
 
-def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> Path | None:
-    """The file ``--ckpt_path`` will resume from, if it exists ("last" = the newest last*.ckpt)."""
+def resolve_ckpt_path(ckpt_path: str | None, cfg: Any) -> Path | None:
+    """The file ``--ckpt_path`` will resume from, if it exists ("last" = the newest last*.ckpt
+    in ``checkpoint.dirpath``, as Lightning picks it)."""
     if not ckpt_path:
         return None
     if ckpt_path == "last":
-        dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-        found = sorted((p for d in dirs for p in d.glob("last*.ckpt")), key=lambda p: p.stat().st_mtime)
+        dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
+        found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if dirpath else []
         return found[-1] if found else None
     path = Path(ckpt_path)
     return path if path.is_file() else None
 
 
-def setup_wandb(logger: WandbLogger, resume_from: Path | None) -> None:
-    """Decide W&B's mode explicitly and continue the run a resumed checkpoint belongs to."""
-    if "WANDB_MODE" not in os.environ:
-        if logger._offline or not wandb_api_key_available():
-            os.environ["WANDB_MODE"] = "offline"
-            where = Path(logger.save_dir or ".") / "wandb"
+WANDB_LOGGER = "WandbLogger"
+
+
+def wandb_init_args(cfg: Any) -> list[Any]:
+    """The ``init_args`` of every ``WandbLogger`` under ``trainer.logger`` (one or a list)."""
+    loggers = (cfg.get("trainer") or {}).get("logger")
+    found = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = getattr(logger, "init_args", None)
+        if init is not None and str(getattr(logger, "class_path", "")).rsplit(".", 1)[-1] == WANDB_LOGGER:
+            found.append(init)
+    return found
+
+
+def setup_wandb(init_args: Any, resume_from: Path | None) -> None:
+    """Decide W&B's mode explicitly and continue the run a resumed checkpoint belongs to.
+
+    Only public arguments, written into the logger's ``init_args`` before LightningCLI builds
+    it: ``mode`` (``wandb.init``'s; a ``mode`` in the config or ``WANDB_MODE`` wins),
+    ``version`` (WandbLogger's run id, "mainly used to resume a previous run") and
+    ``resume="allow"`` (LightningCLI passes ``wandb.init``'s keyword arguments, so WandbLogger's
+    own ``"allow"`` default would be replaced by ``None``).
+    """
+    mode = init_args.get("mode") or os.environ.get("WANDB_MODE")
+    if not mode:
+        if init_args.get("offline") or not wandb_api_key_available():
+            mode = init_args["mode"] = "offline"
+            where = Path(init_args.get("save_dir") or init_args.get("dir") or ".") / "wandb"
             _say(
                 "W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline; upload later with\n"
                 f"  wandb sync {where}/offline-run-*"
             )
         else:
-            os.environ["WANDB_MODE"] = "online"
+            mode = init_args["mode"] = "online"
     run_id = checkpoint_wandb_id(resume_from) if resume_from else None
-    if run_id is None and logger._id is None:
+    run_id = run_id or init_args.get("version") or init_args.get("id")
+    if run_id is None:
         # W&B's id alphabet; chosen here so it is known before the first checkpoint stores it
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    if run_id is not None:
-        # WandbLogger reads the run id from these two fields when it first creates the run
-        # (resume="allow" is its default), so setting them before fit continues that run.
-        logger._wandb_init["id"] = logger._id = run_id
-    _say(f"W&B run id {logger._id} ({os.environ['WANDB_MODE']}; stored in checkpoints: a resume continues it)")
+    init_args["version"], init_args["id"] = run_id, None  # WandbLogger: id = version or id
+    if init_args.get("resume") is None:
+        init_args["resume"] = "allow"  # continue the run with this id if it exists, else create it
+    _say(f"W&B run id {run_id} ({mode}; stored in checkpoints: a resume continues it)")
 
 
 @rank_zero_only
