@@ -4,12 +4,16 @@ GPTQ's recipe (random fixed-length segments of pretraining-like text) on exactly
 DataModule reads (``merino_pl.data.sources``): ``"embedded"`` (the corpus shipped in the package,
 the default), local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, globs, directories,
 or a hub dataset name. Documents are packed with EOS between them, as training sees them. A few
-more windows than the calibration set are kept aside as a held-out check.
+more windows than the calibration set are kept aside as a held-out check. Reading and tokenizing
+shows a tqdm bar (tokens, rate, ETA): at the paper's sizes from the hub it takes minutes.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm import tqdm
 
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
@@ -21,10 +25,11 @@ FLAGS = Flags(source="--calib", text_field="--calib-text-field")  # what hints n
 
 def calibration_tokens(
     source: str, nsamples: int, seq_len: int, holdout: int = 0, tokenizer: str | None = None,
-    text_field: str = "text", seed: int = 0,
+    text_field: str = "text", seed: int = 0, progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids: disjoint windows,
-    drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens."""
+    drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens
+    (``progress``: a bar on stderr while they are read and tokenized)."""
     src = resolve_source(source)
     stream = open_stream(src, flags=FLAGS)
     check_text_field(stream, src, text_field, flags=FLAGS)
@@ -34,15 +39,20 @@ def calibration_tokens(
     need = (nsamples + holdout) * seq_len
     ids: list[int] = []
     batch: list[str] = []
+    bar = tqdm(total=POOL * need, desc="calibration text", unit="tok", unit_scale=True, disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 10.0)  # a log file gets a line per 10 s, not per 0.1 s
     for row in stream:
         if row[field] and row[field].strip():
             batch.append(row[field])
         if len(batch) == 256:
-            ids = _extend(ids, tok, batch, eos)
+            ids = _extend(ids, tok, batch, eos, bar)
             batch = []
         if len(ids) >= POOL * need:
             break
-    ids = _extend(ids, tok, batch, eos)
+    ids = _extend(ids, tok, batch, eos, bar)
+    if bar.n < bar.total:  # the source ended before the pool filled: that is all there is
+        bar.total = bar.n
+    bar.close()
     if not ids:
         raise MerinoError(f"calibration source {source!r} is empty (no text in {src.describe()})")
     slots = len(ids) // seq_len
@@ -57,7 +67,8 @@ def calibration_tokens(
     return windows[order[holdout : holdout + nsamples]], windows[order[:holdout]]
 
 
-def _extend(ids: list[int], tok, texts: list[str], eos: int | None) -> list[int]:
+def _extend(ids: list[int], tok, texts: list[str], eos: int | None, bar: tqdm) -> list[int]:
     for enc in tok.encode_batch(texts):  # batched: the tokenizer's fast path
         ids += enc.ids + ([eos] if eos is not None else [])
+    bar.update(min(len(ids), bar.total) - bar.n)  # the last batch may overshoot the pool
     return ids
