@@ -166,6 +166,80 @@ def test_format_files_keys_and_one_copy_per_shared_block(float_dir, tmp_path):
     assert report["reload_max_abs_logit_diff"] < 1e-5 and report["calibration"]["tokens"] == 4 * 32
 
 
+@pytest.mark.parametrize("bits,desc_act", [(4, False), (4, True), (8, False)])
+def test_packed_model_holds_no_float_weight_copy(float_dir, tmp_path, bits, desc_act):
+    """A loaded GPTQ model keeps only the packed tensors, before, during and after a forward; the
+    block-streamed and per-call paths give the reference dequantization's logits."""
+    from merino_pl.latency.harness import weight_bytes_in_memory
+    from merino_pl.quantize.qlinear import float_weight_bytes
+
+    model = load_model(float_dir).model
+    spec = QuantSpec(bits=bits, group_size=32, desc_act=desc_act, method="rtn" if not desc_act else "gptq")
+    quantized, _ = quantize_model(model, spec, _ids(2, 32, seed=2), progress=False)
+    with atomic_dir(tmp_path / "q") as tmp:
+        write_quantized(tmp, model, quantized, spec, None, "float32")
+    packed = load_model(tmp_path / "q").model
+    qlins = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert qlins and float_weight_bytes(packed) == 0
+    for m in qlins:  # the file's four tensors (+ bias), nothing else
+        assert {n for n, _ in m.named_buffers()} == {"qweight", "qzeros", "scales", "g_idx"}
+        assert m.qweight.dtype == torch.int32 and m.qweight.numel() == m.in_features * m.out_features * bits // 32
+    seen = []
+    hook = packed.model.blocks[0].layer.ffn.register_forward_hook(lambda *_: seen.append(float_weight_bytes(packed)))
+    with torch.no_grad():
+        ids = _ids(1)
+        out = packed(ids).logits
+        assert seen and seen[0] > 0  # inside a block: that block's weights, transiently
+        assert float_weight_bytes(packed) == 0  # and gone when the forward returns
+        hook.remove()
+        ref = model(ids).logits  # the in-memory model holding the dequantized float weights
+        for m in qlins:
+            torch.testing.assert_close(m.weight_float(), quantized[_name(packed, m)].dequantize(), rtol=0, atol=0)
+            x = torch.randn(3, m.in_features)
+            torch.testing.assert_close(m(x), x @ m.weight_float().t() + (0 if m.bias is None else m.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    linears = sum(m.in_features * m.out_features for m in qlins)
+    assert weight_bytes_in_memory(packed) < floats - linears * 4 * (1 - bits / 32 - 0.05)  # measured: packed bytes
+
+
+def _name(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def test_int8_embedding_round_trips(float_dir, tmp_path):
+    from merino_pl.quantize.qembedding import QuantEmbedding, quantize_rows
+
+    table = torch.randn(300, 64) * torch.rand(300, 1)
+    table[5] = 0  # an all-zero row
+    codes, scales = quantize_rows(table)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and int(codes.abs().max()) <= 127
+    back = codes.float() * scales.float()[:, None]
+    assert float(((back - table).abs() / scales.float()[:, None]).max()) <= 0.5 + 1e-3 and torch.equal(back[5], table[5])
+    assert cli(["quantize", str(float_dir), "--method", "rtn", "--bits", "4", "--group-size", "32", "--embedding", "int8",
+                "--holdout", "2", "--seq-len", "32", "--float-dtype", "float32", "--out", str(tmp_path / "e")]) == 0
+    q = tmp_path / "e"
+    state = load_file(q / "model.safetensors")
+    assert "model.embed_tokens.weight" not in state
+    assert state["model.embed_tokens.qweight"].dtype == torch.int8 and state["model.embed_tokens.scales"].dtype == torch.float16
+    assert json.loads((q / "quantize_config.json").read_text())["meta"]["embedding"] == "int8"
+    report = json.loads((q / "quantize_report.json").read_text())
+    assert report["heldout_linears_only"] and report["heldout"]["tokens"] == report["heldout_linears_only"]["tokens"]
+    assert report["reload_max_abs_logit_diff"] < 1e-4
+    assert "int8 embedding" in (q / "quantize_report.md").read_text()
+    model = load_model(q).model
+    emb = model.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and torch.equal(emb.qweight, state["model.embed_tokens.qweight"])
+    assert {k: v for k, v in model.state_dict().items() if "embed_tokens" in k}.keys() == {"model.embed_tokens.qweight", "model.embed_tokens.scales"}
+    ref = load_model(float_dir).model.model.embed_tokens.weight
+    ids = _ids(1, 16)
+    with torch.no_grad():
+        h = torch.randn(1, 4, emb.embedding_dim)
+        torch.testing.assert_close(emb(ids), emb.weight[ids])  # the lookup reads the same rows
+        torch.testing.assert_close(model.model.logits(h), h @ emb.weight.t(), rtol=1e-5, atol=1e-5)  # the tied head too
+        assert _rel(emb.weight, ref) < 0.01
+
+
 def test_rtn_desc_act_asym_and_preset(float_dir, tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("bits: 8\ngroup_size: -1\nmethod: rtn\nholdout: 1\nseq_len: 32\nfloat_dtype: float32\n")
@@ -183,12 +257,12 @@ def test_rtn_desc_act_asym_and_preset(float_dir, tmp_path):
 @pytest.mark.parametrize("preset", sorted((REPO / "quantize").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_presets_parse(preset, capsys):
     """Every preset is valid (bad keys / values would stop here before any model is loaded)."""
-    from merino_pl.quantize.cli import resolve_options, validate
+    from merino_pl.quantize.cli import add_arguments, resolve_options, validate
     import argparse
 
-    args = argparse.Namespace(**{k: None for k in ("bits", "group_size", "desc_act", "sym", "method", "calib",
-                                "calib_text_field", "nsamples", "seq_len", "holdout", "damp_percent", "block_size",
-                                "true_sequential", "batch_size", "seed", "float_dtype", "out", "tokenizer")}, config=str(preset), checkpoint="x")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["x", "--config", str(preset)])  # every option the CLI has, unset
     resolve_options(args)
     assert validate(args) == []
 

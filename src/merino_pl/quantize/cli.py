@@ -23,8 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "method": "gptq",
     "calib": "embedded", "calib_text_field": "text", "nsamples": 128, "seq_len": 512, "holdout": 8,
     "damp_percent": 0.01, "block_size": 128, "true_sequential": True, "batch_size": 8, "seed": 0,
-    "float_dtype": "float16",
+    "float_dtype": "float16", "embedding": "fp16",
 }
+EMBEDDINGS = ("fp16", "int8")  # as quantize.format.EMBEDDINGS (kept here: --help imports no torch)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"seed of the calibration window draw (default {d['seed']})")
     p.add_argument("--float-dtype", help="dtype of the tensors left unquantized (embedding / tied head, norms, biases, "
                    "projections): float16 (default, as GPTQ checkpoints), bfloat16 or float32 (bit-exact)")
+    p.add_argument("--embedding", help="the tied token table / LM head: fp16 (default: stored as --float-dtype, loadable by "
+                   "standard GPTQ tools) or int8 (row-wise int8 + fp16 scales, ~4x smaller; merino-pl and its ONNX export only)")
 
 
 def resolve_options(args: argparse.Namespace) -> None:
@@ -86,6 +89,8 @@ def validate(args: argparse.Namespace, pending: frozenset[str] = frozenset()) ->
             problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     if args.float_dtype not in ("float16", "bfloat16", "float32"):
         problems.append(f"--float-dtype {args.float_dtype!r} (valid: float16, bfloat16, float32)")
+    if args.embedding not in EMBEDDINGS:
+        problems.append(f"--embedding {args.embedding!r} (valid: {', '.join(EMBEDDINGS)})")
     if args.holdout < 0 or not 0 <= args.damp_percent < 1:
         problems.append(f"--holdout must be >= 0 and --damp-percent in [0, 1) (got {args.holdout}, {args.damp_percent})")
     ckpt = Path(args.checkpoint)
@@ -168,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     loaded, calib, held, tokenize_s, problems = _load_inputs(args, problems)
     if problems:
         raise MerinoError("; ".join(problems))
-    spec = QuantSpec(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.damp_percent, args.block_size, args.true_sequential)
+    spec = QuantSpec(args.bits, args.group_size, args.sym, args.desc_act, args.method, args.damp_percent, args.block_size,
+                     args.true_sequential, args.embedding)
     print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out}: {spec}")
     note = group_note(args.group_size, loaded.recipe.architecture)
     if note:

@@ -4,7 +4,9 @@
       config.json            the model's HF config + ``quantization_config`` (as transformers' GPTQ integration reads)
       quantize_config.json   bits, group_size, desc_act, sym, ... (as auto-gptq / GPTQModel write it)
       model.safetensors      per quantized linear: qweight, qzeros, scales, g_idx (+ bias);
-                             everything else (embeddings, norms, projections) in full precision
+                             everything else (embeddings, norms, projections) in full precision,
+                             or with ``--embedding int8`` the token table as int8 rows + fp16
+                             scales (``model.embed_tokens.qweight`` / ``.scales``: ours alone)
       tokenizer.json, tokenizer_config.json, ...
       quantize_report.json / .md
 
@@ -27,7 +29,8 @@ from merino_pl.checkpoint import check_safetensors
 from merino_pl.errors import MerinoError
 from merino_pl.model import MerinoForCausalLM, MerinoHFConfig
 from merino_pl.quantize.packing import pack
-from merino_pl.quantize.qlinear import QuantLinear
+from merino_pl.quantize.qembedding import QuantEmbedding, attach
+from merino_pl.quantize.qlinear import QuantLinear, stream_blocks
 from merino_pl.quantize.rtn import QuantizedWeight
 from merino_pl.quantize.runner import QuantSpec
 
@@ -50,10 +53,13 @@ def quantize_config(spec: QuantSpec) -> dict[str, Any]:
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "model_file_base_name": "model",
-        "meta": {"quantizer": [f"merino-pl:{__version__}"], "method": spec.method},
+        # the embedding variant lives in `meta` (free-form in GPTQModel's config), so an fp16
+        # directory's quantize_config.json stays what the standard tools read
+        "meta": {"quantizer": [f"merino-pl:{__version__}"], "method": spec.method, "embedding": spec.embedding},
     }
 
 
+EMBEDDINGS = ("fp16", "int8")  # --embedding: stored like the other unquantized tensors, or int8 rows
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -76,8 +82,8 @@ def packed_state_dict(
     """The checkpoint's tensors: packed GPTQ tensors for ``quantized``, the rest in ``dtype``
     (float16 by default, as GPTQ checkpoints are fp16 models: at MeRino's scale the unquantized
     embedding is most of the file)."""
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
-             for k, v in _unquantized(model, quantized).items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v).detach().contiguous()
+             for k, v in _unquantized(model, quantized).items()}  # an int8 embedding's scales stay fp16
     for name, q in quantized.items():
         state.update({f"{name}.{t}": v.contiguous() for t, v in pack(q).items()})
     return state
@@ -110,6 +116,9 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         raise MerinoError(f"{path / QUANTIZE_CONFIG}: not a GPTQ quantize config ({type(e).__name__}: {e})") from None
     if qcfg.get("checkpoint_format", "gptq") != "gptq" or bits not in (4, 8):
         raise MerinoError(f"{path / QUANTIZE_CONFIG}: only checkpoint_format 'gptq' with bits 4 or 8 loads here")
+    embedding = (qcfg.get("meta") or {}).get("embedding", "fp16")
+    if embedding not in EMBEDDINGS:
+        raise MerinoError(f"{path / QUANTIZE_CONFIG}: meta.embedding {embedding!r} (valid: {', '.join(EMBEDDINGS)})")
     if not (path / WEIGHTS_NAME).exists():
         raise MerinoError(f"{path}: no {WEIGHTS_NAME}")
     check_safetensors(path / WEIGHTS_NAME)
@@ -120,16 +129,19 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
              for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
     with torch.device("meta"):
         model = MerinoForCausalLM(config)
-    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
+    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight") and k != "model.embed_tokens.qweight"]:
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise MerinoError(f"{path}: {name} holds a qweight but is not a linear layer of this architecture")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
                 QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None))
+    if embedding == "int8":
+        attach(model.model, QuantEmbedding(config.vocab_size, model.arch.d_model))
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise MerinoError(f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}") from None
+    stream_blocks(model)  # one dequantization per block call; nothing float kept between calls
     return model.eval(), qcfg
 

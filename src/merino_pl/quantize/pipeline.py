@@ -18,6 +18,7 @@ from merino_pl.model import MerinoForCausalLM
 from merino_pl.quantize.format import (
     FLOAT_DTYPES, WEIGHTS_NAME, load_quantized, quantize_config, round_unquantized, write_quantized,
 )
+from merino_pl.quantize.qembedding import QuantEmbedding, attach
 from merino_pl.quantize.runner import QuantSpec, quantize_model, report_rows
 
 
@@ -45,14 +46,17 @@ def compare_logits(reference: MerinoForCausalLM, model: MerinoForCausalLM, ids: 
     }
 
 
-def sizes(model: MerinoForCausalLM, quantized_file: Path, bits: int) -> dict[str, Any]:
-    """Bytes of the float model's tensors in FP32 / FP16 and of the written quantized file."""
+def float_sizes(model: MerinoForCausalLM) -> dict[str, int]:
+    """Bytes of the float model's tensors in FP32 / FP16 (taken before the embedding is quantized)."""
     numel = sum(t.numel() for t in model.state_dict().values())
     embed = model.model.embed_tokens.weight.numel() + model.model.embed_positions.weight.numel()
-    return {
-        "fp32_bytes": numel * 4, "fp16_bytes": numel * 2, f"int{bits}_file_bytes": quantized_file.stat().st_size,
-        "embedding_fp32_bytes": embed * 4, "note": "FP32/FP16: tensor bytes of the float model; INT: the model.safetensors written",
-    }
+    return {"fp32_bytes": numel * 4, "fp16_bytes": numel * 2, "embedding_fp32_bytes": embed * 4}
+
+
+def sizes(float_bytes: dict[str, int], quantized_file: Path, bits: int) -> dict[str, Any]:
+    """The float sizes and the written quantized file's."""
+    return {**float_bytes, f"int{bits}_file_bytes": quantized_file.stat().st_size,
+            "note": "FP32/FP16: tensor bytes of the float model; INT: the model.safetensors written"}
 
 
 def quantize_checkpoint(
@@ -67,6 +71,10 @@ def quantize_checkpoint(
     quant_seconds = time.perf_counter() - t0
     round_unquantized(model, quantized, FLOAT_DTYPES[args.float_dtype])
     heldout = compare_logits(reference, model, held) if reference is not None else {}
+    heldout_linears, float_bytes = None, float_sizes(model)
+    if spec.embedding == "int8":  # after GPTQ, so the linears are the fp16 variant's exactly
+        attach(model.model, QuantEmbedding.from_float(model.model.embed_tokens))
+        heldout_linears, heldout = heldout, (compare_logits(reference, model, held) if reference is not None else {})
     with atomic_dir(out) as tmp:
         write_quantized(tmp, model, quantized, spec, args.tokenizer, args.float_dtype)
         reloaded, _ = load_quantized(tmp)
@@ -82,8 +90,9 @@ def quantize_checkpoint(
                 "seq_len": args.seq_len, "tokens": int(calib.numel()), "holdout_windows": int(held.shape[0]), "seed": args.seed,
             },
             "seconds": {"tokenize": tokenize_seconds, "quantize": quant_seconds},
-            "sizes": sizes(model, tmp / WEIGHTS_NAME, spec.bits),
-            "heldout": heldout,
+            "sizes": sizes(float_bytes, tmp / WEIGHTS_NAME, spec.bits),
+            "heldout": heldout,  # every quantized tensor (linears, and the embedding with --embedding int8)
+            "heldout_linears_only": heldout_linears,  # --embedding int8: the same linears with the float embedding
             "reload_max_abs_logit_diff": reload_diff,
             "group_note": group_note,
             "layers": report_rows(layers, spec.group_size),
@@ -100,6 +109,8 @@ def _summary(r: dict[str, Any]) -> str:
     line = f"{r['quantize_config']['meta']['method']} int{q['bits']}: {size / 1e6:.1f} MB (fp32 {s['fp32_bytes'] / 1e6:.1f} MB) in {r['seconds']['quantize']:.1f} s"
     if h:
         line += f"; held-out ppl {h['float_ppl']:.3f} -> {h['quant_ppl']:.3f} ({h['ppl_delta_pct']:+.2f} %), logits rel err {h['logits_rel_err_pct']:.2f} %"
+        if r.get("heldout_linears_only"):
+            line += f" (with the float embedding: {r['heldout_linears_only']['ppl_delta_pct']:+.2f} %)"
     return line + f" -> {r['out']}"
 
 
@@ -108,7 +119,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Quantization report: {r['recipe']} ({q['meta']['method']} int{q['bits']})", "",
         f"- checkpoint: `{r['checkpoint']}` ({r['kind']})",
-        f"- bits {q['bits']}, group size {q['group_size']}, sym {q['sym']}, desc_act {q['desc_act']}, "
+        f"- bits {q['bits']}, group size {q['group_size']}, sym {q['sym']}, desc_act {q['desc_act']}, embedding {q['meta'].get('embedding', 'fp16')}, "
         f"true_sequential {q['true_sequential']}, damp {q['damp_percent']}",
         *([f"- {r['group_note'].removeprefix('note: ')}"] if r.get("group_note") else []),
         f"- calibration: {c['nsamples']} x {c['seq_len']} tokens from `{c['source']}` (seed {c['seed']}); "
@@ -117,7 +128,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         "| size | bytes | MB |", "|---|---:|---:|",
         *[f"| {k} | {v} | {v / 1e6:.2f} |" for k, v in s.items() if k.endswith("bytes")], "",
     ]
-    if h:
+    lin = r.get("heldout_linears_only")
+    if h and lin:
+        lines += [f"Held-out ({h['tokens']} tokens), float perplexity {h['float_ppl']:.3f}:", "",
+                  "| quantized | perplexity | delta % | logits rel. err % | top-1 agreement % |", "|---|---:|---:|---:|---:|"]
+        for what, x in (("linears (float embedding)", lin), ("linears + int8 embedding / head", h)):
+            lines.append(f"| {what} | {x['quant_ppl']:.3f} | {x['ppl_delta_pct']:+.2f} | {x['logits_rel_err_pct']:.3f} | {x['top1_agreement_pct']:.2f} |")
+        lines.append("")
+    elif h:
         lines += [
             f"Held-out ({h['tokens']} tokens): perplexity {h['float_ppl']:.3f} -> {h['quant_ppl']:.3f} "
             f"({h['ppl_delta_pct']:+.2f} %), logits relative error {h['logits_rel_err_pct']:.3f} %, "

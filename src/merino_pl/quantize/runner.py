@@ -38,6 +38,7 @@ class QuantSpec:
     damp_percent: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    embedding: str = "fp16"  # "fp16": as the other unquantized tensors; "int8": row-wise int8 (qembedding.py)
 
 
 @dataclass
