@@ -161,30 +161,97 @@ def test_peer_configs_give_the_published_sizes(name: str) -> None:
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_export_onnx_logits_match_pytorch_for_prefill_and_decode(tmp_path: Path, recipe_file: Path) -> None:
+def _onnx_prefill_and_step(model, onnx_path: Path, T: int = 9, batch: int = 1) -> None:
+    """ONNX logits == PyTorch's for a prefill of T tokens and one decode step on its cache."""
     import onnxruntime as ort
 
-    from merino_pl.latency.onnx_export import cache_shapes, io_names
+    from merino_pl.latency.onnx_export import FIXED_INPUTS, cache_shapes, io_names
 
-    assert cli(["export", str(recipe_file), "--out", str(tmp_path / "m"), "--onnx"]) == 0
-    model = load_model(tmp_path / "m").model
-    session = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inputs, outputs = io_names(model)
-    ids = torch.randint(0, model.arch.vocab_size, (1, 9))
-    empty = [np.zeros((1, h, 0, d), np.float32) for h, d in cache_shapes(model) for _ in range(2)]
-    feed = {"input_ids": ids.numpy(), "position_ids": np.arange(9)[None]} | dict(zip(inputs[2:], empty))
-    logits, *present = session.run(None, feed)
+    assert [i.name for i in session.get_inputs()] == inputs and [o.name for o in session.get_outputs()] == outputs
+    ids = torch.randint(0, model.arch.vocab_size, (batch, T))
+    empty = [np.zeros((batch, h, 0, d), np.float32) for h, d in cache_shapes(model) for _ in range(2)]
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((batch, T), np.int64), "position_ids": np.arange(T)[None].repeat(batch, 0)}
+    logits, *present = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS):], empty)))
     with torch.no_grad():
         out = model(ids, use_cache=True)
     np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4, rtol=0)
-    nxt = torch.tensor([[7]])
-    feed = {"input_ids": nxt.numpy(), "position_ids": np.array([[9]])} | dict(zip(inputs[2:], present))
-    step, *_ = session.run(None, feed)
+    nxt = torch.tensor([[7]] * batch)
+    feed = {"input_ids": nxt.numpy(), "attention_mask": np.ones((batch, T + 1), np.int64), "position_ids": np.array([[T]] * batch)}
+    step, *_ = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS):], present)))
     with torch.no_grad():
         ref = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
     np.testing.assert_allclose(step, ref.numpy(), atol=1e-4, rtol=0)
-    assert outputs[0] == "logits" and len(present) == 2 * model.arch.num_layer_applications
+    assert len(present) == 2 * model.arch.num_layer_applications
+
+
+@pytest.mark.slow
+def test_export_onnx_logits_match_pytorch_for_prefill_and_decode(tmp_path: Path, recipe_file: Path) -> None:
+    assert cli(["export", str(recipe_file), "--out", str(tmp_path / "m"), "--onnx"]) == 0
+    model = load_model(tmp_path / "m").model
+    _onnx_prefill_and_step(model, tmp_path / "m" / "model.onnx")
+    from merino_pl.latency.onnx_export import io_names
+
+    inputs, outputs = io_names(model)  # optimum's convention
+    assert inputs[:5] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+
+
+def test_onnx_left_padding_matches_pytorch(tmp_path: Path) -> None:
+    """attention_mask: a left-padded row's logits at its real tokens equal the unpadded ones."""
+    import onnxruntime as ort
+
+    from merino_pl.latency.onnx_export import FIXED_INPUTS, cache_shapes, export_onnx, io_names
+
+    model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=256)).eval()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs, _ = io_names(model)
+    ids = torch.randint(0, 256, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]], np.int64)
+    empty = [np.zeros((1, h, 0, d), np.float32) for h, d in cache_shapes(model) for _ in range(2)]
+    feed = {"input_ids": padded.numpy(), "attention_mask": mask, "position_ids": np.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]])}
+    logits = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS):], empty)))[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(logits[:, 3:], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,desc_act,embedding", [(4, False, "int8"), (8, False, "fp16"), (4, True, "int8"), (8, True, "int8")])
+def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(tmp_path: Path, bits: int, desc_act: bool, embedding: str) -> None:
+    """export GPTQ_DIR --onnx: every quantized linear is one MatMulNBits (act-order rows permuted),
+    the int8 table one uint8 initializer shared by the lookup and the head; logits within 1e-4
+    (absolute, logits of size ~0.1-1) of the torch packed path, prefill and decode."""
+    import onnx
+
+    from merino_pl.quantize.qlinear import QuantLinear
+
+    torch.manual_seed(0)
+    model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=50304))  # the shipped tokenizer's ids fit
+    src = tmp_path / "float"
+    model.save_pretrained(src)
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    q = tmp_path / "q"
+    assert cli(["quantize", str(src), "--bits", str(bits), "--group-size", "32", "--nsamples", "4", "--seq-len", "32",
+                "--holdout", "0", "--embedding", embedding, "--calib", str(tmp_path / "calib.txt"), "--float-dtype", "float32",
+                *(["--desc-act"] if desc_act else []), "--out", str(q)]) == 0
+    assert cli(["export", str(q), "--onnx", "--out", str(tmp_path / "x")]) == 0
+    packed = load_model(tmp_path / "x").model  # the copied directory loads as the GPTQ model
+    graph = onnx.load(str(tmp_path / "x" / "model.onnx"))
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    qlins = sum(isinstance(m, QuantLinear) for m in packed.modules())
+    head = embedding == "int8"
+    assert all(n.domain == "com.microsoft" for n in nbits)
+    assert len(nbits) == qlins // packed.arch.num_blocks * packed.arch.num_layer_applications + head  # one node per application...
+    assert len({n.input[1] for n in nbits}) == qlins + head  # ...all applications of a shared layer read one packed B
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == ({bits, 8} if embedding == "int8" else {bits})
+    table = [i for i in graph.graph.initializer if np.prod(i.dims) >= 50304 * 96 // 2]
+    expected = onnx.TensorProto.UINT8 if embedding == "int8" else onnx.TensorProto.FLOAT
+    assert [i.data_type for i in table] == [expected]  # ONE table, read by the lookup and the tied head
+    _onnx_prefill_and_step(packed, tmp_path / "x" / "model.onnx", batch=2)
 
 
 # ---- device latency table ------------------------------------------------------------------------

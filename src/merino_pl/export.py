@@ -54,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise MerinoError("; ".join(problems))
     loaded = load_model(args.checkpoint)
+    if loaded.kind == "gptq" and args.onnx:  # a quantized directory: its files + the packed graph (MatMulNBits)
+        from merino_pl.latency.onnx_export import export_quantized_onnx
+
+        out = export_quantized_onnx(loaded, args.out)
+        print(f"exported {loaded.recipe.name} (gptq) -> {out}, onnx -> {out / 'model.onnx'}")
+        return 0
     out = export_pretrained(loaded.model, args.out, tokenizer=args.tokenizer)
     print(f"exported {loaded.recipe.name} ({loaded.kind}) -> {out}")
     if args.onnx:

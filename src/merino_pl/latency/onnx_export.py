@@ -1,22 +1,26 @@
 """ONNX export with KV-cache inputs/outputs, for onnxruntime and TensorRT on a Jetson.
 
-Graph signature (one graph serves prefill and decode; every dimension named is dynamic):
+Graph signature (one graph serves prefill and decode; every dimension named is dynamic), with
+the input / output names optimum and onnxruntime-genai use for decoder-only models:
 
-    inputs   input_ids      int64 (batch, seq)
-             position_ids   int64 (batch, seq)      absolute positions of these tokens
-             past_key_i     float (batch, heads_i, past, 64)   i = 0 .. Σ L_j - 1
-             past_value_i   float (batch, heads_i, past, 64)
-    outputs  logits         float (batch, seq, vocab)
-             present_key_i / present_value_i  (batch, heads_i, past + seq, 64)
+    inputs   input_ids                   int64 (batch, seq)
+             attention_mask              int64 (batch, past + seq)   1 = real token, 0 = padding
+             position_ids                int64 (batch, seq)          absolute positions of these tokens
+             past_key_values.{i}.key     float (batch, heads_i, past, 64)   i = 0 .. Σ L_j - 1
+             past_key_values.{i}.value   float (batch, heads_i, past, 64)
+    outputs  logits                      float (batch, seq, vocab)
+             present.{i}.key / present.{i}.value  (batch, heads_i, past + seq, 64)
 
 Prefill passes ``past = 0`` tensors; each decode step feeds the presents back as pasts. There is
 one KV entry per layer *application* (a block applied L_j times keeps L_j entries), and
-``heads_i`` follows that application's block width.
+``heads_i`` follows that application's block width. Cache slot j is visible to the query in slot
+``past + t`` iff j <= past + t and ``attention_mask[j] == 1`` (left padding works as in PyTorch).
+
+A GPTQ model (``QuantLinear``, optionally the int8 ``QuantEmbedding``) exports its quantized
+layers as onnxruntime's ``MatMulNBits`` (``onnx_nbits.py``): the graph stays packed.
 
 ``transformers``' ``DynamicCache`` is not a tensor, so the exporter gets a thin wrapper that
 takes and returns flat tensors; the model inside is the very ``MerinoForCausalLM`` PyTorch runs.
-The causal mask is built from ``position_ids`` (key j is visible to a query at position p iff
-j ≤ p), which is exact for prefill, decode and chunked prefill alike.
 """
 
 from __future__ import annotations
@@ -50,16 +54,18 @@ class _FlatCache:
 
 
 class OnnxDecoder(nn.Module):
-    """``(input_ids, position_ids, *past) -> (logits, *present)`` over a MerinoForCausalLM."""
+    """``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)`` over a MerinoForCausalLM."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        S = past[0].shape[2] + input_ids.shape[1]
-        keys = torch.arange(S, device=input_ids.device)
-        mask = keys[None, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, T, S)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        P, T = past[0].shape[2], input_ids.shape[1]
+        keys = torch.arange(P + T, device=input_ids.device)
+        queries = P + torch.arange(T, device=input_ids.device)
+        mask = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        mask = mask | ~mask.any(-1, keepdim=True)  # a padding query sees everything (its output is unused): no NaN
         cache = _FlatCache(list(past))
         hidden = self.model.model(input_ids, position_ids, mask, cache)
         return (self.model.model.logits(hidden), *cache.present)
@@ -71,35 +77,48 @@ def cache_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [(b.embed_dim // arch.head_dim, arch.head_dim) for b in arch.blocks for _ in range(b.num_layers)]
 
 
+FIXED_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
 def io_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """optimum's names: ``past_key_values.{i}.key`` / ``.value`` in, ``present.{i}.key`` / ``.value`` out."""
     n = len(cache_shapes(model))
-    past = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
-    present = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", *past], ["logits", *present]
+    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    return [*FIXED_INPUTS, *past], ["logits", *present]
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def example_inputs(model: nn.Module, batch: int, seq: int, past: int) -> tuple[torch.Tensor, ...]:
-    """Random ids, positions after ``past`` cached tokens, and a random cache of that length."""
-    dtype = next(model.parameters()).dtype
+    """Random ids, an all-ones mask, positions after ``past`` cached tokens, and a random cache of that length."""
+    dtype = float_dtype(model)
     ids = torch.randint(0, model.arch.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     cache = [torch.randn(batch, h, past, d, dtype=dtype) for h, d in cache_shapes(model) for _ in range(2)]
-    return (ids, pos, *cache)
+    return (ids, mask, pos, *cache)
 
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
     """Write ``model`` (a MerinoForCausalLM) as ONNX with KV-cache inputs; atomic, one file."""
     if not hasattr(model, "arch"):
         raise MerinoError(f"ONNX export supports MeRino models only, got {type(model).__name__}")
+    from merino_pl.latency.onnx_nbits import prepare
+
     path = Path(path)
     model = model.eval()
+    prepare(model)  # quantized layers -> MatMulNBits tensors (a float model has none)
     wrapper = OnnxDecoder(model)
     in_names, out_names = io_names(model)
     # dim sizes of 0 / 1 would be specialised by the exporter: trace with 2 / 3 / 4
     args = example_inputs(model, batch=2, seq=3, past=4)
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    # structure follows forward(input_ids, position_ids, *past): the varargs are one tuple
-    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in in_names[2:]))
+    total = torch.export.Dim("total")  # past + seq (the exporter relates it to the cache itself)
+    # structure follows forward(input_ids, attention_mask, position_ids, *past): the varargs are one tuple
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in in_names[3:]))
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" x4: noise for an LM
@@ -110,6 +129,22 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
     finally:
         onnx_log.setLevel(level)
     return path
+
+
+def export_quantized_onnx(loaded: Any, out: str | Path) -> Path:
+    """``merino-pl export GPTQ_DIR --onnx --out OUT``: the quantized directory's files, plus
+    ``model.onnx`` with its quantized layers as MatMulNBits; ``out`` replaced atomically."""
+    import shutil
+
+    from merino_pl.io import atomic_dir
+
+    src, out = Path(loaded.path), Path(out)
+    with atomic_dir(out) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".onnx":
+                shutil.copy2(f, tmp / f.name)
+        export_onnx(loaded.model, tmp / "model.onnx")
+    return out
 
 
 def _export(wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], out_names: list[str], opset: int, tmp: Path) -> None:
@@ -140,14 +175,16 @@ class OnnxRunner:
         vocab = model.arch.vocab_size
         self.ids = torch.randint(0, vocab, (batch, seq), generator=g).numpy()
         self.next_ids = torch.randint(0, vocab, (batch, decode_tokens), generator=g).numpy()
-        dtype = np.float16 if next(model.parameters()).dtype == torch.float16 else np.float32
+        dtype = np.float16 if float_dtype(model) == torch.float16 else np.float32
         self.empty = [np.zeros((batch, h, 0, d), dtype=dtype) for h, d in cache_shapes(model) for _ in range(2)]
         self.positions = np.arange(seq + decode_tokens, dtype=np.int64)[None].repeat(batch, 0)
         self.past: list[Any] = []
 
     def _run(self, ids: Any, start: int, past: list[Any]) -> list[Any]:
-        feed = {"input_ids": ids, "position_ids": self.positions[:, start : start + ids.shape[1]]}
-        feed.update(zip(self.in_names[2:], past))
+        T = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], start + T), dtype=np.int64),
+                "position_ids": self.positions[:, start : start + T]}
+        feed.update(zip(self.in_names[len(FIXED_INPUTS):], past))
         return self.session.run(None, feed)
 
     def prefill(self) -> Any:

@@ -57,6 +57,10 @@ class QuantEmbedding(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            from merino_pl.latency.onnx_nbits import gather_rows
+
+            return gather_rows(self, ids)
         rows = F.embedding(ids, self.qweight)  # (..., d) int8: only the rows looked up
         return rows.float() * self.scales[ids].float()[..., None]
 
