@@ -67,6 +67,13 @@ def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, f
                  "plots/accuracy-vs-latency.png", "## Perplexity and latency (paper Table 3 layout"):
         assert link in summary, link
     assert "micro fp32 (ours)" in summary and "micro int8 (ours)" in summary
+    # the summary step draws the run's pictures and shows them: no zero-shot task ran (tasks:
+    # none), so perplexity-vs-latency stands in for the accuracy chart
+    for png in ("training-loss.png", "perplexity-vs-latency.png", "precisions.png"):
+        path = tmp_path / "out" / "plots" / png
+        assert f"![plots/{png}](plots/{png})" in summary, png
+        assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert summary.count("![plots/") == 3  # the paper-only accuracy chart is a link, not a 4th picture
     evals = {lb: json.loads((tmp_path / "out" / "eval" / lb / "eval.json").read_text()) for lb in ("fp32", "int8")}
     assert evals["int8"]["model"]["kind"] == "gptq" and evals["fp32"]["perplexity"]["wikitext2"]["word_perplexity"] > 1
 
@@ -156,3 +163,62 @@ def test_every_stage_checks_its_arguments_before_the_first_runs(tmp_path, capsys
         assert part in err, (part, err)
     assert "export" not in err and "not found" not in err  # the checkpoint and model dir are pending
     assert not (tmp_path / "out" / "fit").exists()
+
+
+# ---- the summary's pictures (OUT/plots) -------------------------------------------------------------
+def _reports(out: Path, accuracy: float | None) -> None:
+    """An eval and a latency report per precision, as `merino-pl eval` / `latency` write them."""
+    for i, label in enumerate(("fp32", "int8")):
+        tasks = {"arc_easy": {"status": "ok", "value": accuracy}} if accuracy is not None else {"arc_easy": {"status": "skipped"}}
+        (out / "eval" / label).mkdir(parents=True)
+        (out / "eval" / label / "eval.json").write_text(json.dumps({
+            "model": {"name": "micro"}, "tasks": tasks, "perplexity": {"wikitext2": {"word_perplexity": 900.0 + 50 * i}}}))
+        rows = [{"model": "micro", "role": "model", "precision": label, "path": "plain", "flops_g": 0.1, "prefill_ms": {"mean": 3.0 - i}}]
+        if label == "fp32":
+            rows.append({"model": "pythia-70m", "role": "peer", "precision": "fp32", "path": "plain", "flops_g": 100, "prefill_ms": {"mean": 40.0}})
+        (out / "latency" / label).mkdir(parents=True)
+        (out / "latency" / label / "latency.json").write_text(json.dumps({
+            "format": "merino-latency-report/1", "device": {"summary": "test CPU"}, "rows": rows}))
+        (out / ("model" if label == "fp32" else f"quantized/{label}")).mkdir(parents=True)
+        (out / ("model" if label == "fp32" else f"quantized/{label}") / "model.safetensors").write_bytes(b"0" * (4_000_000 >> i))
+
+
+def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from merino_pl.pipeline_plots import loss_history, summary_plots
+
+    out = tmp_path / "out"
+    for version, steps in ((0, range(0, 30)), (1, range(20, 40))):  # a resumed fit: two CSV versions
+        logger = CSVLogger(out / "fit", name="logs", version=version)
+        for step in steps:
+            logger.log_metrics({"train/loss": 10.0 - step / 10 + version}, step=step)
+        logger.log_metrics({"val/loss": 7.5 + version}, step=steps[-1])
+        logger.save()
+    train, val = loss_history(out / "fit")
+    assert list(train) == list(range(40)) and train[25] == 10.0 - 2.5 + 1  # the later version wins
+    assert val == {29: 7.5, 39: 8.5}
+
+    _reports(out, accuracy=0.41)
+    models = {"fp32": out / "model", "int8": out / "quantized" / "int8"}
+    assert cli_main(["latency", "plot", "--latency", str(out / "latency/fp32/latency.json"),
+                     "--eval", str(out / "eval/fp32/eval.json"), "--out", str(out / "plots/accuracy-vs-latency.png")]) == 0
+    lines, shown = summary_plots(out, models)
+    text = "\n".join(lines)
+    for png in ("training-loss.png", "accuracy-vs-latency.png", "precisions.png"):
+        assert f"![plots/{png}](plots/{png})" in text and (out / "plots" / png).stat().st_size > 10_000, png
+    assert "perplexity-vs-latency" not in text and not (out / "plots" / "perplexity-vs-latency.png").exists()
+
+
+def test_summary_plots_perplexity_vs_latency_without_accuracy(tmp_path):
+    from merino_pl.pipeline_plots import precision_rows, summary_plots
+
+    out = tmp_path / "out"
+    _reports(out, accuracy=None)
+    models = {"fp32": out / "model", "int8": out / "quantized" / "int8"}
+    rows = precision_rows(out, models)
+    assert [(r.label, r.size_mb, r.perplexity, r.latency_ms) for r in rows] == [("fp32", 4.0, 900.0, 3.0), ("int8", 2.0, 950.0, 2.0)]
+    lines, _ = summary_plots(out, models)
+    text = "\n".join(lines)
+    assert "![plots/perplexity-vs-latency.png]" in text and "no CSVLogger" in text  # no fit logs here
+    assert (out / "plots" / "perplexity-vs-latency.png").stat().st_size > 10_000

@@ -8,7 +8,9 @@ A stage is *skipped* when its outputs exist and its key is unchanged; the key ha
 command line and the content of every input file (configs, the recipe, the upstream checkpoint
 or quantized model). A stage whose key changed starts from a clean output folder; a stage that
 failed (or was killed) with the same key keeps its folder, so ``fit`` resumes from ``last``.
-The state lives in ``OUT/pipeline-state.json``; ``OUT/summary.md`` links every report and plot.
+The state lives in ``OUT/pipeline-state.json``; ``OUT/summary.md`` links every report and plot
+and shows the run's pictures (training loss, perplexity or accuracy vs latency, per-precision
+bars: ``merino_pl.pipeline_plots``), drawn when it is written.
 """
 
 from __future__ import annotations
@@ -364,8 +366,18 @@ def _tables(cfg: PipelineConfig, labels: list[str]) -> list[str]:
             "fetched are blank (see each eval report's *Skipped* list).", ""]
 
 
+def _models(out: Path, stages: list[Stage]) -> dict[str, Path]:
+    """Precision label -> model directory of this run (the exported float model, then each quantized one)."""
+    models = {"fp32": out / "model"} if any(s.name == "export" for s in stages) else {}
+    models.update({s.name[len("quantize-"):]: s.workdir for s in stages if s.name.startswith("quantize-")})
+    return models
+
+
 def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any]) -> Path:
-    """``OUT/summary.md``: stages, the paper's tables with this run's rows, links to reports."""
+    """``OUT/summary.md``: stages, the run's pictures, the paper's tables with this run's rows,
+    links to reports."""
+    from merino_pl.pipeline_plots import summary_plots
+
     out = cfg.out_dir
     labels = [s.name[len("eval-"):] for s in stages if s.name.startswith("eval-")]
     lines = [f"# Pipeline `{cfg.name}`", "", f"Config: `{cfg.source}`. Every path below is relative to this file.", "",
@@ -374,9 +386,10 @@ def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any
         seconds = state.get(s.name, {}).get("seconds")
         links = ", ".join(f"[{p.relative_to(out)}]({p.relative_to(out)})" for p in s.outputs)
         lines.append(f"| {s.name} | {s.status} | {_fmt(seconds, 1)} | {links} |")
-    lines += ["", *_tables(cfg, labels), "## Reports and plots", ""]
+    plot_lines, shown = summary_plots(out, _models(out, stages))
+    lines += ["", *plot_lines, *_tables(cfg, labels), "## Reports and plots", ""]
     for p in sorted(out.glob("*/**/*")):
-        if p.suffix in (".md", ".png") and p.is_file() and "logs" not in p.parts:
+        if p.suffix in (".md", ".png") and p.is_file() and "logs" not in p.parts and p not in shown:
             rel = p.relative_to(out)
             lines.append(f"- ![{rel}]({rel})" if p.suffix == ".png" else f"- [{rel}]({rel})")
     path = out / "summary.md"

@@ -102,8 +102,24 @@ def _family(name: str) -> str:
     return name.split("-")[0]
 
 
-def draw(panels: list[tuple[str, list[dict[str, Any]]]], out: Path) -> None:
-    """One bubble panel per (title, points); diameter ∝ FLOPs as in the paper."""
+def _plain_log_ticks(ax: Any) -> None:
+    """Tick labels 20, 30, 40 (not 2×10¹) on a log axis; minor ticks labelled within one decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if hi / max(lo, 1e-12) < 10 else NullFormatter())
+
+
+def draw(panels: list[tuple[str, list[dict[str, Any]]]], out: Path, y: str = "accuracy",
+         ylabel: str = "average zero-shot accuracy", title: str = "Accuracy vs latency (bubble diameter ∝ FLOPs)",
+         log_y: bool = False) -> None:
+    """One bubble panel per (title, points): x = ``latency_ms``, y = ``point[y]``; diameter ∝
+    FLOPs as in the paper. A point is annotated with its ``label`` (default: ``model``), or named
+    in the panel's legend when it has a ``legend``; ``color`` overrides its family's colour. The
+    pipeline's perplexity-vs-latency chart uses it with ``y="perplexity"`` and a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,23 +128,49 @@ def draw(panels: list[tuple[str, list[dict[str, Any]]]], out: Path) -> None:
     colors = {"merino": "tab:red", "pythia": "tab:green", "opt": "tab:blue", "gpt2": "tab:orange", "cerebras": "tab:purple"}
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     biggest = max((p["flops_g"] or 0) for _, pts in panels for p in pts) or 1.0
-    for ax, (title, pts) in zip(axes[0], panels):
+    labels: list[tuple[Any, float]] = []  # (annotation, bubble diameter) in drawing order
+    for ax, (panel_title, pts) in zip(axes[0], panels):
         for p in pts:
             diameter = 8 + 52 * (p["flops_g"] or 0) / biggest  # points; marker area = diameter²
-            ax.scatter(p["latency_ms"], p["accuracy"], s=diameter**2, alpha=0.45,
-                       color=colors.get(_family(p["model"]), "tab:gray"), edgecolors="black", linewidths=0.6)
-            ax.annotate(p["model"], (p["latency_ms"], p["accuracy"]), xytext=(0, diameter / 2 + 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
-        ax.set_title(title, fontsize=10)
+            ax.scatter(p["latency_ms"], p[y], s=diameter**2, alpha=0.45, label=p.get("legend"),
+                       color=p.get("color") or colors.get(_family(p["model"]), "tab:gray"), edgecolors="black", linewidths=0.6)
+            if not p.get("legend"):  # points close together (one model's precisions) go in a legend instead
+                labels.append((ax.annotate(p.get("label", p["model"]), (p["latency_ms"], p[y]), textcoords="offset points",
+                                           xytext=(0, diameter / 2 + 2), ha="center", va="bottom", fontsize=8), diameter))
+        if any(p.get("legend") for p in pts):
+            ax.legend(fontsize=8, loc="best")
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("latency, prefill batch 1 (ms)")
-        ax.set_ylabel("average zero-shot accuracy")
+        ax.set_ylabel(ylabel)
+        if log_y:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
         ax.margins(0.18)
-        ax.grid(alpha=0.3)
-    fig.suptitle("Accuracy vs latency (bubble diameter ∝ FLOPs)")
+        ax.grid(alpha=0.3, which="both" if log_y else "major")
+    fig.suptitle(title)
     fig.tight_layout()
+    _declutter(fig, labels)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=130)
     plt.close(fig)
+
+
+def _declutter(fig: Any, labels: list[tuple[Any, float]]) -> None:
+    """Move each label (above its bubble by default) below, right or left of it when it would
+    overlap a label already placed; the first free place wins, else it stays above."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for ann, d in labels:
+        r = d / 2 + 2
+        for offset, ha, va in (((0, r), "center", "bottom"), ((0, -r), "center", "top"),
+                               ((r + 1, 0), "left", "center"), ((-r - 1, 0), "right", "center"), ((0, r), "center", "bottom")):
+            ann.xyann = offset
+            ann.set_horizontalalignment(ha)
+            ann.set_verticalalignment(va)
+            box = ann.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
 
 
 def run(args: argparse.Namespace) -> int:
