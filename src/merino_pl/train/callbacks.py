@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.io import atomic_path
@@ -105,7 +106,9 @@ class SpeedMonitor(L.Callback):
             self._paused = None
         if self.print_metrics and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             m = trainer.callback_metrics
-            _print(f"step {trainer.global_step:>7}  val loss {float(m['val/loss']):.4f}  val ppl {float(m['val/ppl']):.2f}")
+            # `merino-pl validate` restores the weights, not the step counter: no "step 0" there
+            where = f"step {trainer.global_step:>7}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+            _print(f"{where}  val loss {float(m['val/loss']):.4f}  val ppl {float(m['val/ppl']):.2f}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
