@@ -153,3 +153,45 @@ def test_shipped_study_config_loads():
     assert len(runs) == cfg.architectures + cfg.ceiling_architectures >= 24 + 8
     assert len({r.id for r in runs}) == len(runs)
     assert cfg.vocab_size <= cfg.space.architecture["vocab_size"]
+
+
+@pytest.mark.slow
+def test_compare_trains_each_distinct_recipe_once_per_seed_and_resumes(tmp_path):
+    from merino_pl.costs import count_flops
+    from merino_pl.study.compare import contenders
+    from merino_pl.study.config import load_study_config
+
+    config = _tiny_study(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["head_to_head"]["searches"]["paper_again"] = {"proxy": "entropy", "entropy": {"beta": 0.0625}}
+    data["head_to_head"]["seeds"] = [5, 6]
+    data["head_to_head"]["args"] += ["--trainer.log_every_n_steps", "2"]
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_study_config(config)
+    archs = contenders(cfg)
+    assert list(archs)[0] == "uniform" and set(archs) == {"uniform", "paper", "params", "paper_again"} and archs["paper_again"] == archs["paper"]
+    uniform = archs["uniform"].blocks
+    assert len({(b.embed_dim, b.ffn, b.num_layers) for b in uniform}) == 1
+    assert count_flops(archs["uniform"]) <= cfg.budgets[0].limit
+    distinct = len({json.dumps(a.to_dict(), sort_keys=True) for a in archs.values()})
+    out = tmp_path / "h2h"
+    r = _cli("study", "compare", "--config", str(config), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "paper_again finds the same recipe as paper" in r.stdout
+    assert len(list((out / "results").glob("*.json"))) == 2 * distinct  # duplicates trained once per seed
+    table = json.loads((out / "compare.json").read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    assert set(rows) == set(archs)
+    for name, row in rows.items():  # every setting that found the same recipe is named beside it
+        assert set(row["same_as"]) == {n for n, a in archs.items() if a == archs[name] and n != name}
+    for row in rows.values():
+        assert sorted(row["seeds"]) == [5, 6] and row["indomain"]["loss_sd"] >= 0
+        assert np.isfinite(row["indomain"]["ppl_mean"]) and np.isfinite(row["wikitext2"]["ppl_mean"])
+    assert rows["paper"]["indomain"] == rows["paper_again"]["indomain"]
+    assert "| paper_again (= " in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 10_000
+    curves = json.loads((out / "curves.json").read_text())  # training loss kept beside the results
+    assert set(curves) == {p.stem for p in (out / "results").glob("*.json")}
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    r = _cli("study", "compare", "--config", str(config), "--out", str(out))
+    assert r.returncode == 0 and f"{2 * distinct} of {2 * distinct} runs finished, 0 to train" in r.stdout
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}

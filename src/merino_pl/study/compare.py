@@ -86,10 +86,11 @@ def contenders(cfg: StudyConfig) -> dict[str, MerinoConfig]:
 def table(manifest: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Held-out loss and perplexity, mean ± sd over seeds, per contender and held-out set."""
     rows = []
-    for i, name in enumerate(manifest["contenders"]):
+    for name, i in zip(manifest["contenders"], manifest["contender_arch"]):
         mine = [r for r in results if r["arch_index"] == i]
         arch = MerinoConfig.from_dict(manifest["architectures"][i])
-        row = {"name": name, "blocks": [[b.embed_dim, b.ffn, b.num_layers] for b in arch.blocks],
+        same = [n for n, j in zip(manifest["contenders"], manifest["contender_arch"]) if j == i and n != name]
+        row = {"name": name, "same_as": same, "blocks": [[b.embed_dim, b.ffn, b.num_layers] for b in arch.blocks],
                "decoder_params": count_params(arch) - embedding_params(arch), "flops": count_flops(arch),
                "seeds": [r["seed"] for r in mine]}
         for h in manifest["heldout"]:
@@ -101,6 +102,74 @@ def table(manifest: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
     return {"format": FORMAT, "budgets": manifest["budgets"], "fit_args": manifest["fit_args"], "rows": rows}
 
 
+def training_curves(out: Path, results: list[dict[str, Any]], points: int = 200) -> dict[str, list[list[float]]]:
+    """Each run's training loss by step, from its CSV log (a resumed run logs a new version; the
+    later one wins per step), kept in ``curves.json`` so the plot survives the run directories."""
+    import csv
+
+    path = out / "curves.json"
+    curves = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for r in results:
+        by_step: dict[int, float] = {}
+        for log in sorted((out / "runs" / r["id"]).glob("fit/logs/version_*/metrics.csv"),
+                          key=lambda p: int(p.parent.name.split("_")[-1])):
+            with log.open(encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    if row.get("train/loss"):
+                        by_step[int(row["step"])] = float(row["train/loss"])
+        if by_step:
+            logged = sorted(by_step.items())
+            curves[r["id"]] = [[s, round(v, 4)] for s, v in logged[:: max(1, len(logged) // points)]]
+    write_json(path, curves)
+    return curves
+
+
+def plot(t: dict[str, Any], manifest: dict[str, Any], results: list[dict[str, Any]],
+         curves: dict[str, list[list[float]]], path: Path) -> Path:
+    """Left: training loss (mean over seeds) per recipe; right: held-out perplexity ± sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heldout = list(manifest["heldout"])
+    fig, axes = plt.subplots(1, 1 + len(heldout), figsize=(5.5 + 3.2 * len(heldout), 4.2))
+    shown: dict[int, str] = {}
+    for row, i in zip(t["rows"], manifest["contender_arch"]):
+        shown[i] = shown[i] + " = " + row["name"] if i in shown else row["name"]
+    colors = plt.get_cmap("tab10")
+    tokens = manifest["data"]["seq_len"] * manifest["data"]["batch_size"]
+    for k, (i, label) in enumerate(shown.items()):
+        runs = [curves[r["id"]] for r in results if r["arch_index"] == i and r["id"] in curves]
+        if not runs:
+            continue
+        n = min(len(c) for c in runs)
+        steps = np.array([c[0] for c in runs[0][:n]])
+        loss = np.mean([[v for _, v in c[:n]] for c in runs], axis=0)
+        w = min(5, n)  # moving average over 5 logged points
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        axes[0].plot((steps[w // 2:w // 2 + len(smooth)] + 1) * tokens / 1e6, smooth, color=colors(k), label=f"{label} ({len(runs)} seeds)")
+    axes[0].set(xlabel="training tokens (M)", ylabel="training loss (mean over seeds, smoothed)", title="training")
+    axes[0].legend(fontsize=8)
+    first = {}  # one bar per distinct recipe, named by every setting that found it
+    for row, i in zip(t["rows"], manifest["contender_arch"]):
+        first.setdefault(i, row)
+    for ax, h in zip(axes[1:], heldout):
+        bars = [(k, shown[i], row) for k, (i, row) in enumerate(first.items()) if h in row]
+        ax.bar(range(len(bars)), [row[h]["ppl_mean"] for _, _, row in bars], yerr=[row[h]["ppl_sd"] for _, _, row in bars],
+               capsize=4, color=[colors(k) for k, _, _ in bars])
+        ax.set_xticks(range(len(bars)), [label for _, label, _ in bars], rotation=15, fontsize=8)
+        rows = [row for _, _, row in bars]
+        lo = min(r[h]["ppl_mean"] - r[h]["ppl_sd"] for r in rows) if rows else 0
+        ax.set_ylim(lo * 0.95, None)
+        ax.set(ylabel="held-out perplexity (mean ± sd)", title=h)
+    fig.suptitle(f"head to head at {', '.join(t['budgets'])}: {' '.join(t['fit_args'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def render_markdown(t: dict[str, Any], heldout: list[str]) -> str:
     lines = [f"# Head to head at {', '.join(t['budgets'])}", "",
              f"fit overrides: `{' '.join(t['fit_args'])}`; mean ± sd over seeds.", "",
@@ -108,7 +177,8 @@ def render_markdown(t: dict[str, Any], heldout: list[str]) -> str:
              "|---|---|---|---|---|" + "---|" * len(heldout)]
     for r in t["rows"]:
         cells = [f"{r[h]['ppl_mean']:.2f} ± {r[h]['ppl_sd']:.2f}" if h in r else "—" for h in heldout]
-        lines.append(f"| {r['name']} | {r['blocks']} | {r['decoder_params'] / 1e6:.3f} M | {r['flops'] / 1e9:.2f} | "
+        name = r["name"] + (f" (= {', '.join(r['same_as'])})" if r.get("same_as") else "")
+        lines.append(f"| {name} | {r['blocks']} | {r['decoder_params'] / 1e6:.3f} M | {r['flops'] / 1e9:.2f} | "
                      f"{len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -124,15 +194,28 @@ def compare_cli(config: str, out: Path, jobs: int, threads: int, extra: list[str
               f"L={[b.num_layers for b in arch.blocks]} {count_flops(arch) / 1e9:.2f} GFLOPs")
     cfg.architectures, cfg.ceiling_architectures = 0, 0
     cfg.fit_args = [*cfg.fit_args, *[str(a) for a in cfg.head_to_head.get("args") or []]]
-    manifest = prepare(cfg, out, architectures=list(archs.values()))
-    manifest["contenders"] = list(archs)
+    # two settings that find the same recipe share its runs (training it twice would only add seeds)
+    unique: list[MerinoConfig] = []
+    index = []
+    for arch in archs.values():
+        if arch not in unique:
+            unique.append(arch)
+        index.append(unique.index(arch))
+    for name, i in zip(archs, index):
+        if list(archs).index(name) != index.index(i):
+            print(f"  {name} finds the same recipe as {list(archs)[index.index(i)]}: trained once, reported for both")
+    manifest = prepare(cfg, out, architectures=unique)
+    manifest["contenders"], manifest["contender_arch"] = list(archs), index
     write_json(out / "study.json", manifest)
-    runs = [Run(i, s) for s in seeds for i in range(len(archs))]
+    runs = [Run(i, s) for s in seeds for i in range(len(unique))]
     execute(manifest, out, runs, jobs, threads, extra)
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "results").glob("*.json"))]
     t = table(manifest, results)
     write_json(out / "compare.json", t)
     md = render_markdown(t, list(manifest["heldout"]))
+    if results:
+        png = plot(t, manifest, results, training_curves(out, results), out / "compare.png")
+        md += f"\n![head to head]({png.name})\n"
     atomic_write_text(out / "compare.md", md)
     print(md)
     return 0
