@@ -142,6 +142,8 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise MerinoError(f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}") from None
-    stream_blocks(model)  # one dequantization per block call; nothing float kept between calls
+    workspace = stream_blocks(model)  # one dequantization per block call; nothing float kept between calls
+    if embedding == "int8":
+        model.model.embed_tokens.workspace = workspace  # the head converts its row chunks there too
     return model.eval(), qcfg
 

@@ -70,7 +70,16 @@ class QuantEmbedding(nn.Module):
             from merino_pl.latency.onnx_nbits import head_nbits
 
             return head_nbits(self, hidden)
-        parts = [hidden @ chunk.to(hidden.dtype).t() for chunk in self.qweight.split(CHUNK_ROWS)]
+        ws = getattr(self, "workspace", None)  # quantize.qlinear.Workspace shared with the blocks
+        rows = CHUNK_ROWS if ws is None else min(CHUNK_ROWS, ws.floats.numel() // self.embedding_dim)
+        if ws is None or rows < 256 or hidden.dtype != torch.float32:
+            parts = [hidden @ chunk.to(hidden.dtype).t() for chunk in self.qweight.split(CHUNK_ROWS)]
+        else:  # converted into reused scratch: no page faults for a fresh 12 MB tensor per chunk
+            ws.ensure(hidden.device)
+            parts = []
+            for chunk in self.qweight.split(rows):
+                buf = ws.floats[: chunk.numel()].view(chunk.shape)
+                parts.append(hidden @ buf.copy_(chunk).t())
         return torch.cat(parts, dim=-1) * self.scales.to(hidden.dtype)
 
     def extra_repr(self) -> str:

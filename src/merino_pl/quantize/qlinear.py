@@ -6,8 +6,8 @@ weight bytes resident. The float weight exists only while it is used:
 
 * per call (``forward`` dequantizes, multiplies, drops it), or
 * per block (``stream_blocks``): a shared block's linears are dequantized once when the block
-  starts and dropped when it ends, so a layer applied ``L_j`` times pays one dequantization,
-  and at most one block's float weights are alive at any moment.
+  starts, into a ``Workspace`` every block reuses, and dropped when it ends: a layer applied
+  ``L_j`` times pays one dequantization, and the scratch is one block's size, not the model's.
 
 Why not torch's integer kernels: on the CPUs measured (AVX2, no VNNI; docs/quantize.md)
 ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` are 2-60x slower than dequantize +
@@ -67,10 +67,15 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """(in, out) uint8 integer codes in original row order (one byte each)."""
         rows, out = self.qweight.shape
-        b = self.qweight.contiguous().view(torch.uint8).view(rows, out, 4).transpose(1, 2).contiguous()  # (rows, byte, out)
+        b = self._bytes()
         if self.bits == 8:
-            return b.view(rows * 4, out)
+            return b.contiguous().view(rows * 4, out)
         return torch.stack((b & 15, b >> 4), dim=2).view(rows * 8, out)  # byte j: rows 2j (low), 2j+1 (high)
+
+    def _bytes(self) -> torch.Tensor:
+        """(in // k, 4, out) uint8 view of ``qweight``: byte j of each word, little-endian (no copy)."""
+        rows, out = self.qweight.shape
+        return self.qweight.contiguous().view(torch.uint8).view(rows, out, 4).transpose(1, 2)
 
     def zeros_float(self) -> torch.Tensor:
         """(groups, out) zero points as floats (the stored ``zero - 1``, plus one)."""
@@ -80,22 +85,46 @@ class QuantLinear(nn.Module):
         return z.float() + 1
 
     # ---- dequantization -----------------------------------------------------------------------
-    def dequantized_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (in, out) weight, rows grouped (in ``_row_order``): what ``forward`` multiplies by."""
+    def dequantized_t(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                      scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The (in, out) weight, rows grouped (in ``_row_order``): what ``forward`` multiplies by.
+
+        ``out`` (in · out float32, e.g. a ``Workspace`` slice) and ``scratch`` (in · out / 2
+        uint8) are written instead of fresh tensors: a fresh multi-MB tensor costs its page
+        faults on every call, more than the conversion itself on this CPU.
+        """
         perm, size = self._row_order()
-        codes = self.codes()
-        if perm is not None:
-            codes = codes.index_select(0, perm.to(codes.device))
+        K, N = self.in_features, self.out_features
+        w = torch.empty(K, N) if out is None else out.view(K, N)
+        if perm is None:
+            self._codes_into(w, scratch)
+        else:  # act-order: rows gathered by group first (one byte each), then converted
+            w.copy_(self.codes().index_select(0, perm.to(self.qweight.device)))
         s = self.scales.float()
         zs = self.zeros_float() * s
-        w = codes.to(torch.float32)
-        full = (self.in_features // size) * size
-        if full:  # whole groups in one broadcast: (groups, size, out)
-            body = w[:full].view(full // size, size, -1)
-            body.mul_(s[: full // size, None]).sub_(zs[: full // size, None])
-        if full < self.in_features:  # the shorter last group
-            w[full:].mul_(s[-1]).sub_(zs[-1])
+        full = (K // size) * size
+        if full:  # whole groups in one broadcast: (groups, size, out), one pass: w · s − z · s
+            body = w[:full].view(full // size, size, N)
+            torch.addcmul(-zs[: full // size, None], body, s[: full // size, None], out=body)
+        if full < K:  # the shorter last group
+            torch.addcmul(-zs[-1], w[full:], s[-1], out=w[full:])
         return w if dtype == torch.float32 else w.to(dtype)
+
+    def _codes_into(self, w: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        """Codes (original row order) converted straight into the float (in, out) ``w``;
+        ``scratch``: in · out uint8 (two halves: the bytes made contiguous, then each nibble)."""
+        b = self._bytes()  # (rows, 4, N), strided
+        rows, _, N = b.shape
+        if self.bits == 8:
+            w.view(rows, 4, N).copy_(b)
+            return
+        n = rows * 4 * N
+        if scratch is None:
+            scratch = torch.empty(2 * n, dtype=torch.uint8, device=w.device)
+        packed, nib = scratch[:n].view(rows, 4, N).copy_(b), scratch[n : 2 * n].view(rows, 4, N)
+        w4 = w.view(rows, 4, 2, N)  # byte j of word r: rows 8r + 2j (low nibble), 8r + 2j + 1 (high)
+        w4[:, :, 0].copy_(torch.bitwise_and(packed, 15, out=nib))
+        w4[:, :, 1].copy_(torch.bitwise_right_shift(packed, 4, out=nib))
 
     def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight in original column order (a fresh tensor, never kept)."""
@@ -119,35 +148,66 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-def stream_blocks(model: nn.Module) -> int:
+class Workspace:
+    """One reusable float32 buffer for the dequantized weights of the block that is running (and
+    the int8 head's row chunks), plus a uint8 one for 4-bit nibbles. Scratch, like activations:
+    it holds no weight between blocks, and its size is the largest block's, not the model's."""
+
+    def __init__(self, floats: int, bytes_: int, device: torch.device | str = "cpu") -> None:
+        self.floats = torch.empty(floats, device=device)
+        self.bytes = torch.empty(bytes_, dtype=torch.uint8, device=device)
+
+    def ensure(self, device: torch.device) -> None:
+        if self.floats.device != device:  # the model moved: move the scratch with it
+            self.floats = torch.empty(self.floats.numel(), device=device)
+            self.bytes = torch.empty(self.bytes.numel(), dtype=torch.uint8, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.floats.numel() * 4 + self.bytes.numel()
+
+
+def stream_blocks(model: nn.Module) -> Workspace | None:
     """Dequantize each shared block's ``QuantLinear`` s once per block call (not once per
-    application) and drop them when the block returns; returns how many blocks were hooked.
-    Idempotent. Outputs are bit-identical to the per-call path."""
+    application), into one ``Workspace`` reused by every block, and drop them when the block
+    returns. Idempotent; returns the workspace (None without quantized blocks). Outputs are
+    bit-identical to the per-call path."""
     from merino_pl.model import SharedBlock
 
-    hooked = 0
-    for block in (m for m in model.modules() if isinstance(m, SharedBlock)):
-        qlins = [m for m in block.modules() if isinstance(m, QuantLinear)]
-        if not qlins or getattr(block, "_merino_streamed", False):
-            hooked += bool(qlins)
-            continue
+    blocks = [(b, [m for m in b.modules() if isinstance(m, QuantLinear)]) for b in model.modules() if isinstance(b, SharedBlock)]
+    blocks = [(b, q) for b, q in blocks if q]
+    if not blocks:
+        return None
+    if getattr(model, "_merino_workspace", None) is not None:
+        return model._merino_workspace
+    floats = max(sum(q.in_features * q.out_features for q in qlins) for _, qlins in blocks)
+    nibbles = max(q.in_features * q.out_features for _, qlins in blocks for q in qlins)  # two halves
+    ws = Workspace(floats, nibbles, blocks[0][1][0].qweight.device)
+    for block, qlins in blocks:
+        # state on the block, hooks at module level: a deepcopy of the model gets its own
+        block._merino_stream = (qlins, ws)
+        block.register_forward_pre_hook(_start)
+        block.register_forward_hook(_stop, always_call=True)
+    model._merino_workspace = ws
+    return ws
 
-        def start(_mod: nn.Module, args: tuple, qlins: list[QuantLinear] = qlins) -> None:
-            if torch.onnx.is_in_onnx_export():
-                return
-            dtype = args[0].dtype
-            for q in qlins:
-                q._transient = q.dequantized_t(dtype)
 
-        def stop(_mod: nn.Module, _args: tuple, _out: Any, qlins: list[QuantLinear] = qlins) -> None:
-            for q in qlins:
-                q._transient = None
+def _start(block: nn.Module, args: tuple) -> None:
+    if torch.onnx.is_in_onnx_export():
+        return
+    qlins, ws = block._merino_stream
+    x = args[0]
+    ws.ensure(x.device)
+    offset = 0
+    for q in qlins:
+        n = q.in_features * q.out_features
+        q._transient = q.dequantized_t(x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes)
+        offset += n
 
-        block.register_forward_pre_hook(start)
-        block.register_forward_hook(stop, always_call=True)
-        block._merino_streamed = True
-        hooked += 1
-    return hooked
+
+def _stop(block: nn.Module, _args: tuple, _out: Any) -> None:
+    for q in block._merino_stream[0]:
+        q._transient = None
 
 
 def float_weight_bytes(model: nn.Module) -> int:
