@@ -215,10 +215,9 @@ def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[P
     elif draw_perplexity_vs_latency(rows, out, ppl_png):
         note = ""
         if acc_png.exists():  # drawn by the plot stage without a point of ours: a link, not a picture
-            note = f" (the [accuracy-vs-latency chart]({acc_png.relative_to(out)}) has no point of this run's model)"
+            note = f"; the [accuracy-vs-latency chart]({acc_png.relative_to(out)}) has no point of this run's model"
             shown.append(acc_png)
-        show(ppl_png, "**Perplexity vs latency**: no zero-shot accuracy of this run (the tasks' data was out of reach)"
-             f"{note}:")
+        show(ppl_png, f"**Perplexity vs latency** (no zero-shot accuracy in this run's eval reports: offline, the tasks' data is out of reach{note}):")
     else:
         lines += ["**Perplexity / accuracy vs latency**: no precision has both an eval and a latency report.", ""]
     if len(rows) > 1 or any(r.perplexity or r.latency_ms for r in rows):
