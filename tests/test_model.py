@@ -59,17 +59,31 @@ def test_kv_cache_decoding_matches_full_forward(model: MerinoForCausalLM) -> Non
         full = model(x, use_cache=False).logits
         out = model(x[:, :10], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = out.cache
         for t in range(10, 24):
-            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(x[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits)
-        # a multi-token chunk on top of a cache uses the offset causal mask
+        # a multi-token chunk on top of a cache uses the offset causal mask; the cache's older
+        # keyword, past_key_values, is accepted too
         chunk = model(x[:, :20], use_cache=True)
-        tail = model(x[:, 20:], past_key_values=chunk.past_key_values, use_cache=True).logits
+        tail = model(x[:, 20:], past_key_values=chunk.cache, use_cache=True).logits
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
     assert (tail - full[:, 20:]).abs().max() < 1e-5
     assert cache.get_seq_length() == 24
+
+
+def test_generate_uses_the_cache_and_prints_no_deprecation(model: MerinoForCausalLM, capfd) -> None:
+    """Greedy generate (which passes transformers' cache back each step) equals re-running the
+    whole sequence each step, and neither logs transformers' `past_key_values` deprecation."""
+    x = torch.randint(0, 512, (2, 6))
+    with torch.no_grad():
+        gen = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ids = x
+        for _ in range(8):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, ids)
+    assert "deprecat" not in capfd.readouterr().err.lower()
 
 
 def test_left_padding_does_not_change_logits(model: MerinoForCausalLM) -> None:

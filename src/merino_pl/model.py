@@ -7,10 +7,12 @@
 Every block owns a single pre-LN transformer layer; ``forward`` runs it ``num_layers`` times, so
 the weights are shared while each application keeps its own KV-cache entry.
 
-``MerinoForCausalLM`` is a ``transformers.PreTrainedModel``: importing this module registers the
-``merino`` model type, after which ``AutoModelForCausalLM.from_pretrained(dir)`` and
-``generate()`` work with no remote code.
-The same class is what training, eval, quantization, latency and ONNX export use.
+``MerinoForCausalLM`` (and the decoder under it) is a ``transformers.PreTrainedModel``: importing
+this module registers the ``merino`` model type, after which ``AutoModelForCausalLM.from_pretrained(dir)``
+and ``generate()`` work. The same class is what training, eval, quantization, latency and ONNX
+export use. Exported directories carry this file as ``modeling_merino.py`` (and the config as
+``configuration_merino.py``, see ``merino_pl.remote_code``), so they also load where merino-pl is
+not installed, with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -122,51 +124,13 @@ def _projection(d_in: int, d_out: int) -> nn.Module:
     return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
 
 
-class MerinoDecoder(nn.Module):
-    """The network itself; ``MerinoConfig`` is its only argument."""
-
-    def __init__(self, cfg: MerinoConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        widths = [b.embed_dim for b in cfg.blocks]
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.in_proj = _projection(cfg.d_model, widths[0])
-        self.blocks = nn.ModuleList(SharedBlock(cfg, j) for j in range(cfg.num_blocks))
-        # between_proj[j] maps block j's width to block j+1's (identity where equal)
-        self.between_proj = nn.ModuleList(_projection(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.final_norm = make_norm(cfg, widths[-1])
-        self.out_proj = _projection(widths[-1], cfg.d_model)
-        # first KV-cache slot of each block: block j's applications use slots [start_j, start_j + L_j)
-        starts = [0]
-        for b in cfg.blocks[:-1]:
-            starts.append(starts[-1] + b.num_layers)
-        self.cache_starts = starts
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-    ) -> torch.Tensor:
-        """Hidden states (B, T, d) before the tied LM head."""
-        x = self.drop(self.embed_tokens(input_ids) + self.embed_positions(position_ids))  # (B, T, d)
-        x = self.in_proj(x)  # (B, T, E_1)
-        for j, block in enumerate(self.blocks):
-            x = block(x, mask, cache, self.cache_starts[j])
-            if j < len(self.between_proj):
-                x = self.between_proj[j](x)  # (B, T, E_j) -> (B, T, E_{j+1})
-        return self.out_proj(self.final_norm(x))  # (B, T, d)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.embed_tokens.weight)  # tied LM head: (B, T, V)
-
-
 # ---- transformers integration -----------------------------------------------------------------
 class MerinoHFConfig(PretrainedConfig):
-    """``PretrainedConfig`` carrying a ``MerinoConfig`` (as ``architecture``) and its recipe."""
+    """``PretrainedConfig`` carrying a ``MerinoConfig`` (as ``architecture``) and its recipe.
+
+    The token ids are the tokenizer's, not the architecture's: ``None`` until an export records
+    those of the tokenizer it ships (``merino_pl.checkpoint.export_pretrained``).
+    """
 
     model_type = "merino"
 
@@ -175,11 +139,15 @@ class MerinoHFConfig(PretrainedConfig):
         architecture: dict[str, Any] | None = None,
         recipe_name: str | None = None,
         provenance: dict[str, Any] | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.architecture = architecture or {"blocks": [{"embed_dim": 64, "ffn_ratio": 1, "num_layers": 1}]}
         self.recipe_name = recipe_name
         self.provenance = provenance or {}
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         arch = self.arch
         # the names generic tooling (generate, lm-eval, GPTQ engines) looks for
         kwargs.setdefault("tie_word_embeddings", True)
@@ -204,12 +172,10 @@ class MerinoPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["SharedBlock"]
     _supports_sdpa = True
-    _supports_cache_class = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """Standard GPT-style init: N(0, init_std) for matrices and embeddings, zero biases."""
-        model = getattr(self, "model", None)  # the decoder's parsed config; no re-parse per module
-        std = model.cfg.init_std if isinstance(model, MerinoDecoder) else self.config.arch.init_std
+        std = self.base_model.cfg.init_std  # the decoder's parsed config: no re-parse per module
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
@@ -220,12 +186,59 @@ class MerinoPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
 
 
+class MerinoDecoder(MerinoPreTrainedModel):
+    """The network itself, built from the ``MerinoConfig`` its config carries (``config.arch``).
+
+    A ``PreTrainedModel`` (transformers' base-model convention, like ``LlamaModel``): tools that
+    walk ``model.base_model`` (pipeline / tensor-parallel plans, GPTQ loaders) find what they expect.
+    """
+
+    def __init__(self, config: MerinoHFConfig) -> None:
+        super().__init__(config)
+        self.cfg = cfg = config.arch
+        widths = [b.embed_dim for b in cfg.blocks]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.in_proj = _projection(cfg.d_model, widths[0])
+        self.blocks = nn.ModuleList(SharedBlock(cfg, j) for j in range(cfg.num_blocks))
+        # between_proj[j] maps block j's width to block j+1's (identity where equal)
+        self.between_proj = nn.ModuleList(_projection(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.final_norm = make_norm(cfg, widths[-1])
+        self.out_proj = _projection(widths[-1], cfg.d_model)
+        # first KV-cache slot of each block: block j's applications use slots [start_j, start_j + L_j)
+        starts = [0]
+        for b in cfg.blocks[:-1]:
+            starts.append(starts[-1] + b.num_layers)
+        self.cache_starts = starts
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, d) before the tied LM head."""
+        x = self.drop(self.embed_tokens(input_ids) + self.embed_positions(position_ids))  # (B, T, d)
+        x = self.in_proj(x)  # (B, T, E_1)
+        for j, block in enumerate(self.blocks):
+            x = block(x, mask, cache, self.cache_starts[j])
+            if j < len(self.between_proj):
+                x = self.between_proj[j](x)  # (B, T, E_j) -> (B, T, E_{j+1})
+        return self.out_proj(self.final_norm(x))  # (B, T, d)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embed_tokens.weight)  # tied LM head: (B, T, V)
+
+
 class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
     """Causal LM over ``MerinoDecoder`` with a KV cache (``transformers.DynamicCache``)."""
 
     def __init__(self, config: MerinoHFConfig) -> None:
         super().__init__(config)
-        self.model = MerinoDecoder(config.arch)
+        self.model = MerinoDecoder(config)
         self.post_init()
 
     @classmethod
@@ -251,19 +264,26 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
-        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """``logits_to_keep=k`` computes only the last k positions' logits (k=1 when generating)."""
+        """``logits_to_keep=k`` computes only the last k positions' logits (k=1 when generating).
+
+        The KV cache is ``cache`` (transformers >= 5 names it so; ``past_key_values``, the older
+        name, is accepted too): a ``Cache`` to extend, or ``None`` for a new ``DynamicCache``
+        when ``use_cache`` (default: not training). It is returned as the output's cache.
+        """
         B, T = input_ids.shape
+        cache = cache if cache is not None else past_key_values
         use_cache = (not self.training) if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache else None
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        elif not use_cache:
+            cache = None
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: one host sync here, not one per helper
@@ -279,7 +299,7 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor:
@@ -288,6 +308,11 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
         # left padding: a sequence's positions count its real tokens only
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return pos[:, -T:]
+
+
+# the output's cache field: ``cache`` since transformers 5 renamed it (reading or writing the old
+# ``past_key_values`` there logs a deprecation warning), ``past_key_values`` before
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor | None:
