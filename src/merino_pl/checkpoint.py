@@ -1,4 +1,4 @@
-"""Load a model from whatever a user points at, and export HF-loadable directories.
+"""Load a model from whatever a user points at, and export self-contained HF directories.
 
 Accepted by every stage that reads a model (eval, quantize, latency, export):
 
@@ -9,6 +9,10 @@ Accepted by every stage that reads a model (eval, quantize, latency, export):
 * a recipe (YAML path or built-in name): a freshly initialised model (latency, smoke tests);
 * a GPTQ directory written by ``merino-pl quantize`` (``quantize_config.json`` present): the
   model with its quantized linears as ``merino_pl.quantize.qlinear.QuantLinear`` (kind ``"gptq"``).
+
+Directories written here (``export_pretrained``) and by ``merino-pl quantize`` carry the remote
+code, token ids and tokenizer that transformers, lm-eval and the GPTQ loaders need without
+merino-pl (``save_model_files``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from transformers import GenerationConfig
 
 from merino_pl.config import Recipe, load_recipe
 from merino_pl.errors import MerinoError
@@ -131,18 +136,39 @@ def _load_lightning_ckpt(path: Path) -> LoadedModel:
 
 
 def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str | None = None) -> Path:
-    """Write an HF-loadable directory (safetensors + config + tokenizer), atomically.
+    """Write a self-contained HF directory (safetensors weights + ``save_model_files``), atomically.
 
     The directory is built beside ``out`` and renamed into place, so an interrupted export never
-    leaves a half-written model where a user (or lm-eval) would load it.
+    leaves a half-written model where a user (or lm-eval) would load it. ``model.config`` gains
+    the tokenizer's token ids and the ``auto_map`` (what the directory's config.json says).
     """
-    from merino_pl.tokenizer import hf_tokenizer
-
     out = Path(out)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer(tokenizer).save_pretrained(tmp)
+        model.generation_config = save_model_files(tmp, model.config, tokenizer)
+        model.save_pretrained(tmp, safe_serialization=True)  # the weights (and the same two configs)
     return out
+
+
+def save_model_files(out: Path, config: MerinoHFConfig, tokenizer: str | None) -> GenerationConfig:
+    """Everything of a model directory but its weights, so that tools without merino-pl load it.
+
+    Writes the tokenizer (its ``model_max_length`` the model's context), the remote code
+    (``configuration_merino.py`` / ``modeling_merino.py``, see ``merino_pl.remote_code``), and
+    ``config`` (completed in place with the tokenizer's bos / eos / pad ids and the ``auto_map`` to
+    that code) as ``config.json`` + ``generation_config.json``; returns the generation config.
+    """
+    from merino_pl.remote_code import write_remote_code
+    from merino_pl.tokenizer import hf_tokenizer
+
+    tok = hf_tokenizer(tokenizer, model_max_length=config.max_position_embeddings)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    config.auto_map = write_remote_code(out)
+    config.architectures = [MerinoForCausalLM.__name__]
+    generation = GenerationConfig.from_model_config(config)
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
+    tok.save_pretrained(out)
+    return generation
 
 
 @contextlib.contextmanager

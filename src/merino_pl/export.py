@@ -1,4 +1,10 @@
-"""``merino-pl export CKPT --out DIR [--overwrite] [--onnx]``: a checkpoint as an HF-loadable directory.
+"""``merino-pl export CKPT --out DIR [--overwrite] [--onnx]``: a checkpoint as a self-contained HF directory.
+
+The directory loads where merino-pl is not installed: ``AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)``, ``pipeline("text-generation", ...)``, stock ``lm_eval --model hf``. It
+holds safetensors weights, ``config.json`` (with ``auto_map`` and the tokenizer's token ids),
+``generation_config.json``, the tokenizer and the remote code generated from this package's own
+``model.py`` / ``config.py`` (``merino_pl.checkpoint.save_model_files``; docs/export.md).
 
 ``--out`` is replaced as one unit, so it must be a directory the user means to give up: an
 existing non-empty one needs ``--overwrite``, and one that holds the checkpoint being exported

@@ -48,14 +48,19 @@ def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
         ) from None
 
 
-def hf_tokenizer(name_or_path: str | None = None):
-    """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (for generate, lm-eval)."""
+def hf_tokenizer(name_or_path: str | None = None, model_max_length: int | None = None):
+    """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (for generate, lm-eval).
+
+    Its end-of-text token (``find_eos``) is also bos, pad and unk, GPT-NeoX's convention.
+    ``model_max_length``: the model's context, so that ``truncation=True`` and lm-eval's stock
+    ``hf`` backend stop where the model does (without it transformers stores 1e30).
+    """
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(name_or_path))
-    tok.eos_token = tok.bos_token = tok.unk_token = EOS_TOKEN
-    tok.pad_token = EOS_TOKEN
-    return tok
+    raw = load_tokenizer(name_or_path)
+    eos = raw.id_to_token(find_eos(raw, name_or_path))
+    limits = {"model_max_length": model_max_length} if model_max_length is not None else {}
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos, **limits)
 
 
 def find_eos(tok: Tokenizer, spec: str | None) -> int:

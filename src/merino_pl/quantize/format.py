@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from merino_pl import __version__
-from merino_pl.checkpoint import check_safetensors
+from merino_pl.checkpoint import check_safetensors, save_model_files
 from merino_pl.errors import MerinoError
 from merino_pl.model import MerinoForCausalLM, MerinoHFConfig
 from merino_pl.quantize.packing import pack
@@ -36,6 +36,7 @@ from merino_pl.quantize.runner import QuantSpec
 
 QUANTIZE_CONFIG = "quantize_config.json"
 WEIGHTS_NAME = "model.safetensors"
+BLOCKS = "model.blocks"  # the shared blocks: every quantized linear lies under them
 
 
 def quantize_config(spec: QuantSpec) -> dict[str, Any]:
@@ -94,16 +95,14 @@ def write_quantized(
     float_dtype: str = "float16",
 ) -> None:
     """Fill directory ``tmp`` with config, quantize config, weights and tokenizer."""
-    from merino_pl.tokenizer import hf_tokenizer
-
     qcfg = quantize_config(spec)
     config = MerinoHFConfig.from_dict(model.config.to_dict())
-    config.quantization_config = {k: v for k, v in qcfg.items() if k != "meta"}
+    # transformers' GPTQ integration (optimum) replaces the linears under these blocks
+    config.quantization_config = {**{k: v for k, v in qcfg.items() if k != "meta"}, "block_name_to_quantize": BLOCKS}
     config.dtype = float_dtype  # what the unquantized tensors are stored in
-    config.save_pretrained(tmp)
+    save_model_files(tmp, config, tokenizer)  # config.json, tokenizer, remote code
     (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
     save_file(packed_state_dict(model, quantized, FLOAT_DTYPES[float_dtype]), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    hf_tokenizer(tokenizer).save_pretrained(tmp)
 
 
 def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]:
