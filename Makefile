@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench clean slurm-deps
+.PHONY: setup demo test bench clean slurm-deps gptq-env
 
 setup: $(STAMP)
 
@@ -27,8 +27,31 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/merino-pl pipeline --config recipes/pipeline/cpu-demo.yaml
 
-test: setup slurm-deps
-	$(BIN)/python -m pytest -q tests
+test: setup slurm-deps gptq-env
+	MERINO_REQUIRE_GPTQ=1 $(BIN)/python -m pytest -q tests
+
+# A user's environment without merino-pl, for tests/test_export.py's INT4 consumer: the CPU torch,
+# this venv's transformers and pyproject's `gptq` extra (optimum + GPTQModel), in a venv of its own
+# (GPTQModel's torchao would slow and clutter every transformers import in .venv). ~2 min, 1.6 GB.
+# `make test` requires it (MERINO_REQUIRE_GPTQ=1); a bare pytest skips that test without it.
+GPTQ_VENV  ?= $(VENV)/gptq
+GPTQ_STAMP := $(GPTQ_VENV)/.installed
+export GPTQMODEL_CPU_WORKERS ?= 2
+gptq-env: $(GPTQ_STAMP)
+
+$(GPTQ_STAMP): pyproject.toml Makefile | $(STAMP)
+	test -x $(GPTQ_VENV)/bin/python || $(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPTQ_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" $$($(BIN)/python -c "$$GPTQ_REQUIREMENTS")
+	touch $(GPTQ_STAMP)
+
+# the pins, read from the installed merino-pl's metadata (pyproject.toml is their one source)
+define GPTQ_REQUIREMENTS
+import importlib.metadata as md, transformers
+extra = [r.split(";")[0].replace(" ", "") for r in md.requires("merino-pl") if 'extra == "gptq"' in r]
+print(" ".join([f"transformers=={transformers.__version__}", *extra]))
+endef
+export GPTQ_REQUIREMENTS
 
 # The real-SLURM tests (tests/test_slurm.py) start a local cluster from Debian's slurm-wlm and
 # munge. Installed only when missing, and only as root with apt-get (CI on this machine);
