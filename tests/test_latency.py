@@ -22,7 +22,14 @@ from merino_pl.latency_table import LatencyTable
 from merino_pl.model import MerinoForCausalLM
 
 NANO = "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, DATE: Sat Feb 19 17:05:08 UTC 2022\n"
-TINY_PEER = {"pythia-70m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512)}
+TINY_PEER = {
+    "pythia-70m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512),
+    "pythia-160m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512),
+    "opt-125m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=64, vocab_size=512),
+    "opt-350m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=32, vocab_size=512),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512),
+    "cerebras-111m": dict(n_embd=64, n_layer=2, n_head=2, n_inner=128, vocab_size=512),
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,8 @@ def recipe_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(recipe_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    opts = Options(precisions=("fp32", "int8"), batch=1, seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m",))
+    opts = Options(precisions=("fp32", "int8"), batch=1, seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m",),
+                   generate_tokens=3, generate_runs=1)
     out = tmp_path_factory.mktemp("report")
     return build_report(recipe_file, opts, out, peer_factory=lambda n: build_peer(n, **TINY_PEER[n]))
 
@@ -136,6 +144,7 @@ def test_cli_report_from_an_exported_dir(tmp_path: Path, recipe_file: Path) -> N
         (["--precision", "fp8,fp32", "--runs", "0", "--peers", "llama"], ["fp8", "--runs", "llama"]),
         (["--device", "tpu"], ["tpu"]),
         (["--seq", "4000"], ["--seq 4000"]),
+        (["--protocol", "jetson", "--runtime", "tensorrt", "--embedding", "int3"], ["jetson", "tensorrt", "int3"]),
     ],
 )
 def test_bad_input_exits_2_naming_every_problem(tmp_path: Path, recipe_file: Path, capsys: pytest.CaptureFixture, args: list[str], words: list[str]) -> None:
@@ -158,6 +167,53 @@ def test_peer_configs_give_the_published_sizes(name: str) -> None:
         model = transformers.AutoModelForCausalLM.from_config(peer_config(name))
     params = sum(p.numel() for p in model.parameters()) / 1e6
     assert params == pytest.approx(PAPER[name].params_m, rel=0.02)
+
+
+# ---- the authors' protocol -----------------------------------------------------------------------
+def test_paper_protocol_excludes_exactly_the_heads_the_authors_code_excludes() -> None:
+    """kennethzhao24/latency_test inference_test.py: OPTModel (decoder, no head) for every opt-*
+    config, MeRino's included; GPTNeoXForCausalLM / GPT2LMHeadModel (with head) for Pythia,
+    GPT-2 and Cerebras-GPT. The timed callable's output says which: hidden states or logits."""
+    from merino_pl.latency.peers import PAPER_TIMES_HEAD, paper_forward
+
+    assert {n for n, head in PAPER_TIMES_HEAD.items() if head} == {"pythia-70m", "pythia-160m", "gpt2", "cerebras-111m"}
+    assert {n for n, head in PAPER_TIMES_HEAD.items() if not head} == {"opt-125m", "opt-350m"}
+    assert set(PAPER_TIMES_HEAD) == set(PEER_CONFIGS)  # every peer has a rule
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    ours = MerinoForCausalLM.from_arch(tiny_arch()).eval()
+    fn, head = paper_forward("tiny", ours)
+    with torch.no_grad():
+        assert not head and fn(ids).shape == (1, 5, ours.arch.d_model)  # decoder output: no vocab logits
+        for name in PEER_CONFIGS:
+            model = build_peer(name, **TINY_PEER[name])
+            fn, head = paper_forward(name, model)
+            out = fn(ids)
+            assert head == PAPER_TIMES_HEAD[name]
+            assert out.shape[-1] == (512 if head else model.config.word_embed_proj_dim), name
+    with pytest.raises(KeyError, match="llama"):
+        paper_forward("llama", build_peer("gpt2", **TINY_PEER["gpt2"]))
+
+
+@pytest.mark.slow
+def test_report_with_both_protocols_onnxruntime_int_rows_and_generation(recipe_file: Path, tmp_path: Path) -> None:
+    opts = Options(precisions=("fp32", "int4"), seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m", "opt-350m"),
+                   onnx=True, protocols=("full", "paper"), generate_tokens=4, generate_runs=1, embedding="int8", paper_runs=2)
+    rep = build_report(recipe_file, opts, tmp_path, peer_factory=lambda n: build_peer(n, **TINY_PEER[n]))
+    rows = {(r["model"], r["precision"], r["path"]): r for r in rep["rows"]}
+    fp32, int4 = rows[("tiny", "fp32", "plain")], rows[("tiny", "int4", "plain")]
+    assert rows[("tiny", "int4", "onnxruntime")]["runtime"] == "onnxruntime" and (tmp_path / "model-int4.onnx").is_file()
+    assert int4["weights_in_memory_bytes"] < 0.45 * fp32["weights_in_memory_bytes"]  # packed linears + int8 table, measured
+    assert int4["workspace_bytes"] > 0 and fp32["workspace_bytes"] == 0
+    assert {(g["precision"], g["runtime"]) for g in rep["generation"]} == {(p, r) for p in ("fp32", "int4") for r in ("torch", "onnxruntime")}
+    assert all(g["tokens_per_s"] > 0 and g["new_tokens"] == 4 for g in rep["generation"])
+    assert all(c["match"] for c in rep["checks"]) and any(c["compared"] == "onnxruntime vs PyTorch" and c["precision"] == "int4" for c in rep["checks"])
+    paper = {r["model"]: r for r in rep["paper_protocol"]["rows"]}
+    assert {m: r["includes_lm_head"] for m, r in paper.items()} == {"tiny": False, "pythia-70m": True, "opt-350m": False}
+    assert all(r["threads"] == 1 and r["runs"] == 2 and r["mean_ms"] > 0 for r in paper.values())
+    assert {s["peer"] for s in rep["paper_protocol"]["speedups"]} == {"pythia-70m", "opt-350m"}
+    md = render_markdown(rep)
+    assert "Paper protocol" in md and "Generation" in md and "resident weights" in md
+    assert rep["protocol"]["protocols"] == ["full", "paper"] and "latency_test" in rep["protocol"]["paper"]
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------

@@ -34,7 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed runs first (default: 4)")
     p.add_argument("--decode-tokens", type=int, default=8, help="one-token decode steps per timed decode run (default: 8)")
     p.add_argument("--peers", default="", help="comma-separated peers timed in the same run: pythia-70m,pythia-160m,opt-125m,opt-350m,gpt2,cerebras-111m")
-    p.add_argument("--onnx", action="store_true", help="also export to ONNX and time the onnxruntime path")
+    p.add_argument("--onnx", action="store_true", help="also export to ONNX and time the onnxruntime path (= --runtime torch,onnxruntime)")
+    p.add_argument("--runtime", default="torch", help="comma-separated, of torch,onnxruntime: onnxruntime adds its rows (float graphs; "
+                   "GPTQ / int rows as MatMulNBits) beside torch's, which every ratio and check refers to (default: torch)")
+    p.add_argument("--protocol", default="full", help="comma-separated, of full,paper: full = every model with its head, prefill / "
+                   "decode / generation (default); paper = the authors' latency_test (1 thread, zero ids, timeit(16).mean, "
+                   "MeRino and OPT without their LM head, Pythia and GPT-2 with it)")
+    p.add_argument("--generate-tokens", type=int, default=128, help="new tokens of the generation rows after the --seq prompt (0: none; default: 128)")
+    p.add_argument("--generate-runs", type=int, default=2, help="timed generations per row (default: 2)")
+    p.add_argument("--embedding", default="fp16", help="int rows made from a float model: its tied table fp16 (default) or int8 "
+                   "(as merino-pl quantize --embedding)")
     p.add_argument("--no-fast", action="store_true", help="skip the fast-path rows")
     p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (and of a recipe's fresh weights)")
@@ -62,11 +71,15 @@ def run(args: argparse.Namespace) -> int:
 def options(args: argparse.Namespace) -> Options:
     from merino_pl.latency.report import Options
 
+    runtimes = [x.strip().lower() for x in args.runtime.split(",") if x.strip()]
     return Options(
         device=args.device, precisions=tuple(x.strip().lower() for x in args.precision.split(",") if x.strip()),
         batch=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup, decode_tokens=args.decode_tokens,
         peers=tuple(x.strip().lower() for x in args.peers.split(",") if x.strip()),
-        onnx=args.onnx, fast=not args.no_fast, seed=args.seed,
+        onnx=args.onnx or "onnxruntime" in runtimes, fast=not args.no_fast, seed=args.seed,
+        protocols=tuple(x.strip().lower() for x in args.protocol.split(",") if x.strip()),
+        generate_tokens=args.generate_tokens, generate_runs=args.generate_runs, embedding=args.embedding,
+        runtimes=tuple(runtimes),
     )
 
 

@@ -7,7 +7,10 @@ paper's number is the mean; the median and p90 say how noisy the device was.
 
 * prefill: one forward over ``batch × seq`` tokens that also fills the KV cache;
 * decode: ``decode_tokens`` single-token steps on top of a ``seq``-token KV cache, reported per
-  token; the cache is cropped back to ``seq`` after every run so each run sees the same cache.
+  token; the cache is cropped back to ``seq`` after every run so each run sees the same cache;
+* generation: greedy decoding of N new tokens after the ``seq``-token prompt, as tokens/s.
+
+``paper_latency_ms`` is the other protocol: the authors' own (``PAPER_PROTOCOL``).
 """
 
 from __future__ import annotations
@@ -189,6 +192,19 @@ class TorchRunner:
     def end_decode(self) -> None:
         self.cache = None
 
+    @torch.inference_mode()
+    def generate(self, new_tokens: int) -> torch.Tensor:
+        """Greedy generation after the ``seq``-token prompt: last-position prefill, then one
+        token at a time on the KV cache (what ``generate`` does, without its bookkeeping)."""
+        out = self.model(self.ids, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        new = [tok]
+        for _ in range(new_tokens - 1):
+            out = self.model(tok, past_key_values=out.past_key_values, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            new.append(tok)
+        return torch.cat(new, dim=1)
+
 
 @dataclass
 class Measurement:
@@ -206,6 +222,35 @@ def measure(runner: Runner, device: str, runs: int, warmup: int, decode_tokens: 
         decode = time_calls(runner.decode_run, runs, warmup, sync)
         runner.end_decode()
     return Measurement(Stats.from_samples(prefill), Stats.from_samples([t / decode_tokens for t in decode]), mem)
+
+
+def generation(runner: Any, device: str, new_tokens: int, runs: int) -> dict[str, Any]:
+    """Tokens per second of ``runner.generate``: ``new_tokens`` after the runner's prompt,
+    prompt processing included (wall time of the whole call), mean over ``runs`` calls."""
+    sync = synchronizer(device)
+    seconds = [t / 1e3 for t in time_calls(lambda: runner.generate(new_tokens), runs, 0, sync)]
+    mean = statistics.fmean(seconds)
+    return {"new_tokens": new_tokens, "runs": runs, "seconds": [round(x, 4) for x in seconds],
+            "seconds_mean": round(mean, 4), "tokens_per_s": round(new_tokens / mean, 3)}
+
+
+# ---- the authors' protocol (paper Table 3) ----------------------------------------------------
+PAPER_PROTOCOL = ("the authors' latency_test (github.com/kennethzhao24/latency_test, utils.measure_inference_latency): "
+                  "torch.utils.benchmark.Timer(...).timeit(16).mean, 1 thread, zero input ids, one forward over the prompt; "
+                  "MeRino and OPT as decoders without the LM head, Pythia, GPT-2 and Cerebras-GPT with it")
+
+
+def paper_latency_ms(fn: Callable[[torch.Tensor], Any], ids: torch.Tensor, runs: int = 16, threads: int = 1) -> float:
+    """Mean milliseconds of ``fn(ids)`` as the authors time it: ``Timer.timeit(runs).mean``
+    with ``threads`` threads (under inference_mode here; the authors' script kept autograd on)."""
+    import torch.utils.benchmark as benchmark
+
+    before = torch.get_num_threads()
+    try:
+        timer = benchmark.Timer(stmt="fn(ids)", globals={"fn": torch.inference_mode()(fn), "ids": ids}, num_threads=threads)
+        return timer.timeit(runs).mean * 1e3
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- sizes ------------------------------------------------------------------------------------

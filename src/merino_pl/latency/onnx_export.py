@@ -161,7 +161,8 @@ def _export(wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], ou
 class OnnxRunner:
     """The harness's runner over an onnxruntime session of an exported graph (see module doc)."""
 
-    def __init__(self, path: str | Path, model: nn.Module, batch: int, seq: int, decode_tokens: int, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, path: str | Path, model: nn.Module, batch: int, seq: int, decode_tokens: int, device: str = "cpu", seed: int = 0,
+                 max_new_tokens: int = 0) -> None:
         import numpy as np
         import onnxruntime as ort
 
@@ -177,10 +178,12 @@ class OnnxRunner:
         self.next_ids = torch.randint(0, vocab, (batch, decode_tokens), generator=g).numpy()
         dtype = np.float16 if float_dtype(model) == torch.float16 else np.float32
         self.empty = [np.zeros((batch, h, 0, d), dtype=dtype) for h, d in cache_shapes(model) for _ in range(2)]
-        self.positions = np.arange(seq + decode_tokens, dtype=np.int64)[None].repeat(batch, 0)
+        self.positions = np.arange(seq + max(decode_tokens, max_new_tokens), dtype=np.int64)[None].repeat(batch, 0)
         self.past: list[Any] = []
 
     def _run(self, ids: Any, start: int, past: list[Any]) -> list[Any]:
+        import numpy as np
+
         T = ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], start + T), dtype=np.int64),
                 "position_ids": self.positions[:, start : start + T]}
@@ -201,3 +204,15 @@ class OnnxRunner:
 
     def end_decode(self) -> None:
         self.past = []
+
+    def generate(self, new_tokens: int) -> Any:
+        """Greedy generation after the prompt, as ``TorchRunner.generate`` (the full graph's
+        prefill returns every position's logits: onnxruntime has no logits_to_keep here)."""
+        logits, *past = self._run(self.ids, 0, self.empty)
+        tok = logits[:, -1:].argmax(-1)
+        new = [tok]
+        for i in range(new_tokens - 1):
+            logits, *past = self._run(tok, self.seq + i, past)
+            tok = logits[:, -1:].argmax(-1)
+            new.append(tok)
+        return new

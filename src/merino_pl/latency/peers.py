@@ -83,3 +83,40 @@ def build_peer(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
+
+
+# ---- the authors' latency protocol --------------------------------------------------------------
+# Which models the authors' latency_test times WITH their LM head (inference_test.py): Pythia is
+# built as GPTNeoXForCausalLM, GPT-2 and Cerebras-GPT ("cerebras-gpt" matches 'gpt') as
+# GPT2LMHeadModel, both returning vocabulary logits; every "opt-*" config, MeRino's own included
+# (config_params_*_ms.json are MeRino architectures run through their OPT code), as OPTModel:
+# the decoder, whose output is the final hidden state before the tied head.
+PAPER_TIMES_HEAD: dict[str, bool] = {
+    "pythia-70m": True, "pythia-160m": True, "gpt2": True, "cerebras-111m": True,
+    "opt-125m": False, "opt-350m": False,
+}
+MERINO_PAPER_TIMES_HEAD = False
+
+
+def paper_forward(name: str, model: Any) -> tuple[Any, bool]:
+    """``(fn(ids) -> tensor, includes_head)``: what the authors time for this model.
+
+    MeRino: its decoder (embeddings, blocks, projections, final norm), no tied head. OPT: the
+    transformers ``OPTModel`` (``model.model``), no head. The others: the whole causal LM, with
+    every position's logits.
+    """
+    import torch
+
+    if hasattr(model, "arch"):  # a MeRino model
+        decoder = model.model
+
+        def merino(ids: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(ids.shape[1], device=ids.device)[None]
+            return decoder(ids, pos)
+
+        return merino, MERINO_PAPER_TIMES_HEAD
+    if name not in PAPER_TIMES_HEAD:
+        raise KeyError(f"{name}: the authors' protocol names no rule for it (known: {', '.join(PAPER_TIMES_HEAD)})")
+    if PAPER_TIMES_HEAD[name]:
+        return (lambda ids: model(input_ids=ids, use_cache=False).logits), True
+    return (lambda ids: model.model(input_ids=ids, use_cache=False).last_hidden_state), False

@@ -1,13 +1,20 @@
 """``merino-pl latency``: the latency report of one model (and its peers) on this device.
 
-For every requested precision: our model on the plain path (what the paper times), on the fast
-path (``fast.py``; outputs checked against the plain path) and optionally through onnxruntime;
-then each peer on the plain path, so the speed-ups compare like with like (paper Table 3).
+Two protocols (``--protocol full,paper``):
+
+* ``full`` (default: what a user's generation costs): for every requested precision, our model on
+  the plain path, on the fast path (``fast.py``; outputs checked against the plain path) and
+  optionally through onnxruntime (float graphs, and GPTQ models packed as ``MatMulNBits``); each
+  peer on the plain path; prefill, per-token decode, generation tokens/s and resident weights.
+* ``paper``: the authors' own protocol (``harness.PAPER_PROTOCOL``): one thread, zero ids, mean
+  of 16 with ``torch.utils.benchmark``, MeRino and OPT timed without their LM head, Pythia and
+  GPT-2 with theirs (``peers.PAPER_TIMES_HEAD``). Their ratios are what the paper's Table 3 prints.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import shutil
 import tempfile
@@ -26,9 +33,10 @@ from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import (
-    PROTOCOL, Measurement, Runner, TorchRunner, measure, serialized_bytes, weight_bytes_in_memory,
+    PAPER_PROTOCOL, PROTOCOL, Measurement, Runner, TorchRunner, generation, measure, paper_latency_ms, serialized_bytes,
+    weight_bytes_in_memory,
 )
-from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer
+from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, paper_forward
 
 FORMAT = "merino-latency-report/1"
 INT_BITS = {"int8": 8, "int4": 4}
@@ -36,7 +44,11 @@ FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 # spread beyond which a row's timings (and every ratio using them) are flagged as untrustworthy
 CV_LIMIT, P90_LIMIT = 0.15, 1.5
 # max |logit difference| fast vs plain (and onnxruntime vs PyTorch) that still counts as "equal"
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+# (int: onnxruntime's MatMulNBits vs the torch packed path, same weights, fp32 arithmetic)
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 1e-3, "int4": 1e-3}
+PROTOCOLS = ("full", "paper")
+RUNTIMES = ("torch", "onnxruntime")
+EMBEDDINGS = ("fp16", "int8")
 
 
 @dataclass
@@ -51,9 +63,15 @@ class Options:
     warmup: int = 4
     decode_tokens: int = 8
     peers: tuple[str, ...] = ()
-    onnx: bool = False
+    onnx: bool = False  # add the onnxruntime rows (--runtime onnxruntime)
     fast: bool = True
     seed: int = 0
+    protocols: tuple[str, ...] = ("full",)
+    runtimes: tuple[str, ...] = ("torch",)  # "onnxruntime" here and ``onnx`` both add the onnxruntime rows
+    generate_tokens: int = 128  # new tokens of the generation rows (0: none)
+    generate_runs: int = 2
+    embedding: str = "fp16"  # int rows made from a float model: its tied table fp16 or int8 (quantize --embedding)
+    paper_runs: int = 16
     notes: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -66,9 +84,19 @@ class Options:
         bad = [x for x in self.precisions if x not in PRECISIONS]
         if bad or not self.precisions:
             p.append(f"--precision {','.join(bad) or '(empty)'} is not valid (choose from {','.join(PRECISIONS)})")
-        for name in ("batch", "seq", "runs", "decode_tokens"):
+        for name in ("batch", "seq", "runs", "decode_tokens", "generate_runs", "paper_runs"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.generate_tokens < 0:
+            p.append(f"--generate-tokens must be >= 0, got {self.generate_tokens}")
+        bad = [x for x in self.protocols if x not in PROTOCOLS]
+        if bad or not self.protocols:
+            p.append(f"--protocol {','.join(bad) or '(empty)'} is not valid (choose from {','.join(PROTOCOLS)})")
+        bad = [x for x in self.runtimes if x not in RUNTIMES]
+        if bad or not self.runtimes:
+            p.append(f"--runtime {','.join(bad) or '(empty)'} is not valid (choose from {','.join(RUNTIMES)})")
+        if self.embedding not in EMBEDDINGS:
+            p.append(f"--embedding {self.embedding!r} is not valid (choose from {','.join(EMBEDDINGS)})")
         if self.warmup < 0:
             p.append(f"--warmup must be >= 0, got {self.warmup}")
         unknown = [x for x in self.peers if x not in PEER_CONFIGS]
@@ -78,6 +106,9 @@ class Options:
 
     def protocol(self) -> dict[str, Any]:
         return {
+            "protocols": list(self.protocols), "paper": PAPER_PROTOCOL if "paper" in self.protocols else None,
+            "generation": f"greedy, {self.generate_tokens} new tokens after the {self.seq}-token prompt, tokens/s "
+                          f"(prompt included), mean of {self.generate_runs}" if self.generate_tokens else None,
             "batch": self.batch, "seq_len": self.seq, "runs": self.runs, "warmup": self.warmup,
             "decode_tokens": self.decode_tokens, "statistic": "mean (paper), median, p90 of the runs",
             "timing": PROTOCOL, "inputs": "random token ids (seed %d)" % self.seed,
@@ -101,12 +132,16 @@ def _row(name: str, role: str, precision: str, path: str, model: torch.nn.Module
         flops = PAPER[name].flops_g  # a peer: the paper's Table 3 figure
     else:
         flops = count_flops(arch) / 1e9 if arch is not None else None
+    workspace = getattr(model, "_merino_workspace", None)  # a packed model's dequantization scratch
     return {
         "model": name, "role": role, "precision": precision, "path": path,
+        "runtime": "onnxruntime" if path == "onnxruntime" else "torch",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_g": flops,
         "weights_bytes": serialized_bytes(model, tmp) if weights_bytes is None else weights_bytes,
+        # measured: bytes of the distinct storages behind the module's parameters and buffers
         "weights_in_memory_bytes": weight_bytes_in_memory(model),
+        "workspace_bytes": workspace.nbytes if workspace is not None else 0,
         "prefill_ms": m.prefill.to_dict(),
         "decode_ms_per_token": m.decode.to_dict(),
         "peak_memory_bytes": m.peak_memory.bytes,
@@ -135,6 +170,8 @@ class ReportBuilder:
     def __init__(self, loaded: LoadedModel, opts: Options, out_dir: Path, peer_factory: Callable[[str], torch.nn.Module]) -> None:
         self.loaded, self.opts, self.out_dir, self.peer_factory = loaded, opts, out_dir, peer_factory
         self.rows: list[dict[str, Any]] = []
+        self.generation: list[dict[str, Any]] = []
+        self.paper_rows: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
         self.warnings: list[str] = []
@@ -145,7 +182,9 @@ class ReportBuilder:
         o = self.opts
         floats = [p for p in o.precisions if p in FLOAT_DTYPES]
         ints = [p for p in o.precisions if p in INT_BITS]
-        return len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (1 + int(o.fast))
+        full = len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (1 + int(o.fast) + int(o.onnx))
+        paper = len(floats) * (1 + len(o.peers))
+        return full * ("full" in o.protocols) + paper * ("paper" in o.protocols)
 
     def _measure(self, runner: Runner) -> Measurement:
         o = self.opts
@@ -162,6 +201,14 @@ class ReportBuilder:
             self.rows.append(row)
         self.bar.update(1)
 
+    def _generate(self, runner: Any, precision: str, runtime: str) -> None:
+        o = self.opts
+        if o.generate_tokens:
+            self.bar.set_postfix_str(f"{self.loaded.recipe.name} {precision} {runtime} generation")
+            g = generation(runner, o.device, o.generate_tokens, o.generate_runs)
+            self.generation.append({"model": self.loaded.recipe.name, "precision": precision, "runtime": runtime,
+                                    "prompt_tokens": o.seq, **g})
+
     def precision(self, precision: str) -> None:
         """All rows of one float precision: ours plain / fast / onnxruntime, then the peers."""
         o, name = self.opts, self.loaded.recipe.name
@@ -176,27 +223,33 @@ class ReportBuilder:
             self.checks.append(_compare(ref, _reference_logits(fast), precision, "fast path vs plain"))
             size = self.rows[-1]["weights_bytes"]  # the same weights: a file of the fused form is no different
             self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+        self._generate(fast if o.fast else plain, precision, "torch")
         if o.onnx:
-            self._add(f"{name} {precision} onnxruntime", lambda: self._onnx(model, precision, ref))
+            self._add(f"{name} {precision} onnxruntime", lambda: self._onnx(model, precision, ref, copy.deepcopy(self.loaded.model).to(dtype)))
         del model
         for peer in o.peers:
             self._peer(peer, dtype, precision)
 
     def integer(self, precision: str) -> None:
-        """Our model at int8 / int4 (``quantized_model``), plain and fast; peers stay float."""
+        """Our model at int8 / int4 (``quantized_model``): plain, fast and onnxruntime
+        (MatMulNBits); peers stay float."""
         o, name = self.opts, self.loaded.recipe.name
-        model = self.loaded.model if self.loaded.kind == "gptq" else quantized_model(self.loaded, precision, self.tmp)
+        model = self.loaded.model if self.loaded.kind == "gptq" else quantized_model(self.loaded, precision, self.tmp, o.embedding)
         model = model.to(o.device)
         plain = self._runner(model)
         ref = _reference_logits(plain)
         self._add(f"{name} {precision} plain", lambda: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        fast = None
         if o.fast:  # fused QKV leaves quantized linears alone: only the last-logits prefill applies
             fast = self._runner(model, last_logits_only=True)
             self.checks.append(_compare(ref, _reference_logits(fast), "fp32", f"fast path vs plain ({precision})"))
             size = self.rows[-1]["weights_bytes"]
             self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
-        if o.peers or o.onnx:
-            self.skipped.append({"row": f"peers / onnxruntime {precision}", "reason": "int rows are ours only (peers and the ONNX graph stay float)"})
+        self._generate(fast or plain, precision, "torch")
+        if o.onnx:
+            self._add(f"{name} {precision} onnxruntime", lambda: self._onnx(model, precision, ref, copy.deepcopy(model)))
+        if o.peers:
+            self.skipped.append({"row": f"peers {precision}", "reason": "int rows are ours only (peers stay float)"})
 
     def _peer(self, peer: str, dtype: torch.dtype, precision: str) -> None:
         """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position
@@ -209,21 +262,41 @@ class ReportBuilder:
             self._add(f"{peer} {precision} last-logits", lambda: _row(peer, "peer", precision, "last-logits", model, self._measure(last), self.tmp, size))
         del model
 
-    def _onnx(self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any] | None:
+    def _onnx(self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor], cpu_copy: torch.nn.Module) -> dict[str, Any] | None:
+        """The onnxruntime row of ``model``, exported from ``cpu_copy`` (a copy: a GPTQ export
+        attaches MatMulNBits tensors to the module it exports)."""
         from merino_pl.latency.onnx_export import OnnxRunner, export_onnx
 
         o = self.opts
         if precision == "bf16" or (precision == "fp16" and not o.device.startswith("cuda")):
             self.skipped.append({"row": f"onnxruntime {precision}", "reason": f"onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, not {precision} on {o.device}"})
             return None
-        # exported from a fresh CPU copy: the graph is the same whatever device times it
-        cpu_copy = copy.deepcopy(self.loaded.model).to(FLOAT_DTYPES[precision])
         path = export_onnx(cpu_copy, self.out_dir / f"model-{precision}.onnx")
-        runner = OnnxRunner(path, model, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed)
+        del cpu_copy
+        runner = OnnxRunner(path, model, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed, max_new_tokens=o.generate_tokens)
         self.checks.append(_compare(ref, _reference_logits(runner), precision, "onnxruntime vs PyTorch"))
         row = _row(self.loaded.recipe.name, "model", precision, "onnxruntime", model, self._measure(runner), self.tmp, path.stat().st_size)
-        row["onnx_file"], row["weights_in_memory_bytes"] = path.name, None  # held by onnxruntime, not torch
+        row["onnx_file"], row["weights_in_memory_bytes"], row["workspace_bytes"] = path.name, None, None  # held by onnxruntime, not torch
+        self._generate(runner, precision, "onnxruntime")
         return row
+
+    def paper(self, precision: str) -> None:
+        """The authors' protocol at one float precision: ours and every peer, each as they time it."""
+        o, name = self.opts, self.loaded.recipe.name
+        dtype = FLOAT_DTYPES[precision]
+        ids = torch.zeros(1, o.seq, dtype=torch.long, device=o.device)  # zero ids, batch 1, as they do
+        models = [(name, "model", lambda: copy.deepcopy(self.loaded.model))] + [(p, "peer", lambda p=p: self.peer_factory(p)) for p in o.peers]
+        for label, role, make in models:
+            self.bar.set_postfix_str(f"{label} {precision} paper")
+            model = make().to(device=o.device, dtype=dtype).eval()
+            fn, head = paper_forward(label, model)
+            with torch.inference_mode():
+                shape = list(fn(ids).shape)
+            ms = paper_latency_ms(fn, ids, o.paper_runs, threads=1)
+            self.paper_rows.append({"model": label, "role": role, "precision": precision, "includes_lm_head": head,
+                                    "output_shape": shape, "threads": 1, "runs": o.paper_runs, "mean_ms": round(ms, 4)})
+            del model
+            self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
@@ -246,6 +319,19 @@ def speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]
                 "precision": peer["precision"], "model": model_name, "peer": peer["model"], "paths": f"{mine} vs {theirs}",
                 **_ratios(peer, me), "paper_jetson_nano": paper,
             })
+    return out
+
+
+def paper_speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]]:
+    """Peer mean / our mean under the authors' protocol, beside the paper's Jetson Nano ratio."""
+    ours = {r["precision"]: r for r in rows if r["role"] == "model"}
+    out = []
+    for peer in (r for r in rows if r["role"] == "peer" and r["precision"] in ours):
+        me = ours[peer["precision"]]
+        paper = PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms if peer["model"] in PAPER and model_name in PAPER else None
+        out.append({"precision": peer["precision"], "model": model_name, "peer": peer["model"], "speedup": peer["mean_ms"] / me["mean_ms"],
+                    "peer_includes_lm_head": peer["includes_lm_head"], "model_includes_lm_head": me["includes_lm_head"],
+                    "paper_jetson_nano": paper})
     return out
 
 
@@ -298,20 +384,25 @@ def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
     }
 
 
-def quantized_model(loaded: LoadedModel, precision: str, tmp: Path) -> torch.nn.Module:
+def quantized_model(loaded: LoadedModel, precision: str, tmp: Path, embedding: str = "fp16") -> torch.nn.Module:
     """The int8 / int4 model: a GPTQ directory as loaded, or the quantize stage's round-to-nearest
-    of a float model (group 128 where every width allows it, else per channel), written in its
-    GPTQ format and read back, so the rows time exactly what a GPTQ directory would run."""
+    of a float model (group 128 where every width allows it, else per channel; ``embedding``
+    int8: the row-wise int8 table too), written in its GPTQ format and read back, so the rows
+    time exactly what a GPTQ directory would run: packed weights, dequantized per block."""
     from merino_pl.quantize.format import load_quantized, write_quantized
+    from merino_pl.quantize.qembedding import QuantEmbedding, attach
     from merino_pl.quantize.runner import QuantSpec, quantize_model, quantized_linears
 
     model = copy.deepcopy(loaded.model)
     group = 128 if all(lin.in_features % 128 == 0 for lin in quantized_linears(model).values()) else -1
-    spec = QuantSpec(bits=INT_BITS[precision], group_size=group, method="rtn")
+    spec = QuantSpec(bits=INT_BITS[precision], group_size=group, method="rtn", embedding=embedding)
     results, _ = quantize_model(model, spec, None, progress=False)
+    if embedding == "int8":
+        attach(model.model, QuantEmbedding.from_float(model.model.embed_tokens))
     out = tmp / f"rtn-{precision}"
     out.mkdir()
     write_quantized(out, model, results, spec, tokenizer=None)
+    del model
     quantized, _ = load_quantized(out)
     return quantized
 
@@ -334,6 +425,10 @@ def build_report(
     limit = loaded.recipe.architecture.max_position_embeddings
     if opts.seq + opts.decode_tokens > limit:
         problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {loaded.recipe.name}'s {limit} positions")
+    clipped = None
+    if opts.generate_tokens and opts.seq + opts.generate_tokens > limit and opts.seq < limit:
+        clipped = f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} ({loaded.recipe.name} has {limit} positions)"
+        opts = dataclasses.replace(opts, generate_tokens=limit - opts.seq, notes=[*opts.notes, clipped])
     bits = gptq_bits(loaded)
     other = [p for p in opts.precisions if bits is not None and p != f"int{bits}"]
     if other:  # a GPTQ directory holds one precision: any other would be an empty row
@@ -348,15 +443,24 @@ def build_report(
         slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
         if slow:
             builder.warnings.append(f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU")
-    if any(p in INT_BITS for p in opts.precisions):
-        builder.warnings.append("int rows: the quantize stage's QuantLinear dequantizes each weight once and runs float GEMMs, "
-                                "so int latency ~ fp32 latency; weights_bytes is the packed file (no integer kernels on this stack)")
+    if any(p in INT_BITS for p in opts.precisions) and "full" in opts.protocols:
+        builder.warnings.append("int rows on torch: only the packed weights stay resident; each block's weights are dequantized "
+                                "into a reused workspace when the block runs (fp32 GEMMs: torch's CPU int kernels are slower here). "
+                                "The fast int path is onnxruntime's MatMulNBits (--runtime onnxruntime)")
+    if "paper" in opts.protocols:
+        ints = [p for p in opts.precisions if p in INT_BITS]
+        if ints:
+            builder.skipped.append({"row": f"paper protocol {','.join(ints)}", "reason": "the authors time float models only"})
     try:
-        for p in opts.precisions:
-            if p in FLOAT_DTYPES:
-                builder.precision(p)
-            else:
-                builder.integer(p)
+        if "full" in opts.protocols:
+            for p in opts.precisions:
+                if p in FLOAT_DTYPES:
+                    builder.precision(p)
+                else:
+                    builder.integer(p)
+        if "paper" in opts.protocols:
+            for p in (p for p in opts.precisions if p in FLOAT_DTYPES):
+                builder.paper(p)
     finally:
         builder.close()
     return assemble(loaded, opts, builder, tegra_release)
@@ -377,6 +481,8 @@ def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release
         "precisions": list(opts.precisions),
         "protocol": opts.protocol(),
         "rows": rows,
+        "generation": b.generation,
+        "paper_protocol": {"rows": b.paper_rows, "speedups": paper_speedups(b.paper_rows, loaded.recipe.name)} if b.paper_rows else None,
         "speedups": speedups(rows, loaded.recipe.name),
         "fast_path": fast_path_gains(rows),
         "checks": b.checks,
@@ -423,18 +529,40 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Jetson {('L4T ' + d['jetson']['l4t']) if d['jetson'] else '–'}",
         f"- torch {r['torch']}, transformers {r['transformers']}" + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
         f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; {p['decode']}; {p['timing']}",
-        "", "| model | precision | path | params (M) | weights (MiB) | prefill ms mean / median / p90 | CV % | "
-        "decode ms/token mean / median / p90 | CV % | peak mem (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"- protocols: {', '.join(p.get('protocols', ['full']))}" + (f"; paper = {p['paper']}" if p.get("paper") else ""),
     ]
+    if r["rows"]:
+        lines += [
+            "", "## Full protocol (every model with its head; fast = last-position logits, as generation runs)", "",
+            "| model | precision | path | params (M) | weights file (MiB) | resident weights (MiB) | prefill ms mean / median / p90 | CV % | "
+            "decode ms/token mean / median / p90 | CV % | peak mem (MiB) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for row in r["rows"]:
+        resident = _mb(row.get("weights_in_memory_bytes"))
+        if row.get("workspace_bytes"):
+            resident += f" (+{_mb(row['workspace_bytes'])} scratch)"
         lines.append(
-            f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | {_mb(row['weights_bytes'])} | "
+            f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | {_mb(row['weights_bytes'])} | {resident} | "
             f"{_stats(row['prefill_ms'])} | {_spread(row['prefill_ms'])} | {_stats(row['decode_ms_per_token'])} | "
             f"{_spread(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
         )
     if r["rows"]:
-        lines += ["", f"Peak memory: {r['rows'][0]['peak_memory_method']}."]
+        lines += ["", f"Peak memory: {r['rows'][0]['peak_memory_method']}. Resident weights: measured, the bytes of the distinct "
+                  "storages behind the torch module's parameters and buffers (scratch: a packed model's dequantization workspace)."]
+    if r.get("generation"):
+        lines += ["", f"## Generation ({r['protocol'].get('generation')})", "",
+                  "| precision | runtime | tokens/s | seconds (mean) |", "|---|---|---:|---:|"]
+        lines += [f"| {g['precision']} | {g['runtime']} | {g['tokens_per_s']:.2f} | {g['seconds_mean']:.2f} |" for g in r["generation"]]
+    pp = r.get("paper_protocol")
+    if pp:
+        lines += ["", "## Paper protocol (the authors' latency_test: 1 thread, zero ids, timeit(16).mean)", "",
+                  "| model | precision | LM head timed | output | mean ms |", "|---|---|---|---|---:|"]
+        lines += [f"| {x['model']} | {x['precision']} | {'yes' if x['includes_lm_head'] else 'no'} | {tuple(x['output_shape'])} | {x['mean_ms']:.2f} |" for x in pp["rows"]]
+        if pp["speedups"]:
+            lines += ["", "| precision | peer | speed-up × (peer / ours) | paper (Jetson Nano) × |", "|---|---|---:|---:|"]
+            lines += [f"| {x['precision']} | {x['peer']} | {x['speedup']:.2f} | {x['paper_jetson_nano']:.1f} |" if x["paper_jetson_nano"]
+                      else f"| {x['precision']} | {x['peer']} | {x['speedup']:.2f} | – |" for x in pp["speedups"]]
     if r["speedups"]:
         lines += ["", "## Speed-up of " + m["name"] + " (peer / ours, of the means (paper) / of the medians; plain = full "
                   "forward as the paper times, fast vs last-logits = generation's prefill for both)", "",
