@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "MeRino and OPT without their LM head, Pythia and GPT-2 with it)")
     p.add_argument("--generate-tokens", type=int, default=128, help="new tokens of the generation rows after the --seq prompt (0: none; default: 128)")
     p.add_argument("--generate-runs", type=int, default=2, help="timed generations per row (default: 2)")
+    p.add_argument("--onnx-accuracy-level", type=int, default=4, help="MatMulNBits compute type of the int onnxruntime rows: 4 = int8 "
+                   "activations (fast; logits ~1 %% from torch's) or 0 = fp32 (exact; 8-bit then dequantizes every call) (default: 4)")
     p.add_argument("--embedding", default="fp16", help="int rows made from a float model: its tied table fp16 (default) or int8 "
                    "(as merino-pl quantize --embedding)")
     p.add_argument("--no-fast", action="store_true", help="skip the fast-path rows")
@@ -78,7 +80,7 @@ def options(args: argparse.Namespace) -> Options:
         peers=tuple(x.strip().lower() for x in args.peers.split(",") if x.strip()),
         onnx=args.onnx or "onnxruntime" in runtimes, fast=not args.no_fast, seed=args.seed,
         protocols=tuple(x.strip().lower() for x in args.protocol.split(",") if x.strip()),
-        generate_tokens=args.generate_tokens, generate_runs=args.generate_runs, embedding=args.embedding,
+        generate_tokens=args.generate_tokens, onnx_accuracy_level=args.onnx_accuracy_level, generate_runs=args.generate_runs, embedding=args.embedding,
         runtimes=tuple(runtimes),
     )
 

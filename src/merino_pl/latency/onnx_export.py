@@ -102,15 +102,16 @@ def example_inputs(model: nn.Module, batch: int, seq: int, past: int) -> tuple[t
     return (ids, mask, pos, *cache)
 
 
-def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
-    """Write ``model`` (a MerinoForCausalLM) as ONNX with KV-cache inputs; atomic, one file."""
+def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, accuracy_level: int | None = None) -> Path:
+    """Write ``model`` (a MerinoForCausalLM) as ONNX with KV-cache inputs; atomic, one file.
+    ``accuracy_level``: the quantized layers' MatMulNBits compute type (``onnx_nbits``)."""
     if not hasattr(model, "arch"):
         raise MerinoError(f"ONNX export supports MeRino models only, got {type(model).__name__}")
-    from merino_pl.latency.onnx_nbits import prepare
+    from merino_pl.latency.onnx_nbits import ACCURACY_LEVEL, prepare
 
     path = Path(path)
     model = model.eval()
-    prepare(model)  # quantized layers -> MatMulNBits tensors (a float model has none)
+    prepare(model, ACCURACY_LEVEL if accuracy_level is None else accuracy_level)  # quantized layers -> MatMulNBits (a float model has none)
     wrapper = OnnxDecoder(model)
     in_names, out_names = io_names(model)
     # dim sizes of 0 / 1 would be specialised by the exporter: trace with 2 / 3 / 4

@@ -72,6 +72,7 @@ class Options:
     generate_runs: int = 2
     embedding: str = "fp16"  # int rows made from a float model: its tied table fp16 or int8 (quantize --embedding)
     paper_runs: int = 16
+    onnx_accuracy_level: int = 4  # MatMulNBits compute type of int rows (latency.onnx_nbits): 4 fast, 0 exact
     notes: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -95,6 +96,8 @@ class Options:
         bad = [x for x in self.runtimes if x not in RUNTIMES]
         if bad or not self.runtimes:
             p.append(f"--runtime {','.join(bad) or '(empty)'} is not valid (choose from {','.join(RUNTIMES)})")
+        if self.onnx_accuracy_level not in (0, 1, 2, 3, 4):
+            p.append(f"--onnx-accuracy-level {self.onnx_accuracy_level} is not valid (0-4)")
         if self.embedding not in EMBEDDINGS:
             p.append(f"--embedding {self.embedding!r} is not valid (choose from {','.join(EMBEDDINGS)})")
         if self.warmup < 0:
@@ -158,10 +161,22 @@ def _reference_logits(runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:
     return prefill, decode
 
 
-def _compare(ref: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Tensor, torch.Tensor], precision: str, what: str) -> dict[str, Any]:
+# onnxruntime's MatMulNBits at accuracy_level 4 quantizes activations to int8 per block: its
+# logits differ from the torch packed path by ~1.2 % (relative, MeRino-52M); this bounds it
+REL_TOLERANCE_INT8_ACTIVATIONS = 0.03
+
+
+def _compare(ref: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Tensor, torch.Tensor], precision: str, what: str,
+             relative: float | None = None) -> dict[str, Any]:
+    """Max |logit difference| against ``TOLERANCE``, or (``relative`` given) the relative logit
+    error ||a − b|| / ||a|| against it; both figures are recorded."""
     diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
-    tol = TOLERANCE[precision]
-    return {"precision": precision, "compared": what, "max_abs_logit_diff": diff, "tolerance": tol, "match": diff <= tol}
+    rel = max(float((a - b).norm() / a.norm()) for a, b in zip(ref, got))
+    top1 = all(bool((a.argmax(-1) == b.argmax(-1)).all()) for a, b in zip(ref, got))
+    tol = TOLERANCE[precision] if relative is None else relative
+    return {"precision": precision, "compared": what, "max_abs_logit_diff": diff, "rel_logit_err": rel, "top1_equal": top1,
+            "tolerance": tol, "tolerance_on": "max_abs_logit_diff" if relative is None else "rel_logit_err",
+            "match": (diff if relative is None else rel) <= tol}
 
 
 class ReportBuilder:
@@ -271,10 +286,12 @@ class ReportBuilder:
         if precision == "bf16" or (precision == "fp16" and not o.device.startswith("cuda")):
             self.skipped.append({"row": f"onnxruntime {precision}", "reason": f"onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, not {precision} on {o.device}"})
             return None
-        path = export_onnx(cpu_copy, self.out_dir / f"model-{precision}.onnx")
+        path = export_onnx(cpu_copy, self.out_dir / f"model-{precision}.onnx", accuracy_level=o.onnx_accuracy_level)
         del cpu_copy
         runner = OnnxRunner(path, model, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed, max_new_tokens=o.generate_tokens)
-        self.checks.append(_compare(ref, _reference_logits(runner), precision, "onnxruntime vs PyTorch"))
+        approx = precision in INT_BITS and o.onnx_accuracy_level == 4
+        what = "onnxruntime vs PyTorch" + (" (MatMulNBits accuracy_level 4: int8 activations)" if approx else "")
+        self.checks.append(_compare(ref, _reference_logits(runner), precision, what, REL_TOLERANCE_INT8_ACTIVATIONS if approx else None))
         row = _row(self.loaded.recipe.name, "model", precision, "onnxruntime", model, self._measure(runner), self.tmp, path.stat().st_size)
         row["onnx_file"], row["weights_in_memory_bytes"], row["workspace_bytes"] = path.name, None, None  # held by onnxruntime, not torch
         self._generate(runner, precision, "onnxruntime")
@@ -487,7 +504,7 @@ def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release
         "fast_path": fast_path_gains(rows),
         "checks": b.checks,
         "skipped": b.skipped,
-        "warnings": b.warnings + opts.notes + spread_warnings(rows) + [f"{c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} > {c['tolerance']}" for c in b.checks if not c["match"]],
+        "warnings": b.warnings + opts.notes + spread_warnings(rows) + [f"{c['compared']} ({c['precision']}): {c['tolerance_on']} {c[c['tolerance_on']]:.2e} > {c['tolerance']}" for c in b.checks if not c["match"]],
     }
 
 
@@ -577,7 +594,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"| {g['precision']} | {g['path']} | {_x(g, 'prefill')} | {_x(g, 'decode')} |" for g in r["fast_path"]]
     if r["checks"]:
         lines += ["", "## Output checks", ""]
-        lines += [f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e} (tolerance {c['tolerance']}): {'ok' if c['match'] else 'MISMATCH'}" for c in r["checks"]]
+        lines += [f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e}"
+                  + (f", relative logit error {c['rel_logit_err']:.2e}" if "rel_logit_err" in c else "")
+                  + f" (tolerance {c['tolerance']} on {c.get('tolerance_on', 'max_abs_logit_diff')}): {'ok' if c['match'] else 'MISMATCH'}" for c in r["checks"]]
     if r["skipped"] or r["warnings"]:
         lines += ["", "## Not measured / warnings", ""]
         lines += [f"- skipped {s['row']}: {s['reason']}" for s in r["skipped"]] + [f"- {w}" for w in r["warnings"]]
