@@ -206,18 +206,22 @@ def gptq_python() -> Path:
 
 
 @pytest.mark.slow
-def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, gptq_python: Path) -> None:
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, gptq_python: Path, group: int) -> None:
+    """Group 32 divides every width: GPTQModel picks its int4 CPU kernel. Group 128 is wider than
+    the 64-wide block, which that kernel refuses: the directory names the generic torch kernel."""
     d = tmp_path_factory.mktemp("gptq")
-    # widths that GPTQ kernels take as they are (multiples of the group), two blocks, one shared twice
+    # two blocks (64 wide, applied twice; 128 wide), over the real vocabulary
     arch = MerinoConfig(
         blocks=(BlockConfig(embed_dim=64, ffn_dim=128, num_layers=2), BlockConfig(embed_dim=128, ffn_dim=256, num_layers=1)),
         vocab_size=50304, d_model=64, max_position_embeddings=128)
     recipe = Recipe("tiny-gptq", arch).save(d / "tiny.yaml")
     assert cli(["export", str(recipe), "--out", str(d / "float")]) == 0
-    assert cli(["quantize", str(d / "float"), "--bits", "4", "--group-size", "32", "--nsamples", "4", "--seq-len", "32",
+    assert cli(["quantize", str(d / "float"), "--bits", "4", "--group-size", str(group), "--nsamples", "4", "--seq-len", "32",
                 "--holdout", "2", "--out", str(d / "int4")]) == 0
     qconfig = json.loads((d / "int4" / "config.json").read_text())["quantization_config"]
     assert qconfig["block_name_to_quantize"] == "model.blocks" and qconfig["bits"] == 4
+    assert qconfig.get("backend") == (None if group == 32 else "torch")
 
     proc = run_isolated(f"""
         import json, torch
@@ -228,16 +232,14 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
         weights = {{n: m.dequantize_weight(num_itr=1).t().float() for n, m in model.named_modules() if type(m) is type(q_proj)}}
         ids = torch.tensor({IDS})
         with torch.no_grad():
-            kernel = model(ids).logits  # the kernel GPTQModel picked (int4 matmul in bf16 on CPU)
+            logits = model(ids).logits  # through the kernel GPTQModel picked
             gen = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
-        model.train()  # its float path: the dequantized fp16 weights in a float32 matmul
-        with torch.no_grad():
-            exact = model(ids, use_cache=False).logits
-        torch.save(dict(kernel=kernel, exact=exact, weights=weights), "out.pt")
+        torch.save(dict(logits=logits, weights=weights), "out.pt")
         print(json.dumps(dict(cls=type(q_proj).__module__, model=type(model).__module__, gen=gen.shape[1])))
     """, d, python=gptq_python)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cls"].startswith("gptqmodel.") and got["model"].startswith("transformers_modules.") and got["gen"] == 8
+    assert got["cls"].endswith(".torch_aten_kernel" if group == 32 else ".torch")
 
     ours = load_model(d / "int4")
     assert ours.kind == "gptq"
@@ -250,8 +252,6 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
         mine = ours.model.get_submodule(name).weight_float(torch.float32)
         assert (w - mine).abs().max() <= 1e-3 * mine.abs().max(), name
 
-    def rel(a: torch.Tensor) -> float:
-        return ((a.float() - ref).norm() / ref.norm()).item()
-
-    assert rel(theirs["exact"]) < 1e-2  # fp16-rounded weights through 3 applications of random layers
-    assert rel(theirs["kernel"]) < 5e-2 and (theirs["kernel"].argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # logits: their kernel (at group 32 an int4 matmul in bfloat16) vs merino-pl's float32 dequantization
+    logits = theirs["logits"].float()
+    assert (logits - ref).norm() / ref.norm() < 2e-2 and (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

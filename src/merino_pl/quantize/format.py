@@ -99,6 +99,10 @@ def write_quantized(
     config = MerinoHFConfig.from_dict(model.config.to_dict())
     # transformers' GPTQ integration (optimum) replaces the linears under these blocks
     config.quantization_config = {**{k: v for k, v in qcfg.items() if k != "meta"}, "block_name_to_quantize": BLOCKS}
+    if spec.group_size > 0 and any(model.get_submodule(name).in_features % spec.group_size for name in quantized):
+        # a layer narrower than a group (merino-tiny's 64 at group 128): GPTQModel's int4 CPU kernel
+        # refuses it ("K divisible by qGroupSize"); its generic torch kernel takes any width
+        config.quantization_config["backend"] = "torch"
     config.dtype = float_dtype  # what the unquantized tensors are stored in
     save_model_files(tmp, config, tokenizer)  # config.json, tokenizer, remote code
     (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
