@@ -193,6 +193,16 @@ def test_stock_lm_eval_cli_gives_the_number_of_merino_pl_eval(exported: Path, tm
     assert ours["arc_easy_local"]["metrics"]["acc"] == stock["arc_easy_local"]["acc,none"]
 
 
+def test_export_of_a_gptq_dir_without_onnx_is_refused(exported: Path, tmp_path: Path, capsys) -> None:
+    """Re-saving a GPTQ model as a float export would write packed tensors no reader expects."""
+    assert cli(["quantize", str(exported), "--method", "rtn", "--bits", "8", "--nsamples", "2", "--seq-len", "32",
+                "--holdout", "2", "--out", str(tmp_path / "int8")]) == 0
+    capsys.readouterr()
+    assert cli(["export", str(tmp_path / "int8"), "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "a GPTQ directory is already an export" in err and err.count("\n") == 1 and not (tmp_path / "again").exists()
+
+
 @pytest.fixture(scope="module")
 def gptq_python() -> Path:
     """The consumer environment with optimum + GPTQModel (``make test`` builds it)."""

@@ -43,6 +43,9 @@ def validate(args: argparse.Namespace) -> list[str]:
         problems.append(str(e))
     protect = [(p, what) for p, what in [(args.checkpoint, "the checkpoint being exported"),
                                          (args.tokenizer, "the --tokenizer file")] if p and Path(p).exists()]
+    if (Path(args.checkpoint) / "quantize_config.json").exists() and not args.onnx:
+        problems.append(f"{args.checkpoint}: a GPTQ directory is already an export (weights, config, tokenizer, "
+                        "remote code): copy it, or add --onnx to write it with model.onnx")
     return problems + check_out(args.out, overwrite=args.overwrite, protect=protect)
 
 
