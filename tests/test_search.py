@@ -89,7 +89,7 @@ from merino_pl.cli import main  # noqa: E402
 from merino_pl.costs import count_flops, count_params  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
 from merino_pl.search.budget import Genes, cost_tables, min_cost, parse_budget  # noqa: E402
-from merino_pl.search.cli import SearchSettings, arch_costs, decode, run_search  # noqa: E402
+from merino_pl.search.api import SearchSettings, arch_costs, decode, run_search  # noqa: E402
 from merino_pl.search.evolution import EvolutionConfig  # noqa: E402
 
 SPACE = load_space(REPO / "search" / "space.yaml")
@@ -152,7 +152,7 @@ def test_entropy_config_rejects_bad_values() -> None:
 # ---- costs as tables ---------------------------------------------------------------------------
 def _random_codes(space, n: int, seed: int = 0) -> np.ndarray:
     from merino_pl.search.evolution import _random_population
-    from merino_pl.search.cli import build_problem
+    from merino_pl.search.api import build_problem
 
     s = SearchSettings([parse_budget("flops=1T")], space)
     return _random_population(build_problem(s), n, np.random.default_rng(seed))
@@ -285,7 +285,7 @@ def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.Monke
     import os
 
     from merino_pl import io
-    from merino_pl.search import cli as search_cli
+    from merino_pl.search import api as search_cli
 
     out = tmp_path / "r.yaml"
     files = [out, out.with_suffix(".population.json"), out.with_suffix(".png")]
@@ -397,7 +397,7 @@ def _encode(space, arch) -> np.ndarray:
 
 @pytest.mark.parametrize("config", PAPER)
 def test_paper_recipe_is_in_the_default_space_and_meets_its_budget(config: str) -> None:
-    from merino_pl.search.cli import build_problem
+    from merino_pl.search.api import build_problem
 
     arch = load_recipe(PAPER[config]).architecture
     space = load_space()  # the shipped default, as `merino-pl search` uses it
@@ -435,7 +435,7 @@ def _brute_force(space) -> list[tuple[tuple[int, ...], dict[str, float]]]:
 @pytest.mark.parametrize("proxy", ["entropy", "params"])
 @pytest.mark.parametrize("two_budgets", [False, True], ids=["flops", "flops+params"])
 def test_exhaustive_equals_brute_force_on_a_tiny_space(proxy: str, two_budgets: bool) -> None:
-    from merino_pl.search.cli import build_problem
+    from merino_pl.search.api import build_problem
 
     space = space_from_dict(TINY)
     rows = _brute_force(space)
@@ -458,7 +458,7 @@ def test_exhaustive_equals_brute_force_on_a_tiny_space(proxy: str, two_budgets: 
 
 @pytest.mark.parametrize("num_blocks", [1, 3, 5])
 def test_exhaustive_any_number_of_blocks(num_blocks: int) -> None:
-    from merino_pl.search.cli import build_problem
+    from merino_pl.search.api import build_problem
 
     space = space_from_dict({**TINY, "num_blocks": num_blocks})
     n = len(Genes.of(space).embed_idx)

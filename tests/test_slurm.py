@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from merino_pl.cli import main as merino_main
-from merino_pl.slurm.cli import job_fields, time_limit_seconds, write_new_script
+from merino_pl.slurm.jobs import job_fields, time_limit_seconds, write_new_script
 from merino_pl.slurm.render import JobSpec, render
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 

@@ -170,7 +170,7 @@ def test_streaming_resume_on_other_workers_is_one_line_exit_2(fit_config, tmp_pa
 
 def test_shipped_train_recipes_parse(tmp_path):
     """Both shipped configs parse and instantiate (the paper's with CPU overrides)."""
-    from merino_pl.train.cli import build_cli
+    from merino_pl.train.fit import build_cli
 
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
            "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path)]
@@ -216,7 +216,7 @@ def test_fit_yaml_error_names_the_file(fit_config, tmp_path, capsys):
 
 def _first_run_state(fit_config, *extra):
     """(seeds, first weight, first training batch) of the run ``fit`` would start."""
-    from merino_pl.train.cli import build_cli
+    from merino_pl.train.fit import build_cli
 
     cli = build_cli(["--config", str(fit_config), *extra], run=False)
     cli.datamodule.setup("fit")
@@ -237,7 +237,7 @@ def test_seed_everything_seeds_the_init_and_the_data_order(fit_config):
 
 def test_logs_follow_default_root_dir(tmp_path):
     """The shipped config's logger writes under --trainer.default_root_dir, not ./runs/cpu-demo."""
-    from merino_pl.train.cli import build_cli
+    from merino_pl.train.fit import build_cli
 
     root = tmp_path / "elsewhere"
     cli = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root)], run=False)
@@ -253,7 +253,7 @@ def test_logs_follow_default_root_dir(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(fit_config, tmp_path):
     import lightning as L
 
-    from merino_pl.train.cli import build_cli
+    from merino_pl.train.fit import build_cli
 
     class PoisonAt(L.Callback):  # the test's fault injection: a weight turns NaN before step 6
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -429,7 +429,7 @@ def test_ddp_kill_resumes_on_one_process_exactly(fit_config, tmp_path):
 
 # ---- W&B, demo, packaged configs --------------------------------------------------------------
 def test_wandb_without_key_goes_offline_and_says_how_to_sync(tmp_path, monkeypatch, capsys):
-    from merino_pl.train.cli import setup_wandb
+    from merino_pl.train.fit import setup_wandb
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)

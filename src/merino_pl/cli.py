@@ -19,7 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "info": ("merino_pl.info", "architecture table, parameters, FLOPs, KV cache and entropy of a recipe"),
     "demo": ("merino_pl.demo", "train the tiny model on the embedded corpus and generate (make demo runs `pipeline`)"),
     "search": ("merino_pl.search.cli", "entropy-driven evolutionary architecture search -> recipe YAML"),
-    "prepare": ("merino_pl.data.prepare", "tokenize a text source into pre-tokenized shards"),
+    "prepare": ("merino_pl.data.cli", "tokenize a text source into pre-tokenized shards"),
     "fit": ("merino_pl.train.cli", "pretrain a recipe (LightningCLI)"),
     "validate": ("merino_pl.train.cli:validate_main", "held-out loss of a checkpoint (LightningCLI validate)"),
     "test": ("merino_pl.train.cli:test_main", "held-out loss of a checkpoint through the test loop (LightningCLI test)"),

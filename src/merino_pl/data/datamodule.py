@@ -23,7 +23,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout
-from merino_pl.data.shards import ShardStream, TokenFiles
+from merino_pl.data.shards import ShardStream, TokenFiles, tokenizer_sha256
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
 from merino_pl.errors import MerinoError
 from merino_pl.tokenizer import find_eos, load_tokenizer
@@ -254,8 +254,6 @@ class PileDataModule(L.LightningDataModule):
         log.info("data: streaming %s", source.describe())
 
     def _check_shard_tokenizer(self, manifest: dict) -> None:
-        from merino_pl.data.prepare import tokenizer_sha256
-
         if manifest["tokenizer_sha256"] != tokenizer_sha256(self.hparams.tokenizer):
             raise MerinoError(
                 f"shards in {self.hparams.shards} were tokenized with {manifest['tokenizer']}, not with "

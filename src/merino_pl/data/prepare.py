@@ -1,4 +1,5 @@
-"""``merino-pl prepare SOURCE --out DIR``: tokenize a text source once into token shards.
+"""The prepare stage: ``prepare(PrepareSettings(source, out))`` tokenizes a text source once
+into token shards (``merino-pl prepare SOURCE --out DIR`` parses its flags in ``data/cli.py``).
 
 One process reads documents (the same ``datasets`` streaming path as training); a pool of
 processes tokenizes batches of them (``tokenizers`` used one core per process here, so processes
@@ -19,8 +20,6 @@ from __future__ import annotations
 # packing and shards import torch: they are imported inside the functions that use them, so that
 # `merino-pl prepare --help` (and the worker-free parts of a run) start without it
 
-import argparse
-import hashlib
 import multiprocessing as mp
 import os
 import time
@@ -47,17 +46,20 @@ DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per file
 _ENCODE: DocumentTokenizer | None = None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="hub dataset name, local txt/jsonl/parquet file, glob or directory, or 'embedded'")
-    parser.add_argument("--out", required=True, help="output directory (re-running continues an interrupted run)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json path / folder / hub name (default: shipped GPT-NeoX-20B)")
-    parser.add_argument("--text-field", default="text", help="column holding the text (jsonl / parquet)")
-    parser.add_argument("--sample-by", default="paragraph", choices=("line", "paragraph", "document"), help=".txt: what one document is")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file (default 2^27)")
-    parser.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (by text hash) for validation")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
-    parser.add_argument("--docs-per-batch", type=int, default=256, help="documents sent to a worker at once")
-    parser.add_argument("--max-shards", type=int, default=None, help="stop after this many train shards (a later run continues)")
+@dataclass
+class PrepareSettings:
+    """One ``prepare`` run, as ``merino-pl prepare``'s flags give it (same names, same defaults)."""
+
+    source: str  # hub dataset name, local txt/jsonl/parquet file, glob or directory, or 'embedded'
+    out: str  # output directory (re-running continues an interrupted run)
+    tokenizer: str | None = None  # tokenizer.json path / folder / hub name (None: shipped GPT-NeoX-20B)
+    text_field: str = "text"  # column holding the text (jsonl / parquet)
+    sample_by: str = "paragraph"  # .txt: what one document is (line, paragraph, document)
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    val_fraction: float = 0.01  # fraction of documents held out (by text hash) for validation
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # tokenizer processes
+    docs_per_batch: int = 256  # documents sent to a worker at once
+    max_shards: int | None = None  # stop after this many train shards (a later run continues)
 
 
 @dataclass
@@ -145,12 +147,7 @@ def _encode(texts: list[str], val_fraction: float) -> dict[str, tuple[np.ndarray
     return out
 
 
-def tokenizer_sha256(spec: str | None) -> str:
-    tok = load_tokenizer(spec)
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()
-
-
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: PrepareSettings) -> None:
     problems = []
     if args.shard_tokens < 1:
         problems.append(f"--shard-tokens {args.shard_tokens} (must be >= 1)")
@@ -167,8 +164,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MerinoError("bad arguments: " + "; ".join(problems))
 
 
-def _settings(args: argparse.Namespace, source_files: tuple[str, ...]) -> dict:
-    from merino_pl.data.shards import SHARDS_FORMAT, token_dtype
+def _settings(args: PrepareSettings, source_files: tuple[str, ...]) -> dict:
+    from merino_pl.data.shards import SHARDS_FORMAT, token_dtype, tokenizer_sha256
 
     tok = load_tokenizer(args.tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -214,7 +211,10 @@ def _resume(out: Path, settings: dict) -> tuple[dict[str, list], dict[str, Posit
     return entries, positions
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare(args: PrepareSettings) -> dict:
+    """The stage's entry function: check ``args`` (every problem in one ``MerinoError``), then
+    tokenize the source into shards under ``args.out``, continuing a run left there. Returns the
+    manifest written last (``complete`` is False when it stopped at ``max_shards``)."""
     _check_args(args)
     source = resolve_source(args.source)
     out = Path(args.out)
@@ -237,10 +237,10 @@ def run(args: argparse.Namespace) -> int:
         f"train {manifest['tokens']['train']:,} tokens in {len(manifest['splits']['train'])} shard(s), "
         f"val {manifest['tokens']['val']:,}; {new:,} tokens this run in {seconds:.1f} s ({new / max(seconds, 1e-9) / 1e6:.2f} M tokens/s)"
     )
-    return 0
+    return manifest
 
 
-def _tokenize(args: argparse.Namespace, text_field: str, stream, start: Position, writers: dict, settings: dict) -> bool:
+def _tokenize(args: PrepareSettings, text_field: str, stream, start: Position, writers: dict, settings: dict) -> bool:
     """Feed source batches to the pool (at most 2 per worker in flight, so memory stays flat);
     write shards in source order. True when the source is exhausted, False at --max-shards."""
     out = Path(args.out)

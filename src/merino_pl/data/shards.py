@@ -19,6 +19,7 @@ W' x K' restarts every reader from it (elastic exact resume).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,14 @@ BLOCK_WINDOWS = 4096
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenizer_sha256(spec: str | None) -> str:
+    """The manifest's ``tokenizer_sha256``: a digest of the tokenizer's JSON, so a reader can
+    tell that shards were cut with the tokenizer it was given."""
+    from merino_pl.tokenizer import load_tokenizer
+
+    return hashlib.sha256(load_tokenizer(spec).to_str().encode()).hexdigest()
 
 
 def shard_name(split: str, index: int) -> str:

@@ -18,42 +18,15 @@ options override it. The recipe records all of it under ``provenance``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
-import json
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import fields
 
-import numpy as np
-import yaml
+from merino_pl.search import api
+from merino_pl.search.api import SearchOptions, SearchSettings, search
+from merino_pl.search.evolution import PROXIES
 
-from merino_pl.config import MerinoConfig, Recipe
-from merino_pl.costs import count_flops, count_params
-from merino_pl.errors import MerinoError
-from merino_pl.latency_table import LatencyTable
-from merino_pl.search import exhaustive
-from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
-from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
-from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
-from merino_pl.space import SearchSpace, load_space
-
-CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "name")
-
-
-@dataclass
-class SearchSettings:
-    """Everything one search needs, resolved and checked."""
-
-    budgets: list[Budget]
-    space: SearchSpace
-    proxy: str = "entropy"
-    seed: int = 0
-    entropy: EntropyConfig = field(default_factory=EntropyConfig)
-    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
-    latency: LatencyTable | None = None
-    name: str | None = None
-    exhaustive: bool = False  # the global optimum by enumeration instead of Algorithm 1
+# phase 2: importers move. study/compare.py, study/sample.py and bench/search.py import these
+# from here; the stage's library is merino_pl.search.api.
+from merino_pl.search.api import build_problem, decode, run_search  # noqa: F401
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,208 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
 
 
-def _read_config(path: str, problems: list[str]) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        problems.append(f"cannot read search config {path}: {e}".splitlines()[0])
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"{path}: a search config must be a mapping")
-        return {}
-    problems += [f"{path}: unknown key {k!r} (valid: {', '.join(CONFIG_KEYS)})" for k in data if k not in CONFIG_KEYS]
-    if isinstance(data.get("space"), str):  # relative to the config file, as users expect
-        data["space"] = str((Path(path).parent / data["space"]).resolve())
-    return data
-
-
-def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
-    """Run one check; a ``MerinoError`` joins the list instead of stopping the others."""
-    try:
-        return fn(*args)
-    except MerinoError as e:
-        problems.append(str(e))
-        return None
+def options(args: argparse.Namespace) -> SearchOptions:
+    """The parsed flags as the stage's typed options."""
+    return SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)})
 
 
 def resolve_settings(args: argparse.Namespace) -> SearchSettings:
-    """Merge config file and options; report every problem in one ``MerinoError``."""
-    problems: list[str] = []
-    cfg = _read_config(args.config, problems) if args.config else {}
-    budget_texts = args.budget or cfg.get("budgets") or []
-    if isinstance(budget_texts, str):
-        budget_texts = [budget_texts]
-    budgets = [b for b in (_collect(problems, parse_budget, str(t)) for t in budget_texts) if b]
-    if not budget_texts:
-        problems.append("no budget: give at least one --budget (flops=60G, params=60M, latency=50ms) or --config")
-    names = [b.cost for b in budgets]
-    if len(set(names)) < len(names):
-        problems.append(f"each cost may be budgeted once, got {', '.join(b.text for b in budgets)}")
-    space = _collect(problems, load_space, args.space or cfg.get("space"))
-    entropy_cfg = cfg.get("entropy") or {}
-    if args.entropy_table and isinstance(entropy_cfg, dict):
-        entropy_cfg = {**entropy_cfg, "table": args.entropy_table}
-    entropy = _collect(problems, EntropyConfig.from_dict, entropy_cfg)
-    evo = dict(cfg.get("evolution") or {}) if isinstance(cfg.get("evolution") or {}, dict) else cfg.get("evolution")
-    for key in ("iterations", "population", "parents"):
-        if getattr(args, key) is not None and isinstance(evo, dict):
-            evo[key] = getattr(args, key)
-    evolution = _collect(problems, EvolutionConfig.from_dict, evo)
-    proxy = args.proxy or cfg.get("proxy", "entropy")
-    if proxy not in PROXIES:
-        problems.append(f"proxy {proxy!r} is not one of {', '.join(PROXIES)}")
-    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        problems.append(f"seed must be a non-negative integer, got {seed!r}")
-    latency = _collect(problems, LatencyTable.load, args.latency_table) if args.latency_table else None
-    if "latency" in names and not args.latency_table:
-        problems.append("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
-    exhaustive = bool(getattr(args, "exhaustive", False))
-    evo_flags = [f"--{k}" for k in ("iterations", "population", "parents") if getattr(args, k) is not None]
-    if exhaustive and evo_flags:
-        problems.append(f"--exhaustive does not evolve: drop {', '.join(evo_flags)}")
-    if args.out and (Path(args.out).is_dir() or Path(args.out).suffix not in (".yaml", ".yml")):
-        problems.append(f"--out {args.out} must be a .yaml file path")
-    if problems:
-        raise MerinoError("; ".join(problems))
-    return SearchSettings(budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"), exhaustive)
-
-
-def build_problem(s: SearchSettings) -> Problem:
-    """Per-code score and cost tables for the settings' space, budgets and proxy."""
-    genes = Genes.of(s.space)
-    costs = [cost_tables(b.cost, s.space, genes, s.latency) for b in s.budgets]
-    if s.proxy == "params":  # LTS: the decoder's parameter count (everything but the embeddings)
-        params = cost_tables("params", s.space, genes)
-        score, extra = np.zeros(len(genes.embed_idx)), replace(params, const=0.0)
-    else:
-        mhsa, ffn = block_entropies(genes.embed_dim, genes.ffn_dim, genes.num_layers, s.entropy)
-        score, extra = s.entropy.alpha_mhsa * mhsa + s.entropy.alpha_ffn * ffn, None
-    return Problem(s.space, genes, score, costs, s.budgets, extra)
-
-
-def decode(space: SearchSpace, genes: Genes, codes: np.ndarray) -> MerinoConfig:
-    """A row of block codes as an architecture."""
-    blocks = [space.block(genes.embed_dim[c], space.ffn_choices[genes.ffn_idx[c]], genes.num_layers[c]) for c in codes]
-    return space.config(blocks)
-
-
-def run_search(s: SearchSettings, progress: bool | None = None) -> tuple[Problem, SearchResult]:
-    """Build the tables and run the proxy's search: exhaustive, evolution (certified against the
-    exhaustive optimum when that is cheap), or naive scaling (already exhaustive over its designs)."""
-    problem = build_problem(s)
-    if s.proxy == "naive":
-        return problem, naive_scaling(problem)
-    if s.exhaustive:
-        return problem, exhaustive.as_result(problem, exhaustive.optimum(problem))
-    result = evolve(problem, s.evolution, seed=s.seed, progress=progress)
-    result.optimum = exhaustive.certify(problem)
-    return problem, result
-
-
-def arch_costs(arch: MerinoConfig, s: SearchSettings) -> dict[str, float]:
-    """Costs of one architecture, from the reference implementations (not the search's tables)."""
-    out: dict[str, float] = {"params": count_params(arch), "flops": count_flops(arch)}
-    if s.latency is not None:
-        out["latency_ms"] = round(s.latency.estimate_ms(arch), 4)
-    return out
-
-
-def make_recipe(s: SearchSettings, problem: Problem, result: SearchResult, name: str, command: str | None = None) -> Recipe:
-    """The best architecture as a recipe whose provenance says how it was found."""
-    arch = decode(s.space, problem.genes, result.codes[0])
-    entropy = {k: round(v, 3) for k, v in arch_entropy(arch, s.entropy).items()}
-    provenance = {
-        "source": "search",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "budgets": [b.text for b in s.budgets],
-        "costs": arch_costs(arch, s),
-        "entropy": entropy,
-        "proxy": s.proxy,
-        "proxy_score": round(float(result.scores[0]), 4),
-        "seed": s.seed,
-        "entropy_config": s.entropy.to_dict(),
-        "evolution": vars(s.evolution).copy() if result.method == "evolution" else None,
-        "space": {"file": s.space.source, **s.space.to_dict()},
-        "search": search_provenance(result),
-    }
-    if s.latency is not None:
-        provenance["latency_table"] = {"file": s.latency.source, "device": s.latency.device}
-    return Recipe(name=name, architecture=arch, provenance={k: v for k, v in provenance.items() if v is not None})
-
-
-def search_provenance(result: SearchResult) -> dict[str, Any]:
-    """How the result was found; an evolutionary one with its fraction of the global optimum."""
-    opt = result.optimum
-    if result.method == "exhaustive":
-        return {"method": "exhaustive", "algorithm": opt.method, "feasible": opt.n_feasible, "seconds": round(opt.seconds, 3)}
-    out: dict[str, Any] = {"method": result.method, "candidates": result.candidates, "accepted": result.accepted,
-                           "generations": result.generations, "seconds": round(result.seconds, 3)}
-    if isinstance(opt, exhaustive.Optimum):
-        out["optimum"] = {"score": round(opt.score, 4), "fraction": float(result.scores[0] / opt.score) if opt.score else None,
-                          "feasible": opt.n_feasible, "seconds": round(opt.seconds, 3)}
-    elif opt is not None:
-        out["optimum"] = f"not computed: {opt}"
-    return out
-
-
-def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -> dict[str, Any]:
-    g = problem.genes
-    members = [{"embed_dims": g.embed_dim[c].tolist(), "ffn_dims": g.ffn_dim[c].tolist(), "num_layers": g.num_layers[c].tolist(),
-                "score": round(float(sc), 4), "costs": dict(zip((b.cost for b in s.budgets), co.tolist()))}
-               for c, sc, co in zip(result.codes, result.scores, result.costs)]
-    return {"proxy": s.proxy, "budgets": [b.text for b in s.budgets], "history": result.history, "population": members}
-
-
-def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
-    """Best score over the search, and the final population's score vs its first cost, as a PNG
-    at ``path`` (written in place: ``write_outputs`` passes a temporary file)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budget = s.budgets[0]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    x, y = zip(*result.history)
-    a.plot(x, y, marker="o" if len(x) == 1 else None)
-    xlabel = "feasible architectures (exhaustive)" if result.method == "exhaustive" else "candidates generated"
-    a.set(xlabel=xlabel, ylabel=f"best {s.proxy} score", title=f"search progress ({result.method})")
-    b.scatter(result.costs[:, 0], result.scores, s=10, alpha=0.6, label="final population")
-    b.scatter(result.costs[:1, 0], result.scores[:1], s=60, c="red", marker="*", label="best (the recipe)")
-    b.axvline(budget.limit, ls="--", c="gray", label=f"budget {budget.text}")
-    b.set(xlabel=budget.cost, ylabel=f"{s.proxy} score", title="final population")
-    b.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
-
-
-def summary(recipe: Recipe, result: SearchResult) -> str:
-    p = recipe.provenance
-    blocks = recipe.architecture.blocks
-    return "\n".join([
-        f"{recipe.name}: {p['proxy']} search, budgets {', '.join(p['budgets'])}, seed {p['seed']}",
-        "  E = " + str([b.embed_dim for b in blocks]) + "  F = " + str([b.ffn for b in blocks]) + "  L = " + str([b.num_layers for b in blocks]),
-        f"  params {p['costs']['params'] / 1e6:.2f} M, FLOPs {p['costs']['flops'] / 1e9:.2f} G"
-        + (f", latency {p['costs']['latency_ms']:.2f} ms" if "latency_ms" in p["costs"] else ""),
-        f"  entropy MHSA {p['entropy']['mhsa']:.1f}  FFN {p['entropy']['ffn']:.1f}  total {p['entropy']['total']:.1f}",
-        *_search_lines(result),
-    ])
-
-
-def _search_lines(result: SearchResult) -> list[str]:
-    opt = result.optimum
-    if result.method == "exhaustive":
-        return [f"  exhaustive ({opt.method}): the global optimum of {opt.n_feasible:,} feasible architectures, {opt.seconds:.2f} s"]
-    lines = [f"  {result.candidates} candidates ({result.accepted} accepted) in {result.generations} generations, {result.seconds:.2f} s"]
-    if isinstance(opt, exhaustive.Optimum):
-        lines.append(f"  {result.scores[0] / opt.score:.4%} of the global optimum {opt.score:.1f} "
-                     f"({opt.n_feasible:,} feasible architectures, exhaustive in {opt.seconds:.2f} s)")
-    elif opt is not None:
-        lines.append(f"  global optimum not computed: {opt}")
-    return lines
+    """Merge config file and flags; report every problem in one ``MerinoError``."""
+    return api.resolve_settings(options(args))
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -297,39 +76,5 @@ def _command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``merino-pl search`` (see the module docstring)."""
-    s = resolve_settings(args)
-    if args.out:  # an unwritable --out is found before the search, not after it
-        from merino_pl.io import check_out
-
-        if problems := check_out(args.out, file=True):
-            raise MerinoError("; ".join(problems))
-    problem, result = run_search(s, progress=args.progress)
-    name = s.name or (Path(args.out).stem if args.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}")
-    recipe = make_recipe(s, problem, result, name, _command(args))
-    print(summary(recipe, result))
-    if not args.out:
-        print(recipe.to_yaml())
-        return 0
-    out = Path(args.out)
-    extra = write_outputs(out, recipe, population_json(s, problem, result), None if args.no_plot else (s, result))
-    print(f"wrote {out} (+ {' '.join(p.name for p in extra)})")
+    search(options(args), _command(args))
     return 0
-
-
-def write_outputs(out: Path, recipe: Recipe, population: dict[str, Any], plot_args: tuple | None) -> list[Path]:
-    """Recipe, population JSON and PNG as one unit: all three are written to temporary files
-    first (a failure leaves the previous run's files untouched), then renamed into place, the
-    recipe last. Its ``provenance.outputs`` holds the SHA-256 of the two others, so a kill
-    between the renames leaves files that say they do not belong together, never a silent mix."""
-    from merino_pl.io import atomic_path, sha256_file
-
-    companions = [out.with_suffix(".population.json")] + ([out.with_suffix(".png")] if plot_args else [])
-    with contextlib.ExitStack() as stack:  # renames run in reverse order of entry: the recipe last
-        recipe_tmp = stack.enter_context(atomic_path(out))
-        staged = [stack.enter_context(atomic_path(path)) for path in companions]
-        staged[0].write_text(json.dumps(population, indent=2, default=str) + "\n", encoding="utf-8")
-        if plot_args:
-            plot(staged[1], *plot_args)
-        recipe.provenance["outputs"] = {path.name: sha256_file(tmp) for path, tmp in zip(companions, staged)}
-        recipe_tmp.write_text(recipe.to_yaml(), encoding="utf-8")
-    return companions

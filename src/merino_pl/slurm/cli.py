@@ -1,33 +1,15 @@
-"""``merino-pl slurm submit|status|logs``: pretrain on a SLURM cluster (8 x H100 per node).
+"""``merino-pl slurm submit|status|logs``: the flags of the slurm stage (``slurm/jobs.py``).
 
-``submit`` checks every argument, renders the sbatch script (see ``render.py``), writes it into
-``<run_dir>/slurm/job-NNN.sbatch`` (a new number each time: an earlier script is never
-replaced) and hands it to ``sbatch``; ``--dry-run`` only prints it. ``status`` and ``logs``
-read the job ids ``submit`` recorded in ``<run_dir>/slurm/jobs.json``.
+``submit`` renders the sbatch script for ``merino-pl fit``, writes it beside the run's outputs
+and submits it; ``status`` and ``logs`` read the jobs it recorded.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-from typing import Any
+from dataclasses import fields
 
-
-from merino_pl.config import load_recipe
-from merino_pl.errors import MerinoError
-from merino_pl.io import read_yaml, write_json
-from merino_pl.slurm.render import RESERVED_FIT_ARGS, JobSpec, render
-
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")  # SLURM's --time forms
+from merino_pl.slurm.jobs import SubmitSettings, logs, status, submit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,204 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             q.add_argument("-n", "--lines", type=int, default=40, help="lines to print (default 40)")
 
 
+def settings(args: argparse.Namespace) -> SubmitSettings:
+    """The parsed ``submit`` flags as the stage's typed settings."""
+    return SubmitSettings(**{f.name: getattr(args, f.name) for f in fields(SubmitSettings)})
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"submit": _submit, "status": _status, "logs": _logs}[args.action](args)
-
-
-# -- submit -------------------------------------------------------------------------------
-def time_limit_seconds(value: str) -> int | None:
-    """Seconds in a SLURM ``--time`` value, or None when it is not one of SLURM's forms."""
-    m = _TIME.match(value.strip())
-    if not m:
-        return None
-    days, a, b, c = (int(x) if x else None for x in m.groups())
-    if days is not None:  # D-HH[:MM[:SS]]
-        h, mi, s = a, b or 0, c or 0
-        return ((days * 24 + h) * 60 + mi) * 60 + s
-    if b is None:  # MM
-        return a * 60
-    if c is None:  # MM:SS
-        return a * 60 + b
-    return (a * 60 + b) * 60 + c  # HH:MM:SS
-
-
-def default_run_dir(config: dict[str, Any], recipe: str) -> str:
-    """``trainer.default_root_dir`` of the training config, else ``runs/<recipe name>``."""
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    return str(trainer.get("default_root_dir") or f"runs/{Path(recipe).stem}")
-
-
-def _check_files(args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    if not Path(args.config).is_file():
-        problems.append(f"--config {args.config}: no such file")
+    if args.action == "submit":
+        submit(settings(args))
+    elif args.action == "status":
+        status(args.run_dir, args.job)
     else:
-        try:
-            loaded = read_yaml(args.config, "training config")
-            config = loaded if isinstance(loaded, dict) else {}
-            if not isinstance(loaded, (dict, type(None))):
-                problems.append(f"--config {args.config}: expected a YAML mapping (trainer:, model:, data:)")
-        except MerinoError as e:  # unreadable or malformed: one line, never a traceback
-            problems.append(f"--config: {e}")
-    try:
-        load_recipe(args.recipe)
-    except MerinoError as e:
-        problems.append(f"--recipe: {e}")
-    return config
-
-
-def _check_numbers(args: argparse.Namespace, problems: list[str]) -> None:
-    for flag, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
-                             ("--tasks-per-node", args.tasks_per_node, 1), ("--cpus-per-task", args.cpus_per_task, 1),
-                             ("--signal-seconds", args.signal_seconds, 1)):
-        if value is not None and value < low:
-            problems.append(f"{flag} {value}: must be >= {low}")
-    if args.tasks_per_node is not None and args.gpus_per_node > 0 and args.tasks_per_node != args.gpus_per_node:
-        problems.append("--tasks-per-node is for CPU jobs (--gpus-per-node 0); GPU jobs run one task per GPU")
-    limit = time_limit_seconds(args.time)
-    if limit is None:
-        problems.append(f"--time {args.time!r}: expected MM, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
-    elif limit <= args.signal_seconds:
-        problems.append(f"--time {args.time}: must be longer than --signal-seconds {args.signal_seconds}")
-    if args.job_name in ("bash", "interactive"):
-        problems.append(f"--job-name {args.job_name}: Lightning ignores SLURM for jobs named bash/interactive")
-
-
-def _check_fit_args(fit_args: list[str], problems: list[str]) -> None:
-    for arg in fit_args:
-        name = arg.split("=", 1)[0]
-        if name in RESERVED_FIT_ARGS:
-            problems.append(f"{name} after `--`: the script sets it (use --config/--recipe/--run-dir/"
-                            "--nodes/--gpus-per-node instead)")
-
-
-def build_spec(args: argparse.Namespace) -> JobSpec:
-    """Check every submit argument (all problems in one MerinoError) and return the job."""
-    problems: list[str] = []
-    config = _check_files(args, problems)
-    _check_numbers(args, problems)
-    _check_fit_args(args.fit_args, problems)
-    run_dir = args.run_dir or default_run_dir(config, args.recipe)
-    if Path(run_dir).exists() and not Path(run_dir).is_dir():
-        problems.append(f"--run-dir {run_dir}: exists and is not a directory")
-    if not args.dry_run and shutil.which("sbatch") is None:
-        problems.append("sbatch not found on PATH (not a SLURM login node?): use --dry-run to print the script")
-    if problems:
-        raise MerinoError("; ".join(problems))
-    cpus = args.cpus_per_task or (8 if args.gpus_per_node else 1)
-    return JobSpec(
-        config=args.config, recipe=args.recipe, run_dir=run_dir, nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=cpus,
-        time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
-        signal_seconds=args.signal_seconds, python=args.python, setup=tuple(args.setup),
-        fit_args=tuple(args.fit_args))
-
-
-def write_new_script(directory: Path, text: str) -> Path:
-    """Write ``text`` to the first free ``job-NNN.sbatch`` in ``directory``, atomically.
-
-    The complete file is linked into place (``os.link`` fails if the name exists), so a
-    concurrent submit or an earlier script is never overwritten and no reader sees half a file.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in directory.glob("job-*.sbatch") if (m := re.match(r"job-(\d+)\.sbatch$", p.name))]
-    number = max(taken, default=0) + 1
-    fd, tmp = tempfile.mkstemp(prefix=".job.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
-        while True:
-            target = directory / f"job-{number:03d}.sbatch"
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                number += 1
-    finally:
-        os.unlink(tmp)
-
-
-def _submit(args: argparse.Namespace) -> int:
-    spec = build_spec(args)
-    script = render(spec)
-    if args.dry_run:
-        sys.stdout.write(script)
-        return 0
-    path = write_new_script(Path(spec.log_dir), script)
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        path.unlink()  # never submitted: keep job-NNN numbers for scripts that ran
-        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise MerinoError(f"sbatch rejected the script: {last}")
-    job_id = proc.stdout.strip().split(";")[0]
-    _record_job(Path(spec.log_dir), job_id, path, spec)
-    print(f"wrote {path}")
-    print(f"submitted job {job_id}; log {spec.log_dir}/{job_id}.out; "
-          f"follow with: merino-pl slurm status {spec.run_dir}")
-    return 0
-
-
-def _record_job(log_dir: Path, job_id: str, script: Path, spec: JobSpec) -> None:
-    jobs = read_jobs(log_dir.parent)
-    jobs.append({"job_id": job_id, "script": str(script), "submitted": dt.datetime.now().isoformat(timespec="seconds"),
-                 "nodes": spec.nodes, "tasks_per_node": spec.ntasks_per_node, "command": spec.command_line()})
-    write_json(log_dir / "jobs.json", jobs)
-
-
-def read_jobs(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The jobs ``submit`` recorded for ``run_dir`` (oldest first; [] when none)."""
-    path = Path(run_dir) / "slurm" / "jobs.json"
-    with contextlib.suppress(FileNotFoundError):
-        return json.loads(path.read_text(encoding="utf-8"))
-    return []
-
-
-# -- status / logs ------------------------------------------------------------------------
-def job_fields(job_id: str) -> dict[str, str] | None:
-    """``scontrol show job`` as a dict (JobState, RunTime, Restarts ...); None if unknown."""
-    if shutil.which("scontrol") is None:
-        raise MerinoError("scontrol not found on PATH: run `slurm status` on a SLURM login node")
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return None
-    return dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
-
-
-def _selected_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    jobs = read_jobs(args.run_dir)
-    if not jobs:
-        raise MerinoError(f"{args.run_dir}: no jobs recorded (no {args.run_dir}/slurm/jobs.json); "
-                          "was it submitted with `merino-pl slurm submit`?")
-    if args.job is not None:
-        jobs = [j for j in jobs if j["job_id"] == args.job]
-        if not jobs:
-            known = ", ".join(j["job_id"] for j in read_jobs(args.run_dir))
-            raise MerinoError(f"--job {args.job}: not a job of {args.run_dir} (jobs: {known})")
-    return jobs
-
-
-def _status(args: argparse.Namespace) -> int:
-    rows = [("job", "state", "run time", "limit", "restarts", "nodes", "submitted")]
-    for job in _selected_jobs(args):
-        f = job_fields(job["job_id"]) or {}
-        rows.append((job["job_id"], f.get("JobState", "unknown (finished and purged?)"), f.get("RunTime", "-"),
-                     f.get("TimeLimit", "-"), f.get("Restarts", "-"), f.get("NodeList", "-"), job["submitted"]))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    return 0
-
-
-def _logs(args: argparse.Namespace) -> int:
-    if args.lines < 1:
-        raise MerinoError(f"--lines {args.lines}: must be >= 1")
-    job = _selected_jobs(args)[-1]
-    path = Path(args.run_dir) / "slurm" / f"{job['job_id']}.out"
-    if not path.exists():
-        raise MerinoError(f"{path}: no log yet (job {job['job_id']} has not started; see `merino-pl slurm status`)")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    print("\n".join(lines[-args.lines:]))
+        logs(args.run_dir, args.job, args.lines)
     return 0
