@@ -145,7 +145,8 @@ def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str 
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.generation_config = save_model_files(tmp, model.config, tokenizer)
-        model.save_pretrained(tmp, safe_serialization=True)  # the weights (and the same two configs)
+        with _quiet_transformers():  # no "Writing model shards" bar for one small file
+            model.save_pretrained(tmp, safe_serialization=True)  # the weights (and the same two configs)
     return out
 
 
@@ -173,8 +174,8 @@ def save_model_files(out: Path, config: MerinoHFConfig, tokenizer: str | None) -
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" bar from transformers (a load is a fraction of a second here, and a
-    bar on stderr would precede a one-line error about the model)."""
+    """No "Loading weights" / "Writing model shards" bar from transformers (a load is a fraction
+    of a second here, and a bar on stderr would precede a one-line error about the model)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
