@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/merino-pl pipeline --config recipes/pipeline/cpu-demo.yaml
 
 test: setup slurm-deps gptq-env
-	MERINO_REQUIRE_GPTQ=1 $(BIN)/python -m pytest -q tests
+	MERINO_REQUIRE_GPTQ=1 MERINO_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(BIN)/python -m pytest -q tests
 
 # A user's environment without merino-pl, for tests/test_export.py's INT4 consumer: the CPU torch,
 # this venv's transformers and pyproject's `gptq` extra (optimum + GPTQModel), in a venv of its own
