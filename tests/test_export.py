@@ -33,7 +33,8 @@ from merino_pl.quantize.qlinear import QuantLinear
 from merino_pl.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE, sources
 
 IDS = [[5, 17, 300, 42, 9, 1000, 7, 12], [50, 60, 70, 80, 90, 100, 110, 120]]
-GPTQ_PYTHON = Path(os.environ.get("MERINO_GPTQ_PYTHON", REPO / ".venv" / "gptq" / "bin" / "python"))
+# absolute, not resolved: the venv's python is a symlink to the base interpreter
+GPTQ_PYTHON = Path(os.environ.get("MERINO_GPTQ_PYTHON", REPO / ".venv" / "gptq" / "bin" / "python")).absolute()
 REQUIRE_GPTQ = os.environ.get("MERINO_REQUIRE_GPTQ") == "1"
 
 
