@@ -11,9 +11,11 @@ layer *application*, the QKᵀ and AV products over the full T×T score matrix, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from merino_pl.config import BlockConfig, MerinoConfig
+from merino_pl.config import BlockConfig, MerinoConfig, Recipe
 
 PAPER_SEQ_LEN = 1024
 
@@ -99,3 +101,30 @@ def kv_cache_bytes(cfg: MerinoConfig, tokens: int | None = None, bytes_per_value
     """
     tokens = cfg.max_position_embeddings if tokens is None else tokens
     return sum(2 * b.num_layers * b.embed_dim * tokens * bytes_per_value for b in cfg.blocks)
+
+
+def recipe_summary(recipe: Recipe, seq_len: int = PAPER_SEQ_LEN, entropy: dict[str, float] | None = None) -> dict[str, Any]:
+    """Everything ``merino-pl info`` reports, as a JSON-able dict (training logs it too).
+    ``entropy``: the recipe's entropy (a search quantity, so its callers pass it in)."""
+    arch = recipe.architecture
+    blocks = [dataclasses.asdict(block_cost(b, arch, seq_len)) for b in arch.blocks]
+    params = count_params(arch)
+    out: dict[str, Any] = {
+        "name": recipe.name,
+        "vocab_size": arch.vocab_size,
+        "d_model": arch.d_model,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "blocks": blocks,
+        "params": params,
+        "params_non_embedding": params - embedding_params(arch),
+        "flops_seq_len": seq_len,
+        "flops": count_flops(arch, seq_len),
+        "flops_with_lm_head": count_flops(arch, seq_len, include_lm_head=True),
+        "kv_cache_tokens": arch.max_position_embeddings,
+        "kv_cache_bytes_fp16": kv_cache_bytes(arch, bytes_per_value=2),
+        "kv_cache_bytes_fp32": kv_cache_bytes(arch, bytes_per_value=4),
+        "provenance": recipe.provenance,
+    }
+    if entropy is not None:
+        out["entropy"] = entropy
+    return out

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from merino_pl.config import Recipe, load_recipe
-from merino_pl.costs import PAPER_SEQ_LEN, block_cost, count_flops, count_params, embedding_params, kv_cache_bytes
+from merino_pl.costs import PAPER_SEQ_LEN, recipe_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,39 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def summarize(recipe: Recipe, seq_len: int = PAPER_SEQ_LEN) -> dict[str, Any]:
-    """Everything ``info`` reports, as a JSON-able dict (also logged by training)."""
-    arch = recipe.architecture
-    blocks = [dataclasses.asdict(block_cost(b, arch, seq_len)) for b in arch.blocks]
-    params = count_params(arch)
-    out: dict[str, Any] = {
-        "name": recipe.name,
-        "vocab_size": arch.vocab_size,
-        "d_model": arch.d_model,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "blocks": blocks,
-        "params": params,
-        "params_non_embedding": params - embedding_params(arch),
-        "flops_seq_len": seq_len,
-        "flops": count_flops(arch, seq_len),
-        "flops_with_lm_head": count_flops(arch, seq_len, include_lm_head=True),
-        "kv_cache_tokens": arch.max_position_embeddings,
-        "kv_cache_bytes_fp16": kv_cache_bytes(arch, bytes_per_value=2),
-        "kv_cache_bytes_fp32": kv_cache_bytes(arch, bytes_per_value=4),
-        "provenance": recipe.provenance,
-    }
-    entropy = _entropy(recipe)
-    if entropy is not None:
-        out["entropy"] = entropy
-    return out
+    """Everything ``info`` reports, as a JSON-able dict, with the entropy under the default
+    search config."""
+    from merino_pl.search import recipe_entropy
 
-
-def _entropy(recipe: Recipe) -> dict[str, float] | None:
-    """The recipe's entropy under the default search config (the search stage provides it)."""
-    try:
-        from merino_pl.search.entropy import recipe_entropy
-    except ImportError:
-        return None
-    return recipe_entropy(recipe.architecture)
+    return recipe_summary(recipe, seq_len, entropy=recipe_entropy(recipe.architecture))
 
 
 def _fmt(n: float, unit: str = "") -> str:

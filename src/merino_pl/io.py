@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes, hashing, JSON reports."""
+"""Small file helpers every stage shares: atomic writes, hashing, the one JSON and YAML readers."""
 
 from __future__ import annotations
 
@@ -84,11 +84,6 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -202,5 +197,21 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise MerinoError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MerinoError(f"{path}: cannot read {what}: {e}") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """``json.loads`` of a file; a missing, unreadable or malformed file is a one-line
+    ``MerinoError`` naming the file (and the line of a syntax error), as ``read_yaml``."""
+    from merino_pl.errors import MerinoError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MerinoError(f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MerinoError(f"{path}: line {e.lineno} malformed JSON: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise MerinoError(f"{path}: cannot read {what}: {e}") from None

@@ -18,7 +18,6 @@ range, and is a ``MerinoError`` naming the shape outside it.
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 from merino_pl.config import MerinoConfig
 from merino_pl.costs import projection_dims
 from merino_pl.errors import MerinoError
-from merino_pl.io import write_json
+from merino_pl.io import read_json, write_json
 
 FORMAT = "merino-latency-table/1"
 
@@ -147,11 +146,4 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MerinoError(f"latency table not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MerinoError(f"{path}: cannot read latency table: {e}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "latency table"), source=str(path))

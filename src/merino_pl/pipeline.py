@@ -31,6 +31,7 @@ from typing import Any
 
 from merino_pl.errors import MerinoError
 from merino_pl.io import atomic_write_text, read_yaml, sha256_file, write_json
+from merino_pl.pipeline_plots import read_report, summary_plots
 
 SECTIONS = ("name", "out_dir", "recipe", "search", "fit", "eval", "quantize", "latency")
 STAGE_KEYS = {
@@ -264,7 +265,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool
     if problems:
         raise MerinoError(f"{cfg.source}: " + "; ".join(problems))
     state_path = cfg.out_dir / "pipeline-state.json"
-    state = _read_json(state_path) or {}  # a state we cannot read only costs a re-run, never a wrong skip
+    state = read_report(state_path) or {}  # a state we cannot read only costs a re-run, never a wrong skip
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
     t_start = time.perf_counter()
     changed: set[Path] = set()  # dry run: outputs of stages that would run (their readers would too)
@@ -311,13 +312,6 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool
 
 
 # ---- the summary -----------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _fmt(x: Any, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -331,32 +325,17 @@ def _our_latency_ms(report: dict[str, Any] | None, precision: str) -> float | No
 
 
 def _tables(cfg: PipelineConfig, labels: list[str]) -> list[str]:
-    """Paper Tables 2 and 3 with this run's rows (one per precision) under the paper's."""
-    from merino_pl.evaluation.tasks import paper_baselines, paper_tasks
+    """Paper Tables 2 and 3 with this run's rows (one per precision) under the paper's, drawn
+    by the eval report's own renderer."""
+    from merino_pl.evaluation.report import table2_lines, table3_lines
 
-    evals = {lb: _read_json(cfg.out_dir / "eval" / lb / "eval.json") for lb in labels}
-    lats = {lb: _read_json(cfg.out_dir / "latency" / lb / "latency.json") for lb in labels}
+    evals = {lb: read_report(cfg.out_dir / "eval" / lb / "eval.json") for lb in labels}
+    lats = {lb: read_report(cfg.out_dir / "latency" / lb / "latency.json") for lb in labels}
     if not any(evals.values()):
         return []
-    base = paper_baselines()
-    cols = base["table2"]["columns"]
-    task_of = {t.column: t.task for t in paper_tasks()}
-    t2 = ["| model | params | " + " | ".join(cols) + " | Avg. |", "|---|---|" + "---|" * (len(cols) + 1)]
-    t2 += [f"| {r['model']} (paper) | {r['params']} | " + " | ".join(_fmt(s) for s in r["scores"]) + f" | {_fmt(r['avg'])} |"
-           for r in base["table2"]["rows"]]
-    t3 = ["| model | FLOPs | latency (ms) | WikiText-2 | PTB |", "|---|---|---|---|---|"]
-    t3 += [f"| {r['model']} (paper) | {r['flops']} | {r['latency']} | {r['wikitext2']} | {r['ptb']} |" for r in base["table3"]["rows"]]
-    for lb, rep in evals.items():
-        if not rep:
-            continue
-        m = rep["model"]
-        scores = [rep["tasks"].get(task_of[c], {}) for c in cols]
-        vals = [s.get("value") if s.get("status") == "ok" else None for s in scores]
-        avg = sum(vals) / len(vals) if all(v is not None for v in vals) else None
-        t2.append(f"| **{m['name']} {lb} (ours)** | {m['params_m']:.1f} M | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(avg)} |")
-        ppl = [rep["perplexity"].get(k, {}).get("word_perplexity") for k in ("wikitext2", "ptb")]
-        t3.append(f"| **{m['name']} {lb} (ours)** | {m['gflops']:.3g} G | {_fmt(_our_latency_ms(lats[lb], lb), 2)} | "
-                  + " | ".join(_fmt(p, 2) for p in ppl) + " |")
+    ours = [(lb, rep) for lb, rep in evals.items() if rep]
+    t2 = table2_lines(ours)
+    t3 = table3_lines([(lb, rep, _our_latency_ms(lats[lb], lb)) for lb, rep in ours], latency_header="latency (ms)")
     lat_note = next((f"{r['device']['summary']}, batch {r['protocol']['batch']}, "
                      f"sequence {r['protocol']['seq_len']}, mean of {r['protocol']['runs']} prefill runs"
                      for r in lats.values() if r), "latency: not measured in this run")
@@ -376,8 +355,6 @@ def _models(out: Path, stages: list[Stage]) -> dict[str, Path]:
 def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any]) -> Path:
     """``OUT/summary.md``: stages, the run's pictures, the paper's tables with this run's rows,
     links to reports."""
-    from merino_pl.pipeline_plots import summary_plots
-
     out = cfg.out_dir
     labels = [s.name[len("eval-"):] for s in stages if s.name.startswith("eval-")]
     lines = [f"# Pipeline `{cfg.name}`", "", f"Config: `{cfg.source}`. Every path below is relative to this file.", "",

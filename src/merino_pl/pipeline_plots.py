@@ -15,13 +15,13 @@ Only the reports' files are read (STYLE §6); the bubble chart is ``latency plot
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merino_pl.io import atomic_path
+from merino_pl.errors import MerinoError
+from merino_pl.io import atomic_path, read_json
 
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:red"}
 PPL_DATASETS = ("wikitext2", "ptb")  # the paper's Table 3, in its order
@@ -40,10 +40,12 @@ class PrecisionRow:
     flops_g: float | None = None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_report(path: Path) -> dict[str, Any] | None:
+    """A stage's JSON report (or the pipeline's state), None when missing or unreadable: the
+    summary shows what exists, and a state we cannot read only costs a re-run."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path, "report")
+    except MerinoError:
         return None
 
 
@@ -54,12 +56,12 @@ def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
         row = PrecisionRow(label)
         weights = list(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
         row.size_mb = sum(p.stat().st_size for p in weights) / 1e6 if weights else None
-        ev = _read_json(out / "eval" / label / "eval.json") or {}
+        ev = read_report(out / "eval" / label / "eval.json") or {}
         row.model = (ev.get("model") or {}).get("name")
         ppl = ev.get("perplexity") or {}
         row.dataset = next((k for k in (*PPL_DATASETS, *ppl) if (ppl.get(k) or {}).get("word_perplexity")), None)
         row.perplexity = ppl[row.dataset]["word_perplexity"] if row.dataset else None
-        for r in (_read_json(out / "latency" / label / "latency.json") or {}).get("rows", []):
+        for r in (read_report(out / "latency" / label / "latency.json") or {}).get("rows", []):
             if r.get("role") == "model" and r.get("precision") == label and r.get("path") == "plain":
                 row.latency_ms, row.flops_g = r["prefill_ms"]["mean"], r.get("flops_g")
                 row.model = row.model or r.get("model")
@@ -70,7 +72,7 @@ def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
 def accuracy_known(out: Path, labels: list[str]) -> bool:
     """Whether any eval report of this run has a finished zero-shot task."""
     for label in labels:
-        tasks = (_read_json(out / "eval" / label / "eval.json") or {}).get("tasks") or {}
+        tasks = (read_report(out / "eval" / label / "eval.json") or {}).get("tasks") or {}
         if any(isinstance(t, dict) and t.get("status") == "ok" for t in tasks.values()):
             return True
     return False
@@ -128,7 +130,7 @@ def _number(text: Any) -> float | None:
 
 def paper_perplexity_points(dataset: str) -> list[dict[str, Any]]:
     """The paper's Table 3: Jetson Nano latency, FLOPs and word perplexity on ``dataset``."""
-    from merino_pl.evaluation.tasks import paper_baselines
+    from merino_pl.evaluation.report import paper_baselines
 
     rows = paper_baselines()["table3"]["rows"]
     return [{"model": r["model"].lower(), "label": r["model"], "latency_ms": _number(r["latency"]),
@@ -149,7 +151,7 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Pat
               for r in ours if r.dataset == dataset]
     paper = paper_perplexity_points(dataset) if dataset in PPL_DATASETS else []
     by_name = {p["model"]: p for p in paper}
-    report = _read_json(out_dir / "latency" / "fp32" / "latency.json") or {}
+    report = read_report(out_dir / "latency" / "fp32" / "latency.json") or {}
     device = (report.get("device") or {}).get("summary", "this machine")
     for r in report.get("rows", []):  # peers timed on this device: the paper's perplexity
         if r.get("role") != "model" and r.get("path") == "plain" and r.get("model") in by_name:

@@ -20,7 +20,6 @@ W' x K' restarts every reader from it (elastic exact resume).
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from merino_pl.data.packing import check_slot, rng_for, worker_slot
 from merino_pl.errors import MerinoError
-from merino_pl.io import sha256_file
+from merino_pl.io import read_json, sha256_file
 
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "merino-shards/1"
@@ -59,10 +58,7 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise MerinoError(f"{directory}: not a shard directory (no {MANIFEST}); write one with `merino-pl prepare`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MerinoError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, "shard manifest")
     if manifest.get("format") != SHARDS_FORMAT:
         raise MerinoError(f"{path}: format {manifest.get('format')!r}, expected {SHARDS_FORMAT!r}")
     return manifest

@@ -2,12 +2,15 @@
 
 Our row sits under the paper's baseline rows; columns we did not evaluate show ``—``, skipped
 tasks are listed with their reason, and every perplexity carries its protocol, because
-figures under different protocols are not comparable.
+figures under different protocols are not comparable. ``table2_lines`` / ``table3_lines`` render
+several of our reports under the paper's rows: the pipeline's summary (one row per precision)
+calls them rather than keeping a copy. ``paper_baselines`` is the paper's rows they lay out.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,15 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def table2(report: dict[str, Any]) -> str:
-    """Zero-shot accuracy table: the paper's rows, then ours (paper tasks only, in its order)."""
+def _ours(report: dict[str, Any], label: str) -> str:
+    """Our row's name: the model's, and the label (the pipeline's precision) when there is one."""
+    return f"**{report['model']['name']}{' ' + label if label else ''} (ours)**"
+
+
+def table2_lines(reports: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Zero-shot accuracy table: the paper's rows, then one row per ``(label, report)`` of ours
+    (paper tasks only, in its order)."""
     base = paper_baselines()["table2"]
-    by_column = {t.column: report["tasks"].get(t.task, {}) for t in paper_tasks()}
     lines = [
         "| model | params | " + " | ".join(base["columns"]) + " | Avg. |",
         "|---|---|" + "---|" * (len(base["columns"]) + 1),
@@ -36,25 +44,39 @@ def table2(report: dict[str, Any]) -> str:
     for row in base["rows"]:
         cells = [_fmt(s) for s in row["scores"]] + [_fmt(row["avg"])]
         lines.append(f"| {row['model']} (paper) | {row['params']} | " + " | ".join(cells) + " |")
-    ours = [by_column[c].get("value") if by_column[c].get("status") == "ok" else None for c in base["columns"]]
-    avg = sum(ours) / len(ours) if all(v is not None for v in ours) else None
-    m = report["model"]
-    lines.append(
-        f"| **{m['name']} (ours)** | {m['params_m']:.1f} M | " + " | ".join(_fmt(v) for v in ours) + f" | {_fmt(avg)} |"
-    )
-    return "\n".join(lines)
+    for label, report in reports:
+        by_column = {t.column: report["tasks"].get(t.task, {}) for t in paper_tasks()}
+        ours = [by_column[c].get("value") if by_column[c].get("status") == "ok" else None for c in base["columns"]]
+        avg = sum(ours) / len(ours) if all(v is not None for v in ours) else None
+        lines.append(
+            f"| {_ours(report, label)} | {report['model']['params_m']:.1f} M | " + " | ".join(_fmt(v) for v in ours)
+            + f" | {_fmt(avg)} |"
+        )
+    return lines
+
+
+def table3_lines(reports: Sequence[tuple[str, dict[str, Any], float | None]], latency_header: str = "latency") -> list[str]:
+    """Perplexity table: the paper's rows, then one row per ``(label, report, latency_ms)`` of
+    ours (word perplexity, the paper's unit; no latency measured: ``—``)."""
+    lines = [f"| model | FLOPs | {latency_header} | WikiText-2 | PTB |", "|---|---|---|---|---|"]
+    for row in paper_baselines()["table3"]["rows"]:
+        lines.append(f"| {row['model']} (paper) | {row['flops']} | {row['latency']} | {row['wikitext2']} | {row['ptb']} |")
+    for label, report, latency_ms in reports:
+        ppl = report["perplexity"]
+        cells = [_fmt(ppl.get(k, {}).get("word_perplexity"), 2) for k in ("wikitext2", "ptb")]
+        lines.append(f"| {_ours(report, label)} | {report['model']['gflops']:.3g} G | {_fmt(latency_ms, 2)} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def table2(report: dict[str, Any]) -> str:
+    """Zero-shot accuracy table: the paper's rows, then ours (paper tasks only, in its order)."""
+    return "\n".join(table2_lines([("", report)]))
 
 
 def table3(report: dict[str, Any]) -> str:
     """Perplexity table: the paper's rows, then ours (word perplexity, the paper's unit)."""
-    lines = ["| model | FLOPs | latency | WikiText-2 | PTB |", "|---|---|---|---|---|"]
-    for row in paper_baselines()["table3"]["rows"]:
-        lines.append(f"| {row['model']} (paper) | {row['flops']} | {row['latency']} | {row['wikitext2']} | {row['ptb']} |")
-    ppl = report["perplexity"]
-    cells = [_fmt(ppl.get(k, {}).get("word_perplexity"), 2) for k in ("wikitext2", "ptb")]
-    m = report["model"]
-    lines.append(f"| **{m['name']} (ours)** | {m['gflops']:.3g} G | — | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(table3_lines([("", report, None)]))
 
 
 def _other_tasks(report: dict[str, Any]) -> list[str]:

@@ -16,9 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from merino_pl.errors import MerinoError
+from merino_pl.io import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +36,9 @@ def _paper_file(name: str) -> Path:
 def load_task_list(path: str | Path) -> tuple[list[TaskSpec], int | None]:
     """A task-list YAML (like ``eval/paper-tasks.yaml``): its tasks and ``num_fewshot``."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = read_yaml(path, "task list")
         specs = [TaskSpec(t.get("column", t["task"]), t["task"], t.get("metric")) for t in data["tasks"]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+    except (MerinoError, KeyError, TypeError, AttributeError) as e:
         raise MerinoError(f"{path}: not a task list (need `tasks: [{{task: NAME, metric: acc}}, ...]`): {e}") from None
     return specs, data.get("num_fewshot")
 
@@ -51,7 +50,7 @@ def paper_tasks() -> list[TaskSpec]:
 
 def paper_baselines() -> dict[str, Any]:
     """The paper's Table 2 and Table 3 rows (Pythia, Cerebras, GPT-2, OPT, MeRino)."""
-    return yaml.safe_load(_paper_file("paper-baselines.yaml").read_text(encoding="utf-8"))
+    return read_yaml(_paper_file("paper-baselines.yaml"), "paper baselines")
 
 
 def resolve_tasks(spec: str) -> tuple[list[TaskSpec], int | None]:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from merino_pl.config import MerinoConfig, Recipe
 from merino_pl.costs import count_flops, count_params
 from merino_pl.errors import MerinoError
+from merino_pl.io import atomic_path, check_out, read_yaml, sha256_file
 from merino_pl.latency_table import LatencyTable
 from merino_pl.search import exhaustive
 from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
@@ -71,9 +71,9 @@ class SearchOptions:
 
 def _read_config(path: str, problems: list[str]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        problems.append(f"cannot read search config {path}: {e}".splitlines()[0])
+        data = read_yaml(path, "search config") or {}
+    except MerinoError as e:
+        problems.append(str(e))
         return {}
     if not isinstance(data, dict):
         problems.append(f"{path}: a search config must be a mapping")
@@ -280,8 +280,6 @@ def search(options: SearchOptions, command: str | None = None) -> Recipe:
     command line recorded in the recipe's provenance."""
     s = resolve_settings(options)
     if options.out:  # an unwritable --out is found before the search, not after it
-        from merino_pl.io import check_out
-
         if problems := check_out(options.out, file=True):
             raise MerinoError("; ".join(problems))
     problem, result = run_search(s, progress=options.progress)
@@ -302,8 +300,6 @@ def write_outputs(out: Path, recipe: Recipe, population: dict[str, Any], plot_ar
     first (a failure leaves the previous run's files untouched), then renamed into place, the
     recipe last. Its ``provenance.outputs`` holds the SHA-256 of the two others, so a kill
     between the renames leaves files that say they do not belong together, never a silent mix."""
-    from merino_pl.io import atomic_path, sha256_file
-
     companions = [out.with_suffix(".population.json")] + ([out.with_suffix(".png")] if plot_args else [])
     with contextlib.ExitStack() as stack:  # renames run in reverse order of entry: the recipe last
         recipe_tmp = stack.enter_context(atomic_path(out))

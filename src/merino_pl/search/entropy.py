@@ -45,7 +45,7 @@ import numpy as np
 from merino_pl.config import MerinoConfig
 from merino_pl.errors import MerinoError
 from merino_pl.search import config_section
-from merino_pl.io import write_json
+from merino_pl.io import read_json, write_json
 
 INITS = ("normal",)
 TABLE_FORMAT = "merino-entropy-table/1"
@@ -192,10 +192,7 @@ class EntropyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "EntropyTable":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MerinoError(f"cannot read entropy table {path}: {e}") from None
+        data = read_json(path, "entropy table")
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise MerinoError(f"{path}: not an entropy table (format must be {TABLE_FORMAT!r})")
         values = {(int(n), int(m)): float(h) for n, m, h in data["entries"]}
@@ -243,17 +240,25 @@ def matrix_entropy(rows: int, cols: int, cfg: EntropyConfig = DEFAULT) -> float:
     return matrix_entropy_closed_form(rows, cols, cfg)
 
 
-def effectiveness(num_layers: int, width: int, beta: float) -> float:
-    """1 − γ with γ = β·L / log2(width) (Eq. 9–11; log2 reproduces the paper's Table 1)."""
-    return 1.0 - beta * num_layers / math.log2(width)
+def effectiveness(num_layers: Any, width: Any, beta: float) -> Any:
+    """1 − γ with γ = β·L / log2(width) (Eq. 9–11; log2 reproduces the paper's Table 1), for
+    one block or, elementwise, for arrays of blocks."""
+    log2 = np.log2 if isinstance(width, np.ndarray) else math.log2
+    return 1.0 - beta * num_layers / log2(width)
+
+
+def _block_terms(embed_dim: Any, ffn_dim: Any, num_layers: Any, h_mhsa: Any, h_ffn: Any, beta: float) -> tuple[Any, Any]:
+    """Eq. 15's (MHSA, FFN) terms of a block, L·(1 − γ)·H, from its matrices' entropy sums
+    (scalars for one block, arrays for many); α not applied."""
+    return (num_layers * effectiveness(num_layers, embed_dim, beta) * h_mhsa,
+            num_layers * effectiveness(num_layers, ffn_dim, beta) * h_ffn)
 
 
 def block_entropy(embed_dim: int, ffn_dim: int, num_layers: int, cfg: EntropyConfig = DEFAULT) -> tuple[float, float]:
     """(MHSA, FFN) terms of one block: L·(1 − γ)·H over its layer's matrices, α not applied."""
     h_mhsa = 4 * matrix_entropy(embed_dim, embed_dim, cfg)
     h_ffn = 2 * matrix_entropy(embed_dim, ffn_dim, cfg)
-    return (num_layers * effectiveness(num_layers, embed_dim, cfg.beta) * h_mhsa,
-            num_layers * effectiveness(num_layers, ffn_dim, cfg.beta) * h_ffn)
+    return _block_terms(embed_dim, ffn_dim, num_layers, h_mhsa, h_ffn, cfg.beta)
 
 
 def matrix_entropies(rows: np.ndarray, cols: np.ndarray, cfg: EntropyConfig = DEFAULT) -> np.ndarray:
@@ -273,9 +278,7 @@ def block_entropies(embed_dim: np.ndarray, ffn_dim: np.ndarray, num_layers: np.n
     """``block_entropy`` for arrays of blocks (the search's per-code score table)."""
     h_mhsa = 4 * matrix_entropies(embed_dim, embed_dim, cfg)
     h_ffn = 2 * matrix_entropies(embed_dim, ffn_dim, cfg)
-    eff_mhsa = 1.0 - cfg.beta * num_layers / np.log2(embed_dim)
-    eff_ffn = 1.0 - cfg.beta * num_layers / np.log2(ffn_dim)
-    return num_layers * eff_mhsa * h_mhsa, num_layers * eff_ffn * h_ffn
+    return _block_terms(embed_dim, ffn_dim, num_layers, h_mhsa, h_ffn, cfg.beta)
 
 
 def arch_entropy(arch: MerinoConfig, cfg: EntropyConfig = DEFAULT) -> dict[str, float]:

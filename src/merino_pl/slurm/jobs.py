@@ -10,9 +10,7 @@ read the job ids ``submit`` recorded in ``<run_dir>/slurm/jobs.json``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -25,7 +23,7 @@ from typing import Any
 
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
-from merino_pl.io import read_yaml, write_json
+from merino_pl.io import read_json, read_yaml, write_json
 from merino_pl.slurm.render import RESERVED_FIT_ARGS, JobSpec, render
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")  # SLURM's --time forms
@@ -202,9 +200,7 @@ def _record_job(log_dir: Path, job_id: str, script: Path, spec: JobSpec) -> None
 def read_jobs(run_dir: str | Path) -> list[dict[str, Any]]:
     """The jobs ``submit`` recorded for ``run_dir`` (oldest first; [] when none)."""
     path = Path(run_dir) / "slurm" / "jobs.json"
-    with contextlib.suppress(FileNotFoundError):
-        return json.loads(path.read_text(encoding="utf-8"))
-    return []
+    return read_json(path, "job list") if path.exists() else []
 
 
 # -- status / logs ------------------------------------------------------------------------
