@@ -1,0 +1,170 @@
+"""The import graph keeps merino-pl's two layers apart (STYLE §6, docs/architecture.md).
+
+Every ``import`` in ``src/merino_pl`` (module level and inside functions) is read from the AST.
+The **core** (config, costs, io, errors, model, tokenizer, checkpoint, the quantized formats, the
+search-space and latency-table formats) imports no stage; a **stage** imports the core, itself
+and, of another stage, only that stage's public entry (``PUBLIC``). Edges that break this today
+and live in files under another rewrite are listed in ``KNOWN_BACK_EDGES``; each must still
+exist, so the list can only shrink.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "merino_pl"
+
+CORE = {
+    "merino_pl", "merino_pl.config", "merino_pl.costs", "merino_pl.io", "merino_pl.errors",
+    "merino_pl.model", "merino_pl.tokenizer", "merino_pl.checkpoint", "merino_pl.remote_code",
+    "merino_pl.space", "merino_pl.latency_table",
+    # the GPTQ checkpoint format and the modules it loads into (checkpoint.py reads them)
+    "merino_pl.quantize", "merino_pl.quantize.format", "merino_pl.quantize.qlinear",
+    "merino_pl.quantize.qembedding", "merino_pl.quantize.packing", "merino_pl.quantize.rtn",
+}
+
+# the dispatch table: imports stages by name (importlib), imported by no library module
+ENTRY = {"merino_pl.cli"}
+
+# top-level modules that belong to a stage named otherwise
+STAGE_OF = {"merino_pl.pipeline_plots": "pipeline"}
+
+# what one stage may import of another: its public entry points (module -> why)
+PUBLIC = {
+    "merino_pl.data": "PileDataModule, what fit trains on",
+    "merino_pl.data.sources": "the one resolver for every data source (STYLE §7)",
+    "merino_pl.search": "recipe_entropy: the entropy info and fit report for any recipe",
+    "merino_pl.search.api": "the search stage's entry (SearchSettings, build_problem, decode, run_search)",
+    "merino_pl.train.fit": "the fit stage's entry",
+    "merino_pl.evaluation.api": "the eval stage's entry",
+    "merino_pl.evaluation.report": "the eval report's renderer (whoever shows a report calls its renderer)",
+    "merino_pl.latency.plot": "the latency plot's renderer",
+}
+
+# (importer, imported) pairs allowed beyond PUBLIC, each with its reason
+ALLOWED = {
+    ("merino_pl.pipeline", "merino_pl.cli"): "the orchestrator checks each stage through the dispatch table",
+}
+
+# Back-edges in files being rewritten elsewhere (model / checkpoint / export / tokenizer / demo /
+# quantize / latency / study): phase 2 of issue 17 removes them. Each must still exist.
+KNOWN_BACK_EDGES = {
+    ("merino_pl.quantize.format", "merino_pl.quantize.runner"): "the format imports QuantSpec from the quantize stage",
+    ("merino_pl.quantize.qlinear", "merino_pl.latency.onnx_nbits"): "QuantLinear builds its ONNX node from latency/",
+    ("merino_pl.quantize.qembedding", "merino_pl.latency.onnx_nbits"): "QuantEmbedding builds its ONNX node from latency/",
+    ("merino_pl.export", "merino_pl.latency.onnx_export"): "export's ONNX path lives in the latency stage",
+    ("merino_pl.latency.cli", "merino_pl.cli"): "latency's sub-command parser reuses the root ArgumentParser",
+    ("merino_pl.study.cli", "merino_pl.cli"): "study's sub-command parser reuses the root ArgumentParser",
+    ("merino_pl.latency.report", "merino_pl.quantize.runner"): "latency re-runs RTN in-process instead of reading the GPTQ dir",
+    ("merino_pl.demo", "merino_pl.info"): "demo prints info's table",
+    ("merino_pl.demo", "merino_pl.train.cli"): "demo runs fit through its CLI module, not train.fit.fit",
+    ("merino_pl.study.worker", "merino_pl.train.cli"): "the study worker runs fit through its CLI module",
+    ("merino_pl.study.sample", "merino_pl.search.cli"): "decode, re-exported there until study imports search.api",
+    ("merino_pl.study.compare", "merino_pl.search.cli"): "SearchSettings / build_problem / decode, re-exported there",
+    ("merino_pl.study.compare", "merino_pl.search.evolution"): "PROXIES: a search internal",
+    ("merino_pl.study.compare", "merino_pl.search.exhaustive"): "optimum: a search internal",
+    ("merino_pl.study.compare", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
+    ("merino_pl.study.config", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
+    ("merino_pl.study.config", "merino_pl.search.budget"): "Budget / parse_budget: search internals",
+    ("merino_pl.study.sample", "merino_pl.search.budget"): "Genes / cost_tables: search internals",
+    ("merino_pl.study.calibrate", "merino_pl.search.entropy"): "arch_entropy: a search internal",
+    ("merino_pl.study.proxies", "merino_pl.search.entropy"): "arch_entropy: a search internal",
+    ("merino_pl.study.report", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
+    ("merino_pl.study.runner", "merino_pl.data.packing"): "DocumentTokenizer / is_heldout: data internals",
+    ("merino_pl.study.runner", "merino_pl.evaluation.perplexity"): "embedded_wikitext2: an eval internal",
+}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = SRC) -> set[tuple[str, str]]:
+    """(importer, imported module) for every merino_pl import under ``root``, at any depth in
+    the file; ``from package import name`` counts as importing ``package.name`` when that is a
+    module."""
+    files = sorted(root.rglob("*.py"))
+    modules = {module_name(f, root) for f in files}
+    edges: set[tuple[str, str]] = set()
+    for f in files:
+        me = module_name(f, root)
+        package = me if f.name == "__init__.py" else me.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"), str(f))):
+            if isinstance(node, ast.Import):
+                edges |= {(me, a.name) for a in node.names if a.name.split(".")[0] == "merino_pl"}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, `level - 1` packages up
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([base] if base else [])])
+                if base.split(".")[0] != "merino_pl":
+                    continue
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    edges.add((me, sub if sub in modules else base))
+    return {(a, b) for a, b in edges if a != b}
+
+
+def stage(module: str) -> str | None:
+    """The stage a module belongs to (None for the core and the entry)."""
+    if module in CORE or module in ENTRY:
+        return None
+    return STAGE_OF.get(module) or module.split(".")[1]
+
+
+def violations(edges: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Every edge that breaks the layering, with what it breaks."""
+    bad = {}
+    for importer, imported in sorted(edges):
+        if (importer, imported) in ALLOWED or importer in ENTRY:
+            continue
+        if imported in ENTRY:
+            bad[(importer, imported)] = "imports the CLI dispatch table"
+        elif importer in CORE and imported not in CORE:
+            bad[(importer, imported)] = f"the core imports the {stage(imported)} stage"
+        elif importer not in CORE and imported not in CORE and stage(importer) != stage(imported) and imported not in PUBLIC:
+            bad[(importer, imported)] = f"the {stage(importer)} stage imports {stage(imported)}'s internals"
+    return bad
+
+
+def test_no_new_back_edges() -> None:
+    unexpected = {e: why for e, why in violations(import_graph()).items() if e not in KNOWN_BACK_EDGES}
+    assert not unexpected, "layering broken (see docs/architecture.md):\n" + "\n".join(
+        f"  {a} -> {b}: {why}" for (a, b), why in unexpected.items())
+
+
+def test_known_back_edges_still_exist() -> None:
+    """A known back-edge that is gone must leave the list (it can only shrink)."""
+    gone = set(KNOWN_BACK_EDGES) - set(violations(import_graph()))
+    assert not gone, "no longer a back-edge, remove from KNOWN_BACK_EDGES: " + ", ".join(f"{a} -> {b}" for a, b in gone)
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    pkg = root / "merino_pl"
+    for name, text in files.items():
+        path = pkg / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return pkg
+
+
+@pytest.mark.parametrize(("files", "edge"), [
+    # the core reaching up into a stage, inside a function
+    ({"config.py": "def f():\n    from merino_pl.search.api import decode\n"}, ("merino_pl.config", "merino_pl.search.api")),
+    # a stage importing another stage's internals, relative import
+    ({"train/__init__.py": "", "train/fit.py": "from ..search import entropy\n"}, ("merino_pl.train.fit", "merino_pl.search.entropy")),
+    # a library module importing the CLI dispatch table
+    ({"search/__init__.py": "", "search/api.py": "import merino_pl.cli\n"}, ("merino_pl.search.api", "merino_pl.cli")),
+])
+def test_checker_catches_an_added_back_edge(tmp_path: Path, files: dict[str, str], edge: tuple[str, str]) -> None:
+    clean = {"__init__.py": "", "cli.py": "", "config.py": "from merino_pl.errors import MerinoError\n", "errors.py": "",
+             "search/__init__.py": "", "search/entropy.py": "from merino_pl.config import x\n",
+             "search/api.py": "from merino_pl.search import entropy\n", "train/__init__.py": "",
+             "train/fit.py": "from merino_pl.search.api import decode\nfrom merino_pl import config\n"}
+    assert violations(import_graph(_write(tmp_path / "clean", clean))) == {}
+    graph = import_graph(_write(tmp_path / "broken", {**clean, **files}))
+    assert edge in graph and edge in violations(graph)
