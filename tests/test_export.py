@@ -194,10 +194,16 @@ def test_stock_lm_eval_cli_gives_the_number_of_merino_pl_eval(exported: Path, tm
     assert ours["arc_easy_local"]["metrics"]["acc"] == stock["arc_easy_local"]["acc,none"]
 
 
-def test_export_of_a_gptq_dir_without_onnx_is_refused(exported: Path, tmp_path: Path, capsys) -> None:
-    """Re-saving a GPTQ model as a float export would write packed tensors no reader expects."""
+def test_quantized_dir_is_self_contained_and_not_exported_again(exported: Path, tmp_path: Path, capsys) -> None:
+    """A GPTQ directory carries what an export does; exporting it again (without --onnx) is
+    refused: re-saving a GPTQ model as a float export would write packed tensors no reader expects."""
     assert cli(["quantize", str(exported), "--method", "rtn", "--bits", "8", "--nsamples", "2", "--seq-len", "32",
                 "--holdout", "2", "--out", str(tmp_path / "int8")]) == 0
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["eos_token_id"] == 0
+    assert config["quantization_config"]["block_name_to_quantize"] == "model.blocks"
+    assert json.loads((tmp_path / "int8" / "tokenizer_config.json").read_text())["model_max_length"] == 128
+    assert {f: (tmp_path / "int8" / f).read_text() for f in (CONFIG_FILE, MODELING_FILE)} == sources()
     capsys.readouterr()
     assert cli(["export", str(tmp_path / "int8"), "--out", str(tmp_path / "again")]) == 2
     err = capsys.readouterr().err
