@@ -38,7 +38,8 @@ GPTQ_PYTHON = Path(os.environ.get("MERINO_GPTQ_PYTHON", REPO / ".venv" / "gptq" 
 REQUIRE_GPTQ = os.environ.get("MERINO_REQUIRE_GPTQ") == "1"
 
 
-def run_isolated(code: str, tmp: Path, python: Path | str = sys.executable, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_isolated(code: str, tmp: Path, python: Path | str = sys.executable, timeout: int = 600,
+                 ) -> subprocess.CompletedProcess:
     """Run ``code`` in ``python -I -S`` with only that interpreter's site-packages on ``sys.path``;
     the prelude fails the run if ``merino_pl`` is importable there."""
     site = subprocess.run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -92,7 +93,7 @@ def test_remote_code_is_the_package_source() -> None:
                     and "merino_pl" in ast.unparse(n)], f"{file} imports merino_pl"
         written.update({(file, _name(n)): ast.get_source_segment(text, n) for n in tree.body if _name(n)})
     for (file, name), segment in written.items():
-        assert segment in {package.get(("merino_pl.model", name)), package.get(("merino_pl.config", name))}, (file, name)
+        assert segment in {package.get((m, name)) for m in ("merino_pl.model", "merino_pl.config")}, (file, name)
     model_defs = {name for module, name in package if module == "merino_pl.model"}
     assert model_defs - {name for _, name in written} == {"_register_with_transformers"}
 
@@ -190,7 +191,8 @@ def test_stock_lm_eval_cli_gives_the_number_of_merino_pl_eval(exported: Path, tm
     assert cli(["eval", str(exported), "--tasks", "ppl_local,arc_easy_local", "--include-path", str(tasks),
                 "--ppl", "none", "--bootstrap-iters", "0", "--out", str(tmp_path / "ours")]) == 0
     ours = json.loads((tmp_path / "ours" / "eval.json").read_text())["tasks"]
-    assert ours["ppl_local"]["metrics"]["word_perplexity"] == pytest.approx(stock["ppl_local"]["word_perplexity,none"], rel=1e-5)
+    stock_ppl = stock["ppl_local"]["word_perplexity,none"]
+    assert ours["ppl_local"]["metrics"]["word_perplexity"] == pytest.approx(stock_ppl, rel=1e-5)
     assert ours["arc_easy_local"]["metrics"]["acc"] == stock["arc_easy_local"]["acc,none"]
 
 
@@ -230,12 +232,13 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
     d = tmp_path_factory.mktemp("gptq")
     # two blocks (64 wide, applied twice; 128 wide), over the real vocabulary
     arch = MerinoConfig(
-        blocks=(BlockConfig(embed_dim=64, ffn_dim=128, num_layers=2), BlockConfig(embed_dim=128, ffn_dim=256, num_layers=1)),
+        blocks=(BlockConfig(embed_dim=64, ffn_dim=128, num_layers=2),
+                BlockConfig(embed_dim=128, ffn_dim=256, num_layers=1)),
         vocab_size=50304, d_model=64, max_position_embeddings=128)
     recipe = Recipe("tiny-gptq", arch).save(d / "tiny.yaml")
     assert cli(["export", str(recipe), "--out", str(d / "float")]) == 0
-    assert cli(["quantize", str(d / "float"), "--bits", "4", "--group-size", str(group), "--nsamples", "4", "--seq-len", "32",
-                "--holdout", "2", "--out", str(d / "int4")]) == 0
+    assert cli(["quantize", str(d / "float"), "--bits", "4", "--group-size", str(group), "--nsamples", "4",
+                "--seq-len", "32", "--holdout", "2", "--out", str(d / "int4")]) == 0
     qconfig = json.loads((d / "int4" / "config.json").read_text())["quantization_config"]
     assert qconfig["block_name_to_quantize"] == "model.blocks" and qconfig["bits"] == 4
     assert qconfig.get("backend") == (None if group == 32 else "torch")
@@ -246,7 +249,8 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
         model = AutoModelForCausalLM.from_pretrained({str(d / "int4")!r}, trust_remote_code=True, device_map="cpu",
                                                      dtype=torch.float32).eval()
         q_proj = model.model.blocks[0].layer.attn.q_proj
-        weights = {{n: m.dequantize_weight(num_itr=1).t().float() for n, m in model.named_modules() if type(m) is type(q_proj)}}
+        weights = {{n: m.dequantize_weight(num_itr=1).t().float()
+                   for n, m in model.named_modules() if type(m) is type(q_proj)}}
         ids = torch.tensor({IDS})
         with torch.no_grad():
             logits = model(ids).logits  # through the kernel GPTQModel picked

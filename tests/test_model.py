@@ -9,11 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import merino_pl  # noqa: F401  (registers the model type)
+from conftest import tiny_arch
 from merino_pl.checkpoint import export_pretrained, load_model
 from merino_pl.costs import count_params
 from merino_pl.model import MerinoForCausalLM
-
-from conftest import tiny_arch
 
 
 @pytest.fixture
@@ -40,11 +39,15 @@ def test_weight_sharing_really_shares_storage(model: MerinoForCausalLM) -> None:
     # every application of block j runs the same tensors: record the q_proj weight pointer per call
     seen: dict[int, set[int]] = {}
     hooks = [
-        b.layer.attn.q_proj.register_forward_hook(lambda m, i, o, j=j: seen.setdefault(j, set()).add(m.weight.data_ptr()))
+        b.layer.attn.q_proj.register_forward_hook(
+            lambda m, i, o, j=j: seen.setdefault(j, set()).add(m.weight.data_ptr())
+        )
         for j, b in enumerate(model.model.blocks)
     ]
     calls: list[int] = []
-    counters = [b.layer.register_forward_hook(lambda m, i, o, j=j: calls.append(j)) for j, b in enumerate(model.model.blocks)]
+    counters = [
+        b.layer.register_forward_hook(lambda m, i, o, j=j: calls.append(j)) for j, b in enumerate(model.model.blocks)
+    ]
     model(torch.randint(0, 512, (1, 8)))
     for h in hooks + counters:
         h.remove()

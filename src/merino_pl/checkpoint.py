@@ -18,9 +18,9 @@ merino-pl (``save_model_files``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import GenerationConfig
@@ -109,7 +109,8 @@ def check_safetensors(path: Path) -> None:
 
 
 def _load_gptq_dir(path: Path) -> LoadedModel:
-    from merino_pl.quantize.format import WEIGHTS_NAME as QWEIGHTS, load_quantized  # only when needed
+    from merino_pl.quantize.format import WEIGHTS_NAME as QWEIGHTS  # only when needed
+    from merino_pl.quantize.format import load_quantized
 
     model, _ = load_quantized(path)
     config = model.config

@@ -114,7 +114,9 @@ class SharedBlock(nn.Module):
         self.num_layers = b.num_layers
         self.layer = DecoderLayer(cfg, b.embed_dim, b.ffn)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, first_cache_idx: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, first_cache_idx: int
+    ) -> torch.Tensor:
         for i in range(self.num_layers):  # the parameter sharing: same self.layer every time
             x = self.layer(x, mask, cache, first_cache_idx + i)
         return x
@@ -162,7 +164,7 @@ class MerinoHFConfig(PretrainedConfig):
         return MerinoConfig.from_dict(self.architecture)
 
     @classmethod
-    def from_recipe(cls, recipe: Any) -> "MerinoHFConfig":
+    def from_recipe(cls, recipe: Any) -> MerinoHFConfig:
         return cls(architecture=recipe.architecture.to_dict(), recipe_name=recipe.name, provenance=recipe.provenance)
 
 
@@ -242,11 +244,11 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_arch(cls, arch: MerinoConfig, **kwargs: Any) -> "MerinoForCausalLM":
+    def from_arch(cls, arch: MerinoConfig, **kwargs: Any) -> MerinoForCausalLM:
         return cls(MerinoHFConfig(architecture=arch.to_dict(), **kwargs))
 
     @classmethod
-    def from_recipe(cls, recipe: Any) -> "MerinoForCausalLM":
+    def from_recipe(cls, recipe: Any) -> MerinoForCausalLM:
         return cls(MerinoHFConfig.from_recipe(recipe))
 
     @property
@@ -315,7 +317,9 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor | None:
+def _attention_mask(
+    attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device
+) -> torch.Tensor | None:
     """A boolean (B, 1, T, past+T) mask, or None when SDPA's own causal mask is exact.
 
     None covers the common cases (a full prompt without padding, or one new token): SDPA's
