@@ -1,13 +1,24 @@
-"""Latency benchmark: the paper's Table 3 speed-ups on this device, and our fast path vs plain.
+"""Latency benchmark: the issue-15 acceptance figures on this device, printed as ratios of one run.
 
-    python bench/latency.py            # fp32, batch 1, seq 128, mean of 16 (+ fp16 on a GPU)
-    python bench/latency.py --quick    # 4 runs, 1 warm-up: a smoke run while developing
+    python bench/latency.py --threads 2            # the acceptance run (batch 1, seq 128)
+    python bench/latency.py --threads 2 --quick    # 2 runs, short generation: a smoke run
 
-In one process: MeRino-64M vs OPT-350M (paper: 4.9x on a Jetson Nano; target here >= 5x) and
-MeRino-52M vs Pythia-70M (paper: 2.0x; target >= 2x), each on the plain path (what the paper
-times: a forward over 128 tokens), plus our fast path and its gain. Peers have random weights
-built from their published configs (latency does not depend on the values). Prints a table,
-writes runs/bench/latency.json (+ each pair's full report under runs/bench/latency/).
+In one process (so every ratio compares rows of the same run):
+
+1. **Paper protocol vs full protocol** for the paper's pairs: MeRino-64M vs OPT-350M (paper: 4.9x
+   on a Jetson Nano; target >= 5x) and MeRino-52M vs Pythia-70M (paper: 2.0x; target >= 2x).
+   ``paper`` = the authors' latency_test (1 thread, zero ids, timeit(16).mean; MeRino / OPT
+   without their LM head, Pythia with it); ``full`` = every model with its head (our plain vs
+   their plain, our fast path vs their last-logits prefill), at ``--threads``.
+2. **Quantized MeRino-64M**: fp32, INT8 and INT4 (group 128, row-wise int8 embedding / head,
+   made by the quantize stage's RTN in its GPTQ format and loaded packed), on torch and on
+   onnxruntime (MatMulNBits): resident weight bytes (measured), file bytes, prefill, per-token
+   decode and generation tokens/s (128-token prompt + 128 new tokens).
+
+Peers have random weights built from their published configs (latency does not depend on the
+values). Prints the acceptance table; writes runs/bench/latency.json and each report under
+runs/bench/latency/. Timings on a shared machine are noisy: compare the ratios of one run, and
+read each report's CV / p90 warnings.
 """
 
 from __future__ import annotations
@@ -30,75 +41,114 @@ PAIRS = [("merino-64m", "opt-350m", 5.0), ("merino-52m", "pythia-70m", 2.0)]  # 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 runs, 1 warm-up, 2 decode tokens")
-    ap.add_argument("--runs", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="2 runs, 1 warm-up, 2 decode tokens, 16 generated tokens")
+    ap.add_argument("--runs", type=int, default=8, help="timed runs of the full protocol (paper protocol: always 16)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--generate-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads of the full protocol (default: 2)")
+    ap.add_argument("--skip-pairs", action="store_true", help="only the quantized MeRino-64M part")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "latency.json"))
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precisions = ("fp32", "fp16") if device == "cuda" else ("fp32",)
-    runs, warmup, decode = (4, 1, 2) if args.quick else (args.runs, args.warmup, 8)
+    runs, warmup, decode, gen = (2, 1, 2, 16) if args.quick else (args.runs, args.warmup, 4, args.generate_tokens)
     out_dir = Path(args.out).with_suffix("")
-    results, t0 = [], time.time()
-    for ours, peer, target in PAIRS:
-        opts = Options(device=device, precisions=precisions, runs=runs, warmup=warmup, decode_tokens=decode, peers=(peer,))
-        report = build_report(ours, opts, out_dir / ours)
-        write_report(out_dir / ours, report)
-        results.append({"ours": ours, "peer": peer, "target": target, "report": report})
-    summary = summarize(results)
-    print_table(summary, results[0]["report"]["device"]["summary"], runs, warmup, time.time() - t0)
-    write_json(args.out, {"device": results[0]["report"]["device"], "protocol": results[0]["report"]["protocol"],
-                          "speedups": summary[0], "fast_path": summary[1], "reports": [str(out_dir / r["ours"] / "latency.json") for r in results]})
+    t0 = time.time()
+    pairs = []
+    if not args.skip_pairs:
+        for ours, peer, target in PAIRS:
+            opts = Options(device=device, precisions=("fp32",), runs=runs, warmup=warmup, decode_tokens=decode, peers=(peer,),
+                           protocols=("full", "paper"), generate_tokens=0)
+            report = build_report(ours, opts, out_dir / f"{ours}-vs-{peer}")
+            write_report(out_dir / f"{ours}-vs-{peer}", report)
+            pairs.append({"ours": ours, "peer": peer, "target": target, "report": report})
+    opts = Options(device=device, precisions=("fp32", "int8", "int4"), runs=runs, warmup=warmup, decode_tokens=decode, onnx=True,
+                   runtimes=("torch", "onnxruntime"), embedding="int8", generate_tokens=gen, generate_runs=1)
+    quant = build_report("merino-64m", opts, out_dir / "merino-64m-quantized")
+    write_report(out_dir / "merino-64m-quantized", quant)
+    summary = {"pairs": [pair_summary(p) for p in pairs], "quantized": quantized_summary(quant)}
+    device_line = quant["device"]["summary"]
+    print_summary(summary, device_line, runs, warmup, time.time() - t0)
+    write_json(args.out, {"device": quant["device"], "threads": args.threads, "runs": runs, "warmup": warmup, **summary,
+                          "reports": [str(out_dir / f"{p['ours']}-vs-{p['peer']}" / "latency.json") for p in pairs]
+                          + [str(out_dir / "merino-64m-quantized" / "latency.json")]})
     print(f"wrote {args.out}")
     return 0
 
 
-def summarize(results: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(speed-up rows: each pair, precision and comparison; fast-path rows: plain vs fast)."""
-    pairs, fast = [], []
-    for r in results:
-        rep = r["report"]
-        by = {(x["model"], x["precision"], x["path"]): x for x in rep["rows"]}
-        for s in rep["speedups"]:
-            mine, theirs = s["paths"].split(" vs ")
-            me, peer = by[(r["ours"], s["precision"], mine)], by[(r["peer"], s["precision"], theirs)]
-            pairs.append({
-                "precision": s["precision"], "ours": r["ours"], "peer": r["peer"], "paths": s["paths"],
-                "ours_prefill_ms": me["prefill_ms"]["mean"], "peer_prefill_ms": peer["prefill_ms"]["mean"],
-                "ours_decode_ms": me["decode_ms_per_token"]["mean"], "peer_decode_ms": peer["decode_ms_per_token"]["mean"],
-                "speedup_prefill": s["prefill"], "speedup_decode": s["decode"], "paper": s["paper_jetson_nano"],
-                "target": r["target"], "meets_target": s["prefill"] >= r["target"],
-            })
-        for g in rep["fast_path"]:
-            plain, other = by[(r["ours"], g["precision"], "plain")], by[(r["ours"], g["precision"], g["path"])]
-            fast.append({
-                "precision": g["precision"], "model": r["ours"], "path": g["path"],
-                "plain_prefill_ms": plain["prefill_ms"]["mean"], "prefill_ms": other["prefill_ms"]["mean"],
-                "plain_decode_ms": plain["decode_ms_per_token"]["mean"], "decode_ms": other["decode_ms_per_token"]["mean"],
-                "gain_prefill": g["prefill"], "gain_decode": g["decode"],
-                "outputs_match": all(c["match"] for c in rep["checks"] if c["precision"] == g["precision"]),
-            })
-    return pairs, fast
+def pair_summary(p: dict) -> dict:
+    rep = p["report"]
+    paper = rep["paper_protocol"]["speedups"][0]
+    full = {s["paths"]: s for s in rep["speedups"]}
+    return {"ours": p["ours"], "peer": p["peer"], "target": p["target"], "paper_protocol": paper["speedup"],
+            "paper_jetson_nano": paper["paper_jetson_nano"], "peer_includes_lm_head": paper["peer_includes_lm_head"],
+            "full_plain_prefill": full["plain vs plain"]["prefill"], "full_fast_prefill": full["fast vs last-logits"]["prefill"],
+            "full_decode": full["plain vs plain"]["decode"], "meets_target": paper["speedup"] >= p["target"],
+            "paper_rows": rep["paper_protocol"]["rows"]}
 
 
-def print_table(summary: tuple[list[dict], list[dict]], device: str, runs: int, warmup: int, seconds: float) -> None:
-    pairs, fast = summary
-    print(f"\nlatency on {device}: batch 1, seq 128, mean of {runs} after {warmup} warm-up ({seconds:.0f} s)\n")
-    print("| prec | ours | peer | paths | ours prefill ms | peer prefill ms | speed-up | paper (Nano) | target | ours decode ms/tok | peer decode ms/tok | decode speed-up |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
-    for r in pairs:
-        ok = "met" if r["meets_target"] else "missed"
-        print(f"| {r['precision']} | {r['ours']} | {r['peer']} | {r['paths']} | {r['ours_prefill_ms']:.1f} | {r['peer_prefill_ms']:.1f} | "
-              f"{r['speedup_prefill']:.2f}x | {r['paper']:.1f}x | >= {r['target']:.0f}x {ok} | "
-              f"{r['ours_decode_ms']:.2f} | {r['peer_decode_ms']:.2f} | {r['speedup_decode']:.2f}x |")
-    print("\n| prec | model | path | plain prefill ms | prefill ms | prefill gain | plain decode ms/tok | decode ms/tok | decode gain | outputs equal |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in fast:
-        print(f"| {r['precision']} | {r['model']} | {r['path']} | {r['plain_prefill_ms']:.1f} | {r['prefill_ms']:.1f} | {r['gain_prefill']:.2f}x | "
-              f"{r['plain_decode_ms']:.2f} | {r['decode_ms']:.2f} | {r['gain_decode']:.2f}x | {r['outputs_match']} |")
+def quantized_summary(rep: dict) -> dict:
+    rows = {(r["precision"], r["path"]): r for r in rep["rows"]}
+    gen = {(g["precision"], g["runtime"]): g["tokens_per_s"] for g in rep["generation"]}
+    fp32, int4 = rows[("fp32", "plain")], rows[("int4", "plain")]
+
+    def ms(prec: str, path: str, stat: str) -> float:
+        return rows[(prec, path)][stat]["mean"]
+
+    out = {
+        "int4_resident_over_fp32": int4["weights_in_memory_bytes"] / fp32["weights_in_memory_bytes"],
+        "int4_resident_plus_scratch_over_fp32": (int4["weights_in_memory_bytes"] + int4["workspace_bytes"]) / fp32["weights_in_memory_bytes"],
+        "int4_file_over_fp32": int4["weights_bytes"] / fp32["weights_bytes"],
+        "int8_resident_over_fp32": rows[("int8", "plain")]["weights_in_memory_bytes"] / fp32["weights_in_memory_bytes"],
+        "ort_int4_decode_speedup_vs_torch_fp32": ms("fp32", "fast", "decode_ms_per_token") / ms("int4", "onnxruntime", "decode_ms_per_token"),
+        "ort_int4_generation_speedup_vs_torch_fp32": gen[("int4", "onnxruntime")] / gen[("fp32", "torch")] if gen else None,
+        "checks_ok": all(c["match"] for c in rep["checks"]),
+        "bytes": {p: {"file": rows[(p, "plain")]["weights_bytes"], "resident": rows[(p, "plain")]["weights_in_memory_bytes"],
+                      "scratch": rows[(p, "plain")]["workspace_bytes"]} for p in ("fp32", "int8", "int4")},
+        "generation_tokens_per_s": {f"{p} {r}": v for (p, r), v in gen.items()},
+    }
+    for p in ("int8", "int4"):
+        out[f"ort_{p}_prefill_over_ort_fp32"] = ms(p, "onnxruntime", "prefill_ms") / ms("fp32", "onnxruntime", "prefill_ms")
+        out[f"torch_{p}_plain_prefill_over_fp32"] = ms(p, "plain", "prefill_ms") / ms("fp32", "plain", "prefill_ms")
+        out[f"torch_{p}_fast_prefill_over_fp32"] = ms(p, "fast", "prefill_ms") / ms("fp32", "fast", "prefill_ms")
+    return out
+
+
+def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) -> None:
+    print(f"\nlatency on {device}: batch 1, seq 128; full protocol mean of {runs} after {warmup} warm-up; paper protocol "
+          f"1 thread, timeit(16).mean ({seconds:.0f} s)\n")
+    if s["pairs"]:
+        print("| ours | peer | paper protocol x | target | paper (Jetson Nano) x | full: plain x | full: fast vs last-logits x | full: decode x |")
+        print("|---|---|---:|---|---:|---:|---:|---:|")
+        for p in s["pairs"]:
+            ok = "met" if p["meets_target"] else "missed"
+            print(f"| {p['ours']} | {p['peer']} | {p['paper_protocol']:.2f} | >= {p['target']:.0f}x {ok} | {p['paper_jetson_nano']:.1f} | "
+                  f"{p['full_plain_prefill']:.2f} | {p['full_fast_prefill']:.2f} | {p['full_decode']:.2f} |")
+    q = s["quantized"]
+    checks = [
+        ("INT4 resident weights / fp32", q["int4_resident_over_fp32"], "<= 0.30", q["int4_resident_over_fp32"] <= 0.30),
+        ("INT4 resident + dequant scratch / fp32", q["int4_resident_plus_scratch_over_fp32"], "(info)", None),
+        ("INT4 file / fp32", q["int4_file_over_fp32"], "<= 0.30", q["int4_file_over_fp32"] <= 0.30),
+        ("onnxruntime INT4 decode speed-up vs torch fp32", q["ort_int4_decode_speedup_vs_torch_fp32"], ">= 3", q["ort_int4_decode_speedup_vs_torch_fp32"] >= 3),
+    ]
+    if q["ort_int4_generation_speedup_vs_torch_fp32"] is not None:
+        g = q["ort_int4_generation_speedup_vs_torch_fp32"]
+        checks.append(("onnxruntime INT4 generation tokens/s / torch fp32", g, ">= 2", g >= 2))
+    for p in ("int8", "int4"):
+        checks.append((f"onnxruntime {p.upper()} prefill / onnxruntime fp32", q[f"ort_{p}_prefill_over_ort_fp32"], "<= 1", q[f"ort_{p}_prefill_over_ort_fp32"] <= 1))
+        checks.append((f"torch {p.upper()} prefill / fp32 (plain)", q[f"torch_{p}_plain_prefill_over_fp32"], "<= 1.15", q[f"torch_{p}_plain_prefill_over_fp32"] <= 1.15))
+        checks.append((f"torch {p.upper()} prefill / fp32 (fast path)", q[f"torch_{p}_fast_prefill_over_fp32"], "(info)", None))
+    print("\n| MeRino-64M, quantized | ratio | target | |\n|---|---:|---|---|")
+    for name, value, target, ok in checks:
+        print(f"| {name} | {value:.3f} | {target} | {'' if ok is None else ('met' if ok else 'missed')} |")
+    print("\n| bytes | file | resident | scratch |\n|---|---:|---:|---:|")
+    for p, b in q["bytes"].items():
+        print(f"| {p} | {b['file'] / 2**20:.1f} MiB | {b['resident'] / 2**20:.1f} MiB | {b['scratch'] / 2**20:.1f} MiB |")
+    if q["generation_tokens_per_s"]:
+        print("\n| generation (128 prompt + new tokens) | tokens/s |\n|---|---:|")
+        for k, v in q["generation_tokens_per_s"].items():
+            print(f"| {k} | {v:.2f} |")
+    print(f"\noutput checks all ok: {q['checks_ok']}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class HessianAccumulator:
         """``x``: (..., in) inputs of one forward call of the linear."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # float32 matmul (fast), summed into float64 so millions of rows lose nothing
-        self.sum += (x.t() @ x).to(self.sum.device, torch.float64)
+        self.sum.add_((x.t() @ x).to(self.sum.device))  # promoted to float64 on the fly, no float64 temporary
         self.samples += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -114,8 +114,12 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         Hd = H + lam * torch.eye(H.shape[0])
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            # H⁻¹ = L⁻ᵀ L⁻¹ from a triangular solve: torch.cholesky_inverse took 0.2-6 s for a
+            # 1344² matrix on this CPU, the solve + GEMM 0.25 s
+            Linv = torch.linalg.solve_triangular(L, torch.eye(H.shape[0]), upper=False)
+            Lh, info = torch.linalg.cholesky_ex(Linv.mT @ Linv)
             if info == 0:
-                return U
+                # row-major: the solver reads rows of U; cholesky's column-major factor made each
+                # rank-1 update read a strided vector (40x slower)
+                return Lh.mT.contiguous()
     raise RuntimeError("Hessian is not positive definite even with 10^5 x the dampening")

@@ -135,13 +135,24 @@ def _quantize_block(
         # linears sharing an input (q/k/v) share one Hessian: hook the first of each subgroup
         heads = [g[0] for g in SUBGROUPS if g[0] in group]
         accs = {n: HessianAccumulator(layer.get_submodule(n).in_features) for n in heads}
-        hooks = [
-            layer.get_submodule(n).register_forward_hook(lambda _m, args, _out, acc=accs[n]: acc.add(args[0]))
-            for n in heads
-        ]
+        last = heads[-1]  # the group's last input: once its L-th call is seen, the rest of the pass is not needed
+        calls = [0]
+
+        def collect(_m: nn.Module, args: tuple, _out: torch.Tensor, name: str) -> None:
+            accs[name].add(args[0])
+            if name == last:
+                calls[0] += 1
+                if calls[0] == L:
+                    raise _Captured  # (the last application's remaining sub-layers would change nothing)
+
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: collect(m, a, o, n)) for n in heads]
         try:
             for x in xs:
-                model.model.blocks[j](x, None, None, 0)  # runs the layer L times: L hook calls
+                calls[0] = 0
+                try:
+                    model.model.blocks[j](x, None, None, 0)  # runs the layer L times: L hook calls
+                except _Captured:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
