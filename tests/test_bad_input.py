@@ -135,8 +135,27 @@ def test_atomic_files_follow_the_umask_and_temp_names_are_unique_and_cleaned(tmp
 @pytest.fixture(scope="module")
 def int4_dir(model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int4") / "q"
-    assert cli(["quantize", str(model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32", "--holdout", "0", "--seq-len", "32",
-                "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(model_dir),
+                "--method",
+                "rtn",
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--holdout",
+                "0",
+                "--seq-len",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -155,7 +174,18 @@ def _damaged_copy(src: Path, dst: Path, how: str) -> Path:
 COMMANDS = {
     "export": ["export", "MODEL", "--out", "OUT"],
     "quantize": ["quantize", "MODEL", "--nsamples", "2", "--seq-len", "32", "--holdout", "0", "--out", "OUT"],
-    "eval": ["eval", "MODEL", "--tasks", "none", "--ppl", "wikitext2", "--data-files", "wikitext2=embedded", "--out", "OUT"],
+    "eval": [
+        "eval",
+        "MODEL",
+        "--tasks",
+        "none",
+        "--ppl",
+        "wikitext2",
+        "--data-files",
+        "wikitext2=embedded",
+        "--out",
+        "OUT",
+    ],
 }
 
 
@@ -171,7 +201,10 @@ def test_damaged_safetensors_is_one_line(model_dir, tmp_path, capsys, command, h
 
 def test_truncated_int4_dir_in_latency(int4_dir, tmp_path, capsys):
     bad = _damaged_copy(int4_dir, tmp_path / "bad", "truncated")
-    assert cli(["latency", str(bad), "--precision", "int4", "--seq", "16", "--runs", "1", "--out", str(tmp_path / "lat")]) == 2
+    assert (
+        cli(["latency", str(bad), "--precision", "int4", "--seq", "16", "--runs", "1", "--out", str(tmp_path / "lat")])
+        == 2
+    )
     one_line_error(capsys, "truncated or corrupt safetensors file")
 
 
@@ -181,7 +214,23 @@ def test_quantize_of_a_gptq_dir_is_refused(int4_dir, tmp_path, capsys):
 
 
 def test_latency_of_a_gptq_dir_at_another_precision_is_refused(int4_dir, tmp_path, capsys):
-    assert cli(["latency", str(int4_dir), "--precision", "int8", "--seq", "16", "--runs", "1", "--out", str(tmp_path / "lat")]) == 2
+    assert (
+        cli(
+            [
+                "latency",
+                str(int4_dir),
+                "--precision",
+                "int8",
+                "--seq",
+                "16",
+                "--runs",
+                "1",
+                "--out",
+                str(tmp_path / "lat"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "--precision int8", "GPTQ int4", "--precision int4")
     assert not (tmp_path / "lat" / "latency.json").exists()
 
@@ -192,7 +241,23 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 
 @no_cuda
 def test_eval_on_cuda_without_cuda(model_dir, tmp_path, capsys):
-    assert cli(["eval", str(model_dir), "--tasks", "none", "--ppl", "wikitext2", "--device", "cuda", "--out", str(tmp_path / "e")]) == 2
+    assert (
+        cli(
+            [
+                "eval",
+                str(model_dir),
+                "--tasks",
+                "none",
+                "--ppl",
+                "wikitext2",
+                "--device",
+                "cuda",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "--device cuda: no CUDA device")
 
 
@@ -209,7 +274,18 @@ def test_eval_ppl_without_data_offline_is_an_error(model_dir, tmp_path, capsys, 
 # ---- outputs that cannot be written ------------------------------------------------------------
 OUT_COMMANDS = {
     "quantize": ["quantize", "MODEL", "--nsamples", "2", "--seq-len", "32", "--holdout", "0", "--out", "OUT"],
-    "eval": ["eval", "MODEL", "--tasks", "none", "--ppl", "wikitext2", "--data-files", "wikitext2=embedded", "--out", "OUT"],
+    "eval": [
+        "eval",
+        "MODEL",
+        "--tasks",
+        "none",
+        "--ppl",
+        "wikitext2",
+        "--data-files",
+        "wikitext2=embedded",
+        "--out",
+        "OUT",
+    ],
     "latency": ["latency", "MODEL", "--seq", "16", "--runs", "1", "--out", "OUT"],
 }
 
@@ -218,7 +294,9 @@ OUT_COMMANDS = {
 def test_unwritable_out_is_found_before_the_work(model_dir, tmp_path, capsys, command):
     locked = tmp_path / "locked"
     locked.mkdir()
-    argv = [a.replace("MODEL", str(model_dir)).replace("OUT", str(locked / "sub" / "out")) for a in OUT_COMMANDS[command]]
+    argv = [
+        a.replace("MODEL", str(model_dir)).replace("OUT", str(locked / "sub" / "out")) for a in OUT_COMMANDS[command]
+    ]
     with immutable(locked):
         assert cli(argv) == 2
     err = one_line_error(capsys, f"--out {locked / 'sub' / 'out'}: cannot write in {locked}")
@@ -228,7 +306,9 @@ def test_unwritable_out_is_found_before_the_work(model_dir, tmp_path, capsys, co
 # ---- data sources ------------------------------------------------------------------------------
 def test_prepare_reads_any_text_file_name_as_text(tmp_path, capsys):
     src = tmp_path / "wiki.valid.tokens"  # WikiText's own file name
-    src.write_text("".join(f" = Article {i} = \n\n the <unk> company said N shares rose {i} points . \n\n" for i in range(50)))
+    src.write_text(
+        "".join(f" = Article {i} = \n\n the <unk> company said N shares rose {i} points . \n\n" for i in range(50))
+    )
     assert cli(["prepare", str(src), "--out", str(tmp_path / "shards"), "--workers", "1"]) == 0
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert sum(s["tokens"] for s in manifest["splits"]["train"]) > 0
@@ -245,7 +325,23 @@ def test_hints_name_the_flags_of_the_command_at_hand(model_dir, tmp_path, capsys
     assert cli(["prepare", str(rows), "--out", str(tmp_path / "shards"), "--workers", "1"]) == 2
     err = one_line_error(capsys, "no text field 'text'", "body", "set --text-field")
     assert "--data." not in err
-    assert cli(["quantize", str(model_dir), "--calib", str(rows), "--nsamples", "2", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 2
+    assert (
+        cli(
+            [
+                "quantize",
+                str(model_dir),
+                "--calib",
+                str(rows),
+                "--nsamples",
+                "2",
+                "--seq-len",
+                "32",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 2
+    )
     err = one_line_error(capsys, "no text field 'text'", "set --calib-text-field")
     assert "--data." not in err
 
@@ -266,7 +362,19 @@ def test_weights_of_another_architecture_are_one_line_without_a_load_report(mode
     for block in config["architecture"]["blocks"]:
         block["embed_dim"] *= 2
     (other / "config.json").write_text(json.dumps(config))
-    args = ["export", str(other), "--out", str(tmp_path / "x")] if command == "export" else \
-        ["eval", str(other), "--out", str(tmp_path / "x"), "--ppl", "wikitext2", "--data-files", "wikitext2=embedded"]
+    args = (
+        ["export", str(other), "--out", str(tmp_path / "x")]
+        if command == "export"
+        else [
+            "eval",
+            str(other),
+            "--out",
+            str(tmp_path / "x"),
+            "--ppl",
+            "wikitext2",
+            "--data-files",
+            "wikitext2=embedded",
+        ]
+    )
     assert cli(args) == 2
     one_line_error(capsys, "weights do not match the architecture in config.json", "by config.json")

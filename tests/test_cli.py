@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from merino_pl.cli import main
-
 from conftest import REPO
+from merino_pl.cli import main
 
 # Paper Table 8 (params) and the paper's FLOPs budgets as DESIGN.md derives them, vocab 50272
 PAPER = {"merino-52m": (52.6e6, 60e9), "merino-61m": (61.3e6, 107e9), "merino-64m": (64.1e6, 163e9)}
@@ -65,7 +64,10 @@ LIGHT_COMMANDS = {
     "info-json": ["info", "recipes/merino-52m.yaml", "--json"],
     "prepare-help": ["prepare", "--help"],
     # the model stages load torch to run, not to show their options
-    **{f"{c}-help": [c, "--help"] for c in ("search", "demo", "export", "eval", "quantize", "latency", "slurm", "pipeline")},
+    **{
+        f"{c}-help": [c, "--help"]
+        for c in ("search", "demo", "export", "eval", "quantize", "latency", "slurm", "pipeline")
+    },
     "latency-plot-help": ["latency", "plot", "--help"],
 }
 HEAVY = ("torch", "transformers", "lightning", "datasets")
@@ -84,17 +86,20 @@ print("HEAVY=" + json.dumps([m for m in {heavy!r} if m in sys.modules]))
 @pytest.mark.parametrize("case", LIGHT_COMMANDS, ids=list(LIGHT_COMMANDS))
 def test_light_commands_import_no_torch(case: str) -> None:
     code = _REPORT_HEAVY.format(heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(LIGHT_COMMANDS[case])],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(LIGHT_COMMANDS[case])], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last == "HEAVY=[]", f"{case} imported {last}"
 
 
 def test_import_merino_pl_is_light_and_lazy() -> None:
-    code = ("import sys, merino_pl; assert not {'torch', 'transformers'} & set(sys.modules); "
-            "assert merino_pl.load_recipe('merino-tiny').name == 'merino-tiny'; "
-            "assert 'torch' not in sys.modules; print(merino_pl.MerinoForCausalLM.__name__)")
+    code = (
+        "import sys, merino_pl; assert not {'torch', 'transformers'} & set(sys.modules); "
+        "assert merino_pl.load_recipe('merino-tiny').name == 'merino-tiny'; "
+        "assert 'torch' not in sys.modules; print(merino_pl.MerinoForCausalLM.__name__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "MerinoForCausalLM"

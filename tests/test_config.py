@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import REPO, tiny_arch
 from merino_pl.config import MerinoConfig, Recipe, builtin_recipe_names, load_recipe
 from merino_pl.errors import MerinoError
-
-from conftest import REPO, tiny_arch
 
 
 def all_recipe_files() -> list[Path]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from merino_pl.data import PileDataModule
-from merino_pl.data.packing import PackedStream, is_heldout
+from merino_pl.data.packing import is_heldout
 from merino_pl.errors import MerinoError
 from merino_pl.tokenizer import load_tokenizer
 
@@ -33,7 +33,15 @@ def write_corpus(folder: Path, n_docs: int = 120, n_files: int = 3, field: str =
 
 
 def make_dm(source, **kw) -> PileDataModule:
-    args = dict(source=str(source), seq_len=15, batch_size=2, num_workers=0, val_fraction=0.0, val_sequences=0, shuffle_windows=8)
+    args = dict(
+        source=str(source),
+        seq_len=15,
+        batch_size=2,
+        num_workers=0,
+        val_fraction=0.0,
+        val_sequences=0,
+        shuffle_windows=8,
+    )
     return PileDataModule(**{**args, **kw})
 
 
@@ -325,7 +333,9 @@ def test_shards_resume_two_ranks_two_workers_on_one_rank(shard_dir, monkeypatch)
         seen += windows_of(take(loaders[-1], 4))
     local = [loader._local_state() for loader in loaders]
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda gathered, _: gathered.__setitem__(slice(None), local))
+    monkeypatch.setattr(
+        torch.distributed, "all_gather_object", lambda gathered, _: gathered.__setitem__(slice(None), local)
+    )
     state = loaders[0].state_dict()
     monkeypatch.undo()
     assert state["cursor"] == 2 * 4 * 3
@@ -411,14 +421,24 @@ def test_lightning_checkpoint_resumes_the_data_stream(tmp_path, use_shards, prep
     import lightning as L
 
     write_corpus(tmp_path / "c", n_docs=60)
-    kw = dict(num_workers=2, batch_size=2, shards=prepared[0] if use_shards else None, val_fraction=0.1, val_sequences=4)
+    kw = dict(
+        num_workers=2, batch_size=2, shards=prepared[0] if use_shards else None, val_fraction=0.1, val_sequences=4
+    )
 
     def fit(max_steps: int, ckpt: str | None = None):
         module = _Recorder.make()
         trainer = L.Trainer(
-            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp_path, val_check_interval=4, limit_val_batches=2,
-            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1)],
+            accelerator="cpu",
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            val_check_interval=4,
+            limit_val_batches=2,
+            callbacks=[
+                L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1)
+            ],
         )
         trainer.fit(module, datamodule=make_dm(tmp_path / "c", **kw), ckpt_path=ckpt)
         return module.seen

@@ -65,11 +65,15 @@ def tasks_dir(tmp_path_factory) -> Path:
     for f in (REPO / "eval" / "tasks").iterdir():
         shutil.copy(f, d / f.name)
     arc = d / "arc.jsonl"
-    arc.write_text("".join(
-        json.dumps({"id": f"q{i}", "question": q, "answerKey": a,
-                    "choices": {"text": c, "label": list("ABCD"[: len(c)])}}) + "\n"
-        for i, (q, c, a) in enumerate(ARC)
-    ))
+    arc.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"q{i}", "question": q, "answerKey": a, "choices": {"text": c, "label": list("ABCD"[: len(c)])}}
+            )
+            + "\n"
+            for i, (q, c, a) in enumerate(ARC)
+        )
+    )
     cfg = d / "arc_easy_local.yaml"
     cfg.write_text(cfg.read_text().replace("/data/eval/arc_easy_test.jsonl", str(arc)))
     texts = d / "ppl.jsonl"
@@ -79,32 +83,51 @@ def tasks_dir(tmp_path_factory) -> Path:
 
 
 def _per_sample(results: dict, task: str) -> list[float]:
-    return [float(r[0]) if isinstance(r, (list, tuple)) else float(r)
-            for s in results["samples"][task] for r in s["filtered_resps"]]
+    return [
+        float(r[0]) if isinstance(r, (list, tuple)) else float(r)
+        for s in results["samples"][task]
+        for r in s["filtered_resps"]
+    ]
 
 
 def test_backends_agree_on_every_loglikelihood(model_dir: Path, tasks_dir: Path) -> None:
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     tasks = ["arc_easy_local", "ppl_local"]
-    ours = simple_evaluate(model="merino", model_args=f"pretrained={model_dir},batch_size=3", tasks=tasks,
-                           task_manager=tm, log_samples=True, bootstrap_iters=0)
-    stock = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},device=cpu", batch_size=2, tasks=tasks,
-                            task_manager=tm, log_samples=True, bootstrap_iters=0)
+    ours = simple_evaluate(
+        model="merino",
+        model_args=f"pretrained={model_dir},batch_size=3",
+        tasks=tasks,
+        task_manager=tm,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    stock = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir},device=cpu",
+        batch_size=2,
+        tasks=tasks,
+        task_manager=tm,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     for task in tasks:
         a, b = _per_sample(ours, task), _per_sample(stock, task)
         assert len(a) == len(b) == {"arc_easy_local": sum(len(c) for _, c, _ in ARC), "ppl_local": 3}[task]
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, task
     assert ours["results"]["arc_easy_local"]["acc,none"] == stock["results"]["arc_easy_local"]["acc,none"]
     assert ours["results"]["ppl_local"]["word_perplexity,none"] == pytest.approx(
-        stock["results"]["ppl_local"]["word_perplexity,none"], rel=1e-5)
+        stock["results"]["ppl_local"]["word_perplexity,none"], rel=1e-5
+    )
 
 
 def test_generate_until_matches_hf_generate(model_dir: Path) -> None:
     from lm_eval.api.instance import Instance
 
     loaded = load_model(model_dir)
-    reqs = [Instance("generate_until", {}, (p, {"until": ["\n", "."], "max_gen_toks": 8}), i)
-            for i, p in enumerate(["Once upon a time", "The capital of France is"])]
+    reqs = [
+        Instance("generate_until", {}, (p, {"until": ["\n", "."], "max_gen_toks": 8}), i)
+        for i, p in enumerate(["Once upon a time", "The capital of France is"])
+    ]
     ours = MerinoLM(loaded, batch_size=2).generate_until(reqs, disable_tqdm=True)
     stock = hf_lm(loaded, batch_size=2).generate_until(reqs, disable_tqdm=True)
     assert ours == stock and all(isinstance(t, str) and t for t in ours)
@@ -127,8 +150,9 @@ def test_word_perplexity_equals_lm_eval_wikitext(model_dir: Path, tasks_dir: Pat
     loaded = load_model(model_dir)
     ours = perplexity(loaded.model, load_tokenizer(str(model_dir)), "wikitext2", data_file=str(raw), limit=1)
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False, metadata={"data_file": str(raw)})
-    theirs = simple_evaluate(model=hf_lm(loaded), tasks=["wikitext_local"], task_manager=tm, limit=1,
-                             bootstrap_iters=0)["results"]["wikitext_local"]
+    theirs = simple_evaluate(
+        model=hf_lm(loaded), tasks=["wikitext_local"], task_manager=tm, limit=1, bootstrap_iters=0
+    )["results"]["wikitext_local"]
     assert ours.protocol["mode"] == "document" and ours.protocol["stride"] == ours.protocol["window"] == 128
     assert ours.word_perplexity == pytest.approx(theirs["word_perplexity,none"], rel=5e-3)
     assert ours.bits_per_byte == pytest.approx(theirs["bits_per_byte,none"], rel=5e-3)
@@ -145,10 +169,11 @@ def test_windows_predict_every_token_once(n: int, window: int, stride: int) -> N
     for ctx, cont in reqs:
         seq = [0, *tokens]
         whole = ctx + cont
-        assert len(whole) - 1 <= window and whole == seq[seq.index(whole[0]):][: len(whole)]
+        assert len(whole) - 1 <= window and whole == seq[seq.index(whole[0]) :][: len(whole)]
     if stride == window:  # lm-eval's disjoint rolling windows, exactly
-        assert reqs == [tuple(map(list, make_disjoint_window(w)))
-                        for w in get_rolling_token_windows(tokens, 0, window, 1)]
+        assert reqs == [
+            tuple(map(list, make_disjoint_window(w))) for w in get_rolling_token_windows(tokens, 0, window, 1)
+        ]
 
 
 def test_paper_data_transcribed_and_shipped() -> None:
@@ -156,8 +181,20 @@ def test_paper_data_transcribed_and_shipped() -> None:
         shipped = REPO / "src" / "merino_pl" / "evaluation" / "paper" / name
         assert shipped.read_text() == (REPO / "eval" / name).read_text(), f"eval/{name} differs from the packaged copy"
     tasks = paper_tasks()
-    assert [t.task for t in tasks] == ["hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "boolq",
-                                       "wic", "cb", "wsc", "rte", "pubmedqa", "logiqa"]
+    assert [t.task for t in tasks] == [
+        "hellaswag",
+        "winogrande",
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+        "boolq",
+        "wic",
+        "cb",
+        "wsc",
+        "rte",
+        "pubmedqa",
+        "logiqa",
+    ]
     base = paper_baselines()
     assert base["table2"]["columns"] == [t.column for t in tasks]
     for row in base["table2"]["rows"]:  # the paper's own Avg. column, to its rounding (OPT-125M is 0.0013 off)
@@ -174,10 +211,28 @@ def test_cli_offline_report(model_dir: Path, tasks_dir: Path, wikitext_raw: Path
     without indexing all 14 000 built-in tasks (a minute on a busy 2-core machine)."""
     out = tmp_path / "report"
     arc_dir = Path(lm_eval.__file__).parent / "tasks" / "arc"
-    rc = main(["eval", str(model_dir), "--tasks", "arc_easy_local,arc_easy", "--include-path", str(tasks_dir),
-               "--include-path", str(arc_dir),
-               "--ppl", "wikitext2,ptb", "--data-files", f"wikitext2={wikitext_raw}",
-               "--limit", "1", "--batch-size", "4", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            str(model_dir),
+            "--tasks",
+            "arc_easy_local,arc_easy",
+            "--include-path",
+            str(tasks_dir),
+            "--include-path",
+            str(arc_dir),
+            "--ppl",
+            "wikitext2,ptb",
+            "--data-files",
+            f"wikitext2={wikitext_raw}",
+            "--limit",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["model"]["weights_sha256"] == sha256_file(model_dir / "model.safetensors")
@@ -188,7 +243,10 @@ def test_cli_offline_report(model_dir: Path, tasks_dir: Path, wikitext_raw: Path
     wt = report["perplexity"]["wikitext2"]
     assert wt["status"] == "ok" and wt["protocol"]["sha256"].startswith("4f3e427e")
     assert wt["protocol"]["mode"] == "document" and wt["documents"] == 1
-    assert report["perplexity"]["ptb"]["status"] == "skipped" and "--data-files ptb=" in report["perplexity"]["ptb"]["reason"]
+    assert (
+        report["perplexity"]["ptb"]["status"] == "skipped"
+        and "--data-files ptb=" in report["perplexity"]["ptb"]["reason"]
+    )
     md = (out / "eval.md").read_text()
     assert "| MeRino-64M (paper) | 64 M |" in md and "(ours)" in md and "arc_easy_local" in md and "## Skipped" in md
 
@@ -197,11 +255,35 @@ def test_cli_lightning_checkpoint(tmp_path: Path, model_dir: Path) -> None:
     """A `.ckpt` in the layout `merino-pl fit` writes: its SHA-256 is what the report records."""
     loaded = load_model(model_dir)
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in loaded.model.state_dict().items()},
-                "merino": {"recipe": loaded.recipe.to_dict()}}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in loaded.model.state_dict().items()},
+            "merino": {"recipe": loaded.recipe.to_dict()},
+        },
+        ckpt,
+    )
     out = tmp_path / "r"
-    assert main(["eval", str(ckpt), "--tasks", "none", "--ppl", "ptb", "--limit", "20",
-                 "--data-files", f"ptb={_ptb_file(tmp_path)}", "--stride", "64", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--tasks",
+                "none",
+                "--ppl",
+                "ptb",
+                "--limit",
+                "20",
+                "--data-files",
+                f"ptb={_ptb_file(tmp_path)}",
+                "--stride",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "eval.json").read_text())
     assert report["model"]["kind"] == "lightning-ckpt" and report["model"]["weights_sha256"] == sha256_file(ckpt)
     ptb = report["perplexity"]["ptb"]
@@ -221,23 +303,57 @@ def test_cli_bad_input_exits_2(tmp_path: Path, model_dir: Path, capsys: pytest.C
     assert main(["eval", str(tmp_path / "missing.ckpt"), "--tasks", "none", "--ppl", "wikitext2", "--out", out]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
     # every argument problem in one message, before any model is loaded
-    assert main(["eval", str(model_dir), "--tasks", "none", "--ppl", "wikitext3", "--data-files", "ptb=/nope",
-                 "--batch-size", "0", "--out", out]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--tasks",
+                "none",
+                "--ppl",
+                "wikitext3",
+                "--data-files",
+                "ptb=/nope",
+                "--batch-size",
+                "0",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "wikitext3" in err and "/nope" in err and "--batch-size 0" in err and err.count("\n") == 1
     # a checkpoint whose weights are another architecture than its recipe
     other = MerinoForCausalLM.from_arch(dataclasses.replace(tiny_arch(vocab_size=50304), d_model=64))
     bad = tmp_path / "bad.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
-                "merino": {"recipe": load_model(model_dir).recipe.to_dict()}}, bad)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
+            "merino": {"recipe": load_model(model_dir).recipe.to_dict()},
+        },
+        bad,
+    )
     assert main(["eval", str(bad), "--tasks", "none", "--ppl", "wikitext2", "--out", out]) == 2
     assert "do not match its recipe" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # indexes lm-eval's 14 000 built-in tasks to know a name is unknown (~20 s CPU)
 def test_cli_unknown_task_lists_valid_ones(tasks_dir: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    rc = main(["eval", str(model_dir), "--tasks", "hellaswagg,arc_easy_local", "--include-path", str(tasks_dir),
-               "--ppl", "none", "--out", "/tmp/unused"])
+    rc = main(
+        [
+            "eval",
+            str(model_dir),
+            "--tasks",
+            "hellaswagg,arc_easy_local",
+            "--include-path",
+            str(tasks_dir),
+            "--ppl",
+            "none",
+            "--out",
+            "/tmp/unused",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "'hellaswagg'" in err and "closest: hellaswag" in err
     assert "paper tasks: hellaswag, winogrande" in err and "arc_easy_local" in err

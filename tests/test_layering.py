@@ -18,12 +18,24 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "merino_pl"
 
 CORE = {
-    "merino_pl", "merino_pl.config", "merino_pl.costs", "merino_pl.io", "merino_pl.errors",
-    "merino_pl.model", "merino_pl.tokenizer", "merino_pl.checkpoint", "merino_pl.remote_code",
-    "merino_pl.space", "merino_pl.latency_table",
+    "merino_pl",
+    "merino_pl.config",
+    "merino_pl.costs",
+    "merino_pl.io",
+    "merino_pl.errors",
+    "merino_pl.model",
+    "merino_pl.tokenizer",
+    "merino_pl.checkpoint",
+    "merino_pl.remote_code",
+    "merino_pl.space",
+    "merino_pl.latency_table",
     # the GPTQ checkpoint format and the modules it loads into (checkpoint.py reads them)
-    "merino_pl.quantize", "merino_pl.quantize.format", "merino_pl.quantize.qlinear",
-    "merino_pl.quantize.qembedding", "merino_pl.quantize.packing", "merino_pl.quantize.rtn",
+    "merino_pl.quantize",
+    "merino_pl.quantize.format",
+    "merino_pl.quantize.qlinear",
+    "merino_pl.quantize.qembedding",
+    "merino_pl.quantize.packing",
+    "merino_pl.quantize.rtn",
 }
 
 # the dispatch table: imports stages by name (importlib), imported by no library module
@@ -54,11 +66,17 @@ ALLOWED = {
 KNOWN_BACK_EDGES = {
     ("merino_pl.quantize.format", "merino_pl.quantize.runner"): "the format imports QuantSpec from the quantize stage",
     ("merino_pl.quantize.qlinear", "merino_pl.latency.onnx_nbits"): "QuantLinear builds its ONNX node from latency/",
-    ("merino_pl.quantize.qembedding", "merino_pl.latency.onnx_nbits"): "QuantEmbedding builds its ONNX node from latency/",
+    (
+        "merino_pl.quantize.qembedding",
+        "merino_pl.latency.onnx_nbits",
+    ): "QuantEmbedding builds its ONNX node from latency/",
     ("merino_pl.export", "merino_pl.latency.onnx_export"): "export's ONNX path lives in the latency stage",
     ("merino_pl.latency.cli", "merino_pl.cli"): "latency's sub-command parser reuses the root ArgumentParser",
     ("merino_pl.study.cli", "merino_pl.cli"): "study's sub-command parser reuses the root ArgumentParser",
-    ("merino_pl.latency.report", "merino_pl.quantize.runner"): "latency re-runs RTN in-process instead of reading the GPTQ dir",
+    (
+        "merino_pl.latency.report",
+        "merino_pl.quantize.runner",
+    ): "latency re-runs RTN in-process instead of reading the GPTQ dir",
     ("merino_pl.demo", "merino_pl.info"): "demo prints info's table",
     ("merino_pl.demo", "merino_pl.train.cli"): "demo runs fit through its CLI module, not train.fit.fit",
     ("merino_pl.study.worker", "merino_pl.train.cli"): "the study worker runs fit through its CLI module",
@@ -126,7 +144,12 @@ def violations(edges: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
             bad[(importer, imported)] = "imports the CLI dispatch table"
         elif importer in CORE and imported not in CORE:
             bad[(importer, imported)] = f"the core imports the {stage(imported)} stage"
-        elif importer not in CORE and imported not in CORE and stage(importer) != stage(imported) and imported not in PUBLIC:
+        elif (
+            importer not in CORE
+            and imported not in CORE
+            and stage(importer) != stage(imported)
+            and imported not in PUBLIC
+        ):
             bad[(importer, imported)] = f"the {stage(importer)} stage imports {stage(imported)}'s internals"
     return bad
 
@@ -134,7 +157,8 @@ def violations(edges: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
 def test_no_new_back_edges() -> None:
     unexpected = {e: why for e, why in violations(import_graph()).items() if e not in KNOWN_BACK_EDGES}
     assert not unexpected, "layering broken (see docs/architecture.md):\n" + "\n".join(
-        f"  {a} -> {b}: {why}" for (a, b), why in unexpected.items())
+        f"  {a} -> {b}: {why}" for (a, b), why in unexpected.items()
+    )
 
 
 def test_known_back_edges_still_exist() -> None:
@@ -152,19 +176,38 @@ def _write(root: Path, files: dict[str, str]) -> Path:
     return pkg
 
 
-@pytest.mark.parametrize(("files", "edge"), [
-    # the core reaching up into a stage, inside a function
-    ({"config.py": "def f():\n    from merino_pl.search.api import decode\n"}, ("merino_pl.config", "merino_pl.search.api")),
-    # a stage importing another stage's internals, relative import
-    ({"train/__init__.py": "", "train/fit.py": "from ..search import entropy\n"}, ("merino_pl.train.fit", "merino_pl.search.entropy")),
-    # a library module importing the CLI dispatch table
-    ({"search/__init__.py": "", "search/api.py": "import merino_pl.cli\n"}, ("merino_pl.search.api", "merino_pl.cli")),
-])
+@pytest.mark.parametrize(
+    ("files", "edge"),
+    [
+        # the core reaching up into a stage, inside a function
+        (
+            {"config.py": "def f():\n    from merino_pl.search.api import decode\n"},
+            ("merino_pl.config", "merino_pl.search.api"),
+        ),
+        # a stage importing another stage's internals, relative import
+        (
+            {"train/__init__.py": "", "train/fit.py": "from ..search import entropy\n"},
+            ("merino_pl.train.fit", "merino_pl.search.entropy"),
+        ),
+        # a library module importing the CLI dispatch table
+        (
+            {"search/__init__.py": "", "search/api.py": "import merino_pl.cli\n"},
+            ("merino_pl.search.api", "merino_pl.cli"),
+        ),
+    ],
+)
 def test_checker_catches_an_added_back_edge(tmp_path: Path, files: dict[str, str], edge: tuple[str, str]) -> None:
-    clean = {"__init__.py": "", "cli.py": "", "config.py": "from merino_pl.errors import MerinoError\n", "errors.py": "",
-             "search/__init__.py": "", "search/entropy.py": "from merino_pl.config import x\n",
-             "search/api.py": "from merino_pl.search import entropy\n", "train/__init__.py": "",
-             "train/fit.py": "from merino_pl.search.api import decode\nfrom merino_pl import config\n"}
+    clean = {
+        "__init__.py": "",
+        "cli.py": "",
+        "config.py": "from merino_pl.errors import MerinoError\n",
+        "errors.py": "",
+        "search/__init__.py": "",
+        "search/entropy.py": "from merino_pl.config import x\n",
+        "search/api.py": "from merino_pl.search import entropy\n",
+        "train/__init__.py": "",
+        "train/fit.py": "from merino_pl.search.api import decode\nfrom merino_pl import config\n",
+    }
     assert violations(import_graph(_write(tmp_path / "clean", clean))) == {}
     graph = import_graph(_write(tmp_path / "broken", {**clean, **files}))
     assert edge in graph and edge in violations(graph)

@@ -15,7 +15,6 @@ import yaml
 
 from merino_pl.cli import main as cli_main
 from merino_pl.pipeline import PipelineConfig, build_stages
-
 from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
 STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
@@ -27,9 +26,15 @@ def pipeline_config(tmp_path: Path, fit_config: Path, eval_args: list[str]) -> P
         "out_dir": str(tmp_path / "out"),
         "recipe": str(tmp_path / "micro.yaml"),  # written by the fit_config fixture
         "fit": {"config": str(fit_config), "args": ["--trainer.max_steps", "4", "--model.warmup_steps", "1"]},
-        "quantize": {"bits": [8], "args": ["--group-size", "16", "--nsamples", "4", "--seq-len", "32", "--holdout", "2"]},
+        "quantize": {
+            "bits": [8],
+            "args": ["--group-size", "16", "--nsamples", "4", "--seq-len", "32", "--holdout", "2"],
+        },
         "eval": {"tasks": "none", "ppl": "wikitext2", "args": eval_args},
-        "latency": {"precision": "fp32", "args": ["--runs", "2", "--warmup", "1", "--seq", "16", "--decode-tokens", "2"]},
+        "latency": {
+            "precision": "fp32",
+            "args": ["--runs", "2", "--warmup", "1", "--seq", "16", "--decode-tokens", "2"],
+        },
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -63,8 +68,14 @@ def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, f
     assert all(st[s]["status"] == "done" for s in STAGES), st
     assert (tmp_path / "out" / "fit" / "checkpoints" / "last.ckpt").read_bytes() == ckpt_bytes
     summary = (tmp_path / "out" / "summary.md").read_text()
-    for link in ("eval/fp32/eval.md", "eval/int8/eval.md", "latency/int8/latency.md", "quantized/int8/quantize_report.md",
-                 "plots/accuracy-vs-latency.png", "## Perplexity and latency (paper Table 3 layout"):
+    for link in (
+        "eval/fp32/eval.md",
+        "eval/int8/eval.md",
+        "latency/int8/latency.md",
+        "quantized/int8/quantize_report.md",
+        "plots/accuracy-vs-latency.png",
+        "## Perplexity and latency (paper Table 3 layout",
+    ):
         assert link in summary, link
     assert "micro fp32 (ours)" in summary and "micro int8 (ours)" in summary
     # the summary step draws the run's pictures and shows them: no zero-shot task ran (tasks:
@@ -99,8 +110,15 @@ def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, f
 def test_search_stage_feeds_fit(tmp_path):
     (tmp_path / "fit.yaml").write_text("trainer: {}\n")
     config = tmp_path / "p.yaml"
-    config.write_text(yaml.safe_dump({"name": "s", "search": {"config": "search/cpu-demo.yaml", "args": ["--iterations", "600"]},
-                                      "fit": {"config": str(tmp_path / "fit.yaml")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "search": {"config": "search/cpu-demo.yaml", "args": ["--iterations", "600"]},
+                "fit": {"config": str(tmp_path / "fit.yaml")},
+            }
+        )
+    )
     stages = build_stages(PipelineConfig.load(config, str(tmp_path / "out")))
     assert [s.name for s in stages] == ["search", "fit", "export"]
     recipe = str(tmp_path / "out" / "search" / "recipe.yaml")
@@ -110,14 +128,23 @@ def test_search_stage_feeds_fit(tmp_path):
     assert fit[-2:] == ["--ckpt_path", "last"]  # a killed fit resumes from its last checkpoint
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml"}, "serach": {}}, "unknown key 'serach'"),
-    ({"name": "x", "recipe": "merino-tiny", "search": {"config": "s.yaml"}, "fit": {"config": "f.yaml"}}, "exactly one of 'recipe'"),
-    ({"name": "x", "recipe": "merino-tiny"}, "fit.config"),
-    ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml"}, "eval": {"taks": "paper"}}, "unknown key eval.'taks'"),
-    ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml", "args": "--x"}}, "fit.args must be a list"),
-    ([1, 2], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml"}, "serach": {}}, "unknown key 'serach'"),
+        (
+            {"name": "x", "recipe": "merino-tiny", "search": {"config": "s.yaml"}, "fit": {"config": "f.yaml"}},
+            "exactly one of 'recipe'",
+        ),
+        ({"name": "x", "recipe": "merino-tiny"}, "fit.config"),
+        (
+            {"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml"}, "eval": {"taks": "paper"}},
+            "unknown key eval.'taks'",
+        ),
+        ({"name": "x", "recipe": "merino-tiny", "fit": {"config": "f.yaml", "args": "--x"}}, "fit.args must be a list"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, config, message):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -139,8 +166,20 @@ def test_missing_config_and_unknown_force_stage_exit_2(tmp_path, capsys):
 def test_shipped_demo_pipeline_parses():
     repo = Path(__file__).resolve().parents[1]
     stages = build_stages(PipelineConfig.load(repo / "recipes" / "pipeline" / "cpu-demo.yaml"))
-    assert [s.name for s in stages] == ["search", "fit", "export", "quantize-int8", "quantize-int4", "eval-fp32", "eval-int8",
-                                        "eval-int4", "latency-fp32", "latency-int8", "latency-int4", "plot"]
+    assert [s.name for s in stages] == [
+        "search",
+        "fit",
+        "export",
+        "quantize-int8",
+        "quantize-int4",
+        "eval-fp32",
+        "eval-int8",
+        "eval-int4",
+        "latency-fp32",
+        "latency-int8",
+        "latency-int4",
+        "plot",
+    ]
     for s in stages:
         assert s.argv[0] in {"search", "fit", "export", "quantize", "eval", "latency"}, s.argv
 
@@ -151,15 +190,26 @@ def test_every_stage_checks_its_arguments_before_the_first_runs(tmp_path, capsys
     seconds, not after fit and export (files earlier stages will write are not "missing")."""
     repo = Path(__file__).resolve().parents[1]
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "x", "recipe": "merino-tiny", "out_dir": str(tmp_path / "out"),
-        "fit": {"config": str(repo / "recipes" / "train" / "cpu-demo.yaml"), "args": ["--model.lr", "-1"]},
-        "quantize": {"bits": [3]}, "latency": {"precision": "fp64"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "recipe": "merino-tiny",
+                "out_dir": str(tmp_path / "out"),
+                "fit": {"config": str(repo / "recipes" / "train" / "cpu-demo.yaml"), "args": ["--model.lr", "-1"]},
+                "quantize": {"bits": [3]},
+                "latency": {"precision": "fp64"},
+            }
+        )
+    )
     assert cli_main(["pipeline", "--config", str(path), *(["--dry-run"] if dry_run else [])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    for part in ("quantize-int3: --bits 3 is not supported", "latency-fp32: --precision fp64", "fit: bad fit config: model.lr"):
+    for part in (
+        "quantize-int3: --bits 3 is not supported",
+        "latency-fp32: --precision fp64",
+        "fit: bad fit config: model.lr",
+    ):
         assert part in err, (part, err)
     assert "export" not in err and "not found" not in err  # the checkpoint and model dir are pending
     assert not (tmp_path / "out" / "fit").exists()
@@ -169,18 +219,50 @@ def test_every_stage_checks_its_arguments_before_the_first_runs(tmp_path, capsys
 def _reports(out: Path, accuracy: float | None) -> None:
     """An eval and a latency report per precision, as `merino-pl eval` / `latency` write them."""
     for i, label in enumerate(("fp32", "int8")):
-        tasks = {"arc_easy": {"status": "ok", "value": accuracy}} if accuracy is not None else {"arc_easy": {"status": "skipped"}}
+        tasks = (
+            {"arc_easy": {"status": "ok", "value": accuracy}}
+            if accuracy is not None
+            else {"arc_easy": {"status": "skipped"}}
+        )
         (out / "eval" / label).mkdir(parents=True)
-        (out / "eval" / label / "eval.json").write_text(json.dumps({
-            "model": {"name": "micro"}, "tasks": tasks, "perplexity": {"wikitext2": {"word_perplexity": 900.0 + 50 * i}}}))
-        rows = [{"model": "micro", "role": "model", "precision": label, "path": "plain", "flops_g": 0.1, "prefill_ms": {"mean": 3.0 - i}}]
+        (out / "eval" / label / "eval.json").write_text(
+            json.dumps(
+                {
+                    "model": {"name": "micro"},
+                    "tasks": tasks,
+                    "perplexity": {"wikitext2": {"word_perplexity": 900.0 + 50 * i}},
+                }
+            )
+        )
+        rows = [
+            {
+                "model": "micro",
+                "role": "model",
+                "precision": label,
+                "path": "plain",
+                "flops_g": 0.1,
+                "prefill_ms": {"mean": 3.0 - i},
+            }
+        ]
         if label == "fp32":
-            rows.append({"model": "pythia-70m", "role": "peer", "precision": "fp32", "path": "plain", "flops_g": 100, "prefill_ms": {"mean": 40.0}})
+            rows.append(
+                {
+                    "model": "pythia-70m",
+                    "role": "peer",
+                    "precision": "fp32",
+                    "path": "plain",
+                    "flops_g": 100,
+                    "prefill_ms": {"mean": 40.0},
+                }
+            )
         (out / "latency" / label).mkdir(parents=True)
-        (out / "latency" / label / "latency.json").write_text(json.dumps({
-            "format": "merino-latency-report/1", "device": {"summary": "test CPU"}, "rows": rows}))
+        (out / "latency" / label / "latency.json").write_text(
+            json.dumps({"format": "merino-latency-report/1", "device": {"summary": "test CPU"}, "rows": rows})
+        )
         (out / ("model" if label == "fp32" else f"quantized/{label}")).mkdir(parents=True)
-        (out / ("model" if label == "fp32" else f"quantized/{label}") / "model.safetensors").write_bytes(b"0" * (4_000_000 >> i))
+        (out / ("model" if label == "fp32" else f"quantized/{label}") / "model.safetensors").write_bytes(
+            b"0" * (4_000_000 >> i)
+        )
 
 
 def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known(tmp_path, capsys):
@@ -201,8 +283,21 @@ def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known
 
     _reports(out, accuracy=0.41)
     models = {"fp32": out / "model", "int8": out / "quantized" / "int8"}
-    assert cli_main(["latency", "plot", "--latency", str(out / "latency/fp32/latency.json"),
-                     "--eval", str(out / "eval/fp32/eval.json"), "--out", str(out / "plots/accuracy-vs-latency.png")]) == 0
+    assert (
+        cli_main(
+            [
+                "latency",
+                "plot",
+                "--latency",
+                str(out / "latency/fp32/latency.json"),
+                "--eval",
+                str(out / "eval/fp32/eval.json"),
+                "--out",
+                str(out / "plots/accuracy-vs-latency.png"),
+            ]
+        )
+        == 0
+    )
     lines, shown = summary_plots(out, models)
     text = "\n".join(lines)
     for png in ("training-loss.png", "accuracy-vs-latency.png", "precisions.png"):
@@ -217,7 +312,10 @@ def test_summary_plots_perplexity_vs_latency_without_accuracy(tmp_path):
     _reports(out, accuracy=None)
     models = {"fp32": out / "model", "int8": out / "quantized" / "int8"}
     rows = precision_rows(out, models)
-    assert [(r.label, r.size_mb, r.perplexity, r.latency_ms) for r in rows] == [("fp32", 4.0, 900.0, 3.0), ("int8", 2.0, 950.0, 2.0)]
+    assert [(r.label, r.size_mb, r.perplexity, r.latency_ms) for r in rows] == [
+        ("fp32", 4.0, 900.0, 3.0),
+        ("int8", 2.0, 950.0, 2.0),
+    ]
     lines, _ = summary_plots(out, models)
     text = "\n".join(lines)
     assert "![plots/perplexity-vs-latency.png]" in text and "no CSVLogger" in text  # no fit logs here

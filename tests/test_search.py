@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import REPO
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
 from merino_pl.latency_table import LatencyTable
 from merino_pl.space import default_space_path, load_space, space_from_dict
-
-from conftest import REPO
 
 
 # ---- search space ------------------------------------------------------------------------------
@@ -41,7 +40,10 @@ def test_space_ratio_form_and_size() -> None:
     [
         ({"embed_dims": [], "ffn_dims": [128], "num_layers": [1]}, "embed_dims is empty"),
         ({"embed_dims": [64], "ffn_dims": [128], "ffn_ratios": [1], "num_layers": [1]}, "exactly one of ffn_dims"),
-        ({"embed_dims": {"start": 64, "stop": 32, "step": 64}, "ffn_dims": [128], "num_layers": [1]}, "embed_dims is empty"),
+        (
+            {"embed_dims": {"start": 64, "stop": 32, "step": 64}, "ffn_dims": [128], "num_layers": [1]},
+            "embed_dims is empty",
+        ),
         ({"embed_dims": [100], "ffn_dims": [128], "num_layers": [1]}, "multiples of head_dim"),
         ({"embed_dims": [64], "ffn_dims": [128], "num_layers": [0]}, "num_layers must hold positive"),
         ({"embed_dims": [64], "ffn_dims": [128], "num_layers": [1], "depth": 3}, "unknown key 'depth'"),
@@ -54,8 +56,12 @@ def test_bad_space_is_one_merino_error(data: dict, needle: str) -> None:
 
 # ---- latency table -----------------------------------------------------------------------------
 def _latency_table() -> LatencyTable:
-    layers = [{"embed_dim": e, "ffn_dim": f, "ms": 0.001 * e + 0.0005 * f} for e in (64, 128, 256) for f in (128, 256, 512)]
-    projections = [{"in": i, "out": o, "ms": 1e-5 * i * o / 64} for i in (64, 128, 256, 768) for o in (64, 128, 256, 768) if i != o]
+    layers = [
+        {"embed_dim": e, "ffn_dim": f, "ms": 0.001 * e + 0.0005 * f} for e in (64, 128, 256) for f in (128, 256, 512)
+    ]
+    projections = [
+        {"in": i, "out": o, "ms": 1e-5 * i * o / 64} for i in (64, 128, 256, 768) for o in (64, 128, 256, 768) if i != o
+    ]
     return LatencyTable(fixed={"d_model": 768, "vocab_size": 50304, "ms": 1.0}, layers=layers, projections=projections)
 
 
@@ -68,8 +74,17 @@ def test_latency_table_roundtrip_interpolation_and_range(tmp_path: Path) -> None
     with pytest.raises(MerinoError, match=r"E=512, F=256"):
         loaded.layer_ms(512, 256)
     space = space_from_dict({"embed_dims": [64, 128], "ffn_dims": [128, 256], "num_layers": [1, 2]})
-    arch = space.config([space.block(64, 128, 2), space.block(64, 256, 1), space.block(128, 128, 1), space.block(128, 256, 2)])
-    want = 1.0 + 2 * 0.128 + 0.192 + 0.192 + 2 * 0.256 + sum(1e-5 * i * o / 64 for i, o in ((768, 64), (64, 128), (128, 768)))
+    arch = space.config(
+        [space.block(64, 128, 2), space.block(64, 256, 1), space.block(128, 128, 1), space.block(128, 256, 2)]
+    )
+    want = (
+        1.0
+        + 2 * 0.128
+        + 0.192
+        + 0.192
+        + 2 * 0.256
+        + sum(1e-5 * i * o / 64 for i, o in ((768, 64), (64, 128), (128, 768)))
+    )
     assert loaded.estimate_ms(arch) == pytest.approx(want)
 
 
@@ -88,8 +103,8 @@ import numpy as np  # noqa: E402
 from merino_pl.cli import main  # noqa: E402
 from merino_pl.costs import count_flops, count_params  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
+from merino_pl.search.api import SearchSettings, decode, run_search  # noqa: E402
 from merino_pl.search.budget import Genes, cost_tables, min_cost, parse_budget  # noqa: E402
-from merino_pl.search.api import SearchSettings, arch_costs, decode, run_search  # noqa: E402
 from merino_pl.search.evolution import EvolutionConfig  # noqa: E402
 
 SPACE = load_space(REPO / "search" / "space.yaml")
@@ -151,8 +166,8 @@ def test_entropy_config_rejects_bad_values() -> None:
 
 # ---- costs as tables ---------------------------------------------------------------------------
 def _random_codes(space, n: int, seed: int = 0) -> np.ndarray:
-    from merino_pl.search.evolution import _random_population
     from merino_pl.search.api import build_problem
+    from merino_pl.search.evolution import _random_population
 
     s = SearchSettings([parse_budget("flops=1T")], space)
     return _random_population(build_problem(s), n, np.random.default_rng(seed))
@@ -177,7 +192,9 @@ def _latency_table_for(space) -> LatencyTable:
 
 
 def test_min_cost_dp_is_the_brute_force_minimum() -> None:
-    space = space_from_dict({"num_blocks": 3, "embed_dims": [64, 128, 768, 832], "ffn_dims": [128, 256], "num_layers": [1, 2]})
+    space = space_from_dict(
+        {"num_blocks": 3, "embed_dims": [64, 128, 768, 832], "ffn_dims": [128, 256], "num_layers": [1, 2]}
+    )
     genes = Genes.of(space)
     tables = cost_tables("params", space, genes)
     grid = np.stack(np.meshgrid(*[np.arange(len(genes.embed_idx))] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -188,8 +205,15 @@ def test_min_cost_dp_is_the_brute_force_minimum() -> None:
     assert cost == brute == count_params(decode(space, genes, np.array(codes)))
 
 
-@pytest.mark.parametrize("text, cost, limit", [("flops=60G", "flops", 60e9), ("params<=60M", "params", 60e6),
-                                               ("latency=50ms", "latency", 50.0), ("latency=0.5s", "latency", 500.0)])
+@pytest.mark.parametrize(
+    "text, cost, limit",
+    [
+        ("flops=60G", "flops", 60e9),
+        ("params<=60M", "params", 60e6),
+        ("latency=50ms", "latency", 50.0),
+        ("latency=0.5s", "latency", 500.0),
+    ],
+)
 def test_parse_budget(text: str, cost: str, limit: float) -> None:
     b = parse_budget(text)
     assert (b.cost, b.limit) == (cost, limit)
@@ -197,8 +221,13 @@ def test_parse_budget(text: str, cost: str, limit: float) -> None:
 
 # ---- evolutionary search -----------------------------------------------------------------------
 def _settings(budgets: list[str], proxy: str = "entropy", iterations: int = 20000, seed: int = 0) -> SearchSettings:
-    return SearchSettings([parse_budget(b) for b in budgets], SPACE, proxy=proxy, seed=seed,
-                          evolution=EvolutionConfig(iterations=iterations))
+    return SearchSettings(
+        [parse_budget(b) for b in budgets],
+        SPACE,
+        proxy=proxy,
+        seed=seed,
+        evolution=EvolutionConfig(iterations=iterations),
+    )
 
 
 def _check_population(problem, result, budgets: dict[str, float]) -> None:
@@ -252,8 +281,21 @@ def test_baseline_proxies() -> None:
 # ---- CLI ---------------------------------------------------------------------------------------
 def test_search_cli_writes_recipe_plot_population(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "recipes" / "found.yaml"
-    argv = ["search", "--config", str(REPO / "search" / "flops-60g.yaml"), "--budget", "flops=60G",
-            "--budget", "params=50M", "--iterations", "3000", "--seed", "1", "--out", str(out)]
+    argv = [
+        "search",
+        "--config",
+        str(REPO / "search" / "flops-60g.yaml"),
+        "--budget",
+        "flops=60G",
+        "--budget",
+        "params=50M",
+        "--iterations",
+        "3000",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     recipe = load_recipe(out)
     prov = recipe.provenance
@@ -263,7 +305,10 @@ def test_search_cli_writes_recipe_plot_population(tmp_path: Path, capsys: pytest
     assert prov["entropy"]["total"] == pytest.approx(ent.recipe_entropy(recipe.architecture)["total"], abs=1e-2)
     assert prov["costs"]["flops"] <= 60e9 and prov["costs"]["params"] <= 50e6
     # two budgets whose tightest admits ~5.8e8 pairs: too many to certify in passing, and it says so
-    assert prov["search"]["optimum"].startswith("not computed: several budgets") and "run --exhaustive" in prov["search"]["optimum"]
+    assert (
+        prov["search"]["optimum"].startswith("not computed: several budgets")
+        and "run --exhaustive" in prov["search"]["optimum"]
+    )
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     pop = json.loads(out.with_suffix(".population.json").read_text())
     assert pop["population"][0]["score"] == pytest.approx(prov["proxy_score"], abs=1e-3)
@@ -289,7 +334,20 @@ def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.Monke
 
     out = tmp_path / "r.yaml"
     files = [out, out.with_suffix(".population.json"), out.with_suffix(".png")]
-    argv = ["search", "--budget", "params=60M", "--iterations", "300", "--population", "64", "--parents", "8", "--out", str(out)]
+    argv = [
+        "search",
+        "--budget",
+        "params=60M",
+        "--iterations",
+        "300",
+        "--population",
+        "64",
+        "--parents",
+        "8",
+        "--out",
+        str(out),
+    ]
+
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -326,15 +384,31 @@ def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.Monke
 def test_search_with_latency_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = _latency_table_for(SPACE).save(tmp_path / "dev.json")
     out = tmp_path / "lat.yaml"
-    assert main(["search", "--budget", "latency=30ms", "--latency-table", str(table), "--iterations", "2000",
-                 "--no-plot", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--budget",
+                "latency=30ms",
+                "--latency-table",
+                str(table),
+                "--iterations",
+                "2000",
+                "--no-plot",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     prov = load_recipe(out).provenance
     assert prov["costs"]["latency_ms"] <= 30 and prov["latency_table"]["file"] == str(table)
 
 
 def test_shipped_search_configs_load() -> None:
-    from merino_pl.search.cli import add_arguments, resolve_settings
     import argparse
+
+    from merino_pl.search.cli import add_arguments, resolve_settings
 
     for name in PAPER:
         p = argparse.ArgumentParser()
@@ -367,8 +441,10 @@ BAD = {
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv, needle = BAD[case]
-    spaces = {"EMPTY": "embed_dims: []\nffn_dims: [128]\nnum_layers: [1]\n",
-              "BOTH": "embed_dims: [64]\nffn_dims: [128]\nffn_ratios: [1]\nnum_layers: [1]\n"}
+    spaces = {
+        "EMPTY": "embed_dims: []\nffn_dims: [128]\nnum_layers: [1]\n",
+        "BOTH": "embed_dims: [64]\nffn_dims: [128]\nffn_ratios: [1]\nnum_layers: [1]\n",
+    }
     argv = [_bad_space(tmp_path, spaces[a]) if a in spaces else a for a in argv]
     assert main(["search", *argv, "--iterations", "100"]) == 2
     err = capsys.readouterr().err
@@ -414,8 +490,13 @@ def test_paper_recipe_is_in_the_default_space_and_meets_its_budget(config: str) 
 from merino_pl.costs import embedding_params  # noqa: E402
 from merino_pl.search import exhaustive  # noqa: E402
 
-TINY = {"num_blocks": 4, "embed_dims": [64, 128, 192], "ffn_ratios": [1, 2], "num_layers": [1, 2],
-        "architecture": {"vocab_size": 512, "d_model": 128, "max_position_embeddings": 256}}
+TINY = {
+    "num_blocks": 4,
+    "embed_dims": [64, 128, 192],
+    "ffn_ratios": [1, 2],
+    "num_layers": [1, 2],
+    "architecture": {"vocab_size": 512, "d_model": 128, "max_position_embeddings": 256},
+}
 
 
 def _brute_force(space) -> list[tuple[tuple[int, ...], dict[str, float]]]:
@@ -427,8 +508,17 @@ def _brute_force(space) -> list[tuple[tuple[int, ...], dict[str, float]]]:
         if (np.diff(widths) < 0).any():
             continue
         arch = decode(space, genes, np.array(codes))
-        rows.append((codes, {"entropy": ent.arch_entropy(arch)["total"], "params_proxy": count_params(arch) - embedding_params(arch),
-                             "flops": count_flops(arch), "params": count_params(arch)}))
+        rows.append(
+            (
+                codes,
+                {
+                    "entropy": ent.arch_entropy(arch)["total"],
+                    "params_proxy": count_params(arch) - embedding_params(arch),
+                    "flops": count_flops(arch),
+                    "params": count_params(arch),
+                },
+            )
+        )
     return rows
 
 
@@ -477,20 +567,47 @@ def test_exhaustive_cli_and_certified_evolution(tmp_path: Path, capsys: pytest.C
     prov = load_recipe(out).provenance
     assert prov["search"]["method"] == "exhaustive" and prov["search"]["feasible"] > 10**8 and "evolution" not in prov
     assert "global optimum of" in capsys.readouterr().out
-    assert json.loads(out.with_suffix(".population.json").read_text())["population"][0]["score"] == pytest.approx(prov["proxy_score"])
+    assert json.loads(out.with_suffix(".population.json").read_text())["population"][0]["score"] == pytest.approx(
+        prov["proxy_score"]
+    )
     ea = tmp_path / "ea.yaml"
-    assert main(["search", "--config", str(REPO / "search" / "flops-60g.yaml"), "--iterations", "20000", "--no-plot", "--out", str(ea)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--config",
+                str(REPO / "search" / "flops-60g.yaml"),
+                "--iterations",
+                "20000",
+                "--no-plot",
+                "--out",
+                str(ea),
+            ]
+        )
+        == 0
+    )
     search = load_recipe(ea).provenance["search"]
     assert search["method"] == "evolution" and search["optimum"]["feasible"] == prov["search"]["feasible"]
     assert search["optimum"]["score"] == pytest.approx(prov["proxy_score"])
-    assert search["optimum"]["fraction"] == pytest.approx(load_recipe(ea).provenance["proxy_score"] / prov["proxy_score"])
+    assert search["optimum"]["fraction"] == pytest.approx(
+        load_recipe(ea).provenance["proxy_score"] / prov["proxy_score"]
+    )
     assert "of the global optimum" in capsys.readouterr().out
 
 
 BAD_EXHAUSTIVE = {
-    "with-iterations": (["--budget", "flops=60G", "--exhaustive", "--iterations", "100"], "--exhaustive does not evolve: drop --iterations"),
-    "too-large": (["--budget", "flops=1T", "--exhaustive", "--space", "HUGE"], "block sequences to enumerate in half of the space"),
-    "too-many-pairs": (["--budget", "flops=1T", "--budget", "params=1T", "--exhaustive"], "give one budget or a smaller space"),
+    "with-iterations": (
+        ["--budget", "flops=60G", "--exhaustive", "--iterations", "100"],
+        "--exhaustive does not evolve: drop --iterations",
+    ),
+    "too-large": (
+        ["--budget", "flops=1T", "--exhaustive", "--space", "HUGE"],
+        "block sequences to enumerate in half of the space",
+    ),
+    "too-many-pairs": (
+        ["--budget", "flops=1T", "--budget", "params=1T", "--exhaustive"],
+        "give one budget or a smaller space",
+    ),
     "unmeetable": (["--budget", "flops=1G", "--exhaustive"], "flops=1G cannot be met"),
 }
 

@@ -31,13 +31,20 @@ TRAIN_CONFIG = REPO / "recipes" / "train" / "cpu-demo.yaml"
 PAPER_CONFIG = "recipes/train/pile-8xh100.yaml"
 # The shipped job scripts: what `merino-pl slurm submit --dry-run` prints for these (from the repo
 # root); each script's header line is that command.
-SHIPPED_COMMON = dict(config=PAPER_CONFIG, recipe="recipes/merino-64m.yaml", run_dir="runs/pile-merino-64m",
-                      gpus_per_node=8, time="24:00:00", setup=("source .venv/bin/activate",))
+SHIPPED_COMMON = dict(
+    config=PAPER_CONFIG,
+    recipe="recipes/merino-64m.yaml",
+    run_dir="runs/pile-merino-64m",
+    gpus_per_node=8,
+    time="24:00:00",
+    setup=("source .venv/bin/activate",),
+)
 SHIPPED = {
     "slurm/merino-64m-1node.sbatch": JobSpec(**SHIPPED_COMMON, nodes=1),
     # 4 x 8 GPUs x 32 sequences: no gradient accumulation keeps the paper's 1024 sequences a step
-    "slurm/merino-64m-4nodes.sbatch": JobSpec(**SHIPPED_COMMON, nodes=4, partition="gpu",
-                                              fit_args=("--trainer.accumulate_grad_batches", "1")),
+    "slurm/merino-64m-4nodes.sbatch": JobSpec(
+        **SHIPPED_COMMON, nodes=4, partition="gpu", fit_args=("--trainer.accumulate_grad_batches", "1")
+    ),
 }
 
 
@@ -60,13 +67,32 @@ def train_yaml(tmp_path: Path) -> Path:
 
 # -- the rendered script ------------------------------------------------------------------
 def test_dry_run_one_node_of_8_h100(capsys, train_yaml, tmp_path):
-    rc, out, err = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-52m",
-                           "--nodes", "1", "--gpus-per-node", "8", "--dry-run")
+    rc, out, err = run_cli(
+        capsys,
+        "submit",
+        "--config",
+        str(train_yaml),
+        "--recipe",
+        "merino-52m",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--dry-run",
+    )
     assert (rc, err) == (0, "")
     assert sbatch_lines(out) == [
-        "--job-name=merino-fit", "--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8",
-        "--cpus-per-task=8", "--time=24:00:00", "--signal=SIGUSR1@90", "--requeue",
-        "--open-mode=append", "--output=runs/from-config/slurm/%j.out"]
+        "--job-name=merino-fit",
+        "--nodes=1",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=8",
+        "--time=24:00:00",
+        "--signal=SIGUSR1@90",
+        "--requeue",
+        "--open-mode=append",
+        "--output=runs/from-config/slurm/%j.out",
+    ]
     assert "srun --kill-on-bad-exit=1 merino-pl fit" in out
     assert f"--config {train_yaml}" in out and "--model.recipe merino-52m" in out
     assert "--trainer.accelerator gpu --trainer.devices 8 --trainer.num_nodes 1" in out
@@ -75,14 +101,45 @@ def test_dry_run_one_node_of_8_h100(capsys, train_yaml, tmp_path):
 
 
 def test_dry_run_several_nodes_with_options(capsys, train_yaml):
-    rc, out, _ = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-52m", "--nodes", "4",
-                         "--partition", "h100", "--account", "lm", "--time", "2-00:00:00", "--signal-seconds", "300",
-                         "--run-dir", "/scratch/my run", "--setup", "module load cuda", "--dry-run",
-                         "--", "--trainer.max_steps", "1000", "--data.batch_size=32")
+    rc, out, _ = run_cli(
+        capsys,
+        "submit",
+        "--config",
+        str(train_yaml),
+        "--recipe",
+        "merino-52m",
+        "--nodes",
+        "4",
+        "--partition",
+        "h100",
+        "--account",
+        "lm",
+        "--time",
+        "2-00:00:00",
+        "--signal-seconds",
+        "300",
+        "--run-dir",
+        "/scratch/my run",
+        "--setup",
+        "module load cuda",
+        "--dry-run",
+        "--",
+        "--trainer.max_steps",
+        "1000",
+        "--data.batch_size=32",
+    )
     assert rc == 0
     lines = sbatch_lines(out)
-    assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=h100", "--account=lm",
-            "--time=2-00:00:00", "--signal=SIGUSR1@300", "--requeue"} <= set(lines)
+    assert {
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=h100",
+        "--account=lm",
+        "--time=2-00:00:00",
+        "--signal=SIGUSR1@300",
+        "--requeue",
+    } <= set(lines)
     assert "--output=/scratch/my run/slurm/%j.out" in lines
     assert "RUN_DIR='/scratch/my run'" in out and "\nmodule load cuda\n" in out
     assert "--trainer.devices 8 --trainer.num_nodes 4" in out
@@ -90,8 +147,21 @@ def test_dry_run_several_nodes_with_options(capsys, train_yaml):
 
 
 def test_cpu_job_runs_one_process_per_task(capsys, train_yaml):
-    rc, out, _ = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny",
-                         "--gpus-per-node", "0", "--tasks-per-node", "2", "--python", "/opt/py 3/bin/python", "--dry-run")
+    rc, out, _ = run_cli(
+        capsys,
+        "submit",
+        "--config",
+        str(train_yaml),
+        "--recipe",
+        "merino-tiny",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--python",
+        "/opt/py 3/bin/python",
+        "--dry-run",
+    )
     assert rc == 0
     lines = sbatch_lines(out)
     assert "--ntasks-per-node=2" in lines and "--cpus-per-task=1" in lines
@@ -101,15 +171,21 @@ def test_cpu_job_runs_one_process_per_task(capsys, train_yaml):
 
 
 def test_cpu_job_defaults_to_one_task(capsys, train_yaml):
-    rc, out, _ = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny",
-                         "--gpus-per-node", "0", "--dry-run")
+    rc, out, _ = run_cli(
+        capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny", "--gpus-per-node", "0", "--dry-run"
+    )
     assert rc == 0 and "--ntasks-per-node=1" in sbatch_lines(out)
     assert "--trainer.accelerator cpu --trainer.devices 1 --trainer.num_nodes 1" in out
 
 
 def test_rendered_script_is_valid_bash(tmp_path):
-    spec = JobSpec(config="a b.yaml", recipe="r'x.yaml", run_dir="runs/$HOME", setup=("echo hi",),
-                   fit_args=("--data.source", "a;b"))
+    spec = JobSpec(
+        config="a b.yaml",
+        recipe="r'x.yaml",
+        run_dir="runs/$HOME",
+        setup=("echo hi",),
+        fit_args=("--data.source", "a;b"),
+    )
     path = tmp_path / "job.sbatch"
     path.write_text(render(spec))
     subprocess.run(["bash", "-n", str(path)], check=True)
@@ -117,8 +193,15 @@ def test_rendered_script_is_valid_bash(tmp_path):
 
 
 def test_rendered_header_command_reproduces_the_script(capsys, train_yaml):
-    spec = JobSpec(config=str(train_yaml), recipe="merino-tiny", run_dir="runs/x", nodes=2, partition="p",
-                   time="1:00:00", fit_args=("--trainer.max_steps", "5"))
+    spec = JobSpec(
+        config=str(train_yaml),
+        recipe="merino-tiny",
+        run_dir="runs/x",
+        nodes=2,
+        partition="p",
+        time="1:00:00",
+        fit_args=("--trainer.max_steps", "5"),
+    )
     command = shlex.split(spec.command_line())
     assert command[:3] == ["merino-pl", "slurm", "submit"]
     cut = command.index("--")
@@ -139,20 +222,49 @@ def test_shipped_scripts_are_current(capsys, monkeypatch, name):
 
 # -- bad input ----------------------------------------------------------------------------
 def test_bad_input_reports_every_problem_in_one_line(capsys, tmp_path):
-    rc, out, err = run_cli(capsys, "submit", "--config", str(tmp_path / "missing.yaml"), "--recipe", "nope",
-                           "--nodes", "0", "--gpus-per-node", "-1", "--time", "soon", "--job-name", "bash",
-                           "--dry-run", "--", "--trainer.devices", "3", "--ckpt_path=x")
+    rc, out, err = run_cli(
+        capsys,
+        "submit",
+        "--config",
+        str(tmp_path / "missing.yaml"),
+        "--recipe",
+        "nope",
+        "--nodes",
+        "0",
+        "--gpus-per-node",
+        "-1",
+        "--time",
+        "soon",
+        "--job-name",
+        "bash",
+        "--dry-run",
+        "--",
+        "--trainer.devices",
+        "3",
+        "--ckpt_path=x",
+    )
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
-    for needle in ("missing.yaml: no such file", "'nope'", "--nodes 0", "--gpus-per-node -1", "--time 'soon'",
-                   "--job-name bash", "--trainer.devices after `--`", "--ckpt_path after `--`"):
+    for needle in (
+        "missing.yaml: no such file",
+        "'nope'",
+        "--nodes 0",
+        "--gpus-per-node -1",
+        "--time 'soon'",
+        "--job-name bash",
+        "--trainer.devices after `--`",
+        "--ckpt_path after `--`",
+    ):
         assert needle in err
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--time", "00:01:00"], "longer than --signal-seconds 90"),
-    (["--tasks-per-node", "4"], "--tasks-per-node is for CPU jobs"),
-    (["--cpus-per-task", "0"], "--cpus-per-task 0"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--time", "00:01:00"], "longer than --signal-seconds 90"),
+        (["--tasks-per-node", "4"], "--tasks-per-node is for CPU jobs"),
+        (["--cpus-per-task", "0"], "--cpus-per-task 0"),
+    ],
+)
 def test_inconsistent_options_are_rejected(capsys, train_yaml, argv, needle):
     rc, _, err = run_cli(capsys, "submit", "--config", str(train_yaml), "--recipe", "merino-tiny", *argv, "--dry-run")
     assert rc == 2 and needle in err
@@ -187,7 +299,11 @@ def test_scripts_are_numbered_never_overwritten(tmp_path):
     second = write_new_script(tmp_path / "slurm", "two\n")
     assert (first.name, second.name) == ("job-001.sbatch", "job-006.sbatch")
     assert first.read_text() == "one\n" and second.read_text() == "two\n"
-    assert sorted(p.name for p in (tmp_path / "slurm").iterdir()) == ["job-001.sbatch", "job-005.sbatch", "job-006.sbatch"]
+    assert sorted(p.name for p in (tmp_path / "slurm").iterdir()) == [
+        "job-001.sbatch",
+        "job-005.sbatch",
+        "job-006.sbatch",
+    ]
 
 
 # -- a real cluster -----------------------------------------------------------------------
@@ -212,8 +328,24 @@ def submit(tmp_path: Path, *argv: str) -> tuple[str, Path]:
     """`merino-pl slurm submit` in a subprocess (as a user would); returns (job id, run dir)."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "merino_pl.cli", "slurm", "submit", "--run-dir", str(run_dir),
-                           "--python", sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "merino_pl.cli",
+            "slurm",
+            "submit",
+            "--run-dir",
+            str(run_dir),
+            "--python",
+            sys.executable,
+            *argv,
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     return job_id, run_dir
@@ -228,8 +360,10 @@ def wait_for(job_id: str, run_dir: Path, timeout: float = 240, until=None) -> di
             return fields
         time.sleep(0.2 if until is not None else 1)  # `until` gates a signal: react quickly
     log = run_dir / "slurm" / f"{job_id}.out"
-    pytest.fail(f"job {job_id} still {fields.get('JobState')} after {timeout} s; log:\n"
-                + (log.read_text()[-4000:] if log.exists() else "(none)"))
+    pytest.fail(
+        f"job {job_id} still {fields.get('JobState')} after {timeout} s; log:\n"
+        + (log.read_text()[-4000:] if log.exists() else "(none)")
+    )
 
 
 def job_log(job_id: str, run_dir: Path) -> str:
@@ -240,21 +374,47 @@ def job_log(job_id: str, run_dir: Path) -> str:
 def test_srun_starts_two_tasks(slurm_cluster, tmp_path):
     """The cluster itself (seconds; the fit tests below need minutes): srun starts 2 ranks."""
     script = tmp_path / "probe.sbatch"
-    script.write_text("#!/bin/bash\n#SBATCH --job-name=probe\n#SBATCH --ntasks-per-node=2\n"
-                      f"#SBATCH --output={tmp_path}/%j.out\n"
-                      "srun bash -c 'echo rank $SLURM_PROCID of $SLURM_NTASKS on $SLURMD_NODENAME'\n")
-    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --job-name=probe\n#SBATCH --ntasks-per-node=2\n"
+        f"#SBATCH --output={tmp_path}/%j.out\n"
+        "srun bash -c 'echo rank $SLURM_PROCID of $SLURM_NTASKS on $SLURMD_NODENAME'\n"
+    )
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert wait_for(job_id, tmp_path, timeout=60)["JobState"] == "COMPLETED"
     out = (tmp_path / f"{job_id}.out").read_text()
     assert "rank 0 of 2 on localhost" in out and "rank 1 of 2 on localhost" in out
 
 
 # Tiny and short: 2 CPU tasks (DDP over gloo), 32-token sequences, no logger, no validation.
-FIT_TINY = ["--config", str(TRAIN_CONFIG), "--recipe", "merino-tiny", "--gpus-per-node", "0",
-            "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "15:00", "--",
-            "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "2",
-            "--data.seq_len", "32", "--data.batch_size", "2", "--model.warmup_steps", "2"]
+FIT_TINY = [
+    "--config",
+    str(TRAIN_CONFIG),
+    "--recipe",
+    "merino-tiny",
+    "--gpus-per-node",
+    "0",
+    "--tasks-per-node",
+    "2",
+    "--cpus-per-task",
+    "1",
+    "--time",
+    "15:00",
+    "--",
+    "--trainer.logger",
+    "false",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.log_every_n_steps",
+    "2",
+    "--data.seq_len",
+    "32",
+    "--data.batch_size",
+    "2",
+    "--model.warmup_steps",
+    "2",
+]
 
 
 def ckpt_step(path: Path) -> int:
@@ -295,8 +455,9 @@ def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, fit_available, 
     """SIGUSR1 (what `--signal=SIGUSR1@90` sends before the time limit) mid-run: Lightning saves
     hpc_ckpt_1.ckpt and requeues; the job runs again and continues from that step to the end."""
     max_steps = 30
-    job_id, run_dir = submit(tmp_path, *FIT_TINY, "--trainer.max_steps", str(max_steps),
-                             "--checkpoint.every_n_train_steps", "10")
+    job_id, run_dir = submit(
+        tmp_path, *FIT_TINY, "--trainer.max_steps", str(max_steps), "--checkpoint.every_n_train_steps", "10"
+    )
     # Training is under way once the first periodic checkpoint exists (step 10 of 30).
     fields = wait_for(job_id, run_dir, until=lambda: (run_dir / "checkpoints" / "last.ckpt").exists())
     assert fields.get("JobState") == "RUNNING", f"job ended before the signal: {job_log(job_id, run_dir)[-3000:]}"

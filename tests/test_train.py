@@ -33,10 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = {
     "name": "micro",
     "architecture": {
-        "vocab_size": 50304, "d_model": 32, "max_position_embeddings": 64, "head_dim": 16,
+        "vocab_size": 50304,
+        "d_model": 32,
+        "max_position_embeddings": 64,
+        "head_dim": 16,
         "blocks": [
-            {"embed_dim": 32, "ffn_ratio": 2, "num_layers": 2}, {"embed_dim": 32, "ffn_ratio": 2, "num_layers": 1},
-            {"embed_dim": 48, "ffn_ratio": 2, "num_layers": 1}, {"embed_dim": 48, "ffn_ratio": 2, "num_layers": 1},
+            {"embed_dim": 32, "ffn_ratio": 2, "num_layers": 2},
+            {"embed_dim": 32, "ffn_ratio": 2, "num_layers": 1},
+            {"embed_dim": 48, "ffn_ratio": 2, "num_layers": 1},
+            {"embed_dim": 48, "ffn_ratio": 2, "num_layers": 1},
         ],
     },
     "provenance": {"source": "test"},
@@ -51,12 +56,28 @@ def fit_config(tmp_path: Path) -> Path:
     cfg = {
         "seed_everything": 7,
         "model": {"recipe": str(recipe), "lr": 3e-3, "warmup_steps": 2},
-        "data": {"source": "embedded", "seq_len": 32, "batch_size": 4, "num_workers": 0, "val_sequences": 0, "shuffle_windows": 64},
+        "data": {
+            "source": "embedded",
+            "seq_len": 32,
+            "batch_size": 4,
+            "num_workers": 0,
+            "val_sequences": 0,
+            "shuffle_windows": 64,
+        },
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 10, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "max_steps": 10,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
             "default_root_dir": str(tmp_path / "run"),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "run"), "name": "logs"}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "run"), "name": "logs"},
+            },
         },
         "checkpoint": {"every_n_train_steps": 4},
     }
@@ -109,7 +130,12 @@ def test_weight_decay_on_matrices_only(tmp_path):
 
 
 def test_durations_in_progress_lines():
-    assert [format_duration(x) for x in (0, 59.6, 3725, 10 * 86400 + 47288)] == ["0:00:00", "0:01:00", "1:02:05", "10d 13:08:08"]
+    assert [format_duration(x) for x in (0, 59.6, 3725, 10 * 86400 + 47288)] == [
+        "0:00:00",
+        "0:01:00",
+        "1:02:05",
+        "10d 13:08:08",
+    ]
 
 
 def test_module_rejects_bad_hyperparameters():
@@ -119,8 +145,21 @@ def test_module_rejects_bad_hyperparameters():
 
 # ---- the fit CLI -------------------------------------------------------------------------------
 def test_fit_reports_every_bad_value_in_one_line_before_work(fit_config, tmp_path, capsys):
-    code = cli_main(["fit", "--config", str(fit_config), "--model.lr", "-1", "--model.warmup_steps", "50",
-                     "--data.seq_len", "4096", "--model.recipe", "no-such-recipe"])
+    code = cli_main(
+        [
+            "fit",
+            "--config",
+            str(fit_config),
+            "--model.lr",
+            "-1",
+            "--model.warmup_steps",
+            "50",
+            "--data.seq_len",
+            "4096",
+            "--model.recipe",
+            "no-such-recipe",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     for part in ("model.lr", "warmup_steps 50 exceeds trainer.max_steps 10", "model.recipe", "no-such-recipe"):
@@ -140,7 +179,9 @@ def test_fit_writes_loadable_exportable_checkpoints(fit_config, tmp_path, capsys
     out = capsys.readouterr().out
     assert "step       4/4  loss" in out
     # one plain line per log interval (readable in a SLURM log): step rate, elapsed, ETA
-    progress = re.findall(r"^step +(\d+)/4  .* (?:steps/s|s/step)  elapsed \d+:\d\d:\d\d  ETA (\d+:\d\d:\d\d)$", out, re.M)
+    progress = re.findall(
+        r"^step +(\d+)/4  .* (?:steps/s|s/step)  elapsed \d+:\d\d:\d\d  ETA (\d+:\d\d:\d\d)$", out, re.M
+    )
     assert [int(step) for step, _ in progress] == [1, 2, 3, 4], out
     assert progress[-1][1] == "0:00:00"
     ckpt_dir = tmp_path / "run" / "checkpoints"
@@ -163,7 +204,9 @@ def test_streaming_resume_on_other_workers_is_one_line_exit_2(fit_config, tmp_pa
     argv = ["fit", "--config", str(fit_config), "--trainer.max_steps", "4", "--model.warmup_steps", "1"]
     assert cli_main([*argv, "--data.num_workers", "1", "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err  # (after Lightning's "checkpoint directory not empty" of every resume)
-    assert err.endswith("\n") and err.splitlines()[-1].startswith("merino-pl fit: error: ") and "Traceback" not in err, err
+    assert (
+        err.endswith("\n") and err.splitlines()[-1].startswith("merino-pl fit: error: ") and "Traceback" not in err
+    ), err
     err = err.splitlines()[-1]
     assert "num_workers: 0 -> 1" in err and "--data.shards" in err and "--data.resume false" in err
 
@@ -172,26 +215,52 @@ def test_shipped_train_recipes_parse(tmp_path):
     """Both shipped configs parse and instantiate (the paper's with CPU overrides)."""
     from merino_pl.train.fit import build_cli
 
-    cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-           "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path)]
+    cpu = [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "auto",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     demo = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), *cpu], run=False)
     assert demo.model.recipe.name == "merino-tiny" and demo.datamodule.hparams.source == "embedded"
     pile = yaml.safe_load((REPO / "recipes/train/pile-8xh100.yaml").read_text())
     t, d = pile["trainer"], pile["data"]
     assert t["max_steps"] == 600_000 and t["precision"] == "bf16-mixed" and t["strategy"] == "ddp"
     assert t["devices"] * d["batch_size"] * t["accumulate_grad_batches"] == 1024 and d["seq_len"] == 1024
-    pile_cli = build_cli(["--config", str(REPO / "recipes/train/pile-8xh100.yaml"), *cpu,
-                          "--model.recipe", "merino-tiny", "--data.seq_len", "128", "--trainer.logger", "false"], run=False)
+    pile_cli = build_cli(
+        [
+            "--config",
+            str(REPO / "recipes/train/pile-8xh100.yaml"),
+            *cpu,
+            "--model.recipe",
+            "merino-tiny",
+            "--data.seq_len",
+            "128",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     assert pile_cli.datamodule.hparams.source == "EleutherAI/the_pile_deduplicated"
 
 
-@pytest.mark.parametrize("extra,needles", [
-    (["--trainer.accelerator", "gpu"], ["trainer.accelerator 'gpu'", "no CUDA device"]),
-    (["--trainer.accelerator", "cuda"], ["trainer.accelerator 'cuda'", "no CUDA device"]),
-    (["--ckpt_path", "MISSING"], ["ckpt_path", "missing.ckpt: file not found"]),
-    (["--ckpt_path", "TRUNCATED"], ["ckpt_path", "truncated.ckpt: not a readable checkpoint"]),
-    (["--trainer.precision", "fp64"], ["trainer.precision", "fp64", "valid:", "32-true"]),
-], ids=["gpu", "cuda", "ckpt-missing", "ckpt-truncated", "precision"])
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (["--trainer.accelerator", "gpu"], ["trainer.accelerator 'gpu'", "no CUDA device"]),
+        (["--trainer.accelerator", "cuda"], ["trainer.accelerator 'cuda'", "no CUDA device"]),
+        (["--ckpt_path", "MISSING"], ["ckpt_path", "missing.ckpt: file not found"]),
+        (["--ckpt_path", "TRUNCATED"], ["ckpt_path", "truncated.ckpt: not a readable checkpoint"]),
+        (["--trainer.precision", "fp64"], ["trainer.precision", "fp64", "valid:", "32-true"]),
+    ],
+    ids=["gpu", "cuda", "ckpt-missing", "ckpt-truncated", "precision"],
+)
 def test_fit_bad_environment_is_one_line_before_anything_is_written(fit_config, tmp_path, capsys, extra, needles):
     if "accelerator" in extra[0] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -240,12 +309,23 @@ def test_logs_follow_default_root_dir(tmp_path):
     from merino_pl.train.fit import build_cli
 
     root = tmp_path / "elsewhere"
-    cli = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root)], run=False)
+    cli = build_cli(
+        ["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root)], run=False
+    )
     assert [Path(lg.save_dir) for lg in cli.trainer.loggers] == [root]
     assert Path(cli.trainer.checkpoint_callback.dirpath) == root / "checkpoints"
     mine = tmp_path / "logs-here"
-    cli = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root),
-                     "--trainer.logger.init_args.save_dir", str(mine)], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(REPO / "recipes/train/cpu-demo.yaml"),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger.init_args.save_dir",
+            str(mine),
+        ],
+        run=False,
+    )
     assert [Path(lg.save_dir) for lg in cli.trainer.loggers] == [mine]
 
 
@@ -320,7 +400,9 @@ def test_resume_after_sigkill_continues_with_identical_losses(fit_config, tmp_pa
     env = subprocess_env()
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(fit_cmd(fit_config, *run_dir_args(straight)), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(fit_cmd(fit_config, *run_dir_args(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        fit_cmd(fit_config, *run_dir_args(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -330,8 +412,13 @@ def test_resume_after_sigkill_continues_with_identical_losses(fit_config, tmp_pa
     assert last.exists(), "no checkpoint before the kill"
     resumed_from = torch.load(last, weights_only=True)["global_step"]
     assert resumed_from < 10, "the run finished before it was killed: nothing to resume"
-    subprocess.run(fit_cmd(fit_config, *run_dir_args(killed), "--ckpt_path", "last"), env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        fit_cmd(fit_config, *run_dir_args(killed), "--ckpt_path", "last"),
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     want, got = step_losses(straight), step_losses(killed)
     assert sorted(want) == list(range(10))
     assert {s: got[s] for s in range(resumed_from, 10)} == {s: want[s] for s in range(resumed_from, 10)}
@@ -341,10 +428,26 @@ def test_resume_after_sigkill_continues_with_identical_losses(fit_config, tmp_pa
 def test_two_process_ddp_on_cpu_with_accumulation(fit_config, tmp_path):
     root = tmp_path / "ddp"
     proc = subprocess.run(
-        fit_cmd(fit_config, *run_dir_args(root), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                "--trainer.max_steps", "3", "--trainer.accumulate_grad_batches", "2", "--model.warmup_steps", "1",
-                "--checkpoint.every_n_train_steps", "3"),
-        env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        fit_cmd(
+            fit_config,
+            *run_dir_args(root),
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.accumulate_grad_batches",
+            "2",
+            "--model.warmup_steps",
+            "1",
+            "--checkpoint.every_n_train_steps",
+            "3",
+        ),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
@@ -391,18 +494,30 @@ def test_ddp_kill_resumes_on_one_process_exactly(fit_config, tmp_path):
     corpus = tmp_path / "corpus.txt"
     words = (" ".join(f"w{(i * 7 + j * 13) % 101}" for j in range(i % 9 + 3)) for i in range(120))
     corpus.write_text("\n\n".join(f"paragraph {i}: {w}" for i, w in enumerate(words)))
-    assert cli_main(["prepare", str(corpus), "--out", str(tmp_path / "shards"), "--val-fraction", "0", "--workers", "1"]) == 0
+    assert (
+        cli_main(["prepare", str(corpus), "--out", str(tmp_path / "shards"), "--val-fraction", "0", "--workers", "1"])
+        == 0
+    )
     (tmp_path / "record.py").write_text(RECORDER)
     cfg = yaml.safe_load(fit_config.read_text())
     cfg["data"].update(shards=str(tmp_path / "shards"), seq_len=15, batch_size=2, num_workers=2, epochs=1)
-    cfg["trainer"].update(max_steps=1000, max_epochs=1, callbacks=[{"class_path": "record.Record", "init_args": {"path": str(tmp_path / "seen")}}])
+    cfg["trainer"].update(
+        max_steps=1000,
+        max_epochs=1,
+        callbacks=[{"class_path": "record.Record", "init_args": {"path": str(tmp_path / "seen")}}],
+    )
     cfg["checkpoint"]["every_n_train_steps"] = 2
     fit_config.write_text(yaml.safe_dump(cfg))
     env = subprocess_env()
     env["PYTHONPATH"] += os.pathsep + str(tmp_path)
     root = tmp_path / "run"
-    proc = subprocess.Popen(fit_cmd(fit_config, *run_dir_args(root), "--trainer.devices", "2", "--trainer.strategy", "ddp"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        fit_cmd(fit_config, *run_dir_args(root), "--trainer.devices", "2", "--trainer.strategy", "ddp"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     last = root / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -416,14 +531,21 @@ def test_ddp_kill_resumes_on_one_process_exactly(fit_config, tmp_path):
     before = seen_windows(tmp_path / "seen", before=ckpt["global_step"])
     (tmp_path / "seen.0").rename(tmp_path / "killed.0")
     (tmp_path / "seen.1").rename(tmp_path / "killed.1")
-    resumed = subprocess.run(fit_cmd(fit_config, *run_dir_args(root), "--data.num_workers", "0", "--ckpt_path", "last"),
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        fit_cmd(fit_config, *run_dir_args(root), "--data.num_workers", "0", "--ckpt_path", "last"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = seen_windows(tmp_path / "seen")
     assert before and after and not list(tmp_path.glob("seen.1")), "run 1 on two ranks, run 2 on one"
     tokens = np.fromfile(next((tmp_path / "shards").glob("train-*.bin")), dtype=np.uint16).astype(np.int64)
     n = -(-len(tokens) // 16)
-    epoch = Counter(map(tuple, np.concatenate([tokens, np.zeros(n * 16 - len(tokens), np.int64)]).reshape(n, 16).tolist()))
+    epoch = Counter(
+        map(tuple, np.concatenate([tokens, np.zeros(n * 16 - len(tokens), np.int64)]).reshape(n, 16).tolist())
+    )
     assert Counter(before + after) == epoch
 
 
@@ -447,8 +569,22 @@ def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_
     ``version`` = the stored run id and ``resume="allow"``, recorded in the saved config."""
     import wandb
 
-    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(tmp_path / "run")]
-    common = ["fit", "--config", str(fit_config), "--model.warmup_steps", "1", "--checkpoint.every_n_train_steps", "2", *logger]
+    logger = [
+        "--trainer.logger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "run"),
+    ]
+    common = [
+        "fit",
+        "--config",
+        str(fit_config),
+        "--model.warmup_steps",
+        "1",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        *logger,
+    ]
     assert cli_main([*common, "--trainer.max_steps", "2"]) == 0
     wandb.finish()
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

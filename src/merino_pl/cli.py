@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 # command -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -22,7 +23,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("merino_pl.data.cli", "tokenize a text source into pre-tokenized shards"),
     "fit": ("merino_pl.train.cli", "pretrain a recipe (LightningCLI)"),
     "validate": ("merino_pl.train.cli:validate_main", "held-out loss of a checkpoint (LightningCLI validate)"),
-    "test": ("merino_pl.train.cli:test_main", "held-out loss of a checkpoint through the test loop (LightningCLI test)"),
+    "test": (
+        "merino_pl.train.cli:test_main",
+        "held-out loss of a checkpoint through the test loop (LightningCLI test)",
+    ),
     "export": ("merino_pl.export", "export a checkpoint as an HF-loadable directory (or ONNX)"),
     "eval": ("merino_pl.evaluation.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
     "quantize": ("merino_pl.quantize.cli", "GPTQ INT8 / INT4 quantization"),

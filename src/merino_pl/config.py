@@ -99,7 +99,7 @@ class MerinoConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MerinoConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MerinoConfig:
         """Build from a mapping; raises ``ValueError`` listing every problem at once."""
         problems = _unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "architecture")
         blocks_raw = data.get("blocks")
@@ -155,18 +155,26 @@ def validate(cfg: MerinoConfig) -> list[str]:
         if not _is_int(b.embed_dim) or b.embed_dim <= 0 or b.embed_dim % head:
             p.append(f"blocks[{i}].embed_dim must be a positive multiple of head_dim {head}, got {b.embed_dim!r}")
         elif b.embed_dim < prev:
-            p.append(f"blocks[{i}].embed_dim {b.embed_dim} is smaller than blocks[{i - 1}]'s {prev}: widths must not decrease")
+            p.append(
+                f"blocks[{i}].embed_dim {b.embed_dim} is smaller than blocks[{i - 1}]'s {prev}: "
+                f"widths must not decrease"
+            )
         else:
             prev = b.embed_dim
         if not _is_int(b.num_layers) or b.num_layers <= 0:
             p.append(f"blocks[{i}].num_layers must be a positive integer, got {b.num_layers!r}")
         if (b.ffn_dim is None) == (b.ffn_ratio is None):
-            p.append(f"blocks[{i}] needs exactly one of ffn_dim / ffn_ratio, got ffn_dim={b.ffn_dim!r} ffn_ratio={b.ffn_ratio!r}")
+            p.append(
+                f"blocks[{i}] needs exactly one of ffn_dim / ffn_ratio, "
+                f"got ffn_dim={b.ffn_dim!r} ffn_ratio={b.ffn_ratio!r}"
+            )
         elif b.ffn_dim is not None and (not _is_int(b.ffn_dim) or b.ffn_dim <= 0):
             p.append(f"blocks[{i}].ffn_dim must be a positive integer, got {b.ffn_dim!r}")
         elif b.ffn_ratio is not None and (
-            not isinstance(b.ffn_ratio, (int, float)) or isinstance(b.ffn_ratio, bool)
-            or not math.isfinite(b.ffn_ratio) or b.ffn_ratio <= 0
+            not isinstance(b.ffn_ratio, (int, float))
+            or isinstance(b.ffn_ratio, bool)
+            or not math.isfinite(b.ffn_ratio)
+            or b.ffn_ratio <= 0
         ):
             p.append(f"blocks[{i}].ffn_ratio must be a positive number, got {b.ffn_ratio!r}")
     return p
@@ -188,9 +196,11 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<recipe>") -> "Recipe":
+    def from_dict(cls, data: Any, source: str = "<recipe>") -> Recipe:
         if not isinstance(data, dict):
-            raise MerinoError(f"{source}: a recipe must be a mapping with 'name' and 'architecture', got {type(data).__name__}")
+            raise MerinoError(
+                f"{source}: a recipe must be a mapping with 'name' and 'architecture', got {type(data).__name__}"
+            )
         problems = _unknown_keys(data, {"name", "architecture", "provenance"}, "recipe")
         if "architecture" not in data or not isinstance(data["architecture"], dict):
             problems.append("missing mapping 'architecture'")
@@ -214,7 +224,9 @@ class Recipe:
 
 
 def builtin_recipe_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("merino_pl").joinpath("recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("merino_pl").joinpath("recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:

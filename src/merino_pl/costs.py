@@ -103,7 +103,9 @@ def kv_cache_bytes(cfg: MerinoConfig, tokens: int | None = None, bytes_per_value
     return sum(2 * b.num_layers * b.embed_dim * tokens * bytes_per_value for b in cfg.blocks)
 
 
-def recipe_summary(recipe: Recipe, seq_len: int = PAPER_SEQ_LEN, entropy: dict[str, float] | None = None) -> dict[str, Any]:
+def recipe_summary(
+    recipe: Recipe, seq_len: int = PAPER_SEQ_LEN, entropy: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Everything ``merino-pl info`` reports, as a JSON-able dict (training logs it too).
     ``entropy``: the recipe's entropy (a search quantity, so its callers pass it in)."""
     arch = recipe.architecture

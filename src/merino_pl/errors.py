@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 
 class MerinoError(Exception):
@@ -16,8 +17,9 @@ class MerinoError(Exception):
     exit_code = 2
 
 
-def parse_problems(add_arguments: Callable[[argparse.ArgumentParser], None], argv: Sequence[str],
-                   prog: str) -> tuple[argparse.Namespace | None, list[str]]:
+def parse_problems(
+    add_arguments: Callable[[argparse.ArgumentParser], None], argv: Sequence[str], prog: str
+) -> tuple[argparse.Namespace | None, list[str]]:
     """Parse ``argv`` with a stage's own ``add_arguments`` without exiting: (args, []) or
     (None, [the usage error]). How ``pipeline`` checks a stage's arguments before running it."""
 

@@ -13,7 +13,9 @@ from merino_pl.costs import PAPER_SEQ_LEN, recipe_summary
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML path or built-in name (merino-52m, merino-61m, merino-64m, merino-tiny)")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the recipe's vocab size (e.g. 50272, the paper's)")
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help="override the recipe's vocab size (e.g. 50272, the paper's)"
+    )
     p.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help="tokens for the FLOPs count (paper: 1024)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -34,7 +36,10 @@ def _fmt(n: float, unit: str = "") -> str:
 
 
 def format_table(s: dict[str, Any]) -> str:
-    lines = [f"{s['name']}  (vocab {s['vocab_size']}, d_model {s['d_model']}, max positions {s['max_position_embeddings']})", ""]
+    lines = [
+        f"{s['name']}  (vocab {s['vocab_size']}, d_model {s['d_model']}, max positions {s['max_position_embeddings']})",
+        "",
+    ]
     lines.append(f"{'block':>5} {'E':>6} {'F':>6} {'L':>3} {'heads':>5} {'params':>10} {'GFLOPs':>9}")
     for i, b in enumerate(s["blocks"], 1):
         lines.append(
@@ -44,10 +49,12 @@ def format_table(s: dict[str, Any]) -> str:
     seq = s["flops_seq_len"]
     lines += [
         "",
-        f"parameters               {_fmt(s['params'])}  ({s['params']:,}; {_fmt(s['params_non_embedding'])} without embeddings)",
+        f"parameters               {_fmt(s['params'])}  "
+        f"({s['params']:,}; {_fmt(s['params_non_embedding'])} without embeddings)",
         f"FLOPs (paper convention) {_fmt(s['flops'])}  (2 x MACs over {seq} tokens, no embedding / LM head)",
         f"FLOPs with LM head       {_fmt(s['flops_with_lm_head'])}",
-        f"KV cache @ {s['kv_cache_tokens']} tokens   {_fmt(s['kv_cache_bytes_fp16'], 'B')} fp16, {_fmt(s['kv_cache_bytes_fp32'], 'B')} fp32 (batch 1)",
+        f"KV cache @ {s['kv_cache_tokens']} tokens   {_fmt(s['kv_cache_bytes_fp16'], 'B')} fp16, "
+        f"{_fmt(s['kv_cache_bytes_fp32'], 'B')} fp32 (batch 1)",
     ]
     if "entropy" in s:
         e = s["entropy"]
@@ -62,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
 
         if args.vocab_size <= 0:
             raise MerinoError(f"--vocab-size must be positive, got {args.vocab_size}")
-        recipe = dataclasses.replace(recipe, architecture=dataclasses.replace(recipe.architecture, vocab_size=args.vocab_size))
+        recipe = dataclasses.replace(
+            recipe, architecture=dataclasses.replace(recipe.architecture, vocab_size=args.vocab_size)
+        )
     if args.seq_len <= 0:
         from merino_pl.errors import MerinoError
 

@@ -10,8 +10,9 @@ import os
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 
 def _temp_name(name: str, kind: str) -> str:
@@ -26,7 +27,7 @@ def _remove_stale(directory: Path, name: str, kinds: tuple[str, ...] = ("tmp",))
     host = socket.gethostname()
     for kind in kinds:
         for stale in directory.glob(f".{glob.escape(name)}.*.{kind}"):
-            middle = stale.name[len(name) + 2:-len(kind) - 1]
+            middle = stale.name[len(name) + 2 : -len(kind) - 1]
             parts = middle.rsplit("-", 2)
             if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
                 continue
@@ -129,8 +130,14 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_out(out: str | os.PathLike, *, overwrite: bool | None = None, flag: str = "--out",
-              protect: Sequence[tuple[str | os.PathLike, str]] = (), file: bool = False) -> list[str]:
+def check_out(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool | None = None,
+    flag: str = "--out",
+    protect: Sequence[tuple[str | os.PathLike, str]] = (),
+    file: bool = False,
+) -> list[str]:
     """Problems with an output path, found before any work starts (all of them, one line each).
 
     * ``overwrite``: None for an output that files are written into; a bool for a directory
@@ -149,7 +156,9 @@ def check_out(out: str | os.PathLike, *, overwrite: bool | None = None, flag: st
         for path, what in [*protect, (Path.cwd(), "the current directory")]:
             p = Path(os.path.realpath(path))
             if real == p or real in p.parents:
-                problems.append(f"{flag} {out} contains {what} ({path}): replacing it would delete it; choose another {flag}")
+                problems.append(
+                    f"{flag} {out} contains {what} ({path}): replacing it would delete it; choose another {flag}"
+                )
                 break
         if out_path.is_dir() and not overwrite and any(out_path.iterdir()):
             problems.append(f"{flag} {out} exists and is not empty (pass --overwrite to replace it)")
@@ -190,7 +199,9 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise MerinoError(f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}")
+        raise MerinoError(
+            f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}"
+        )
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -208,7 +219,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise MerinoError(f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}")
+        raise MerinoError(
+            f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

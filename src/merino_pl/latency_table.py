@@ -34,7 +34,9 @@ def _interp(rows: dict[int, dict[int, float]], x: int, y: int, what: str) -> flo
     """Linear over ``y`` inside each measured row bracketing ``x``, then linear over ``x``."""
     xs = sorted(rows)
     if not xs or not xs[0] <= x <= xs[-1]:
-        raise MerinoError(f"{what} is outside the latency table's measured range ({xs[0] if xs else '-'}..{xs[-1] if xs else '-'})")
+        raise MerinoError(
+            f"{what} is outside the latency table's measured range ({xs[0] if xs else '-'}..{xs[-1] if xs else '-'})"
+        )
     hi = bisect.bisect_left(xs, x)
     x0, x1 = (x, x) if xs[hi] == x else (xs[hi - 1], xs[hi])
 
@@ -78,7 +80,9 @@ class LatencyTable:
             try:
                 rows.setdefault(int(e[kx]), {})[int(e[ky])] = float(e["ms"])
             except (KeyError, TypeError, ValueError):
-                raise MerinoError(f"{self.source}: {name}[{i}] must have integer {kx!r}, {ky!r} and a number 'ms', got {e!r}") from None
+                raise MerinoError(
+                    f"{self.source}: {name}[{i}] must have integer {kx!r}, {ky!r} and a number 'ms', got {e!r}"
+                ) from None
         return rows
 
     # ---- estimates -------------------------------------------------------------------------
@@ -112,9 +116,16 @@ class LatencyTable:
     # ---- files -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "device": self.device, "torch": self.torch, "precision": self.precision,
-            "batch": self.batch, "seq_len": self.seq_len, "unit": self.unit, "fixed": self.fixed,
-            "layers": self.layers, "projections": self.projections,
+            "format": FORMAT,
+            "device": self.device,
+            "torch": self.torch,
+            "precision": self.precision,
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "unit": self.unit,
+            "fixed": self.fixed,
+            "layers": self.layers,
+            "projections": self.projections,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -123,7 +134,7 @@ class LatencyTable:
         return Path(path)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<latency table>") -> "LatencyTable":
+    def from_dict(cls, data: Any, source: str = "<latency table>") -> LatencyTable:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise MerinoError(f"{source}: not a latency table (format must be {FORMAT!r}, got {got!r})")
@@ -141,9 +152,14 @@ class LatencyTable:
         if problems:
             raise MerinoError(f"{source}: " + "; ".join(problems))
         keys = ("device", "torch", "precision", "batch", "seq_len", "unit")
-        return cls(fixed=fixed, layers=data["layers"], projections=data.get("projections", []),
-                   source=source, **{k: data[k] for k in keys if k in data})
+        return cls(
+            fixed=fixed,
+            layers=data["layers"],
+            projections=data.get("projections", []),
+            source=source,
+            **{k: data[k] for k in keys if k in data},
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    def load(cls, path: str | Path) -> LatencyTable:
         return cls.from_dict(read_json(path, "latency table"), source=str(path))

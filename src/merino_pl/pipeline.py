@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from merino_pl.errors import MerinoError
 from merino_pl.io import atomic_write_text, read_yaml, sha256_file, write_json
 from merino_pl.pipeline_plots import read_report, summary_plots
@@ -73,11 +72,12 @@ def _content_hash(path: Path) -> str:
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}".encode())
+        name = f.relative_to(path) if f != path else f.name
+        h.update(f"{name}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}".encode())
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """One read per file version per run: the model directory is an input of half the stages."""
     return sha256_file(path)
@@ -97,7 +97,7 @@ class PipelineConfig:
     source: Path = Path(".")
 
     @classmethod
-    def load(cls, path: str | Path, out_dir: str | None = None) -> "PipelineConfig":
+    def load(cls, path: str | Path, out_dir: str | None = None) -> PipelineConfig:
         path = Path(path)
         data = read_yaml(path, "pipeline config")
         if not isinstance(data, dict):
@@ -108,11 +108,15 @@ class PipelineConfig:
             if value is not None and not isinstance(value, dict):
                 problems.append(f"{section} must be a mapping, got {value!r}")
             elif isinstance(value, dict):
-                problems += [f"unknown key {section}.{k!r} (valid: {', '.join(sorted(keys))})" for k in value if k not in keys]
+                problems += [
+                    f"unknown key {section}.{k!r} (valid: {', '.join(sorted(keys))})" for k in value if k not in keys
+                ]
                 if not isinstance(value.get("args", []), list):
                     problems.append(f"{section}.args must be a list of command-line arguments, got {value['args']!r}")
         bits = (data.get("quantize") or {}).get("bits") if isinstance(data.get("quantize"), dict) else None
-        if bits is not None and (not isinstance(bits, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits)):
+        if bits is not None and (
+            not isinstance(bits, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits)
+        ):
             problems.append(f"quantize.bits must be a list of integers, got {bits!r}")
         if bool(data.get("recipe")) == bool(data.get("search")):
             problems.append("give exactly one of 'recipe' (a recipe to train) or 'search' (search for one)")
@@ -122,9 +126,15 @@ class PipelineConfig:
             raise MerinoError(f"{path}: " + "; ".join(problems))
         out = Path(out_dir or data.get("out_dir") or f"runs/pipeline/{data.get('name') or path.stem}")
         return cls(
-            name=str(data.get("name") or path.stem), out_dir=out, recipe=data.get("recipe"),
-            search=data.get("search"), fit=data["fit"], eval=data.get("eval"),
-            quantize=data.get("quantize"), latency=data.get("latency"), source=path,
+            name=str(data.get("name") or path.stem),
+            out_dir=out,
+            recipe=data.get("recipe"),
+            search=data.get("search"),
+            fit=data["fit"],
+            eval=data.get("eval"),
+            quantize=data.get("quantize"),
+            latency=data.get("latency"),
+            source=path,
         )
 
 
@@ -172,13 +182,19 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     run_dir = out / "fit"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     argv = ["fit", "--config", str(fit_cfg), "--model.recipe", recipe_arg, *_fit_overrides(fit_cfg, run_dir)]
-    stages.append(Stage("fit", argv + _args(cfg.fit) + ["--ckpt_path", "last"], [fit_cfg, *recipe_inputs], [ckpt], run_dir))
+    stages.append(
+        Stage("fit", argv + _args(cfg.fit) + ["--ckpt_path", "last"], [fit_cfg, *recipe_inputs], [ckpt], run_dir)
+    )
     model = out / "model"
     # --overwrite: the pipeline owns these folders (a stage killed after writing reruns over its own output)
-    stages.append(Stage("export", ["export", str(ckpt), "--out", str(model), "--overwrite"], [ckpt], [model / "config.json"], model))
+    stages.append(
+        Stage(
+            "export", ["export", str(ckpt), "--out", str(model), "--overwrite"], [ckpt], [model / "config.json"], model
+        )
+    )
     models = {"fp32": model}
     q = cfg.quantize
-    for bits in ([int(b) for b in (q.get("bits") or [8, 4])] if q is not None else []):
+    for bits in [int(b) for b in (q.get("bits") or [8, 4])] if q is not None else []:
         qdir = out / "quantized" / f"int{bits}"
         argv = ["quantize", str(model), "--bits", str(bits), "--out", str(qdir), "--overwrite"]
         if q.get("method"):
@@ -189,13 +205,29 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         e = cfg.eval
         for label, path in models.items():
             edir = out / "eval" / label
-            argv = ["eval", str(path), "--out", str(edir), "--tasks", _csv(e.get("tasks", "paper")), "--ppl", _csv(e.get("ppl", "wikitext2,ptb"))]
+            argv = [
+                "eval",
+                str(path),
+                "--out",
+                str(edir),
+                "--tasks",
+                _csv(e.get("tasks", "paper")),
+                "--ppl",
+                _csv(e.get("ppl", "wikitext2,ptb")),
+            ]
             stages.append(Stage(f"eval-{label}", argv + _args(e), [path], [edir / "eval.json"], edir))
     if cfg.latency is not None:
         lat = cfg.latency
         for label, path in models.items():
             ldir = out / "latency" / label
-            argv = ["latency", str(path), "--out", str(ldir), "--precision", label if label != "fp32" else _csv(lat.get("precision", "fp32"))]
+            argv = [
+                "latency",
+                str(path),
+                "--out",
+                str(ldir),
+                "--precision",
+                label if label != "fp32" else _csv(lat.get("precision", "fp32")),
+            ]
             if label == "fp32" and lat.get("peers"):
                 argv += ["--peers", _csv(lat["peers"])]
             stages.append(Stage(f"latency-{label}", argv + _args(lat), [path], [ldir / "latency.json"], ldir))
@@ -205,7 +237,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         png = out / "plots" / "accuracy-vs-latency.png"
         argv = ["latency", "plot", "--latency", *map(str, reports), "--paper", "--out", str(png)]
         if evals:
-            argv[argv.index("--paper"):argv.index("--paper")] = ["--eval", *map(str, evals)]
+            argv[argv.index("--paper") : argv.index("--paper")] = ["--eval", *map(str, evals)]
         stages.append(Stage("plot", argv, reports + evals, [png], out / "plots"))
     return stages
 
@@ -297,8 +329,11 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool
             state[stage.name].update(status="failed", exit_code=code, seconds=round(stage.seconds, 1))
             write_json(state_path, state)
             why = f"exit code {code}" if code else f"it did not write {', '.join(missing)}"
-            print(f"pipeline: stage {stage.name!r} failed ({why}); log: {cfg.out_dir / 'logs' / (stage.name + '.log')}; "
-                  f"fix it and rerun the same command to resume at {stage.name!r}", file=sys.stderr)
+            print(
+                f"pipeline: stage {stage.name!r} failed ({why}); log: {cfg.out_dir / 'logs' / (stage.name + '.log')}; "
+                f"fix it and rerun the same command to resume at {stage.name!r}",
+                file=sys.stderr,
+            )
             return code or 1
         stage.status = "done"
         state[stage.name].update(status="done", seconds=round(stage.seconds, 1))
@@ -336,19 +371,34 @@ def _tables(cfg: PipelineConfig, labels: list[str]) -> list[str]:
     ours = [(lb, rep) for lb, rep in evals.items() if rep]
     t2 = table2_lines(ours)
     t3 = table3_lines([(lb, rep, _our_latency_ms(lats[lb], lb)) for lb, rep in ours], latency_header="latency (ms)")
-    lat_note = next((f"{r['device']['summary']}, batch {r['protocol']['batch']}, "
-                     f"sequence {r['protocol']['seq_len']}, mean of {r['protocol']['runs']} prefill runs"
-                     for r in lats.values() if r), "latency: not measured in this run")
-    return ["## Zero-shot accuracy (paper Table 2 layout)", "", *t2, "",
-            "## Perplexity and latency (paper Table 3 layout; word perplexity)", "", *t3, "",
-            f"Paper latency is on a Jetson Nano; ours: {lat_note}. Tasks whose data could not be "
-            "fetched are blank (see each eval report's *Skipped* list).", ""]
+    lat_note = next(
+        (
+            f"{r['device']['summary']}, batch {r['protocol']['batch']}, "
+            f"sequence {r['protocol']['seq_len']}, mean of {r['protocol']['runs']} prefill runs"
+            for r in lats.values()
+            if r
+        ),
+        "latency: not measured in this run",
+    )
+    return [
+        "## Zero-shot accuracy (paper Table 2 layout)",
+        "",
+        *t2,
+        "",
+        "## Perplexity and latency (paper Table 3 layout; word perplexity)",
+        "",
+        *t3,
+        "",
+        f"Paper latency is on a Jetson Nano; ours: {lat_note}. Tasks whose data could not be "
+        "fetched are blank (see each eval report's *Skipped* list).",
+        "",
+    ]
 
 
 def _models(out: Path, stages: list[Stage]) -> dict[str, Path]:
     """Precision label -> model directory of this run (the exported float model, then each quantized one)."""
     models = {"fp32": out / "model"} if any(s.name == "export" for s in stages) else {}
-    models.update({s.name[len("quantize-"):]: s.workdir for s in stages if s.name.startswith("quantize-")})
+    models.update({s.name[len("quantize-") :]: s.workdir for s in stages if s.name.startswith("quantize-")})
     return models
 
 
@@ -356,9 +406,15 @@ def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any
     """``OUT/summary.md``: stages, the run's pictures, the paper's tables with this run's rows,
     links to reports."""
     out = cfg.out_dir
-    labels = [s.name[len("eval-"):] for s in stages if s.name.startswith("eval-")]
-    lines = [f"# Pipeline `{cfg.name}`", "", f"Config: `{cfg.source}`. Every path below is relative to this file.", "",
-             "| stage | status | seconds | outputs |", "|---|---|---|---|"]
+    labels = [s.name[len("eval-") :] for s in stages if s.name.startswith("eval-")]
+    lines = [
+        f"# Pipeline `{cfg.name}`",
+        "",
+        f"Config: `{cfg.source}`. Every path below is relative to this file.",
+        "",
+        "| stage | status | seconds | outputs |",
+        "|---|---|---|---|",
+    ]
     for s in stages:
         seconds = state.get(s.name, {}).get("seconds")
         links = ", ".join(f"[{p.relative_to(out)}]({p.relative_to(out)})" for p in s.outputs)
@@ -378,8 +434,13 @@ def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline YAML (e.g. recipes/pipeline/cpu-demo.yaml)")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="re-run this stage (and so everything after it whose inputs change); 'all' re-runs every stage")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="re-run this stage (and so everything after it whose inputs change); 'all' re-runs every stage",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the stages and whether each would run, run nothing")
 
 

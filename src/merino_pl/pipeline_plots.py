@@ -81,6 +81,7 @@ def accuracy_known(out: Path, labels: list[str]) -> bool:
 # ---- training loss -------------------------------------------------------------------------------
 def loss_history(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     """({step: train loss}, {step: validation loss}) from every ``metrics.csv`` under ``run_dir``."""
+
     def version(path: Path) -> int:
         m = re.search(r"version_(\d+)", str(path))
         return int(m.group(1)) if m else -1
@@ -133,8 +134,17 @@ def paper_perplexity_points(dataset: str) -> list[dict[str, Any]]:
     from merino_pl.evaluation.report import paper_baselines
 
     rows = paper_baselines()["table3"]["rows"]
-    return [{"model": r["model"].lower(), "label": r["model"], "latency_ms": _number(r["latency"]),
-             "flops_g": _number(r["flops"]), "perplexity": float(r[dataset])} for r in rows if dataset in r]
+    return [
+        {
+            "model": r["model"].lower(),
+            "label": r["model"],
+            "latency_ms": _number(r["latency"]),
+            "flops_g": _number(r["flops"]),
+            "perplexity": float(r[dataset]),
+        }
+        for r in rows
+        if dataset in r
+    ]
 
 
 def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Path) -> bool:
@@ -146,22 +156,44 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Pat
     if not ours:
         return False
     dataset = ours[0].dataset
-    points = [{"model": r.model or "ours", "legend": f"{r.model} {r.label} (this run)", "latency_ms": r.latency_ms,
-               "perplexity": r.perplexity, "flops_g": r.flops_g, "color": PRECISION_COLORS.get(r.label)}
-              for r in ours if r.dataset == dataset]
+    points = [
+        {
+            "model": r.model or "ours",
+            "legend": f"{r.model} {r.label} (this run)",
+            "latency_ms": r.latency_ms,
+            "perplexity": r.perplexity,
+            "flops_g": r.flops_g,
+            "color": PRECISION_COLORS.get(r.label),
+        }
+        for r in ours
+        if r.dataset == dataset
+    ]
     paper = paper_perplexity_points(dataset) if dataset in PPL_DATASETS else []
     by_name = {p["model"]: p for p in paper}
     report = read_report(out_dir / "latency" / "fp32" / "latency.json") or {}
     device = (report.get("device") or {}).get("summary", "this machine")
     for r in report.get("rows", []):  # peers timed on this device: the paper's perplexity
         if r.get("role") != "model" and r.get("path") == "plain" and r.get("model") in by_name:
-            points.append({"model": r["model"], "label": f"{r['model']} (paper ppl)", "latency_ms": r["prefill_ms"]["mean"],
-                           "perplexity": by_name[r["model"]]["perplexity"], "flops_g": r.get("flops_g")})
+            points.append(
+                {
+                    "model": r["model"],
+                    "label": f"{r['model']} (paper ppl)",
+                    "latency_ms": r["prefill_ms"]["mean"],
+                    "perplexity": by_name[r["model"]]["perplexity"],
+                    "flops_g": r.get("flops_g"),
+                }
+            )
     panels = [(f"measured on {device}", points)]
     if paper:
         panels.append(("paper (Jetson Nano, Table 3)", paper))
-    draw(panels, out, y="perplexity", ylabel=f"{dataset} word perplexity (log; lower is better)",
-         title="Perplexity vs latency (bubble diameter ∝ FLOPs)", log_y=True)
+    draw(
+        panels,
+        out,
+        y="perplexity",
+        ylabel=f"{dataset} word perplexity (log; lower is better)",
+        title="Perplexity vs latency (bubble diameter ∝ FLOPs)",
+        log_y=True,
+    )
     return True
 
 
@@ -169,16 +201,26 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Pat
 def draw_precision_bars(rows: list[PrecisionRow], out: Path) -> None:
     plt = _pyplot()
     dataset = next((r.dataset for r in rows if r.dataset), "held-out")
-    panels = [("size on disk (MB)", "size_mb", "{:.1f}"), (f"{dataset} word perplexity", "perplexity", "{:.1f}"),
-              ("prefill latency (ms)", "latency_ms", "{:.2f}")]
+    panels = [
+        ("size on disk (MB)", "size_mb", "{:.1f}"),
+        (f"{dataset} word perplexity", "perplexity", "{:.1f}"),
+        ("prefill latency (ms)", "latency_ms", "{:.2f}"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     labels = [r.label for r in rows]
     for ax, (title, key, fmt) in zip(axes, panels):
         values = [getattr(r, key) for r in rows]
         bars = ax.bar(labels, [v or 0 for v in values], color=[PRECISION_COLORS.get(lb, "tab:gray") for lb in labels])
         for bar, v in zip(bars, values):
-            ax.annotate(fmt.format(v) if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                fmt.format(v) if v is not None else "n/a",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.15)
         ax.grid(alpha=0.3, axis="y")
@@ -203,8 +245,12 @@ def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[P
 
     train, val = loss_history(out / "fit")
     if train:
-        draw_loss_curve(train, val, f"training loss ({len(train)} logged steps, last {train[max(train)]:.3f})",
-                        plots / "training-loss.png")
+        draw_loss_curve(
+            train,
+            val,
+            f"training loss ({len(train)} logged steps, last {train[max(train)]:.3f})",
+            plots / "training-loss.png",
+        )
         show(plots / "training-loss.png", "**Training loss** (from the fit's CSV log):")
     else:
         lines += ["**Training loss**: no `metrics.csv` under `fit/` (the fit config has no CSVLogger).", ""]
@@ -219,7 +265,11 @@ def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[P
         if acc_png.exists():  # drawn by the plot stage without a point of ours: a link, not a picture
             note = f"; the [accuracy-vs-latency chart]({acc_png.relative_to(out)}) has no point of this run's model"
             shown.append(acc_png)
-        show(ppl_png, f"**Perplexity vs latency** (no zero-shot accuracy in this run's eval reports: offline, the tasks' data is out of reach{note}):")
+        show(
+            ppl_png,
+            f"**Perplexity vs latency** (no zero-shot accuracy in this run's eval reports: offline, "
+            f"the tasks' data is out of reach{note}):",
+        )
     else:
         lines += ["**Perplexity / accuracy vs latency**: no precision has both an eval and a latency report.", ""]
     if len(rows) > 1 or any(r.perplexity or r.latency_ms for r in rows):

@@ -15,11 +15,11 @@ Widths never decrease from block to block (the search enforces it; the space lis
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
-
+from typing import Any
 
 from merino_pl.config import BlockConfig, MerinoConfig
 from merino_pl.errors import MerinoError
@@ -116,8 +116,15 @@ def _choices(value: Any, name: str, number: type, problems: list[str]) -> tuple:
     if not isinstance(value, list):
         problems.append(f"{name} must be a list or {{start, stop, step}}, got {value!r}")
         return ()
-    bad = [v for v in value if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0
-           or (number is int and v != int(v)) or not math.isfinite(v)]
+    bad = [
+        v
+        for v in value
+        if not isinstance(v, (int, float))
+        or isinstance(v, bool)
+        or v <= 0
+        or (number is int and v != int(v))
+        or not math.isfinite(v)
+    ]
     if bad:
         problems.append(f"{name} must hold positive {'integers' if number is int else 'numbers'}, got {bad!r}")
         return ()

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -126,10 +127,12 @@ class RankStatefulDataLoader(StatefulDataLoader):
 class ConsumedBatches(L.Callback):
     """Tells the DataModule's training loader which batches the training step has used."""
 
-    def __init__(self, datamodule: "PileDataModule") -> None:
+    def __init__(self, datamodule: PileDataModule) -> None:
         self.datamodule = datamodule
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if (loader := self.datamodule._train_loader) is not None:
             loader.mark_consumed()
 
@@ -216,8 +219,10 @@ class PileDataModule(L.LightningDataModule):
         """Raise ``MerinoError`` when token ids could exceed the model's embedding table."""
         if self.vocab_size > model_vocab_size:
             raise MerinoError(
-                f"tokenizer {self.hparams.tokenizer or 'gpt-neox-20b (default)'} has {self.vocab_size} ids but the model's "
-                f"vocab_size is {model_vocab_size}: use a recipe with vocab_size >= {self.vocab_size} or a smaller tokenizer"
+                f"tokenizer {self.hparams.tokenizer or 'gpt-neox-20b (default)'} "
+                f"has {self.vocab_size} ids but the model's "
+                f"vocab_size is {model_vocab_size}: "
+                f"use a recipe with vocab_size >= {self.vocab_size} or a smaller tokenizer"
             )
 
     # -- distribution ---------------------------------------------------------------------------
@@ -270,16 +275,31 @@ class PileDataModule(L.LightningDataModule):
         if self._files is not None:
             return ShardStream(self._files, h.seq_len, h.batch_size, h.seed, self.eos_id, rank, world, h.epochs)
         return PackedStream(
-            self._stream, self._source.field(h.text_field), self.tokenize(), h.seq_len, h.batch_size, h.seed,
-            rank=rank, world_size=world, shuffle_windows=h.shuffle_windows, val_fraction=h.val_fraction, epochs=h.epochs,
+            self._stream,
+            self._source.field(h.text_field),
+            self.tokenize(),
+            h.seq_len,
+            h.batch_size,
+            h.seed,
+            rank=rank,
+            world_size=world,
+            shuffle_windows=h.shuffle_windows,
+            val_fraction=h.val_fraction,
+            epochs=h.epochs,
         )
 
     def train_dataloader(self) -> RankStatefulDataLoader:
         rank, world = self.rank_world()
         workers = self.hparams.num_workers
         self._train_loader = RankStatefulDataLoader(
-            self.train_dataset(), batch_size=None, num_workers=workers, rank=rank, world_size=world,
-            resume=self.hparams.resume, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            self.train_dataset(),
+            batch_size=None,
+            num_workers=workers,
+            rank=rank,
+            world_size=world,
+            resume=self.hparams.resume,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
             prefetch_factor=4 if workers else None,
         )
         trainer = self.trainer
@@ -309,7 +329,8 @@ class PileDataModule(L.LightningDataModule):
         per_rank = len(self._val) // world
         if per_rank == 0:
             raise MerinoError(
-                f"validation hold-out too small: {len(self._val)} sequence(s) of {h.seq_len + 1} tokens for {world} rank(s); "
+                f"validation hold-out too small: {len(self._val)} sequence(s) of {h.seq_len + 1} tokens "
+                f"for {world} rank(s); "
                 "raise --data.val_fraction, lower --data.seq_len, or set --data.val_sequences 0"
             )
         return self._val[rank * per_rank : (rank + 1) * per_rank]
@@ -340,7 +361,17 @@ class PileDataModule(L.LightningDataModule):
         """What the data position depends on; checked on restore (the position itself travels
         with the training loader's state, which Lightning saves)."""
         h = self.hparams
-        keys = ("source", "shards", "tokenizer", "seq_len", "batch_size", "num_workers", "seed", "shuffle_windows", "val_fraction")
+        keys = (
+            "source",
+            "shards",
+            "tokenizer",
+            "seq_len",
+            "batch_size",
+            "num_workers",
+            "seed",
+            "shuffle_windows",
+            "val_fraction",
+        )
         return {"format": "merino-data/1", **{k: h[k] for k in keys}, "world_size": self.rank_world()[1]}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -354,7 +385,8 @@ class PileDataModule(L.LightningDataModule):
         elif any(c.startswith(elastic) for c in changed):
             raise MerinoError(
                 "cannot resume a streamed data source exactly on another number of readers ("
-                + "; ".join(c for c in changed if c.startswith(elastic)) + "): each rank and worker holds its own "
+                + "; ".join(c for c in changed if c.startswith(elastic))
+                + "): each rank and worker holds its own "
                 "place in its own part of the source; resume with the same --trainer.devices / --data.num_workers, "
                 "pre-tokenize with `merino-pl prepare` and train from --data.shards (resumes on any), "
                 "or pass --data.resume false to restart the data stream"

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,9 +217,18 @@ class PackedStream(IterableDataset):
             self._state = self._position(g, n, None, block, 0, 0, None)
             yield stack(batch)
 
-    def _position(self, g: int, n: int, start: Cursor | None, block: int, taken: int, size: int, after: Cursor | None) -> dict:
+    def _position(
+        self, g: int, n: int, start: Cursor | None, block: int, taken: int, size: int, after: Cursor | None
+    ) -> dict:
         """State after a batch that ended ``taken`` windows into a block of ``size`` windows."""
         if taken == size:  # the block is used up: the next one starts at ``after``
             start, block, taken = after, block + 1, 0
         cur = start or Cursor()
-        return {"format": STATE_FORMAT, "slot": [g, n], **asdict(cur), "block": block, "taken": taken, "done": start is None}
+        return {
+            "format": STATE_FORMAT,
+            "slot": [g, n],
+            **asdict(cur),
+            "block": block,
+            "taken": taken,
+            "done": start is None,
+        }

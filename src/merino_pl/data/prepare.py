@@ -19,7 +19,6 @@ from __future__ import annotations
 
 # packing and shards import torch: they are imported inside the functions that use them, so that
 # `merino-pl prepare --help` (and the worker-free parts of a run) start without it
-
 import multiprocessing as mp
 import os
 import time
@@ -197,7 +196,9 @@ def _resume(out: Path, settings: dict) -> tuple[dict[str, list], dict[str, Posit
     old = read_manifest(out)
     changed = [k for k in settings if k != "tokenizer" and old.get(k) != settings[k]]
     if changed:
-        raise MerinoError(f"{out} holds shards made with other settings ({', '.join(changed)}); use a new --out or delete it")
+        raise MerinoError(
+            f"{out} holds shards made with other settings ({', '.join(changed)}); use a new --out or delete it"
+        )
     dtype = np.dtype(settings["dtype"])
     for split in SPLITS:
         for entry in old["splits"].get(split, []):
@@ -226,7 +227,9 @@ def prepare(args: PrepareSettings) -> dict:
     dtype = np.dtype(settings["dtype"])
     writers = {s: SplitWriter(out, s, dtype, args.shard_tokens, entries[s], positions[s]) for s in SPLITS}
     start = min(positions.values(), key=lambda p: p.batch)
-    print(f"prepare: {source.describe()} -> {out} ({len(entries['train'])} train shard(s) kept); {args.workers} worker(s)")
+    print(
+        f"prepare: {source.describe()} -> {out} ({len(entries['train'])} train shard(s) kept); {args.workers} worker(s)"
+    )
     t0 = time.perf_counter()
     complete = _tokenize(args, source.field(args.text_field), stream, start, writers, settings)
     manifest = _write_manifest(out, settings, writers, complete)
@@ -235,7 +238,8 @@ def prepare(args: PrepareSettings) -> dict:
     print(
         f"prepare: {'done' if complete else 'stopped (--max-shards; re-run to continue)'}: "
         f"train {manifest['tokens']['train']:,} tokens in {len(manifest['splits']['train'])} shard(s), "
-        f"val {manifest['tokens']['val']:,}; {new:,} tokens this run in {seconds:.1f} s ({new / max(seconds, 1e-9) / 1e6:.2f} M tokens/s)"
+        f"val {manifest['tokens']['val']:,}; {new:,} tokens this run in {seconds:.1f} s "
+        f"({new / max(seconds, 1e-9) / 1e6:.2f} M tokens/s)"
     )
     return manifest
 

@@ -20,9 +20,9 @@ W' x K' restarts every reader from it (elastic exact resume).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -71,9 +71,13 @@ def verify_shard(directory: Path, entry: dict, dtype: np.dtype, checksum: bool =
         raise MerinoError(f"shard {path} is missing (listed in {MANIFEST}); re-run `merino-pl prepare` to rewrite it")
     size = path.stat().st_size
     if size != entry["tokens"] * dtype.itemsize:
-        raise MerinoError(f"shard {path} is {size} bytes, expected {entry['tokens'] * dtype.itemsize}: truncated or corrupted")
+        raise MerinoError(
+            f"shard {path} is {size} bytes, expected {entry['tokens'] * dtype.itemsize}: truncated or corrupted"
+        )
     if checksum and sha256_file(path) != entry["sha256"]:
-        raise MerinoError(f"shard {path}: SHA-256 mismatch with {MANIFEST} (corrupted); delete it and re-run `merino-pl prepare`")
+        raise MerinoError(
+            f"shard {path}: SHA-256 mismatch with {MANIFEST} (corrupted); delete it and re-run `merino-pl prepare`"
+        )
 
 
 class TokenFiles:
@@ -117,8 +121,16 @@ class ShardStream(IterableDataset):
     """Batches ``(B, seq_len + 1)`` from shards in a seeded global order (see module docstring)."""
 
     def __init__(
-        self, files: TokenFiles, seq_len: int, batch_size: int, seed: int, eos_id: int,
-        rank: int = 0, world_size: int = 1, epochs: int | None = None, block_windows: int = BLOCK_WINDOWS,
+        self,
+        files: TokenFiles,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        eos_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+        block_windows: int = BLOCK_WINDOWS,
     ) -> None:
         self.files, self.seq_len, self.batch_size, self.seed, self.eos_id = files, seq_len, batch_size, seed, eos_id
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
@@ -147,7 +159,7 @@ class ShardStream(IterableDataset):
         """Continue from window ``start`` of the job's sequence, with global batch 0 there."""
         self.start, self._taken = int(start), 0
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 - bounded: keeps at most 2 (stream, pass) entries alive
     def _pass_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Block order of a pass and where each block starts in that pass's sequence."""
         n_blocks = -(-self.windows // self.block)
@@ -155,7 +167,7 @@ class ShardStream(IterableDataset):
         sizes = np.minimum(self.block, self.windows - order * self.block)
         return order, np.concatenate([[0], np.cumsum(sizes)])
 
-    @lru_cache(maxsize=4)
+    @lru_cache(maxsize=4)  # noqa: B019 - bounded: keeps at most 4 (stream, pass, block) entries alive
     def _block_order(self, epoch: int, block: int) -> np.ndarray:
         size = min(self.block, self.windows - block * self.block)
         return rng_for(self.seed, epoch, block).permutation(size)

@@ -45,8 +45,10 @@ class Flags:
     text_field: str = "--data.text_field"
 
     def local_hint(self) -> str:
-        hint = (f"to work offline, point {self.source} at local files, e.g. 'corpus/*.jsonl' (txt, jsonl or parquet; "
-                f"{self.text_field} names the text column), or 'embedded' for the shipped corpus")
+        hint = (
+            f"to work offline, point {self.source} at local files, e.g. 'corpus/*.jsonl' (txt, jsonl or parquet; "
+            f"{self.text_field} names the text column), or 'embedded' for the shipped corpus"
+        )
         if self.source == FIT_FLAGS.source:
             hint += ", or pre-tokenize once with `merino-pl prepare` and pass --data.shards DIR"
         return hint
@@ -137,7 +139,9 @@ def resolve_source(spec: str) -> Source:
         files.extend(found)
     for f in files:  # any other name is plain text (WikiText's wiki.valid.tokens), if it is text
         if _extension(f) not in BUILDERS and not _is_text(f):
-            raise MerinoError(f"data source file {f}: not UTF-8 text, and not {', '.join(sorted(BUILDERS))} by its name")
+            raise MerinoError(
+                f"data source file {f}: not UTF-8 text, and not {', '.join(sorted(BUILDERS))} by its name"
+            )
     kinds = {BUILDERS.get(_extension(f), "text") for f in files}
     if len(kinds) > 1:
         raise MerinoError(f"data source {spec!r} mixes formats {sorted(kinds)}; use one format per source")
@@ -216,16 +220,22 @@ def open_stream(source: Source, sample_by: SampleBy = "paragraph", split: str = 
         try:
             return datasets.load_dataset(source.spec, split=split, streaming=True)
         except Exception as e:  # the hub raises many types (connection, not found, gated)
-            raise MerinoError(f"hub dataset {source.spec!r} could not be opened ({type(e).__name__}: {e}); {flags.local_hint()}") from None
+            raise MerinoError(
+                f"hub dataset {source.spec!r} could not be opened ({type(e).__name__}: {e}); {flags.local_hint()}"
+            ) from None
     kwargs: dict = {}
     if source.builder == "text":
         kwargs = {"sample_by": sample_by, "keep_linebreaks": True}
     if all(os.path.getsize(f) == 0 for f in source.files):
         raise MerinoError(f"data source {source.spec!r} is empty: {source.describe()}, all of 0 bytes")
     try:
-        return datasets.load_dataset(source.builder, data_files={split: list(source.files)}, split=split, streaming=True, **kwargs)
+        return datasets.load_dataset(
+            source.builder, data_files={split: list(source.files)}, split=split, streaming=True, **kwargs
+        )
     except Exception as e:  # malformed json / parquet: datasets raises many types
-        raise MerinoError(f"data source {source.spec!r}: cannot read {source.describe()} ({type(e).__name__}: {e})") from None
+        raise MerinoError(
+            f"data source {source.spec!r}: cannot read {source.describe()} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def check_text_field(stream, source: Source, text_field: str, flags: Flags = FIT_FLAGS) -> None:
@@ -235,7 +245,9 @@ def check_text_field(stream, source: Source, text_field: str, flags: Flags = FIT
     except MerinoError:
         raise
     except Exception as e:  # malformed json / parquet surfaces here
-        raise MerinoError(f"data source {source.spec!r}: cannot read the first document ({type(e).__name__}: {e})") from None
+        raise MerinoError(
+            f"data source {source.spec!r}: cannot read the first document ({type(e).__name__}: {e})"
+        ) from None
     if first is None:
         raise MerinoError(f"data source {source.spec!r} is empty: no documents in {source.describe()}")
     text_field = source.field(text_field)
@@ -245,4 +257,6 @@ def check_text_field(stream, source: Source, text_field: str, flags: Flags = FIT
             f"set {flags.text_field}"
         )
     if not isinstance(first[text_field], str):
-        raise MerinoError(f"data source {source.spec!r}: field {text_field!r} is {type(first[text_field]).__name__}, not text")
+        raise MerinoError(
+            f"data source {source.spec!r}: field {text_field!r} is {type(first[text_field]).__name__}, not text"
+        )

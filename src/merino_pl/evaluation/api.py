@@ -110,8 +110,11 @@ def evaluate_checkpoint(args: EvalSettings) -> dict[str, Any]:
 
         reason = offline_unless_reachable()
         if reason:
-            print(f"note: {reason}: hub datasets are read from the local cache only (uncached tasks are "
-                  "skipped at once); --data-files and --include-path data are unaffected", file=sys.stderr)
+            print(
+                f"note: {reason}: hub datasets are read from the local cache only (uncached tasks are "
+                "skipped at once); --data-files and --include-path data are unaffected",
+                file=sys.stderr,
+            )
     problems = _offline_corpora_problems(plan)
     from merino_pl.checkpoint import load_model
 
@@ -163,16 +166,25 @@ def _offline_corpora_problems(plan: dict[str, Any]) -> list[str]:
             missing[name] = str(e)
     if not missing or len(missing) < len(plan["ppl"]):
         return []
-    return ["nothing to measure offline: " + "; ".join(
-        f"--ppl {n}: not in the hub cache ({why}); pass --data-files {n}=PATH" for n, why in missing.items())]
+    return [
+        "nothing to measure offline: "
+        + "; ".join(
+            f"--ppl {n}: not in the hub cache ({why}); pass --data-files {n}=PATH" for n, why in missing.items()
+        )
+    ]
 
 
 def _check_measured(report: dict[str, Any]) -> None:
     """A report in which every task and corpus was skipped is an error, not a result."""
     results = [*report["tasks"].values(), *report["perplexity"].values()]
     if results and not any(r.get("status") == "ok" for r in results):
-        raise MerinoError("nothing was measured: " + "; ".join(
-            f"{name}: {r.get('reason', 'skipped')}" for name, r in [*report["tasks"].items(), *report["perplexity"].items()]))
+        raise MerinoError(
+            "nothing was measured: "
+            + "; ".join(
+                f"{name}: {r.get('reason', 'skipped')}"
+                for name, r in [*report["tasks"].items(), *report["perplexity"].items()]
+            )
+        )
 
 
 def _check_window(args: EvalSettings, context: int) -> None:
@@ -191,21 +203,34 @@ def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict[str,
     from merino_pl.evaluation.harness import MerinoLM, hf_lm
     from merino_pl.evaluation.tasks import run_tasks
 
-    lm = (hf_lm(loaded, args.batch_size, args.device) if args.backend == "hf"
-          else MerinoLM(loaded, batch_size=args.batch_size, device=args.device))
+    lm = (
+        hf_lm(loaded, args.batch_size, args.device)
+        if args.backend == "hf"
+        else MerinoLM(loaded, batch_size=args.batch_size, device=args.device)
+    )
     tasks = {}
     if plan["specs"]:
-        tasks = run_tasks(lm, plan["specs"], plan["manager"], limit=args.limit,
-                          num_fewshot=plan["num_fewshot"], bootstrap_iters=args.bootstrap_iters)
+        tasks = run_tasks(
+            lm,
+            plan["specs"],
+            plan["manager"],
+            limit=args.limit,
+            num_fewshot=plan["num_fewshot"],
+            bootstrap_iters=args.bootstrap_iters,
+        )
     arch = loaded.recipe.architecture
     return {
         "format": FORMAT,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "arguments": dataclasses.asdict(args),
         "model": {
-            "name": loaded.recipe.name, "path": str(loaded.path), "kind": loaded.kind,
-            "weights_sha256": loaded.weights_sha256, "params_m": count_params(arch) / 1e6,
-            "gflops": count_flops(arch) / 1e9, "context": arch.max_position_embeddings,
+            "name": loaded.recipe.name,
+            "path": str(loaded.path),
+            "kind": loaded.kind,
+            "weights_sha256": loaded.weights_sha256,
+            "params_m": count_params(arch) / 1e6,
+            "gflops": count_flops(arch) / 1e9,
+            "context": arch.max_position_embeddings,
             "architecture": arch.to_dict(),
         },
         "backend": args.backend,
@@ -226,8 +251,15 @@ def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict
     for name in plan["ppl"]:
         try:
             result = perplexity(
-                loaded.model, tok, name, data_file=plan["data_files"].get(name), mode=args.ppl_mode,
-                window=args.window, stride=args.stride, limit=args.limit, batch_size=args.batch_size,
+                loaded.model,
+                tok,
+                name,
+                data_file=plan["data_files"].get(name),
+                mode=args.ppl_mode,
+                window=args.window,
+                stride=args.stride,
+                limit=args.limit,
+                batch_size=args.batch_size,
                 eos_id=tok.token_to_id(EOS_TOKEN),
             )
         except DataUnavailable as e:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (before registering: lm-eval fills its built-in registry
-import torch            # lazily only while the registry is empty, so "hf" would vanish otherwise)
+import torch  # lazily only while the registry is empty, so "hf" would vanish otherwise)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -77,7 +77,9 @@ class MerinoLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens, skip_special_tokens=False)
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list, disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         results = score(
             self.model,
             [(ctx, cont) for _, ctx, cont in requests],
@@ -105,9 +107,7 @@ class MerinoLM(TemplateLM):
                 ),
             ):
                 windows.append((doc, ctx, cont))
-        scored = self._loglikelihood_tokens(
-            [(None, ctx, cont) for _, ctx, cont in windows], disable_tqdm=disable_tqdm
-        )
+        scored = self._loglikelihood_tokens([(None, ctx, cont) for _, ctx, cont in windows], disable_tqdm=disable_tqdm)
         totals = [0.0] * len(requests)
         for (doc, _, _), (logprob, _) in zip(windows, scored):
             totals[doc] += logprob
@@ -124,7 +124,7 @@ class MerinoLM(TemplateLM):
             until = kwargs.pop("until", None) or [self.tok_decode([self._eot])]
             until = [until] if isinstance(until, str) else list(until)
             max_new = min(int(kwargs.pop("max_gen_toks", 256)), self.max_length - 1)
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self._eot]
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :] or [self._eot]
             text = self._greedy(ids, max_new, until)
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
@@ -140,7 +140,7 @@ class MerinoLM(TemplateLM):
             eos_token_id=self._eot,
             pad_token_id=self._eot,
         )
-        text = self.tok_decode(out[0, len(ids):].tolist())
+        text = self.tok_decode(out[0, len(ids) :].tolist())
         for stop in until:
             text = text.split(stop)[0]
         return text

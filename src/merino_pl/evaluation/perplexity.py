@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from merino_pl.errors import MerinoError
 from merino_pl.io import sha256_file
@@ -55,11 +56,19 @@ class Corpus:
 
 CORPORA = {
     "wikitext2": Corpus(
-        "wikitext2", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "page", "document",
+        "wikitext2",
+        "EleutherAI/wikitext_document_level",
+        "wikitext-2-raw-v1",
+        "page",
+        "document",
         "WikiText-2 raw, test split (local: wiki.test.raw)",
     ),
     "ptb": Corpus(
-        "ptb", "ptb-text-only/ptb_text_only", "penn_treebank", "sentence", "concatenated",
+        "ptb",
+        "ptb-text-only/ptb_text_only",
+        "penn_treebank",
+        "sentence",
+        "concatenated",
         "Penn Treebank (Mikolov), test split (local: ptb.test.txt, one sentence per line)",
     ),
 }
@@ -138,7 +147,7 @@ def windows(tokens: Sequence[int], prefix: int, window: int, stride: int) -> lis
     out, done = [], 0
     while done < len(tokens):
         end = min(done + (window if done == 0 else stride), len(tokens))
-        out.append((seq[max(0, end - window): done + 1], list(tokens[done:end])))
+        out.append((seq[max(0, end - window) : done + 1], list(tokens[done:end])))
         done = end
     return out
 
@@ -198,8 +207,12 @@ def perplexity(
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         n_tokens += len(ids)
         requests += windows(ids, eos_id, window, stride)
-    logprob = sum(lp for lp, _ in score(model, requests, batch_size=batch_size, max_length=window,
-                                         pad_id=eos_id, progress=f"ppl {name}"))
+    logprob = sum(
+        lp
+        for lp, _ in score(
+            model, requests, batch_size=batch_size, max_length=window, pad_id=eos_id, progress=f"ppl {name}"
+        )
+    )
     nll = -logprob
     words = sum(count_words(orig) for _, orig in units)
     n_bytes = sum(len(orig.encode("utf-8")) for _, orig in units)

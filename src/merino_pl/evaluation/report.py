@@ -49,23 +49,31 @@ def table2_lines(reports: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         ours = [by_column[c].get("value") if by_column[c].get("status") == "ok" else None for c in base["columns"]]
         avg = sum(ours) / len(ours) if all(v is not None for v in ours) else None
         lines.append(
-            f"| {_ours(report, label)} | {report['model']['params_m']:.1f} M | " + " | ".join(_fmt(v) for v in ours)
+            f"| {_ours(report, label)} | {report['model']['params_m']:.1f} M | "
+            + " | ".join(_fmt(v) for v in ours)
             + f" | {_fmt(avg)} |"
         )
     return lines
 
 
-def table3_lines(reports: Sequence[tuple[str, dict[str, Any], float | None]], latency_header: str = "latency") -> list[str]:
+def table3_lines(
+    reports: Sequence[tuple[str, dict[str, Any], float | None]], latency_header: str = "latency"
+) -> list[str]:
     """Perplexity table: the paper's rows, then one row per ``(label, report, latency_ms)`` of
     ours (word perplexity, the paper's unit; no latency measured: ``—``)."""
     lines = [f"| model | FLOPs | {latency_header} | WikiText-2 | PTB |", "|---|---|---|---|---|"]
     for row in paper_baselines()["table3"]["rows"]:
-        lines.append(f"| {row['model']} (paper) | {row['flops']} | {row['latency']} | {row['wikitext2']} | {row['ptb']} |")
+        lines.append(
+            f"| {row['model']} (paper) | {row['flops']} | {row['latency']} | {row['wikitext2']} | {row['ptb']} |"
+        )
     for label, report, latency_ms in reports:
         ppl = report["perplexity"]
         cells = [_fmt(ppl.get(k, {}).get("word_perplexity"), 2) for k in ("wikitext2", "ptb")]
-        lines.append(f"| {_ours(report, label)} | {report['model']['gflops']:.3g} G | {_fmt(latency_ms, 2)} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {_ours(report, label)} | {report['model']['gflops']:.3g} G | {_fmt(latency_ms, 2)} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return lines
 
 
@@ -85,7 +93,10 @@ def _other_tasks(report: dict[str, Any]) -> list[str]:
     for name, t in report["tasks"].items():
         if t["status"] == "ok" and name not in paper:
             extra = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in t["metrics"].items())
-            rows.append(f"| {name} | {t['metric']} | {_fmt(t['value'], 4)} | {_fmt(t.get('stderr'), 4)} | v{t['version']} | {extra} |")
+            rows.append(
+                f"| {name} | {t['metric']} | {_fmt(t['value'], 4)} | {_fmt(t.get('stderr'), 4)} | "
+                f"v{t['version']} | {extra} |"
+            )
     return rows
 
 
@@ -128,10 +139,18 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     other = _other_tasks(report)
     if other:
-        out += ["", "## Other tasks", "", "| task | metric | value | stderr | version | all metrics |",
-                "|---|---|---|---|---|---|", *other]
-    skipped = {**{k: v for k, v in report["tasks"].items() if v["status"] == "skipped"},
-               **{k: v for k, v in report["perplexity"].items() if v.get("status") == "skipped"}}
+        out += [
+            "",
+            "## Other tasks",
+            "",
+            "| task | metric | value | stderr | version | all metrics |",
+            "|---|---|---|---|---|---|",
+            *other,
+        ]
+    skipped = {
+        **{k: v for k, v in report["tasks"].items() if v["status"] == "skipped"},
+        **{k: v for k, v in report["perplexity"].items() if v.get("status") == "skipped"},
+    }
     if skipped:
         out += ["", "## Skipped", ""] + [f"- `{k}`: {v['reason']}" for k, v in skipped.items()]
     return "\n".join(out) + "\n"
@@ -153,8 +172,13 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     for row in (r for r in base["rows"] if r["model"].startswith("MeRino")):
         scores = dict(zip(base["columns"], row["scores"]))
         ax.plot(xs, [scores[c.column] for c in columns], "o--", alpha=0.6, label=f"{row['model']} (paper)")
-    ax.plot(xs, [report["tasks"][c.task]["value"] for c in columns], "s-", color="black",
-            label=f"{report['model']['name']} (ours)")
+    ax.plot(
+        xs,
+        [report["tasks"][c.task]["value"] for c in columns],
+        "s-",
+        color="black",
+        label=f"{report['model']['name']} (ours)",
+    )
     ax.set_xticks(list(xs), [c.column for c in columns], rotation=30)
     ax.set_ylabel("zero-shot accuracy")
     ax.legend(fontsize=8)

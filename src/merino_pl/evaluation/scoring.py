@@ -12,7 +12,7 @@ are scored, and only for real (unpadded) tokens; the decoder runs once per batch
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def truncate(context: Sequence[int], continuation: Sequence[int], max_length: in
     if len(continuation) > max_length:
         raise ValueError(f"continuation of {len(continuation)} tokens exceeds the context of {max_length}")
     whole = list(context) + list(continuation)
-    return whole[-(max_length + 1):][:-1], len(continuation)
+    return whole[-(max_length + 1) :][:-1], len(continuation)
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def score(
     results: list[tuple[float, bool]] = [(0.0, False)] * len(prepared)
     bar = tqdm(total=len(order), desc=progress, disable=progress is None, unit="req")
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = len(prepared[idx[0]][0])
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         for row, i in enumerate(idx):
@@ -72,7 +72,7 @@ def score(
         hidden = model.model(ids, positions)  # (B, T, d): the decoder once for the whole batch
         for row, i in enumerate(idx):
             inp, n = prepared[i]
-            h = hidden[row, len(inp) - n: len(inp)]  # (n, d): only the scored positions
+            h = hidden[row, len(inp) - n : len(inp)]  # (n, d): only the scored positions
             logprobs = F.log_softmax(model.model.logits(h).float(), dim=-1)  # (n, V)
             target = torch.tensor(targets[i], device=device)
             picked = logprobs.gather(-1, target[:, None]).squeeze(-1)

@@ -135,13 +135,16 @@ def run_tasks(
     from lm_eval import simple_evaluate
 
     built, skipped = build_tasks([s.task for s in specs], manager)
-    out: dict[str, dict[str, Any]] = {
-        name: {"status": "skipped", "reason": reason} for name, reason in skipped.items()
-    }
+    out: dict[str, dict[str, Any]] = {name: {"status": "skipped", "reason": reason} for name, reason in skipped.items()}
     if built:
         res = simple_evaluate(
-            model=lm, tasks=built, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            bootstrap_iters=bootstrap_iters, log_samples=False,
+            model=lm,
+            tasks=built,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
         )
         for spec in specs:
             if spec.task in res["results"]:

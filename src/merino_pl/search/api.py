@@ -133,7 +133,9 @@ def resolve_settings(args: SearchOptions) -> SearchSettings:
         problems.append(f"--out {args.out} must be a .yaml file path")
     if problems:
         raise MerinoError("; ".join(problems))
-    return SearchSettings(budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"), exhaustive)
+    return SearchSettings(
+        budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"), exhaustive
+    )
 
 
 def build_problem(s: SearchSettings) -> Problem:
@@ -176,7 +178,9 @@ def arch_costs(arch: MerinoConfig, s: SearchSettings) -> dict[str, float]:
     return out
 
 
-def make_recipe(s: SearchSettings, problem: Problem, result: SearchResult, name: str, command: str | None = None) -> Recipe:
+def make_recipe(
+    s: SearchSettings, problem: Problem, result: SearchResult, name: str, command: str | None = None
+) -> Recipe:
     """The best architecture as a recipe whose provenance says how it was found."""
     arch = decode(s.space, problem.genes, result.codes[0])
     entropy = {k: round(v, 3) for k, v in arch_entropy(arch, s.entropy).items()}
@@ -204,12 +208,26 @@ def search_provenance(result: SearchResult) -> dict[str, Any]:
     """How the result was found; an evolutionary one with its fraction of the global optimum."""
     opt = result.optimum
     if result.method == "exhaustive":
-        return {"method": "exhaustive", "algorithm": opt.method, "feasible": opt.n_feasible, "seconds": round(opt.seconds, 3)}
-    out: dict[str, Any] = {"method": result.method, "candidates": result.candidates, "accepted": result.accepted,
-                           "generations": result.generations, "seconds": round(result.seconds, 3)}
+        return {
+            "method": "exhaustive",
+            "algorithm": opt.method,
+            "feasible": opt.n_feasible,
+            "seconds": round(opt.seconds, 3),
+        }
+    out: dict[str, Any] = {
+        "method": result.method,
+        "candidates": result.candidates,
+        "accepted": result.accepted,
+        "generations": result.generations,
+        "seconds": round(result.seconds, 3),
+    }
     if isinstance(opt, exhaustive.Optimum):
-        out["optimum"] = {"score": round(opt.score, 4), "fraction": float(result.scores[0] / opt.score) if opt.score else None,
-                          "feasible": opt.n_feasible, "seconds": round(opt.seconds, 3)}
+        out["optimum"] = {
+            "score": round(opt.score, 4),
+            "fraction": float(result.scores[0] / opt.score) if opt.score else None,
+            "feasible": opt.n_feasible,
+            "seconds": round(opt.seconds, 3),
+        }
     elif opt is not None:
         out["optimum"] = f"not computed: {opt}"
     return out
@@ -217,9 +235,16 @@ def search_provenance(result: SearchResult) -> dict[str, Any]:
 
 def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -> dict[str, Any]:
     g = problem.genes
-    members = [{"embed_dims": g.embed_dim[c].tolist(), "ffn_dims": g.ffn_dim[c].tolist(), "num_layers": g.num_layers[c].tolist(),
-                "score": round(float(sc), 4), "costs": dict(zip((b.cost for b in s.budgets), co.tolist()))}
-               for c, sc, co in zip(result.codes, result.scores, result.costs)]
+    members = [
+        {
+            "embed_dims": g.embed_dim[c].tolist(),
+            "ffn_dims": g.ffn_dim[c].tolist(),
+            "num_layers": g.num_layers[c].tolist(),
+            "score": round(float(sc), 4),
+            "costs": dict(zip((b.cost for b in s.budgets), co.tolist())),
+        }
+        for c, sc, co in zip(result.codes, result.scores, result.costs)
+    ]
     return {"proxy": s.proxy, "budgets": [b.text for b in s.budgets], "history": result.history, "population": members}
 
 
@@ -250,24 +275,40 @@ def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
 def summary(recipe: Recipe, result: SearchResult) -> str:
     p = recipe.provenance
     blocks = recipe.architecture.blocks
-    return "\n".join([
-        f"{recipe.name}: {p['proxy']} search, budgets {', '.join(p['budgets'])}, seed {p['seed']}",
-        "  E = " + str([b.embed_dim for b in blocks]) + "  F = " + str([b.ffn for b in blocks]) + "  L = " + str([b.num_layers for b in blocks]),
-        f"  params {p['costs']['params'] / 1e6:.2f} M, FLOPs {p['costs']['flops'] / 1e9:.2f} G"
-        + (f", latency {p['costs']['latency_ms']:.2f} ms" if "latency_ms" in p["costs"] else ""),
-        f"  entropy MHSA {p['entropy']['mhsa']:.1f}  FFN {p['entropy']['ffn']:.1f}  total {p['entropy']['total']:.1f}",
-        *_search_lines(result),
-    ])
+    return "\n".join(
+        [
+            f"{recipe.name}: {p['proxy']} search, budgets {', '.join(p['budgets'])}, seed {p['seed']}",
+            "  E = "
+            + str([b.embed_dim for b in blocks])
+            + "  F = "
+            + str([b.ffn for b in blocks])
+            + "  L = "
+            + str([b.num_layers for b in blocks]),
+            f"  params {p['costs']['params'] / 1e6:.2f} M, FLOPs {p['costs']['flops'] / 1e9:.2f} G"
+            + (f", latency {p['costs']['latency_ms']:.2f} ms" if "latency_ms" in p["costs"] else ""),
+            f"  entropy MHSA {p['entropy']['mhsa']:.1f}  FFN {p['entropy']['ffn']:.1f}  "
+            f"total {p['entropy']['total']:.1f}",
+            *_search_lines(result),
+        ]
+    )
 
 
 def _search_lines(result: SearchResult) -> list[str]:
     opt = result.optimum
     if result.method == "exhaustive":
-        return [f"  exhaustive ({opt.method}): the global optimum of {opt.n_feasible:,} feasible architectures, {opt.seconds:.2f} s"]
-    lines = [f"  {result.candidates} candidates ({result.accepted} accepted) in {result.generations} generations, {result.seconds:.2f} s"]
+        return [
+            f"  exhaustive ({opt.method}): the global optimum of {opt.n_feasible:,} feasible architectures, "
+            f"{opt.seconds:.2f} s"
+        ]
+    lines = [
+        f"  {result.candidates} candidates ({result.accepted} accepted) in {result.generations} generations, "
+        f"{result.seconds:.2f} s"
+    ]
     if isinstance(opt, exhaustive.Optimum):
-        lines.append(f"  {result.scores[0] / opt.score:.4%} of the global optimum {opt.score:.1f} "
-                     f"({opt.n_feasible:,} feasible architectures, exhaustive in {opt.seconds:.2f} s)")
+        lines.append(
+            f"  {result.scores[0] / opt.score:.4%} of the global optimum {opt.score:.1f} "
+            f"({opt.n_feasible:,} feasible architectures, exhaustive in {opt.seconds:.2f} s)"
+        )
     elif opt is not None:
         lines.append(f"  global optimum not computed: {opt}")
     return lines
@@ -283,7 +324,9 @@ def search(options: SearchOptions, command: str | None = None) -> Recipe:
         if problems := check_out(options.out, file=True):
             raise MerinoError("; ".join(problems))
     problem, result = run_search(s, progress=options.progress)
-    name = s.name or (Path(options.out).stem if options.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}")
+    name = s.name or (
+        Path(options.out).stem if options.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}"
+    )
     recipe = make_recipe(s, problem, result, name, command)
     print(summary(recipe, result))
     if not options.out:

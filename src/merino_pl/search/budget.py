@@ -15,8 +15,8 @@ projection. The tables are built from the same functions ``merino-pl info`` uses
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -75,8 +75,13 @@ class CostTables:
 
 
 def _tables(
-    name: str, space: SearchSpace, genes: "Genes", const: float,
-    layer: Callable[[int, int, int], float], proj: Callable[[int, int], float], final: Callable[[int], float],
+    name: str,
+    space: SearchSpace,
+    genes: Genes,
+    const: float,
+    layer: Callable[[int, int, int], float],
+    proj: Callable[[int, int], float],
+    final: Callable[[int], float],
 ) -> CostTables:
     d = int(space.architecture.get("d_model", 768))
     e, f, L = genes.embed_dim, genes.ffn_dim, genes.num_layers
@@ -89,22 +94,43 @@ def _tables(
     return CostTables(name, const, block, pair)
 
 
-def cost_tables(name: str, space: SearchSpace, genes: "Genes", latency: LatencyTable | None = None) -> CostTables:
+def cost_tables(name: str, space: SearchSpace, genes: Genes, latency: LatencyTable | None = None) -> CostTables:
     """Tables for ``params``, ``flops`` or ``latency`` (the last needs a device latency table)."""
     arch = space.config([space.block(space.embed_dims[0], space.ffn_choices[0], space.num_layers[0])])
     if name == "params":
-        return _tables(name, space, genes, embedding_params(arch), lambda e, f, L: layer_params(e, f, arch.bias, arch.norm),
-                       lambda i, o: i * o if i != o else 0, lambda e: norm_params(arch.norm, e))
+        return _tables(
+            name,
+            space,
+            genes,
+            embedding_params(arch),
+            lambda e, f, L: layer_params(e, f, arch.bias, arch.norm),
+            lambda i, o: i * o if i != o else 0,
+            lambda e: norm_params(arch.norm, e),
+        )
     if name == "flops":
         seq = PAPER_SEQ_LEN
-        return _tables(name, space, genes, 0.0, lambda e, f, L: L * layer_flops(e, f, seq),
-                       lambda i, o: 2 * seq * i * o if i != o else 0, lambda e: 0)
+        return _tables(
+            name,
+            space,
+            genes,
+            0.0,
+            lambda e, f, L: L * layer_flops(e, f, seq),
+            lambda i, o: 2 * seq * i * o if i != o else 0,
+            lambda e: 0,
+        )
     if name == "latency":
         if latency is None:
             raise MerinoError("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
         latency.check_fixed(arch.d_model, arch.vocab_size)
-        return _tables(name, space, genes, float(latency.fixed["ms"]), lambda e, f, L: L * latency.layer_ms(e, f),
-                       latency.projection_ms, lambda e: 0.0)
+        return _tables(
+            name,
+            space,
+            genes,
+            float(latency.fixed["ms"]),
+            lambda e, f, L: L * latency.layer_ms(e, f),
+            latency.projection_ms,
+            lambda e: 0.0,
+        )
     raise MerinoError(f"unknown cost {name!r} (valid: {', '.join(COSTS)})")
 
 
@@ -120,7 +146,7 @@ class Genes:
     num_layers: np.ndarray
 
     @classmethod
-    def of(cls, space: SearchSpace) -> "Genes":
+    def of(cls, space: SearchSpace) -> Genes:
         ne, nf, nl = len(space.embed_dims), len(space.ffn_choices), len(space.num_layers)
         ei, fi, li = (a.ravel() for a in np.meshgrid(np.arange(ne), np.arange(nf), np.arange(nl), indexing="ij"))
         e = np.array(space.embed_dims)[ei]

@@ -21,25 +21,48 @@ import argparse
 from dataclasses import fields
 
 from merino_pl.search import api
-from merino_pl.search.api import SearchOptions, SearchSettings, search
+from merino_pl.search.api import SearchOptions, search
 from merino_pl.search.evolution import PROXIES
 
+# isort: split
 # phase 2: importers move. study/compare.py, study/sample.py and bench/search.py import these
 # from here; the stage's library is merino_pl.search.api.
-from merino_pl.search.api import build_problem, decode, run_search  # noqa: F401
+from merino_pl.search.api import SearchSettings, build_problem, decode, run_search  # noqa: F401
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="search config YAML (search/flops-60g.yaml, ...): budgets, space, entropy and evolution settings")
-    p.add_argument("--budget", action="append", default=[], metavar="COST=LIMIT",
-                   help="flops=60G, params=60M or latency=50ms; repeat for several (replaces the config's budgets)")
-    p.add_argument("--latency-table", help="device latency table JSON (from `merino-pl latency profile`) for latency budgets")
-    p.add_argument("--entropy-table", help="entropy table JSON for a custom space / config "
-                   "(python -m merino_pl.search.entropy build-table); default: the shipped one + the closed form")
+    p.add_argument(
+        "--config",
+        help="search config YAML (search/flops-60g.yaml, ...): budgets, space, entropy and evolution settings",
+    )
+    p.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="COST=LIMIT",
+        help="flops=60G, params=60M or latency=50ms; repeat for several (replaces the config's budgets)",
+    )
+    p.add_argument(
+        "--latency-table", help="device latency table JSON (from `merino-pl latency profile`) for latency budgets"
+    )
+    p.add_argument(
+        "--entropy-table",
+        help="entropy table JSON for a custom space / config "
+        "(python -m merino_pl.search.entropy build-table); default: the shipped one + the closed form",
+    )
     p.add_argument("--space", help="search space YAML (default: the config's, else the shipped search/space.yaml)")
-    p.add_argument("--proxy", choices=PROXIES, default=None, help="objective: entropy (MeRino), params (LTS), naive (uniform scaling)")
-    p.add_argument("--exhaustive", action="store_true",
-                   help="return the global optimum by exact enumeration (and count the feasible architectures) instead of evolving")
+    p.add_argument(
+        "--proxy",
+        choices=PROXIES,
+        default=None,
+        help="objective: entropy (MeRino), params (LTS), naive (uniform scaling)",
+    )
+    p.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="return the global optimum by exact enumeration (and count the feasible architectures) "
+        "instead of evolving",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="T: candidates to generate (default 100000)")
     p.add_argument("--population", type=int, default=None, help="M (default 512)")
@@ -47,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="recipe name (default: the --out file's stem)")
     p.add_argument("--out", help="write the recipe here (YAML), with NAME.png and NAME.population.json beside it")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
+    )
 
 
 def options(args: argparse.Namespace) -> SearchOptions:

@@ -32,20 +32,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from merino_pl.config import MerinoConfig
 from merino_pl.errors import MerinoError
-from merino_pl.search import config_section
 from merino_pl.io import read_json, write_json
+from merino_pl.search import config_section
 
 INITS = ("normal",)
 TABLE_FORMAT = "merino-entropy-table/1"
@@ -77,7 +77,7 @@ class EntropyConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "entropy") -> "EntropyConfig":
+    def from_dict(cls, data: Any, source: str = "entropy") -> EntropyConfig:
         """Build from a mapping; ``MerinoError`` listing every bad key / value at once."""
         known = set(cls.__dataclass_fields__)
         data, problems = config_section(data, known, source)
@@ -88,14 +88,24 @@ class EntropyConfig:
             problems.append(f"{source}.table: entropy table not found: {table}")
         for k in ("init_std", "eps", "alpha_mhsa", "alpha_ffn", "beta"):
             v = data.get(k, 1.0)
-            if k in known and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
-                               or (v == 0 and k in ("init_std", "eps"))):
-                problems.append(f"{source}.{k} must be a {'positive' if k in ('init_std', 'eps') else 'non-negative'} number, got {v!r}")
+            if k in known and (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < 0
+                or (v == 0 and k in ("init_std", "eps"))
+            ):
+                problems.append(
+                    f"{source}.{k} must be a {'positive' if k in ('init_std', 'eps') else 'non-negative'} number, "
+                    f"got {v!r}"
+                )
         if problems:
             raise MerinoError("; ".join(problems))
         cfg = cls(**{k: (v if k in ("init", "table") else float(v)) for k, v in data.items()})
         if table is not None and not EntropyTable.load(str(table)).matches(cfg):
-            raise MerinoError(f"{source}.table {table}: built for another init / std / eps than {cfg.init}, {cfg.init_std}, {cfg.eps}")
+            raise MerinoError(
+                f"{source}.table {table}: built for another init / std / eps than {cfg.init}, {cfg.init_std}, {cfg.eps}"
+            )
         return cfg
 
 
@@ -120,14 +130,18 @@ def expected_log_det(n: int, m: int, c: float) -> float:
 
 
 def matrix_entropy_exact(
-    rows: int, cols: int, cfg: EntropyConfig = DEFAULT, rel_se: float = 5e-5,
-    max_samples: int = 20000, seed: int = 0,
+    rows: int,
+    cols: int,
+    cfg: EntropyConfig = DEFAULT,
+    rel_se: float = 5e-5,
+    max_samples: int = 20000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Monte-Carlo H(W) and its standard error: sample until the relative SE ≤ ``rel_se``."""
     n, m = min(rows, cols), max(rows, cols)
     rng = np.random.default_rng([seed, n, m])
     base = expected_log_det(n, m, cfg.c)
-    batch = max(1, min(256, max_samples, 2 ** 22 // (n * m)))  # stack small matrices: one LAPACK call each batch
+    batch = max(1, min(256, max_samples, 2**22 // (n * m)))  # stack small matrices: one LAPACK call each batch
     resid: list[np.ndarray] = []
     while True:
         x = rng.standard_normal((batch, n, m))
@@ -191,7 +205,7 @@ class EntropyTable:
         write_json(path, {"format": TABLE_FORMAT, "init": self.init, "c": self.c, **self.meta, "entries": entries})
 
     @classmethod
-    def load(cls, path: str | Path) -> "EntropyTable":
+    def load(cls, path: str | Path) -> EntropyTable:
         data = read_json(path, "entropy table")
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise MerinoError(f"{path}: not an entropy table (format must be {TABLE_FORMAT!r})")
@@ -212,7 +226,10 @@ def shipped_table() -> EntropyTable | None:
 
 
 def build_table(
-    shapes: Iterable[tuple[int, int]], cfg: EntropyConfig = DEFAULT, rel_se: float = 4e-5, seed: int = 0,
+    shapes: Iterable[tuple[int, int]],
+    cfg: EntropyConfig = DEFAULT,
+    rel_se: float = 4e-5,
+    seed: int = 0,
     progress: bool = True,
 ) -> EntropyTable:
     """Exact (Monte-Carlo) values for ``shapes``; one-time cost (minutes for Table 7's space)."""
@@ -223,8 +240,14 @@ def build_table(
     for n, m in tqdm(shapes, desc="entropy table", unit="shape", disable=not progress):
         h, se = matrix_entropy_exact(n, m, cfg, rel_se=rel_se, max_samples=50000, seed=seed)
         values[(n, m)], worst = h, max(worst, se / h)
-    meta = {"init_std": cfg.init_std, "eps": cfg.eps, "seed": seed, "target_rel_se": rel_se, "max_rel_se": worst,
-            "regenerate": "python -m merino_pl.search.entropy build-table --out src/merino_pl/assets/entropy/table.json"}
+    meta = {
+        "init_std": cfg.init_std,
+        "eps": cfg.eps,
+        "seed": seed,
+        "target_rel_se": rel_se,
+        "max_rel_se": worst,
+        "regenerate": "python -m merino_pl.search.entropy build-table --out src/merino_pl/assets/entropy/table.json",
+    }
     return EntropyTable(init=cfg.init, c=cfg.c, values=values, meta=meta)
 
 
@@ -247,11 +270,15 @@ def effectiveness(num_layers: Any, width: Any, beta: float) -> Any:
     return 1.0 - beta * num_layers / log2(width)
 
 
-def _block_terms(embed_dim: Any, ffn_dim: Any, num_layers: Any, h_mhsa: Any, h_ffn: Any, beta: float) -> tuple[Any, Any]:
+def _block_terms(
+    embed_dim: Any, ffn_dim: Any, num_layers: Any, h_mhsa: Any, h_ffn: Any, beta: float
+) -> tuple[Any, Any]:
     """Eq. 15's (MHSA, FFN) terms of a block, L·(1 − γ)·H, from its matrices' entropy sums
     (scalars for one block, arrays for many); α not applied."""
-    return (num_layers * effectiveness(num_layers, embed_dim, beta) * h_mhsa,
-            num_layers * effectiveness(num_layers, ffn_dim, beta) * h_ffn)
+    return (
+        num_layers * effectiveness(num_layers, embed_dim, beta) * h_mhsa,
+        num_layers * effectiveness(num_layers, ffn_dim, beta) * h_ffn,
+    )
 
 
 def block_entropy(embed_dim: int, ffn_dim: int, num_layers: int, cfg: EntropyConfig = DEFAULT) -> tuple[float, float]:
@@ -273,8 +300,9 @@ def matrix_entropies(rows: np.ndarray, cols: np.ndarray, cfg: EntropyConfig = DE
     return np.array([held[(min(r, c), max(r, c))] for r, c in zip(rows.tolist(), cols.tolist())])
 
 
-def block_entropies(embed_dim: np.ndarray, ffn_dim: np.ndarray, num_layers: np.ndarray,
-                    cfg: EntropyConfig = DEFAULT) -> tuple[np.ndarray, np.ndarray]:
+def block_entropies(
+    embed_dim: np.ndarray, ffn_dim: np.ndarray, num_layers: np.ndarray, cfg: EntropyConfig = DEFAULT
+) -> tuple[np.ndarray, np.ndarray]:
     """``block_entropy`` for arrays of blocks (the search's per-code score table)."""
     h_mhsa = 4 * matrix_entropies(embed_dim, embed_dim, cfg)
     h_ffn = 2 * matrix_entropies(embed_dim, ffn_dim, cfg)
@@ -306,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--eps", type=float, default=DEFAULT.eps)
     b.add_argument("--rel-se", type=float, default=4e-5, help="target relative standard error per shape")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--all-shapes", action="store_true", help="also the rectangular shapes (the closed form is ~exact there)")
+    b.add_argument(
+        "--all-shapes", action="store_true", help="also the rectangular shapes (the closed form is ~exact there)"
+    )
     b.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:

@@ -44,12 +44,14 @@ class EvolutionConfig:
     init_tries: int = 64  # random batches of M to seed the population before giving up
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "evolution") -> "EvolutionConfig":
+    def from_dict(cls, data: Any, source: str = "evolution") -> EvolutionConfig:
         known = set(cls.__dataclass_fields__)
         data, problems = config_section(data, known, source)
         for k, v in data.items():
             if k in known and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k.endswith("steps") else 1)):
-                problems.append(f"{source}.{k} must be a {'non-negative' if k.endswith('steps') else 'positive'} integer, got {v!r}")
+                problems.append(
+                    f"{source}.{k} must be a {'non-negative' if k.endswith('steps') else 'positive'} integer, got {v!r}"
+                )
         cfg = None if problems else cls(**data)
         if cfg is not None and cfg.parents >= cfg.population:
             problems.append(f"{source}.parents ({cfg.parents}) must be smaller than population ({cfg.population})")
@@ -109,8 +111,10 @@ def check_meetable(problem: Problem) -> list[np.ndarray]:
     for tables, budget in zip(problem.costs, problem.budgets):
         cost, codes = min_cost(tables)
         if cost > budget.limit:
-            problems.append(f"budget {budget.text} cannot be met: the cheapest architecture of the space needs "
-                            f"{cost:.4g} ({problem.space.source})")
+            problems.append(
+                f"budget {budget.text} cannot be met: the cheapest architecture of the space needs "
+                f"{cost:.4g} ({problem.space.source})"
+            )
         seeds.append(np.array(codes))
     if problems:
         raise MerinoError("; ".join(problems))
@@ -139,7 +143,9 @@ def initial_population(problem: Problem, cfg: EvolutionConfig, rng: np.random.Ge
     pop = np.unique(np.concatenate(found), axis=0)[: cfg.population]
     if not len(pop):
         text = ", ".join(b.text for b in problem.budgets)
-        raise MerinoError(f"no architecture of the space meets all budgets at once ({text}); each alone can be met: relax one")
+        raise MerinoError(
+            f"no architecture of the space meets all budgets at once ({text}); each alone can be met: relax one"
+        )
     return pop
 
 
@@ -174,7 +180,9 @@ def evolve(problem: Problem, cfg: EvolutionConfig, seed: int = 0, progress: bool
     pop = initial_population(problem, cfg, rng)
     score, costs, _ = problem.evaluate(pop)
     res = SearchResult(pop, score, costs)
-    bar = tqdm(total=cfg.iterations, desc="search", unit="cand", disable=(not progress) if progress is not None else None)
+    bar = tqdm(
+        total=cfg.iterations, desc="search", unit="cand", disable=(not progress) if progress is not None else None
+    )
     while res.candidates < cfg.iterations:
         keep = np.argsort(-res.scores, kind="stable")[: cfg.parents]
         codes, scores, costs = [res.codes[keep]], [res.scores[keep]], [res.costs[keep]]
@@ -222,5 +230,14 @@ def naive_scaling(problem: Problem) -> SearchResult:
     key = np.lexsort((g.num_layers[codes[:, 0]], g.embed_dim[codes[:, 0]], costs[:, 0]))[::-1]
     codes, costs = codes[key], costs[key]
     score = costs[:, 0] / problem.budgets[0].limit  # how much of the budget it uses
-    return SearchResult(codes, score, costs, [(len(codes), float(score[0]))], candidates=len(ok),
-                        generations=1, accepted=len(codes), seconds=time.perf_counter() - start, method="naive scaling")
+    return SearchResult(
+        codes,
+        score,
+        costs,
+        [(len(codes), float(score[0]))],
+        candidates=len(ok),
+        generations=1,
+        accepted=len(codes),
+        seconds=time.perf_counter() - start,
+        method="naive scaling",
+    )

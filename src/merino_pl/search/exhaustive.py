@@ -22,8 +22,8 @@ from it by float rounding on the budget's edge.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -95,8 +95,13 @@ def _half(problem: Problem, lo: int, hi: int, max_rows: int) -> _Half:
     space, ei = problem.space, problem.genes.embed_idx
     rows = sequences(len(space.embed_dims), len(ei) // len(space.embed_dims), hi - lo)
     if rows > max_rows:
-        raise TooLarge(f"block sequences to enumerate in half of the space {space.source} ({hi - lo} blocks)",
-                       rows, max_rows, MAX_HALF_ROWS, "use fewer choices or the evolutionary search")
+        raise TooLarge(
+            f"block sequences to enumerate in half of the space {space.source} ({hi - lo} blocks)",
+            rows,
+            max_rows,
+            MAX_HALF_ROWS,
+            "use fewer choices or the evolutionary search",
+        )
     pair_score, pair_cost = _pair_terms(problem)
     score, costs = _block_terms(problem, lo)
     codes = np.arange(len(ei))[:, None]
@@ -120,7 +125,7 @@ def _groups(half: _Half, key: np.ndarray, n: int, by: np.ndarray | None = None) 
     """Row indices of ``half`` per width index (``key``), each sorted by ``by`` when given."""
     order = np.lexsort((by, key)) if by is not None else np.argsort(key, kind="stable")
     bounds = np.searchsorted(key[order], np.arange(n + 1))
-    return [order[bounds[i]:bounds[i + 1]] for i in range(n)]
+    return [order[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
 def _prefix_best(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,15 +161,22 @@ class _Split:
     limits: np.ndarray  # (n_constraints,): budgets less the constant part of each cost
     score_const: float
 
-    def with_floor(self, floor: float) -> "_Split":
+    def with_floor(self, floor: float) -> _Split:
         """The same split with one more constraint: score > ``floor`` (as the cost −score < −floor)."""
+
         def add(half: _Half) -> _Half:
             return _Half(half.codes, half.first, half.last, half.score, np.column_stack([half.costs, -half.score]))
+
         below = -(floor - self.score_const)
         limit = np.nextafter(below, -np.inf) - 1e-9 * abs(below)  # strictly better, beyond float noise
-        return _Split(add(self.left), add(self.right), self.pair_score,
-                      np.concatenate([self.pair_cost, -self.pair_score[..., None]], axis=2),
-                      np.append(self.limits, limit), self.score_const)
+        return _Split(
+            add(self.left),
+            add(self.right),
+            self.pair_score,
+            np.concatenate([self.pair_cost, -self.pair_score[..., None]], axis=2),
+            np.append(self.limits, limit),
+            self.score_const,
+        )
 
 
 def _split(problem: Problem, max_rows: int = MAX_HALF_ROWS) -> _Split:
@@ -175,7 +187,13 @@ def _split(problem: Problem, max_rows: int = MAX_HALF_ROWS) -> _Split:
     right = _half(problem, h, n, max_rows) if h < n else None
     if right is None:  # one block: an empty right half that costs nothing and joins freely
         ne = len(problem.space.embed_dims)
-        right = _Half(np.zeros((1, 0), int), np.array([ne - 1]), np.array([ne - 1]), np.zeros(1), np.zeros((1, len(problem.costs))))
+        right = _Half(
+            np.zeros((1, 0), int),
+            np.array([ne - 1]),
+            np.array([ne - 1]),
+            np.zeros(1),
+            np.zeros((1, len(problem.costs))),
+        )
         pair_score, pair_cost = np.zeros_like(pair_score), np.zeros_like(pair_cost)
     consts = np.array([c.const for c in problem.costs])
     score_const = problem.extra_score.const if problem.extra_score is not None else 0.0
@@ -249,7 +267,7 @@ def _several(sp: _Split, primary: int) -> _Best:
                     continue  # no pair here can beat the incumbent: counting was all it needed
                 totals = np.where(ok, l_score[rows, None] + r_score[None, :w], -np.inf)
                 i, j = np.unravel_index(int(totals.argmax()), totals.shape)
-                best.offer(totals[i, j:j + 1], L[rows[i:i + 1]], R[j:j + 1])
+                best.offer(totals[i, j : j + 1], L[rows[i : i + 1]], R[j : j + 1])
     return best
 
 
@@ -261,10 +279,16 @@ def _solve(sp: _Split, max_pairs: int) -> tuple[_Best, str]:
         return singles[0], "meet in the middle, prefix maxima + searchsorted"
     primary = int(np.argmin([s.count for s in singles]))
     if singles[primary].count > max_pairs:
-        raise TooLarge("several budgets: pairs of half-architectures the tightest budget admits, each checked against the others",
-                       singles[primary].count, max_pairs, MAX_PAIRS, "give one budget or a smaller space")
-    return _several(sp, primary), f"meet in the middle, {singles[primary].count:,} pairs of the tightest constraint checked"
-
+        raise TooLarge(
+            "several budgets: pairs of half-architectures the tightest budget admits, each checked against the others",
+            singles[primary].count,
+            max_pairs,
+            MAX_PAIRS,
+            "give one budget or a smaller space",
+        )
+    return _several(
+        sp, primary
+    ), f"meet in the middle, {singles[primary].count:,} pairs of the tightest constraint checked"
 
 
 def optimum(problem: Problem, max_pairs: int = MAX_PAIRS, max_half_rows: int = MAX_HALF_ROWS) -> Optimum:
@@ -279,7 +303,9 @@ def optimum(problem: Problem, max_pairs: int = MAX_PAIRS, max_half_rows: int = M
     best, method = _solve(sp, max_pairs)
     if best.count == 0:
         text = ", ".join(b.text for b in problem.budgets)
-        raise MerinoError(f"no architecture of the space meets all budgets at once ({text}); each alone can be met: relax one")
+        raise MerinoError(
+            f"no architecture of the space meets all budgets at once ({text}); each alone can be met: relax one"
+        )
     codes = np.concatenate([sp.left.codes[best.left], sp.right.codes[best.right]])
     score, _, ok = problem.evaluate(codes[None])
     assert ok[0], "the optimum must meet every budget"  # a bug, not bad input
@@ -313,5 +339,15 @@ def as_result(problem: Problem, opt: Optimum) -> SearchResult:
     """The optimum in the evolutionary search's result shape (one member; CLI outputs unchanged)."""
     codes = opt.codes[None]
     score, costs, _ = problem.evaluate(codes)
-    return SearchResult(codes, score, costs, [(opt.n_feasible, opt.score)], candidates=opt.n_feasible,
-                        generations=0, accepted=opt.n_feasible, seconds=opt.seconds, method="exhaustive", optimum=opt)
+    return SearchResult(
+        codes,
+        score,
+        costs,
+        [(opt.n_feasible, opt.score)],
+        candidates=opt.n_feasible,
+        generations=0,
+        accepted=opt.n_feasible,
+        seconds=opt.seconds,
+        method="exhaustive",
+        optimum=opt,
+    )

@@ -94,9 +94,13 @@ def _check_files(args: SubmitSettings, problems: list[str]) -> dict[str, Any]:
 
 
 def _check_numbers(args: SubmitSettings, problems: list[str]) -> None:
-    for flag, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
-                             ("--tasks-per-node", args.tasks_per_node, 1), ("--cpus-per-task", args.cpus_per_task, 1),
-                             ("--signal-seconds", args.signal_seconds, 1)):
+    for flag, value, low in (
+        ("--nodes", args.nodes, 1),
+        ("--gpus-per-node", args.gpus_per_node, 0),
+        ("--tasks-per-node", args.tasks_per_node, 1),
+        ("--cpus-per-task", args.cpus_per_task, 1),
+        ("--signal-seconds", args.signal_seconds, 1),
+    ):
         if value is not None and value < low:
             problems.append(f"{flag} {value}: must be >= {low}")
     if args.tasks_per_node is not None and args.gpus_per_node > 0 and args.tasks_per_node != args.gpus_per_node:
@@ -114,8 +118,10 @@ def _check_fit_args(fit_args: list[str], problems: list[str]) -> None:
     for arg in fit_args:
         name = arg.split("=", 1)[0]
         if name in RESERVED_FIT_ARGS:
-            problems.append(f"{name} after `--`: the script sets it (use --config/--recipe/--run-dir/"
-                            "--nodes/--gpus-per-node instead)")
+            problems.append(
+                f"{name} after `--`: the script sets it (use --config/--recipe/--run-dir/"
+                "--nodes/--gpus-per-node instead)"
+            )
 
 
 def build_spec(args: SubmitSettings) -> JobSpec:
@@ -133,11 +139,22 @@ def build_spec(args: SubmitSettings) -> JobSpec:
         raise MerinoError("; ".join(problems))
     cpus = args.cpus_per_task or (8 if args.gpus_per_node else 1)
     return JobSpec(
-        config=args.config, recipe=args.recipe, run_dir=run_dir, nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=cpus,
-        time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
-        signal_seconds=args.signal_seconds, python=args.python, setup=tuple(args.setup),
-        fit_args=tuple(args.fit_args))
+        config=args.config,
+        recipe=args.recipe,
+        run_dir=run_dir,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=cpus,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        job_name=args.job_name,
+        signal_seconds=args.signal_seconds,
+        python=args.python,
+        setup=tuple(args.setup),
+        fit_args=tuple(args.fit_args),
+    )
 
 
 def write_new_script(directory: Path, text: str) -> Path:
@@ -185,15 +202,24 @@ def submit(args: SubmitSettings) -> str | None:
     job_id = proc.stdout.strip().split(";")[0]
     _record_job(Path(spec.log_dir), job_id, path, spec)
     print(f"wrote {path}")
-    print(f"submitted job {job_id}; log {spec.log_dir}/{job_id}.out; "
-          f"follow with: merino-pl slurm status {spec.run_dir}")
+    print(
+        f"submitted job {job_id}; log {spec.log_dir}/{job_id}.out; follow with: merino-pl slurm status {spec.run_dir}"
+    )
     return job_id
 
 
 def _record_job(log_dir: Path, job_id: str, script: Path, spec: JobSpec) -> None:
     jobs = read_jobs(log_dir.parent)
-    jobs.append({"job_id": job_id, "script": str(script), "submitted": dt.datetime.now().isoformat(timespec="seconds"),
-                 "nodes": spec.nodes, "tasks_per_node": spec.ntasks_per_node, "command": spec.command_line()})
+    jobs.append(
+        {
+            "job_id": job_id,
+            "script": str(script),
+            "submitted": dt.datetime.now().isoformat(timespec="seconds"),
+            "nodes": spec.nodes,
+            "tasks_per_node": spec.ntasks_per_node,
+            "command": spec.command_line(),
+        }
+    )
     write_json(log_dir / "jobs.json", jobs)
 
 
@@ -217,8 +243,10 @@ def job_fields(job_id: str) -> dict[str, str] | None:
 def _selected_jobs(run_dir: str, job_id: str | None) -> list[dict[str, Any]]:
     jobs = read_jobs(run_dir)
     if not jobs:
-        raise MerinoError(f"{run_dir}: no jobs recorded (no {run_dir}/slurm/jobs.json); "
-                          "was it submitted with `merino-pl slurm submit`?")
+        raise MerinoError(
+            f"{run_dir}: no jobs recorded (no {run_dir}/slurm/jobs.json); "
+            "was it submitted with `merino-pl slurm submit`?"
+        )
     if job_id is not None:
         jobs = [j for j in jobs if j["job_id"] == job_id]
         if not jobs:
@@ -232,8 +260,17 @@ def status(run_dir: str, job: str | None = None) -> None:
     rows = [("job", "state", "run time", "limit", "restarts", "nodes", "submitted")]
     for entry in _selected_jobs(run_dir, job):
         f = job_fields(entry["job_id"]) or {}
-        rows.append((entry["job_id"], f.get("JobState", "unknown (finished and purged?)"), f.get("RunTime", "-"),
-                     f.get("TimeLimit", "-"), f.get("Restarts", "-"), f.get("NodeList", "-"), entry["submitted"]))
+        rows.append(
+            (
+                entry["job_id"],
+                f.get("JobState", "unknown (finished and purged?)"),
+                f.get("RunTime", "-"),
+                f.get("TimeLimit", "-"),
+                f.get("Restarts", "-"),
+                f.get("NodeList", "-"),
+                entry["submitted"],
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())

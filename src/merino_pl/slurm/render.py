@@ -21,8 +21,13 @@ from pathlib import Path
 # The arguments the script itself sets on `merino-pl fit`; giving them again would contradict
 # the allocation (a devices / tasks mismatch) or the resume logic.
 RESERVED_FIT_ARGS = (
-    "--config", "--model.recipe", "--ckpt_path", "--trainer.default_root_dir",
-    "--trainer.accelerator", "--trainer.devices", "--trainer.num_nodes",
+    "--config",
+    "--model.recipe",
+    "--ckpt_path",
+    "--trainer.default_root_dir",
+    "--trainer.accelerator",
+    "--trainer.devices",
+    "--trainer.num_nodes",
 )
 
 
@@ -56,11 +61,30 @@ class JobSpec:
 
     def command_line(self) -> str:
         """The ``merino-pl slurm submit`` command that renders this script."""
-        args = ["merino-pl", "slurm", "submit", "--config", self.config, "--recipe", self.recipe,
-                "--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node)]
+        args = [
+            "merino-pl",
+            "slurm",
+            "submit",
+            "--config",
+            self.config,
+            "--recipe",
+            self.recipe,
+            "--nodes",
+            str(self.nodes),
+            "--gpus-per-node",
+            str(self.gpus_per_node),
+        ]
         defaults = JobSpec(self.config, self.recipe, self.run_dir)
-        for field in ("tasks_per_node", "cpus_per_task", "time", "partition", "account",
-                      "job_name", "signal_seconds", "python"):
+        for field in (
+            "tasks_per_node",
+            "cpus_per_task",
+            "time",
+            "partition",
+            "account",
+            "job_name",
+            "signal_seconds",
+            "python",
+        ):
             value = getattr(self, field)
             if value != getattr(defaults, field):  # only what differs from the defaults
                 args += [f"--{field.replace('_', '-')}", str(value)]
@@ -115,7 +139,8 @@ def _fit_command(spec: JobSpec) -> list[str]:
 def render(spec: JobSpec) -> str:
     """The complete sbatch script for ``spec`` (deterministic: same spec, same text)."""
     where = f"{spec.nodes} node{'s' if spec.nodes > 1 else ''} x " + (
-        f"{spec.gpus_per_node} GPUs" if spec.gpus_per_node else f"{spec.ntasks_per_node} CPU tasks")
+        f"{spec.gpus_per_node} GPUs" if spec.gpus_per_node else f"{spec.ntasks_per_node} CPU tasks"
+    )
     head = [
         "#!/bin/bash",
         f"# merino-pl: pretrain {Path(spec.recipe).stem} with {spec.config} on {where}.",

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.io import atomic_path
 
+
 def silence_known_warnings() -> None:
     """Hide warnings about choices made on purpose here, and library noise we cannot fix."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # cli.main passes args
@@ -63,7 +64,8 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
 class SpeedMonitor(L.Callback):
     """Logs ``train/tokens_per_sec`` (all devices), ``train/mfu`` and prints a line per interval:
 
-        step     500/600000  loss 4.1234  lr 6.00e-04  812,345 tok/s  MFU 41.2 %  1.52 s/step  elapsed 0:12:40  ETA 10d 13:08:12
+        step     500/600000  loss 4.1234  lr 6.00e-04  812,345 tok/s  MFU 41.2 %  1.52 s/step
+            elapsed 0:12:40  ETA 10d 13:08:12  (printed as one line)
 
     The step rate (and so the ETA) is the average over the wall time since this process started
     training, so the time spent in validation and checkpoint saves is part of the estimate.
@@ -107,7 +109,9 @@ class SpeedMonitor(L.Callback):
         if self.print_metrics and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             m = trainer.callback_metrics
             # `merino-pl validate` restores the weights, not the step counter: no "step 0" there
-            where = f"step {trainer.global_step:>7}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+            where = (
+                f"step {trainer.global_step:>7}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+            )
             _print(f"{where}  val loss {float(m['val/loss']):.4f}  val ppl {float(m['val/ppl']):.2f}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -152,7 +156,10 @@ class SpeedMonitor(L.Callback):
         if done <= 0 or elapsed <= 0:
             return []
         rate = done / elapsed  # optimizer steps per second
-        parts = [f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step", f"elapsed {format_duration(elapsed)}"]
+        parts = [
+            f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step",
+            f"elapsed {format_duration(elapsed)}",
+        ]
         if total is not None:
             parts.append(f"ETA {format_duration(max(total - trainer.global_step, 0) / rate)}")
         return parts

@@ -8,7 +8,7 @@ unchanged to the fit stage's entry function :func:`merino_pl.train.fit.fit`.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from merino_pl.train.fit import fit, validate_argv  # noqa: F401 - pipeline checks fit argv through this module
 

@@ -30,8 +30,9 @@ import string
 import sys
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -46,7 +47,6 @@ from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor, silence_
 from merino_pl.train.module import MerinoLightningModule, validate_hparams
 
 SUBCOMMANDS = ("fit", "validate", "test")
-
 
 
 def default_precision() -> str:
@@ -93,7 +93,9 @@ class MerinoCLI(LightningCLI):
             }
         )
         parser.link_arguments(
-            "trainer.default_root_dir", "checkpoint.dirpath", compute_fn=lambda root: str(Path(root or ".") / "checkpoints")
+            "trainer.default_root_dir",
+            "checkpoint.dirpath",
+            compute_fn=lambda root: str(Path(root or ".") / "checkpoints"),
         )
         parser.add_lightning_class_args(SpeedMonitor, "speed")
         # None = "not given": derive_seeds fills them from seed_everything (a given value wins)
@@ -192,8 +194,12 @@ def check_config(cfg: Any, pending: frozenset[str] = frozenset()) -> list[str]:
     model = getattr(model, "init_args", model) or {}
     data = getattr(data, "init_args", data) or {}
     problems += validate_hparams(
-        model.get("lr"), model.get("betas"), model.get("weight_decay"), model.get("eps"),
-        model.get("warmup_steps"), model.get("min_lr_ratio"),
+        model.get("lr"),
+        model.get("betas"),
+        model.get("weight_decay"),
+        model.get("eps"),
+        model.get("warmup_steps"),
+        model.get("min_lr_ratio"),
     )
     arch = None
     try:
@@ -203,7 +209,9 @@ def check_config(cfg: Any, pending: frozenset[str] = frozenset()) -> list[str]:
         problems.append(f"model.recipe: {e}")
     max_steps = trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
-        problems.append(f"trainer.max_steps must be a positive integer (the lr schedule decays to it), got {max_steps!r}")
+        problems.append(
+            f"trainer.max_steps must be a positive integer (the lr schedule decays to it), got {max_steps!r}"
+        )
     elif isinstance(model.get("warmup_steps"), int) and model.get("warmup_steps") > max_steps:
         problems.append(f"model.warmup_steps {model.get('warmup_steps')} exceeds trainer.max_steps {max_steps}")
     accumulate = trainer.get("accumulate_grad_batches")
@@ -211,7 +219,9 @@ def check_config(cfg: Any, pending: frozenset[str] = frozenset()) -> list[str]:
         problems.append(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
     seq_len = data.get("seq_len")
     if arch is not None and isinstance(seq_len, int) and seq_len > arch.max_position_embeddings:
-        problems.append(f"data.seq_len {seq_len} exceeds the recipe's max_position_embeddings {arch.max_position_embeddings}")
+        problems.append(
+            f"data.seq_len {seq_len} exceeds the recipe's max_position_embeddings {arch.max_position_embeddings}"
+        )
     every = (cfg.get("checkpoint") or {}).get("every_n_train_steps")
     if every is not None and (not isinstance(every, int) or every < 0):
         problems.append(f"checkpoint.every_n_train_steps must be an integer >= 0, got {every!r}")
@@ -223,7 +233,10 @@ def _accelerator_problems(accelerator: Any) -> list[str]:
     """A GPU accelerator on a machine without one (Lightning finds out only once it builds the
     Trainer, with a traceback)."""
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        return [f"trainer.accelerator {accelerator!r}: no CUDA device is available here (torch {torch.__version__}); use cpu or auto"]
+        return [
+            f"trainer.accelerator {accelerator!r}: no CUDA device is available here (torch {torch.__version__}); "
+            f"use cpu or auto"
+        ]
     if accelerator == "mps" and not torch.backends.mps.is_available():
         return ["trainer.accelerator 'mps': MPS is not available here; use cpu or auto"]
     return []
@@ -334,8 +347,9 @@ def checkpoint_wandb_id(path: Path) -> str | None:
     return (meta or {}).get("wandb_run_id")
 
 
-def build_cli(argv: Sequence[str], run: bool = True, cli_class: type[MerinoCLI] = MerinoCLI,
-              subcommand: str = "fit") -> MerinoCLI:
+def build_cli(
+    argv: Sequence[str], run: bool = True, cli_class: type[MerinoCLI] = MerinoCLI, subcommand: str = "fit"
+) -> MerinoCLI:
     """The LightningCLI behind ``merino-pl fit|validate|test`` (``run=False`` only parses and instantiates)."""
     from merino_pl.data import PileDataModule
 
@@ -376,7 +390,9 @@ def fit(argv: Sequence[str], subcommand: str = "fit") -> None:
     # one only fails once logs and the saved config are written: check it first
     ckpt_path = _last_value(argv, "--ckpt_path")
     if ckpt_path is None:
-        ckpt_path = next((c["ckpt_path"] for c in reversed(configs) if isinstance(c, dict) and c.get("ckpt_path")), None)
+        ckpt_path = next(
+            (c["ckpt_path"] for c in reversed(configs) if isinstance(c, dict) and c.get("ckpt_path")), None
+        )
     problems = _ckpt_path_problems(ckpt_path)
     if problems:
         raise MerinoError(f"bad {subcommand} config: " + "; ".join(problems))
@@ -434,6 +450,9 @@ def _one_line(message: str) -> str:
     if given is None:
         return " | ".join(lines[:3])
     subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
-    choices = [c.strip().strip("'\"") for group in re.findall(r"Literal\[([^\]]*)\]", subtypes) for c in group.split(",")]
+    choices = [
+        c.strip().strip("'\"") for group in re.findall(r"Literal\[([^\]]*)\]", subtypes) for c in group.split(",")
+    ]
     valid = f" (valid: {', '.join(dict.fromkeys(choices))})" if choices else ""
-    return f"{lines[0]} {given.replace('Given value:', 'got').strip()!s}: {lines[1] if len(lines) > 1 else 'invalid'}{valid}"
+    problem = lines[1] if len(lines) > 1 else "invalid"
+    return f"{lines[0]} {given.replace('Given value:', 'got').strip()!s}: {problem}{valid}"

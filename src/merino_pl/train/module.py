@@ -4,10 +4,10 @@
     AdamW(lr 6e-4, betas 0.9/0.95, weight decay 0.1 on 2-D weights) ─► warm-up 1000 steps,
     then linear decay to 10 % of the peak at ``trainer.max_steps`` (Pythia's schedule)
 
-Checkpoint layout (what `merino_pl.checkpoint.load_model` reads): the model's weights under ``state_dict["model.*"]``, the recipe
-under ``checkpoint["merino"]["recipe"]``, plus what exact resume needs beyond Lightning's own
-state (tokens seen, RNG states, the W&B run id). Everything in it loads with
-``torch.load(weights_only=True)``.
+Checkpoint layout (what `merino_pl.checkpoint.load_model` reads): the model's weights under
+``state_dict["model.*"]``, the recipe under ``checkpoint["merino"]["recipe"]``, plus what exact
+resume needs beyond Lightning's own state (tokens seen, RNG states, the W&B run id). Everything
+in it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import random
 from typing import Any
 
 import lightning as L
-import torch
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
@@ -167,7 +167,7 @@ class MerinoLightningModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise MerinoError("trainer.max_steps must be set (the lr schedule decays to it), got " f"{max_steps}")
+            raise MerinoError(f"trainer.max_steps must be set (the lr schedule decays to it), got {max_steps}")
         opt, sched = self.build_optimizer(max_steps, fused=self.device.type == "cuda")  # fused: one kernel on GPUs
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
@@ -212,8 +212,13 @@ def rng_states() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
