@@ -138,7 +138,7 @@ def _quantize_block(
         last = heads[-1]  # the group's last input: once its L-th call is seen, the rest of the pass is not needed
         calls = [0]
 
-        def collect(_m: nn.Module, args: tuple, _out: torch.Tensor, name: str) -> None:
+        def collect(_m: nn.Module, args: tuple, _out: torch.Tensor, name: str, accs=accs, last=last, calls=calls) -> None:
             accs[name].add(args[0])
             if name == last:
                 calls[0] += 1
