@@ -209,7 +209,9 @@ def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, An
     if (n_calib or args.holdout > 0) and args.seq_len > 0 and args.nsamples > 0 and args.holdout >= 0:
         t0 = time.perf_counter()
         try:
-            calib, held = calibration_tokens(args.calib, n_calib, args.seq_len, args.holdout, args.tokenizer, args.calib_text_field, args.seed)
+            # no bar once a problem is known: the error must stay the only line on stderr
+            calib, held = calibration_tokens(args.calib, n_calib, args.seq_len, args.holdout, args.tokenizer,
+                                             args.calib_text_field, args.seed, progress=not problems)
             tokenize_s = time.perf_counter() - t0
         except MerinoError as e:
             problems.append(str(e))
