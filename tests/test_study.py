@@ -188,6 +188,12 @@ def test_compare_trains_each_distinct_recipe_once_per_seed_and_resumes(tmp_path)
         assert sorted(row["seeds"]) == [5, 6] and row["indomain"]["loss_sd"] >= 0
         assert np.isfinite(row["indomain"]["ppl_mean"]) and np.isfinite(row["wikitext2"]["ppl_mean"])
     assert rows["paper"]["indomain"] == rows["paper_again"]["indomain"]
+    assert table["baseline"] == "uniform" and "vs" not in rows["uniform"]
+    for name, row in rows.items():  # paired by seed against the uniform decoder
+        if archs[name] != archs["uniform"]:
+            vs = row["vs"]["indomain"]
+            assert vs["seeds"] == 2 and 0 <= vs["wins"] <= 2 and vs["delta_mean"] == pytest.approx(
+                row["indomain"]["loss_mean"] - rows["uniform"]["indomain"]["loss_mean"], abs=2e-4)
     assert "| paper_again (= " in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 10_000
     curves = json.loads((out / "curves.json").read_text())  # training loss kept beside the results
     assert set(curves) == {p.stem for p in (out / "results").glob("*.json")}

@@ -99,7 +99,27 @@ def table(manifest: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
                 row[h] = {"loss_mean": round(float(loss.mean()), 4), "loss_sd": round(float(loss.std(ddof=1)) if len(loss) > 1 else 0.0, 4),
                           "ppl_mean": round(float(np.exp(loss).mean()), 2), "ppl_sd": round(float(np.exp(loss).std(ddof=1)) if len(loss) > 1 else 0.0, 2)}
         rows.append(row)
-    return {"format": FORMAT, "budgets": manifest["budgets"], "fit_args": manifest["fit_args"], "rows": rows}
+    base_name, base = manifest["contenders"][0], manifest["contender_arch"][0]
+    for row, i in zip(rows, manifest["contender_arch"]):
+        if i != base:
+            row["vs"] = {h: _paired(results, i, base, h) for h in manifest["heldout"]}
+    return {"format": FORMAT, "budgets": manifest["budgets"], "fit_args": manifest["fit_args"], "baseline": base_name,
+            "rows": rows}
+
+
+def _paired(results: list[dict[str, Any]], i: int, base: int, heldout: str) -> dict[str, Any] | None:
+    """Held-out loss of recipe ``i`` minus the baseline's, paired by seed (same data order and
+    init seed), with the paired t-test's two-sided p where there are >= 2 seeds."""
+    from scipy import stats
+
+    loss = {(r["arch_index"], r["seed"]): r["heldout"][heldout]["full"] for r in results}
+    seeds = sorted(s for a, s in loss if a == i and (base, s) in loss)
+    if not seeds:
+        return None
+    d = np.array([loss[i, s] - loss[base, s] for s in seeds])
+    p = float(stats.ttest_rel([loss[i, s] for s in seeds], [loss[base, s] for s in seeds]).pvalue) if len(d) > 1 else None
+    return {"seeds": len(d), "delta_mean": round(float(d.mean()), 4), "delta_sd": round(float(d.std(ddof=1)) if len(d) > 1 else 0.0, 4),
+            "wins": int((d < 0).sum()), "p": None if p is None or np.isnan(p) else round(p, 4)}
 
 
 def training_curves(out: Path, results: list[dict[str, Any]], points: int = 200) -> dict[str, list[list[float]]]:
@@ -171,12 +191,20 @@ def plot(t: dict[str, Any], manifest: dict[str, Any], results: list[dict[str, An
 
 
 def render_markdown(t: dict[str, Any], heldout: list[str]) -> str:
+    base = t.get("baseline")
     lines = [f"# Head to head at {', '.join(t['budgets'])}", "",
-             f"fit overrides: `{' '.join(t['fit_args'])}`; mean ± sd over seeds.", "",
-             "| recipe | blocks (E, F, L) | decoder params | GFLOPs | seeds | " + " | ".join(f"{h} ppl" for h in heldout) + " |",
-             "|---|---|---|---|---|" + "---|" * len(heldout)]
+             f"fit overrides: `{' '.join(t['fit_args'])}`; mean ± sd over seeds. Δ: held-out loss (nats) minus "
+             f"{base}'s at the same seed, mean ± sd, seeds where it is lower, paired t-test p.", "",
+             "| recipe | blocks (E, F, L) | decoder params | GFLOPs | seeds | "
+             + " | ".join(f"{h} ppl | {h} Δ vs {base}" for h in heldout) + " |",
+             "|---|---|---|---|---|" + "---|---|" * len(heldout)]
     for r in t["rows"]:
-        cells = [f"{r[h]['ppl_mean']:.2f} ± {r[h]['ppl_sd']:.2f}" if h in r else "—" for h in heldout]
+        cells = []
+        for h in heldout:
+            cells.append(f"{r[h]['ppl_mean']:.2f} ± {r[h]['ppl_sd']:.2f}" if h in r else "—")
+            v = (r.get("vs") or {}).get(h)
+            cells.append("—" if not v else f"{v['delta_mean']:+.4f} ± {v['delta_sd']:.4f} ({v['wins']}/{v['seeds']}"
+                         + (f", p = {v['p']:.3f})" if v["p"] is not None else ")"))
         name = r["name"] + (f" (= {', '.join(r['same_as'])})" if r.get("same_as") else "")
         lines.append(f"| {name} | {r['blocks']} | {r['decoder_params'] / 1e6:.3f} M | {r['flops'] / 1e9:.2f} | "
                      f"{len(r['seeds'])} | " + " | ".join(cells) + " |")
