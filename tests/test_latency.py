@@ -122,6 +122,25 @@ def test_fast_path_keeps_outputs_and_copies_no_weights() -> None:
     torch.testing.assert_close(fast.decode_run(), ref_decode, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_and_generate_reuse_the_cache_without_deprecation_warnings() -> None:
+    import warnings
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    peer = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64)).eval()
+    for model in (MerinoForCausalLM.from_arch(tiny_arch()).eval(), peer):  # ours and a transformers peer
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner = TorchRunner(model, 1, 8, "cpu", decode_tokens=3)
+            runner.start_decode()
+            runner.decode_run()
+            assert runner.cache.get_seq_length() == 8  # cropped back: every run decodes on the same prompt
+            new = runner.generate(4)
+        assert new.shape == (1, 4)
+        assert not [w for w in caught if "deprecat" in str(w.message).lower()], [str(w.message) for w in caught]
+
+
 def test_markdown_names_device_protocol_and_rows(report: dict) -> None:
     md = render_markdown(report)
     for text in ("AMD" if "AMD" in report["device"]["cpu"] else report["device"]["cpu"], "sequence 8", "pythia-70m", "fast", "p90", "int8"):

@@ -301,7 +301,7 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor:
@@ -314,7 +314,7 @@ class MerinoForCausalLM(MerinoPreTrainedModel, GenerationMixin):
 
 # the output's cache field: ``cache`` since transformers 5 renamed it (reading or writing the old
 # ``past_key_values`` there logs a deprecation warning), ``past_key_values`` before
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _attention_mask(

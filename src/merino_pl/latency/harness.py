@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from merino_pl.model import CACHE_FIELD  # `cache` (transformers >= 5) or `past_key_values`
+
 PROTOCOL = "warm-up, then each run timed alone with time.perf_counter (CUDA synchronised); mean of runs (paper), median, p90"
 
 
@@ -178,13 +180,13 @@ class TorchRunner:
 
     @torch.inference_mode()
     def start_decode(self) -> None:
-        self.cache = self.model(self.ids, use_cache=True, logits_to_keep=1).past_key_values
+        self.cache = self.model(self.ids, use_cache=True, logits_to_keep=1)[CACHE_FIELD]
 
     @torch.inference_mode()
     def decode_run(self) -> torch.Tensor:
         logits = None
         for i in range(self.decode_tokens):
-            out = self.model(self.next_ids[:, i : i + 1], past_key_values=self.cache, use_cache=True)
+            out = self.model(self.next_ids[:, i : i + 1], use_cache=True, **{CACHE_FIELD: self.cache})
             logits = out.logits
         self.cache.crop(-self.decode_tokens)  # back to seq tokens: every run decodes on the same cache
         return logits
@@ -200,7 +202,7 @@ class TorchRunner:
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         new = [tok]
         for _ in range(new_tokens - 1):
-            out = self.model(tok, past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(tok, use_cache=True, **{CACHE_FIELD: out[CACHE_FIELD]})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             new.append(tok)
         return torch.cat(new, dim=1)
