@@ -134,7 +134,7 @@ class LocalSlurmCluster:
                                              env=self.env, start_new_session=True)
         log.close()
 
-    def start(self, timeout: float = 60.0) -> "LocalSlurmCluster":
+    def start(self, timeout: float = 60.0) -> LocalSlurmCluster:
         """Start munged, slurmctld and slurmd; return once the node is idle (or raise)."""
         self._make_dirs()
         self._write_conf()
@@ -215,7 +215,7 @@ class LocalSlurmCluster:
             subprocess.run([_binary("scancel"), *jobs], env=self.env, capture_output=True)
             time.sleep(0.5)
 
-    def __enter__(self) -> "LocalSlurmCluster":
+    def __enter__(self) -> LocalSlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_arch
 
+from conftest import tiny_arch
 from merino_pl.checkpoint import load_model
 from merino_pl.cli import main as cli
 from merino_pl.config import Recipe
@@ -315,7 +315,6 @@ def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(tmp_pat
 
     from merino_pl.latency.onnx_export import export_onnx
     from merino_pl.latency.report import REL_TOLERANCE_INT8_ACTIVATIONS
-
     from merino_pl.quantize.qlinear import QuantLinear
 
     torch.manual_seed(0)

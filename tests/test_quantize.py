@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from conftest import REPO, tiny_arch
 from merino_pl.checkpoint import export_pretrained, load_model
 from merino_pl.cli import main as cli
-from merino_pl.model import MerinoForCausalLM
 from merino_pl.io import atomic_dir
+from merino_pl.model import MerinoForCausalLM
 from merino_pl.quantize.format import write_quantized
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
 from merino_pl.quantize.packing import dequantize, pack, pack_rows, unpack_rows
@@ -257,8 +257,9 @@ def test_rtn_desc_act_asym_and_preset(float_dir, tmp_path):
 @pytest.mark.parametrize("preset", sorted((REPO / "quantize").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_presets_parse(preset, capsys):
     """Every preset is valid (bad keys / values would stop here before any model is loaded)."""
-    from merino_pl.quantize.cli import add_arguments, resolve_options, validate
     import argparse
+
+    from merino_pl.quantize.cli import add_arguments, resolve_options, validate
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

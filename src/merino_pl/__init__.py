@@ -33,10 +33,10 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from merino_pl.config import BlockConfig, MerinoConfig, Recipe, load_recipe
-    from merino_pl.errors import MerinoError
-    from merino_pl.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig
+if TYPE_CHECKING:  # the lazy exports, named for type checkers
+    from merino_pl.config import BlockConfig, MerinoConfig, Recipe, load_recipe  # noqa: F401
+    from merino_pl.errors import MerinoError  # noqa: F401
+    from merino_pl.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

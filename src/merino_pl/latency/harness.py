@@ -22,9 +22,10 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -46,7 +47,7 @@ class Stats:
     runs: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_samples(cls, ms: list[float]) -> "Stats":
+    def from_samples(cls, ms: list[float]) -> Stats:
         s = sorted(ms)
         # p90 by linear interpolation between order statistics (numpy's default method)
         pos = 0.9 * (len(s) - 1)

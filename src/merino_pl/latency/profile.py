@@ -16,8 +16,9 @@ laptop CPU and longer on a Jetson, hence ``--runs`` and the progress bar.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +102,14 @@ def profile_space(
         cfg = _layer_config(space, e, f)
         layer = DecoderLayer(cfg, e, f).to(**opts).eval()
         x = torch.randn(batch, seq, e, **opts)
-        layers.append({"embed_dim": e, "ffn_dim": f, "ms": _mean_ms(lambda: layer(x, None, None, 0), device, runs, warmup)})
+        layers.append({"embed_dim": e, "ffn_dim": f, "ms": _mean_ms(lambda layer=layer, x=x: layer(x, None, None, 0), device, runs, warmup)})
         bar.set_postfix_str(f"E={e} F={f}")
         bar.update(1)
     projs = []
     for i, o in projections:
         weight = torch.randn(o, i, **opts) * i**-0.5
         x = torch.randn(batch, seq, i, **opts)
-        projs.append({"in": i, "out": o, "ms": _mean_ms(lambda: F.linear(x, weight), device, runs, warmup)})
+        projs.append({"in": i, "out": o, "ms": _mean_ms(lambda x=x, weight=weight: F.linear(x, weight), device, runs, warmup)})
         bar.update(1)
     fixed = _profile_fixed(space, opts, batch, seq, runs, warmup)
     bar.update(1)

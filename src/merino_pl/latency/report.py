@@ -18,9 +18,10 @@ import dataclasses
 import datetime as dt
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -33,7 +34,15 @@ from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import (
-    PAPER_PROTOCOL, PROTOCOL, Measurement, Runner, TorchRunner, generation, measure, paper_latency_ms, serialized_bytes,
+    PAPER_PROTOCOL,
+    PROTOCOL,
+    Measurement,
+    Runner,
+    TorchRunner,
+    generation,
+    measure,
+    paper_latency_ms,
+    serialized_bytes,
     weight_bytes_in_memory,
 )
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, paper_forward
@@ -231,16 +240,16 @@ class ReportBuilder:
         model = copy.deepcopy(self.loaded.model).to(device=o.device, dtype=dtype).eval()
         plain = self._runner(model)
         ref = _reference_logits(plain)
-        self._add(f"{name} {precision} plain", lambda: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        self._add(f"{name} {precision} plain", lambda model=model: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
         if o.fast:
             fuse_qkv(model)  # after the plain rows: it re-points the model's Q/K/V weights
             fast = self._runner(model, last_logits_only=True)
             self.checks.append(_compare(ref, _reference_logits(fast), precision, "fast path vs plain"))
             size = self.rows[-1]["weights_bytes"]  # the same weights: a file of the fused form is no different
-            self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+            self._add(f"{name} {precision} fast", lambda model=model: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
         self._generate(fast if o.fast else plain, precision, "torch")
         if o.onnx:
-            self._add(f"{name} {precision} onnxruntime", lambda: self._onnx(model, precision, ref, copy.deepcopy(self.loaded.model).to(dtype)))
+            self._add(f"{name} {precision} onnxruntime", lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(self.loaded.model).to(dtype)))
         del model
         for peer in o.peers:
             self._peer(peer, dtype, precision)
@@ -253,16 +262,16 @@ class ReportBuilder:
         model = model.to(o.device)
         plain = self._runner(model)
         ref = _reference_logits(plain)
-        self._add(f"{name} {precision} plain", lambda: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        self._add(f"{name} {precision} plain", lambda model=model: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
         fast = None
         if o.fast:  # fused QKV leaves quantized linears alone: only the last-logits prefill applies
             fast = self._runner(model, last_logits_only=True)
             self.checks.append(_compare(ref, _reference_logits(fast), "fp32", f"fast path vs plain ({precision})"))
             size = self.rows[-1]["weights_bytes"]
-            self._add(f"{name} {precision} fast", lambda: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+            self._add(f"{name} {precision} fast", lambda model=model: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
         self._generate(fast or plain, precision, "torch")
         if o.onnx:
-            self._add(f"{name} {precision} onnxruntime", lambda: self._onnx(model, precision, ref, copy.deepcopy(model)))
+            self._add(f"{name} {precision} onnxruntime", lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(model)))
         if o.peers:
             self.skipped.append({"row": f"peers {precision}", "reason": "int rows are ours only (peers stay float)"})
 
@@ -270,11 +279,11 @@ class ReportBuilder:
         """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position
         logits, as ``generate`` runs every transformers model) to compare our fast path with."""
         model = self.peer_factory(peer).to(device=self.opts.device, dtype=dtype)
-        self._add(f"{peer} {precision}", lambda: _row(peer, "peer", precision, "plain", model, self._measure(self._runner(model)), self.tmp))
+        self._add(f"{peer} {precision}", lambda model=model: _row(peer, "peer", precision, "plain", model, self._measure(self._runner(model)), self.tmp))
         if self.opts.fast:
             size = self.rows[-1]["weights_bytes"]
             last = self._runner(model, last_logits_only=True)
-            self._add(f"{peer} {precision} last-logits", lambda: _row(peer, "peer", precision, "last-logits", model, self._measure(last), self.tmp, size))
+            self._add(f"{peer} {precision} last-logits", lambda model=model: _row(peer, "peer", precision, "last-logits", model, self._measure(last), self.tmp, size))
         del model
 
     def _onnx(self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor], cpu_copy: torch.nn.Module) -> dict[str, Any] | None:

@@ -16,7 +16,12 @@ from merino_pl.checkpoint import LoadedModel
 from merino_pl.io import atomic_dir, write_json
 from merino_pl.model import MerinoForCausalLM
 from merino_pl.quantize.format import (
-    FLOAT_DTYPES, WEIGHTS_NAME, load_quantized, quantize_config, round_unquantized, write_quantized,
+    FLOAT_DTYPES,
+    WEIGHTS_NAME,
+    load_quantized,
+    quantize_config,
+    round_unquantized,
+    write_quantized,
 )
 from merino_pl.quantize.qembedding import QuantEmbedding, attach
 from merino_pl.quantize.runner import QuantSpec, quantize_model, report_rows

@@ -46,7 +46,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scales", torch.ones(num_embeddings, dtype=torch.float16))
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding) -> "QuantEmbedding":
+    def from_float(cls, emb: nn.Embedding) -> QuantEmbedding:
         q = cls(emb.num_embeddings, emb.embedding_dim).to(emb.weight.device)
         q.qweight, q.scales = quantize_rows(emb.weight)
         return q
