@@ -123,7 +123,7 @@ class Options:
                           f"(prompt included), mean of {self.generate_runs}" if self.generate_tokens else None,
             "batch": self.batch, "seq_len": self.seq, "runs": self.runs, "warmup": self.warmup,
             "decode_tokens": self.decode_tokens, "statistic": "mean (paper), median, p90 of the runs",
-            "timing": PROTOCOL, "inputs": "random token ids (seed %d)" % self.seed,
+            "timing": PROTOCOL, "inputs": f"random token ids (seed {self.seed})",
             "decode": f"{self.decode_tokens} one-token steps on a {self.seq}-token KV cache, per token",
         }
 

@@ -9,10 +9,14 @@
   and renames it into place: a ``kill -9`` (or a node crash) during a save leaves the previous
   ``last.ckpt`` intact. Lightning's default buffers the whole checkpoint in memory and relies on
   an fsspec transaction without fsync.
+* ``SlurmRequeue`` replaces Lightning's SLURM auto-requeue (see its docstring for why).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -20,8 +24,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -186,6 +192,68 @@ def format_duration(seconds: float) -> str:
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+class SlurmRequeue(L.Callback):
+    """Checkpoint and ``scontrol requeue`` on SLURM's warning signal (``--signal=SIGUSR1@90``),
+    safely under DDP.
+
+    Lightning's own auto-requeue saves the checkpoint inside the signal handler. Each rank runs
+    that handler wherever the signal finds it, so one rank's save (a barrier) can pair with
+    another rank's gradient all-reduce: the job hangs until its time limit kills it, and the
+    steps since the last periodic save are lost (seen with 2 gloo ranks on a local cluster).
+    Here the handler only records the signal; every ``every_n_steps`` optimizer steps the ranks
+    agree on it with one all-reduce of a flag (a single process needs none), then all of them
+    save ``hpc_ckpt_N.ckpt`` together (Lightning's name, which the job script resumes from),
+    rank 0 runs ``scontrol requeue`` and the fit stops. Outside SLURM, or with
+    ``SLURMEnvironment(auto_requeue=False)``, it does nothing.
+    """
+
+    def __init__(self, every_n_steps: int = 5) -> None:
+        self.every_n_steps = every_n_steps
+        self._signum: int | None = None
+        self._previous: Any = None
+        self._received = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        if stage != "fit" or not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
+            return
+        if env.requeue_signal is None:  # Windows: no SIGUSR1
+            return
+        env.auto_requeue = False  # Lightning registers no handler of its own; this one instead
+        self._signum, self._received = int(env.requeue_signal), False
+        self._previous = signal.signal(self._signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._received = True  # nothing else here: the save happens between steps, on all ranks
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._signum is None or trainer.should_stop:
+            return
+        if trainer.world_size > 1:
+            # every rank must reach the same collective at the same step: decide by step count
+            step = trainer.global_step
+            if step % self.every_n_steps or trainer.fit_loop.epoch_loop._should_accumulate():
+                return
+            if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+                return
+        elif not self._received:
+            return
+        path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path, weights_only=False)  # full state: the requeued run resumes it
+        if trainer.is_global_zero:
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+            rc = subprocess.call(["scontrol", "requeue", job])
+            done = f"Requeued SLURM job {job}" if rc == 0 else f"warning: scontrol requeue {job} failed (exit {rc})"
+            _print(f"SLURM requeue signal: saved {path} at step {trainer.global_step}. {done}")
+        trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._signum is not None:
+            signal.signal(self._signum, self._previous)
+            self._signum = None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

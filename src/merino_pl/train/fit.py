@@ -43,7 +43,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from merino_pl.config import load_recipe
 from merino_pl.errors import MerinoError
 from merino_pl.io import read_yaml
-from merino_pl.train.callbacks import AtomicCheckpointIO, SpeedMonitor, silence_known_warnings
+from merino_pl.train.callbacks import AtomicCheckpointIO, SlurmRequeue, SpeedMonitor, silence_known_warnings
 from merino_pl.train.module import MerinoLightningModule, validate_hparams
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -142,6 +142,8 @@ class MerinoCLI(LightningCLI):
             data.check_vocab(model.recipe.architecture.vocab_size)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # user-given plugins win
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):
+            trainer.callbacks.append(SlurmRequeue())  # DDP-safe save + requeue on SLURM's SIGUSR1
         if trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on Ampere+
         elif "bf16" in str(trainer.precision):
