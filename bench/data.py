@@ -28,8 +28,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from merino_pl.config import load_recipe  # noqa: E402
-from merino_pl.costs import count_flops, count_params, lm_head_flops  # noqa: E402
+from merino_pl.core.config import load_recipe  # noqa: E402
+from merino_pl.core.costs import count_flops, count_params, lm_head_flops  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM bf16 dense peak
 MFU = 0.40
@@ -62,8 +62,8 @@ def make_corpus(folder: Path, target_mb: float) -> Path:
     """The shipped real text (Shakespeare + WikiText-2 test, the same files as ../shared/data),
     repeated to ``target_mb``, as jsonl files of paragraph documents (a repeat index keeps every
     document distinct)."""
-    from merino_pl.evaluation.perplexity import embedded_wikitext2
-    from merino_pl.tokenizer import default_corpus_file
+    from merino_pl.core.tokenizer import default_corpus_file
+    from merino_pl.eval.perplexity import embedded_wikitext2
 
     texts = [p.read_text() for p in (default_corpus_file(), embedded_wikitext2())]
     paragraphs = [p for t in texts for p in t.split("\n\n") if p.strip()]
@@ -77,7 +77,7 @@ def make_corpus(folder: Path, target_mb: float) -> Path:
 
 
 def bench_tokenizer(corpus: Path) -> dict:
-    from merino_pl.tokenizer import load_tokenizer
+    from merino_pl.core.tokenizer import load_tokenizer
 
     docs = [json.loads(line)["text"] for f in sorted(corpus.glob("*.jsonl"))[:2] for line in f.open()]
     tok = load_tokenizer(None)

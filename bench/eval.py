@@ -27,15 +27,15 @@ def main() -> None:
     p.add_argument("--data", default=None, help="wiki.test.raw (default: the copy shipped in the package)")
     args = p.parse_args()
     if args.data is None:
-        from merino_pl.evaluation.perplexity import embedded_wikitext2
+        from merino_pl.eval.perplexity import embedded_wikitext2
 
         args.data = str(embedded_wikitext2())
 
     from lm_eval.api.instance import Instance
 
-    from merino_pl.checkpoint import load_model
-    from merino_pl.evaluation.harness import MerinoLM, hf_lm
-    from merino_pl.evaluation.perplexity import wikitext_pages
+    from merino_pl.core.checkpoint import load_model
+    from merino_pl.eval.harness import MerinoLM, hf_lm
+    from merino_pl.eval.perplexity import wikitext_pages
 
     pages = wikitext_pages(Path(args.data).read_text(encoding="utf-8"))[: args.docs]
     reqs = [Instance("loglikelihood_rolling", {}, (p,), i) for i, p in enumerate(pages)]

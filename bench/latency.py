@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from merino_pl.io import write_json  # noqa: E402
+from merino_pl.core.io import write_json  # noqa: E402
 from merino_pl.latency.report import Options, build_report, write_report  # noqa: E402
 
 PAIRS = [("merino-64m", "opt-350m", 5.0), ("merino-52m", "pythia-70m", 2.0)]  # (ours, peer, target x)

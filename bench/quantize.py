@@ -30,13 +30,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from merino_pl.checkpoint import export_pretrained, load_model  # noqa: E402
 from merino_pl.cli import main as merino  # noqa: E402
-from merino_pl.config import BlockConfig, MerinoConfig, load_recipe  # noqa: E402
-from merino_pl.evaluation.perplexity import embedded_wikitext2  # noqa: E402
-from merino_pl.io import atomic_write_text  # noqa: E402
-from merino_pl.model import MerinoForCausalLM  # noqa: E402
-from merino_pl.tokenizer import EOS_TOKEN, default_corpus_file, load_tokenizer  # noqa: E402
+from merino_pl.core.checkpoint import export_pretrained, load_model  # noqa: E402
+from merino_pl.core.config import BlockConfig, MerinoConfig, load_recipe  # noqa: E402
+from merino_pl.core.io import atomic_write_text  # noqa: E402
+from merino_pl.core.model import MerinoForCausalLM  # noqa: E402
+from merino_pl.core.tokenizer import EOS_TOKEN, default_corpus_file, load_tokenizer  # noqa: E402
+from merino_pl.eval.perplexity import embedded_wikitext2  # noqa: E402
 
 VARIANTS = [("gptq", 8), ("rtn", 8), ("gptq", 4), ("rtn", 4)]
 
@@ -51,7 +51,7 @@ def bench_arch() -> MerinoConfig:
 def wikitext_train_file(wikitext: str, held_docs: int, work: Path) -> Path:
     """The WikiText-2 test articles after the first ``held_docs`` (those are scored): in-domain
     training / calibration text that never overlaps the perplexity documents."""
-    from merino_pl.evaluation.perplexity import wikitext_pages
+    from merino_pl.eval.perplexity import wikitext_pages
 
     pages = wikitext_pages(Path(wikitext).read_text(encoding="utf-8"))
     if len(pages) <= held_docs:
@@ -91,7 +91,7 @@ def train(out: Path, steps: int, text: str, seq_len: int = 128, batch: int = 16,
 
 
 def wikitext_ppl(model_dir: Path, limit: int | None, wikitext: str) -> dict:
-    from merino_pl.evaluation.perplexity import perplexity
+    from merino_pl.eval.perplexity import perplexity
 
     tok = load_tokenizer(None)
     model = load_model(model_dir).model

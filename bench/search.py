@@ -31,15 +31,15 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from merino_pl.config import load_recipe  # noqa: E402
-from merino_pl.costs import count_flops, count_params  # noqa: E402
+from merino_pl.core.config import load_recipe  # noqa: E402
+from merino_pl.core.costs import count_flops, count_params  # noqa: E402
+from merino_pl.core.space import load_space  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
 from merino_pl.search import exhaustive  # noqa: E402
 from merino_pl.search.budget import Genes, parse_budget  # noqa: E402
 from merino_pl.search.cli import SearchSettings, build_problem, decode, run_search  # noqa: E402
 from merino_pl.search.entropy import EntropyConfig  # noqa: E402
 from merino_pl.search.evolution import EvolutionConfig, evolve  # noqa: E402
-from merino_pl.space import load_space  # noqa: E402
 
 PAPER_SECONDS = 0.05 * 3600  # paper Table 7: 0.05 h on a Jetson Nano CPU
 PAPER_RECIPES = {60: "merino-52m", 110: "merino-61m", 160: "merino-64m"}

@@ -15,7 +15,6 @@ ratio Lightning / bare (target >= 0.97) and MFU:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,8 +30,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from merino_pl.data import PileDataModule  # noqa: E402
-from merino_pl.train.callbacks import device_peak_flops, silence_known_warnings  # noqa: E402
-from merino_pl.train.module import MerinoLightningModule  # noqa: E402
+from merino_pl.fit.callbacks import device_peak_flops, silence_known_warnings  # noqa: E402
+from merino_pl.fit.module import MerinoLightningModule  # noqa: E402
 
 
 def make_batches(n: int, batch: int, seq_len: int) -> list[torch.Tensor]:
@@ -164,7 +163,7 @@ def main() -> int:
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from merino_pl.io import write_json
+    from merino_pl.core.io import write_json
 
     write_json(out, {"torch": torch.__version__, "lightning": L.__version__, "rows": rows})
     print(f"\nwrote {out}")

@@ -18,7 +18,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from merino_pl.config import BlockConfig, MerinoConfig  # noqa: E402
+from merino_pl.core.config import BlockConfig, MerinoConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,6 @@ def arch() -> MerinoConfig:
 @pytest.fixture
 def wikitext_raw() -> Path:
     """WikiText-2 raw test split: the copy shipped in the package (tests never need ../shared)."""
-    from merino_pl.evaluation.perplexity import embedded_wikitext2
+    from merino_pl.eval.perplexity import embedded_wikitext2
 
     return embedded_wikitext2()

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from conftest import tiny_arch
-from merino_pl.checkpoint import export_pretrained
 from merino_pl.cli import main as cli
-from merino_pl.config import Recipe
-from merino_pl.io import atomic_dir, atomic_path, atomic_write_text, sha256_file
-from merino_pl.model import MerinoForCausalLM
+from merino_pl.core.checkpoint import export_pretrained
+from merino_pl.core.config import Recipe
+from merino_pl.core.io import atomic_dir, atomic_path, atomic_write_text, sha256_file
+from merino_pl.core.model import MerinoForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(ckpt, tmp_path_factory) -> Path:
-    from merino_pl.checkpoint import load_model
+    from merino_pl.core.checkpoint import load_model
 
     return export_pretrained(load_model(ckpt).model, tmp_path_factory.mktemp("exported") / "model")
 

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_arch
-from merino_pl.config import MerinoConfig, Recipe, builtin_recipe_names, load_recipe
-from merino_pl.errors import MerinoError
+from merino_pl.core.config import MerinoConfig, Recipe, builtin_recipe_names, load_recipe
+from merino_pl.core.errors import MerinoError
 
 
 def all_recipe_files() -> list[Path]:

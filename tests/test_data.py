@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.tokenizer import load_tokenizer
 from merino_pl.data import PileDataModule
 from merino_pl.data.packing import is_heldout
-from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import load_tokenizer
 
 WORDS = "alpha beta gamma delta river stone cloud ember maple quartz violet lantern harbor".split()
 

@@ -13,19 +13,19 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_arch
-from merino_pl.checkpoint import export_pretrained, load_model
 from merino_pl.cli import main
-from merino_pl.io import sha256_file
-from merino_pl.model import MerinoForCausalLM
+from merino_pl.core.checkpoint import export_pretrained, load_model
+from merino_pl.core.io import sha256_file
+from merino_pl.core.model import MerinoForCausalLM
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from merino_pl.evaluation.harness import MerinoLM, hf_lm  # noqa: E402
-from merino_pl.evaluation.perplexity import perplexity, wikitext_pages, windows  # noqa: E402
-from merino_pl.evaluation.tasks import paper_baselines, paper_tasks  # noqa: E402
-from merino_pl.tokenizer import load_tokenizer  # noqa: E402
+from merino_pl.core.tokenizer import load_tokenizer  # noqa: E402
+from merino_pl.eval.harness import MerinoLM, hf_lm  # noqa: E402
+from merino_pl.eval.perplexity import perplexity, wikitext_pages, windows  # noqa: E402
+from merino_pl.eval.tasks import paper_baselines, paper_tasks  # noqa: E402
 
 ARC = [
     ("Which of these is a planet?", ["Mars", "the Moon", "a comet", "the Sun"], "A"),
@@ -360,7 +360,7 @@ def test_cli_unknown_task_lists_valid_ones(tasks_dir: Path, model_dir: Path, cap
 
 
 def test_shipped_task_list_yaml_runs_as_tasks_argument() -> None:
-    from merino_pl.evaluation.tasks import resolve_tasks
+    from merino_pl.eval.tasks import resolve_tasks
 
     specs, fewshot = resolve_tasks(str(REPO / "eval" / "paper-tasks.yaml"))
     assert specs == paper_tasks() and fewshot == 0

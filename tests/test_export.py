@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_arch
-from merino_pl import config as config_module
-from merino_pl import model as model_module
-from merino_pl.checkpoint import load_model
+from merino_pl.core import config as config_module
+from merino_pl.core import model as model_module
 from merino_pl.cli import main as cli
-from merino_pl.config import BlockConfig, MerinoConfig, Recipe
-from merino_pl.quantize.qlinear import QuantLinear
-from merino_pl.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE, sources
+from merino_pl.core.checkpoint import load_model
+from merino_pl.core.config import BlockConfig, MerinoConfig, Recipe
+from merino_pl.core.quant.qlinear import QuantLinear
+from merino_pl.core.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE, sources
 
 IDS = [[5, 17, 300, 42, 9, 1000, 7, 12], [50, 60, 70, 80, 90, 100, 110, 120]]
 # absolute, not resolved: the venv's python is a symlink to the base interpreter
@@ -93,8 +93,8 @@ def test_remote_code_is_the_package_source() -> None:
                     and "merino_pl" in ast.unparse(n)], f"{file} imports merino_pl"
         written.update({(file, _name(n)): ast.get_source_segment(text, n) for n in tree.body if _name(n)})
     for (file, name), segment in written.items():
-        assert segment in {package.get((m, name)) for m in ("merino_pl.model", "merino_pl.config")}, (file, name)
-    model_defs = {name for module, name in package if module == "merino_pl.model"}
+        assert segment in {package.get((m, name)) for m in ("merino_pl.core.model", "merino_pl.core.config")}, (file, name)
+    model_defs = {name for module, name in package if module == "merino_pl.core.model"}
     assert model_defs - {name for _, name in written} == {"_register_with_transformers"}
 
 
@@ -134,7 +134,7 @@ def test_automodel_tokenizer_pipeline_and_generate_without_merino_pl(exported: P
         assert torch.equal(torch.load(tmp_path / "logits.pt"), ours(ids).logits)
         assert got["gen"] == ours.generate(ids[:, :5], max_new_tokens=8, do_sample=False).tolist()
     assert "deprecat" not in capfd.readouterr().err.lower()  # merino-pl's own forward / generate: no warning
-    from merino_pl.tokenizer import load_tokenizer
+    from merino_pl.core.tokenizer import load_tokenizer
 
     assert got["encoded"] == load_tokenizer().encode("Hello world").ids
     assert got["text"].startswith("Once upon a time") and len(got["text"]) > len("Once upon a time")

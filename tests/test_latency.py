@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny_arch
-from merino_pl.checkpoint import load_model
 from merino_pl.cli import main as cli
-from merino_pl.config import Recipe
+from merino_pl.core.checkpoint import load_model
+from merino_pl.core.config import Recipe
+from merino_pl.core.latency_table import LatencyTable
+from merino_pl.core.model import MerinoForCausalLM
 from merino_pl.latency.device import describe_device, jetson_info, parse_tegra_release
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import Stats, TorchRunner, weight_bytes_in_memory
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, peer_config
 from merino_pl.latency.report import Options, build_report, render_markdown
-from merino_pl.latency_table import LatencyTable
-from merino_pl.model import MerinoForCausalLM
 
 NANO = "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, DATE: Sat Feb 19 17:05:08 UTC 2022\n"
 TINY_PEER = {
@@ -242,7 +242,7 @@ def _onnx_prefill_and_step(model, onnx_path: Path, T: int = 9, batch: int = 1, r
     (within 1e-4 absolute; or, ``rel`` given, that relative error and the same top-1 token)."""
     import onnxruntime as ort
 
-    from merino_pl.latency.onnx_export import FIXED_INPUTS, cache_shapes, io_names
+    from merino_pl.export.onnx import FIXED_INPUTS, cache_shapes, io_names
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inputs, outputs = io_names(model)
@@ -276,7 +276,7 @@ def test_export_onnx_logits_match_pytorch_for_prefill_and_decode(tmp_path: Path,
     assert cli(["export", str(recipe_file), "--out", str(tmp_path / "m"), "--onnx"]) == 0
     model = load_model(tmp_path / "m").model
     _onnx_prefill_and_step(model, tmp_path / "m" / "model.onnx")
-    from merino_pl.latency.onnx_export import io_names
+    from merino_pl.export.onnx import io_names
 
     inputs, outputs = io_names(model)  # optimum's convention
     assert inputs[:5] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"]
@@ -287,7 +287,7 @@ def test_onnx_left_padding_matches_pytorch(tmp_path: Path) -> None:
     """attention_mask: a left-padded row's logits at its real tokens equal the unpadded ones."""
     import onnxruntime as ort
 
-    from merino_pl.latency.onnx_export import FIXED_INPUTS, cache_shapes, export_onnx, io_names
+    from merino_pl.export.onnx import FIXED_INPUTS, cache_shapes, export_onnx, io_names
 
     model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=256)).eval()
     path = export_onnx(model, tmp_path / "m.onnx")
@@ -313,9 +313,9 @@ def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(tmp_pat
     (logits ~0.1-1); at the shipped level 4 (int8 activations) within 3 % relative, same top-1."""
     import onnx
 
-    from merino_pl.latency.onnx_export import export_onnx
+    from merino_pl.core.quant.qlinear import QuantLinear
+    from merino_pl.export.onnx import export_onnx
     from merino_pl.latency.report import REL_TOLERANCE_INT8_ACTIVATIONS
-    from merino_pl.quantize.qlinear import QuantLinear
 
     torch.manual_seed(0)
     model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=50304))  # the shipped tokenizer's ids fit
@@ -372,7 +372,7 @@ def test_profile_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
 
 # ---- plot ----------------------------------------------------------------------------------------
 def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> None:
-    from merino_pl.io import write_json
+    from merino_pl.core.io import write_json
 
     write_json(tmp_path / "lat.json", report)
     tasks = {"hellaswag": {"status": "ok", "value": 0.3}, "boolq": {"status": "ok", "value": 0.4}, "wic": {"status": "skipped"}}
@@ -388,7 +388,7 @@ def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> Non
 
 
 def test_plot_places_a_model_whose_tasks_were_all_skipped_among_no_accuracy(tmp_path: Path, report: dict) -> None:
-    from merino_pl.io import write_json
+    from merino_pl.core.io import write_json
 
     write_json(tmp_path / "lat.json", report)
     write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"},

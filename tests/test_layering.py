@@ -17,32 +17,12 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "merino_pl"
 
-CORE = {
-    "merino_pl",
-    "merino_pl.config",
-    "merino_pl.costs",
-    "merino_pl.io",
-    "merino_pl.errors",
-    "merino_pl.model",
-    "merino_pl.tokenizer",
-    "merino_pl.checkpoint",
-    "merino_pl.remote_code",
-    "merino_pl.space",
-    "merino_pl.latency_table",
-    # the GPTQ checkpoint format and the modules it loads into (checkpoint.py reads them)
-    "merino_pl.quantize",
-    "merino_pl.quantize.format",
-    "merino_pl.quantize.qlinear",
-    "merino_pl.quantize.qembedding",
-    "merino_pl.quantize.packing",
-    "merino_pl.quantize.rtn",
-}
+def is_core(module: str) -> bool:
+    """The core: the package root (lazy public names only) and everything under ``merino_pl.core``."""
+    return module == "merino_pl" or module == "merino_pl.core" or module.startswith("merino_pl.core.")
 
 # the dispatch table: imports stages by name (importlib), imported by no library module
 ENTRY = {"merino_pl.cli"}
-
-# top-level modules that belong to a stage named otherwise
-STAGE_OF = {"merino_pl.pipeline_plots": "pipeline"}
 
 # what one stage may import of another: its public entry points (module -> why)
 PUBLIC = {
@@ -50,36 +30,30 @@ PUBLIC = {
     "merino_pl.data.sources": "the one resolver for every data source (STYLE §7)",
     "merino_pl.search": "recipe_entropy: the entropy info and fit report for any recipe",
     "merino_pl.search.api": "the search stage's entry (SearchSettings, build_problem, decode, run_search)",
-    "merino_pl.train.fit": "the fit stage's entry",
-    "merino_pl.evaluation.api": "the eval stage's entry",
-    "merino_pl.evaluation.report": "the eval report's renderer (whoever shows a report calls its renderer)",
+    "merino_pl.fit.api": "the fit stage's entry",
+    "merino_pl.eval.api": "the eval stage's entry",
+    "merino_pl.eval.report": "the eval report's renderer (whoever shows a report calls its renderer)",
     "merino_pl.latency.plot": "the latency plot's renderer",
+    "merino_pl.export.onnx": "the export stage's ONNX entry: latency times the graph a user deploys",
 }
 
 # (importer, imported) pairs allowed beyond PUBLIC, each with its reason
 ALLOWED = {
-    ("merino_pl.pipeline", "merino_pl.cli"): "the orchestrator checks each stage through the dispatch table",
+    ("merino_pl.pipeline.cli", "merino_pl.cli"): "the orchestrator checks each stage through the dispatch table",
 }
 
 # Back-edges in files being rewritten elsewhere (model / checkpoint / export / tokenizer / demo /
 # quantize / latency / study): phase 2 of issue 17 removes them. Each must still exist.
 KNOWN_BACK_EDGES = {
-    ("merino_pl.quantize.format", "merino_pl.quantize.runner"): "the format imports QuantSpec from the quantize stage",
-    ("merino_pl.quantize.qlinear", "merino_pl.latency.onnx_nbits"): "QuantLinear builds its ONNX node from latency/",
-    (
-        "merino_pl.quantize.qembedding",
-        "merino_pl.latency.onnx_nbits",
-    ): "QuantEmbedding builds its ONNX node from latency/",
-    ("merino_pl.export", "merino_pl.latency.onnx_export"): "export's ONNX path lives in the latency stage",
     ("merino_pl.latency.cli", "merino_pl.cli"): "latency's sub-command parser reuses the root ArgumentParser",
     ("merino_pl.study.cli", "merino_pl.cli"): "study's sub-command parser reuses the root ArgumentParser",
     (
         "merino_pl.latency.report",
         "merino_pl.quantize.runner",
     ): "latency re-runs RTN in-process instead of reading the GPTQ dir",
-    ("merino_pl.demo", "merino_pl.info"): "demo prints info's table",
-    ("merino_pl.demo", "merino_pl.train.cli"): "demo runs fit through its CLI module, not train.fit.fit",
-    ("merino_pl.study.worker", "merino_pl.train.cli"): "the study worker runs fit through its CLI module",
+    ("merino_pl.demo.cli", "merino_pl.info.cli"): "demo prints info's table",
+    ("merino_pl.demo.cli", "merino_pl.fit.cli"): "demo runs fit through its CLI module, not fit.api.fit",
+    ("merino_pl.study.worker", "merino_pl.fit.cli"): "the study worker runs fit through its CLI module",
     ("merino_pl.study.sample", "merino_pl.search.cli"): "decode, re-exported there until study imports search.api",
     ("merino_pl.study.compare", "merino_pl.search.cli"): "SearchSettings / build_problem / decode, re-exported there",
     ("merino_pl.study.compare", "merino_pl.search.evolution"): "PROXIES: a search internal",
@@ -92,7 +66,7 @@ KNOWN_BACK_EDGES = {
     ("merino_pl.study.proxies", "merino_pl.search.entropy"): "arch_entropy: a search internal",
     ("merino_pl.study.report", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
     ("merino_pl.study.runner", "merino_pl.data.packing"): "DocumentTokenizer / is_heldout: data internals",
-    ("merino_pl.study.runner", "merino_pl.evaluation.perplexity"): "embedded_wikitext2: an eval internal",
+    ("merino_pl.study.runner", "merino_pl.eval.perplexity"): "embedded_wikitext2: an eval internal",
 }
 
 
@@ -129,9 +103,9 @@ def import_graph(root: Path = SRC) -> set[tuple[str, str]]:
 
 def stage(module: str) -> str | None:
     """The stage a module belongs to (None for the core and the entry)."""
-    if module in CORE or module in ENTRY:
+    if is_core(module) or module in ENTRY:
         return None
-    return STAGE_OF.get(module) or module.split(".")[1]
+    return module.split(".")[1]
 
 
 def violations(edges: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -142,11 +116,11 @@ def violations(edges: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
             continue
         if imported in ENTRY:
             bad[(importer, imported)] = "imports the CLI dispatch table"
-        elif importer in CORE and imported not in CORE:
+        elif is_core(importer) and not is_core(imported):
             bad[(importer, imported)] = f"the core imports the {stage(imported)} stage"
         elif (
-            importer not in CORE
-            and imported not in CORE
+            not is_core(importer)
+            and not is_core(imported)
             and stage(importer) != stage(imported)
             and imported not in PUBLIC
         ):
@@ -181,13 +155,13 @@ def _write(root: Path, files: dict[str, str]) -> Path:
     [
         # the core reaching up into a stage, inside a function
         (
-            {"config.py": "def f():\n    from merino_pl.search.api import decode\n"},
-            ("merino_pl.config", "merino_pl.search.api"),
+            {"core/config.py": "def f():\n    from merino_pl.search.api import decode\n"},
+            ("merino_pl.core.config", "merino_pl.search.api"),
         ),
         # a stage importing another stage's internals, relative import
         (
-            {"train/__init__.py": "", "train/fit.py": "from ..search import entropy\n"},
-            ("merino_pl.train.fit", "merino_pl.search.entropy"),
+            {"fit/__init__.py": "", "fit/api.py": "from ..search import entropy\n"},
+            ("merino_pl.fit.api", "merino_pl.search.entropy"),
         ),
         # a library module importing the CLI dispatch table
         (
@@ -200,13 +174,14 @@ def test_checker_catches_an_added_back_edge(tmp_path: Path, files: dict[str, str
     clean = {
         "__init__.py": "",
         "cli.py": "",
-        "config.py": "from merino_pl.errors import MerinoError\n",
-        "errors.py": "",
+        "core/__init__.py": "",
+        "core/config.py": "from merino_pl.core.errors import MerinoError\n",
+        "core/errors.py": "",
         "search/__init__.py": "",
-        "search/entropy.py": "from merino_pl.config import x\n",
+        "search/entropy.py": "from merino_pl.core.config import x\n",
         "search/api.py": "from merino_pl.search import entropy\n",
-        "train/__init__.py": "",
-        "train/fit.py": "from merino_pl.search.api import decode\nfrom merino_pl import config\n",
+        "fit/__init__.py": "",
+        "fit/api.py": "from merino_pl.search.api import decode\nfrom merino_pl.core import config\n",
     }
     assert violations(import_graph(_write(tmp_path / "clean", clean))) == {}
     graph = import_graph(_write(tmp_path / "broken", {**clean, **files}))

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 import merino_pl  # noqa: F401  (registers the model type)
 from conftest import tiny_arch
-from merino_pl.checkpoint import export_pretrained, load_model
-from merino_pl.costs import count_params
-from merino_pl.model import MerinoForCausalLM
+from merino_pl.core.checkpoint import export_pretrained, load_model
+from merino_pl.core.costs import count_params
+from merino_pl.core.model import MerinoForCausalLM
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from merino_pl.cli import main as cli_main
-from merino_pl.pipeline import PipelineConfig, build_stages
+from merino_pl.pipeline.cli import PipelineConfig, build_stages
 from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
 STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
@@ -268,7 +268,7 @@ def _reports(out: Path, accuracy: float | None) -> None:
 def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known(tmp_path, capsys):
     from lightning.pytorch.loggers import CSVLogger
 
-    from merino_pl.pipeline_plots import loss_history, summary_plots
+    from merino_pl.pipeline.plots import loss_history, summary_plots
 
     out = tmp_path / "out"
     for version, steps in ((0, range(0, 30)), (1, range(20, 40))):  # a resumed fit: two CSV versions
@@ -306,7 +306,7 @@ def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known
 
 
 def test_summary_plots_perplexity_vs_latency_without_accuracy(tmp_path):
-    from merino_pl.pipeline_plots import precision_rows, summary_plots
+    from merino_pl.pipeline.plots import precision_rows, summary_plots
 
     out = tmp_path / "out"
     _reports(out, accuracy=None)

@@ -10,16 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_arch
-from merino_pl.checkpoint import export_pretrained, load_model
 from merino_pl.cli import main as cli
-from merino_pl.io import atomic_dir
-from merino_pl.model import MerinoForCausalLM
-from merino_pl.quantize.format import write_quantized
+from merino_pl.core.checkpoint import export_pretrained, load_model
+from merino_pl.core.io import atomic_dir
+from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.quant.format import QuantSpec, write_quantized
+from merino_pl.core.quant.packing import dequantize, pack, pack_rows, unpack_rows
+from merino_pl.core.quant.qlinear import QuantLinear
+from merino_pl.core.quant.rtn import rtn_quantize
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
-from merino_pl.quantize.packing import dequantize, pack, pack_rows, unpack_rows
-from merino_pl.quantize.qlinear import QuantLinear
-from merino_pl.quantize.rtn import rtn_quantize
-from merino_pl.quantize.runner import QuantSpec, quantize_model
+from merino_pl.quantize.runner import quantize_model
 
 LINEARS_PER_LAYER = 6
 
@@ -170,8 +170,8 @@ def test_format_files_keys_and_one_copy_per_shared_block(float_dir, tmp_path):
 def test_packed_model_holds_no_float_weight_copy(float_dir, tmp_path, bits, desc_act):
     """A loaded GPTQ model keeps only the packed tensors, before, during and after a forward; the
     block-streamed and per-call paths give the reference dequantization's logits."""
+    from merino_pl.core.quant.qlinear import float_weight_bytes
     from merino_pl.latency.harness import weight_bytes_in_memory
-    from merino_pl.quantize.qlinear import float_weight_bytes
 
     model = load_model(float_dir).model
     spec = QuantSpec(bits=bits, group_size=32, desc_act=desc_act, method="rtn" if not desc_act else "gptq")
@@ -208,7 +208,7 @@ def _name(model, module) -> str:
 
 
 def test_int8_embedding_round_trips(float_dir, tmp_path):
-    from merino_pl.quantize.qembedding import QuantEmbedding, quantize_rows
+    from merino_pl.core.quant.qembedding import QuantEmbedding, quantize_rows
 
     table = torch.randn(300, 64) * torch.rand(300, 1)
     table[5] = 0  # an all-zero row
@@ -313,7 +313,7 @@ def test_default_options_fit_every_shipped_recipe(recipe):
     """`quantize CKPT --bits 4` with the defaults (group 128) is valid for every shipped recipe."""
     import argparse
 
-    from merino_pl.config import load_recipe
+    from merino_pl.core.config import load_recipe
     from merino_pl.quantize.cli import DEFAULTS, group_note, validate_for_model
 
     arch = load_recipe(REPO / "recipes" / f"{recipe}.yaml").architecture

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from merino_pl.config import load_recipe
-from merino_pl.errors import MerinoError
-from merino_pl.latency_table import LatencyTable
-from merino_pl.space import default_space_path, load_space, space_from_dict
+from merino_pl.core.config import load_recipe
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.latency_table import LatencyTable
+from merino_pl.core.space import default_space_path, load_space, space_from_dict
 
 
 # ---- search space ------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_latency_table_bad_files(tmp_path: Path) -> None:
 import numpy as np  # noqa: E402
 
 from merino_pl.cli import main  # noqa: E402
-from merino_pl.costs import count_flops, count_params  # noqa: E402
+from merino_pl.core.costs import count_flops, count_params  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
 from merino_pl.search.api import SearchSettings, decode, run_search  # noqa: E402
 from merino_pl.search.budget import Genes, cost_tables, min_cost, parse_budget  # noqa: E402
@@ -316,7 +316,7 @@ def test_search_cli_writes_recipe_plot_population(tmp_path: Path, capsys: pytest
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["entropy"]["total"] == pytest.approx(prov["entropy"]["total"], abs=1e-2)
-    from merino_pl.checkpoint import load_model
+    from merino_pl.core.checkpoint import load_model
 
     model = load_model(out).model
     assert sum(p.numel() for p in model.parameters()) == prov["costs"]["params"]
@@ -329,7 +329,7 @@ def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.Monke
     import hashlib
     import os
 
-    from merino_pl import io
+    from merino_pl.core import io
     from merino_pl.search import api as search_cli
 
     out = tmp_path / "r.yaml"
@@ -487,7 +487,7 @@ def test_paper_recipe_is_in_the_default_space_and_meets_its_budget(config: str) 
 
 
 # ---- exhaustive search -------------------------------------------------------------------------
-from merino_pl.costs import embedding_params  # noqa: E402
+from merino_pl.core.costs import embedding_params  # noqa: E402
 from merino_pl.search import exhaustive  # noqa: E402
 
 TINY = {

@@ -430,7 +430,7 @@ def fit_available():
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_sbatch_trains_with_two_ddp_tasks_and_checkpoint_loads(slurm_cluster, fit_available, tmp_path, capsys):
-    from merino_pl.checkpoint import load_model
+    from merino_pl.core.checkpoint import load_model
 
     job_id, run_dir = submit(tmp_path, *FIT_TINY, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2")
     fields = wait_for(job_id, run_dir)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from scipy import stats
 
+from merino_pl.core.space import space_from_dict
 from merino_pl.search.budget import Genes, parse_budget
-from merino_pl.space import space_from_dict
 from merino_pl.study.calibrate import cross_validate
 from merino_pl.study.sample import draw, feasible, sample_codes, width_sequences
 from merino_pl.study.stats import correlate
@@ -157,7 +157,7 @@ def test_shipped_study_config_loads():
 
 @pytest.mark.slow
 def test_compare_trains_each_distinct_recipe_once_per_seed_and_resumes(tmp_path):
-    from merino_pl.costs import count_flops
+    from merino_pl.core.costs import count_flops
     from merino_pl.study.compare import contenders
     from merino_pl.study.config import load_study_config
 

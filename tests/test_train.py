@@ -23,11 +23,11 @@ import pytest
 import torch
 import yaml
 
-from merino_pl.checkpoint import load_model
 from merino_pl.cli import main as cli_main
-from merino_pl.errors import MerinoError
-from merino_pl.train.callbacks import AtomicCheckpointIO, format_duration
-from merino_pl.train.module import MerinoLightningModule, NonFiniteLossError, lr_factor, param_groups
+from merino_pl.core.checkpoint import load_model
+from merino_pl.core.errors import MerinoError
+from merino_pl.fit.callbacks import AtomicCheckpointIO, format_duration
+from merino_pl.fit.module import MerinoLightningModule, NonFiniteLossError, lr_factor, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = {
@@ -213,7 +213,7 @@ def test_streaming_resume_on_other_workers_is_one_line_exit_2(fit_config, tmp_pa
 
 def test_shipped_train_recipes_parse(tmp_path):
     """Both shipped configs parse and instantiate (the paper's with CPU overrides)."""
-    from merino_pl.train.fit import build_cli
+    from merino_pl.fit.api import build_cli
 
     cpu = [
         "--trainer.accelerator",
@@ -285,7 +285,7 @@ def test_fit_yaml_error_names_the_file(fit_config, tmp_path, capsys):
 
 def _first_run_state(fit_config, *extra):
     """(seeds, first weight, first training batch) of the run ``fit`` would start."""
-    from merino_pl.train.fit import build_cli
+    from merino_pl.fit.api import build_cli
 
     cli = build_cli(["--config", str(fit_config), *extra], run=False)
     cli.datamodule.setup("fit")
@@ -306,7 +306,7 @@ def test_seed_everything_seeds_the_init_and_the_data_order(fit_config):
 
 def test_logs_follow_default_root_dir(tmp_path):
     """The shipped config's logger writes under --trainer.default_root_dir, not ./runs/cpu-demo."""
-    from merino_pl.train.fit import build_cli
+    from merino_pl.fit.api import build_cli
 
     root = tmp_path / "elsewhere"
     cli = build_cli(
@@ -333,7 +333,7 @@ def test_logs_follow_default_root_dir(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(fit_config, tmp_path):
     import lightning as L
 
-    from merino_pl.train.fit import build_cli
+    from merino_pl.fit.api import build_cli
 
     class PoisonAt(L.Callback):  # the test's fault injection: a weight turns NaN before step 6
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -355,7 +355,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(fit_config, tmp_pa
 SLOW_SAVE = textwrap.dedent(
     """
     import pathlib, sys, time, torch
-    from merino_pl.train.callbacks import AtomicCheckpointIO, format_duration
+    from merino_pl.fit.callbacks import AtomicCheckpointIO, format_duration
 
     class Slow:  # pickled inside torch.save: signals, then stalls mid-save
         def __reduce__(self):
@@ -551,7 +551,7 @@ def test_ddp_kill_resumes_on_one_process_exactly(fit_config, tmp_path):
 
 # ---- W&B, demo, packaged configs --------------------------------------------------------------
 def test_wandb_without_key_goes_offline_and_says_how_to_sync(tmp_path, monkeypatch, capsys):
-    from merino_pl.train.fit import setup_wandb
+    from merino_pl.fit.api import setup_wandb
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
 
-from merino_pl.evaluation.perplexity import wikitext_pages
+from merino_pl.eval.perplexity import wikitext_pages
 
 doc_to_target = wikitext_detokenizer
 __all__ = ["load", "doc_to_target", "process_results"]

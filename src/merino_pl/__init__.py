@@ -3,7 +3,7 @@
 The public names below are imported on first use (PEP 562), so ``import merino_pl`` and
 ``merino-pl --help`` / ``merino-pl info`` load neither torch nor transformers.
 
-Importing ``merino_pl.model`` (directly, through ``merino_pl.MerinoForCausalLM``, or through any
+Importing ``merino_pl.core.model`` (directly, through ``merino_pl.MerinoForCausalLM``, or through any
 stage that loads a model) registers the ``merino`` model type with ``transformers``, after which
 ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load a saved MeRino model. When
 ``transformers`` is already imported, ``import merino_pl`` registers it at once, so a script that
@@ -21,22 +21,22 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "BlockConfig": "merino_pl.config",
-    "MerinoConfig": "merino_pl.config",
-    "Recipe": "merino_pl.config",
-    "load_recipe": "merino_pl.config",
-    "MerinoError": "merino_pl.errors",
-    "MerinoDecoder": "merino_pl.model",
-    "MerinoForCausalLM": "merino_pl.model",
-    "MerinoHFConfig": "merino_pl.model",
+    "BlockConfig": "merino_pl.core.config",
+    "MerinoConfig": "merino_pl.core.config",
+    "Recipe": "merino_pl.core.config",
+    "load_recipe": "merino_pl.core.config",
+    "MerinoError": "merino_pl.core.errors",
+    "MerinoDecoder": "merino_pl.core.model",
+    "MerinoForCausalLM": "merino_pl.core.model",
+    "MerinoHFConfig": "merino_pl.core.model",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # the lazy exports, named for type checkers
-    from merino_pl.config import BlockConfig, MerinoConfig, Recipe, load_recipe  # noqa: F401
-    from merino_pl.errors import MerinoError  # noqa: F401
-    from merino_pl.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig  # noqa: F401
+    from merino_pl.core.config import BlockConfig, MerinoConfig, Recipe, load_recipe  # noqa: F401
+    from merino_pl.core.errors import MerinoError  # noqa: F401
+    from merino_pl.core.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -52,4 +52,4 @@ def __dir__() -> list[str]:
 
 
 if "transformers" in sys.modules:  # the caller uses transformers anyway: register the model type now
-    importlib.import_module("merino_pl.model")
+    importlib.import_module("merino_pl.core.model")

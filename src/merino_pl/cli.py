@@ -17,23 +17,23 @@ from typing import NoReturn
 
 # command -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "info": ("merino_pl.info", "architecture table, parameters, FLOPs, KV cache and entropy of a recipe"),
-    "demo": ("merino_pl.demo", "train the tiny model on the embedded corpus and generate (make demo runs `pipeline`)"),
+    "info": ("merino_pl.info.cli", "architecture table, parameters, FLOPs, KV cache and entropy of a recipe"),
+    "demo": ("merino_pl.demo.cli", "train the tiny model on the embedded corpus and generate (make demo runs `pipeline`)"),
     "search": ("merino_pl.search.cli", "entropy-driven evolutionary architecture search -> recipe YAML"),
     "prepare": ("merino_pl.data.cli", "tokenize a text source into pre-tokenized shards"),
-    "fit": ("merino_pl.train.cli", "pretrain a recipe (LightningCLI)"),
-    "validate": ("merino_pl.train.cli:validate_main", "held-out loss of a checkpoint (LightningCLI validate)"),
+    "fit": ("merino_pl.fit.cli", "pretrain a recipe (LightningCLI)"),
+    "validate": ("merino_pl.fit.cli:validate_main", "held-out loss of a checkpoint (LightningCLI validate)"),
     "test": (
-        "merino_pl.train.cli:test_main",
+        "merino_pl.fit.cli:test_main",
         "held-out loss of a checkpoint through the test loop (LightningCLI test)",
     ),
-    "export": ("merino_pl.export", "export a checkpoint as an HF-loadable directory (or ONNX)"),
-    "eval": ("merino_pl.evaluation.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
+    "export": ("merino_pl.export.cli", "export a checkpoint as an HF-loadable directory (or ONNX)"),
+    "eval": ("merino_pl.eval.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
     "quantize": ("merino_pl.quantize.cli", "GPTQ INT8 / INT4 quantization"),
     "latency": ("merino_pl.latency.cli", "latency report on this device; device latency tables"),
     "study": ("merino_pl.study.cli", "proxy study: train sampled architectures, rank proxies, calibrate the entropy"),
     "slurm": ("merino_pl.slurm.cli", "render / submit SLURM jobs for 8 x H100 nodes"),
-    "pipeline": ("merino_pl.pipeline", "search -> fit -> eval -> quantize -> eval -> latency"),
+    "pipeline": ("merino_pl.pipeline.cli", "search -> fit -> eval -> quantize -> eval -> latency"),
 }
 
 
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, _, entry = STAGES[name][0].partition(":")
     module = importlib.import_module(module_name)
-    from merino_pl.errors import MerinoError
+    from merino_pl.core.errors import MerinoError
 
     try:
         if entry or hasattr(module, "main"):  # stages that own their argument parsing (LightningCLI)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.tokenizer import find_eos, load_tokenizer
 from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout
 from merino_pl.data.shards import ShardStream, TokenFiles, tokenizer_sha256
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
-from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import find_eos, load_tokenizer
 
 log = logging.getLogger(__name__)
 LOADER_FORMAT = "merino-loader/1"

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import load_tokenizer
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.tokenizer import load_tokenizer
 
 STATE_FORMAT = "merino-stream/1"
 EMPTY = np.empty(0, dtype=np.int32)

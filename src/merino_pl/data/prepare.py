@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_path, check_out, sha256_file, write_json
+from merino_pl.core.tokenizer import default_tokenizer_file, find_eos, load_tokenizer
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_path, check_out, sha256_file, write_json
-from merino_pl.tokenizer import default_tokenizer_file, find_eos, load_tokenizer
 
 if TYPE_CHECKING:
     from merino_pl.data.packing import DocumentTokenizer

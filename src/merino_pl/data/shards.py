@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import read_json, sha256_file
 from merino_pl.data.packing import check_slot, rng_for, worker_slot
-from merino_pl.errors import MerinoError
-from merino_pl.io import read_json, sha256_file
 
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "merino-shards/1"
@@ -45,7 +45,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def tokenizer_sha256(spec: str | None) -> str:
     """The manifest's ``tokenizer_sha256``: a digest of the tokenizer's JSON, so a reader can
     tell that shards were cut with the tokenizer it was given."""
-    from merino_pl.tokenizer import load_tokenizer
+    from merino_pl.core.tokenizer import load_tokenizer
 
     return hashlib.sha256(load_tokenizer(spec).to_str().encode()).hexdigest()
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import default_corpus_file
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.tokenizer import default_corpus_file
 
 EMBEDDED = "embedded"
 SampleBy = Literal["line", "paragraph", "document"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merino_pl.cli import ArgumentParser
-from merino_pl.errors import MerinoError, parse_problems
+from merino_pl.core.errors import MerinoError, parse_problems
 
 if TYPE_CHECKING:
     from merino_pl.latency.report import Options
@@ -89,7 +89,7 @@ def options(args: argparse.Namespace) -> Options:
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
     """Problems with these arguments that need no model, for ``pipeline`` before any stage runs
     (the ``plot`` / ``profile`` sub-commands: their own parsers)."""
-    from merino_pl.io import check_out
+    from merino_pl.core.io import check_out
 
     if argv and argv[0] in ("profile", "plot"):
         import importlib

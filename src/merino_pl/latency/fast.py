@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from merino_pl.model import Attention
+from merino_pl.core.model import Attention
 
 
 def fuse_qkv(model: nn.Module) -> int:

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_path, write_json
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_path, write_json
 from merino_pl.latency.peers import PAPER
 
 # where an eval report may keep its average accuracy (first found wins)

@@ -1,7 +1,7 @@
 """Measure a device latency table over a search space (``merino-pl latency profile``).
 
 Times, on the device at hand and with the report's protocol, every piece the search's estimate
-adds up (``merino_pl.latency_table``: fixed + Σ projections + Σ_j L_j · layer(E_j, F_j)):
+adds up (``merino_pl.core.latency_table``: fixed + Σ projections + Σ_j L_j · layer(E_j, F_j)):
 
 * ``layers``: ONE application of a decoder layer for every (E, F) of the space, over a
   ``batch × seq_len`` prefill (no KV cache), with the model's own ``DecoderLayer``;
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from merino_pl.config import BlockConfig, MerinoConfig
-from merino_pl.errors import MerinoError
+from merino_pl.core.config import BlockConfig, MerinoConfig
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.latency_table import LatencyTable
+from merino_pl.core.model import DecoderLayer, make_norm
+from merino_pl.core.space import SearchSpace, load_space
 from merino_pl.latency.device import describe_device
 from merino_pl.latency.harness import Stats, synchronizer, time_calls
 from merino_pl.latency.report import FLOAT_DTYPES
-from merino_pl.latency_table import LatencyTable
-from merino_pl.model import DecoderLayer, make_norm
-from merino_pl.space import SearchSpace, load_space
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

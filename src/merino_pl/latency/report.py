@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from merino_pl.checkpoint import LoadedModel, load_model
-from merino_pl.costs import count_flops
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text, check_out, write_json
+from merino_pl.core.checkpoint import LoadedModel, load_model
+from merino_pl.core.costs import count_flops
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_write_text, check_out, write_json
 from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
@@ -289,7 +289,7 @@ class ReportBuilder:
     def _onnx(self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor], cpu_copy: torch.nn.Module) -> dict[str, Any] | None:
         """The onnxruntime row of ``model``, exported from ``cpu_copy`` (a copy: a GPTQ export
         attaches MatMulNBits tensors to the module it exports)."""
-        from merino_pl.latency.onnx_export import OnnxRunner, export_onnx
+        from merino_pl.export.onnx import OnnxRunner, export_onnx
 
         o = self.opts
         if precision == "bf16" or (precision == "fp16" and not o.device.startswith("cuda")):
@@ -415,9 +415,9 @@ def quantized_model(loaded: LoadedModel, precision: str, tmp: Path, embedding: s
     of a float model (group 128 where every width allows it, else per channel; ``embedding``
     int8: the row-wise int8 table too), written in its GPTQ format and read back, so the rows
     time exactly what a GPTQ directory would run: packed weights, dequantized per block."""
-    from merino_pl.quantize.format import load_quantized, write_quantized
-    from merino_pl.quantize.qembedding import QuantEmbedding, attach
-    from merino_pl.quantize.runner import QuantSpec, quantize_model, quantized_linears
+    from merino_pl.core.quant.format import QuantSpec, load_quantized, write_quantized
+    from merino_pl.core.quant.qembedding import QuantEmbedding, attach
+    from merino_pl.quantize.runner import quantize_model, quantized_linears
 
     model = copy.deepcopy(loaded.model)
     group = 128 if all(lin.in_features % 128 == 0 for lin in quantized_linears(model).values()) else -1

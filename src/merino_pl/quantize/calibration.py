@@ -15,9 +15,9 @@ import sys
 import torch
 from tqdm import tqdm
 
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.tokenizer import EOS_TOKEN, load_tokenizer
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
-from merino_pl.errors import MerinoError
-from merino_pl.tokenizer import EOS_TOKEN, load_tokenizer
 
 POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
 FLAGS = Flags(source="--calib", text_field="--calib-text-field")  # what hints name here

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from merino_pl.errors import MerinoError, parse_problems
-from merino_pl.io import check_out, read_yaml
+from merino_pl.core.errors import MerinoError, parse_problems
+from merino_pl.core.io import check_out, read_yaml
 from merino_pl.quantize import SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn")
@@ -161,8 +161,8 @@ def default_out(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything (all problems in one message), then quantize, write and report."""
+    from merino_pl.core.quant.format import QuantSpec
     from merino_pl.quantize.pipeline import quantize_checkpoint
-    from merino_pl.quantize.runner import QuantSpec
 
     resolve_options(args)
     problems = validate(args)
@@ -189,7 +189,7 @@ def _load_inputs(args: argparse.Namespace, problems: list[str]) -> tuple[Any, An
     collecting their problems with the ones found so far."""
     import torch
 
-    from merino_pl.checkpoint import load_model
+    from merino_pl.core.checkpoint import load_model
     from merino_pl.quantize.calibration import calibration_tokens
 
     loaded = calib = held = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merino_pl.quantize.rtn import QuantizedWeight, grid_params, num_groups, quantize_codes
+from merino_pl.core.quant.rtn import QuantizedWeight, grid_params, num_groups, quantize_codes
 
 
 class HessianAccumulator:

@@ -12,19 +12,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from merino_pl.checkpoint import LoadedModel
-from merino_pl.io import atomic_dir, write_json
-from merino_pl.model import MerinoForCausalLM
-from merino_pl.quantize.format import (
+from merino_pl.core.checkpoint import LoadedModel
+from merino_pl.core.io import atomic_dir, write_json
+from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.quant.format import (
     FLOAT_DTYPES,
     WEIGHTS_NAME,
+    QuantSpec,
     load_quantized,
     quantize_config,
     round_unquantized,
     write_quantized,
 )
-from merino_pl.quantize.qembedding import QuantEmbedding, attach
-from merino_pl.quantize.runner import QuantSpec, quantize_model, report_rows
+from merino_pl.core.quant.qembedding import QuantEmbedding, attach
+from merino_pl.quantize.runner import quantize_model, report_rows
 
 
 @torch.no_grad()

@@ -18,27 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from merino_pl.model import MerinoForCausalLM
+from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.quant.format import QuantSpec
+from merino_pl.core.quant.rtn import QuantizedWeight, num_groups, rtn_quantize
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
-from merino_pl.quantize.rtn import QuantizedWeight, num_groups, rtn_quantize
 
 # a decoder layer's linears, in the order their inputs are produced; one tuple = one input
 SUBGROUPS: tuple[tuple[str, ...], ...] = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.o_proj",), ("ffn.up",), ("ffn.down",))
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize (what ``quantize_config.json`` records)."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    method: str = "gptq"  # "gptq" | "rtn"
-    damp_percent: float = 0.01
-    block_size: int = 128
-    true_sequential: bool = True
-    embedding: str = "fp16"  # "fp16": as the other unquantized tensors; "int8": row-wise int8 (qembedding.py)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from merino_pl.errors import MerinoError
+from merino_pl.core.errors import MerinoError
 
 __all__ = ["config_section", "recipe_entropy"]
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from merino_pl.config import MerinoConfig, Recipe
-from merino_pl.costs import count_flops, count_params
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_path, check_out, read_yaml, sha256_file
-from merino_pl.latency_table import LatencyTable
+from merino_pl.core.config import MerinoConfig, Recipe
+from merino_pl.core.costs import count_flops, count_params
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_path, check_out, read_yaml, sha256_file
+from merino_pl.core.latency_table import LatencyTable
+from merino_pl.core.space import SearchSpace, load_space
 from merino_pl.search import exhaustive
 from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
 from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
 from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
-from merino_pl.space import SearchSpace, load_space
 
 CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "name")
 

@@ -8,7 +8,7 @@ whole population with a few array lookups instead of building configs::
 ``block_j`` holds one block's cost per block code (E, F, L) at position j (the first block also
 pays the d → E_1 projection, the last one E_N → d and the final norm); ``pair`` is the E_j → E_j+1
 projection. The tables are built from the same functions ``merino-pl info`` uses
-(``merino_pl.costs``) and from the device latency table; a test checks them against
+(``merino_pl.core.costs``) and from the device latency table; a test checks them against
 ``count_params`` / ``count_flops`` / ``LatencyTable.estimate_ms`` on random architectures.
 """
 
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from merino_pl.costs import PAPER_SEQ_LEN, embedding_params, layer_flops, layer_params, norm_params
-from merino_pl.errors import MerinoError
-from merino_pl.latency_table import LatencyTable
-from merino_pl.space import SearchSpace
+from merino_pl.core.costs import PAPER_SEQ_LEN, embedding_params, layer_flops, layer_params, norm_params
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.latency_table import LatencyTable
+from merino_pl.core.space import SearchSpace
 
 COSTS = {"flops": "FLOPs (paper convention, 1024 tokens)", "params": "parameters", "latency": "ms from --latency-table"}
 _SCALE = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}

@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from merino_pl.config import MerinoConfig
-from merino_pl.errors import MerinoError
-from merino_pl.io import read_json, write_json
+from merino_pl.core.config import MerinoConfig
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import read_json, write_json
 from merino_pl.search import config_section
 
 INITS = ("normal",)
@@ -324,7 +324,7 @@ def recipe_entropy(arch: MerinoConfig) -> dict[str, float]:
 # ---- `python -m merino_pl.search.entropy build-table` --------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Regenerate the shipped table (or build one for another space / config)."""
-    from merino_pl.space import load_space
+    from merino_pl.core.space import load_space
 
     p = argparse.ArgumentParser(prog="python -m merino_pl.search.entropy")
     sub = p.add_subparsers(dest="cmd", required=True)

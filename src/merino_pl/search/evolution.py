@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from merino_pl.errors import MerinoError
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.space import SearchSpace
 from merino_pl.search import config_section
 from merino_pl.search.budget import Budget, CostTables, Genes, min_cost
-from merino_pl.space import SearchSpace
 
 PROXIES = ("entropy", "params", "naive")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from merino_pl.errors import MerinoError
+from merino_pl.core.errors import MerinoError
 from merino_pl.search.evolution import Problem, SearchResult, check_meetable
 
 MAX_HALF_ROWS = 30_000_000  # one half's rows (codes + costs in memory: ~1 GB at this size)

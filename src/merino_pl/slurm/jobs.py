@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merino_pl.config import load_recipe
-from merino_pl.errors import MerinoError
-from merino_pl.io import read_json, read_yaml, write_json
+from merino_pl.core.config import load_recipe
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import read_json, read_yaml, write_json
 from merino_pl.slurm.render import RESERVED_FIT_ARGS, JobSpec, render
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")  # SLURM's --time forms

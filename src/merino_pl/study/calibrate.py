@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from merino_pl.config import MerinoConfig
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text, write_json
+from merino_pl.core.config import MerinoConfig
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_write_text, write_json
 from merino_pl.search.entropy import EntropyConfig, arch_entropy
 from merino_pl.study.stats import spearman
 

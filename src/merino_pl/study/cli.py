@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from merino_pl.errors import MerinoError
+from merino_pl.core.errors import MerinoError
 
 PASS_THROUGH = ("--trainer.", "--model.", "--data.", "--checkpoint.", "--speed.")
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from merino_pl.config import MerinoConfig
-from merino_pl.costs import count_flops, count_params, embedding_params
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text, read_yaml, write_json
+from merino_pl.core.config import MerinoConfig
+from merino_pl.core.costs import count_flops, count_params, embedding_params
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_write_text, read_yaml, write_json
+from merino_pl.core.space import SearchSpace
 from merino_pl.search.entropy import EntropyConfig
-from merino_pl.space import SearchSpace
 from merino_pl.study.config import StudyConfig, load_study_config
 from merino_pl.study.runner import Run, execute, prepare
 

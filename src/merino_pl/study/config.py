@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merino_pl.errors import MerinoError
-from merino_pl.io import read_yaml
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import read_yaml
+from merino_pl.core.space import SearchSpace, load_space
 from merino_pl.search.budget import Budget, parse_budget
 from merino_pl.search.entropy import EntropyConfig
-from merino_pl.space import SearchSpace, load_space
 
 KEYS = ("name", "space", "budgets", "architectures", "sample_seed", "seed", "noise_ceiling", "fit", "tokenizer",
         "heldout", "proxies", "head_to_head")

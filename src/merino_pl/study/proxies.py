@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from merino_pl.config import MerinoConfig
-from merino_pl.costs import count_flops, count_params, embedding_params
+from merino_pl.core.config import MerinoConfig
+from merino_pl.core.costs import count_flops, count_params, embedding_params
 from merino_pl.search.entropy import EntropyConfig, arch_entropy
 
 ANALYTIC = ("decoder_params", "flops", "layer_applications")

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from merino_pl.config import MerinoConfig
-from merino_pl.errors import MerinoError
-from merino_pl.io import atomic_write_text, write_json
+from merino_pl.core.config import MerinoConfig
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_write_text, write_json
 from merino_pl.study.proxies import DATA, analytic_proxies
 from merino_pl.study.stats import correlate
 

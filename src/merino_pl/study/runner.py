@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merino_pl.config import Recipe
-from merino_pl.errors import MerinoError
-from merino_pl.io import write_json
+from merino_pl.core.config import Recipe
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import write_json
 from merino_pl.study.config import StudyConfig
 from merino_pl.study.sample import sample_architectures
 
@@ -60,7 +60,7 @@ def plan_runs(cfg: StudyConfig) -> list[Run]:
 
 def read_fit_data(cfg: StudyConfig) -> dict[str, Any]:
     """The ``data`` section of the study's fit config (what the held-out sets must match)."""
-    from merino_pl.io import read_yaml
+    from merino_pl.core.io import read_yaml
 
     data = (read_yaml(cfg.fit_config, "fit config") or {}).get("data") or {}
     return data.get("init_args", data) if isinstance(data, dict) else {}
@@ -70,10 +70,10 @@ def train_tokenizer(source: str, val_fraction: float, vocab_size: int, out: Path
     """A byte-level BPE trained on the training split only (held-out documents excluded)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from merino_pl.core.io import atomic_path
+    from merino_pl.core.tokenizer import EOS_TOKEN
     from merino_pl.data.packing import is_heldout
     from merino_pl.data.sources import open_stream, resolve_source
-    from merino_pl.io import atomic_path
-    from merino_pl.tokenizer import EOS_TOKEN
 
     src = resolve_source(source)
     stream = open_stream(src)
@@ -97,9 +97,9 @@ def heldout_sets(cfg: StudyConfig, tokenizer: Path, data: dict[str, Any]) -> dic
     """Held-out windows (n, seq_len + 1): the fit data's hash hold-out, and WikiText-2."""
     import torch
 
+    from merino_pl.core.tokenizer import find_eos, load_tokenizer
     from merino_pl.data import PileDataModule
     from merino_pl.data.packing import DocumentTokenizer
-    from merino_pl.tokenizer import find_eos, load_tokenizer
 
     seq_len = int(data.get("seq_len", 128))
     dm = PileDataModule(source=str(data.get("source", "embedded")), text_field=str(data.get("text_field", "text")),
@@ -107,7 +107,7 @@ def heldout_sets(cfg: StudyConfig, tokenizer: Path, data: dict[str, Any]) -> dic
                         val_sequences=cfg.heldout_sequences, sample_by=data.get("sample_by", "paragraph"), num_workers=0)
     sets = {"indomain": dm.validation_windows()}
     if cfg.cross_domain == "wikitext2":
-        from merino_pl.evaluation.perplexity import embedded_wikitext2
+        from merino_pl.eval.perplexity import embedded_wikitext2
 
         text = embedded_wikitext2().read_text(encoding="utf-8")
         docs = [p for p in text.split("\n \n") if p.strip()]
@@ -154,7 +154,7 @@ def prepare(cfg: StudyConfig, out: Path, architectures: list | None = None) -> d
 
 
 def write_recipe(manifest: dict[str, Any], run: Run, run_dir: Path) -> Path:
-    from merino_pl.config import MerinoConfig
+    from merino_pl.core.config import MerinoConfig
 
     arch = MerinoConfig.from_dict(manifest["architectures"][run.arch_index])
     recipe = Recipe(f"{manifest['name']}-{run.id}", arch,

@@ -15,10 +15,10 @@ import itertools
 
 import numpy as np
 
-from merino_pl.config import MerinoConfig
-from merino_pl.errors import MerinoError
+from merino_pl.core.config import MerinoConfig
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.space import SearchSpace
 from merino_pl.search.budget import Budget, Genes, cost_tables
-from merino_pl.space import SearchSpace
 
 
 def width_sequences(space: SearchSpace) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from merino_pl.io import read_yaml, write_json
+from merino_pl.core.io import read_yaml, write_json
 from merino_pl.study.runner import RESULT_FORMAT, Run
 
 
@@ -68,8 +68,8 @@ def training_batches(manifest: dict[str, Any], seed: int, n: int) -> list[torch.
 
 def init_proxies(manifest: dict[str, Any], run: Run, run_dir: Path) -> dict[str, float]:
     """NTK condition number and DSS of the model as ``fit`` initialises it (same seed)."""
-    from merino_pl.config import load_recipe
-    from merino_pl.model import MerinoForCausalLM
+    from merino_pl.core.config import load_recipe
+    from merino_pl.core.model import MerinoForCausalLM
     from merino_pl.study.proxies import data_proxies
 
     cfg = manifest["config"].get("proxies") or {}
@@ -82,7 +82,7 @@ def init_proxies(manifest: dict[str, Any], run: Run, run_dir: Path) -> dict[str,
 @torch.no_grad()
 def heldout_loss(ckpt: Path, windows: torch.Tensor, batch_size: int = 16) -> float:
     """Mean next-token loss (nats / token) of a checkpoint over held-out windows."""
-    from merino_pl.checkpoint import load_model
+    from merino_pl.core.checkpoint import load_model
 
     model = load_model(ckpt).model.eval()
     total, count = 0.0, 0
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     if not proxies_file.exists():
         write_json(proxies_file, init_proxies(manifest, run, run_dir))
     args, steps = fit_argv(manifest, run, run_dir, extra)
-    from merino_pl.train.cli import main as fit_main
+    from merino_pl.fit.cli import main as fit_main
 
     start = time.perf_counter()
     fit_main(args)

@@ -1,0 +1,192 @@
+"""Load a model from whatever a user points at, and export self-contained HF directories.
+
+Accepted by every stage that reads a model (eval, quantize, latency, export):
+
+* an exported directory (``config.json`` + ``model.safetensors``), e.g. from ``merino-pl export``;
+* a Lightning checkpoint (``*.ckpt``) written by ``merino-pl fit``: it carries the recipe under
+  ``checkpoint["merino"]["recipe"]`` and the ``MerinoForCausalLM`` weights under the prefix
+  ``model.`` of ``state_dict``; loaded with ``torch.load(weights_only=True)``;
+* a recipe (YAML path or built-in name): a freshly initialised model (latency, smoke tests);
+* a GPTQ directory written by ``merino-pl quantize`` (``quantize_config.json`` present): the
+  model with its quantized linears as ``merino_pl.core.quant.qlinear.QuantLinear`` (kind ``"gptq"``).
+
+Directories written here (``export_pretrained``) and by ``merino-pl quantize`` carry the remote
+code, token ids and tokenizer that transformers, lm-eval and the GPTQ loaders need without
+merino-pl (``save_model_files``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from merino_pl.core.config import Recipe, load_recipe
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_dir, sha256_file
+from merino_pl.core.model import MerinoForCausalLM, MerinoHFConfig
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    model: MerinoForCausalLM
+    recipe: Recipe
+    kind: str  # "hf-dir" | "lightning-ckpt" | "recipe" | "gptq"
+    path: str
+    weights_sha256: str | None  # of the file the weights came from; None for a fresh init
+
+
+def load_model(path_or_recipe: str | Path, seed: int = 0) -> LoadedModel:
+    """Load a model from an exported dir, a ``.ckpt`` or a recipe (see module docstring)."""
+    path = Path(path_or_recipe)
+    if path.is_dir():
+        if (path / "quantize_config.json").exists():
+            return _load_gptq_dir(path)
+        return _load_hf_dir(path)
+    if path.suffix == ".ckpt":
+        if not path.exists():
+            raise MerinoError(f"checkpoint not found: {path}")
+        return _load_lightning_ckpt(path)
+    if path.suffix in (".yaml", ".yml") or not path.exists():
+        recipe = load_recipe(path_or_recipe)  # raises a MerinoError naming the file if missing
+        torch.manual_seed(seed)
+        return LoadedModel(MerinoForCausalLM.from_recipe(recipe), recipe, "recipe", str(path), None)
+    raise MerinoError(f"{path}: expected an exported model directory, a .ckpt file or a recipe YAML")
+
+
+def _load_hf_dir(path: Path) -> LoadedModel:
+    if not (path / "config.json").exists():
+        raise MerinoError(f"{path}: not a model directory (no config.json)")
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise MerinoError(f"{path}: no {WEIGHTS_NAME} (only safetensors weights are loaded)")
+    check_safetensors(weights)
+    try:
+        config = MerinoHFConfig.from_pretrained(path)
+    except (ValueError, TypeError, OSError) as e:
+        raise MerinoError(f"{path}/config.json: {e}") from None
+    check_shapes(weights, config)
+    try:
+        with _quiet_transformers():
+            model = MerinoForCausalLM.from_pretrained(path, config=config)
+    except RuntimeError as e:  # size mismatch: weights of another architecture than config.json
+        raise MerinoError(f"{path}: weights do not match the architecture in config.json: {_first_line(e)}") from None
+    recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
+    return LoadedModel(model.eval(), recipe, "hf-dir", str(path), sha256_file(weights))
+
+
+def check_shapes(weights: Path, config: MerinoHFConfig) -> None:
+    """One line naming the first tensor whose shape differs from what ``config.json`` builds, read
+    from the safetensors header before transformers prints its multi-line load report."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = {k: tuple(v.shape) for k, v in MerinoForCausalLM(config).state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            got = tuple(f.get_slice(key).get_shape())
+            if key in expected and expected[key] != got:
+                raise MerinoError(f"{weights.parent}: weights do not match the architecture in config.json: "
+                                  f"{key} is {list(got)} in {weights.name} but {list(expected[key])} by config.json")
+
+
+def check_safetensors(path: Path) -> None:
+    """A one-line ``MerinoError`` for a truncated file or a corrupt header (read without loading
+    the tensors), before a library deep below turns it into a traceback."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError (not an OSError subclass), OSError
+        raise MerinoError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from None
+
+
+def _load_gptq_dir(path: Path) -> LoadedModel:
+    from merino_pl.core.quant.format import WEIGHTS_NAME as QWEIGHTS  # only when needed
+    from merino_pl.core.quant.format import load_quantized
+
+    model, _ = load_quantized(path)
+    config = model.config
+    recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
+    return LoadedModel(model, recipe, "gptq", str(path), sha256_file(path / QWEIGHTS))
+
+
+def _load_lightning_ckpt(path: Path) -> LoadedModel:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / truncated / not a torch file
+        raise MerinoError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "recipe" not in meta:
+        raise MerinoError(f"{path}: not a merino-pl checkpoint (no 'merino.recipe' entry)")
+    recipe = Recipe.from_dict(meta["recipe"], source=f"{path}[merino.recipe]")
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model = MerinoForCausalLM.from_recipe(recipe)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MerinoError(f"{path}: weights do not match its recipe {recipe.name!r}: {_first_line(e)}") from None
+    return LoadedModel(model.eval(), recipe, "lightning-ckpt", str(path), sha256_file(path))
+
+
+def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str | None = None) -> Path:
+    """Write a self-contained HF directory (safetensors weights + ``save_model_files``), atomically.
+
+    The directory is built beside ``out`` and renamed into place, so an interrupted export never
+    leaves a half-written model where a user (or lm-eval) would load it. ``model.config`` gains
+    the tokenizer's token ids and the ``auto_map`` (what the directory's config.json says).
+    """
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.generation_config = save_model_files(tmp, model.config, tokenizer)
+        with _quiet_transformers():  # no "Writing model shards" bar for one small file
+            model.save_pretrained(tmp, safe_serialization=True)  # the weights (and the same two configs)
+    return out
+
+
+def save_model_files(out: Path, config: MerinoHFConfig, tokenizer: str | None) -> GenerationConfig:
+    """Everything of a model directory but its weights, so that tools without merino-pl load it.
+
+    Writes the tokenizer (its ``model_max_length`` the model's context), the remote code
+    (``configuration_merino.py`` / ``modeling_merino.py``, see ``merino_pl.core.remote_code``), and
+    ``config`` (completed in place with the tokenizer's bos / eos / pad ids and the ``auto_map`` to
+    that code) as ``config.json`` + ``generation_config.json``; returns the generation config.
+    """
+    from merino_pl.core.remote_code import write_remote_code
+    from merino_pl.core.tokenizer import hf_tokenizer
+
+    tok = hf_tokenizer(tokenizer, model_max_length=config.max_position_embeddings)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    config.auto_map = write_remote_code(out)
+    config.architectures = [MerinoForCausalLM.__name__]
+    generation = GenerationConfig.from_model_config(config)
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
+    tok.save_pretrained(out)
+    return generation
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bar from transformers (a load is a fraction
+    of a second here, and a bar on stderr would precede a one-line error about the model)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,223 @@
+"""``QuantLinear``: the module a GPTQ directory loads into, in place of ``nn.Linear``.
+
+It holds ONLY the packed v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``) as buffers,
+so ``state_dict`` is exactly the file's keys and a loaded INT4 model keeps ~1/8 of the fp32
+weight bytes resident. The float weight exists only while it is used:
+
+* per call (``forward`` dequantizes, multiplies, drops it), or
+* per block (``stream_blocks``): a shared block's linears are dequantized once when the block
+  starts, into a ``Workspace`` every block reuses, and dropped when it ends: a layer applied
+  ``L_j`` times pays one dequantization, and the scratch is one block's size, not the model's.
+
+Why not torch's integer kernels: on the CPUs measured (AVX2, no VNNI; docs/quantize.md)
+``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` are 2-60x slower than dequantize +
+fp32 GEMM. The deployment fast path is onnxruntime's ``MatMulNBits`` (``latency.onnx_export``),
+which reads these same tensors.
+
+The unpacking works on bytes: a little-endian int32 word of 4-bit codes is 4 bytes of two codes
+each, so ``& 15`` and ``>> 4`` on a ``uint8`` view give every code at one byte per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from merino_pl.core.quant.packing import dequantize
+from merino_pl.core.quant.rtn import num_groups
+
+
+class QuantLinear(nn.Module):
+    """A GPTQ-packed linear layer (``bits`` 4 or 8, ``group_size`` or -1 = per output channel)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool) -> None:
+        super().__init__()
+        k = 32 // bits
+        groups = num_groups(in_features, group_size)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.register_buffer("qweight", torch.zeros(in_features // k, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // k, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._order: tuple[torch.Tensor | None, int] | None = None  # (row permutation or None, rows per group)
+        self._transient: torch.Tensor | None = None  # set by stream_blocks while the block runs
+
+    # ---- layout -------------------------------------------------------------------------------
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # new tensors: new layout
+        self._order, self._transient = None, None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _row_order(self) -> tuple[torch.Tensor | None, int]:
+        """(permutation putting every group's rows together, or None when they already are; the
+        rows per group). Act-order files (``desc_act``) have scattered groups; GPTQ still gives
+        each group ``group_size`` rows (the last one fewer), so sorting rows by group suffices."""
+        if self._order is None:
+            g = self.g_idx.long()
+            size = self.in_features if self.group_size == -1 else min(self.group_size, self.in_features)
+            counts = torch.bincount(g, minlength=self.scales.shape[0])
+            if len(counts) != self.scales.shape[0] or bool((counts[:-1] != size).any()) or int(counts[-1]) > size:
+                raise ValueError(f"g_idx of a {self.in_features}-input layer does not hold groups of {size} rows")
+            trivial = bool(torch.equal(g, torch.arange(self.in_features, device=g.device) // size))
+            self._order = (None if trivial else torch.argsort(g, stable=True), size)
+        return self._order
+
+    def codes(self) -> torch.Tensor:
+        """(in, out) uint8 integer codes in original row order (one byte each)."""
+        rows, out = self.qweight.shape
+        b = self._bytes()
+        if self.bits == 8:
+            return b.contiguous().view(rows * 4, out)
+        return torch.stack((b & 15, b >> 4), dim=2).view(rows * 8, out)  # byte j: rows 2j (low), 2j+1 (high)
+
+    def _bytes(self) -> torch.Tensor:
+        """(in // k, 4, out) uint8 view of ``qweight``: byte j of each word, little-endian (no copy)."""
+        rows, out = self.qweight.shape
+        return self.qweight.contiguous().view(torch.uint8).view(rows, out, 4).transpose(1, 2)
+
+    def zeros_float(self) -> torch.Tensor:
+        """(groups, out) zero points as floats (the stored ``zero - 1``, plus one)."""
+        g, cols = self.qzeros.shape
+        b = self.qzeros.contiguous().view(torch.uint8).view(g, cols * 4)
+        z = b if self.bits == 8 else torch.stack((b & 15, b >> 4), dim=-1).view(g, cols * 8)
+        return z.float() + 1
+
+    # ---- dequantization -----------------------------------------------------------------------
+    def dequantized_t(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                      scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The (in, out) weight, rows grouped (in ``_row_order``): what ``forward`` multiplies by.
+
+        ``out`` (in · out float32, e.g. a ``Workspace`` slice) and ``scratch`` (in · out / 2
+        uint8) are written instead of fresh tensors: a fresh multi-MB tensor costs its page
+        faults on every call, more than the conversion itself on this CPU.
+        """
+        perm, size = self._row_order()
+        K, N = self.in_features, self.out_features
+        w = torch.empty(K, N) if out is None else out.view(K, N)
+        if perm is None:
+            self._codes_into(w, scratch)
+        else:  # act-order: rows gathered by group first (one byte each), then converted
+            w.copy_(self.codes().index_select(0, perm.to(self.qweight.device)))
+        s = self.scales.float()
+        zs = self.zeros_float() * s
+        full = (K // size) * size
+        if full:  # whole groups in one broadcast: (groups, size, out), one pass: w · s − z · s
+            body = w[:full].view(full // size, size, N)
+            torch.addcmul(-zs[: full // size, None], body, s[: full // size, None], out=body)
+        if full < K:  # the shorter last group
+            torch.addcmul(-zs[-1], w[full:], s[-1], out=w[full:])
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def _codes_into(self, w: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        """Codes (original row order) converted straight into the float (in, out) ``w``;
+        ``scratch``: in · out uint8 (two halves: the bytes made contiguous, then each nibble)."""
+        b = self._bytes()  # (rows, 4, N), strided
+        rows, _, N = b.shape
+        if self.bits == 8:
+            w.view(rows, 4, N).copy_(b)
+            return
+        n = rows * 4 * N
+        if scratch is None:
+            scratch = torch.empty(2 * n, dtype=torch.uint8, device=w.device)
+        packed, nib = scratch[:n].view(rows, 4, N).copy_(b), scratch[n : 2 * n].view(rows, 4, N)
+        w4 = w.view(rows, 4, 2, N)  # byte j of word r: rows 8r + 2j (low nibble), 8r + 2j + 1 (high)
+        w4[:, :, 0].copy_(torch.bitwise_and(packed, 15, out=nib))
+        w4[:, :, 1].copy_(torch.bitwise_right_shift(packed, 4, out=nib))
+
+    def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight in original column order (a fresh tensor, never kept)."""
+        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            from merino_pl.core.quant.onnx_nbits import matmul_nbits  # the graph node, not a computation
+
+            return matmul_nbits(self, x)
+        w = self._transient
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self.dequantized_t(x.dtype)
+        perm, _ = self._row_order()
+        if perm is not None:
+            x = x.index_select(-1, perm.to(x.device))
+        y = x @ w  # (..., in) @ (in, out)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class Workspace:
+    """One reusable float32 buffer for the dequantized weights of the block that is running (and
+    the int8 head's row chunks), plus a uint8 one for 4-bit nibbles. Scratch, like activations:
+    it holds no weight between blocks, and its size is the largest block's, not the model's."""
+
+    def __init__(self, floats: int, bytes_: int, device: torch.device | str = "cpu") -> None:
+        self.floats = torch.empty(floats, device=device)
+        self.bytes = torch.empty(bytes_, dtype=torch.uint8, device=device)
+
+    def ensure(self, device: torch.device) -> None:
+        if self.floats.device != device:  # the model moved: move the scratch with it
+            self.floats = torch.empty(self.floats.numel(), device=device)
+            self.bytes = torch.empty(self.bytes.numel(), dtype=torch.uint8, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.floats.numel() * 4 + self.bytes.numel()
+
+
+def stream_blocks(model: nn.Module) -> Workspace | None:
+    """Dequantize each shared block's ``QuantLinear`` s once per block call (not once per
+    application), into one ``Workspace`` reused by every block, and drop them when the block
+    returns. Idempotent; returns the workspace (None without quantized blocks). Outputs are
+    bit-identical to the per-call path."""
+    from merino_pl.core.model import SharedBlock
+
+    blocks = [(b, [m for m in b.modules() if isinstance(m, QuantLinear)]) for b in model.modules() if isinstance(b, SharedBlock)]
+    blocks = [(b, q) for b, q in blocks if q]
+    if not blocks:
+        return None
+    if getattr(model, "_merino_workspace", None) is not None:
+        return model._merino_workspace
+    floats = max(sum(q.in_features * q.out_features for q in qlins) for _, qlins in blocks)
+    nibbles = max(q.in_features * q.out_features for _, qlins in blocks for q in qlins)  # two halves
+    ws = Workspace(floats, nibbles, blocks[0][1][0].qweight.device)
+    for block, qlins in blocks:
+        # state on the block, hooks at module level: a deepcopy of the model gets its own
+        block._merino_stream = (qlins, ws)
+        block.register_forward_pre_hook(_start)
+        block.register_forward_hook(_stop, always_call=True)
+    model._merino_workspace = ws
+    return ws
+
+
+def _start(block: nn.Module, args: tuple) -> None:
+    if torch.onnx.is_in_onnx_export():
+        return
+    qlins, ws = block._merino_stream
+    x = args[0]
+    ws.ensure(x.device)
+    offset = 0
+    for q in qlins:
+        n = q.in_features * q.out_features
+        q._transient = q.dequantized_t(x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes)
+        offset += n
+
+
+def _stop(block: nn.Module, _args: tuple, _out: Any) -> None:
+    for q in block._merino_stream[0]:
+        q._transient = None
+
+
+def float_weight_bytes(model: nn.Module) -> int:
+    """Bytes of floating-point tensors held by ``QuantLinear`` modules besides their fp16 scales
+    and biases: 0 for a packed model (a test keeps it so)."""
+    total = 0
+    for m in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        for name, t in [*m.named_buffers(recurse=False), *m.named_parameters(recurse=False)]:
+            if t.is_floating_point() and name not in ("scales", "bias"):
+                total += t.numel() * t.element_size()
+        if m._transient is not None:
+            total += m._transient.numel() * m._transient.element_size()
+    return total

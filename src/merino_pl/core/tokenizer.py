@@ -1,0 +1,72 @@
+"""The tokenizer: GPT-NeoX-20B byte-level BPE (the Pile's, Pythia's), shipped with the package."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from merino_pl.core.errors import MerinoError
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+EOS_TOKEN = "<|endoftext|>"
+# end-of-document tokens of common tokenizers, first found wins (GPT-NeoX / GPT-2 first)
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+
+def default_tokenizer_file() -> Path:
+    return Path(str(resources.files("merino_pl").joinpath("assets", "tokenizers", "gpt-neox-20b", "tokenizer.json")))
+
+
+def default_corpus_file() -> Path:
+    """The embedded pretraining corpus (public-domain Shakespeare) for demos and tests."""
+    return Path(str(resources.files("merino_pl").joinpath("assets", "corpus", "tinyshakespeare.txt")))
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` path, a folder holding one, or a hub
+    name. ``None`` and the default hub name resolve to the embedded copy (no network needed)."""
+    if name_or_path in (None, DEFAULT_TOKENIZER):
+        return Tokenizer.from_file(str(default_tokenizer_file()))
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.exists():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise MerinoError(f"{path}: not a valid tokenizer.json ({e})") from None
+    try:
+        return Tokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:
+        raise MerinoError(
+            f"tokenizer {name_or_path!r}: not a local file and not loadable from the hub ({type(e).__name__}); "
+            "pass a local tokenizer.json path"
+        ) from None
+
+
+def hf_tokenizer(name_or_path: str | None = None, model_max_length: int | None = None):
+    """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (for generate, lm-eval).
+
+    Its end-of-text token (``find_eos``) is also bos, pad and unk, GPT-NeoX's convention.
+    ``model_max_length``: the model's context, so that ``truncation=True`` and lm-eval's stock
+    ``hf`` backend stop where the model does (without it transformers stores 1e30).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    raw = load_tokenizer(name_or_path)
+    eos = raw.id_to_token(find_eos(raw, name_or_path))
+    limits = {"model_max_length": model_max_length} if model_max_length is not None else {}
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos,
+                                   **limits)
+
+
+def find_eos(tok: Tokenizer, spec: str | None) -> int:
+    """The id of ``tok``'s end-of-document token (``spec`` names the tokenizer in the error)."""
+    for token in EOS_CANDIDATES:
+        if (i := tok.token_to_id(token)) is not None:
+            return i
+    raise MerinoError(f"tokenizer {spec!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")

@@ -1,0 +1,202 @@
+"""The eval report: JSON (everything) and Markdown in the layout of the paper's Tables 2–3.
+
+Our row sits under the paper's baseline rows; columns we did not evaluate show ``—``, skipped
+tasks are listed with their reason, and every perplexity carries its protocol, because
+figures under different protocols are not comparable. ``table2_lines`` / ``table3_lines`` render
+several of our reports under the paper's rows: the pipeline's summary (one row per precision)
+calls them rather than keeping a copy. ``paper_baselines`` is the paper's rows they lay out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from merino_pl.core.io import atomic_path, atomic_write_text, write_json
+from merino_pl.eval.tasks import paper_baselines, paper_tasks
+
+FORMAT = "merino-eval/1"
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ours(report: dict[str, Any], label: str) -> str:
+    """Our row's name: the model's, and the label (the pipeline's precision) when there is one."""
+    return f"**{report['model']['name']}{' ' + label if label else ''} (ours)**"
+
+
+def table2_lines(reports: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Zero-shot accuracy table: the paper's rows, then one row per ``(label, report)`` of ours
+    (paper tasks only, in its order)."""
+    base = paper_baselines()["table2"]
+    lines = [
+        "| model | params | " + " | ".join(base["columns"]) + " | Avg. |",
+        "|---|---|" + "---|" * (len(base["columns"]) + 1),
+    ]
+    for row in base["rows"]:
+        cells = [_fmt(s) for s in row["scores"]] + [_fmt(row["avg"])]
+        lines.append(f"| {row['model']} (paper) | {row['params']} | " + " | ".join(cells) + " |")
+    for label, report in reports:
+        by_column = {t.column: report["tasks"].get(t.task, {}) for t in paper_tasks()}
+        ours = [by_column[c].get("value") if by_column[c].get("status") == "ok" else None for c in base["columns"]]
+        avg = sum(ours) / len(ours) if all(v is not None for v in ours) else None
+        lines.append(
+            f"| {_ours(report, label)} | {report['model']['params_m']:.1f} M | "
+            + " | ".join(_fmt(v) for v in ours)
+            + f" | {_fmt(avg)} |"
+        )
+    return lines
+
+
+def table3_lines(
+    reports: Sequence[tuple[str, dict[str, Any], float | None]], latency_header: str = "latency"
+) -> list[str]:
+    """Perplexity table: the paper's rows, then one row per ``(label, report, latency_ms)`` of
+    ours (word perplexity, the paper's unit; no latency measured: ``—``)."""
+    lines = [f"| model | FLOPs | {latency_header} | WikiText-2 | PTB |", "|---|---|---|---|---|"]
+    for row in paper_baselines()["table3"]["rows"]:
+        lines.append(
+            f"| {row['model']} (paper) | {row['flops']} | {row['latency']} | {row['wikitext2']} | {row['ptb']} |"
+        )
+    for label, report, latency_ms in reports:
+        ppl = report["perplexity"]
+        cells = [_fmt(ppl.get(k, {}).get("word_perplexity"), 2) for k in ("wikitext2", "ptb")]
+        lines.append(
+            f"| {_ours(report, label)} | {report['model']['gflops']:.3g} G | {_fmt(latency_ms, 2)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def table2(report: dict[str, Any]) -> str:
+    """Zero-shot accuracy table: the paper's rows, then ours (paper tasks only, in its order)."""
+    return "\n".join(table2_lines([("", report)]))
+
+
+def table3(report: dict[str, Any]) -> str:
+    """Perplexity table: the paper's rows, then ours (word perplexity, the paper's unit)."""
+    return "\n".join(table3_lines([("", report, None)]))
+
+
+def _other_tasks(report: dict[str, Any]) -> list[str]:
+    paper = {t.task for t in paper_tasks()}
+    rows = []
+    for name, t in report["tasks"].items():
+        if t["status"] == "ok" and name not in paper:
+            extra = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in t["metrics"].items())
+            rows.append(
+                f"| {name} | {t['metric']} | {_fmt(t['value'], 4)} | {_fmt(t.get('stderr'), 4)} | "
+                f"v{t['version']} | {extra} |"
+            )
+    return rows
+
+
+def _ppl_rows(report: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, p in report["perplexity"].items():
+        if p.get("status") == "skipped":
+            continue
+        pr = p["protocol"]
+        rows.append(
+            f"| {name} | {_fmt(p['word_perplexity'], 2)} | {_fmt(p['token_perplexity'], 2)} | "
+            f"{_fmt(p['bits_per_byte'], 4)} | {pr['mode']} | {pr['window']} | {pr['stride']} | "
+            f"{p['documents']} docs, {p['tokens']} tokens, {p['words']} words | {pr['source']} |"
+        )
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["model"]
+    out = [
+        f"# Evaluation of {m['name']}",
+        "",
+        f"- model: `{m['path']}` ({m['kind']}), {m['params_m']:.2f} M parameters",
+        f"- weights SHA-256: `{m['weights_sha256'] or 'none (fresh initialisation from the recipe)'}`",
+        f"- backend: {report['backend']}, lm-eval {report['lm_eval_version']}, limit {report['limit']}",
+        "",
+        "## Zero-shot accuracy (paper Table 2 layout)",
+        "",
+        table2(report),
+        "",
+        "## Perplexity (paper Table 3 layout; word perplexity)",
+        "",
+        table3(report),
+        "",
+        "Protocols (the paper does not state its own; compare like with like):",
+        "",
+        "| data | word ppl | token ppl | bits/byte | mode | window | stride | size | source |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *_ppl_rows(report),
+    ]
+    other = _other_tasks(report)
+    if other:
+        out += [
+            "",
+            "## Other tasks",
+            "",
+            "| task | metric | value | stderr | version | all metrics |",
+            "|---|---|---|---|---|---|",
+            *other,
+        ]
+    skipped = {
+        **{k: v for k, v in report["tasks"].items() if v["status"] == "skipped"},
+        **{k: v for k, v in report["perplexity"].items() if v.get("status") == "skipped"},
+    }
+    if skipped:
+        out += ["", "## Skipped", ""] + [f"- `{k}`: {v['reason']}" for k, v in skipped.items()]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy per paper task: ours against the paper's MeRino rows (None if no task ran)."""
+    columns = [t for t in paper_tasks() if report["tasks"].get(t.task, {}).get("status") == "ok"]
+    if not columns:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = paper_baselines()["table2"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs = range(len(columns))
+    for row in (r for r in base["rows"] if r["model"].startswith("MeRino")):
+        scores = dict(zip(base["columns"], row["scores"]))
+        ax.plot(xs, [scores[c.column] for c in columns], "o--", alpha=0.6, label=f"{row['model']} (paper)")
+    ax.plot(
+        xs,
+        [report["tasks"][c.task]["value"] for c in columns],
+        "s-",
+        color="black",
+        label=f"{report['model']['name']} (ours)",
+    )
+    ax.set_xticks(list(xs), [c.column for c in columns], rotation=30)
+    ax.set_ylabel("zero-shot accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """Write ``eval.json``, ``eval.md`` and (when tasks ran) ``accuracy.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
+    write_json(paths["json"], report)
+    atomic_write_text(paths["markdown"], markdown(report))
+    png = plot(report, out / "accuracy.png")
+    if png:
+        paths["plot"] = png
+    return paths
