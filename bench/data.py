@@ -62,8 +62,8 @@ def make_corpus(folder: Path, target_mb: float) -> Path:
     """The shipped real text (Shakespeare + WikiText-2 test, the same files as ../shared/data),
     repeated to ``target_mb``, as jsonl files of paragraph documents (a repeat index keeps every
     document distinct)."""
+    from merino_pl.core.assets import embedded_wikitext2
     from merino_pl.core.tokenizer import default_corpus_file
-    from merino_pl.eval.perplexity import embedded_wikitext2
 
     texts = [p.read_text() for p in (default_corpus_file(), embedded_wikitext2())]
     paragraphs = [p for t in texts for p in t.split("\n\n") if p.strip()]

@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="wiki.test.raw (default: the copy shipped in the package)")
     args = p.parse_args()
     if args.data is None:
-        from merino_pl.eval.perplexity import embedded_wikitext2
+        from merino_pl.core.assets import embedded_wikitext2
 
         args.data = str(embedded_wikitext2())
 

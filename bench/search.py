@@ -36,8 +36,8 @@ from merino_pl.core.costs import count_flops, count_params  # noqa: E402
 from merino_pl.core.space import load_space  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
 from merino_pl.search import exhaustive  # noqa: E402
+from merino_pl.search.api import SearchSettings, build_problem, decode, run_search  # noqa: E402
 from merino_pl.search.budget import Genes, parse_budget  # noqa: E402
-from merino_pl.search.cli import SearchSettings, build_problem, decode, run_search  # noqa: E402
 from merino_pl.search.entropy import EntropyConfig  # noqa: E402
 from merino_pl.search.evolution import EvolutionConfig, evolve  # noqa: E402
 

@@ -42,6 +42,6 @@ def arch() -> MerinoConfig:
 @pytest.fixture
 def wikitext_raw() -> Path:
     """WikiText-2 raw test split: the copy shipped in the package (tests never need ../shared)."""
-    from merino_pl.eval.perplexity import embedded_wikitext2
+    from merino_pl.core.assets import embedded_wikitext2
 
     return embedded_wikitext2()

@@ -53,20 +53,6 @@ KNOWN_BACK_EDGES = {
     ): "latency re-runs RTN in-process instead of reading the GPTQ dir",
     ("merino_pl.demo.cli", "merino_pl.info.cli"): "demo prints info's table",
     ("merino_pl.demo.cli", "merino_pl.fit.cli"): "demo runs fit through its CLI module, not fit.api.fit",
-    ("merino_pl.study.worker", "merino_pl.fit.cli"): "the study worker runs fit through its CLI module",
-    ("merino_pl.study.sample", "merino_pl.search.cli"): "decode, re-exported there until study imports search.api",
-    ("merino_pl.study.compare", "merino_pl.search.cli"): "SearchSettings / build_problem / decode, re-exported there",
-    ("merino_pl.study.compare", "merino_pl.search.evolution"): "PROXIES: a search internal",
-    ("merino_pl.study.compare", "merino_pl.search.exhaustive"): "optimum: a search internal",
-    ("merino_pl.study.compare", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
-    ("merino_pl.study.config", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
-    ("merino_pl.study.config", "merino_pl.search.budget"): "Budget / parse_budget: search internals",
-    ("merino_pl.study.sample", "merino_pl.search.budget"): "Genes / cost_tables: search internals",
-    ("merino_pl.study.calibrate", "merino_pl.search.entropy"): "arch_entropy: a search internal",
-    ("merino_pl.study.proxies", "merino_pl.search.entropy"): "arch_entropy: a search internal",
-    ("merino_pl.study.report", "merino_pl.search.entropy"): "EntropyConfig: a search internal",
-    ("merino_pl.study.runner", "merino_pl.data.packing"): "DocumentTokenizer / is_heldout: data internals",
-    ("merino_pl.study.runner", "merino_pl.eval.perplexity"): "embedded_wikitext2: an eval internal",
 }
 
 

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["PileDataModule"]
+# public name -> the module that defines it: what other stages may use of the data stage
+_EXPORTS = {
+    "PileDataModule": "merino_pl.data.datamodule",
+    "DocumentTokenizer": "merino_pl.data.packing",  # text documents -> one EOS-separated token stream
+    "is_heldout": "merino_pl.data.packing",  # the hash hold-out every split of a source agrees on
+}
+__all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from merino_pl.data.datamodule import PileDataModule
+    from merino_pl.data.packing import DocumentTokenizer, is_heldout
 
 
 def __getattr__(name: str) -> Any:
-    if name == "PileDataModule":
-        from merino_pl.data.datamodule import PileDataModule
+    if name in _EXPORTS:
+        import importlib
 
-        return PileDataModule
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'merino_pl.data' has no attribute {name!r}")

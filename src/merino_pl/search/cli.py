@@ -24,11 +24,6 @@ from merino_pl.search import api
 from merino_pl.search.api import SearchOptions, search
 from merino_pl.search.evolution import PROXIES
 
-# isort: split
-# phase 2: importers move. study/compare.py, study/sample.py and bench/search.py import these
-# from here; the stage's library is merino_pl.search.api.
-from merino_pl.search.api import SearchSettings, build_problem, decode, run_search  # noqa: F401
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(

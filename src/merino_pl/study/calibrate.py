@@ -24,7 +24,7 @@ import yaml
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, write_json
-from merino_pl.search.entropy import EntropyConfig, arch_entropy
+from merino_pl.search.api import EntropyConfig, arch_entropy
 from merino_pl.study.stats import spearman
 
 BETAS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)

@@ -29,7 +29,7 @@ from merino_pl.core.costs import count_flops, count_params, embedding_params
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, read_yaml, write_json
 from merino_pl.core.space import SearchSpace
-from merino_pl.search.entropy import EntropyConfig
+from merino_pl.search.api import EntropyConfig
 from merino_pl.study.config import StudyConfig, load_study_config
 from merino_pl.study.runner import Run, execute, prepare
 
@@ -38,9 +38,7 @@ FORMAT = "merino-study-compare/1"
 
 def searched(cfg: StudyConfig, spec: dict[str, Any], where: Path) -> MerinoConfig:
     """The global optimum of one search setting over the study's space and budgets."""
-    from merino_pl.search.cli import SearchSettings, build_problem, decode
-    from merino_pl.search.evolution import PROXIES
-    from merino_pl.search.exhaustive import optimum
+    from merino_pl.search.api import PROXIES, SearchSettings, build_problem, decode, optimum
 
     spec = dict(spec)
     if "config" in spec:

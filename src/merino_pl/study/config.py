@@ -23,8 +23,7 @@ from typing import Any
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_yaml
 from merino_pl.core.space import SearchSpace, load_space
-from merino_pl.search.budget import Budget, parse_budget
-from merino_pl.search.entropy import EntropyConfig
+from merino_pl.search.api import Budget, EntropyConfig, parse_budget
 
 KEYS = ("name", "space", "budgets", "architectures", "sample_seed", "seed", "noise_ceiling", "fit", "tokenizer",
         "heldout", "proxies", "head_to_head")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.costs import count_flops, count_params, embedding_params
-from merino_pl.search.entropy import EntropyConfig, arch_entropy
+from merino_pl.search.api import EntropyConfig, arch_entropy
 
 ANALYTIC = ("decoder_params", "flops", "layer_applications")
 DATA = ("ntk_cond", "dss")

@@ -34,7 +34,7 @@ def load_results(study: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _entropy_configs(manifest: dict[str, Any]):
-    from merino_pl.search.entropy import EntropyConfig
+    from merino_pl.search.api import EntropyConfig
 
     cfg = (manifest["config"].get("proxies") or {}).get("entropy") or {"paper": {}}
     return {name: EntropyConfig.from_dict(v, source=f"proxies.entropy.{name}") for name, v in cfg.items()}

@@ -72,7 +72,7 @@ def train_tokenizer(source: str, val_fraction: float, vocab_size: int, out: Path
 
     from merino_pl.core.io import atomic_path
     from merino_pl.core.tokenizer import EOS_TOKEN
-    from merino_pl.data.packing import is_heldout
+    from merino_pl.data import is_heldout
     from merino_pl.data.sources import open_stream, resolve_source
 
     src = resolve_source(source)
@@ -97,9 +97,9 @@ def heldout_sets(cfg: StudyConfig, tokenizer: Path, data: dict[str, Any]) -> dic
     """Held-out windows (n, seq_len + 1): the fit data's hash hold-out, and WikiText-2."""
     import torch
 
+    from merino_pl.core.assets import embedded_wikitext2
     from merino_pl.core.tokenizer import find_eos, load_tokenizer
-    from merino_pl.data import PileDataModule
-    from merino_pl.data.packing import DocumentTokenizer
+    from merino_pl.data import DocumentTokenizer, PileDataModule
 
     seq_len = int(data.get("seq_len", 128))
     dm = PileDataModule(source=str(data.get("source", "embedded")), text_field=str(data.get("text_field", "text")),
@@ -107,8 +107,6 @@ def heldout_sets(cfg: StudyConfig, tokenizer: Path, data: dict[str, Any]) -> dic
                         val_sequences=cfg.heldout_sequences, sample_by=data.get("sample_by", "paragraph"), num_workers=0)
     sets = {"indomain": dm.validation_windows()}
     if cfg.cross_domain == "wikitext2":
-        from merino_pl.eval.perplexity import embedded_wikitext2
-
         text = embedded_wikitext2().read_text(encoding="utf-8")
         docs = [p for p in text.split("\n \n") if p.strip()]
         tokens = DocumentTokenizer(str(tokenizer), find_eos(load_tokenizer(str(tokenizer)), str(tokenizer)))(docs)

@@ -18,7 +18,7 @@ import numpy as np
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.space import SearchSpace
-from merino_pl.search.budget import Budget, Genes, cost_tables
+from merino_pl.search.api import Budget, Genes, cost_tables
 
 
 def width_sequences(space: SearchSpace) -> np.ndarray:
@@ -75,7 +75,7 @@ def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, b
 
 def sample_architectures(space: SearchSpace, budgets: list[Budget], n: int, seed: int) -> list[MerinoConfig]:
     """``n`` distinct architectures drawn uniformly from the feasible set (see module docstring)."""
-    from merino_pl.search.cli import decode
+    from merino_pl.search.api import decode
 
     genes = Genes.of(space)
     return [decode(space, genes, row) for row in sample_codes(space, budgets, n, seed)]

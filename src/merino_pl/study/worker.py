@@ -115,10 +115,10 @@ def main(argv: list[str]) -> int:
     if not proxies_file.exists():
         write_json(proxies_file, init_proxies(manifest, run, run_dir))
     args, steps = fit_argv(manifest, run, run_dir, extra)
-    from merino_pl.fit.cli import main as fit_main
+    from merino_pl.fit.api import fit
 
     start = time.perf_counter()
-    fit_main(args)
+    fit(args)
     seconds = time.perf_counter() - start
     ckpts = run_dir / "fit" / "checkpoints"
     half, full = ckpts / f"step-{max(1, steps // 2):08d}.ckpt", ckpts / "last.ckpt"
