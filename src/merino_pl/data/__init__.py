@@ -14,7 +14,7 @@ _EXPORTS = {
     "DocumentTokenizer": "merino_pl.data.packing",  # text documents -> one EOS-separated token stream
     "is_heldout": "merino_pl.data.packing",  # the hash hold-out every split of a source agrees on
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["DocumentTokenizer", "PileDataModule", "is_heldout"]
 
 if TYPE_CHECKING:
     from merino_pl.data.datamodule import PileDataModule

@@ -75,7 +75,7 @@ def options(args: argparse.Namespace) -> SearchOptions:
     return SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)})
 
 
-def resolve_settings(args: argparse.Namespace) -> SearchSettings:
+def resolve_settings(args: argparse.Namespace) -> api.SearchSettings:
     """Merge config file and flags; report every problem in one ``MerinoError``."""
     return api.resolve_settings(options(args))
 
