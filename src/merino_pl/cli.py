@@ -9,11 +9,11 @@ Bad input raises ``MerinoError`` anywhere below; it is printed here as one line,
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+
+from merino_pl.core.errors import ArgumentParser  # one-line usage errors (study/cli.py imports it from here)
 
 # command -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -35,14 +35,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "slurm": ("merino_pl.slurm.cli", "render / submit SLURM jobs for 8 x H100 nodes"),
     "pipeline": ("merino_pl.pipeline.cli", "search -> fit -> eval -> quantize -> eval -> latency"),
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (and still exit code 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merino_pl.cli import ArgumentParser
-from merino_pl.core.errors import MerinoError, parse_problems
+from merino_pl.core.errors import ArgumentParser, MerinoError, parse_problems
 
 if TYPE_CHECKING:
     from merino_pl.latency.report import Options
