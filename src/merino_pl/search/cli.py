@@ -18,9 +18,8 @@ options override it. The recipe records all of it under ``provenance``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import asdict, fields
 
-from merino_pl.search import api
 from merino_pl.search.api import SearchOptions, search
 from merino_pl.search.evolution import PROXIES
 
@@ -75,15 +74,10 @@ def options(args: argparse.Namespace) -> SearchOptions:
     return SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)})
 
 
-def resolve_settings(args: argparse.Namespace) -> api.SearchSettings:
-    """Merge config file and flags; report every problem in one ``MerinoError``."""
-    return api.resolve_settings(options(args))
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this search (options as resolved by argparse)."""
+def _command(opts: SearchOptions) -> str:
+    """The command line that reproduces this search (the flags as resolved by argparse)."""
     parts = ["merino-pl search"]
-    for key, value in vars(args).items():
+    for key, value in asdict(opts).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
             parts += [f"{flag} {v}" for v in value]
@@ -96,5 +90,6 @@ def _command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``merino-pl search`` (see the module docstring)."""
-    search(options(args), _command(args))
+    opts = options(args)
+    search(opts, _command(opts))
     return 0
