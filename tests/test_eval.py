@@ -251,6 +251,32 @@ def test_cli_offline_report(model_dir: Path, tasks_dir: Path, wikitext_raw: Path
     assert "| MeRino-64M (paper) | 64 M |" in md and "(ours)" in md and "arc_easy_local" in md and "## Skipped" in md
 
 
+def test_report_schema_round_trips_and_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    """``EvalReport``: the JSON keys of ``merino-eval/1`` plus ``format_version``; a report from
+    before the field reads as version 1; another format or a newer version is a one-line error."""
+    from merino_pl.core.errors import MerinoError
+    from merino_pl.eval.report import EvalModel, EvalReport, markdown, write
+
+    model = EvalModel("tiny", "m/", "hf-dir", None, 1.5, 0.25, 64, {"d_model": 8})
+    ok = {"status": "ok", "value": 0.5, "metric": "acc", "stderr": 0.1, "version": 1, "metrics": {"acc": 0.5}}
+    report = EvalReport(model, {"arc_easy": ok}, {"ptb": {"status": "skipped", "reason": "offline"}}, limit=2)
+    write(report, tmp_path)
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert list(data) == [
+        "format", "format_version", "created", "arguments", "model", "backend", "lm_eval_version", "limit", "tasks",
+        "perplexity",
+    ]  # fmt: skip
+    assert EvalReport.read(tmp_path / "eval.json") == report
+    assert markdown(EvalReport.from_json(data)) == (tmp_path / "eval.md").read_text()
+    del data["format_version"]
+    assert EvalReport.from_json(data).format_version == 1
+    for bad, message in (({**data, "format": "x"}, "not an eval report"), ({**data, "format_version": 2}, "2")):
+        with pytest.raises(MerinoError, match=message):
+            EvalReport.from_json(bad, "r.json")
+    with pytest.raises(MerinoError, match="model.gflops"):
+        EvalReport.from_json({**data, "model": {"name": "tiny"}}, "r.json")
+
+
 def test_cli_lightning_checkpoint(tmp_path: Path, model_dir: Path) -> None:
     """A `.ckpt` in the layout `merino-pl fit` writes: its SHA-256 is what the report records."""
     loaded = load_model(model_dir)

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from merino_pl.cli import main as cli_main
-from merino_pl.pipeline.cli import PipelineConfig, build_stages
+from merino_pl.eval.report import EvalModel, EvalReport
+from merino_pl.pipeline.api import PipelineConfig, build_stages
 from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
 STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
@@ -225,15 +226,9 @@ def _reports(out: Path, accuracy: float | None) -> None:
             else {"arc_easy": {"status": "skipped"}}
         )
         (out / "eval" / label).mkdir(parents=True)
-        (out / "eval" / label / "eval.json").write_text(
-            json.dumps(
-                {
-                    "model": {"name": "micro"},
-                    "tasks": tasks,
-                    "perplexity": {"wikitext2": {"word_perplexity": 900.0 + 50 * i}},
-                }
-            )
-        )
+        model = EvalModel("micro", str(out / "model"), "hf-dir", None, 0.5, 0.1, 64, {})
+        report = EvalReport(model, tasks, {"wikitext2": {"status": "ok", "word_perplexity": 900.0 + 50 * i}})
+        (out / "eval" / label / "eval.json").write_text(json.dumps(report.to_json()))
         rows = [
             {
                 "model": "micro",

@@ -20,7 +20,7 @@ from typing import Any
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
 from merino_pl.eval.perplexity import CORPORA, embedded_wikitext2
-from merino_pl.eval.report import FORMAT
+from merino_pl.eval.report import EvalModel, EvalReport, markdown, write
 
 log = logging.getLogger("merino_pl.eval")
 
@@ -100,7 +100,7 @@ def validate(args: EvalSettings, index_tasks: bool = True) -> dict[str, Any]:
     return {"specs": specs, "ppl": ppl, "data_files": data_files, "manager": manager, "num_fewshot": num_fewshot}
 
 
-def evaluate_checkpoint(args: EvalSettings) -> dict[str, Any]:
+def evaluate_checkpoint(args: EvalSettings) -> EvalReport:
     """The stage's entry function: check ``args`` (every problem in one ``MerinoError``), load
     the model, run the tasks and perplexities, write ``eval.json`` / ``eval.md`` /
     ``accuracy.png`` into ``args.out`` and print the Markdown. Returns the report."""
@@ -127,8 +127,6 @@ def evaluate_checkpoint(args: EvalSettings) -> dict[str, Any]:
     _check_window(args, loaded.model.config.max_position_embeddings)
     print(f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}", file=sys.stderr)
     report = evaluate(loaded, plan, args)
-    from merino_pl.eval.report import markdown, write
-
     _check_measured(report)
     paths = write(report, args.out)
     print(markdown(report))
@@ -174,15 +172,15 @@ def _offline_corpora_problems(plan: dict[str, Any]) -> list[str]:
     ]
 
 
-def _check_measured(report: dict[str, Any]) -> None:
+def _check_measured(report: EvalReport) -> None:
     """A report in which every task and corpus was skipped is an error, not a result."""
-    results = [*report["tasks"].values(), *report["perplexity"].values()]
+    results = [*report.tasks.values(), *report.perplexity.values()]
     if results and not any(r.get("status") == "ok" for r in results):
         raise MerinoError(
             "nothing was measured: "
             + "; ".join(
                 f"{name}: {r.get('reason', 'skipped')}"
-                for name, r in [*report["tasks"].items(), *report["perplexity"].items()]
+                for name, r in [*report.tasks.items(), *report.perplexity.items()]
             )
         )
 
@@ -195,8 +193,8 @@ def _check_window(args: EvalSettings, context: int) -> None:
         raise MerinoError(f"--stride {args.stride}: longer than the window ({window})")
 
 
-def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict[str, Any]:
-    """Run the tasks and perplexities of ``plan`` on ``loaded``; the report as a dict."""
+def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> EvalReport:
+    """Run the tasks and perplexities of ``plan`` on ``loaded``; the report."""
     import lm_eval
 
     from merino_pl.core.costs import count_flops, count_params
@@ -219,26 +217,25 @@ def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict[str,
             bootstrap_iters=args.bootstrap_iters,
         )
     arch = loaded.recipe.architecture
-    return {
-        "format": FORMAT,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "arguments": dataclasses.asdict(args),
-        "model": {
-            "name": loaded.recipe.name,
-            "path": str(loaded.path),
-            "kind": loaded.kind,
-            "weights_sha256": loaded.weights_sha256,
-            "params_m": count_params(arch) / 1e6,
-            "gflops": count_flops(arch) / 1e9,
-            "context": arch.max_position_embeddings,
-            "architecture": arch.to_dict(),
-        },
-        "backend": args.backend,
-        "lm_eval_version": lm_eval.__version__,
-        "limit": args.limit,
-        "tasks": tasks,
-        "perplexity": _perplexities(loaded, plan, args),
-    }
+    return EvalReport(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        arguments=dataclasses.asdict(args),
+        model=EvalModel(
+            name=loaded.recipe.name,
+            path=str(loaded.path),
+            kind=loaded.kind,
+            weights_sha256=loaded.weights_sha256,
+            params_m=count_params(arch) / 1e6,
+            gflops=count_flops(arch) / 1e9,
+            context=arch.max_position_embeddings,
+            architecture=arch.to_dict(),
+        ),
+        backend=args.backend,
+        lm_eval_version=lm_eval.__version__,
+        limit=args.limit,
+        tasks=tasks,
+        perplexity=_perplexities(loaded, plan, args),
+    )
 
 
 def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict[str, Any]:

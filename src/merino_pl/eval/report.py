@@ -1,23 +1,115 @@
-"""The eval report: JSON (everything) and Markdown in the layout of the paper's Tables 2–3.
+"""The eval report: one schema (``EvalReport``: JSON, everything) and its renderers, Markdown in
+the layout of the paper's Tables 2–3.
 
 Our row sits under the paper's baseline rows; columns we did not evaluate show ``—``, skipped
 tasks are listed with their reason, and every perplexity carries its protocol, because
 figures under different protocols are not comparable. ``table2_lines`` / ``table3_lines`` render
 several of our reports under the paper's rows: the pipeline's summary (one row per precision)
-calls them rather than keeping a copy. ``paper_baselines`` is the paper's rows they lay out.
+reads each ``eval.json`` with ``EvalReport.read`` and calls them rather than keeping a copy.
+``paper_baselines`` is the paper's rows they lay out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merino_pl.core.io import atomic_path, atomic_write_text, write_json
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_path, atomic_write_text, read_json, write_json
 from merino_pl.eval.tasks import paper_baselines, paper_tasks
 
 FORMAT = "merino-eval/1"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EvalModel:
+    """The model an eval report measured."""
+
+    name: str
+    path: str
+    kind: str  # lightning-ckpt, hf-dir, gptq, recipe (fresh initialisation)
+    weights_sha256: str | None  # None: a fresh initialisation from the recipe
+    params_m: float
+    gflops: float
+    context: int
+    architecture: dict[str, Any]
+
+
+@dataclass
+class EvalReport:
+    """What ``merino-pl eval`` writes to ``eval.json``. ``tasks`` maps an lm-eval task to its
+    result (``status`` ok / skipped, ``value``, ``metric``, ``stderr``, ``version``, ``metrics``
+    or ``reason``); ``perplexity`` maps a corpus to its result (``status``, word / token
+    perplexity, bits per byte, ``protocol``, sizes; or ``reason``)."""
+
+    model: EvalModel
+    tasks: dict[str, dict[str, Any]]
+    perplexity: dict[str, dict[str, Any]]
+    backend: str = "merino"
+    lm_eval_version: str = ""
+    limit: int | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)  # the EvalSettings it ran with
+    created: str = ""  # ISO 8601, UTC
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``eval.json`` (the keys of ``merino-eval/1`` plus ``format_version``)."""
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "created": self.created,
+            "arguments": self.arguments,
+            "model": dataclasses.asdict(self.model),
+            "backend": self.backend,
+            "lm_eval_version": self.lm_eval_version,
+            "limit": self.limit,
+            "tasks": self.tasks,
+            "perplexity": self.perplexity,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "eval report") -> EvalReport:
+        """The report in ``data`` (a parsed ``eval.json``); a ``MerinoError`` naming ``source``
+        and what is wrong when it is not one this version reads."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise MerinoError(f"{source}: not an eval report (format must be {FORMAT!r})")
+        version = data.get("format_version", 1)  # reports written before the field existed are version 1
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise MerinoError(
+                f"{source}: eval report format_version {version!r} (this merino-pl reads <= {FORMAT_VERSION})"
+            )
+        names = [f.name for f in dataclasses.fields(EvalModel)]
+        model = data.get("model")
+        missing = [k for k in ("model", "tasks", "perplexity") if not isinstance(data.get(k), dict)]
+        missing += [f"model.{k}" for k in names if isinstance(model, dict) and k not in model]
+        if missing:
+            raise MerinoError(f"{source}: eval report without {', '.join(missing)}")
+        return cls(
+            model=EvalModel(**{k: model[k] for k in names}),
+            tasks=data["tasks"],
+            perplexity=data["perplexity"],
+            backend=data.get("backend", "merino"),
+            lm_eval_version=data.get("lm_eval_version", ""),
+            limit=data.get("limit"),
+            arguments=data.get("arguments") or {},
+            created=data.get("created", ""),
+            format_version=version,
+        )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> EvalReport:
+        """``eval.json`` at ``path`` (a missing or malformed file: one-line ``MerinoError``)."""
+        return cls.from_json(read_json(path, "eval report"), str(path))
+
+    def ok_tasks(self) -> dict[str, dict[str, Any]]:
+        """The tasks that finished (skipped ones left out)."""
+        return {name: t for name, t in self.tasks.items() if t.get("status") == "ok"}
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -28,12 +120,12 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _ours(report: dict[str, Any], label: str) -> str:
+def _ours(report: EvalReport, label: str) -> str:
     """Our row's name: the model's, and the label (the pipeline's precision) when there is one."""
-    return f"**{report['model']['name']}{' ' + label if label else ''} (ours)**"
+    return f"**{report.model.name}{' ' + label if label else ''} (ours)**"
 
 
-def table2_lines(reports: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+def table2_lines(reports: Sequence[tuple[str, EvalReport]]) -> list[str]:
     """Zero-shot accuracy table: the paper's rows, then one row per ``(label, report)`` of ours
     (paper tasks only, in its order)."""
     base = paper_baselines()["table2"]
@@ -45,20 +137,18 @@ def table2_lines(reports: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         cells = [_fmt(s) for s in row["scores"]] + [_fmt(row["avg"])]
         lines.append(f"| {row['model']} (paper) | {row['params']} | " + " | ".join(cells) + " |")
     for label, report in reports:
-        by_column = {t.column: report["tasks"].get(t.task, {}) for t in paper_tasks()}
+        by_column = {t.column: report.tasks.get(t.task, {}) for t in paper_tasks()}
         ours = [by_column[c].get("value") if by_column[c].get("status") == "ok" else None for c in base["columns"]]
         avg = sum(ours) / len(ours) if all(v is not None for v in ours) else None
         lines.append(
-            f"| {_ours(report, label)} | {report['model']['params_m']:.1f} M | "
+            f"| {_ours(report, label)} | {report.model.params_m:.1f} M | "
             + " | ".join(_fmt(v) for v in ours)
             + f" | {_fmt(avg)} |"
         )
     return lines
 
 
-def table3_lines(
-    reports: Sequence[tuple[str, dict[str, Any], float | None]], latency_header: str = "latency"
-) -> list[str]:
+def table3_lines(reports: Sequence[tuple[str, EvalReport, float | None]], latency_header: str = "latency") -> list[str]:
     """Perplexity table: the paper's rows, then one row per ``(label, report, latency_ms)`` of
     ours (word perplexity, the paper's unit; no latency measured: ``—``)."""
     lines = [f"| model | FLOPs | {latency_header} | WikiText-2 | PTB |", "|---|---|---|---|---|"]
@@ -67,30 +157,30 @@ def table3_lines(
             f"| {row['model']} (paper) | {row['flops']} | {row['latency']} | {row['wikitext2']} | {row['ptb']} |"
         )
     for label, report, latency_ms in reports:
-        ppl = report["perplexity"]
+        ppl = report.perplexity
         cells = [_fmt(ppl.get(k, {}).get("word_perplexity"), 2) for k in ("wikitext2", "ptb")]
         lines.append(
-            f"| {_ours(report, label)} | {report['model']['gflops']:.3g} G | {_fmt(latency_ms, 2)} | "
+            f"| {_ours(report, label)} | {report.model.gflops:.3g} G | {_fmt(latency_ms, 2)} | "
             + " | ".join(cells)
             + " |"
         )
     return lines
 
 
-def table2(report: dict[str, Any]) -> str:
+def table2(report: EvalReport) -> str:
     """Zero-shot accuracy table: the paper's rows, then ours (paper tasks only, in its order)."""
     return "\n".join(table2_lines([("", report)]))
 
 
-def table3(report: dict[str, Any]) -> str:
+def table3(report: EvalReport) -> str:
     """Perplexity table: the paper's rows, then ours (word perplexity, the paper's unit)."""
     return "\n".join(table3_lines([("", report, None)]))
 
 
-def _other_tasks(report: dict[str, Any]) -> list[str]:
+def _other_tasks(report: EvalReport) -> list[str]:
     paper = {t.task for t in paper_tasks()}
     rows = []
-    for name, t in report["tasks"].items():
+    for name, t in report.tasks.items():
         if t["status"] == "ok" and name not in paper:
             extra = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in t["metrics"].items())
             rows.append(
@@ -100,9 +190,9 @@ def _other_tasks(report: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _ppl_rows(report: dict[str, Any]) -> list[str]:
+def _ppl_rows(report: EvalReport) -> list[str]:
     rows = []
-    for name, p in report["perplexity"].items():
+    for name, p in report.perplexity.items():
         if p.get("status") == "skipped":
             continue
         pr = p["protocol"]
@@ -114,14 +204,14 @@ def _ppl_rows(report: dict[str, Any]) -> list[str]:
     return rows
 
 
-def markdown(report: dict[str, Any]) -> str:
-    m = report["model"]
+def markdown(report: EvalReport) -> str:
+    m = report.model
     out = [
-        f"# Evaluation of {m['name']}",
+        f"# Evaluation of {m.name}",
         "",
-        f"- model: `{m['path']}` ({m['kind']}), {m['params_m']:.2f} M parameters",
-        f"- weights SHA-256: `{m['weights_sha256'] or 'none (fresh initialisation from the recipe)'}`",
-        f"- backend: {report['backend']}, lm-eval {report['lm_eval_version']}, limit {report['limit']}",
+        f"- model: `{m.path}` ({m.kind}), {m.params_m:.2f} M parameters",
+        f"- weights SHA-256: `{m.weights_sha256 or 'none (fresh initialisation from the recipe)'}`",
+        f"- backend: {report.backend}, lm-eval {report.lm_eval_version}, limit {report.limit}",
         "",
         "## Zero-shot accuracy (paper Table 2 layout)",
         "",
@@ -148,17 +238,17 @@ def markdown(report: dict[str, Any]) -> str:
             *other,
         ]
     skipped = {
-        **{k: v for k, v in report["tasks"].items() if v["status"] == "skipped"},
-        **{k: v for k, v in report["perplexity"].items() if v.get("status") == "skipped"},
+        **{k: v for k, v in report.tasks.items() if v["status"] == "skipped"},
+        **{k: v for k, v in report.perplexity.items() if v.get("status") == "skipped"},
     }
     if skipped:
         out += ["", "## Skipped", ""] + [f"- `{k}`: {v['reason']}" for k, v in skipped.items()]
     return "\n".join(out) + "\n"
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
+def plot(report: EvalReport, path: Path) -> Path | None:
     """Accuracy per paper task: ours against the paper's MeRino rows (None if no task ran)."""
-    columns = [t for t in paper_tasks() if report["tasks"].get(t.task, {}).get("status") == "ok"]
+    columns = [t for t in paper_tasks() if report.tasks.get(t.task, {}).get("status") == "ok"]
     if not columns:
         return None
     import matplotlib
@@ -174,10 +264,10 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.plot(xs, [scores[c.column] for c in columns], "o--", alpha=0.6, label=f"{row['model']} (paper)")
     ax.plot(
         xs,
-        [report["tasks"][c.task]["value"] for c in columns],
+        [report.tasks[c.task]["value"] for c in columns],
         "s-",
         color="black",
-        label=f"{report['model']['name']} (ours)",
+        label=f"{report.model.name} (ours)",
     )
     ax.set_xticks(list(xs), [c.column for c in columns], rotation=30)
     ax.set_ylabel("zero-shot accuracy")
@@ -189,12 +279,12 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
+def write(report: EvalReport, out: str | Path) -> dict[str, Path]:
     """Write ``eval.json``, ``eval.md`` and (when tasks ran) ``accuracy.png`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
-    write_json(paths["json"], report)
+    write_json(paths["json"], report.to_json())
     atomic_write_text(paths["markdown"], markdown(report))
     png = plot(report, out / "accuracy.png")
     if png:

@@ -9,7 +9,8 @@
   out of reach); with one, the plot stage's ``accuracy-vs-latency.png`` carries our points.
 * ``precisions.png``: size on disk, perplexity and prefill latency per precision (fp32 / int8 / int4).
 
-Only the reports' files are read (STYLE §6); the bubble chart is ``latency plot``'s renderer.
+Only the reports' files are read (STYLE §6): eval reports through the eval stage's own schema
+(``EvalReport.read``), latency reports by their keys; the bubble chart is ``latency plot``'s renderer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path, read_json
+from merino_pl.eval.report import EvalReport, paper_baselines
 
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:red"}
 PPL_DATASETS = ("wikitext2", "ptb")  # the paper's Table 3, in its order
@@ -49,6 +51,23 @@ def read_report(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def read_eval(path: Path) -> EvalReport | None:
+    """An eval report (``merino-pl eval``'s ``eval.json``), None when missing or not one."""
+    try:
+        return EvalReport.read(path)
+    except MerinoError:
+        return None
+
+
+def model_latency_row(report: dict[str, Any] | None, precision: str) -> dict[str, Any] | None:
+    """A latency report's row of our model at ``precision`` on the plain path (the paper's
+    protocol), None when it has none."""
+    for row in (report or {}).get("rows", []):
+        if row.get("role") == "model" and row.get("precision") == precision and row.get("path") == "plain":
+            return row
+    return None
+
+
 def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
     """One row per precision label (``models``: label -> model directory)."""
     rows = []
@@ -56,26 +75,22 @@ def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
         row = PrecisionRow(label)
         weights = list(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
         row.size_mb = sum(p.stat().st_size for p in weights) / 1e6 if weights else None
-        ev = read_report(out / "eval" / label / "eval.json") or {}
-        row.model = (ev.get("model") or {}).get("name")
-        ppl = ev.get("perplexity") or {}
+        ev = read_eval(out / "eval" / label / "eval.json")
+        row.model = ev.model.name if ev else None
+        ppl = ev.perplexity if ev else {}
         row.dataset = next((k for k in (*PPL_DATASETS, *ppl) if (ppl.get(k) or {}).get("word_perplexity")), None)
         row.perplexity = ppl[row.dataset]["word_perplexity"] if row.dataset else None
-        for r in (read_report(out / "latency" / label / "latency.json") or {}).get("rows", []):
-            if r.get("role") == "model" and r.get("precision") == label and r.get("path") == "plain":
-                row.latency_ms, row.flops_g = r["prefill_ms"]["mean"], r.get("flops_g")
-                row.model = row.model or r.get("model")
+        lat = model_latency_row(read_report(out / "latency" / label / "latency.json"), label)
+        if lat:
+            row.latency_ms, row.flops_g = lat["prefill_ms"]["mean"], lat.get("flops_g")
+            row.model = row.model or lat.get("model")
         rows.append(row)
     return rows
 
 
 def accuracy_known(out: Path, labels: list[str]) -> bool:
     """Whether any eval report of this run has a finished zero-shot task."""
-    for label in labels:
-        tasks = (read_report(out / "eval" / label / "eval.json") or {}).get("tasks") or {}
-        if any(isinstance(t, dict) and t.get("status") == "ok" for t in tasks.values()):
-            return True
-    return False
+    return any((ev := read_eval(out / "eval" / label / "eval.json")) and ev.ok_tasks() for label in labels)
 
 
 # ---- training loss -------------------------------------------------------------------------------
@@ -131,8 +146,6 @@ def _number(text: Any) -> float | None:
 
 def paper_perplexity_points(dataset: str) -> list[dict[str, Any]]:
     """The paper's Table 3: Jetson Nano latency, FLOPs and word perplexity on ``dataset``."""
-    from merino_pl.eval.report import paper_baselines
-
     rows = paper_baselines()["table3"]["rows"]
     return [
         {
