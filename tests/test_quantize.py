@@ -259,13 +259,12 @@ def test_shipped_presets_parse(preset, capsys):
     """Every preset is valid (bad keys / values would stop here before any model is loaded)."""
     import argparse
 
-    from merino_pl.quantize.cli import add_arguments, resolve_options, validate
+    from merino_pl.quantize.cli import add_arguments, settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["x", "--config", str(preset)])  # every option the CLI has, unset
-    resolve_options(args)
-    assert validate(args) == []
+    assert settings(args).problems() == []
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -311,16 +310,14 @@ def test_quantized_model_runs_on_gpu(float_dir, tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "recipes").glob("merino-*.yaml")))
 def test_default_options_fit_every_shipped_recipe(recipe):
     """`quantize CKPT --bits 4` with the defaults (group 128) is valid for every shipped recipe."""
-    import argparse
-
     from merino_pl.core.config import load_recipe
-    from merino_pl.quantize.cli import DEFAULTS, group_note, validate_for_model
+    from merino_pl.core.quant.format import QuantSpec
+    from merino_pl.quantize.api import CalibrationSettings, group_note, validate_for_model
 
     arch = load_recipe(REPO / "recipes" / f"{recipe}.yaml").architecture
-    args = argparse.Namespace(**{**DEFAULTS, "bits": 4})
-    assert validate_for_model(args, arch) == []
+    assert validate_for_model(QuantSpec(bits=4), CalibrationSettings(), arch) == []  # the defaults
     for bits in (4, 8):
-        assert validate_for_model(argparse.Namespace(**{**DEFAULTS, "bits": bits}), arch) == []
+        assert validate_for_model(QuantSpec(bits=bits), CalibrationSettings(), arch) == []
     if min(b.embed_dim for b in arch.blocks) < 128:
         assert "one group per row" in group_note(128, arch)
 

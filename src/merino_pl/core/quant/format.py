@@ -77,7 +77,20 @@ def quantize_config(spec: QuantSpec) -> dict[str, Any]:
 
 
 EMBEDDINGS = ("fp16", "int8")  # --embedding: stored like the other unquantized tensors, or int8 rows
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The one float dtype table: precision name (latency's --precision) -> dtype. quantize's
+# --float-dtype and config.json's "dtype" use torch's own name of the same dtypes (dtype_name).
+FLOAT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype (``float16``), as ``config.json`` and ``--float-dtype`` write it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype a precision name (``fp16``) or torch's name for it (``float16``) stands for."""
+    by_name = {**FLOAT_DTYPES, **{dtype_name(d): d for d in FLOAT_DTYPES.values()}}
+    return by_name[name]
 
 
 def _unquantized(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
@@ -122,7 +135,7 @@ def write_quantized(
     config.dtype = float_dtype  # what the unquantized tensors are stored in
     save_model_files(tmp, config, tokenizer)  # config.json, tokenizer, remote code
     (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
-    save_file(packed_state_dict(model, quantized, FLOAT_DTYPES[float_dtype]), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(packed_state_dict(model, quantized, torch_dtype(float_dtype)), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]:

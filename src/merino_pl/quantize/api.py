@@ -1,0 +1,267 @@
+"""The quantize stage's entry: ``quantize(checkpoint, spec, calib, out) -> QuantizeReport``.
+
+``merino-pl quantize`` (``cli.py``) turns its flags (and a ``--config`` preset) into a
+``QuantSpec`` and a ``CalibrationSettings`` and calls ``quantize``; so does any other stage that
+needs a quantized model (latency's on-the-fly int rows). Every argument is checked before the
+model is read (``QuantizeSettings.problems``) and again against the architecture once it is
+(``validate_for_model``), all problems in one ``MerinoError``.
+
+This module imports no torch at import time: ``quantize --help`` and the pipeline's argument
+check load only what they show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import check_out
+from merino_pl.quantize import SUPPORTED_BITS
+
+if TYPE_CHECKING:
+    import torch
+
+    from merino_pl.core.checkpoint import LoadedModel
+    from merino_pl.core.quant.format import QuantSpec
+    from merino_pl.quantize.report import QuantizeReport
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where the calibration windows (and the held-out check's) come from, and their shape."""
+
+    source: str = "embedded"  # any data-stage source: embedded, files, glob, directory, hub name
+    text_field: str = "text"  # text field of jsonl / parquet rows
+    nsamples: int = 128  # calibration windows (GPTQ; RTN reads none)
+    seq_len: int = 512  # tokens per window
+    holdout: int = 8  # held-out windows for the float-vs-quantized check
+    batch_size: int = 8  # windows per calibration forward
+    seed: int = 0  # of the window draw
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """One quantization run: what ``quantize`` takes, gathered so it can be checked up front."""
+
+    checkpoint: str
+    spec: QuantSpec
+    calib: CalibrationSettings = field(default_factory=CalibrationSettings)
+    out: str | None = None  # default: beside the checkpoint (``default_out``)
+    float_dtype: str = "float16"  # torch's name of the dtype the unquantized tensors are stored in
+    tokenizer: str | None = None  # tokenizer.json (default: the shipped GPT-NeoX-20B)
+    overwrite: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else default_out(self.checkpoint, self.spec)
+
+    def problems(self, pending: frozenset[str] = frozenset()) -> list[str]:
+        """Every problem that needs no model (all at once); ``pending``: paths an earlier
+        pipeline stage will write (not missing, only not there yet)."""
+        from merino_pl.core.quant.format import EMBEDDINGS, FLOAT_DTYPES, dtype_name
+
+        spec, c, problems = self.spec, self.calib, []
+        if spec.bits not in SUPPORTED_BITS:
+            problems.append(f"--bits {spec.bits} is not supported (valid: {', '.join(map(str, SUPPORTED_BITS))})")
+        if spec.group_size != -1 and spec.group_size <= 0:
+            problems.append(f"--group-size {spec.group_size}: must be positive or -1 (per channel)")
+        if spec.method not in METHODS:
+            problems.append(f"--method {spec.method!r} (valid: {', '.join(METHODS)})")
+        for flag, value in (
+            ("nsamples", c.nsamples),
+            ("seq_len", c.seq_len),
+            ("batch_size", c.batch_size),
+            ("block_size", spec.block_size),
+        ):
+            if value <= 0:
+                problems.append(f"--{flag.replace('_', '-')} {value}: must be positive")
+        dtypes = [dtype_name(d) for d in FLOAT_DTYPES.values()]
+        if self.float_dtype not in dtypes:
+            problems.append(f"--float-dtype {self.float_dtype!r} (valid: {', '.join(dtypes)})")
+        if spec.embedding not in EMBEDDINGS:
+            problems.append(f"--embedding {spec.embedding!r} (valid: {', '.join(EMBEDDINGS)})")
+        if c.holdout < 0 or not 0 <= spec.damp_percent < 1:
+            problems.append(
+                f"--holdout must be >= 0 and --damp-percent in [0, 1) (got {c.holdout}, {spec.damp_percent})"
+            )
+        ckpt = Path(self.checkpoint)
+        # (a bare name may be a built-in recipe)
+        if not ckpt.exists() and self.checkpoint not in pending and (ckpt.suffix == ".ckpt" or "/" in self.checkpoint):
+            problems.append(f"checkpoint not found: {ckpt}")
+        return problems
+
+
+def default_out(checkpoint: str | Path, spec: QuantSpec) -> Path:
+    """``<checkpoint>-<method>-int<bits>-g<group>`` (``-pc`` per channel) beside the checkpoint."""
+    ckpt = Path(checkpoint)
+    g = "pc" if spec.group_size == -1 else f"g{spec.group_size}"
+    return ckpt.with_name(f"{ckpt.stem}-{spec.method}-int{spec.bits}-{g}")
+
+
+def _widths(arch: Any) -> list[int]:
+    return sorted({w for b in arch.blocks for w in (b.embed_dim, b.ffn)})  # in- and out-features of every linear
+
+
+def validate_for_model(spec: QuantSpec, calib: CalibrationSettings, arch: Any) -> list[str]:
+    """Problems that depend on the architecture (packing vs widths, seq_len). A group larger
+    than a layer's input width is not one: that layer gets one group per row (``group_note``)."""
+    problems = []
+    widths = _widths(arch)
+    if spec.bits in SUPPORTED_BITS and any(w % (32 // spec.bits) for w in widths):
+        problems.append(
+            f"layer widths {widths} must be multiples of {32 // spec.bits} to pack {spec.bits}-bit codes in int32"
+        )
+    if calib.seq_len > arch.max_position_embeddings:
+        problems.append(
+            f"--seq-len {calib.seq_len} exceeds the model's max_position_embeddings {arch.max_position_embeddings}"
+        )
+    return problems
+
+
+def group_note(group_size: int, arch: Any) -> str | None:
+    """What the group size means for layers it does not fit, or None when it divides every width.
+
+    The format keeps one global ``group_size`` (as auto-gptq / GPTQModel write and read it) and
+    every reader sizes a layer's scales as ``ceil(in / group_size)`` groups: a layer narrower
+    than the group has one group per row (its whole input width), one whose width the group
+    does not divide has a shorter last group.
+    """
+    if group_size == -1:
+        return None
+    widths = _widths(arch)
+    narrow = [w for w in widths if w < group_size]
+    ragged = [w for w in widths if w > group_size and w % group_size]
+    parts = []
+    if narrow:
+        parts.append(
+            f"layers with {' / '.join(map(str, narrow))} inputs are narrower than --group-size {group_size}: "
+            "one group per row there (the layer's whole input width, as GPTQ tools do)"
+        )
+    if ragged:
+        parts.append(f"--group-size {group_size} does not divide input widths {ragged}: their last group is shorter")
+    if not parts:
+        return None
+    return (
+        "note: " + "; ".join(parts) + " (valid GPTQ v1 with the global group_size, as auto-gptq / GPTQModel read it; "
+        "fixed-shape kernels such as Marlin need a group that divides every width)"
+    )
+
+
+def quantize(
+    checkpoint: str | Path | LoadedModel,
+    spec: QuantSpec,
+    calib: CalibrationSettings | None = None,
+    out: str | Path | None = None,
+    *,
+    float_dtype: str = "float16",
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> QuantizeReport:
+    """Quantize the float model ``checkpoint`` (a ``.ckpt``, an exported directory, a recipe, or
+    a ``LoadedModel`` already in memory, which is copied, not changed) as ``spec`` says,
+    calibrated on ``calib``, into the GPTQ v1 directory ``out`` (default: beside the checkpoint)
+    with ``quantize_report.{json,md}``; returns the report.
+
+    Every problem with the arguments, the checkpoint and the calibration data is found before
+    any quantization starts and raised as one ``MerinoError``. ``verbose``: print what runs and
+    show progress bars.
+    """
+    import copy
+
+    from merino_pl.core.checkpoint import LoadedModel
+    from merino_pl.quantize.pipeline import quantize_checkpoint
+
+    given = checkpoint if isinstance(checkpoint, LoadedModel) else None
+    path = given.path if given else str(checkpoint)
+    settings = QuantizeSettings(
+        path, spec, calib or CalibrationSettings(), None if out is None else str(out), float_dtype, tokenizer, overwrite
+    )
+    problems = settings.problems(pending=frozenset({path}) if given else frozenset())
+    out_dir = settings.out_dir
+    protect = [
+        (p, what)
+        for p, what in [
+            (path, "the checkpoint being quantized"),
+            (settings.calib.source, "the --calib data"),
+            (tokenizer, "the --tokenizer file"),
+        ]
+        if p and Path(p).exists()
+    ]
+    problems += check_out(out_dir, overwrite=overwrite, protect=protect)
+    if given:  # quantization changes the model in place: the caller's stays as it was
+        given = dataclasses.replace(given, model=copy.deepcopy(given.model))
+    loaded, ids, held, tokenize_s, problems = _load_inputs(settings, problems, given, progress=verbose)
+    if problems:
+        raise MerinoError("; ".join(problems))
+    note = group_note(spec.group_size, loaded.recipe.architecture)
+    if verbose:
+        print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out_dir}: {spec}")
+        if note:
+            print(note)
+    return quantize_checkpoint(
+        loaded,
+        spec,
+        ids,
+        held,
+        out_dir,
+        settings.calib,
+        float_dtype,
+        tokenizer,
+        tokenize_seconds=tokenize_s,
+        group_note=note,
+        progress=verbose,
+    )
+
+
+def _load_inputs(
+    s: QuantizeSettings, problems: list[str], loaded: LoadedModel | None = None, progress: bool = True
+) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, float, list[str]]:
+    """The model, the calibration and held-out windows and the seconds spent reading +
+    tokenizing them, collecting their problems with the ones found so far."""
+    import torch
+
+    from merino_pl.core.checkpoint import load_model
+    from merino_pl.quantize.calibration import calibration_tokens
+
+    c, calib, held, tokenize_s = s.calib, None, None, 0.0
+    if not any(p.startswith("checkpoint not found") for p in problems):
+        try:
+            loaded = loaded or load_model(s.checkpoint)
+            if loaded.kind == "gptq":
+                bits = loaded.model.config.quantization_config.get("bits")
+                problems.append(
+                    f"{s.checkpoint} is already a GPTQ int{bits} directory (quantize_config.json); "
+                    "quantize the float model it came from (the exported directory or the .ckpt)"
+                )
+            else:
+                problems += validate_for_model(s.spec, c, loaded.recipe.architecture)
+        except MerinoError as e:
+            problems.append(str(e))
+    n_calib = c.nsamples if s.spec.method == "gptq" else 0
+    if (n_calib or c.holdout > 0) and c.seq_len > 0 and c.nsamples > 0 and c.holdout >= 0:
+        t0 = time.perf_counter()
+        try:
+            # no bar once a problem is known: the error must stay the only line on stderr
+            calib, held = calibration_tokens(
+                c.source,
+                n_calib,
+                c.seq_len,
+                c.holdout,
+                s.tokenizer,
+                c.text_field,
+                c.seed,
+                progress=progress and not problems,
+            )
+            tokenize_s = time.perf_counter() - t0
+        except MerinoError as e:
+            problems.append(str(e))
+    else:
+        calib = held = torch.zeros(0, max(c.seq_len, 0), dtype=torch.long)
+    return loaded, calib, held, tokenize_s, problems
