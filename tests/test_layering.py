@@ -32,6 +32,7 @@ PUBLIC = {
     "merino_pl.search.api": "the search stage's entry (SearchSettings, build_problem, decode, run_search)",
     "merino_pl.fit.api": "the fit stage's entry",
     "merino_pl.eval.api": "the eval stage's entry",
+    "merino_pl.info.api": "summarize / format_table: a recipe's figures and table (demo shows them)",
     "merino_pl.eval.report": "the eval report's renderer (whoever shows a report calls its renderer)",
     "merino_pl.latency.plot": "the latency plot's renderer",
     "merino_pl.export.onnx": "the export stage's ONNX entry: latency times the graph a user deploys",
@@ -50,8 +51,6 @@ KNOWN_BACK_EDGES = {
         "merino_pl.latency.report",
         "merino_pl.quantize.runner",
     ): "latency re-runs RTN in-process instead of reading the GPTQ dir",
-    ("merino_pl.demo.cli", "merino_pl.info.cli"): "demo prints info's table",
-    ("merino_pl.demo.cli", "merino_pl.fit.cli"): "demo runs fit through its CLI module, not fit.api.fit",
 }
 
 
