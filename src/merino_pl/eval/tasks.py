@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from merino_pl.core import paper as core_paper
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_yaml
 
@@ -49,8 +50,8 @@ def paper_tasks() -> list[TaskSpec]:
 
 
 def paper_baselines() -> dict[str, Any]:
-    """The paper's Table 2 and Table 3 rows (Pythia, Cerebras, GPT-2, OPT, MeRino)."""
-    return read_yaml(_paper_file("paper-baselines.yaml"), "paper baselines")
+    """The paper's Table 2 and Table 3 rows (Pythia, Cerebras, GPT-2, OPT, MeRino): the one file (core/paper.py)."""
+    return core_paper.paper_baselines()
 
 
 def resolve_tasks(spec: str) -> tuple[list[TaskSpec], int | None]:

@@ -3,67 +3,104 @@
 No download: each peer is its transformers class instantiated from the hyper-parameters of its
 published ``config.json`` (written out below), with random weights. Latency does not depend on
 the weight values, so a peer timed here is the peer the paper timed, at the same shapes.
-``PAPER`` holds the paper's own figures (Jetson Nano latency, FLOPs, average zero-shot accuracy)
-for the Figure-1 style chart.
+``PAPER`` is the paper's own figures (Jetson Nano latency, FLOPs, average zero-shot accuracy),
+read from the one file that holds them (``merino_pl.core.paper``), for the ratios and the
+Figure-1 style chart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from merino_pl.core.paper import PaperPoint, paper_points
 
 if TYPE_CHECKING:  # torch only where a peer is built: `latency plot` reads PAPER without it
     import torch
 
 # name -> (transformers config class, hyper-parameters of the published config.json)
 PEER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "pythia-70m": ("GPTNeoXConfig", dict(  # EleutherAI/pythia-70m
-        vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-        intermediate_size=2048, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
-        max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)),
-    "pythia-160m": ("GPTNeoXConfig", dict(  # EleutherAI/pythia-160m (the paper's "Pythia-162M")
-        vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
-        max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False)),
-    "opt-125m": ("OPTConfig", dict(  # facebook/opt-125m
-        vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        ffn_dim=3072, word_embed_proj_dim=768, max_position_embeddings=2048,
-        do_layer_norm_before=True, activation_function="relu")),
-    "opt-350m": ("OPTConfig", dict(  # facebook/opt-350m: post-LN, 512-wide embeddings projected
-        vocab_size=50272, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-        ffn_dim=4096, word_embed_proj_dim=512, max_position_embeddings=2048,
-        do_layer_norm_before=False, activation_function="relu")),
-    "gpt2": ("GPT2Config", dict(  # openai-community/gpt2 (124 M)
-        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
-        activation_function="gelu_new")),
-    "cerebras-111m": ("GPT2Config", dict(  # cerebras/Cerebras-GPT-111M
-        vocab_size=50257, n_embd=768, n_layer=10, n_head=12, n_inner=3072, n_positions=2048,
-        activation_function="gelu")),
+    "pythia-70m": (
+        "GPTNeoXConfig",
+        dict(  # EleutherAI/pythia-70m
+            vocab_size=50304,
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            hidden_act="gelu",
+            rotary_pct=0.25,
+            rotary_emb_base=10000,
+            max_position_embeddings=2048,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "pythia-160m": (
+        "GPTNeoXConfig",
+        dict(  # EleutherAI/pythia-160m (the paper's "Pythia-162M")
+            vocab_size=50304,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            hidden_act="gelu",
+            rotary_pct=0.25,
+            rotary_emb_base=10000,
+            max_position_embeddings=2048,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "opt-125m": (
+        "OPTConfig",
+        dict(  # facebook/opt-125m
+            vocab_size=50272,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            ffn_dim=3072,
+            word_embed_proj_dim=768,
+            max_position_embeddings=2048,
+            do_layer_norm_before=True,
+            activation_function="relu",
+        ),
+    ),
+    "opt-350m": (
+        "OPTConfig",
+        dict(  # facebook/opt-350m: post-LN, 512-wide embeddings projected
+            vocab_size=50272,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            ffn_dim=4096,
+            word_embed_proj_dim=512,
+            max_position_embeddings=2048,
+            do_layer_norm_before=False,
+            activation_function="relu",
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(  # openai-community/gpt2 (124 M)
+            vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024, activation_function="gelu_new"
+        ),
+    ),
+    "cerebras-111m": (
+        "GPT2Config",
+        dict(  # cerebras/Cerebras-GPT-111M
+            vocab_size=50257,
+            n_embd=768,
+            n_layer=10,
+            n_head=12,
+            n_inner=3072,
+            n_positions=2048,
+            activation_function="gelu",
+        ),
+    ),
 }
 
 
-@dataclass(frozen=True)
-class PaperPoint:
-    """One model in the paper: params (M), FLOPs (G, Table 3), Jetson Nano latency (ms, Table 3),
-    average zero-shot accuracy (Table 2)."""
-
-    params_m: float
-    flops_g: float
-    jetson_ms: float
-    avg_acc: float
-
-
-PAPER: dict[str, PaperPoint] = {
-    "pythia-70m": PaperPoint(70, 100, 95, 0.383),
-    "pythia-160m": PaperPoint(162, 270, 243, 0.409),
-    "cerebras-111m": PaperPoint(111, 260, 185, 0.402),
-    "gpt2": PaperPoint(124, 290, 213, 0.400),
-    "opt-125m": PaperPoint(125, 210, 182, 0.373),
-    "opt-350m": PaperPoint(331, 720, 559, 0.408),
-    "merino-52m": PaperPoint(52, 60, 48, 0.383),
-    "merino-61m": PaperPoint(61, 110, 77, 0.392),
-    "merino-64m": PaperPoint(64, 160, 114, 0.408),
-}
+PAPER: dict[str, PaperPoint] = paper_points()  # the paper's own figures, by peer / recipe name (core/paper.py)
 
 
 def peer_config(name: str, **overrides: Any) -> Any:
@@ -92,8 +129,12 @@ def build_peer(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
 # (config_params_*_ms.json are MeRino architectures run through their OPT code), as OPTModel:
 # the decoder, whose output is the final hidden state before the tied head.
 PAPER_TIMES_HEAD: dict[str, bool] = {
-    "pythia-70m": True, "pythia-160m": True, "gpt2": True, "cerebras-111m": True,
-    "opt-125m": False, "opt-350m": False,
+    "pythia-70m": True,
+    "pythia-160m": True,
+    "gpt2": True,
+    "cerebras-111m": True,
+    "opt-125m": False,
+    "opt-350m": False,
 }
 MERINO_PAPER_TIMES_HEAD = False
 

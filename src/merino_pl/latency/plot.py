@@ -14,18 +14,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+from merino_pl.core import paper
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path, write_json
-from merino_pl.latency.peers import PAPER
 
 # where an eval report may keep its average accuracy (first found wins)
 EVAL_ACCURACY_KEYS = ("average_accuracy", "avg_accuracy", "average_acc", "avg_acc", "average")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--latency", nargs="*", default=[], metavar="REPORT.json", help="latency reports (`merino-pl latency ... --out DIR` wrote DIR/latency.json)")
-    p.add_argument("--eval", nargs="*", default=[], metavar="REPORT.json", help="eval reports: their average accuracy, matched by model name")
-    p.add_argument("--paper", action="store_true", help="add a panel with the paper's published Jetson Nano points (Tables 2, 3)")
+    p.add_argument(
+        "--latency",
+        nargs="*",
+        default=[],
+        metavar="REPORT.json",
+        help="latency reports (`merino-pl latency ... --out DIR` wrote DIR/latency.json)",
+    )
+    p.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        metavar="REPORT.json",
+        help="eval reports: their average accuracy, matched by model name",
+    )
+    p.add_argument(
+        "--paper", action="store_true", help="add a panel with the paper's published Jetson Nano points (Tables 2, 3)"
+    )
     p.add_argument("--precision", default="fp32", help="which rows of the latency reports (default: fp32)")
     p.add_argument("--out", required=True, help="PNG to write (the points go beside it as .json)")
 
@@ -55,12 +69,17 @@ def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float | Non
     acc = next((report[k] for k in EVAL_ACCURACY_KEYS if isinstance(report.get(k), (int, float))), None)
     tasks = report.get("tasks")
     if acc is None and isinstance(tasks, dict):
-        scores = [t["value"] for t in tasks.values()
-                  if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))]
+        scores = [
+            t["value"]
+            for t in tasks.values()
+            if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))
+        ]
         return _named(name, source), (sum(scores) / len(scores) if scores else None)
     if acc is None:
-        raise MerinoError(f"{source}: no average accuracy in this eval report (need task scores under 'tasks', "
-                          f"or one of {', '.join(EVAL_ACCURACY_KEYS)})")
+        raise MerinoError(
+            f"{source}: no average accuracy in this eval report (need task scores under 'tasks', "
+            f"or one of {', '.join(EVAL_ACCURACY_KEYS)})"
+        )
     return _named(name, source), float(acc)
 
 
@@ -70,9 +89,16 @@ def _named(name: Any, source: str) -> str:
     return name
 
 
-def measured_points(latency: list[str], evals: list[str], precision: str) -> tuple[list[dict[str, Any]], str | None, list[str]]:
+def measured_points(
+    latency: list[str], evals: list[str], precision: str
+) -> tuple[list[dict[str, Any]], str | None, list[str]]:
     """Points of this device, its description, and the rows left out (no accuracy known)."""
-    acc = {name: value for name, value in (eval_accuracy(_read_json(p, "eval report"), p) for p in evals) if value is not None}
+    acc = {
+        name: value
+        for name, value in (eval_accuracy(_read_json(p, "eval report"), p) for p in evals)
+        if value is not None
+    }
+    published = paper.paper_points()
     points, device, missing = [], None, []
     for path in latency:
         report = _read_json(path, "latency report")
@@ -83,19 +109,37 @@ def measured_points(latency: list[str], evals: list[str], precision: str) -> tup
             if row["precision"] != precision or row["path"] != "plain":
                 continue
             name = row["model"]
-            accuracy, source = (acc[name], "eval report") if name in acc else (
-                (PAPER[name].avg_acc, "paper Table 2") if name in PAPER else (None, None))
+            accuracy, source = (
+                (acc[name], "eval report")
+                if name in acc
+                else ((published[name].avg_acc, "paper Table 2") if name in published else (None, None))
+            )
             if accuracy is None:
                 missing.append(name)
                 continue
-            points.append({"model": name, "latency_ms": row["prefill_ms"]["mean"], "accuracy": accuracy,
-                           "flops_g": row.get("flops_g"), "accuracy_from": source})
+            points.append(
+                {
+                    "model": name,
+                    "latency_ms": row["prefill_ms"]["mean"],
+                    "accuracy": accuracy,
+                    "flops_g": row.get("flops_g"),
+                    "accuracy_from": source,
+                }
+            )
     return points, device, missing
 
 
 def paper_points() -> list[dict[str, Any]]:
-    return [{"model": n, "latency_ms": p.jetson_ms, "accuracy": p.avg_acc, "flops_g": p.flops_g, "accuracy_from": "paper Table 2"}
-            for n, p in PAPER.items()]
+    return [
+        {
+            "model": n,
+            "latency_ms": p.jetson_ms,
+            "accuracy": p.avg_acc,
+            "flops_g": p.flops_g,
+            "accuracy_from": "paper Table 2",
+        }
+        for n, p in paper.paper_points().items()
+    ]
 
 
 def _family(name: str) -> str:
@@ -113,9 +157,14 @@ def _plain_log_ticks(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(plain if hi / max(lo, 1e-12) < 10 else NullFormatter())
 
 
-def draw(panels: list[tuple[str, list[dict[str, Any]]]], out: Path, y: str = "accuracy",
-         ylabel: str = "average zero-shot accuracy", title: str = "Accuracy vs latency (bubble diameter ∝ FLOPs)",
-         log_y: bool = False) -> None:
+def draw(
+    panels: list[tuple[str, list[dict[str, Any]]]],
+    out: Path,
+    y: str = "accuracy",
+    ylabel: str = "average zero-shot accuracy",
+    title: str = "Accuracy vs latency (bubble diameter ∝ FLOPs)",
+    log_y: bool = False,
+) -> None:
     """One bubble panel per (title, points): x = ``latency_ms``, y = ``point[y]``; diameter ∝
     FLOPs as in the paper. A point is annotated with its ``label`` (default: ``model``), or named
     in the panel's legend when it has a ``legend``; ``color`` overrides its family's colour. The
@@ -125,18 +174,44 @@ def draw(panels: list[tuple[str, list[dict[str, Any]]]], out: Path, y: str = "ac
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"merino": "tab:red", "pythia": "tab:green", "opt": "tab:blue", "gpt2": "tab:orange", "cerebras": "tab:purple"}
+    colors = {
+        "merino": "tab:red",
+        "pythia": "tab:green",
+        "opt": "tab:blue",
+        "gpt2": "tab:orange",
+        "cerebras": "tab:purple",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     biggest = max((p["flops_g"] or 0) for _, pts in panels for p in pts) or 1.0
     labels: list[tuple[Any, float]] = []  # (annotation, bubble diameter) in drawing order
     for ax, (panel_title, pts) in zip(axes[0], panels):
         for p in pts:
             diameter = 8 + 52 * (p["flops_g"] or 0) / biggest  # points; marker area = diameter²
-            ax.scatter(p["latency_ms"], p[y], s=diameter**2, alpha=0.45, label=p.get("legend"),
-                       color=p.get("color") or colors.get(_family(p["model"]), "tab:gray"), edgecolors="black", linewidths=0.6)
+            ax.scatter(
+                p["latency_ms"],
+                p[y],
+                s=diameter**2,
+                alpha=0.45,
+                label=p.get("legend"),
+                color=p.get("color") or colors.get(_family(p["model"]), "tab:gray"),
+                edgecolors="black",
+                linewidths=0.6,
+            )
             if not p.get("legend"):  # points close together (one model's precisions) go in a legend instead
-                labels.append((ax.annotate(p.get("label", p["model"]), (p["latency_ms"], p[y]), textcoords="offset points",
-                                           xytext=(0, diameter / 2 + 2), ha="center", va="bottom", fontsize=8), diameter))
+                labels.append(
+                    (
+                        ax.annotate(
+                            p.get("label", p["model"]),
+                            (p["latency_ms"], p[y]),
+                            textcoords="offset points",
+                            xytext=(0, diameter / 2 + 2),
+                            ha="center",
+                            va="bottom",
+                            fontsize=8,
+                        ),
+                        diameter,
+                    )
+                )
         if any(p.get("legend") for p in pts):
             ax.legend(fontsize=8, loc="best")
         ax.set_title(panel_title, fontsize=10)
@@ -162,8 +237,13 @@ def _declutter(fig: Any, labels: list[tuple[Any, float]]) -> None:
     placed: list[Any] = []
     for ann, d in labels:
         r = d / 2 + 2
-        for offset, ha, va in (((0, r), "center", "bottom"), ((0, -r), "center", "top"),
-                               ((r + 1, 0), "left", "center"), ((-r - 1, 0), "right", "center"), ((0, r), "center", "bottom")):
+        for offset, ha, va in (
+            ((0, r), "center", "bottom"),
+            ((0, -r), "center", "top"),
+            ((r + 1, 0), "left", "center"),
+            ((-r - 1, 0), "right", "center"),
+            ((0, r), "center", "bottom"),
+        ):
             ann.xyann = offset
             ann.set_horizontalalignment(ha)
             ann.set_verticalalignment(va)
@@ -181,15 +261,24 @@ def run(args: argparse.Namespace) -> int:
     panels = []
     if args.latency:
         if not points and args.paper:
-            print(f"note: no accuracy for {', '.join(missing)} (eval reports without a finished task): only the paper's panel is drawn")
+            print(
+                f"note: no accuracy for {', '.join(missing)} (eval reports without a finished task): only the paper's panel is drawn"
+            )
         elif not points:
-            raise MerinoError(f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} (models without accuracy: {', '.join(missing) or 'none'})")
+            raise MerinoError(
+                f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} (models without accuracy: {', '.join(missing) or 'none'})"
+            )
         if points:
             panels.append((f"measured on {device} ({args.precision})", points))
     if args.paper:
         panels.append(("paper (Jetson Nano, Tables 2-3)", paper_points()))
     out = Path(args.out)
     draw(panels, out)
-    write_json(out.with_suffix(".json"), {"panels": [{"title": t, "points": p} for t, p in panels], "no_accuracy": missing})
-    print(f"wrote {out} ({sum(len(p) for _, p in panels)} points)" + (f"; no accuracy for {', '.join(missing)}" if missing else ""))
+    write_json(
+        out.with_suffix(".json"), {"panels": [{"title": t, "points": p} for t, p in panels], "no_accuracy": missing}
+    )
+    print(
+        f"wrote {out} ({sum(len(p) for _, p in panels)} points)"
+        + (f"; no accuracy for {', '.join(missing)}" if missing else "")
+    )
     return 0
