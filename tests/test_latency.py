@@ -44,7 +44,7 @@ def report(recipe_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     opts = Options(precisions=("fp32", "int8"), batch=1, seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m",),
                    generate_tokens=3, generate_runs=1)
     out = tmp_path_factory.mktemp("report")
-    return build_report(recipe_file, opts, out, peer_factory=lambda n: build_peer(n, **TINY_PEER[n]))
+    return build_report(recipe_file, opts, out, peer_factory=lambda n: build_peer(n, **TINY_PEER[n])).to_json()
 
 
 # ---- device --------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_paper_protocol_excludes_exactly_the_heads_the_authors_code_excludes() -
 def test_report_with_both_protocols_onnxruntime_int_rows_and_generation(recipe_file: Path, tmp_path: Path) -> None:
     opts = Options(precisions=("fp32", "int4"), seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m", "opt-350m"),
                    onnx=True, protocols=("full", "paper"), generate_tokens=4, generate_runs=1, embedding="int8", paper_runs=2)
-    rep = build_report(recipe_file, opts, tmp_path, peer_factory=lambda n: build_peer(n, **TINY_PEER[n]))
+    rep = build_report(recipe_file, opts, tmp_path, peer_factory=lambda n: build_peer(n, **TINY_PEER[n])).to_json()
     rows = {(r["model"], r["precision"], r["path"]): r for r in rep["rows"]}
     fp32, int4 = rows[("tiny", "fp32", "plain")], rows[("tiny", "int4", "plain")]
     assert rows[("tiny", "int4", "onnxruntime")]["runtime"] == "onnxruntime" and (tmp_path / "model-int4.onnx").is_file()

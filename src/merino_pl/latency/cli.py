@@ -16,91 +16,132 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merino_pl.core.errors import ArgumentParser, MerinoError, parse_problems
+from merino_pl.core.errors import ArgumentParser, parse_problems
 
 if TYPE_CHECKING:
-    from merino_pl.latency.report import Options
+    from merino_pl.latency.api import LatencySettings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from merino_pl.latency import PRECISIONS
 
-    p.add_argument("source", metavar="CKPT_OR_RECIPE", help="a .ckpt, an exported / GPTQ directory, a recipe YAML or a built-in recipe name")
+    p.add_argument(
+        "source",
+        metavar="CKPT_OR_RECIPE",
+        help="a .ckpt, an exported / GPTQ directory, a recipe YAML or a built-in recipe name",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--precision", default="fp32", help=f"comma-separated, of {','.join(PRECISIONS)} (default: fp32)")
     p.add_argument("--batch", type=int, default=1, help="batch size (paper: 1)")
     p.add_argument("--seq", type=int, default=128, help="prompt length (paper: 128)")
     p.add_argument("--runs", type=int, default=16, help="timed runs; the paper reports their mean (default: 16)")
     p.add_argument("--warmup", type=int, default=4, help="untimed runs first (default: 4)")
-    p.add_argument("--decode-tokens", type=int, default=8, help="one-token decode steps per timed decode run (default: 8)")
-    p.add_argument("--peers", default="", help="comma-separated peers timed in the same run: pythia-70m,pythia-160m,opt-125m,opt-350m,gpt2,cerebras-111m")
-    p.add_argument("--onnx", action="store_true", help="also export to ONNX and time the onnxruntime path (= --runtime torch,onnxruntime)")
-    p.add_argument("--runtime", default="torch", help="comma-separated, of torch,onnxruntime: onnxruntime adds its rows (float graphs; "
-                   "GPTQ / int rows as MatMulNBits) beside torch's, which every ratio and check refers to (default: torch)")
-    p.add_argument("--protocol", default="full", help="comma-separated, of full,paper: full = every model with its head, prefill / "
-                   "decode / generation (default); paper = the authors' latency_test (1 thread, zero ids, timeit(16).mean, "
-                   "MeRino and OPT without their LM head, Pythia and GPT-2 with it)")
-    p.add_argument("--generate-tokens", type=int, default=128, help="new tokens of the generation rows after the --seq prompt (0: none; default: 128)")
+    p.add_argument(
+        "--decode-tokens", type=int, default=8, help="one-token decode steps per timed decode run (default: 8)"
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        help="comma-separated peers timed in the same run: pythia-70m,pythia-160m,opt-125m,opt-350m,gpt2,cerebras-111m",
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export to ONNX and time the onnxruntime path (= --runtime torch,onnxruntime)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        help="comma-separated, of torch,onnxruntime: onnxruntime adds its rows (float graphs; "
+        "GPTQ / int rows as MatMulNBits) beside torch's, which every ratio and check refers to (default: torch)",
+    )
+    p.add_argument(
+        "--protocol",
+        default="full",
+        help="comma-separated, of full,paper: full = every model with its head, prefill / "
+        "decode / generation (default); paper = the authors' latency_test (1 thread, zero ids, timeit(16).mean, "
+        "MeRino and OPT without their LM head, Pythia and GPT-2 with it)",
+    )
+    p.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=128,
+        help="new tokens of the generation rows after the --seq prompt (0: none; default: 128)",
+    )
     p.add_argument("--generate-runs", type=int, default=2, help="timed generations per row (default: 2)")
-    p.add_argument("--onnx-accuracy-level", type=int, default=4, help="MatMulNBits compute type of the int onnxruntime rows: 4 = int8 "
-                   "activations (fast; logits ~1 %% from torch's) or 0 = fp32 (exact; 8-bit then dequantizes every call) (default: 4)")
-    p.add_argument("--embedding", default="fp16", help="int rows made from a float model: its tied table fp16 (default) or int8 "
-                   "(as merino-pl quantize --embedding)")
+    p.add_argument(
+        "--onnx-accuracy-level",
+        type=int,
+        default=4,
+        help="MatMulNBits compute type of the int onnxruntime rows: 4 = int8 "
+        "activations (fast; logits ~1 %% from torch's) or 0 = fp32 (exact; 8-bit then dequantizes every call) (default: 4)",
+    )
+    p.add_argument(
+        "--embedding",
+        default="fp16",
+        help="int rows made from a float model: its tied table fp16 (default) or int8 "
+        "(as merino-pl quantize --embedding)",
+    )
     p.add_argument("--no-fast", action="store_true", help="skip the fast-path rows")
-    p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) intra-op threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch (and onnxruntime) intra-op threads (default: torch's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (and of a recipe's fresh weights)")
     p.add_argument("--out", required=True, help="output directory: latency.json, latency.md (and model-*.onnx)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure, then write ``latency.json`` and ``latency.md`` into ``--out``."""
-    import torch
+    from merino_pl.latency.api import latency
+    from merino_pl.latency.report import render_markdown
 
-    from merino_pl.latency.report import build_report, write_report
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MerinoError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    opts = options(args)
-    out = Path(args.out)
-    report = build_report(args.source, opts, out)
-    print(write_report(out, report))
-    print(f"wrote {out / 'latency.json'} and {out / 'latency.md'}")
+    report = latency(settings(args))
+    print(render_markdown(report))
+    print(f"wrote {Path(args.out) / 'latency.json'} and {Path(args.out) / 'latency.md'}")
     return 0
 
 
-def options(args: argparse.Namespace) -> Options:
+def settings(args: argparse.Namespace) -> LatencySettings:
+    """The flags as the typed settings ``api.latency`` takes."""
+    from merino_pl.latency.api import LatencySettings
     from merino_pl.latency.report import Options
 
-    runtimes = [x.strip().lower() for x in args.runtime.split(",") if x.strip()]
-    return Options(
-        device=args.device, precisions=tuple(x.strip().lower() for x in args.precision.split(",") if x.strip()),
-        batch=args.batch, seq=args.seq, runs=args.runs, warmup=args.warmup, decode_tokens=args.decode_tokens,
-        peers=tuple(x.strip().lower() for x in args.peers.split(",") if x.strip()),
-        onnx=args.onnx or "onnxruntime" in runtimes, fast=not args.no_fast, seed=args.seed,
-        protocols=tuple(x.strip().lower() for x in args.protocol.split(",") if x.strip()),
-        generate_tokens=args.generate_tokens, onnx_accuracy_level=args.onnx_accuracy_level, generate_runs=args.generate_runs, embedding=args.embedding,
-        runtimes=tuple(runtimes),
+    def items(flag: str) -> tuple[str, ...]:
+        return tuple(x.strip().lower() for x in flag.split(",") if x.strip())
+
+    runtimes = items(args.runtime)
+    options = Options(
+        device=args.device,
+        precisions=items(args.precision),
+        batch=args.batch,
+        seq=args.seq,
+        runs=args.runs,
+        warmup=args.warmup,
+        decode_tokens=args.decode_tokens,
+        peers=items(args.peers),
+        onnx=args.onnx or "onnxruntime" in runtimes,
+        fast=not args.no_fast,
+        seed=args.seed,
+        protocols=items(args.protocol),
+        generate_tokens=args.generate_tokens,
+        onnx_accuracy_level=args.onnx_accuracy_level,
+        generate_runs=args.generate_runs,
+        embedding=args.embedding,
+        runtimes=runtimes,
     )
+    return LatencySettings(args.source, args.out, options, args.threads)
 
 
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
     """Problems with these arguments that need no model, for ``pipeline`` before any stage runs
     (the ``plot`` / ``profile`` sub-commands: their own parsers)."""
-    from merino_pl.core.io import check_out
-
     if argv and argv[0] in ("profile", "plot"):
         import importlib
 
         module = importlib.import_module(f"merino_pl.latency.{argv[0]}")
         return parse_problems(module.add_arguments, argv[1:], f"latency {argv[0]}")[1]
     args, problems = parse_problems(add_arguments, argv, "latency")
-    if args is None:
-        return problems
-    if args.threads is not None and args.threads < 1:
-        problems.append(f"--threads must be >= 1, got {args.threads}")
-    return problems + options(args).problems() + check_out(args.out)
+    return problems if args is None else settings(args).problems()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_arguments(parser)
         return int(module.run(parser.parse_args(argv[1:])) or 0)
     parser = ArgumentParser(
-        prog="merino-pl latency", description="latency report on this device (sub-commands: profile, plot)",
+        prog="merino-pl latency",
+        description="latency report on this device (sub-commands: profile, plot)",
         epilog="sub-commands: `merino-pl latency profile --help`, `merino-pl latency plot --help`",
     )
     add_arguments(parser)

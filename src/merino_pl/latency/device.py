@@ -29,7 +29,11 @@ def parse_tegra_release(text: str) -> dict[str, Any] | None:
     m = _TEGRA_RE.match(first)
     if not m:
         return None
-    info: dict[str, Any] = {"l4t": f"{m['major']}.{m['revision']}", "release": f"R{m['major']}", "revision": m["revision"]}
+    info: dict[str, Any] = {
+        "l4t": f"{m['major']}.{m['revision']}",
+        "release": f"R{m['major']}",
+        "revision": m["revision"],
+    }
     for field in m["rest"].split(","):
         key, _, value = field.partition(":")
         if value.strip():
@@ -70,7 +74,10 @@ def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         return out.splitlines()[0] if out else None
     except (OSError, subprocess.SubprocessError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +27,10 @@ from merino_pl.core.config import BlockConfig, MerinoConfig
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.latency_table import LatencyTable
 from merino_pl.core.model import DecoderLayer, make_norm
-from merino_pl.core.space import SearchSpace, load_space
+from merino_pl.core.quant.format import FLOAT_DTYPES
+from merino_pl.core.space import SearchSpace
 from merino_pl.latency.device import describe_device
 from merino_pl.latency.harness import Stats, synchronizer, time_calls
-from merino_pl.latency.report import FLOAT_DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(FLOAT_DTYPES)} (default: fp32)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--seq", type=int, default=128, help="tokens per prefill (default: 128)")
-    p.add_argument("--runs", type=int, default=16, help="timed runs per shape; the table keeps their mean (default: 16)")
+    p.add_argument(
+        "--runs", type=int, default=16, help="timed runs per shape; the table keeps their mean (default: 16)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape first (default: 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", required=True, help="the table (JSON) to write")
@@ -48,31 +49,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, profile, write the table; print a one-line summary."""
-    problems = []
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        problems.append(f"--device {args.device!r} is not one of cpu, cuda")
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {args.device}: no CUDA device is available here")
-    if args.precision not in FLOAT_DTYPES:
-        problems.append(f"--precision {args.precision!r} is not one of {', '.join(FLOAT_DTYPES)} (INT8/INT4 layers are not profiled)")
-    for name in ("batch", "seq", "runs"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        problems.append(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        problems.append(f"--threads must be >= 1, got {args.threads}")
-    if args.space is not None and not Path(args.space).is_file():
-        problems.append(f"search space not found: {args.space}")
-    if problems:
-        raise MerinoError("; ".join(problems))
-    space = load_space(args.space)  # MerinoError naming the file when missing / malformed
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    table = profile_space(space, args.device, args.precision, args.batch, args.seq, args.runs, args.warmup)
-    table.save(args.out)
-    print(f"wrote {args.out}: {len(table.layers)} layer shapes, {len(table.projections)} projections, "
-          f"fixed {table.fixed['ms']:.3f} ms on {table.device['summary']}")
+    from merino_pl.latency.api import ProfileSettings, profile
+
+    table = profile(
+        ProfileSettings(
+            args.out,
+            args.device,
+            args.space,
+            args.precision,
+            args.batch,
+            args.seq,
+            args.runs,
+            args.warmup,
+            args.threads,
+        )
+    )
+    print(
+        f"wrote {args.out}: {len(table.layers)} layer shapes, {len(table.projections)} projections, "
+        f"fixed {table.fixed['ms']:.3f} ms on {table.device['summary']}"
+    )
     return 0
 
 
@@ -87,8 +82,14 @@ def _layer_config(space: SearchSpace, embed_dim: int, ffn_dim: int) -> MerinoCon
 
 
 def profile_space(
-    space: SearchSpace, device: str = "cpu", precision: str = "fp32", batch: int = 1, seq: int = 128,
-    runs: int = 16, warmup: int = 2, progress: bool = True,
+    space: SearchSpace,
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch: int = 1,
+    seq: int = 128,
+    runs: int = 16,
+    warmup: int = 2,
+    progress: bool = True,
 ) -> LatencyTable:
     """Measure every layer shape, projection and the fixed part of ``space`` on ``device``."""
     max_pos = int(space.architecture.get("max_position_embeddings", 2048))
@@ -96,30 +97,50 @@ def profile_space(
         raise MerinoError(f"--seq {seq} exceeds the space's max_position_embeddings {max_pos}")
     opts: dict[str, Any] = dict(device=device, dtype=FLOAT_DTYPES[precision])
     shapes, projections = space.layer_shapes(), space.projection_shapes()
-    bar = tqdm(total=len(shapes) + len(projections) + 1, desc="profile", unit="shape", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(shapes) + len(projections) + 1, desc="profile", unit="shape", disable=not progress, dynamic_ncols=True
+    )
     layers = []
     for e, f in shapes:
         cfg = _layer_config(space, e, f)
         layer = DecoderLayer(cfg, e, f).to(**opts).eval()
         x = torch.randn(batch, seq, e, **opts)
-        layers.append({"embed_dim": e, "ffn_dim": f, "ms": _mean_ms(lambda layer=layer, x=x: layer(x, None, None, 0), device, runs, warmup)})
+        layers.append(
+            {
+                "embed_dim": e,
+                "ffn_dim": f,
+                "ms": _mean_ms(lambda layer=layer, x=x: layer(x, None, None, 0), device, runs, warmup),
+            }
+        )
         bar.set_postfix_str(f"E={e} F={f}")
         bar.update(1)
     projs = []
     for i, o in projections:
         weight = torch.randn(o, i, **opts) * i**-0.5
         x = torch.randn(batch, seq, i, **opts)
-        projs.append({"in": i, "out": o, "ms": _mean_ms(lambda x=x, weight=weight: F.linear(x, weight), device, runs, warmup)})
+        projs.append(
+            {"in": i, "out": o, "ms": _mean_ms(lambda x=x, weight=weight: F.linear(x, weight), device, runs, warmup)}
+        )
         bar.update(1)
     fixed = _profile_fixed(space, opts, batch, seq, runs, warmup)
     bar.update(1)
     bar.close()
     dev = describe_device(device)
-    return LatencyTable(fixed=fixed, layers=layers, projections=projs, device=dev, torch=torch.__version__,
-                        precision=precision, batch=batch, seq_len=seq)
+    return LatencyTable(
+        fixed=fixed,
+        layers=layers,
+        projections=projs,
+        device=dev,
+        torch=torch.__version__,
+        precision=precision,
+        batch=batch,
+        seq_len=seq,
+    )
 
 
-def _profile_fixed(space: SearchSpace, opts: dict[str, Any], batch: int, seq: int, runs: int, warmup: int) -> dict[str, Any]:
+def _profile_fixed(
+    space: SearchSpace, opts: dict[str, Any], batch: int, seq: int, runs: int, warmup: int
+) -> dict[str, Any]:
     """Embeddings + final norm + tied LM head over all positions, at the space's d_model / vocab."""
     cfg = _layer_config(space, space.embed_dims[0], space.ffn_dim(space.embed_dims[0], space.ffn_choices[0]))
     tokens = torch.nn.Embedding(cfg.vocab_size, cfg.d_model).to(**opts)

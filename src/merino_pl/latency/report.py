@@ -29,7 +29,8 @@ from tqdm import tqdm
 from merino_pl.core.checkpoint import LoadedModel, load_model
 from merino_pl.core.costs import count_flops
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_write_text, check_out, write_json
+from merino_pl.core.io import atomic_write_text, check_out, read_json, write_json
+from merino_pl.core.quant.format import FLOAT_DTYPES
 from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
@@ -48,8 +49,9 @@ from merino_pl.latency.harness import (
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, paper_forward
 
 FORMAT = "merino-latency-report/1"
+FORMAT_VERSION = 1  # bump with FORMAT when a key changes meaning or goes away (files without it are version 1)
+JSON_NAME, MARKDOWN_NAME = "latency.json", "latency.md"
 INT_BITS = {"int8": 8, "int4": 4}
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # spread beyond which a row's timings (and every ratio using them) are flagged as untrustworthy
 CV_LIMIT, P90_LIMIT = 0.15, 1.5
 # max |logit difference| fast vs plain (and onnxruntime vs PyTorch) that still counts as "equal"
@@ -118,12 +120,20 @@ class Options:
 
     def protocol(self) -> dict[str, Any]:
         return {
-            "protocols": list(self.protocols), "paper": PAPER_PROTOCOL if "paper" in self.protocols else None,
+            "protocols": list(self.protocols),
+            "paper": PAPER_PROTOCOL if "paper" in self.protocols else None,
             "generation": f"greedy, {self.generate_tokens} new tokens after the {self.seq}-token prompt, tokens/s "
-                          f"(prompt included), mean of {self.generate_runs}" if self.generate_tokens else None,
-            "batch": self.batch, "seq_len": self.seq, "runs": self.runs, "warmup": self.warmup,
-            "decode_tokens": self.decode_tokens, "statistic": "mean (paper), median, p90 of the runs",
-            "timing": PROTOCOL, "inputs": f"random token ids (seed {self.seed})",
+            f"(prompt included), mean of {self.generate_runs}"
+            if self.generate_tokens
+            else None,
+            "batch": self.batch,
+            "seq_len": self.seq,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "decode_tokens": self.decode_tokens,
+            "statistic": "mean (paper), median, p90 of the runs",
+            "timing": PROTOCOL,
+            "inputs": f"random token ids (seed {self.seed})",
             "decode": f"{self.decode_tokens} one-token steps on a {self.seq}-token KV cache, per token",
         }
 
@@ -138,7 +148,16 @@ def size_on_disk(loaded: LoadedModel) -> int | None:
     return path.stat().st_size
 
 
-def _row(name: str, role: str, precision: str, path: str, model: torch.nn.Module, m: Measurement, tmp: Path, weights_bytes: int | None = None) -> dict[str, Any]:
+def _row(
+    name: str,
+    role: str,
+    precision: str,
+    path: str,
+    model: torch.nn.Module,
+    m: Measurement,
+    tmp: Path,
+    weights_bytes: int | None = None,
+) -> dict[str, Any]:
     arch = getattr(model, "arch", None)
     if name in PAPER and arch is None:
         flops = PAPER[name].flops_g  # a peer: the paper's Table 3 figure
@@ -146,7 +165,10 @@ def _row(name: str, role: str, precision: str, path: str, model: torch.nn.Module
         flops = count_flops(arch) / 1e9 if arch is not None else None
     workspace = getattr(model, "_merino_workspace", None)  # a packed model's dequantization scratch
     return {
-        "model": name, "role": role, "precision": precision, "path": path,
+        "model": name,
+        "role": role,
+        "precision": precision,
+        "path": path,
         "runtime": "onnxruntime" if path == "onnxruntime" else "torch",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_g": flops,
@@ -175,23 +197,37 @@ def _reference_logits(runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:
 REL_TOLERANCE_INT8_ACTIVATIONS = 0.03
 
 
-def _compare(ref: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Tensor, torch.Tensor], precision: str, what: str,
-             relative: float | None = None) -> dict[str, Any]:
+def _compare(
+    ref: tuple[torch.Tensor, torch.Tensor],
+    got: tuple[torch.Tensor, torch.Tensor],
+    precision: str,
+    what: str,
+    relative: float | None = None,
+) -> dict[str, Any]:
     """Max |logit difference| against ``TOLERANCE``, or (``relative`` given) the relative logit
     error ||a − b|| / ||a|| against it; both figures are recorded."""
     diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
     rel = max(float((a - b).norm() / a.norm()) for a, b in zip(ref, got))
     top1 = all(bool((a.argmax(-1) == b.argmax(-1)).all()) for a, b in zip(ref, got))
     tol = TOLERANCE[precision] if relative is None else relative
-    return {"precision": precision, "compared": what, "max_abs_logit_diff": diff, "rel_logit_err": rel, "top1_equal": top1,
-            "tolerance": tol, "tolerance_on": "max_abs_logit_diff" if relative is None else "rel_logit_err",
-            "match": (diff if relative is None else rel) <= tol}
+    return {
+        "precision": precision,
+        "compared": what,
+        "max_abs_logit_diff": diff,
+        "rel_logit_err": rel,
+        "top1_equal": top1,
+        "tolerance": tol,
+        "tolerance_on": "max_abs_logit_diff" if relative is None else "rel_logit_err",
+        "match": (diff if relative is None else rel) <= tol,
+    }
 
 
 class ReportBuilder:
     """Measures rows one after another and collects them with the checks and speed-ups."""
 
-    def __init__(self, loaded: LoadedModel, opts: Options, out_dir: Path, peer_factory: Callable[[str], torch.nn.Module]) -> None:
+    def __init__(
+        self, loaded: LoadedModel, opts: Options, out_dir: Path, peer_factory: Callable[[str], torch.nn.Module]
+    ) -> None:
         self.loaded, self.opts, self.out_dir, self.peer_factory = loaded, opts, out_dir, peer_factory
         self.rows: list[dict[str, Any]] = []
         self.generation: list[dict[str, Any]] = []
@@ -206,7 +242,9 @@ class ReportBuilder:
         o = self.opts
         floats = [p for p in o.precisions if p in FLOAT_DTYPES]
         ints = [p for p in o.precisions if p in INT_BITS]
-        full = len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (1 + int(o.fast) + int(o.onnx))
+        full = len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (
+            1 + int(o.fast) + int(o.onnx)
+        )
         paper = len(floats) * (1 + len(o.peers))
         return full * ("full" in o.protocols) + paper * ("paper" in o.protocols)
 
@@ -230,8 +268,15 @@ class ReportBuilder:
         if o.generate_tokens:
             self.bar.set_postfix_str(f"{self.loaded.recipe.name} {precision} {runtime} generation")
             g = generation(runner, o.device, o.generate_tokens, o.generate_runs)
-            self.generation.append({"model": self.loaded.recipe.name, "precision": precision, "runtime": runtime,
-                                    "prompt_tokens": o.seq, **g})
+            self.generation.append(
+                {
+                    "model": self.loaded.recipe.name,
+                    "precision": precision,
+                    "runtime": runtime,
+                    "prompt_tokens": o.seq,
+                    **g,
+                }
+            )
 
     def precision(self, precision: str) -> None:
         """All rows of one float precision: ours plain / fast / onnxruntime, then the peers."""
@@ -240,16 +285,25 @@ class ReportBuilder:
         model = copy.deepcopy(self.loaded.model).to(device=o.device, dtype=dtype).eval()
         plain = self._runner(model)
         ref = _reference_logits(plain)
-        self._add(f"{name} {precision} plain", lambda model=model: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        self._add(
+            f"{name} {precision} plain",
+            lambda model=model: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp),
+        )
         if o.fast:
             fuse_qkv(model)  # after the plain rows: it re-points the model's Q/K/V weights
             fast = self._runner(model, last_logits_only=True)
             self.checks.append(_compare(ref, _reference_logits(fast), precision, "fast path vs plain"))
             size = self.rows[-1]["weights_bytes"]  # the same weights: a file of the fused form is no different
-            self._add(f"{name} {precision} fast", lambda model=model: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+            self._add(
+                f"{name} {precision} fast",
+                lambda model=model: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size),
+            )
         self._generate(fast if o.fast else plain, precision, "torch")
         if o.onnx:
-            self._add(f"{name} {precision} onnxruntime", lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(self.loaded.model).to(dtype)))
+            self._add(
+                f"{name} {precision} onnxruntime",
+                lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(self.loaded.model).to(dtype)),
+            )
         del model
         for peer in o.peers:
             self._peer(peer, dtype, precision)
@@ -258,20 +312,33 @@ class ReportBuilder:
         """Our model at int8 / int4 (``quantized_model``): plain, fast and onnxruntime
         (MatMulNBits); peers stay float."""
         o, name = self.opts, self.loaded.recipe.name
-        model = self.loaded.model if self.loaded.kind == "gptq" else quantized_model(self.loaded, precision, self.tmp, o.embedding)
+        model = (
+            self.loaded.model
+            if self.loaded.kind == "gptq"
+            else quantized_model(self.loaded, precision, self.tmp, o.embedding)
+        )
         model = model.to(o.device)
         plain = self._runner(model)
         ref = _reference_logits(plain)
-        self._add(f"{name} {precision} plain", lambda model=model: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp))
+        self._add(
+            f"{name} {precision} plain",
+            lambda model=model: _row(name, "model", precision, "plain", model, self._measure(plain), self.tmp),
+        )
         fast = None
         if o.fast:  # fused QKV leaves quantized linears alone: only the last-logits prefill applies
             fast = self._runner(model, last_logits_only=True)
             self.checks.append(_compare(ref, _reference_logits(fast), "fp32", f"fast path vs plain ({precision})"))
             size = self.rows[-1]["weights_bytes"]
-            self._add(f"{name} {precision} fast", lambda model=model: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size))
+            self._add(
+                f"{name} {precision} fast",
+                lambda model=model: _row(name, "model", precision, "fast", model, self._measure(fast), self.tmp, size),
+            )
         self._generate(fast or plain, precision, "torch")
         if o.onnx:
-            self._add(f"{name} {precision} onnxruntime", lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(model)))
+            self._add(
+                f"{name} {precision} onnxruntime",
+                lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(model)),
+            )
         if o.peers:
             self.skipped.append({"row": f"peers {precision}", "reason": "int rows are ours only (peers stay float)"})
 
@@ -279,30 +346,66 @@ class ReportBuilder:
         """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position
         logits, as ``generate`` runs every transformers model) to compare our fast path with."""
         model = self.peer_factory(peer).to(device=self.opts.device, dtype=dtype)
-        self._add(f"{peer} {precision}", lambda model=model: _row(peer, "peer", precision, "plain", model, self._measure(self._runner(model)), self.tmp))
+        self._add(
+            f"{peer} {precision}",
+            lambda model=model: _row(
+                peer, "peer", precision, "plain", model, self._measure(self._runner(model)), self.tmp
+            ),
+        )
         if self.opts.fast:
             size = self.rows[-1]["weights_bytes"]
             last = self._runner(model, last_logits_only=True)
-            self._add(f"{peer} {precision} last-logits", lambda model=model: _row(peer, "peer", precision, "last-logits", model, self._measure(last), self.tmp, size))
+            self._add(
+                f"{peer} {precision} last-logits",
+                lambda model=model: _row(
+                    peer, "peer", precision, "last-logits", model, self._measure(last), self.tmp, size
+                ),
+            )
         del model
 
-    def _onnx(self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor], cpu_copy: torch.nn.Module) -> dict[str, Any] | None:
+    def _onnx(
+        self, model: torch.nn.Module, precision: str, ref: tuple[torch.Tensor, torch.Tensor], cpu_copy: torch.nn.Module
+    ) -> dict[str, Any] | None:
         """The onnxruntime row of ``model``, exported from ``cpu_copy`` (a copy: a GPTQ export
         attaches MatMulNBits tensors to the module it exports)."""
         from merino_pl.export.onnx import OnnxRunner, export_onnx
 
         o = self.opts
         if precision == "bf16" or (precision == "fp16" and not o.device.startswith("cuda")):
-            self.skipped.append({"row": f"onnxruntime {precision}", "reason": f"onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, not {precision} on {o.device}"})
+            self.skipped.append(
+                {
+                    "row": f"onnxruntime {precision}",
+                    "reason": f"onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, not {precision} on {o.device}",
+                }
+            )
             return None
         path = export_onnx(cpu_copy, self.out_dir / f"model-{precision}.onnx", accuracy_level=o.onnx_accuracy_level)
         del cpu_copy
-        runner = OnnxRunner(path, model, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed, max_new_tokens=o.generate_tokens)
+        runner = OnnxRunner(
+            path, model, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed, max_new_tokens=o.generate_tokens
+        )
         approx = precision in INT_BITS and o.onnx_accuracy_level == 4
         what = "onnxruntime vs PyTorch" + (" (MatMulNBits accuracy_level 4: int8 activations)" if approx else "")
-        self.checks.append(_compare(ref, _reference_logits(runner), precision, what, REL_TOLERANCE_INT8_ACTIVATIONS if approx else None))
-        row = _row(self.loaded.recipe.name, "model", precision, "onnxruntime", model, self._measure(runner), self.tmp, path.stat().st_size)
-        row["onnx_file"], row["weights_in_memory_bytes"], row["workspace_bytes"] = path.name, None, None  # held by onnxruntime, not torch
+        self.checks.append(
+            _compare(
+                ref, _reference_logits(runner), precision, what, REL_TOLERANCE_INT8_ACTIVATIONS if approx else None
+            )
+        )
+        row = _row(
+            self.loaded.recipe.name,
+            "model",
+            precision,
+            "onnxruntime",
+            model,
+            self._measure(runner),
+            self.tmp,
+            path.stat().st_size,
+        )
+        row["onnx_file"], row["weights_in_memory_bytes"], row["workspace_bytes"] = (
+            path.name,
+            None,
+            None,
+        )  # held by onnxruntime, not torch
         self._generate(runner, precision, "onnxruntime")
         return row
 
@@ -311,7 +414,9 @@ class ReportBuilder:
         o, name = self.opts, self.loaded.recipe.name
         dtype = FLOAT_DTYPES[precision]
         ids = torch.zeros(1, o.seq, dtype=torch.long, device=o.device)  # zero ids, batch 1, as they do
-        models = [(name, "model", lambda: copy.deepcopy(self.loaded.model))] + [(p, "peer", lambda p=p: self.peer_factory(p)) for p in o.peers]
+        models = [(name, "model", lambda: copy.deepcopy(self.loaded.model))] + [
+            (p, "peer", lambda p=p: self.peer_factory(p)) for p in o.peers
+        ]
         for label, role, make in models:
             self.bar.set_postfix_str(f"{label} {precision} paper")
             model = make().to(device=o.device, dtype=dtype).eval()
@@ -319,8 +424,18 @@ class ReportBuilder:
             with torch.inference_mode():
                 shape = list(fn(ids).shape)
             ms = paper_latency_ms(fn, ids, o.paper_runs, threads=1)
-            self.paper_rows.append({"model": label, "role": role, "precision": precision, "includes_lm_head": head,
-                                    "output_shape": shape, "threads": 1, "runs": o.paper_runs, "mean_ms": round(ms, 4)})
+            self.paper_rows.append(
+                {
+                    "model": label,
+                    "role": role,
+                    "precision": precision,
+                    "includes_lm_head": head,
+                    "output_shape": shape,
+                    "threads": 1,
+                    "runs": o.paper_runs,
+                    "mean_ms": round(ms, 4),
+                }
+            )
             del model
             self.bar.update(1)
 
@@ -340,11 +455,21 @@ def speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]
     for mine, theirs in COMPARISONS:
         for peer in (r for r in rows if r["role"] == "peer" and r["path"] == theirs and (r["precision"], mine) in ours):
             me = ours[(peer["precision"], mine)]
-            paper = PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms if peer["model"] in PAPER and model_name in PAPER else None
-            out.append({
-                "precision": peer["precision"], "model": model_name, "peer": peer["model"], "paths": f"{mine} vs {theirs}",
-                **_ratios(peer, me), "paper_jetson_nano": paper,
-            })
+            paper = (
+                PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms
+                if peer["model"] in PAPER and model_name in PAPER
+                else None
+            )
+            out.append(
+                {
+                    "precision": peer["precision"],
+                    "model": model_name,
+                    "peer": peer["model"],
+                    "paths": f"{mine} vs {theirs}",
+                    **_ratios(peer, me),
+                    "paper_jetson_nano": paper,
+                }
+            )
     return out
 
 
@@ -354,10 +479,22 @@ def paper_speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str
     out = []
     for peer in (r for r in rows if r["role"] == "peer" and r["precision"] in ours):
         me = ours[peer["precision"]]
-        paper = PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms if peer["model"] in PAPER and model_name in PAPER else None
-        out.append({"precision": peer["precision"], "model": model_name, "peer": peer["model"], "speedup": peer["mean_ms"] / me["mean_ms"],
-                    "peer_includes_lm_head": peer["includes_lm_head"], "model_includes_lm_head": me["includes_lm_head"],
-                    "paper_jetson_nano": paper})
+        paper = (
+            PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms
+            if peer["model"] in PAPER and model_name in PAPER
+            else None
+        )
+        out.append(
+            {
+                "precision": peer["precision"],
+                "model": model_name,
+                "peer": peer["model"],
+                "speedup": peer["mean_ms"] / me["mean_ms"],
+                "peer_includes_lm_head": peer["includes_lm_head"],
+                "model_includes_lm_head": me["includes_lm_head"],
+                "paper_jetson_nano": paper,
+            }
+        )
     return out
 
 
@@ -365,7 +502,9 @@ def fast_path_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Plain mean / fast (and onnxruntime) mean of our model, per precision."""
     out = []
     for plain in (r for r in rows if r["role"] == "model" and r["path"] == "plain"):
-        for other in (r for r in rows if r["role"] == "model" and r["path"] != "plain" and r["precision"] == plain["precision"]):
+        for other in (
+            r for r in rows if r["role"] == "model" and r["path"] != "plain" and r["precision"] == plain["precision"]
+        ):
             out.append({"precision": plain["precision"], "path": other["path"], **_ratios(plain, other)})
     return out
 
@@ -392,17 +531,22 @@ def spread_warnings(rows: list[dict[str, Any]]) -> list[str]:
             if cv > CV_LIMIT or tail > P90_LIMIT:
                 bad.append(f"{what} CV {100 * cv:.0f} %, p90/median {tail:.2f}")
         if bad:
-            out.append(f"noisy timings, {row['model']} {row['precision']} {row['path']}: {'; '.join(bad)} (limits CV {100 * CV_LIMIT:.0f} %, "
-                       f"p90/median {P90_LIMIT}): ratios using this row are not trustworthy (compare the median columns; "
-                       "rerun on a quiet machine or with more --runs)")
+            out.append(
+                f"noisy timings, {row['model']} {row['precision']} {row['path']}: {'; '.join(bad)} (limits CV {100 * CV_LIMIT:.0f} %, "
+                f"p90/median {P90_LIMIT}): ratios using this row are not trustworthy (compare the median columns; "
+                "rerun on a quiet machine or with more --runs)"
+            )
     return out
 
 
 def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
     arch = loaded.recipe.architecture
     return {
-        "name": loaded.recipe.name, "kind": loaded.kind, "path": loaded.path,
-        "weights_sha256": loaded.weights_sha256, "size_on_disk_bytes": size_on_disk(loaded),
+        "name": loaded.recipe.name,
+        "kind": loaded.kind,
+        "path": loaded.path,
+        "weights_sha256": loaded.weights_sha256,
+        "size_on_disk_bytes": size_on_disk(loaded),
         "params": sum(p.numel() for p in loaded.model.parameters()),
         "flops_g": count_flops(arch) / 1e9,  # paper convention: 1024 tokens, no LM head
         "flops_prefill_g": count_flops(arch, seq_len=seq, include_lm_head=True) / 1e9,
@@ -411,24 +555,20 @@ def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
 
 
 def quantized_model(loaded: LoadedModel, precision: str, tmp: Path, embedding: str = "fp16") -> torch.nn.Module:
-    """The int8 / int4 model: a GPTQ directory as loaded, or the quantize stage's round-to-nearest
-    of a float model (group 128 where every width allows it, else per channel; ``embedding``
-    int8: the row-wise int8 table too), written in its GPTQ format and read back, so the rows
-    time exactly what a GPTQ directory would run: packed weights, dequantized per block."""
-    from merino_pl.core.quant.format import QuantSpec, load_quantized, write_quantized
-    from merino_pl.core.quant.qembedding import QuantEmbedding, attach
-    from merino_pl.quantize.runner import quantize_model, quantized_linears
+    """The int8 / int4 model of a float one: the quantize stage's round-to-nearest (its public
+    entry, ``quantize.api.quantize``; group 128 where every width allows it, else per channel;
+    ``embedding`` int8: the row-wise int8 table too), written as a GPTQ directory and read back,
+    so the rows time exactly what a GPTQ directory runs: packed weights, dequantized per block.
+    (A GPTQ directory given to ``latency`` is timed as it is, not through here.)"""
+    from merino_pl.core.quant.format import QuantSpec, load_quantized
+    from merino_pl.quantize.api import CalibrationSettings, quantize
 
-    model = copy.deepcopy(loaded.model)
-    group = 128 if all(lin.in_features % 128 == 0 for lin in quantized_linears(model).values()) else -1
+    arch = loaded.recipe.architecture
+    group = 128 if all(w % 128 == 0 for b in arch.blocks for w in (b.embed_dim, b.ffn)) else -1  # the linears' inputs
     spec = QuantSpec(bits=INT_BITS[precision], group_size=group, method="rtn", embedding=embedding)
-    results, _ = quantize_model(model, spec, None, progress=False)
-    if embedding == "int8":
-        attach(model.model, QuantEmbedding.from_float(model.model.embed_tokens))
     out = tmp / f"rtn-{precision}"
-    out.mkdir()
-    write_quantized(out, model, results, spec, tokenizer=None)
-    del model
+    # RTN reads no calibration windows, and no held-out check is wanted: only the directory is timed
+    quantize(loaded, spec, CalibrationSettings(holdout=0, seq_len=1), out, verbose=False)
     quantized, _ = load_quantized(out)
     return quantized
 
@@ -439,10 +579,12 @@ def gptq_bits(loaded: LoadedModel) -> int | None:
 
 
 def build_report(
-    source: str | Path, opts: Options, out_dir: str | Path,
+    source: str | Path,
+    opts: Options,
+    out_dir: str | Path,
     peer_factory: Callable[[str], torch.nn.Module] = build_peer,
     tegra_release: Path = device_mod.TEGRA_RELEASE,
-) -> dict[str, Any]:
+) -> LatencyReport:
     """Measure ``source`` (anything ``load_model`` accepts) and its peers; returns the report."""
     problems = opts.problems() + check_out(out_dir)
     if problems:
@@ -450,7 +592,9 @@ def build_report(
     loaded = load_model(source, seed=opts.seed)
     limit = loaded.recipe.architecture.max_position_embeddings
     if opts.seq + opts.decode_tokens > limit:
-        problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {loaded.recipe.name}'s {limit} positions")
+        problems.append(
+            f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {loaded.recipe.name}'s {limit} positions"
+        )
     clipped = None
     if opts.generate_tokens and opts.seq + opts.generate_tokens > limit and opts.seq < limit:
         clipped = f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} ({loaded.recipe.name} has {limit} positions)"
@@ -458,8 +602,10 @@ def build_report(
     bits = gptq_bits(loaded)
     other = [p for p in opts.precisions if bits is not None and p != f"int{bits}"]
     if other:  # a GPTQ directory holds one precision: any other would be an empty row
-        problems.append(f"--precision {','.join(other)}: {source} is a GPTQ int{bits} directory, timed only at --precision int{bits} "
-                        "(time the float model for the other precisions)")
+        problems.append(
+            f"--precision {','.join(other)}: {source} is a GPTQ int{bits} directory, timed only at --precision int{bits} "
+            "(time the float model for the other precisions)"
+        )
     if problems:
         raise MerinoError("; ".join(problems))
     out_dir = Path(out_dir)
@@ -468,15 +614,21 @@ def build_report(
     if not opts.device.startswith("cuda"):
         slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
         if slow:
-            builder.warnings.append(f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU")
+            builder.warnings.append(
+                f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU"
+            )
     if any(p in INT_BITS for p in opts.precisions) and "full" in opts.protocols:
-        builder.warnings.append("int rows on torch: only the packed weights stay resident; each block's weights are dequantized "
-                                "into a reused workspace when the block runs (fp32 GEMMs: torch's CPU int kernels are slower here). "
-                                "The fast int path is onnxruntime's MatMulNBits (--runtime onnxruntime)")
+        builder.warnings.append(
+            "int rows on torch: only the packed weights stay resident; each block's weights are dequantized "
+            "into a reused workspace when the block runs (fp32 GEMMs: torch's CPU int kernels are slower here). "
+            "The fast int path is onnxruntime's MatMulNBits (--runtime onnxruntime)"
+        )
     if "paper" in opts.protocols:
         ints = [p for p in opts.precisions if p in INT_BITS]
         if ints:
-            builder.skipped.append({"row": f"paper protocol {','.join(ints)}", "reason": "the authors time float models only"})
+            builder.skipped.append(
+                {"row": f"paper protocol {','.join(ints)}", "reason": "the authors time float models only"}
+            )
     try:
         if "full" in opts.protocols:
             for p in opts.precisions:
@@ -492,29 +644,95 @@ def build_report(
     return assemble(loaded, opts, builder, tegra_release)
 
 
-def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release: Path) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class LatencyReport:
+    """One latency report: the keys of ``latency.json`` (the rows, checks and ratios are plain
+    JSON objects, described in docs/latency.md)."""
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    model: dict[str, Any]  # name, kind, path, weights_sha256, size on disk, params, FLOPs, architecture
+    device: dict[str, Any]  # device.describe_device
+    torch: str
+    transformers: str
+    onnxruntime: str | None
+    precisions: list[str]
+    protocol: dict[str, Any]  # Options.protocol
+    rows: list[dict[str, Any]]  # the full protocol: one per model / precision / path
+    generation: list[dict[str, Any]]
+    paper_protocol: dict[str, Any] | None  # rows and speedups under the authors' protocol
+    speedups: list[dict[str, Any]]
+    fast_path: list[dict[str, Any]]
+    checks: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "latency report") -> LatencyReport:
+        """The report of a ``to_json`` object; another format, a newer version or a missing key
+        is a ``MerinoError``."""
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != FORMAT
+            or data.get("format_version", 1) != FORMAT_VERSION
+        ):
+            got = (data.get("format"), data.get("format_version", 1)) if isinstance(data, dict) else type(data).__name__
+            raise MerinoError(f"{source}: not a latency report ({FORMAT}, version {FORMAT_VERSION}; got {got})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(data) - {"format_version", "created"})
+        if missing:
+            raise MerinoError(f"{source}: latency report without {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def read(cls, path: str | Path) -> LatencyReport:
+        """``latency.json`` (or the directory holding it)."""
+        path = Path(path)
+        path = path / JSON_NAME if path.is_dir() else path
+        return cls.from_json(read_json(path, "latency report"), str(path))
+
+    def write(self, out_dir: str | Path) -> str:
+        """``out_dir/latency.json`` and ``out_dir/latency.md`` (atomically); returns the Markdown."""
+        out_dir = Path(out_dir)
+        write_json(out_dir / JSON_NAME, self.to_json())
+        markdown = render_markdown(self)
+        atomic_write_text(out_dir / MARKDOWN_NAME, markdown)
+        return markdown
+
+
+def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release: Path) -> LatencyReport:
     import transformers
 
     rows = b.rows
-    return {
-        "format": FORMAT,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_info(loaded, opts.seq),
-        "device": device_mod.describe_device(opts.device, tegra_release),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": _onnxruntime_version() if opts.onnx else None,
-        "precisions": list(opts.precisions),
-        "protocol": opts.protocol(),
-        "rows": rows,
-        "generation": b.generation,
-        "paper_protocol": {"rows": b.paper_rows, "speedups": paper_speedups(b.paper_rows, loaded.recipe.name)} if b.paper_rows else None,
-        "speedups": speedups(rows, loaded.recipe.name),
-        "fast_path": fast_path_gains(rows),
-        "checks": b.checks,
-        "skipped": b.skipped,
-        "warnings": b.warnings + opts.notes + spread_warnings(rows) + [f"{c['compared']} ({c['precision']}): {c['tolerance_on']} {c[c['tolerance_on']]:.2e} > {c['tolerance']}" for c in b.checks if not c["match"]],
-    }
+    paper = (
+        {"rows": b.paper_rows, "speedups": paper_speedups(b.paper_rows, loaded.recipe.name)} if b.paper_rows else None
+    )
+    mismatches = [
+        f"{c['compared']} ({c['precision']}): {c['tolerance_on']} {c[c['tolerance_on']]:.2e} > {c['tolerance']}"
+        for c in b.checks
+        if not c["match"]
+    ]
+    return LatencyReport(
+        model=model_info(loaded, opts.seq),
+        device=device_mod.describe_device(opts.device, tegra_release),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        onnxruntime=_onnxruntime_version() if opts.onnx else None,
+        precisions=list(opts.precisions),
+        protocol=opts.protocol(),
+        rows=rows,
+        generation=b.generation,
+        paper_protocol=paper,
+        speedups=speedups(rows, loaded.recipe.name),
+        fast_path=fast_path_gains(rows),
+        checks=b.checks,
+        skipped=b.skipped,
+        warnings=b.warnings + opts.notes + spread_warnings(rows) + mismatches,
+    )
 
 
 def _onnxruntime_version() -> str:
@@ -543,23 +761,30 @@ def _x(r: dict[str, float], key: str) -> str:
     return f"{r[key]:.2f}" + (f" / {median:.2f}" if median is not None else "")
 
 
-def render_markdown(r: dict[str, Any]) -> str:
-    """The report as Markdown: device, protocol, the rows, speed-ups, checks."""
+def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
+    """The report (or its JSON object, as ``latency.json`` holds it) as Markdown: device,
+    protocol, the rows, speed-ups, checks."""
+    r = report.to_json() if isinstance(report, LatencyReport) else report
     d, p, m = r["device"], r["protocol"], r["model"]
     lines = [
-        f"# Latency: {m['name']} on {d['summary']}", "",
+        f"# Latency: {m['name']} on {d['summary']}",
+        "",
         f"- model: `{m['path']}` ({m['kind']}), {m['params'] / 1e6:.1f} M parameters, {m['flops_g']:.0f} GFLOPs (paper convention), "
         f"on disk: {_mb(m['size_on_disk_bytes'])} MiB",
         f"- device: {d['device']}; CPU {d['cpu']} ({d['cpu_count']} cores, {d['torch_threads']} torch threads); "
         f"GPU {d['gpu']['name'] + ' CUDA ' + str(d['gpu']['cuda_runtime']) + ' driver ' + str(d['gpu']['driver']) if d['gpu'] else '–'}; "
         f"Jetson {('L4T ' + d['jetson']['l4t']) if d['jetson'] else '–'}",
-        f"- torch {r['torch']}, transformers {r['transformers']}" + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
+        f"- torch {r['torch']}, transformers {r['transformers']}"
+        + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
         f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; {p['decode']}; {p['timing']}",
-        f"- protocols: {', '.join(p.get('protocols', ['full']))}" + (f"; paper = {p['paper']}" if p.get("paper") else ""),
+        f"- protocols: {', '.join(p.get('protocols', ['full']))}"
+        + (f"; paper = {p['paper']}" if p.get("paper") else ""),
     ]
     if r["rows"]:
         lines += [
-            "", "## Full protocol (every model with its head; fast = last-position logits, as generation runs)", "",
+            "",
+            "## Full protocol (every model with its head; fast = last-position logits, as generation runs)",
+            "",
             "| model | precision | path | params (M) | weights file (MiB) | resident weights (MiB) | prefill ms mean / median / p90 | CV % | "
             "decode ms/token mean / median / p90 | CV % | peak mem (MiB) |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -574,48 +799,87 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{_spread(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
         )
     if r["rows"]:
-        lines += ["", f"Peak memory: {r['rows'][0]['peak_memory_method']}. Resident weights: measured, the bytes of the distinct "
-                  "storages behind the torch module's parameters and buffers (scratch: a packed model's dequantization workspace)."]
+        lines += [
+            "",
+            f"Peak memory: {r['rows'][0]['peak_memory_method']}. Resident weights: measured, the bytes of the distinct "
+            "storages behind the torch module's parameters and buffers (scratch: a packed model's dequantization workspace).",
+        ]
     if r.get("generation"):
-        lines += ["", f"## Generation ({r['protocol'].get('generation')})", "",
-                  "| precision | runtime | tokens/s | seconds (mean) |", "|---|---|---:|---:|"]
-        lines += [f"| {g['precision']} | {g['runtime']} | {g['tokens_per_s']:.2f} | {g['seconds_mean']:.2f} |" for g in r["generation"]]
+        lines += [
+            "",
+            f"## Generation ({r['protocol'].get('generation')})",
+            "",
+            "| precision | runtime | tokens/s | seconds (mean) |",
+            "|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {g['precision']} | {g['runtime']} | {g['tokens_per_s']:.2f} | {g['seconds_mean']:.2f} |"
+            for g in r["generation"]
+        ]
     pp = r.get("paper_protocol")
     if pp:
-        lines += ["", "## Paper protocol (the authors' latency_test: 1 thread, zero ids, timeit(16).mean)", "",
-                  "| model | precision | LM head timed | output | mean ms |", "|---|---|---|---|---:|"]
-        lines += [f"| {x['model']} | {x['precision']} | {'yes' if x['includes_lm_head'] else 'no'} | {tuple(x['output_shape'])} | {x['mean_ms']:.2f} |" for x in pp["rows"]]
+        lines += [
+            "",
+            "## Paper protocol (the authors' latency_test: 1 thread, zero ids, timeit(16).mean)",
+            "",
+            "| model | precision | LM head timed | output | mean ms |",
+            "|---|---|---|---|---:|",
+        ]
+        lines += [
+            f"| {x['model']} | {x['precision']} | {'yes' if x['includes_lm_head'] else 'no'} | {tuple(x['output_shape'])} | {x['mean_ms']:.2f} |"
+            for x in pp["rows"]
+        ]
         if pp["speedups"]:
-            lines += ["", "| precision | peer | speed-up × (peer / ours) | paper (Jetson Nano) × |", "|---|---|---:|---:|"]
-            lines += [f"| {x['precision']} | {x['peer']} | {x['speedup']:.2f} | {x['paper_jetson_nano']:.1f} |" if x["paper_jetson_nano"]
-                      else f"| {x['precision']} | {x['peer']} | {x['speedup']:.2f} | – |" for x in pp["speedups"]]
+            lines += [
+                "",
+                "| precision | peer | speed-up × (peer / ours) | paper (Jetson Nano) × |",
+                "|---|---|---:|---:|",
+            ]
+            lines += [
+                f"| {x['precision']} | {x['peer']} | {x['speedup']:.2f} | {x['paper_jetson_nano']:.1f} |"
+                if x["paper_jetson_nano"]
+                else f"| {x['precision']} | {x['peer']} | {x['speedup']:.2f} | – |"
+                for x in pp["speedups"]
+            ]
     if r["speedups"]:
-        lines += ["", "## Speed-up of " + m["name"] + " (peer / ours, of the means (paper) / of the medians; plain = full "
-                  "forward as the paper times, fast vs last-logits = generation's prefill for both)", "",
-                  "| precision | peer | paths | prefill × mean / median | decode × mean / median | paper (Jetson Nano) × |",
-                  "|---|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Speed-up of " + m["name"] + " (peer / ours, of the means (paper) / of the medians; plain = full "
+            "forward as the paper times, fast vs last-logits = generation's prefill for both)",
+            "",
+            "| precision | peer | paths | prefill × mean / median | decode × mean / median | paper (Jetson Nano) × |",
+            "|---|---|---|---:|---:|---:|",
+        ]
         for s in r["speedups"]:
             paper = f"{s['paper_jetson_nano']:.1f}" if s["paper_jetson_nano"] else "–"
-            lines.append(f"| {s['precision']} | {s['peer']} | {s['paths']} | {_x(s, 'prefill')} | {_x(s, 'decode')} | {paper} |")
+            lines.append(
+                f"| {s['precision']} | {s['peer']} | {s['paths']} | {_x(s, 'prefill')} | {_x(s, 'decode')} | {paper} |"
+            )
     if r["fast_path"]:
-        lines += ["", "## Fast path (plain / this path, of the means / of the medians)", "",
-                  "| precision | path | prefill × | decode × |", "|---|---|---:|---:|"]
-        lines += [f"| {g['precision']} | {g['path']} | {_x(g, 'prefill')} | {_x(g, 'decode')} |" for g in r["fast_path"]]
+        lines += [
+            "",
+            "## Fast path (plain / this path, of the means / of the medians)",
+            "",
+            "| precision | path | prefill × | decode × |",
+            "|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {g['precision']} | {g['path']} | {_x(g, 'prefill')} | {_x(g, 'decode')} |" for g in r["fast_path"]
+        ]
     if r["checks"]:
         lines += ["", "## Output checks", ""]
-        lines += [f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e}"
-                  + (f", relative logit error {c['rel_logit_err']:.2e}" if "rel_logit_err" in c else "")
-                  + f" (tolerance {c['tolerance']} on {c.get('tolerance_on', 'max_abs_logit_diff')}): {'ok' if c['match'] else 'MISMATCH'}" for c in r["checks"]]
+        lines += [
+            f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e}"
+            + (f", relative logit error {c['rel_logit_err']:.2e}" if "rel_logit_err" in c else "")
+            + f" (tolerance {c['tolerance']} on {c.get('tolerance_on', 'max_abs_logit_diff')}): {'ok' if c['match'] else 'MISMATCH'}"
+            for c in r["checks"]
+        ]
     if r["skipped"] or r["warnings"]:
         lines += ["", "## Not measured / warnings", ""]
         lines += [f"- skipped {s['row']}: {s['reason']}" for s in r["skipped"]] + [f"- {w}" for w in r["warnings"]]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | Path, report: dict[str, Any]) -> str:
+def write_report(out_dir: str | Path, report: LatencyReport) -> str:
     """``out_dir/latency.json`` and ``out_dir/latency.md`` (atomically); returns the Markdown."""
-    out_dir = Path(out_dir)
-    write_json(out_dir / "latency.json", report)
-    markdown = render_markdown(report)
-    atomic_write_text(out_dir / "latency.md", markdown)
-    return markdown
+    return report.write(out_dir)
