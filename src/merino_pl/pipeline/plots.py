@@ -23,7 +23,8 @@ from typing import Any
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path, read_json
-from merino_pl.eval.report import EvalReport, paper_baselines
+from merino_pl.core.paper import paper_baselines
+from merino_pl.eval.report import EvalReport
 
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:red"}
 PPL_DATASETS = ("wikitext2", "ptb")  # the paper's Table 3, in its order
