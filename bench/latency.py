@@ -61,11 +61,12 @@ def main() -> int:
                            protocols=("full", "paper"), generate_tokens=0)
             report = build_report(ours, opts, out_dir / f"{ours}-vs-{peer}")
             write_report(out_dir / f"{ours}-vs-{peer}", report)
-            pairs.append({"ours": ours, "peer": peer, "target": target, "report": report})
+            pairs.append({"ours": ours, "peer": peer, "target": target, "report": report.to_json()})
     opts = Options(device=device, precisions=("fp32", "int8", "int4"), runs=runs, warmup=warmup, decode_tokens=decode, onnx=True,
                    runtimes=("torch", "onnxruntime"), embedding="int8", generate_tokens=gen, generate_runs=1)
     quant = build_report("merino-64m", opts, out_dir / "merino-64m-quantized")
     write_report(out_dir / "merino-64m-quantized", quant)
+    quant = quant.to_json()  # the report as latency.json holds it
     summary = {"pairs": [pair_summary(p) for p in pairs], "quantized": quantized_summary(quant)}
     device_line = quant["device"]["summary"]
     print_summary(summary, device_line, runs, warmup, time.time() - t0)
