@@ -1,2 +1,3 @@
 """``merino-pl pipeline``: search → fit → export → quantize → eval → latency as cached
-subprocess stages (``cli``), and the summary's plots (``plots``)."""
+subprocess stages and the run's summary (``api``; ``cli`` turns the flags into its calls), and
+the summary's plots (``plots``)."""
