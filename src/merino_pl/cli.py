@@ -30,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("merino_pl.export.cli", "export a checkpoint as an HF-loadable directory (or ONNX)"),
     "eval": ("merino_pl.eval.cli", "lm-eval zero-shot tasks and WikiText-2 / PTB perplexity"),
     "quantize": ("merino_pl.quantize.cli", "GPTQ INT8 / INT4 quantization"),
+    "generate": ("merino_pl.generate.cli", "decode text from a model with its KV cache, on torch or onnxruntime"),
     "latency": ("merino_pl.latency.cli", "latency report on this device; device latency tables"),
     "study": ("merino_pl.study.cli", "proxy study: train sampled architectures, rank proxies, calibrate the entropy"),
     "slurm": ("merino_pl.slurm.cli", "render / submit SLURM jobs for 8 x H100 nodes"),

@@ -1,0 +1,491 @@
+"""The generate stage's entry: ``generate(GenerateSettings(...)) -> GenerateResult``.
+
+One decoding loop, two runtimes behind it:
+
+* ``torch``: the model as ``merino_pl.core.checkpoint.load_model`` reads it (a GPTQ directory keeps
+  its packed weights), a last-position prefill, then one token at a time on its ``DynamicCache``;
+* ``onnxruntime``: the graph ``merino_pl.export.onnx`` writes (quantized layers as ``MatMulNBits``),
+  fed optimum's names: ``input_ids``, ``attention_mask``, ``position_ids`` (when the graph has it),
+  ``past_key_values.{i}.key / .value`` in, ``logits`` and ``present.{i}.key / .value`` out. The graph
+  is ``--onnx PATH``, else the model directory's own ``model.onnx`` (``merino-pl export --onnx``),
+  else exported on the fly to ``--onnx-out`` (a new file) or to a temporary folder removed after.
+
+Both runtimes hand their last-position logits to the same chooser (argmax, or a seeded
+temperature / top-k draw in PyTorch), so the same logits give the same tokens. The vocabulary is
+cut to the tokenizer's (a padded embedding's extra rows are never chosen). Decoding stops at the
+tokenizer's end-of-text token (``core.tokenizer.find_eos``), after ``max_new_tokens``, or when the
+sequence fills the model's context. Timings cover the model calls and the choice only, not the
+detokenization or printing: ``prefill_ms`` is the prompt's forward and the first new token,
+decode tokens/s the remaining tokens over their steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from merino_pl.core.errors import MerinoError
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+
+    from merino_pl.core.config import MerinoConfig
+
+RUNTIMES = ("torch", "onnxruntime")
+STOPS = ("eos", "max_new_tokens", "context")
+# the weights file of an exported and of a GPTQ directory (core.checkpoint / core.quant.format
+# WEIGHTS_NAME), named here so that checking a path imports no torch
+WEIGHTS_FILE = "model.safetensors"
+GRAPH_FILE = "model.onnx"  # what `merino-pl export --onnx` writes into its directory
+
+Emit = Callable[[str], None]
+
+
+def _ignore(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """One generation, as ``merino-pl generate``'s flags give it (``prompt`` is the text itself)."""
+
+    model: str  # an exported / quantized directory, or a .ckpt from `merino-pl fit`
+    prompt: str = ""  # empty: the model starts after an end-of-text token (a new document)
+    max_new_tokens: int = 64
+    runtime: str = "torch"  # torch | onnxruntime
+    onnx: str | None = None  # an existing graph to decode with (onnxruntime)
+    onnx_out: str | None = None  # keep the graph exported on the fly here (a new file; onnxruntime)
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None  # sample among the k most likely tokens (with temperature > 0)
+    seed: int = 0  # of the sampling generator
+    threads: int | None = None  # torch and onnxruntime intra-op threads (default: torch's)
+
+    @property
+    def sampling(self) -> str:
+        if self.temperature == 0:
+            return "greedy"
+        return (
+            f"temperature {self.temperature:g}"
+            + (f", top-k {self.top_k}" if self.top_k else "")
+            + f", seed {self.seed}"
+        )
+
+    def problems(self) -> list[str]:
+        """Everything wrong with these settings, found without loading a model."""
+        p = []
+        if self.runtime not in RUNTIMES:
+            p.append(f"--runtime {self.runtime!r}: unknown (valid: {', '.join(RUNTIMES)})")
+        if self.max_new_tokens < 1:
+            p.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            p.append(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            p.append(f"--top-k must be >= 1, got {self.top_k}")
+        if self.threads is not None and self.threads < 1:
+            p.append(f"--threads must be >= 1, got {self.threads}")
+        return p + model_problems(Path(self.model)) + self._onnx_problems()
+
+    def _onnx_problems(self) -> list[str]:
+        p = []
+        if self.onnx is not None:
+            if self.runtime == "torch":
+                p.append(f"--onnx {self.onnx}: a graph runs on --runtime onnxruntime, not torch")
+            if not Path(self.onnx).is_file():
+                p.append(f"--onnx {self.onnx}: no such file")
+        if self.onnx_out is not None:
+            out = Path(self.onnx_out)
+            if self.onnx is not None or self.runtime != "onnxruntime":
+                p.append(f"--onnx-out {out}: only for --runtime onnxruntime without --onnx (where a graph is exported)")
+            elif out.exists() or out.is_symlink():
+                p.append(f"--onnx-out {out}: exists (generate never overwrites a file; name a new one)")
+            elif not out.parent.is_dir():
+                p.append(f"--onnx-out {out}: no folder {out.parent}")
+        if self.runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+            p.append("--runtime onnxruntime: onnxruntime is not installed (pip install onnxruntime)")
+        return p
+
+
+def model_problems(path: Path) -> list[str]:
+    """A model directory with its weights, or a ``.ckpt`` file; the directory's tokenizer must load."""
+    from merino_pl.core.tokenizer import load_tokenizer
+
+    if not path.exists():
+        return [f"MODEL {path}: no such file or directory"]
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return [f"MODEL {path}: not a model directory (no config.json)"]
+        if not (path / WEIGHTS_FILE).is_file():
+            return [f"MODEL {path}: no {WEIGHTS_FILE} (an exported or quantized directory keeps its weights there)"]
+        if (path / "tokenizer.json").is_file():
+            try:
+                load_tokenizer(str(path))
+            except MerinoError as e:
+                return [f"MODEL {path}: {e}"]
+        return []
+    if path.suffix != ".ckpt":
+        return [f"MODEL {path}: expected an exported or quantized model directory, or a .ckpt from `merino-pl fit`"]
+    return []
+
+
+@dataclass
+class GenerateResult:
+    """What one generation produced, and how fast."""
+
+    prompt_tokens: int
+    tokens: list[int]  # the new tokens; the end-of-text token last when it stopped there
+    text: str  # their text (the end-of-text token left out)
+    stop: str  # one of STOPS
+    prefill_ms: float  # the prompt's forward and the choice of the first new token
+    decode_s: float  # the steps of every new token after the first
+    runtime: str
+    sampling: str
+    onnx: str | None = None  # the graph decoded with; None for torch and for a temporary export
+    export_s: float | None = None  # seconds spent exporting the graph on the fly
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        steps = len(self.tokens) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
+
+    def summary(self) -> str:
+        """The one line ``merino-pl generate`` prints after the text."""
+        rate = self.decode_tokens_per_s
+        decode = f"decode {rate:.1f} tokens/s" if rate is not None else "decode - (one new token)"
+        return (
+            f"prompt {self.prompt_tokens} tokens, {len(self.tokens)} new tokens (stop: {self.stop}), "
+            f"prefill {self.prefill_ms:.1f} ms, {decode} [{self.runtime}, {self.sampling}]"
+        )
+
+
+def generate(settings: GenerateSettings, on_text: Emit | None = None, on_note: Emit | None = None) -> GenerateResult:
+    """Decode ``settings.max_new_tokens`` tokens at most after ``settings.prompt``; ``on_text``
+    receives the text as it is generated, ``on_note`` what is being done (export, which graph)."""
+    problems = settings.problems()
+    if problems:
+        raise MerinoError("; ".join(problems))
+    note = on_note or _ignore
+    tok, eos = _tokenizer(Path(settings.model))
+    ids = tok.encode(settings.prompt).ids or [eos]  # an empty prompt starts a new document
+    with _num_threads(settings.threads), tempfile.TemporaryDirectory(prefix="merino-generate-") as tmp:
+        arch, model = _architecture(Path(settings.model))
+        if len(ids) >= arch.max_position_embeddings:
+            raise MerinoError(
+                f"the prompt is {len(ids)} tokens, {settings.model}'s context {arch.max_position_embeddings}: "
+                "shorten it"
+            )
+        result = GenerateResult(len(ids), [], "", "", 0.0, 0.0, settings.runtime, settings.sampling)
+        if settings.runtime == "torch":
+            backend: Decoder = TorchDecoder(model if model is not None else _load(settings.model))
+        else:
+            backend = OrtDecoder(_graph(settings, model, Path(tmp), result, note), settings.threads)
+            backend.check(arch, settings.model)
+        graph = f" ({result.onnx or 'its graph exported to a temporary file'})" if settings.runtime != "torch" else ""
+        note(
+            f"generate: {settings.model} on {settings.runtime}{graph}, {settings.sampling}, "
+            f"at most {settings.max_new_tokens} new tokens"
+        )
+        vocab = min(arch.vocab_size, tok.get_vocab_size(with_added_tokens=True))
+        _decode(
+            backend,
+            ids,
+            settings,
+            eos,
+            arch.max_position_embeddings,
+            Chooser(settings, vocab),
+            TextStream(tok, on_text or _ignore),
+            result,
+        )
+    return result
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+class Decoder(Protocol):
+    """A model with a KV cache: the last position's logits (vocab,) of the prompt, then of each token fed."""
+
+    def prefill(self, ids: list[int]) -> torch.Tensor: ...
+
+    def step(self, token: int) -> torch.Tensor: ...
+
+
+def _decode(
+    backend: Decoder,
+    ids: list[int],
+    settings: GenerateSettings,
+    eos: int,
+    context: int,
+    choose: Chooser,
+    stream: TextStream,
+    result: GenerateResult,
+) -> None:
+    """Fill ``result``: tokens, text, stop reason and timings."""
+    t0 = time.perf_counter()
+    token = choose(backend.prefill(ids))
+    result.prefill_ms = (time.perf_counter() - t0) * 1e3
+    new, decode_s = [token], 0.0
+    while True:
+        if token == eos:
+            stop = "eos"
+            break
+        stream.add(token)
+        if len(new) >= settings.max_new_tokens:
+            stop = "max_new_tokens"
+            break
+        if len(ids) + len(new) >= context:  # the next token's position would be past the context
+            stop = "context"
+            break
+        t0 = time.perf_counter()
+        token = choose(backend.step(token))
+        decode_s += time.perf_counter() - t0
+        new.append(token)
+    result.tokens, result.text, result.stop, result.decode_s = new, stream.close(), stop, decode_s
+
+
+class Chooser:
+    """The next token from last-position logits: argmax, or a draw at ``temperature`` among the
+    ``top_k`` most likely (a seeded ``torch.Generator``: the same logits give the same tokens)."""
+
+    def __init__(self, settings: GenerateSettings, vocab: int) -> None:
+        import torch
+
+        self.temperature, self.top_k, self.vocab = settings.temperature, settings.top_k, vocab
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        import torch
+
+        logits = logits[: self.vocab].float()
+        if self.temperature == 0:
+            return int(logits.argmax())
+        index = None
+        if self.top_k:  # the k most likely, in token order: a near-tie that swaps two of them changes no draw
+            index = logits.topk(min(self.top_k, self.vocab)).indices.sort().values
+            logits = logits[index]
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        pick = int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(index[pick]) if index is not None else pick
+
+
+class TextStream:
+    """The new tokens' text, emitted as soon as it is whole: a byte-level BPE token may end inside
+    a UTF-8 character, which decodes as U+FFFD until the next token completes it."""
+
+    def __init__(self, tok: Tokenizer, emit: Emit) -> None:
+        self.tok, self.emit = tok, emit
+        self.pending: list[int] = []  # tokens since the last whole-character boundary
+        self.parts: list[str] = []
+
+    def add(self, token: int) -> None:
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
+        if not text.endswith("\ufffd"):
+            self._flush(text)
+
+    def close(self) -> str:
+        if self.pending:
+            self._flush(self.tok.decode(self.pending))
+        return "".join(self.parts)
+
+    def _flush(self, text: str) -> None:
+        self.pending = []  # byte-level pieces concatenate: decoding resumes at this boundary
+        if text:
+            self.parts.append(text)
+            self.emit(text)
+
+
+# ---- the two runtimes ---------------------------------------------------------------------------
+class TorchDecoder:
+    """The loaded model's decoder on a growing KV cache: the call the ONNX exporter traces
+    (``model.model(ids, positions, mask, cache)``, then the tied head on the last position)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.cache, self.length = model.eval(), KVCache(), 0
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.cache, self.length = KVCache(), 0
+        return self._run(ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._run([token])
+
+    def _run(self, ids: list[int]) -> torch.Tensor:
+        import torch
+
+        positions = torch.arange(self.length, self.length + len(ids))[None]  # (1, T)
+        with torch.inference_mode():  # mask None: causal over the new tokens, all of the cache visible
+            hidden = self.model.model(torch.tensor([ids]), positions, None, self.cache)  # (1, T, d)
+            logits = self.model.model.logits(hidden[:, -1:])  # (1, 1, V): the head on the last position only
+        self.length += len(ids)
+        return logits[0, -1]
+
+
+class KVCache:
+    """One (keys, values) pair per layer application, grown by concatenation (``DynamicCache``'s
+    ``update``, all the decoder asks of a cache)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        if idx in self.layers:
+            k = torch.cat([self.layers[idx][0], k], dim=2)  # (B, nh, past + T, hs)
+            v = torch.cat([self.layers[idx][1], v], dim=2)
+        self.layers[idx] = (k, v)
+        return k, v
+
+
+class OrtDecoder:
+    """An onnxruntime session over a decoder graph with optimum's KV-cache names (module doc)."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import onnxruntime as ort
+        import torch
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3  # errors only: no "unused initializer" warnings before the text
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidGraph / OSError
+            raise MerinoError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0]})") from None
+        self.path = path
+        self._read_signature()
+        self.past: dict[str, Any] = {}
+        self.length = 0  # tokens in the cache
+
+    def _read_signature(self) -> None:
+        import numpy as np
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        shapes = [inputs[n].shape for n in self.past_names]
+        if (
+            {"input_ids", "attention_mask"} - set(inputs)
+            or "logits" not in outputs
+            or not self.past_names
+            or set(self.present_names) - set(outputs)
+            or not all(len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int) for s in shapes)
+        ):
+            raise MerinoError(
+                f"{self.path}: not a decoder graph with a KV cache (expected input_ids, attention_mask, "
+                "past_key_values.{i}.key/value -> logits, present.{i}.key/value; has "
+                f"{', '.join(list(inputs)[:5])} -> {', '.join(list(outputs)[:3])})"
+            )
+        self.with_positions = "position_ids" in inputs
+        dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+        self.empty = {n: np.zeros((1, s[1], 0, s[3]), dtype) for n, s in zip(self.past_names, shapes)}
+        vocab = outputs["logits"].shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) else None
+
+    def check(self, arch: MerinoConfig, model: str) -> None:
+        """The graph is of ``model``: as many cache entries per layer application, the same vocabulary."""
+        layers = len(self.past_names) // 2
+        if layers != arch.num_layer_applications or self.vocab not in (None, arch.vocab_size):
+            raise MerinoError(
+                f"{self.path}: a graph of another model ({layers} cached layers, vocabulary {self.vocab}; "
+                f"{model} has {arch.num_layer_applications} and {arch.vocab_size})"
+            )
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        import numpy as np
+
+        self.length = 0
+        return self._run(np.array([ids], dtype=np.int64), self.empty)
+
+    def step(self, token: int) -> torch.Tensor:
+        import numpy as np
+
+        return self._run(np.array([[token]], dtype=np.int64), self.past)
+
+    def _run(self, ids: Any, past: dict[str, Any]) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        T = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + T), dtype=np.int64), **past}
+        if self.with_positions:
+            feed["position_ids"] = np.arange(self.length, self.length + T, dtype=np.int64)[None]
+        logits, *present = self.session.run(["logits", *self.present_names], feed)
+        self.past = dict(zip(self.past_names, present))
+        self.length += T
+        return torch.from_numpy(logits[0, -1].copy())
+
+
+# ---- model, tokenizer, graph --------------------------------------------------------------------
+def _tokenizer(model: Path) -> tuple[Tokenizer, int]:
+    """The model directory's ``tokenizer.json`` (what its export shipped), else the default one."""
+    from merino_pl.core.tokenizer import find_eos, load_tokenizer
+
+    spec = str(model) if (model / "tokenizer.json").is_file() else None
+    tok = load_tokenizer(spec)
+    return tok, find_eos(tok, spec)
+
+
+def _architecture(model: Path) -> tuple[MerinoConfig, torch.nn.Module | None]:
+    """The architecture (context, vocabulary, cache layout): from a directory's config.json without
+    its weights; a ``.ckpt`` is loaded (its recipe lives inside), and the model is returned too."""
+    if not model.is_dir():
+        net = _load(str(model))
+        return net.arch, net
+    from merino_pl.core.config import MerinoConfig
+    from merino_pl.core.io import read_json
+
+    config = read_json(model / "config.json", "model config")
+    try:
+        return MerinoConfig.from_dict(config["architecture"]), None
+    except (ValueError, TypeError, KeyError) as e:
+        raise MerinoError(f"{model}/config.json: not a MeRino config ({type(e).__name__}: {e})") from None
+
+
+def _load(model: str) -> torch.nn.Module:
+    from merino_pl.core.checkpoint import load_model
+
+    return load_model(model).model
+
+
+def _graph(
+    settings: GenerateSettings, model: torch.nn.Module | None, tmp: Path, result: GenerateResult, note: Emit
+) -> Path:
+    """``--onnx``, else the directory's ``model.onnx``, else an export of the model (to ``--onnx-out``
+    or into ``tmp``, which the caller removes); records which in ``result``."""
+    if settings.onnx is not None:
+        result.onnx = settings.onnx
+        return Path(settings.onnx)
+    beside = Path(settings.model) / GRAPH_FILE
+    if beside.is_file():
+        result.onnx = str(beside)
+        return beside
+    from merino_pl.export.onnx import export_onnx
+
+    path = Path(settings.onnx_out) if settings.onnx_out else tmp / GRAPH_FILE
+    note(f"exporting {settings.model} as ONNX to {path if settings.onnx_out else 'a temporary file'} ...")
+    t0 = time.perf_counter()
+    export_onnx(model if model is not None else _load(settings.model), path)
+    result.export_s = time.perf_counter() - t0
+    result.onnx = settings.onnx_out
+    note(f"exported in {result.export_s:.1f} s")
+    return path
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
