@@ -421,3 +421,18 @@ def test_noisy_timings_are_flagged_and_ratios_come_from_medians_too() -> None:
     assert len(warnings) == 1 and "merino-tiny fp32 plain" in warnings[0] and "p90/median" in warnings[0]
     (s,) = speedups([quiet, noisy], "merino-tiny")
     assert s["prefill_median"] == pytest.approx(10.0 / 2.0) and s["prefill"] == pytest.approx(10.0 / 4.4, rel=1e-3)
+
+
+def test_report_schema_round_trips_and_refuses_other_files(report: dict, tmp_path: Path) -> None:
+    """latency.json is LatencyReport.to_json(): read back it is the same report; another file is
+    a one-line MerinoError naming it."""
+    from merino_pl.core.errors import MerinoError
+    from merino_pl.latency.report import FORMAT_VERSION, LatencyReport
+
+    assert report["format_version"] == FORMAT_VERSION
+    LatencyReport.from_json(report).write(tmp_path)
+    assert LatencyReport.read(tmp_path).to_json() == json.loads((tmp_path / "latency.json").read_text())
+    assert (tmp_path / "latency.md").read_text() == render_markdown(report)
+    (tmp_path / "eval.json").write_text(json.dumps({"format": "merino-eval/1"}))
+    with pytest.raises(MerinoError, match="eval.json: not a latency report"):
+        LatencyReport.read(tmp_path / "eval.json")

@@ -86,7 +86,8 @@ class ProfileSettings:
             problems.append(f"--device {self.device}: no CUDA device is available here")
         if self.precision not in FLOAT_DTYPES:
             problems.append(
-                f"--precision {self.precision!r} is not one of {', '.join(FLOAT_DTYPES)} (INT8/INT4 layers are not profiled)"
+                f"--precision {self.precision!r} is not one of {', '.join(FLOAT_DTYPES)} "
+                "(INT8/INT4 layers are not profiled)"
             )
         for name in ("batch", "seq", "runs"):
             if getattr(self, name) < 1:

@@ -73,8 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--onnx-accuracy-level",
         type=int,
         default=4,
-        help="MatMulNBits compute type of the int onnxruntime rows: 4 = int8 "
-        "activations (fast; logits ~1 %% from torch's) or 0 = fp32 (exact; 8-bit then dequantizes every call) (default: 4)",
+        help="MatMulNBits compute type of the int onnxruntime rows: 4 = int8 activations (fast; logits ~1 %% "
+        "from torch's) or 0 = fp32 (exact; 8-bit then dequantizes every call) (default: 4)",
     )
     p.add_argument(
         "--embedding",

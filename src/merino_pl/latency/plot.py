@@ -262,11 +262,13 @@ def run(args: argparse.Namespace) -> int:
     if args.latency:
         if not points and args.paper:
             print(
-                f"note: no accuracy for {', '.join(missing)} (eval reports without a finished task): only the paper's panel is drawn"
+                f"note: no accuracy for {', '.join(missing)} (eval reports without a finished task): "
+                "only the paper's panel is drawn"
             )
         elif not points:
             raise MerinoError(
-                f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} (models without accuracy: {', '.join(missing) or 'none'})"
+                f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} "
+                f"(models without accuracy: {', '.join(missing) or 'none'})"
             )
         if points:
             panels.append((f"measured on {device} ({args.precision})", points))

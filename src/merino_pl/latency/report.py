@@ -375,7 +375,8 @@ class ReportBuilder:
             self.skipped.append(
                 {
                     "row": f"onnxruntime {precision}",
-                    "reason": f"onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, not {precision} on {o.device}",
+                    "reason": "onnxruntime is timed at fp32 on CPU and fp32/fp16 on CUDA, "
+                    f"not {precision} on {o.device}",
                 }
             )
             return None
@@ -532,7 +533,8 @@ def spread_warnings(rows: list[dict[str, Any]]) -> list[str]:
                 bad.append(f"{what} CV {100 * cv:.0f} %, p90/median {tail:.2f}")
         if bad:
             out.append(
-                f"noisy timings, {row['model']} {row['precision']} {row['path']}: {'; '.join(bad)} (limits CV {100 * CV_LIMIT:.0f} %, "
+                f"noisy timings, {row['model']} {row['precision']} {row['path']}: {'; '.join(bad)} "
+                f"(limits CV {100 * CV_LIMIT:.0f} %, "
                 f"p90/median {P90_LIMIT}): ratios using this row are not trustworthy (compare the median columns; "
                 "rerun on a quiet machine or with more --runs)"
             )
@@ -597,13 +599,17 @@ def build_report(
         )
     clipped = None
     if opts.generate_tokens and opts.seq + opts.generate_tokens > limit and opts.seq < limit:
-        clipped = f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} ({loaded.recipe.name} has {limit} positions)"
+        clipped = (
+            f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} "
+            f"({loaded.recipe.name} has {limit} positions)"
+        )
         opts = dataclasses.replace(opts, generate_tokens=limit - opts.seq, notes=[*opts.notes, clipped])
     bits = gptq_bits(loaded)
     other = [p for p in opts.precisions if bits is not None and p != f"int{bits}"]
     if other:  # a GPTQ directory holds one precision: any other would be an empty row
         problems.append(
-            f"--precision {','.join(other)}: {source} is a GPTQ int{bits} directory, timed only at --precision int{bits} "
+            f"--precision {','.join(other)}: {source} is a GPTQ int{bits} directory, "
+            f"timed only at --precision int{bits} "
             "(time the float model for the other precisions)"
         )
     if problems:
@@ -615,7 +621,8 @@ def build_report(
         slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
         if slow:
             builder.warnings.append(
-                f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it (MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU"
+                f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it "
+                "(MACHINE-NOTES: bf16 ~11x slower than fp32 here); time it on the target GPU"
             )
     if any(p in INT_BITS for p in opts.precisions) and "full" in opts.protocols:
         builder.warnings.append(
@@ -761,6 +768,10 @@ def _x(r: dict[str, float], key: str) -> str:
     return f"{r[key]:.2f}" + (f" / {median:.2f}" if median is not None else "")
 
 
+def _gpu(gpu: dict[str, Any] | None) -> str:
+    return f"{gpu['name']} CUDA {gpu['cuda_runtime']} driver {gpu['driver']}" if gpu else "–"
+
+
 def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
     """The report (or its JSON object, as ``latency.json`` holds it) as Markdown: device,
     protocol, the rows, speed-ups, checks."""
@@ -769,14 +780,16 @@ def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
     lines = [
         f"# Latency: {m['name']} on {d['summary']}",
         "",
-        f"- model: `{m['path']}` ({m['kind']}), {m['params'] / 1e6:.1f} M parameters, {m['flops_g']:.0f} GFLOPs (paper convention), "
+        f"- model: `{m['path']}` ({m['kind']}), {m['params'] / 1e6:.1f} M parameters, "
+        f"{m['flops_g']:.0f} GFLOPs (paper convention), "
         f"on disk: {_mb(m['size_on_disk_bytes'])} MiB",
         f"- device: {d['device']}; CPU {d['cpu']} ({d['cpu_count']} cores, {d['torch_threads']} torch threads); "
-        f"GPU {d['gpu']['name'] + ' CUDA ' + str(d['gpu']['cuda_runtime']) + ' driver ' + str(d['gpu']['driver']) if d['gpu'] else '–'}; "
+        f"GPU {_gpu(d['gpu'])}; "
         f"Jetson {('L4T ' + d['jetson']['l4t']) if d['jetson'] else '–'}",
         f"- torch {r['torch']}, transformers {r['transformers']}"
         + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
-        f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; {p['decode']}; {p['timing']}",
+        f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; "
+        f"{p['decode']}; {p['timing']}",
         f"- protocols: {', '.join(p.get('protocols', ['full']))}"
         + (f"; paper = {p['paper']}" if p.get("paper") else ""),
     ]
@@ -785,7 +798,8 @@ def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
             "",
             "## Full protocol (every model with its head; fast = last-position logits, as generation runs)",
             "",
-            "| model | precision | path | params (M) | weights file (MiB) | resident weights (MiB) | prefill ms mean / median / p90 | CV % | "
+            "| model | precision | path | params (M) | weights file (MiB) | resident weights (MiB) | "
+            "prefill ms mean / median / p90 | CV % | "
             "decode ms/token mean / median / p90 | CV % | peak mem (MiB) |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
@@ -794,7 +808,8 @@ def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
         if row.get("workspace_bytes"):
             resident += f" (+{_mb(row['workspace_bytes'])} scratch)"
         lines.append(
-            f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | {_mb(row['weights_bytes'])} | {resident} | "
+            f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | "
+            f"{_mb(row['weights_bytes'])} | {resident} | "
             f"{_stats(row['prefill_ms'])} | {_spread(row['prefill_ms'])} | {_stats(row['decode_ms_per_token'])} | "
             f"{_spread(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
         )
@@ -802,7 +817,8 @@ def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
         lines += [
             "",
             f"Peak memory: {r['rows'][0]['peak_memory_method']}. Resident weights: measured, the bytes of the distinct "
-            "storages behind the torch module's parameters and buffers (scratch: a packed model's dequantization workspace).",
+            "storages behind the torch module's parameters and buffers "
+            "(scratch: a packed model's dequantization workspace).",
         ]
     if r.get("generation"):
         lines += [
@@ -826,7 +842,8 @@ def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
             "|---|---|---|---|---:|",
         ]
         lines += [
-            f"| {x['model']} | {x['precision']} | {'yes' if x['includes_lm_head'] else 'no'} | {tuple(x['output_shape'])} | {x['mean_ms']:.2f} |"
+            f"| {x['model']} | {x['precision']} | {'yes' if x['includes_lm_head'] else 'no'} | "
+            f"{tuple(x['output_shape'])} | {x['mean_ms']:.2f} |"
             for x in pp["rows"]
         ]
         if pp["speedups"]:
@@ -871,7 +888,8 @@ def render_markdown(report: LatencyReport | dict[str, Any]) -> str:
         lines += [
             f"- {c['compared']} ({c['precision']}): max |logit diff| {c['max_abs_logit_diff']:.2e}"
             + (f", relative logit error {c['rel_logit_err']:.2e}" if "rel_logit_err" in c else "")
-            + f" (tolerance {c['tolerance']} on {c.get('tolerance_on', 'max_abs_logit_diff')}): {'ok' if c['match'] else 'MISMATCH'}"
+            + f" (tolerance {c['tolerance']} on {c.get('tolerance_on', 'max_abs_logit_diff')}): "
+            + ("ok" if c["match"] else "MISMATCH")
             for c in r["checks"]
         ]
     if r["skipped"] or r["warnings"]:
