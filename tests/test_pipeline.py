@@ -15,6 +15,7 @@ import yaml
 
 from merino_pl.cli import main as cli_main
 from merino_pl.eval.report import EvalModel, EvalReport
+from merino_pl.latency.report import LatencyReport
 from merino_pl.pipeline.api import PipelineConfig, build_stages
 from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
@@ -251,9 +252,24 @@ def _reports(out: Path, accuracy: float | None) -> None:
                 }
             )
         (out / "latency" / label).mkdir(parents=True)
-        (out / "latency" / label / "latency.json").write_text(
-            json.dumps({"format": "merino-latency-report/1", "device": {"summary": "test CPU"}, "rows": rows})
+        latency = LatencyReport(
+            model={"name": "micro"},
+            device={"summary": "test CPU"},
+            torch="",
+            transformers="",
+            onnxruntime=None,
+            precisions=[label],
+            protocol={"batch": 1, "seq_len": 16, "runs": 2},
+            rows=rows,
+            generation=[],
+            paper_protocol=None,
+            speedups=[],
+            fast_path=[],
+            checks=[],
+            skipped=[],
+            warnings=[],
         )
+        (out / "latency" / label / "latency.json").write_text(json.dumps(latency.to_json()))
         (out / ("model" if label == "fp32" else f"quantized/{label}")).mkdir(parents=True)
         (out / ("model" if label == "fp32" else f"quantized/{label}") / "model.safetensors").write_bytes(
             b"0" * (4_000_000 >> i)

@@ -28,11 +28,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_write_text, read_yaml, sha256_file, write_json
-from merino_pl.pipeline.plots import model_latency_row, read_eval, read_report, summary_plots
+from merino_pl.core.io import atomic_write_text, read_json, read_yaml, sha256_file, write_json
+from merino_pl.pipeline.plots import model_latency_row, read_eval, read_latency, summary_plots
+
+if TYPE_CHECKING:
+    from merino_pl.latency.report import LatencyReport
 
 SECTIONS = ("name", "out_dir", "recipe", "search", "fit", "eval", "quantize", "latency")
 STAGE_KEYS = {
@@ -289,6 +292,16 @@ def _run_command(stage: Stage, log_path: Path) -> int:
         return proc.wait()
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """``OUT/pipeline-state.json``; {} when missing or unreadable: a state we cannot read only
+    costs a re-run, never a wrong skip."""
+    try:
+        state = read_json(path, "pipeline state")
+    except MerinoError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool = False) -> int:
     """Run (or skip) every stage in order; stop at the first failure with the stage named."""
     stages = build_stages(cfg)
@@ -299,7 +312,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool
     if problems:
         raise MerinoError(f"{cfg.source}: " + "; ".join(problems))
     state_path = cfg.out_dir / "pipeline-state.json"
-    state = read_report(state_path) or {}  # a state we cannot read only costs a re-run, never a wrong skip
+    state = _read_state(state_path)
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
     t_start = time.perf_counter()
     changed: set[Path] = set()  # dry run: outputs of stages that would run (their readers would too)
@@ -353,7 +366,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _our_latency_ms(report: dict[str, Any] | None, precision: str) -> float | None:
+def _our_latency_ms(report: LatencyReport | None, precision: str) -> float | None:
     """Our model's prefill mean (the paper's protocol) at ``precision``, plain path."""
     row = model_latency_row(report, precision)
     return row["prefill_ms"]["mean"] if row else None
@@ -365,7 +378,7 @@ def _tables(out: Path, labels: list[str]) -> list[str]:
     from merino_pl.eval.report import table2_lines, table3_lines
 
     evals = {lb: read_eval(out / "eval" / lb / "eval.json") for lb in labels}
-    lats = {lb: read_report(out / "latency" / lb / "latency.json") for lb in labels}
+    lats = {lb: read_latency(out / "latency" / lb / "latency.json") for lb in labels}
     ours = [(lb, rep) for lb, rep in evals.items() if rep]
     if not ours:
         return []
@@ -373,8 +386,8 @@ def _tables(out: Path, labels: list[str]) -> list[str]:
     t3 = table3_lines([(lb, rep, _our_latency_ms(lats[lb], lb)) for lb, rep in ours], latency_header="latency (ms)")
     lat_note = next(
         (
-            f"{r['device']['summary']}, batch {r['protocol']['batch']}, "
-            f"sequence {r['protocol']['seq_len']}, mean of {r['protocol']['runs']} prefill runs"
+            f"{r.device['summary']}, batch {r.protocol['batch']}, "
+            f"sequence {r.protocol['seq_len']}, mean of {r.protocol['runs']} prefill runs"
             for r in lats.values()
             if r
         ),

@@ -9,8 +9,8 @@
   out of reach); with one, the plot stage's ``accuracy-vs-latency.png`` carries our points.
 * ``precisions.png``: size on disk, perplexity and prefill latency per precision (fp32 / int8 / int4).
 
-Only the reports' files are read (STYLE §6): eval reports through the eval stage's own schema
-(``EvalReport.read``), latency reports by their keys; the bubble chart is ``latency plot``'s renderer.
+Only the reports' files are read (STYLE §6), each through its stage's own schema
+(``EvalReport.read``, ``LatencyReport.read``); the bubble chart is ``latency plot``'s renderer.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path, read_json
+from merino_pl.core.io import atomic_path
 from merino_pl.core.paper import paper_baselines
 from merino_pl.eval.report import EvalReport
+
+if TYPE_CHECKING:
+    from merino_pl.latency.report import LatencyReport
 
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:red"}
 PPL_DATASETS = ("wikitext2", "ptb")  # the paper's Table 3, in its order
@@ -43,15 +46,6 @@ class PrecisionRow:
     flops_g: float | None = None
 
 
-def read_report(path: Path) -> dict[str, Any] | None:
-    """A stage's JSON report (or the pipeline's state), None when missing or unreadable: the
-    summary shows what exists, and a state we cannot read only costs a re-run."""
-    try:
-        return read_json(path, "report")
-    except MerinoError:
-        return None
-
-
 def read_eval(path: Path) -> EvalReport | None:
     """An eval report (``merino-pl eval``'s ``eval.json``), None when missing or not one."""
     try:
@@ -60,10 +54,20 @@ def read_eval(path: Path) -> EvalReport | None:
         return None
 
 
-def model_latency_row(report: dict[str, Any] | None, precision: str) -> dict[str, Any] | None:
+def read_latency(path: Path) -> LatencyReport | None:
+    """A latency report (``merino-pl latency``'s ``latency.json``), None when missing or not one."""
+    from merino_pl.latency.report import LatencyReport  # torch: only once a summary is written
+
+    try:
+        return LatencyReport.read(path)
+    except MerinoError:
+        return None
+
+
+def model_latency_row(report: LatencyReport | None, precision: str) -> dict[str, Any] | None:
     """A latency report's row of our model at ``precision`` on the plain path (the paper's
     protocol), None when it has none."""
-    for row in (report or {}).get("rows", []):
+    for row in report.rows if report else []:
         if row.get("role") == "model" and row.get("precision") == precision and row.get("path") == "plain":
             return row
     return None
@@ -81,7 +85,7 @@ def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
         ppl = ev.perplexity if ev else {}
         row.dataset = next((k for k in (*PPL_DATASETS, *ppl) if (ppl.get(k) or {}).get("word_perplexity")), None)
         row.perplexity = ppl[row.dataset]["word_perplexity"] if row.dataset else None
-        lat = model_latency_row(read_report(out / "latency" / label / "latency.json"), label)
+        lat = model_latency_row(read_latency(out / "latency" / label / "latency.json"), label)
         if lat:
             row.latency_ms, row.flops_g = lat["prefill_ms"]["mean"], lat.get("flops_g")
             row.model = row.model or lat.get("model")
@@ -184,9 +188,9 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Pat
     ]
     paper = paper_perplexity_points(dataset) if dataset in PPL_DATASETS else []
     by_name = {p["model"]: p for p in paper}
-    report = read_report(out_dir / "latency" / "fp32" / "latency.json") or {}
-    device = (report.get("device") or {}).get("summary", "this machine")
-    for r in report.get("rows", []):  # peers timed on this device: the paper's perplexity
+    report = read_latency(out_dir / "latency" / "fp32" / "latency.json")
+    device = report.device.get("summary", "this machine") if report else "this machine"
+    for r in report.rows if report else []:  # peers timed on this device: the paper's perplexity
         if r.get("role") != "model" and r.get("path") == "plain" and r.get("model") in by_name:
             points.append(
                 {
