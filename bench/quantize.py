@@ -34,8 +34,8 @@ from merino_pl.cli import main as merino  # noqa: E402
 from merino_pl.core.assets import embedded_wikitext2  # noqa: E402
 from merino_pl.core.checkpoint import export_pretrained, load_model  # noqa: E402
 from merino_pl.core.config import BlockConfig, MerinoConfig, load_recipe  # noqa: E402
+from merino_pl.core.hf import MerinoForCausalLM  # noqa: E402
 from merino_pl.core.io import atomic_write_text  # noqa: E402
-from merino_pl.core.model import MerinoForCausalLM  # noqa: E402
 from merino_pl.core.tokenizer import EOS_TOKEN, default_corpus_file, load_tokenizer  # noqa: E402
 
 VARIANTS = [("gptq", 8), ("rtn", 8), ("gptq", 4), ("rtn", 4)]

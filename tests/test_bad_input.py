@@ -23,8 +23,8 @@ from conftest import tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import export_pretrained
 from merino_pl.core.config import Recipe
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.io import atomic_dir, atomic_path, atomic_write_text, sha256_file
-from merino_pl.core.model import MerinoForCausalLM
 
 
 @pytest.fixture(scope="module")

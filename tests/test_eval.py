@@ -15,8 +15,8 @@ import torch
 from conftest import REPO, tiny_arch
 from merino_pl.cli import main
 from merino_pl.core.checkpoint import export_pretrained, load_model
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.io import sha256_file
-from merino_pl.core.model import MerinoForCausalLM
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402

@@ -24,9 +24,10 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_arch
-from merino_pl.core import config as config_module
-from merino_pl.core import model as model_module
 from merino_pl.cli import main as cli
+from merino_pl.core import config as config_module
+from merino_pl.core import hf as hf_module
+from merino_pl.core import model as model_module
 from merino_pl.core.checkpoint import load_model
 from merino_pl.core.config import BlockConfig, MerinoConfig, Recipe
 from merino_pl.core.quant.qlinear import QuantLinear
@@ -80,9 +81,9 @@ def test_exported_dir_is_self_contained(exported: Path) -> None:
 
 def test_remote_code_is_the_package_source() -> None:
     """One model source: every definition in the written files is the package's, verbatim, and
-    every definition of model.py but the registration is in them."""
+    every definition of model.py and hf.py but the registration is in them."""
     package = {}
-    for module in (config_module, model_module):
+    for module in (config_module, model_module, hf_module):
         tree = ast.parse(inspect.getsource(module))
         package.update({(module.__name__, _name(n)): ast.get_source_segment(inspect.getsource(module), n)
                         for n in tree.body if _name(n)})
@@ -92,9 +93,10 @@ def test_remote_code_is_the_package_source() -> None:
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                     and "merino_pl" in ast.unparse(n)], f"{file} imports merino_pl"
         written.update({(file, _name(n)): ast.get_source_segment(text, n) for n in tree.body if _name(n)})
+    modules = ("merino_pl.core.model", "merino_pl.core.hf", "merino_pl.core.config")
     for (file, name), segment in written.items():
-        assert segment in {package.get((m, name)) for m in ("merino_pl.core.model", "merino_pl.core.config")}, (file, name)
-    model_defs = {name for module, name in package if module == "merino_pl.core.model"}
+        assert segment in {package.get((m, name)) for m in modules}, (file, name)
+    model_defs = {name for module, name in package if module in modules[:2]}
     assert model_defs - {name for _, name in written} == {"_register_with_transformers"}
 
 

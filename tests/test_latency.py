@@ -13,8 +13,8 @@ from conftest import tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import load_model
 from merino_pl.core.config import Recipe
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.latency_table import LatencyTable
-from merino_pl.core.model import MerinoForCausalLM
 from merino_pl.latency.device import describe_device, jetson_info, parse_tegra_release
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.harness import Stats, TorchRunner, weight_bytes_in_memory

@@ -12,7 +12,8 @@ import merino_pl  # noqa: F401  (registers the model type)
 from conftest import tiny_arch
 from merino_pl.core.checkpoint import export_pretrained, load_model
 from merino_pl.core.costs import count_params
-from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.hf import MerinoForCausalLM
+from merino_pl.core.model import lm_loss
 
 
 @pytest.fixture
@@ -129,8 +130,40 @@ def test_init_is_standard(model: MerinoForCausalLM) -> None:
 
 def test_import_merino_pl_after_transformers_registers_the_model_type() -> None:
     """Scripts import transformers first (isort order); `import merino_pl` then registers."""
-    code = ("from transformers import AutoConfig; import merino_pl; "
-            "print(type(AutoConfig.for_model('merino')).__name__)")
+    code = "from transformers import AutoConfig; import merino_pl; print(type(AutoConfig.for_model('merino')).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "MerinoHFConfig"
+
+
+def test_one_loss_serves_training_eval_and_labels(model: MerinoForCausalLM) -> None:
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        out = model(x, labels=x)
+    logits, targets = out.logits[:, :-1], x[:, 1:]  # position t scores token t + 1
+    assert torch.equal(lm_loss(logits, targets), out.loss)
+    per_token = lm_loss(logits, targets, reduction="none")  # eval's need: each token's NLL
+    assert per_token.shape == (2, 15)
+    assert torch.allclose(per_token.mean(), out.loss)
+    assert torch.allclose(per_token.sum(), lm_loss(logits, targets, reduction="sum"))
+
+
+def test_config_parses_the_architecture_once_and_saves_no_cache(model: MerinoForCausalLM) -> None:
+    config = model.config
+    assert config.arch is config.arch and config.arch == model.arch
+    assert "_arch_parsed" not in config.to_dict() and "_arch_parsed" not in config.to_json_string()
+    config.architecture = dict(config.architecture, norm="rmsnorm")  # a changed architecture is parsed again
+    assert config.arch.norm == "rmsnorm"
+    config.architecture["norm"] = "layernorm"
+    assert config.arch == model.arch
+
+
+def test_forward_arguments_work_or_are_refused(model: MerinoForCausalLM) -> None:
+    x = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        logits, cache = model(x, return_dict=False)
+        assert torch.equal(logits, model(x).logits) and cache.get_seq_length() == 6
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            model(x, output_attentions=True)
+        with pytest.raises(TypeError, match="inputs_embeds"):
+            model(x, inputs_embeds=torch.zeros(1, 6, 96))

@@ -8,7 +8,7 @@ import re
 import torch
 
 from conftest import tiny_arch
-from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.quant.format import QuantSpec
 from merino_pl.quantize.calibration import POOL, calibration_tokens
 from merino_pl.quantize.runner import quantize_model

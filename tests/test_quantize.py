@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from conftest import REPO, tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import export_pretrained, load_model
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.io import atomic_dir
-from merino_pl.core.model import MerinoForCausalLM
 from merino_pl.core.quant.format import QuantSpec, write_quantized
 from merino_pl.core.quant.packing import dequantize, pack, pack_rows, unpack_rows
 from merino_pl.core.quant.qlinear import QuantLinear

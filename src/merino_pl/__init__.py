@@ -3,7 +3,7 @@
 The public names below are imported on first use (PEP 562), so ``import merino_pl`` and
 ``merino-pl --help`` / ``merino-pl info`` load neither torch nor transformers.
 
-Importing ``merino_pl.core.model`` (directly, through ``merino_pl.MerinoForCausalLM``, or through any
+Importing ``merino_pl.core.hf`` (directly, through ``merino_pl.MerinoForCausalLM``, or through any
 stage that loads a model) registers the ``merino`` model type with ``transformers``, after which
 ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load a saved MeRino model. When
 ``transformers`` is already imported, ``import merino_pl`` registers it at once, so a script that
@@ -27,8 +27,9 @@ _EXPORTS: dict[str, str] = {
     "load_recipe": "merino_pl.core.config",
     "MerinoError": "merino_pl.core.errors",
     "MerinoDecoder": "merino_pl.core.model",
-    "MerinoForCausalLM": "merino_pl.core.model",
-    "MerinoHFConfig": "merino_pl.core.model",
+    "MerinoForCausalLM": "merino_pl.core.hf",
+    "MerinoHFConfig": "merino_pl.core.hf",
+    "MerinoModel": "merino_pl.core.hf",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -36,7 +37,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # the lazy exports, named for type checkers
     from merino_pl.core.config import BlockConfig, MerinoConfig, Recipe, load_recipe  # noqa: F401
     from merino_pl.core.errors import MerinoError  # noqa: F401
-    from merino_pl.core.model import MerinoDecoder, MerinoForCausalLM, MerinoHFConfig  # noqa: F401
+    from merino_pl.core.hf import MerinoForCausalLM, MerinoHFConfig, MerinoModel  # noqa: F401
+    from merino_pl.core.model import MerinoDecoder  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -52,4 +54,4 @@ def __dir__() -> list[str]:
 
 
 if "transformers" in sys.modules:  # the caller uses transformers anyway: register the model type now
-    importlib.import_module("merino_pl.core.model")
+    importlib.import_module("merino_pl.core.hf")

@@ -27,8 +27,8 @@ from transformers import GenerationConfig
 
 from merino_pl.core.config import Recipe, load_recipe
 from merino_pl.core.errors import MerinoError
+from merino_pl.core.hf import MerinoForCausalLM, MerinoHFConfig
 from merino_pl.core.io import atomic_dir, sha256_file
-from merino_pl.core.model import MerinoForCausalLM, MerinoHFConfig
 
 WEIGHTS_NAME = "model.safetensors"
 

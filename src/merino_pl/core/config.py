@@ -29,7 +29,8 @@ from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, read_yaml
 
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("relu", "gelu", "silu")
+# activation name -> the torch.nn module the FFN builds (core.model looks it up by name)
+ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU"}
 
 
 @dataclass(frozen=True)

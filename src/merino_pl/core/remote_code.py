@@ -5,14 +5,14 @@
 ``trust_remote_code=True`` transformers imports them from the directory itself:
 
 * ``configuration_merino.py``: ``MerinoHFConfig`` and the architecture it parses (``MerinoConfig``,
-  ``BlockConfig``, ``validate``), from ``merino_pl/core/model.py`` and ``merino_pl/core/config.py``;
-* ``modeling_merino.py``: the network and ``MerinoForCausalLM`` from ``merino_pl/core/model.py``,
-  importing its config from the file beside it.
+  ``BlockConfig``, ``validate``), from ``merino_pl/core/hf.py`` and ``merino_pl/core/config.py``;
+* ``modeling_merino.py``: the network (``merino_pl/core/model.py``) and ``MerinoForCausalLM``
+  (``merino_pl/core/hf.py``), importing its config from the file beside it.
 
 One model source: both files are generated from the package's own modules at export time, never
 kept by hand. Each top-level definition is copied verbatim with the comment lines just above it;
-which ones is found by following the names the root classes use, so a helper added to ``model.py``
-or ``config.py`` travels with them. Imports of anything but ``merino_pl`` are kept as written (only
+which ones is found by following the names the root classes use, so a helper added to ``model.py``,
+``hf.py`` or ``config.py`` travels with them. Imports of anything but ``merino_pl`` are kept as written (only
 the names used); imports of ``merino_pl`` are resolved into the copied definitions. Nothing else
 is copied: no recipe / YAML code, no registration.
 """
@@ -30,18 +30,18 @@ AUTO_MAP = {
     "AutoConfig": "configuration_merino.MerinoHFConfig",
     "AutoModelForCausalLM": "modeling_merino.MerinoForCausalLM",
 }
-# the package's modules the roots live in, dependencies first (model.py imports config.py); any
-# other merino_pl module a copied definition imports from is read too, and placed before them
-SOURCES = ("core.config", "core.model")
+# the package's modules the roots live in, dependencies first (hf.py imports model.py, which imports
+# config.py); any other merino_pl module a copied definition imports from is read too, and placed before them
+SOURCES = ("core.config", "core.model", "core.hf")
 # each file: its docstring and the (module, name) definitions its closure starts from
 FILES = {
     CONFIG_FILE: (
         "MeRino's transformers config (``MerinoHFConfig``) and the architecture it carries (``MerinoConfig``).",
-        [("core.model", "MerinoHFConfig")],
+        [("core.hf", "MerinoHFConfig")],
     ),
     MODELING_FILE: (
         "The MeRino adaptive block-wise shared decoder as a transformers model (``MerinoForCausalLM``).",
-        [("core.model", "MerinoForCausalLM")],
+        [("core.hf", "MerinoForCausalLM")],
     ),
 }
 
@@ -126,20 +126,25 @@ class _Closure:
                     aliases.append(alias)
 
     def import_lines(self) -> list[str]:
-        """The imports used, each statement narrowed to the names used, in isort's order."""
-        lines = set()
+        """The imports used, each statement narrowed to the names used, one ``from`` line per module
+        (two source modules may import from the same one), in isort's order."""
+        lines, from_names = set(), {}
         for stmt, aliases in self.imports.values():
-            kept = sorted(aliases, key=lambda a: a.name)
-            from_ = isinstance(stmt, ast.ImportFrom)
-            lines.add(ast.unparse(ast.ImportFrom(stmt.module, kept, stmt.level) if from_ else ast.Import(kept)))
+            if isinstance(stmt, ast.ImportFrom):
+                from_names.setdefault((stmt.module, stmt.level), {}).update((ast.unparse(a), a) for a in aliases)
+            else:
+                lines.add(ast.unparse(ast.Import(sorted(aliases, key=lambda a: a.name))))
+        for (module, level), aliases in from_names.items():
+            lines.add(ast.unparse(ast.ImportFrom(module, sorted(aliases.values(), key=lambda a: a.name), level)))
         ordered = sorted(lines, key=_import_order)
         first = next((i for i, line in enumerate(ordered) if _import_order(line)[0]), 0)
         return ordered[:first] + [""] + ordered[first:] if first else ordered  # a blank line between the sections
 
     def _bind(self, name: str, source: tuple[str, str]) -> None:
         if self.bound.setdefault(name, source) != source:
-            raise RuntimeError(f"remote code: {name!r} would be bound twice in one file "
-                               f"({self.bound[name]} and {source})")
+            raise RuntimeError(
+                f"remote code: {name!r} would be bound twice in one file ({self.bound[name]} and {source})"
+            )
 
 
 def sources() -> dict[str, str]:
@@ -155,22 +160,25 @@ def sources() -> dict[str, str]:
             closure.need(module, name)
         from_files = sorted({f"{PACKAGE}/{m.replace('.', '/')}.py" for m, _ in closure.defs})
         imports = closure.import_lines()
-        relative = [f"from .{sibling} import {', '.join(sorted(names))}"
-                    for sibling, names in sorted(closure.relative.items())]
+        relative = [
+            f"from .{sibling} import {', '.join(sorted(names))}" for sibling, names in sorted(closure.relative.items())
+        ]
         imports += [""] + relative if relative else []
-        texts[file] = "\n".join([
-            f"# Generated by merino-pl {__version__} from {', '.join(from_files)}: the package's own source,",
-            "# copied so that transformers loads this directory with trust_remote_code=True. Do not edit.",
-            f'"""{doc}"""',
-            "",
-            "from __future__ import annotations",
-            "",
-            *imports,
-            "",
-            "",
-            _body(modules, closure.defs),
-            "",
-        ])
+        texts[file] = "\n".join(
+            [
+                f"# Generated by merino-pl {__version__} from {', '.join(from_files)}: the package's own source,",
+                "# copied so that transformers loads this directory with trust_remote_code=True. Do not edit.",
+                f'"""{doc}"""',
+                "",
+                "from __future__ import annotations",
+                "",
+                *imports,
+                "",
+                "",
+                _body(modules, closure.defs),
+                "",
+            ]
+        )
         elsewhere.update({key: file[: -len(".py")] for key in closure.defs})
     return texts
 

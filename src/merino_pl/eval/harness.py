@@ -8,7 +8,7 @@
         simple_evaluate(model="merino", model_args="pretrained=runs/demo/checkpoints/last.ckpt")
 
 (b) ``hf``: lm-eval's stock ``HFLM`` on an exported directory. ``transformers`` finds the
-    ``merino`` model type only after ``merino_pl.core.model`` is imported (this module does so);
+    ``merino`` model type only after ``merino_pl.core.hf`` is imported (this module does so);
     :func:`hf_lm` builds HFLM from the loaded instance, and
     ``python -m merino_pl.eval.harness ARGS`` is the stock ``lm_eval`` command line with
     that import done first (see docs/eval.md).

@@ -33,7 +33,7 @@ from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import sha256_file
 
 if TYPE_CHECKING:  # torch: imported by perplexity() only, so `eval --help` and validation start without it
-    from merino_pl.core.model import MerinoForCausalLM
+    from merino_pl.core.hf import MerinoForCausalLM
 
 MODES = ("document", "concatenated")
 

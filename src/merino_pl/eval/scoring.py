@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.hf import MerinoForCausalLM
+from merino_pl.core.model import lm_loss
 
 # (context tokens, continuation tokens) -> (sum of log-probs of the continuation, all greedy?)
 Request = tuple[Sequence[int], Sequence[int]]
@@ -73,10 +73,10 @@ def score(
         for row, i in enumerate(idx):
             inp, n = prepared[i]
             h = hidden[row, len(inp) - n : len(inp)]  # (n, d): only the scored positions
-            logprobs = F.log_softmax(model.model.logits(h).float(), dim=-1)  # (n, V)
+            logits = model.model.logits(h).float()  # (n, V)
             target = torch.tensor(targets[i], device=device)
-            picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
-            results[i] = (float(picked.sum()), bool((logprobs.argmax(-1) == target).all()))
+            nll = lm_loss(logits, target, reduction="none")  # (n,): -log p of each continuation token
+            results[i] = (-float(nll.sum()), bool((logits.argmax(-1) == target).all()))
         bar.update(len(idx))
     bar.close()
     return results

@@ -19,13 +19,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from merino_pl.core.config import Recipe, load_recipe
 from merino_pl.core.costs import count_flops
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.hf import MerinoForCausalLM
+from merino_pl.core.model import lm_loss
 
 
 class NonFiniteLossError(MerinoError):
@@ -113,7 +113,7 @@ class MerinoLightningModule(L.LightningModule):
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.model(inputs, use_cache=False).logits  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return lm_loss(logits, targets)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a (B, T+1) batch of token ids."""

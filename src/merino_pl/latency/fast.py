@@ -18,33 +18,51 @@ mask at all; ``DynamicCache``'s ``torch.cat`` copies at sequence 128 are small n
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from merino_pl.core.model import Attention
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """Stack Q, K, V of every attention once; returns how many were fused (idempotent).
+class FusedQKVAttention(Attention):
+    """``Attention`` whose Q, K, V come from one ``(3C × C)`` GEMM: same weights, same result.
 
-    Only plain ``nn.Linear`` projections are fused: a quantized linear keeps its own kernel.
+    Built from a loaded ``Attention`` (``fuse_qkv``), never trained: its q/k/v_proj are that
+    module's own, their weights re-pointed at views into the stacked tensor (``fused_qkv``), so
+    nothing is stored twice.
     """
-    fused = 0
-    for attn in (m for m in model.modules() if isinstance(m, Attention)):
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if attn.fused_qkv is not None:
-            fused += 1
-            continue
-        if not all(type(p) is nn.Linear for p in projs):
-            continue
+
+    def __init__(self, attn: Attention) -> None:
+        nn.Module.__init__(self)  # not Attention.__init__: it would build (and draw random weights for) new linears
+        self.n_head, self.head_dim, self.dropout = attn.n_head, attn.head_dim, attn.dropout
+        self.training = attn.training
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        projs = (self.q_proj, self.k_proj, self.v_proj)
         with torch.no_grad():
             weight = torch.cat([p.weight for p in projs])  # (3C, C)
             bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
-            C = attn.q_proj.weight.shape[0]
+            C = self.q_proj.weight.shape[0]
             for i, p in enumerate(projs):  # the old tensors are freed: one copy remains
                 p.weight = nn.Parameter(weight[i * C : (i + 1) * C], requires_grad=False)
                 if bias is not None:
                     p.bias = nn.Parameter(bias[i * C : (i + 1) * C], requires_grad=False)
-        attn.fused_qkv = (weight, bias)
-        fused += 1
-    return fused
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] = (weight, bias)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, *self.fused_qkv).split(x.shape[-1], dim=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Replace every ``Attention`` by its ``FusedQKVAttention``; returns how many are fused (idempotent).
+
+    Only plain ``nn.Linear`` projections are fused: a quantized linear keeps its own kernel.
+    """
+    fused = 0
+    for name, attn in list(model.named_modules()):
+        if isinstance(attn, FusedQKVAttention):
+            fused += 1
+        elif isinstance(attn, Attention) and all(type(p) is nn.Linear for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FusedQKVAttention(attn))
+            fused += 1
+    return fused

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from merino_pl.core.model import CACHE_FIELD  # `cache` (transformers >= 5) or `past_key_values`
+from merino_pl.core.hf import CACHE_FIELD  # `cache` (transformers >= 5) or `past_key_values`
 
 PROTOCOL = "warm-up, then each run timed alone with time.perf_counter (CUDA synchronised); mean of runs (paper), median, p90"
 

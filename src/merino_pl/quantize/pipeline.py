@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from merino_pl.core.checkpoint import LoadedModel
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.io import atomic_dir
-from merino_pl.core.model import MerinoForCausalLM
 from merino_pl.core.quant.format import (
     WEIGHTS_NAME,
     QuantSpec,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from merino_pl.core.model import MerinoForCausalLM
+from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.quant.format import QuantSpec
 from merino_pl.core.quant.rtn import QuantizedWeight, num_groups, rtn_quantize
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize

@@ -69,7 +69,7 @@ def training_batches(manifest: dict[str, Any], seed: int, n: int) -> list[torch.
 def init_proxies(manifest: dict[str, Any], run: Run, run_dir: Path) -> dict[str, float]:
     """NTK condition number and DSS of the model as ``fit`` initialises it (same seed)."""
     from merino_pl.core.config import load_recipe
-    from merino_pl.core.model import MerinoForCausalLM
+    from merino_pl.core.hf import MerinoForCausalLM
     from merino_pl.study.proxies import data_proxies
 
     cfg = manifest["config"].get("proxies") or {}

@@ -28,7 +28,7 @@ from torch import nn
 from merino_pl import __version__
 from merino_pl.core.checkpoint import check_safetensors, save_model_files
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.model import MerinoForCausalLM, MerinoHFConfig
+from merino_pl.core.hf import MerinoForCausalLM, MerinoHFConfig
 from merino_pl.core.quant.packing import pack
 from merino_pl.core.quant.qembedding import QuantEmbedding, attach
 from merino_pl.core.quant.qlinear import QuantLinear, stream_blocks
