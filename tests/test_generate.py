@@ -152,21 +152,8 @@ def test_end_of_text_stops_a_checkpoint_decode_and_is_not_printed(eos_ckpt: Path
 
 def test_cli_prints_the_text_then_one_line_of_figures(float_dir: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "prompt.txt").write_text(PROMPT, encoding="utf-8")
-    assert (
-        cli(
-            [
-                "generate",
-                str(float_dir),
-                "--prompt-file",
-                str(tmp_path / "prompt.txt"),
-                "--max-new-tokens",
-                "5",
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    argv = ["generate", str(float_dir), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "5"]
+    assert cli([*argv, "--threads", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "\n".join(lines[:-1]).startswith(PROMPT)
     assert re.fullmatch(
@@ -174,7 +161,7 @@ def test_cli_prints_the_text_then_one_line_of_figures(float_dir: Path, tmp_path:
         r"decode [\d.]+ tokens/s \[torch, greedy\]",
         lines[-1],
     ), lines[-1]
-    assert torch.get_num_threads() == 1  # --threads restored (conftest's one thread)
+    assert torch.get_num_threads() == 1  # --threads 2 held for the run only (conftest sets one thread)
 
 
 # ---- onnxruntime ---------------------------------------------------------------------------------
