@@ -16,24 +16,27 @@ from merino_pl.core.io import check_out, read_yaml
 from merino_pl.quantize import SUPPORTED_BITS
 from merino_pl.quantize.api import METHODS, CalibrationSettings, QuantizeSettings
 
+_CALIB = CalibrationSettings()
 DEFAULTS: dict[str, Any] = {
+    # QuantSpec's defaults, spelled out: core.quant.format imports torch, and --help must not
     "bits": 4,
     "group_size": 128,
     "desc_act": False,
     "sym": True,
     "method": "gptq",
-    "calib": "embedded",
-    "calib_text_field": "text",
-    "nsamples": 128,
-    "seq_len": 512,
-    "holdout": 8,
     "damp_percent": 0.01,
     "block_size": 128,
     "true_sequential": True,
-    "batch_size": 8,
-    "seed": 0,
-    "float_dtype": "float16",
     "embedding": "fp16",
+    # CalibrationSettings' (flag name: field)
+    "calib": _CALIB.source,
+    "calib_text_field": _CALIB.text_field,
+    "nsamples": _CALIB.nsamples,
+    "seq_len": _CALIB.seq_len,
+    "holdout": _CALIB.holdout,
+    "batch_size": _CALIB.batch_size,
+    "seed": _CALIB.seed,
+    "float_dtype": "float16",  # quantize()'s default
 }
 
 
