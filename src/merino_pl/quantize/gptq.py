@@ -29,12 +29,16 @@ class HessianAccumulator:
     def __init__(self, columns: int) -> None:
         self.sum = torch.zeros(columns, columns, dtype=torch.float64)
         self.samples = 0
+        self._gram: torch.Tensor | None = None  # one float32 product buffer, reused by every call
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: (..., in) inputs of one forward call of the linear."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        # float32 matmul (fast), summed into float64 so millions of rows lose nothing
-        self.sum.add_((x.t() @ x).to(self.sum.device))  # promoted to float64 on the fly, no float64 temporary
+        if self._gram is None or self._gram.device != x.device:
+            self._gram = torch.empty(x.shape[-1], x.shape[-1], device=x.device)
+        # float32 GEMM (fast) into the reused buffer, summed into float64 so millions of rows lose nothing
+        torch.mm(x.t(), x, out=self._gram)
+        self.sum.add_(self._gram.to(self.sum.device))
         self.samples += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -49,26 +53,46 @@ class GPTQResult:
     loss: float  # the paper's objective Σ (w − q)² / [H⁻¹]ᵢᵢ² / 2 over all weights
 
 
+@dataclass
+class InverseHessian:
+    """What GPTQ needs of one input Hessian: the column order, the dead columns and the upper
+    Cholesky factor of the dampened inverse. The same for every linear reading that input (q/k/v)."""
+
+    perm: torch.Tensor  # the order columns are quantized in (act-order: decreasing diag(H))
+    dead: torch.Tensor  # (in,) bool: inputs that never fire
+    factor: torch.Tensor  # (in, in) upper Cholesky factor of (H + λI)⁻¹, in ``perm`` order
+
+
+def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, desc_act: bool = False) -> InverseHessian:
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0  # inputs that never fire: any value works, keep the weight 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(H.shape[0])
+    return InverseHessian(perm, dead, _inverse_cholesky(H[perm][:, perm], damp))
+
+
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     bits: int,
     group_size: int = 128,
     sym: bool = True,
     desc_act: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    inverse: InverseHessian | None = None,
 ) -> GPTQResult:
-    """Quantize one (out, in) ``weight`` given its input Hessian (in, in). Pure function."""
+    """Quantize one (out, in) ``weight`` given its input Hessian (in, in). Pure function.
+
+    ``inverse``: ``inverse_hessian(hessian, damp, desc_act)`` when several linears share the
+    input (then ``hessian`` may be None): computed once instead of once per linear.
+    """
+    inv_h = inverse if inverse is not None else inverse_hessian(hessian, damp, desc_act)
+    perm, Hinv = inv_h.perm, inv_h.factor
     W = weight.detach().float().clone()
-    H = hessian.float().clone()
     rows, cols = W.shape
-    dead = torch.diag(H) == 0  # inputs that never fire: any value works, keep the weight 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _inverse_cholesky(H, damp)
+    W[:, inv_h.dead] = 0
+    W = W[:, perm]
 
     gs = cols if group_size == -1 else group_size
     # lazy-update blocks hold whole groups, so a group's grid is always fitted on columns that
@@ -101,7 +125,12 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     g_idx = (torch.arange(cols) // gs)[inv]  # group of each ORIGINAL column
     q = QuantizedWeight(
-        codes.t()[:, inv].to(torch.int32).contiguous(), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size
+        codes.t()[:, inv].to(torch.int32).contiguous(),
+        scales,
+        zeros.to(torch.int32),
+        g_idx.to(torch.int32),
+        bits,
+        group_size,
     )
     return GPTQResult(q, loss)
 

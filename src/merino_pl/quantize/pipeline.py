@@ -25,7 +25,7 @@ from merino_pl.core.quant.format import (
 )
 from merino_pl.core.quant.qembedding import QuantEmbedding, attach
 from merino_pl.quantize.report import QuantizeReport
-from merino_pl.quantize.runner import quantize_model, report_rows
+from merino_pl.quantize.runner import Split, quantize_model, report_rows
 
 if TYPE_CHECKING:
     from merino_pl.quantize.api import CalibrationSettings
@@ -93,8 +93,9 @@ def quantize_checkpoint(
     model = loaded.model.eval()
     reference = copy.deepcopy(model) if held.numel() else None
     t0 = time.perf_counter()
+    split = Split()  # where quantize_model's time went
     quantized, layers = quantize_model(
-        model, spec, calib if spec.method == "gptq" else None, settings.batch_size, progress
+        model, spec, calib if spec.method == "gptq" else None, settings.batch_size, progress, split
     )
     quant_seconds = time.perf_counter() - t0
     round_unquantized(model, quantized, torch_dtype(float_dtype))
@@ -126,7 +127,7 @@ def quantize_checkpoint(
                 "holdout_windows": int(held.shape[0]),
                 "seed": settings.seed,
             },
-            seconds={"tokenize": tokenize_seconds, "quantize": quant_seconds},
+            seconds={"tokenize": tokenize_seconds, "quantize": quant_seconds, **split.report_keys()},
             sizes=sizes(float_bytes, tmp / WEIGHTS_NAME, spec.bits),
             heldout=heldout,
             heldout_linears_only=heldout_linears,
