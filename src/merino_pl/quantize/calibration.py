@@ -3,7 +3,8 @@
 GPTQ's recipe (random fixed-length segments of pretraining-like text) on exactly the sources the
 DataModule reads (``merino_pl.data.sources``): ``"embedded"`` (the corpus shipped in the package,
 the default), local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, globs, directories,
-or a hub dataset name. Documents are packed with EOS between them, as training sees them. A few
+or a hub dataset name. Documents are tokenized and packed with EOS after each by the data
+stage's own ``DocumentTokenizer``, as training sees them. A few
 more windows than the calibration set are kept aside as a held-out check. Reading and tokenizing
 shows a tqdm bar (tokens, rate, ETA): at the paper's sizes from the hub it takes minutes.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.tokenizer import EOS_TOKEN, load_tokenizer
+from merino_pl.core.tokenizer import find_eos, load_tokenizer
+from merino_pl.data import DocumentTokenizer
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
 
 POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
@@ -24,8 +27,14 @@ FLAGS = Flags(source="--calib", text_field="--calib-text-field")  # what hints n
 
 
 def calibration_tokens(
-    source: str, nsamples: int, seq_len: int, holdout: int = 0, tokenizer: str | None = None,
-    text_field: str = "text", seed: int = 0, progress: bool = True,
+    source: str,
+    nsamples: int,
+    seq_len: int,
+    holdout: int = 0,
+    tokenizer: str | None = None,
+    text_field: str = "text",
+    seed: int = 0,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids: disjoint windows,
     drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens
@@ -34,26 +43,33 @@ def calibration_tokens(
     stream = open_stream(src, flags=FLAGS)
     check_text_field(stream, src, text_field, flags=FLAGS)
     field = src.field(text_field)
-    tok = load_tokenizer(tokenizer)
-    eos = tok.token_to_id(EOS_TOKEN)
+    tokenize = DocumentTokenizer(tokenizer, find_eos(load_tokenizer(tokenizer), tokenizer))
     need = (nsamples + holdout) * seq_len
-    ids: list[int] = []
+    chunks: list[np.ndarray] = []  # token ids of the documents read so far, EOS after each
     batch: list[str] = []
-    bar = tqdm(total=POOL * need, desc="calibration text", unit="tok", unit_scale=True, disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 10.0)  # a log file gets a line per 10 s, not per 0.1 s
+    count = 0
+    bar = tqdm(
+        total=POOL * need,
+        desc="calibration text",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )  # a log file gets a line per 10 s, not per 0.1 s
     for row in stream:
         if row[field] and row[field].strip():
             batch.append(row[field])
         if len(batch) == 256:
-            ids = _extend(ids, tok, batch, eos, bar)
+            count = _extend(chunks, tokenize(batch), bar)
             batch = []
-        if len(ids) >= POOL * need:
+        if count >= POOL * need:
             break
-    ids = _extend(ids, tok, batch, eos, bar)
+    _extend(chunks, tokenize(batch), bar)
     if bar.n < bar.total:  # the source ended before the pool filled: that is all there is
         bar.total = bar.n
     bar.close()
-    if not ids:
+    ids = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int32)
+    if not len(ids):
         raise MerinoError(f"calibration source {source!r} is empty (no text in {src.describe()})")
     slots = len(ids) // seq_len
     if slots < nsamples + holdout:
@@ -61,14 +77,15 @@ def calibration_tokens(
             f"calibration source {source!r} has {len(ids)} tokens: fewer than --nsamples {nsamples} "
             f"(+{holdout} held out) windows of --seq-len {seq_len}"
         )
-    windows = torch.tensor(ids[: slots * seq_len]).view(slots, seq_len)
+    windows = torch.from_numpy(ids[: slots * seq_len].astype(np.int64)).view(slots, seq_len)
     order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))
     # held-out windows first: the same ones whatever nsamples is (GPTQ and RTN reports compare)
     return windows[order[holdout : holdout + nsamples]], windows[order[:holdout]]
 
 
-def _extend(ids: list[int], tok, texts: list[str], eos: int | None, bar: tqdm) -> list[int]:
-    for enc in tok.encode_batch(texts):  # batched: the tokenizer's fast path
-        ids += enc.ids + ([eos] if eos is not None else [])
-    bar.update(min(len(ids), bar.total) - bar.n)  # the last batch may overshoot the pool
-    return ids
+def _extend(chunks: list[np.ndarray], ids: np.ndarray, bar: tqdm) -> int:
+    """Append ``ids``; returns the tokens read so far."""
+    chunks.append(ids)
+    count = sum(map(len, chunks))
+    bar.update(min(count, bar.total) - bar.n)  # the last batch may overshoot the pool
+    return count
