@@ -14,8 +14,11 @@ Why not torch's integer kernels: on the CPUs measured (AVX2, no VNNI; docs/quant
 fp32 GEMM. The deployment fast path is onnxruntime's ``MatMulNBits`` (``latency.onnx_export``),
 which reads these same tensors.
 
-The unpacking works on bytes: a little-endian int32 word of 4-bit codes is 4 bytes of two codes
-each, so ``& 15`` and ``>> 4`` on a ``uint8`` view give every code at one byte per step.
+The unpacking works on the words transposed: ``qweight`` (in // k, out) int32 is copied to
+(out, in // k) (k codes move per element), whose little-endian bytes are then each output row's
+codes in input order: nothing more for 8 bits, one int16 spread for 4 bits; the float weight is
+(out, in), as ``nn.Linear``'s, and ``F.linear`` adds the bias inside the GEMM
+(``bench/qlinear.py`` measures each step against fp32 ``nn.Linear``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from merino_pl.core.quant.packing import dequantize
@@ -65,17 +69,36 @@ class QuantLinear(nn.Module):
         return self._order
 
     def codes(self) -> torch.Tensor:
-        """(in, out) uint8 integer codes in original row order (one byte each)."""
-        rows, out = self.qweight.shape
-        b = self._bytes()
-        if self.bits == 8:
-            return b.contiguous().view(rows * 4, out)
-        return torch.stack((b & 15, b >> 4), dim=2).view(rows * 8, out)  # byte j: rows 2j (low), 2j+1 (high)
+        """(in, out) uint8 integer codes in original row order (one byte each; a transposed view)."""
+        return self._codes_nk(None).t()
 
-    def _bytes(self) -> torch.Tensor:
-        """(in // k, 4, out) uint8 view of ``qweight``: byte j of each word, little-endian (no copy)."""
-        rows, out = self.qweight.shape
-        return self.qweight.contiguous().view(torch.uint8).view(rows, out, 4).transpose(1, 2)
+    def scratch_bytes(self) -> int:
+        """Bytes of uint8 scratch ``dequantized`` uses: the words transposed, the 4-bit spread
+        (two int16 halves), the act-order gather."""
+        n = self.in_features * self.out_features
+        perm, _ = self._row_order()
+        return _align(n * self.bits // 8) + (2 * _align(n) if self.bits == 4 else 0) + (n if perm is not None else 0)
+
+    def _codes_nk(self, scratch: torch.Tensor | None) -> torch.Tensor:
+        """(out, in) uint8 codes in original column order, built in ``scratch`` (``scratch_bytes``).
+
+        The int32 words are transposed first ((in // k, out) -> (out, in // k): k codes move per
+        element), after which the little-endian bytes of each row ARE its codes in input order:
+        8-bit needs nothing more; 4-bit spreads every byte ``hl`` into the int16 ``0h0l``, i.e.
+        the two bytes ``l, h`` (``(v | v << 4) & 0x0F0F``), all contiguous, vectorised passes.
+        """
+        rows, N = self.qweight.shape
+        if scratch is None:
+            scratch = torch.empty(self.scratch_bytes(), dtype=torch.uint8, device=self.qweight.device)
+        words = _take(scratch, 0, rows * N * 4, torch.int32).view(N, rows).copy_(self.qweight.t())
+        b = words.view(torch.uint8).view(N, rows * 4)
+        if self.bits == 8:
+            return b
+        at = _align(rows * N * 4)
+        v = _take(scratch, at, rows * N * 8, torch.int16).view(N, rows * 4).copy_(b)
+        t = _take(scratch, at + _align(rows * N * 8), rows * N * 8, torch.int16).view(N, rows * 4)
+        v.bitwise_or_(torch.bitwise_left_shift(v, 4, out=t)).bitwise_and_(0x0F0F)
+        return v.view(torch.uint8).view(N, rows * 8)
 
     def zeros_float(self) -> torch.Tensor:
         """(groups, out) zero points as floats (the stored ``zero - 1``, plus one)."""
@@ -85,46 +108,36 @@ class QuantLinear(nn.Module):
         return z.float() + 1
 
     # ---- dequantization -----------------------------------------------------------------------
-    def dequantized_t(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-                      scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """The (in, out) weight, rows grouped (in ``_row_order``): what ``forward`` multiplies by.
+    def dequantized(
+        self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The (out, in) weight, columns grouped (in ``_row_order``): what ``forward`` multiplies by.
 
-        ``out`` (in · out float32, e.g. a ``Workspace`` slice) and ``scratch`` (in · out / 2
+        ``out`` (in · out float32, e.g. a ``Workspace`` slice) and ``scratch`` (``scratch_bytes``
         uint8) are written instead of fresh tensors: a fresh multi-MB tensor costs its page
-        faults on every call, more than the conversion itself on this CPU.
+        faults on every call, more than the conversion itself on this CPU. Three passes over the
+        float weight: the uint8 -> float copy, ``· s``, ``− z · s`` (one ``addcmul`` broadcasting
+        along the contiguous dimension is not vectorised by torch: 6x slower than the two).
         """
         perm, size = self._row_order()
         K, N = self.in_features, self.out_features
-        w = torch.empty(K, N) if out is None else out.view(K, N)
-        if perm is None:
-            self._codes_into(w, scratch)
-        else:  # act-order: rows gathered by group first (one byte each), then converted
-            w.copy_(self.codes().index_select(0, perm.to(self.qweight.device)))
-        s = self.scales.float()
-        zs = self.zeros_float() * s
-        full = (K // size) * size
-        if full:  # whole groups in one broadcast: (groups, size, out), one pass: w · s − z · s
-            body = w[:full].view(full // size, size, N)
-            torch.addcmul(-zs[: full // size, None], body, s[: full // size, None], out=body)
-        if full < K:  # the shorter last group
-            torch.addcmul(-zs[-1], w[full:], s[-1], out=w[full:])
-        return w if dtype == torch.float32 else w.to(dtype)
-
-    def _codes_into(self, w: torch.Tensor, scratch: torch.Tensor | None) -> None:
-        """Codes (original row order) converted straight into the float (in, out) ``w``;
-        ``scratch``: in · out uint8 (two halves: the bytes made contiguous, then each nibble)."""
-        b = self._bytes()  # (rows, 4, N), strided
-        rows, _, N = b.shape
-        if self.bits == 8:
-            w.view(rows, 4, N).copy_(b)
-            return
-        n = rows * 4 * N
         if scratch is None:
-            scratch = torch.empty(2 * n, dtype=torch.uint8, device=w.device)
-        packed, nib = scratch[:n].view(rows, 4, N).copy_(b), scratch[n : 2 * n].view(rows, 4, N)
-        w4 = w.view(rows, 4, 2, N)  # byte j of word r: rows 8r + 2j (low nibble), 8r + 2j + 1 (high)
-        w4[:, :, 0].copy_(torch.bitwise_and(packed, 15, out=nib))
-        w4[:, :, 1].copy_(torch.bitwise_right_shift(packed, 4, out=nib))
+            scratch = torch.empty(self.scratch_bytes(), dtype=torch.uint8, device=self.qweight.device)
+        codes = self._codes_nk(scratch)
+        if perm is not None:  # act-order: columns gathered by group (one byte each), then converted
+            gathered = scratch[scratch.numel() - K * N :].view(N, K)
+            codes = torch.index_select(codes, 1, perm.to(codes.device), out=gathered)
+        w = torch.empty(N, K, device=codes.device) if out is None else out[: K * N].view(N, K)
+        w.copy_(codes)
+        s = self.scales.float().t()  # (out, groups)
+        zs = self.zeros_float().t() * s
+        full = (K // size) * size
+        if full:  # whole groups in one broadcast: (out, groups, size)
+            body = w[:, :full].view(N, full // size, size)
+            body.mul_(s[:, : full // size, None]).sub_(zs[:, : full // size, None])
+        if full < K:  # the shorter last group
+            w[:, full:].mul_(s[:, -1:]).sub_(zs[:, -1:])
+        return w if dtype == torch.float32 else w.to(dtype)
 
     def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight in original column order (a fresh tensor, never kept)."""
@@ -137,21 +150,24 @@ class QuantLinear(nn.Module):
             return matmul_nbits(self, x)
         w = self._transient
         if w is None or w.dtype != x.dtype or w.device != x.device:
-            w = self.dequantized_t(x.dtype)
+            w = self.dequantized(x.dtype)
         perm, _ = self._row_order()
         if perm is not None:
             x = x.index_select(-1, perm.to(x.device))
-        y = x @ w  # (..., in) @ (in, out)
-        return y if self.bias is None else y + self.bias
+        return F.linear(x, w, self.bias)  # the bias inside the GEMM, as nn.Linear's
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
 
 
 class Workspace:
     """One reusable float32 buffer for the dequantized weights of the block that is running (and
-    the int8 head's row chunks), plus a uint8 one for 4-bit nibbles. Scratch, like activations:
-    it holds no weight between blocks, and its size is the largest block's, not the model's."""
+    the int8 head's row chunk), plus a uint8 one for the unpacking (``QuantLinear.scratch_bytes``).
+    Scratch, like activations: it holds no weight between blocks, and its size is the largest
+    block's, not the model's."""
 
     def __init__(self, floats: int, bytes_: int, device: torch.device | str = "cpu") -> None:
         self.floats = torch.empty(floats, device=device)
@@ -167,6 +183,14 @@ class Workspace:
         return self.floats.numel() * 4 + self.bytes.numel()
 
 
+def _align(n: int) -> int:
+    return -(-n // 64) * 64  # views as int16 / int32 need aligned offsets
+
+
+def _take(scratch: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    return scratch[offset : offset + nbytes].view(dtype)
+
+
 def stream_blocks(model: nn.Module) -> Workspace | None:
     """Dequantize each shared block's ``QuantLinear`` s once per block call (not once per
     application), into one ``Workspace`` reused by every block, and drop them when the block
@@ -174,15 +198,18 @@ def stream_blocks(model: nn.Module) -> Workspace | None:
     bit-identical to the per-call path."""
     from merino_pl.core.model import SharedBlock
 
-    blocks = [(b, [m for m in b.modules() if isinstance(m, QuantLinear)]) for b in model.modules() if isinstance(b, SharedBlock)]
+    blocks = [
+        (b, [m for m in b.modules() if isinstance(m, QuantLinear)])
+        for b in model.modules()
+        if isinstance(b, SharedBlock)
+    ]
     blocks = [(b, q) for b, q in blocks if q]
     if not blocks:
         return None
     if getattr(model, "_merino_workspace", None) is not None:
         return model._merino_workspace
     floats = max(sum(q.in_features * q.out_features for q in qlins) for _, qlins in blocks)
-    nibbles = max(q.in_features * q.out_features for _, qlins in blocks for q in qlins)  # two halves
-    ws = Workspace(floats, nibbles, blocks[0][1][0].qweight.device)
+    ws = Workspace(floats, max(q.scratch_bytes() for _, qlins in blocks for q in qlins), blocks[0][1][0].qweight.device)
     for block, qlins in blocks:
         # state on the block, hooks at module level: a deepcopy of the model gets its own
         block._merino_stream = (qlins, ws)
@@ -201,7 +228,7 @@ def _start(block: nn.Module, args: tuple) -> None:
     offset = 0
     for q in qlins:
         n = q.in_features * q.out_features
-        q._transient = q.dequantized_t(x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes)
+        q._transient = q.dequantized(x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes[: q.scratch_bytes()])
         offset += n
 
 
