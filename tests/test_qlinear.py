@@ -1,0 +1,88 @@
+"""The packed torch path: ``QuantLinear``'s unpacking and dequantization against the reference
+unpacking of the GPTQ layout (``packing``), and the int8 head against its float table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merino_pl.core.quant.packing import dequantize, pack, unpack_rows
+from merino_pl.core.quant.qembedding import HEAD_ROWS, QuantEmbedding
+from merino_pl.core.quant.qlinear import QuantLinear, Workspace
+from merino_pl.core.quant.rtn import QuantizedWeight, num_groups
+
+
+def _layer(k: int, n: int, bits: int, group: int, act_order: bool = False, seed: int = 0) -> QuantLinear:
+    """A QuantLinear over random codes / scales / zeros (all of the grid, not only a symmetric one)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = num_groups(k, group)
+    size = k if group == -1 else group
+    g_idx = torch.arange(k) // size
+    if act_order:  # GPTQ's desc_act: the same groups, columns in a scattered order
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    q = QuantizedWeight(
+        codes=torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.int32),
+        scales=(torch.rand(groups, n, generator=g) * 0.01 + 1e-3).half().float(),
+        zeros=torch.randint(1, 2**bits, (groups, n), generator=g, dtype=torch.int32),
+        g_idx=g_idx.to(torch.int32),
+        bits=bits,
+        group_size=group,
+    )
+    lin = QuantLinear(k, n, bits, group, bias=True)
+    lin.load_state_dict({**pack(q), "bias": torch.randn(n, generator=g)})
+    return lin
+
+
+CASES = [  # (in, out, bits, group, act_order): per channel, whole groups, a shorter last group, act-order
+    (64, 48, 4, -1, False),
+    (64, 48, 8, -1, False),
+    (64, 32, 4, 16, False),
+    (64, 32, 8, 16, False),
+    (40, 24, 4, 16, False),
+    (40, 24, 8, 16, False),
+    (64, 32, 4, 16, True),
+    (48, 16, 8, 32, True),
+]
+
+
+@pytest.mark.parametrize("k,n,bits,group,act_order", CASES)
+def test_dequantized_equals_the_reference_unpacking(k, n, bits, group, act_order):
+    lin = _layer(k, n, bits, group, act_order)
+    ref = dequantize(lin.qweight, lin.qzeros, lin.scales, lin.g_idx, bits)  # (out, in), original order
+    assert torch.equal(lin.codes(), unpack_rows(lin.qweight, bits).to(torch.uint8))
+    perm, _ = lin._row_order()
+    assert (perm is not None) == act_order
+    w = lin.dequantized()
+    torch.testing.assert_close(w, ref if perm is None else ref[:, perm], rtol=0, atol=0)
+    x = torch.randn(3, 5, k)
+    torch.testing.assert_close(lin(x), x @ ref.t() + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, False), (8, False), (4, True)])
+def test_dequantization_writes_into_the_given_workspace(bits, act_order):
+    """The reused buffers are written, not fresh tensors; the same result as a fresh dequantization."""
+    lin = _layer(64, 32, bits, 16, act_order, seed=1)
+    ws = Workspace(64 * 32 + 7, lin.scratch_bytes())
+    w = lin.dequantized(out=ws.floats, scratch=ws.bytes)
+    assert w.data_ptr() == ws.floats.data_ptr() and w.shape == (32, 64)
+    assert torch.equal(w, lin.dequantized())
+    ws.floats.fill_(float("nan"))  # stale scratch must not leak into the next call
+    ws.bytes.fill_(255)
+    assert torch.equal(lin.dequantized(out=ws.floats, scratch=ws.bytes), lin.dequantized())
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("workspace", [False, True])
+def test_int8_head_equals_the_float_table(tokens, workspace):
+    """Chunked head (a vocabulary that is not a multiple of the chunk) == hidden @ (codes · scales)ᵀ."""
+    torch.manual_seed(0)
+    vocab, d = HEAD_ROWS * 2 + 37, 24
+    emb = QuantEmbedding.from_float(torch.nn.Embedding(vocab, d))
+    if workspace:
+        emb.workspace = Workspace(HEAD_ROWS * d, 1)
+    h = torch.randn(2, tokens, d)
+    logits = emb.lm_head(h)
+    assert logits.shape == (2, tokens, vocab)
+    torch.testing.assert_close(logits, h @ emb.weight.t(), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[0, vocab - 1, HEAD_ROWS]])
+    torch.testing.assert_close(emb(ids), emb.weight[ids], rtol=0, atol=0)
