@@ -166,36 +166,30 @@ def test_cli_prints_the_text_then_one_line_of_figures(float_dir: Path, tmp_path:
 
 # ---- onnxruntime ---------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_onnxruntime_greedy_equals_torch_fp32(float_dir: Path, tmp_path: Path) -> None:
-    """An export on the fly kept at --onnx-out (a new file), then found beside the weights."""
+def test_onnxruntime_greedy_equals_torch_fp32(float_dir: Path) -> None:
+    """The default: a graph exported on the fly to a temporary file, removed after."""
+    before = sorted(p.name for p in float_dir.iterdir())
     torch_result, _ = _run(float_dir)
-    graph = tmp_path / "tiny.onnx"
-    ort_result, streamed = _run(float_dir, runtime="onnxruntime", onnx_out=str(graph))
-    assert graph.is_file() and ort_result.onnx == str(graph) and ort_result.export_s > 0
+    ort_result, streamed = _run(float_dir, runtime="onnxruntime")
+    assert ort_result.onnx is None and ort_result.export_s > 0 and sorted(p.name for p in float_dir.iterdir()) == before
     assert ort_result.tokens == torch_result.tokens and streamed == torch_result.text
-    copy = tmp_path / "with-graph"
-    shutil.copytree(float_dir, copy)
-    shutil.copy(graph, copy / "model.onnx")  # what `merino-pl export --onnx` leaves in the directory
-    again, _ = _run(copy, runtime="onnxruntime")
-    assert again.onnx == str(copy / "model.onnx") and again.export_s is None and again.tokens == torch_result.tokens
-    sampled = [
-        _run(float_dir, temperature=0.9, top_k=50, seed=1, **kw)[0].tokens
-        for kw in ({}, {"onnx": str(graph), "runtime": "onnxruntime"})
-    ]
-    assert sampled[0] == sampled[1]  # one chooser, one seeded generator for both runtimes
 
 
 @pytest.mark.slow
 def test_onnxruntime_int4_is_close_to_the_torch_packed_path(int4_dir: Path, tmp_path: Path) -> None:
+    """Kept at --onnx-out (a new file), then found beside the weights; exact at accuracy level 0."""
     from merino_pl.export.onnx import export_onnx
 
-    before = sorted(p.name for p in int4_dir.iterdir())
     torch_result, _ = _run(int4_dir)
-    fast, _ = _run(int4_dir, runtime="onnxruntime")  # exported to a temporary file, removed after
-    assert fast.onnx is None and fast.export_s > 0 and sorted(p.name for p in int4_dir.iterdir()) == before
-    assert len(fast.tokens) == NEW
+    graph = tmp_path / "level4.onnx"
+    fast, _ = _run(int4_dir, runtime="onnxruntime", onnx_out=str(graph))
+    assert graph.is_file() and fast.onnx == str(graph) and fast.export_s > 0 and len(fast.tokens) == NEW
+    copy = tmp_path / "with-graph"
+    shutil.copytree(int4_dir, copy)
+    shutil.copy(graph, copy / "model.onnx")  # what `merino-pl export GPTQ_DIR --onnx` leaves in its directory
+    again, _ = _run(copy, runtime="onnxruntime")
+    assert again.onnx == str(copy / "model.onnx") and again.export_s is None and again.tokens == fast.tokens
     # teacher-forced on torch's tokens, so that one near-tie does not change every later position
-    graph = export_onnx(load_model(int4_dir).model, tmp_path / "level4.onnx")
     ids = load_tokenizer(str(int4_dir)).encode(PROMPT).ids
     ref, ort = TorchDecoder(load_model(int4_dir).model), OrtDecoder(graph, threads=None)
     a, b = [ref.prefill(ids)], [ort.prefill(ids)]
@@ -206,8 +200,13 @@ def test_onnxruntime_int4_is_close_to_the_torch_packed_path(int4_dir: Path, tmp_
     agreement = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agreement >= INT4_MIN_AGREEMENT, agreement
     assert ((a - b).norm(dim=-1) / a.norm(dim=-1)).max().item() < INT4_REL_LOGITS
-    exact = export_onnx(load_model(int4_dir).model, tmp_path / "level0.onnx", accuracy_level=0)
-    assert _run(int4_dir, onnx=str(exact), runtime="onnxruntime")[0].tokens == torch_result.tokens
+    exact = str(export_onnx(load_model(int4_dir).model, tmp_path / "level0.onnx", accuracy_level=0))
+    assert _run(int4_dir, onnx=exact, runtime="onnxruntime")[0].tokens == torch_result.tokens
+    sampled = [
+        _run(int4_dir, temperature=0.9, top_k=50, seed=1, **kw)[0].tokens
+        for kw in ({}, {"onnx": exact, "runtime": "onnxruntime"})
+    ]
+    assert sampled[0] == sampled[1]  # one chooser, one seeded generator for both runtimes
 
 
 # ---- bad input -----------------------------------------------------------------------------------

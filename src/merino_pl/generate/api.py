@@ -3,7 +3,8 @@
 One decoding loop, two runtimes behind it:
 
 * ``torch``: the model as ``merino_pl.core.checkpoint.load_model`` reads it (a GPTQ directory keeps
-  its packed weights), a last-position prefill, then one token at a time on its ``DynamicCache``;
+  its packed weights), through the decoder call the ONNX exporter traces: a prefill with the head
+  on the last position only, then one token at a time on a growing KV cache (``KVCache``);
 * ``onnxruntime``: the graph ``merino_pl.export.onnx`` writes (quantized layers as ``MatMulNBits``),
   fed optimum's names: ``input_ids``, ``attention_mask``, ``position_ids`` (when the graph has it),
   ``past_key_values.{i}.key / .value`` in, ``logits`` and ``present.{i}.key / .value`` out. The graph
