@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,3 +268,17 @@ def test_bad_models_are_one_line_exit_2(tmp_path: Path, float_dir: Path, capsys)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (argv, err)
     assert (tmp_path / "taken.onnx").read_bytes() == b"the user's"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--runtime", "foo"], ["--max-new-tokens", "0"]])
+def test_help_and_bad_flags_import_no_torch(corrupt_dir: Path, argv: list[str]) -> None:
+    """What 'before loading anything heavy' means here: not even torch is imported."""
+    code = (
+        "import sys\nfrom merino_pl.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print(code, sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "generate", str(corrupt_dir), *argv], capture_output=True, text=True
+    )
+    assert proc.stdout.strip().splitlines()[-1] == ("0 []" if argv == ["--help"] else "2 []"), proc.stdout + proc.stderr
