@@ -13,6 +13,10 @@ and the quantization time of MeRino-64M on this CPU.
    are those of the files a user ships. Sizes are the ``model.safetensors`` files.
 3. MeRino-64M (random init: the timing does not depend on the values) is quantized with GPTQ
    INT4 g128 at the calibration size given (default 128 x 512) and RTN; sizes FP32/FP16/INT8/INT4.
+   Each run prints where its time went (the report's ``seconds``: stem, forwards through the
+   shared blocks, Hessian accumulation, solver, outputs of the quantized blocks; tokenize; the
+   rest = loading, held-out check, packing, writing, reload check) and its held-out error;
+   ``--timing-no-true-sequential`` adds GPTQ INT4 with 2 passes per block instead of 5.
 Writes ``runs/bench/quantize.json``; prints tables and ratios.
 """
 
@@ -43,9 +47,15 @@ VARIANTS = [("gptq", 8), ("rtn", 8), ("gptq", 4), ("rtn", 4)]
 
 def bench_arch() -> MerinoConfig:
     """A MeRino-shaped model small enough to train on 2 cores in minutes (4 blocks, shared layers)."""
-    blocks = (BlockConfig(128, 2, ffn_ratio=2), BlockConfig(128, 1, ffn_ratio=2),
-              BlockConfig(256, 2, ffn_ratio=2), BlockConfig(256, 1, ffn_ratio=2))
-    return MerinoConfig(blocks=blocks, d_model=128, max_position_embeddings=512)  # d: the 50 k-vocab head dominates the cost
+    blocks = (
+        BlockConfig(128, 2, ffn_ratio=2),
+        BlockConfig(128, 1, ffn_ratio=2),
+        BlockConfig(256, 2, ffn_ratio=2),
+        BlockConfig(256, 1, ffn_ratio=2),
+    )
+    return MerinoConfig(
+        blocks=blocks, d_model=128, max_position_embeddings=512
+    )  # d: the 50 k-vocab head dominates the cost
 
 
 def wikitext_train_file(wikitext: str, held_docs: int, work: Path) -> Path:
@@ -86,8 +96,14 @@ def train(out: Path, steps: int, text: str, seq_len: int = 128, batch: int = 16,
     with torch.no_grad():
         val = model(held, labels=held, use_cache=False).loss.item()
     export_pretrained(model, out)
-    return {"steps": steps, "text": str(source), "train_windows": len(ids), "seconds": time.perf_counter() - t0,
-            "val_loss": val, "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "steps": steps,
+        "text": str(source),
+        "train_windows": len(ids),
+        "seconds": time.perf_counter() - t0,
+        "val_loss": val,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def wikitext_ppl(model_dir: Path, limit: int | None, wikitext: str) -> dict:
@@ -96,13 +112,51 @@ def wikitext_ppl(model_dir: Path, limit: int | None, wikitext: str) -> dict:
     tok = load_tokenizer(None)
     model = load_model(model_dir).model
     t0 = time.perf_counter()
-    r = perplexity(model, tok, "wikitext2", data_file=wikitext, limit=limit, batch_size=8, eos_id=tok.token_to_id(EOS_TOKEN))
-    return {"token_ppl": r.token_perplexity, "word_ppl": r.word_perplexity, "tokens": r.tokens, "documents": r.documents, "seconds": time.perf_counter() - t0}
+    r = perplexity(
+        model, tok, "wikitext2", data_file=wikitext, limit=limit, batch_size=8, eos_id=tok.token_to_id(EOS_TOKEN)
+    )
+    return {
+        "token_ppl": r.token_perplexity,
+        "word_ppl": r.word_perplexity,
+        "tokens": r.tokens,
+        "documents": r.documents,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def quantize(src: Path, out: Path, method: str, bits: int, nsamples: int, seq_len: int, group: int = 128, calib: str = "embedded") -> dict:
-    argv = ["quantize", str(src), "--method", method, "--bits", str(bits), "--group-size", str(group), "--calib", calib,
-            "--nsamples", str(nsamples), "--seq-len", str(seq_len), "--holdout", "16", "--out", str(out), "--overwrite"]
+def quantize(
+    src: Path,
+    out: Path,
+    method: str,
+    bits: int,
+    nsamples: int,
+    seq_len: int,
+    group: int = 128,
+    calib: str = "embedded",
+    extra: tuple[str, ...] = (),
+) -> dict:
+    argv = [
+        "quantize",
+        str(src),
+        "--method",
+        method,
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+        "--calib",
+        calib,
+        "--nsamples",
+        str(nsamples),
+        "--seq-len",
+        str(seq_len),
+        "--holdout",
+        "16",
+        "--out",
+        str(out),
+        "--overwrite",
+        *extra,
+    ]
     if merino(argv) != 0:
         raise SystemExit(f"merino-pl {' '.join(argv)} failed")
     return json.loads((out / "quantize_report.json").read_text())
@@ -128,17 +182,28 @@ def accuracy_part(work: Path, args: argparse.Namespace) -> dict:
         print(f"[1/3] training the bench model on {text} ({args.train_steps} steps) ...", flush=True)
         training = train(float_dir, args.train_steps, text)
         atomic_write_text(float_dir.parent / f"{float_dir.name}.training.json", json.dumps(training))
-    rows = {"fp32": {"method": "-", "bits": 32, "size": (float_dir / "model.safetensors").stat().st_size,
-                     "ppl": wikitext_ppl(float_dir, args.limit, args.wikitext)}}
+    rows = {
+        "fp32": {
+            "method": "-",
+            "bits": 32,
+            "size": (float_dir / "model.safetensors").stat().st_size,
+            "ppl": wikitext_ppl(float_dir, args.limit, args.wikitext),
+        }
+    }
     rows["fp16"] = {"method": "-", "bits": 16, "size": fp16_size(float_dir, work / "fp16.safetensors"), "ppl": None}
     print(f"  fp32 wikitext-2 token ppl {rows['fp32']['ppl']['token_ppl']:.3f}", flush=True)
     print("[2/3] quantizing the bench model ...", flush=True)
     for method, bits in VARIANTS:
         out = work / f"bench-{method}-int{bits}"
         rep = quantize(float_dir, out, method, bits, args.nsamples, args.seq_len, calib=text)
-        rows[f"{method}-int{bits}"] = {"method": method, "bits": bits, "size": (out / "model.safetensors").stat().st_size,
-                                       "quantize_s": rep["seconds"]["quantize"], "ppl": wikitext_ppl(out, args.limit, args.wikitext),
-                                       "heldout": rep["heldout"]}  # in-domain: held-out windows of the calibration corpus
+        rows[f"{method}-int{bits}"] = {
+            "method": method,
+            "bits": bits,
+            "size": (out / "model.safetensors").stat().st_size,
+            "quantize_s": rep["seconds"]["quantize"],
+            "ppl": wikitext_ppl(out, args.limit, args.wikitext),
+            "heldout": rep["heldout"],
+        }  # in-domain: held-out windows of the calibration corpus
     base = rows["fp32"]["ppl"]["token_ppl"]
     for r in rows.values():
         if r["ppl"]:
@@ -147,68 +212,128 @@ def accuracy_part(work: Path, args: argparse.Namespace) -> dict:
 
 
 def timing_part(work: Path, args: argparse.Namespace) -> dict:
-    print(f"[3/3] {args.timing_recipe}: GPTQ INT4 g128 at {args.timing_nsamples} x {args.seq_len}, sizes ...", flush=True)
+    print(
+        f"[3/3] {args.timing_recipe}: GPTQ INT4 g128 at {args.timing_nsamples} x {args.seq_len}, sizes ...", flush=True
+    )
     torch.manual_seed(0)
     src = export_pretrained(MerinoForCausalLM.from_recipe(load_recipe(args.timing_recipe)), work / "m64-fp32")
     sizes = {"fp32": (src / "model.safetensors").stat().st_size, "fp16": fp16_size(src, work / "m64-fp16.safetensors")}
     runs = {}
-    for method, bits in [("rtn", 8), ("rtn", 4), ("gptq", 4)] + ([("gptq", 8)] if args.timing_int8_gptq else []):
-        out = work / f"m64-{method}-int{bits}"
+    variants = [("rtn", 8, ()), ("rtn", 4, ()), ("gptq", 4, ())] + ([("gptq", 8, ())] if args.timing_int8_gptq else [])
+    if args.timing_no_true_sequential:  # held-out error and time of the 2-pass recipe beside the default's
+        variants.append(("gptq", 4, ("--no-true-sequential",)))
+    for method, bits, extra in variants:
+        name = f"{method}-int{bits}" + ("-no-true-seq" if extra else "")
+        out = work / f"m64-{name}"
         t0 = time.perf_counter()
-        rep = quantize(src, out, method, bits, args.timing_nsamples, args.seq_len)
-        runs[f"{method}-int{bits}"] = {"quantize_s": rep["seconds"]["quantize"], "wall_s": time.perf_counter() - t0,
-                                       "heldout": rep["heldout"], "size": (out / "model.safetensors").stat().st_size}
-        sizes[f"int{bits}"] = runs[f"{method}-int{bits}"]["size"]
-    return {"recipe": args.timing_recipe, "nsamples": args.timing_nsamples, "seq_len": args.seq_len, "sizes": sizes, "runs": runs,
-            "threads": torch.get_num_threads()}
+        rep = quantize(src, out, method, bits, args.timing_nsamples, args.seq_len, extra=extra)
+        wall, sec = time.perf_counter() - t0, rep["seconds"]
+        runs[name] = {
+            "quantize_s": sec["quantize"],
+            "wall_s": wall,
+            "heldout": rep["heldout"],
+            "size": (out / "model.safetensors").stat().st_size,
+            # quantize_model's parts; "rest": loading, the held-out check, packing, writing, the reload check
+            "split": {
+                **{k.removeprefix("quantize."): v for k, v in sec.items() if k.startswith("quantize.")},
+                "tokenize": sec["tokenize"],
+                "rest": wall - sec["quantize"] - sec["tokenize"],
+            },
+        }
+        sizes.setdefault(f"int{bits}", runs[name]["size"])
+    return {
+        "recipe": args.timing_recipe,
+        "nsamples": args.timing_nsamples,
+        "seq_len": args.seq_len,
+        "sizes": sizes,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def print_tables(res: dict) -> None:
     if "accuracy" in res:
         rows = res["accuracy"]["rows"]
         docs = next(r["ppl"]["documents"] for r in rows.values() if r["ppl"])
-        trained = "the other WikiText-2 articles" if res["accuracy"]["train_on"] == "wikitext" else "the embedded corpus"
-        print(f"\nWikiText-2 token perplexity ({docs} documents, document-level, the eval stage's perplexity()) of the bench "
-              f"model trained and calibrated on {trained}; held-out: windows of the calibration text not used to calibrate")
+        trained = (
+            "the other WikiText-2 articles" if res["accuracy"]["train_on"] == "wikitext" else "the embedded corpus"
+        )
+        print(
+            f"\nWikiText-2 token perplexity ({docs} documents, document-level, the eval stage's perplexity()) "
+            f"of the bench model trained and calibrated on {trained}; held-out: windows of the calibration text "
+            "not used to calibrate"
+        )
         print(f"{'variant':<12} {'size MB':>8} {'wt2 ppl':>10} {'delta %':>8} {'held-out delta %':>17} {'quant s':>8}")
         for name, r in rows.items():
             ppl = r["ppl"]["token_ppl"] if r["ppl"] else float("nan")
             held = (r.get("heldout") or {}).get("ppl_delta_pct", float("nan"))
-            print(f"{name:<12} {r['size'] / 1e6:8.2f} {ppl:10.3f} {r.get('ppl_delta_pct', float('nan')):8.2f} {held:17.2f} "
-                  f"{r.get('quantize_s', float('nan')):8.1f}")
+            print(
+                f"{name:<12} {r['size'] / 1e6:8.2f} {ppl:10.3f} {r.get('ppl_delta_pct', float('nan')):8.2f} "
+                f"{held:17.2f} "
+                f"{r.get('quantize_s', float('nan')):8.1f}"
+            )
         for bits in (8, 4):
             g, n = rows[f"gptq-int{bits}"], rows[f"rtn-int{bits}"]
-            print(f"INT{bits}: GPTQ ppl increase {g['ppl_delta_pct']:+.2f} % vs RTN {n['ppl_delta_pct']:+.2f} % "
-                  f"(GPTQ/RTN ppl ratio {g['ppl']['token_ppl'] / n['ppl']['token_ppl']:.4f})")
+            print(
+                f"INT{bits}: GPTQ ppl increase {g['ppl_delta_pct']:+.2f} % vs RTN {n['ppl_delta_pct']:+.2f} % "
+                f"(GPTQ/RTN ppl ratio {g['ppl']['token_ppl'] / n['ppl']['token_ppl']:.4f})"
+            )
     if "timing" in res:
         t = res["timing"]
         print(f"\n{t['recipe']} on this CPU ({t['threads']} threads), calibration {t['nsamples']} x {t['seq_len']}")
         print("sizes MB: " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in t["sizes"].items()))
         for name, r in t["runs"].items():
-            print(f"  {name:<10} quantize {r['quantize_s']:7.1f} s (wall {r['wall_s']:.1f} s), held-out logits rel err "
-                  f"{r['heldout'].get('logits_rel_err_pct', float('nan')):.2f} %")
+            h = r["heldout"]
+            print(
+                f"  {name:<20} quantize {r['quantize_s']:7.1f} s (wall {r['wall_s']:.1f} s), held-out logits rel err "
+                f"{h.get('logits_rel_err_pct', float('nan')):.3f} %, "
+                f"ppl delta {h.get('ppl_delta_pct', float('nan')):+.3f} %, "
+                f"top-1 {h.get('top1_agreement_pct', float('nan')):.2f} %"
+            )
+            if r["split"].get("forwards"):
+                print("    split s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items()))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small version for development")
     p.add_argument("--train-steps", type=int, default=None, help="bench model training steps (default 400; quick 30)")
-    p.add_argument("--limit", type=int, default=None, help="WikiText-2 documents scored (default 16; quick 8; with --train-on "
-                   "embedded, default all 62)")
-    p.add_argument("--train-on", choices=("wikitext", "embedded"), default="wikitext",
-                   help="bench model training + calibration text: the WikiText-2 articles after the scored ones (in-domain, "
-                   "default) or the embedded Shakespeare")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="WikiText-2 documents scored (default 16; quick 8; with --train-on embedded, default all 62)",
+    )
+    p.add_argument(
+        "--train-on",
+        choices=("wikitext", "embedded"),
+        default="wikitext",
+        help="bench model training + calibration text: the WikiText-2 articles after the scored ones (in-domain, "
+        "default) or the embedded Shakespeare",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows for the bench model (default 128)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--timing-recipe", default="merino-64m")
-    p.add_argument("--timing-nsamples", type=int, default=None, help="calibration windows for the 64M timing (default 128; quick 8)")
+    p.add_argument(
+        "--timing-nsamples",
+        type=int,
+        default=None,
+        help="calibration windows for the 64M timing (default 128; quick 8)",
+    )
     p.add_argument("--timing-int8-gptq", action="store_true", help="also time GPTQ INT8 on the 64M model")
+    p.add_argument(
+        "--timing-no-true-sequential",
+        action="store_true",
+        help="also GPTQ INT4 with --no-true-sequential (2 passes per block instead of 5): time and held-out error",
+    )
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse the bench model trained by an earlier run in --work")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--work", default=str(REPO / "runs" / "bench" / "quantize"))
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--wikitext", default=str(embedded_wikitext2()), help="wiki.test.raw (default: the copy shipped in the package)")
+    p.add_argument(
+        "--wikitext", default=str(embedded_wikitext2()), help="wiki.test.raw (default: the copy shipped in the package)"
+    )
     args = p.parse_args()
     args.train_steps = args.train_steps or (30 if args.quick else 400)
     args.limit = args.limit or (8 if args.quick else 16 if args.train_on == "wikitext" else None)

@@ -93,7 +93,7 @@ def test_split_and_threads():
         torch.set_num_threads(threads)
     parts = vars(split)
     assert set(parts) == {"stem", "forwards", "hessian", "solver", "outputs"} and all(v > 0 for v in parts.values())
-    assert split.line().startswith("stem ")
+    assert split.line().startswith("stem ") and "outputs" in split.line()
 
 
 def test_shared_inverse_hessian_is_the_per_linear_one():

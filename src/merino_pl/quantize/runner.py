@@ -70,7 +70,8 @@ class Split:
         return {f"quantize.{k}": v for k, v in asdict(self).items()}
 
     def line(self) -> str:
-        return ", ".join(f"{k} {v:.1f} s" for k, v in asdict(self).items())
+        """The parts that took time (RTN: only the solver), for the progress bar."""
+        return ", ".join(f"{k} {v:.1f} s" for k, v in asdict(self).items() if v > 0)
 
 
 def quantized_linears(model: MerinoForCausalLM) -> dict[str, nn.Linear]:
