@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# rows of the table converted to float at a time in the head: 768 KB at d = 768, so the chunk
-# stays in L2 between its conversion and its GEMM (measured: 256 rows beat 1024 / 4096 at 1 and
-# 128 tokens; bench/qlinear.py)
-HEAD_ROWS = 256
+# rows of the table converted to float at a time in the head (6 MB at d = 768, inside L3). One
+# thread measured 256-row (L2-sized) chunks as fast, but at 2 threads on a busy CPU every parallel
+# op can wait a time slice for the second thread, and 8x more chunks cost far more there
+# (bench/qlinear.py, docs/quantize.md)
+HEAD_ROWS = 2048
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +71,9 @@ class QuantEmbedding(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ tableᵀ`` (..., V) without a float copy of the table.
 
-        Row chunks of ``HEAD_ROWS`` are converted into one small buffer that stays in the L2
-        cache; each chunk's GEMM writes its column slice of the logits in place (no ``cat``)
-        and the per-row scales multiply that slice while it is still in cache.
+        Row chunks of ``HEAD_ROWS`` are converted into one reused buffer that stays in cache;
+        each chunk's GEMM writes its column slice of the logits in place (no ``cat``) and the
+        per-row scales multiply that slice while it is still in cache.
         """
         if torch.onnx.is_in_onnx_export():
             from merino_pl.core.quant.onnx_nbits import head_nbits
