@@ -178,7 +178,7 @@ def test_windows_predict_every_token_once(n: int, window: int, stride: int) -> N
 
 def test_paper_data_transcribed_and_shipped() -> None:
     for name in ("paper-tasks.yaml", "paper-baselines.yaml"):
-        shipped = REPO / "src" / "merino_pl" / "evaluation" / "paper" / name
+        shipped = REPO / "src" / "merino_pl" / "eval" / "paper" / name
         assert shipped.read_text() == (REPO / "eval" / name).read_text(), f"eval/{name} differs from the packaged copy"
     tasks = paper_tasks()
     assert [t.task for t in tasks] == [

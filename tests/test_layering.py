@@ -3,9 +3,8 @@
 Every ``import`` in ``src/merino_pl`` (module level and inside functions) is read from the AST.
 The **core** (config, costs, io, errors, model, tokenizer, checkpoint, the quantized formats, the
 search-space and latency-table formats) imports no stage; a **stage** imports the core, itself
-and, of another stage, only that stage's public entry (``PUBLIC``). Edges that break this today
-and live in files under another rewrite are listed in ``KNOWN_BACK_EDGES``; each must still
-exist, so the list can only shrink.
+and, of another stage, only that stage's public entry (``PUBLIC``). There are no exceptions
+beyond ``ALLOWED``; the last test shows the checker catching each kind of back-edge.
 """
 
 from __future__ import annotations
@@ -17,9 +16,11 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "merino_pl"
 
+
 def is_core(module: str) -> bool:
     """The core: the package root (lazy public names only) and everything under ``merino_pl.core``."""
     return module == "merino_pl" or module == "merino_pl.core" or module.startswith("merino_pl.core.")
+
 
 # the dispatch table: imports stages by name (importlib), imported by no library module
 ENTRY = {"merino_pl.cli"}
@@ -43,12 +44,6 @@ PUBLIC = {
 # (importer, imported) pairs allowed beyond PUBLIC, each with its reason
 ALLOWED = {
     ("merino_pl.pipeline.api", "merino_pl.cli"): "the orchestrator checks each stage through the dispatch table",
-}
-
-# Back-edges in files being rewritten elsewhere (model / checkpoint / export / tokenizer / demo /
-# quantize / latency / study): phase 2 of issue 17 removes them. Each must still exist.
-KNOWN_BACK_EDGES = {
-    ("merino_pl.study.cli", "merino_pl.cli"): "study's sub-command parser reuses the root ArgumentParser",
 }
 
 
@@ -110,17 +105,11 @@ def violations(edges: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
     return bad
 
 
-def test_no_new_back_edges() -> None:
-    unexpected = {e: why for e, why in violations(import_graph()).items() if e not in KNOWN_BACK_EDGES}
+def test_no_back_edges() -> None:
+    unexpected = violations(import_graph())
     assert not unexpected, "layering broken (see docs/architecture.md):\n" + "\n".join(
         f"  {a} -> {b}: {why}" for (a, b), why in unexpected.items()
     )
-
-
-def test_known_back_edges_still_exist() -> None:
-    """A known back-edge that is gone must leave the list (it can only shrink)."""
-    gone = set(KNOWN_BACK_EDGES) - set(violations(import_graph()))
-    assert not gone, "no longer a back-edge, remove from KNOWN_BACK_EDGES: " + ", ".join(f"{a} -> {b}" for a, b in gone)
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:

@@ -22,7 +22,7 @@ PASS_THROUGH = ("--trainer.", "--model.", "--data.", "--checkpoint.", "--speed."
 
 
 def _parser() -> argparse.ArgumentParser:
-    from merino_pl.cli import ArgumentParser
+    from merino_pl.core.errors import ArgumentParser
 
     p = ArgumentParser(prog="merino-pl study", description="which zero-cost proxy ranks trained quality?")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
