@@ -132,27 +132,96 @@ def settings(args: argparse.Namespace) -> LatencySettings:
     return LatencySettings(args.source, args.out, options, args.threads)
 
 
+def add_plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--latency",
+        nargs="*",
+        default=[],
+        metavar="REPORT.json",
+        help="latency reports (`merino-pl latency ... --out DIR` wrote DIR/latency.json)",
+    )
+    p.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        metavar="REPORT.json",
+        help="eval reports: their average accuracy, matched by model name",
+    )
+    p.add_argument(
+        "--paper", action="store_true", help="add a panel with the paper's published Jetson Nano points (Tables 2, 3)"
+    )
+    p.add_argument("--precision", default="fp32", help="which rows of the latency reports (default: fp32)")
+    p.add_argument("--out", required=True, help="PNG to write (the points go beside it as .json)")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from merino_pl.latency.plot import plot
+
+    plot(args.latency, args.eval, args.paper, args.precision, args.out)
+    return 0
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--space", default=None, help="search space YAML (default: the shipped search/space.yaml)")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per prefill (default: 128)")
+    p.add_argument(
+        "--runs", type=int, default=16, help="timed runs per shape; the table keeps their mean (default: 16)"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape first (default: 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", required=True, help="the table (JSON) to write")
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """Validate, profile, write the table; print a one-line summary."""
+    from merino_pl.latency.api import ProfileSettings, profile
+
+    table = profile(
+        ProfileSettings(
+            args.out,
+            args.device,
+            args.space,
+            args.precision,
+            args.batch,
+            args.seq,
+            args.runs,
+            args.warmup,
+            args.threads,
+        )
+    )
+    print(
+        f"wrote {args.out}: {len(table.layers)} layer shapes, {len(table.projections)} projections, "
+        f"fixed {table.fixed['ms']:.3f} ms on {table.device['summary']}"
+    )
+    return 0
+
+
+# sub-command -> (its flags, its run, one-line description)
+SUBCOMMANDS = {
+    "plot": (add_plot_arguments, run_plot, "accuracy vs latency bubble chart in the style of the paper's Figure 1"),
+    "profile": (add_profile_arguments, run_profile, "measure a device latency table over a search space"),
+}
+
+
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
     """Problems with these arguments that need no model, for ``pipeline`` before any stage runs
     (the ``plot`` / ``profile`` sub-commands: their own parsers)."""
-    if argv and argv[0] in ("profile", "plot"):
-        import importlib
-
-        module = importlib.import_module(f"merino_pl.latency.{argv[0]}")
-        return parse_problems(module.add_arguments, argv[1:], f"latency {argv[0]}")[1]
+    if argv and argv[0] in SUBCOMMANDS:
+        return parse_problems(SUBCOMMANDS[argv[0]][0], argv[1:], f"latency {argv[0]}")[1]
     args, problems = parse_problems(add_arguments, argv, "latency")
     return problems if args is None else settings(args).problems()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("profile", "plot"):
-        import importlib
-
-        module = importlib.import_module(f"merino_pl.latency.{argv[0]}")
-        parser = ArgumentParser(prog=f"merino-pl latency {argv[0]}", description=module.__doc__.splitlines()[0])
-        module.add_arguments(parser)
-        return int(module.run(parser.parse_args(argv[1:])) or 0)
+    if argv and argv[0] in SUBCOMMANDS:
+        add, run_sub, description = SUBCOMMANDS[argv[0]]
+        parser = ArgumentParser(prog=f"merino-pl latency {argv[0]}", description=description)
+        add(parser)
+        return int(run_sub(parser.parse_args(argv[1:])) or 0)
     parser = ArgumentParser(
         prog="merino-pl latency",
         description="latency report on this device (sub-commands: profile, plot)",

@@ -9,7 +9,6 @@ second panel: latencies from different devices are never drawn on one axis.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -20,28 +19,6 @@ from merino_pl.core.io import atomic_path, write_json
 
 # where an eval report may keep its average accuracy (first found wins)
 EVAL_ACCURACY_KEYS = ("average_accuracy", "avg_accuracy", "average_acc", "avg_acc", "average")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--latency",
-        nargs="*",
-        default=[],
-        metavar="REPORT.json",
-        help="latency reports (`merino-pl latency ... --out DIR` wrote DIR/latency.json)",
-    )
-    p.add_argument(
-        "--eval",
-        nargs="*",
-        default=[],
-        metavar="REPORT.json",
-        help="eval reports: their average accuracy, matched by model name",
-    )
-    p.add_argument(
-        "--paper", action="store_true", help="add a panel with the paper's published Jetson Nano points (Tables 2, 3)"
-    )
-    p.add_argument("--precision", default="fp32", help="which rows of the latency reports (default: fp32)")
-    p.add_argument("--out", required=True, help="PNG to write (the points go beside it as .json)")
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -253,28 +230,28 @@ def _declutter(fig: Any, labels: list[tuple[Any, float]]) -> None:
         placed.append(box)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Collect the points, draw the chart, write PNG + points JSON."""
-    if not args.latency and not args.paper:
+def plot(latency: list[str], evals: list[str], paper: bool, precision: str, out: str | Path) -> Path:
+    """Collect the points, draw the chart, write PNG + points JSON (``merino-pl latency plot``)."""
+    if not latency and not paper:
         raise MerinoError("nothing to plot: give --latency REPORT.json ... and/or --paper")
-    points, device, missing = measured_points(args.latency, args.eval, args.precision)
+    points, device, missing = measured_points(latency, evals, precision)
     panels = []
-    if args.latency:
-        if not points and args.paper:
+    if latency:
+        if not points and paper:
             print(
                 f"note: no accuracy for {', '.join(missing)} (eval reports without a finished task): "
                 "only the paper's panel is drawn"
             )
         elif not points:
             raise MerinoError(
-                f"no {args.precision} plain-path row with a known accuracy in {', '.join(args.latency)} "
+                f"no {precision} plain-path row with a known accuracy in {', '.join(latency)} "
                 f"(models without accuracy: {', '.join(missing) or 'none'})"
             )
         if points:
-            panels.append((f"measured on {device} ({args.precision})", points))
-    if args.paper:
+            panels.append((f"measured on {device} ({precision})", points))
+    if paper:
         panels.append(("paper (Jetson Nano, Tables 2-3)", paper_points()))
-    out = Path(args.out)
+    out = Path(out)
     draw(panels, out)
     write_json(
         out.with_suffix(".json"), {"panels": [{"title": t, "points": p} for t, p in panels], "no_accuracy": missing}
@@ -283,4 +260,4 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out} ({sum(len(p) for _, p in panels)} points)"
         + (f"; no accuracy for {', '.join(missing)}" if missing else "")
     )
-    return 0
+    return out

@@ -15,7 +15,6 @@ laptop CPU and longer on a Jetson, hence ``--runs`` and the progress bar.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
@@ -31,44 +30,6 @@ from merino_pl.core.quant.format import FLOAT_DTYPES
 from merino_pl.core.space import SearchSpace
 from merino_pl.latency.device import describe_device
 from merino_pl.latency.harness import Stats, synchronizer, time_calls
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--space", default=None, help="search space YAML (default: the shipped search/space.yaml)")
-    p.add_argument("--precision", default="fp32", help=f"one of {', '.join(FLOAT_DTYPES)} (default: fp32)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per prefill (default: 128)")
-    p.add_argument(
-        "--runs", type=int, default=16, help="timed runs per shape; the table keeps their mean (default: 16)"
-    )
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape first (default: 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", required=True, help="the table (JSON) to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Validate, profile, write the table; print a one-line summary."""
-    from merino_pl.latency.api import ProfileSettings, profile
-
-    table = profile(
-        ProfileSettings(
-            args.out,
-            args.device,
-            args.space,
-            args.precision,
-            args.batch,
-            args.seq,
-            args.runs,
-            args.warmup,
-            args.threads,
-        )
-    )
-    print(
-        f"wrote {args.out}: {len(table.layers)} layer shapes, {len(table.projections)} projections, "
-        f"fixed {table.fixed['ms']:.3f} ms on {table.device['summary']}"
-    )
-    return 0
 
 
 def _mean_ms(fn: Callable[[], Any], device: str, runs: int, warmup: int) -> float:
