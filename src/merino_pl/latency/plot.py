@@ -9,77 +9,44 @@ second panel: latencies from different devices are never drawn on one axis.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from merino_pl.core import paper
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path, write_json
-
-# where an eval report may keep its average accuracy (first found wins)
-EVAL_ACCURACY_KEYS = ("average_accuracy", "avg_accuracy", "average_acc", "avg_acc", "average")
+from merino_pl.core.io import atomic_path, read_json, write_json
 
 
-def _read_json(path: str, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MerinoError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MerinoError(f"{path}: cannot read {what}: {e}") from None
-    if not isinstance(data, dict):
-        raise MerinoError(f"{path}: not a {what} (expected a JSON object)")
-    return data
-
-
-def eval_accuracy(report: dict[str, Any], source: str) -> tuple[str, float | None]:
-    """(model name, average accuracy) of an eval report; ``None`` when no task finished.
-
-    A ``merino-pl eval`` report (format ``merino-eval/1``) keeps one score per task under
-    ``tasks``; the average is over the tasks that ran (``status: ok``), which is the paper's
-    Avg. when the report covers its twelve tasks (offline, every task may be skipped: the model
-    then has no accuracy). Other JSON may give the average directly.
-    """
-    model = report.get("model")
-    name = model.get("name") if isinstance(model, dict) else model
-    acc = next((report[k] for k in EVAL_ACCURACY_KEYS if isinstance(report.get(k), (int, float))), None)
-    tasks = report.get("tasks")
-    if acc is None and isinstance(tasks, dict):
-        scores = [
-            t["value"]
-            for t in tasks.values()
-            if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))
-        ]
-        return _named(name, source), (sum(scores) / len(scores) if scores else None)
-    if acc is None:
-        raise MerinoError(
-            f"{source}: no average accuracy in this eval report (need task scores under 'tasks', "
-            f"or one of {', '.join(EVAL_ACCURACY_KEYS)})"
-        )
-    return _named(name, source), float(acc)
-
-
-def _named(name: Any, source: str) -> str:
-    if not isinstance(name, str):
-        raise MerinoError(f"{source}: eval report without model.name")
-    return name
+def eval_accuracy(path: str) -> tuple[str, float | None]:
+    """(model name, average accuracy) of a ``merino-pl eval`` report (``eval.json``: one score
+    per task under ``tasks``); ``None`` when no task finished. The average is over the tasks that
+    ran (``status: ok``): the paper's Avg. when the report covers its twelve tasks (offline,
+    every task may be skipped: no accuracy then). Only the two fields it needs are read, so a
+    report of any ``merino-eval`` version serves."""
+    report = read_json(path, "eval report")
+    model = report.get("model") if isinstance(report, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
+    tasks = report.get("tasks") if isinstance(report, dict) else None
+    if not isinstance(name, str) or not isinstance(tasks, dict):
+        raise MerinoError(f"{path}: not a merino-pl eval report (needs model.name and tasks)")
+    scores = [
+        t["value"]
+        for t in tasks.values()
+        if isinstance(t, dict) and t.get("status") == "ok" and isinstance(t.get("value"), (int, float))
+    ]
+    return name, (sum(scores) / len(scores) if scores else None)
 
 
 def measured_points(
     latency: list[str], evals: list[str], precision: str
 ) -> tuple[list[dict[str, Any]], str | None, list[str]]:
     """Points of this device, its description, and the rows left out (no accuracy known)."""
-    acc = {
-        name: value
-        for name, value in (eval_accuracy(_read_json(p, "eval report"), p) for p in evals)
-        if value is not None
-    }
+    acc = {name: value for name, value in (eval_accuracy(p) for p in evals) if value is not None}
     published = paper.paper_points()
     points, device, missing = [], None, []
     for path in latency:
-        report = _read_json(path, "latency report")
-        if report.get("format") != "merino-latency-report/1":
+        report = read_json(path, "latency report")
+        if not isinstance(report, dict) or report.get("format") != "merino-latency-report/1":
             raise MerinoError(f"{path}: not a latency report (format {report.get('format')!r})")
         device = device or report["device"]["summary"]
         for row in report["rows"]:
