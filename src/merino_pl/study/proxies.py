@@ -23,10 +23,10 @@ code for image classifiers), so both are written here, following the papers' def
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.costs import count_flops, count_params, embedding_params
+from merino_pl.core.model import lm_loss
 from merino_pl.search.api import EntropyConfig, arch_entropy
 
 ANALYTIC = ("decoder_params", "flops", "layer_applications")
@@ -43,8 +43,7 @@ def analytic_proxies(arch: MerinoConfig, entropy: dict[str, EntropyConfig]) -> d
 
 
 def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    return lm_loss(model(batch[:, :-1], use_cache=False).logits, batch[:, 1:])
 
 
 def ntk_condition(model: torch.nn.Module, sequences: torch.Tensor) -> float:

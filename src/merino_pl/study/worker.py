@@ -83,13 +83,13 @@ def init_proxies(manifest: dict[str, Any], run: Run, run_dir: Path) -> dict[str,
 def heldout_loss(ckpt: Path, windows: torch.Tensor, batch_size: int = 16) -> float:
     """Mean next-token loss (nats / token) of a checkpoint over held-out windows."""
     from merino_pl.core.checkpoint import load_model
+    from merino_pl.core.model import lm_loss
 
     model = load_model(ckpt).model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        logits = model(batch[:, :-1], use_cache=False).logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        total += float(lm_loss(model(batch[:, :-1], use_cache=False).logits, batch[:, 1:], reduction="sum"))
         count += batch[:, 1:].numel()
     return total / count
 
