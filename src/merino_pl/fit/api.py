@@ -61,13 +61,12 @@ class MerinoSaveConfig(SaveConfigCallback):
     it, with the recipe's summary (parameters, FLOPs, entropy), as every logger's run config."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from merino_pl.core.costs import recipe_summary
-        from merino_pl.search import recipe_entropy
+        from merino_pl.info.api import summarize
 
         config = self.config.as_dict()
         config.pop("config", None)  # the paths of the --config files: not a hyper-parameter
         recipe = pl_module.recipe
-        summary = recipe_summary(recipe, seq_len=_seq_len(config), entropy=recipe_entropy(recipe.architecture))
+        summary = summarize(recipe, seq_len=_seq_len(config))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config, "recipe": pl_module.recipe.to_dict(), "recipe_summary": summary})
 
