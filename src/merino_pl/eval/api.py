@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merino_pl.core.assets import embedded_wikitext2
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
-from merino_pl.eval.perplexity import CORPORA, embedded_wikitext2
+from merino_pl.eval.perplexity import CORPORA
 from merino_pl.eval.report import EvalModel, EvalReport, markdown, write
 
 log = logging.getLogger("merino_pl.eval")

@@ -74,13 +74,6 @@ CORPORA = {
 }
 
 
-def embedded_wikitext2() -> Path:
-    """The WikiText-2 raw test split shipped with the package (CC BY-SA 3.0), for offline runs."""
-    from importlib import resources
-
-    return Path(str(resources.files("merino_pl").joinpath("assets", "wikitext-2-raw", "wiki.test.raw")))
-
-
 def wikitext_pages(raw: str) -> list[str]:
     """Split a WikiText raw file into articles exactly as ``EleutherAI/wikitext_document_level``
     does: a new page starts at each level-1 heading (`` = Title = ``); pages of only
