@@ -1,7 +1,7 @@
 """Peer models of the paper's Tables 2 and 3, built from their published configs.
 
 No download: each peer is its transformers class instantiated from the hyper-parameters of its
-published ``config.json`` (written out below), with random weights. Latency does not depend on
+published ``config.json`` (``assets/peers.yaml``), with random weights. Latency does not depend on
 the weight values, so a peer timed here is the peer the paper timed, at the same shapes.
 ``PAPER`` is the paper's own figures (Jetson Nano latency, FLOPs, average zero-shot accuracy),
 read from the one file that holds them (``merino_pl.core.paper``), for the ratios and the
@@ -10,6 +10,7 @@ Figure-1 style chart.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.paper import PaperPoint, paper_points
@@ -17,88 +18,19 @@ from merino_pl.core.paper import PaperPoint, paper_points
 if TYPE_CHECKING:  # torch only where a peer is built: `latency plot` reads PAPER without it
     import torch
 
-# name -> (transformers config class, hyper-parameters of the published config.json)
-PEER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "pythia-70m": (
-        "GPTNeoXConfig",
-        dict(  # EleutherAI/pythia-70m
-            vocab_size=50304,
-            hidden_size=512,
-            num_hidden_layers=6,
-            num_attention_heads=8,
-            intermediate_size=2048,
-            hidden_act="gelu",
-            rotary_pct=0.25,
-            rotary_emb_base=10000,
-            max_position_embeddings=2048,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "pythia-160m": (
-        "GPTNeoXConfig",
-        dict(  # EleutherAI/pythia-160m (the paper's "Pythia-162M")
-            vocab_size=50304,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            hidden_act="gelu",
-            rotary_pct=0.25,
-            rotary_emb_base=10000,
-            max_position_embeddings=2048,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "opt-125m": (
-        "OPTConfig",
-        dict(  # facebook/opt-125m
-            vocab_size=50272,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            ffn_dim=3072,
-            word_embed_proj_dim=768,
-            max_position_embeddings=2048,
-            do_layer_norm_before=True,
-            activation_function="relu",
-        ),
-    ),
-    "opt-350m": (
-        "OPTConfig",
-        dict(  # facebook/opt-350m: post-LN, 512-wide embeddings projected
-            vocab_size=50272,
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            ffn_dim=4096,
-            word_embed_proj_dim=512,
-            max_position_embeddings=2048,
-            do_layer_norm_before=False,
-            activation_function="relu",
-        ),
-    ),
-    "gpt2": (
-        "GPT2Config",
-        dict(  # openai-community/gpt2 (124 M)
-            vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024, activation_function="gelu_new"
-        ),
-    ),
-    "cerebras-111m": (
-        "GPT2Config",
-        dict(  # cerebras/Cerebras-GPT-111M
-            vocab_size=50257,
-            n_embd=768,
-            n_layer=10,
-            n_head=12,
-            n_inner=3072,
-            n_positions=2048,
-            activation_function="gelu",
-        ),
-    ),
-}
 
+def _peer_configs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (transformers config class, hyper-parameters of the published config.json), from
+    the package's ``assets/peers.yaml`` (data, with each peer's source repository)."""
+    from importlib import resources
+
+    from merino_pl.core.io import read_yaml
+
+    data = read_yaml(Path(str(resources.files("merino_pl").joinpath("assets", "peers.yaml"))), "peer configs")
+    return {name: (peer["class"], peer["config"]) for name, peer in data.items()}
+
+
+PEER_CONFIGS = _peer_configs()
 
 PAPER: dict[str, PaperPoint] = paper_points()  # the paper's own figures, by peer / recipe name (core/paper.py)
 
