@@ -21,6 +21,7 @@ from typing import Any
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path, atomic_write_text, read_json, write_json
+from merino_pl.core.report import check_version
 from merino_pl.eval.tasks import paper_baselines, paper_tasks
 
 FORMAT = "merino-eval/1"
@@ -77,13 +78,7 @@ class EvalReport:
     def from_json(cls, data: Any, source: str = "eval report") -> EvalReport:
         """The report in ``data`` (a parsed ``eval.json``); a ``MerinoError`` naming ``source``
         and what is wrong when it is not one this version reads."""
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise MerinoError(f"{source}: not an eval report (format must be {FORMAT!r})")
-        version = data.get("format_version", 1)  # reports written before the field existed are version 1
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise MerinoError(
-                f"{source}: eval report format_version {version!r} (this merino-pl reads <= {FORMAT_VERSION})"
-            )
+        version = check_version(data, "eval report", source, FORMAT_VERSION, FORMAT)
         names = [f.name for f in dataclasses.fields(EvalModel)]
         model = data.get("model")
         missing = [k for k in ("model", "tasks", "perplexity") if not isinstance(data.get(k), dict)]

@@ -31,6 +31,7 @@ from merino_pl.core.costs import count_flops
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, check_out, read_json, write_json
 from merino_pl.core.quant.format import FLOAT_DTYPES
+from merino_pl.core.report import check_version, from_fields, report_file
 from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
@@ -682,24 +683,13 @@ class LatencyReport:
     def from_json(cls, data: Any, source: str = "latency report") -> LatencyReport:
         """The report of a ``to_json`` object; another format, a newer version or a missing key
         is a ``MerinoError``."""
-        if (
-            not isinstance(data, dict)
-            or data.get("format") != FORMAT
-            or data.get("format_version", 1) != FORMAT_VERSION
-        ):
-            got = (data.get("format"), data.get("format_version", 1)) if isinstance(data, dict) else type(data).__name__
-            raise MerinoError(f"{source}: not a latency report ({FORMAT}, version {FORMAT_VERSION}; got {got})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data) - {"format_version", "created"})
-        if missing:
-            raise MerinoError(f"{source}: latency report without {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        check_version(data, "latency report", source, FORMAT_VERSION, FORMAT)
+        return from_fields(cls, data, "latency report", source, optional=("format_version", "created"))
 
     @classmethod
     def read(cls, path: str | Path) -> LatencyReport:
         """``latency.json`` (or the directory holding it)."""
-        path = Path(path)
-        path = path / JSON_NAME if path.is_dir() else path
+        path = report_file(path, JSON_NAME)
         return cls.from_json(read_json(path, "latency report"), str(path))
 
     def write(self, out_dir: str | Path) -> str:

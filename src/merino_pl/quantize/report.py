@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, read_json, write_json
+from merino_pl.core.report import check_version, from_fields, report_file
 
 FORMAT_VERSION = 1  # bump when a key changes meaning or goes away (files without it are version 1)
 JSON_NAME, MARKDOWN_NAME = "quantize_report.json", "quantize_report.md"
@@ -66,20 +66,13 @@ class QuantizeReport:
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "quantize report") -> QuantizeReport:
         """The report of a ``to_json`` object; a missing key or a newer version is a ``MerinoError``."""
-        version = data.get("format_version", 1) if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
-            raise MerinoError(f"{source}: not a quantize report of format version {FORMAT_VERSION} (got {version!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data) - {"format_version"})
-        if missing:
-            raise MerinoError(f"{source}: quantize report without {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        check_version(data, "quantize report", source, FORMAT_VERSION)
+        return from_fields(cls, data, "quantize report", source, optional=("format_version",))
 
     @classmethod
     def read(cls, path: str | Path) -> QuantizeReport:
         """``quantize_report.json`` (or the GPTQ directory holding it)."""
-        path = Path(path)
-        path = path / JSON_NAME if path.is_dir() else path
+        path = report_file(path, JSON_NAME)
         return cls.from_json(read_json(path, "quantize report"), str(path))
 
     def write(self, directory: str | Path) -> None:
