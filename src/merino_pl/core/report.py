@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import atomic_write_text, read_json, write_json
 
 T = TypeVar("T")
 
@@ -44,3 +45,26 @@ def report_file(path: str | Path, json_name: str) -> Path:
     """``path`` itself, or ``path / json_name`` when ``path`` is the directory holding the report."""
     path = Path(path)
     return path / json_name if path.is_dir() else path
+
+
+class FileReport:
+    """A report written as ``json_name`` + ``markdown_name`` into a directory, and read back.
+    Subclasses (dataclasses) give ``from_json``, ``to_json`` and ``markdown``."""
+
+    json_name: ClassVar[str]
+    markdown_name: ClassVar[str]
+    what: ClassVar[str]
+
+    @classmethod
+    def read(cls, path: str | Path) -> Any:
+        """The report in ``path`` (its JSON file, or the directory holding it)."""
+        path = report_file(path, cls.json_name)
+        return cls.from_json(read_json(path, cls.what), str(path))  # type: ignore[attr-defined]
+
+    def write(self, directory: str | Path) -> str:
+        """Both files into ``directory`` (each atomically); returns the Markdown."""
+        directory = Path(directory)
+        write_json(directory / self.json_name, self.to_json())  # type: ignore[attr-defined]
+        markdown = self.markdown()  # type: ignore[attr-defined]
+        atomic_write_text(directory / self.markdown_name, markdown)
+        return markdown

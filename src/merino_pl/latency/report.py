@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
@@ -29,9 +29,9 @@ from tqdm import tqdm
 from merino_pl.core.checkpoint import LoadedModel, load_model
 from merino_pl.core.costs import count_flops
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_write_text, check_out, read_json, write_json
+from merino_pl.core.io import check_out
 from merino_pl.core.quant.format import FLOAT_DTYPES
-from merino_pl.core.report import check_version, from_fields, report_file
+from merino_pl.core.report import FileReport, check_version, from_fields
 from merino_pl.latency import PRECISIONS
 from merino_pl.latency import device as device_mod
 from merino_pl.latency.fast import fuse_qkv
@@ -450,6 +450,11 @@ class ReportBuilder:
 COMPARISONS = (("plain", "plain"), ("fast", "last-logits"))
 
 
+def paper_ratio(peer: str, model: str) -> float | None:
+    """The paper's Jetson Nano speed-up of ``model`` over ``peer`` (None when it lists either not)."""
+    return PAPER[peer].jetson_ms / PAPER[model].jetson_ms if peer in PAPER and model in PAPER else None
+
+
 def speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]]:
     """Peer mean / our mean per precision, like with like (paper Table 3's comparison)."""
     ours = {(r["precision"], r["path"]): r for r in rows if r["role"] == "model"}
@@ -457,11 +462,7 @@ def speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str, Any]
     for mine, theirs in COMPARISONS:
         for peer in (r for r in rows if r["role"] == "peer" and r["path"] == theirs and (r["precision"], mine) in ours):
             me = ours[(peer["precision"], mine)]
-            paper = (
-                PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms
-                if peer["model"] in PAPER and model_name in PAPER
-                else None
-            )
+            paper = paper_ratio(peer["model"], model_name)
             out.append(
                 {
                     "precision": peer["precision"],
@@ -481,11 +482,7 @@ def paper_speedups(rows: list[dict[str, Any]], model_name: str) -> list[dict[str
     out = []
     for peer in (r for r in rows if r["role"] == "peer" and r["precision"] in ours):
         me = ours[peer["precision"]]
-        paper = (
-            PAPER[peer["model"]].jetson_ms / PAPER[model_name].jetson_ms
-            if peer["model"] in PAPER and model_name in PAPER
-            else None
-        )
+        paper = paper_ratio(peer["model"], model_name)
         out.append(
             {
                 "precision": peer["precision"],
@@ -653,9 +650,13 @@ def build_report(
 
 
 @dataclass(kw_only=True)
-class LatencyReport:
+class LatencyReport(FileReport):
     """One latency report: the keys of ``latency.json`` (the rows, checks and ratios are plain
     JSON objects, described in docs/latency.md)."""
+
+    json_name: ClassVar[str] = JSON_NAME
+    markdown_name: ClassVar[str] = MARKDOWN_NAME
+    what: ClassVar[str] = "latency report"
 
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -686,19 +687,9 @@ class LatencyReport:
         check_version(data, "latency report", source, FORMAT_VERSION, FORMAT)
         return from_fields(cls, data, "latency report", source, optional=("format_version", "created"))
 
-    @classmethod
-    def read(cls, path: str | Path) -> LatencyReport:
-        """``latency.json`` (or the directory holding it)."""
-        path = report_file(path, JSON_NAME)
-        return cls.from_json(read_json(path, "latency report"), str(path))
 
-    def write(self, out_dir: str | Path) -> str:
-        """``out_dir/latency.json`` and ``out_dir/latency.md`` (atomically); returns the Markdown."""
-        out_dir = Path(out_dir)
-        write_json(out_dir / JSON_NAME, self.to_json())
-        markdown = render_markdown(self)
-        atomic_write_text(out_dir / MARKDOWN_NAME, markdown)
-        return markdown
+    def markdown(self) -> str:
+        return render_markdown(self)
 
 
 def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release: Path) -> LatencyReport:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from merino_pl.core.io import atomic_write_text, read_json, write_json
-from merino_pl.core.report import check_version, from_fields, report_file
+from merino_pl.core.report import FileReport, check_version, from_fields
 
 FORMAT_VERSION = 1  # bump when a key changes meaning or goes away (files without it are version 1)
 JSON_NAME, MARKDOWN_NAME = "quantize_report.json", "quantize_report.md"
 
 
 @dataclass
-class QuantizeReport:
+class QuantizeReport(FileReport):
     """What one quantization run did and measured (the keys of ``quantize_report.json``)."""
+
+    json_name: ClassVar[str] = JSON_NAME
+    markdown_name: ClassVar[str] = MARKDOWN_NAME
+    what: ClassVar[str] = "quantize report"
 
     checkpoint: str  # the float model quantized
     kind: str  # how it was loaded: hf-dir | lightning-ckpt | recipe
@@ -69,17 +71,9 @@ class QuantizeReport:
         check_version(data, "quantize report", source, FORMAT_VERSION)
         return from_fields(cls, data, "quantize report", source, optional=("format_version",))
 
-    @classmethod
-    def read(cls, path: str | Path) -> QuantizeReport:
-        """``quantize_report.json`` (or the GPTQ directory holding it)."""
-        path = report_file(path, JSON_NAME)
-        return cls.from_json(read_json(path, "quantize report"), str(path))
 
-    def write(self, directory: str | Path) -> None:
-        """``quantize_report.json`` and ``quantize_report.md`` into ``directory``."""
-        directory = Path(directory)
-        write_json(directory / JSON_NAME, self.to_json())
-        atomic_write_text(directory / MARKDOWN_NAME, render_markdown(self))
+    def markdown(self) -> str:
+        return render_markdown(self)
 
 
 def render_markdown(r: QuantizeReport) -> str:
