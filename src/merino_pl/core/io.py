@@ -197,24 +197,30 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
 
     from merino_pl.core.errors import MerinoError
 
-    path = Path(path)
-    if not path.is_file():
-        raise MerinoError(
-            f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}"
-        )
+    path, text = _read_text(path, what)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise MerinoError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MerinoError(f"{path}: cannot read {what}: {e}") from None
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """``json.loads`` of a file; a missing, unreadable or malformed file is a one-line
     ``MerinoError`` naming the file (and the line of a syntax error), as ``read_yaml``."""
+    from merino_pl.core.errors import MerinoError
+
+    path, text = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MerinoError(f"{path}: line {e.lineno} malformed JSON: {e.msg}") from None
+
+
+def _read_text(path: str | os.PathLike, what: str) -> tuple[Path, str]:
+    """(path, its UTF-8 text); a missing file, a directory or an unreadable file is a one-line
+    ``MerinoError`` naming it."""
     from merino_pl.core.errors import MerinoError
 
     path = Path(path)
@@ -223,8 +229,6 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
             f"{what} not found: {path}" if not path.is_dir() else f"{path}: is a directory, expected a {what}"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MerinoError(f"{path}: line {e.lineno} malformed JSON: {e.msg}") from None
+        return path, path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MerinoError(f"{path}: cannot read {what}: {e}") from None
