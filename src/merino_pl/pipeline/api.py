@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,24 @@ def _fit_overrides(config: Path, run_dir: Path) -> list[str]:
     return argv
 
 
+def _per_model(
+    command: str,
+    models: dict[str, Path],
+    out: Path,
+    section: dict[str, Any],
+    options: Callable[[str], list[str]],
+    report: str,
+) -> list[Stage]:
+    """One ``merino-pl COMMAND MODEL --out OUT/COMMAND/LABEL OPTIONS`` stage per model (label ->
+    path), then the config section's own arguments; each stage's output is its ``report``."""
+    stages = []
+    for label, path in models.items():
+        d = out / command / label
+        argv = [command, str(path), "--out", str(d), *options(label), *_args(section)]
+        stages.append(Stage(f"{command}-{label}", argv, [path], [d / report], d))
+    return stages
+
+
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
     """The stage list of a config, in run order (each stage's inputs are earlier outputs)."""
     out = cfg.out_dir
@@ -208,34 +227,18 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         models[f"int{bits}"] = qdir
     if cfg.eval is not None:
         e = cfg.eval
-        for label, path in models.items():
-            edir = out / "eval" / label
-            argv = [
-                "eval",
-                str(path),
-                "--out",
-                str(edir),
-                "--tasks",
-                _csv(e.get("tasks", "paper")),
-                "--ppl",
-                _csv(e.get("ppl", "wikitext2,ptb")),
-            ]
-            stages.append(Stage(f"eval-{label}", argv + _args(e), [path], [edir / "eval.json"], edir))
+        evaluate = ["--tasks", _csv(e.get("tasks", "paper")), "--ppl", _csv(e.get("ppl", "wikitext2,ptb"))]
+        stages += _per_model("eval", models, out, e, lambda label: evaluate, "eval.json")
     if cfg.latency is not None:
         lat = cfg.latency
-        for label, path in models.items():
-            ldir = out / "latency" / label
-            argv = [
-                "latency",
-                str(path),
-                "--out",
-                str(ldir),
-                "--precision",
-                label if label != "fp32" else _csv(lat.get("precision", "fp32")),
-            ]
-            if label == "fp32" and lat.get("peers"):
-                argv += ["--peers", _csv(lat["peers"])]
-            stages.append(Stage(f"latency-{label}", argv + _args(lat), [path], [ldir / "latency.json"], ldir))
+
+        def timing(label: str) -> list[str]:
+            if label != "fp32":
+                return ["--precision", label]
+            peers = ["--peers", _csv(lat["peers"])] if lat.get("peers") else []
+            return ["--precision", _csv(lat.get("precision", "fp32")), *peers]
+
+        stages += _per_model("latency", models, out, lat, timing, "latency.json")
         # accuracy vs latency (paper Figure 1) of this run's models beside the paper's points
         reports = [out / "latency" / label / "latency.json" for label in models]
         evals = [out / "eval" / label / "eval.json" for label in models] if cfg.eval is not None else []
