@@ -200,11 +200,16 @@ def _split(problem: Problem, max_rows: int = MAX_HALF_ROWS) -> _Split:
     return _Split(left, right, pair_score, pair_cost, problem.limits - consts, float(score_const))
 
 
+def _meeting_groups(sp: _Split, k: int) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+    """(number of meeting embeddings, left rows by their last block's embedding, right rows by
+    their first block's, each right group sorted by constraint ``k``'s cost)."""
+    ne = sp.pair_score.shape[0]
+    return ne, _groups(sp.left, sp.left.last, ne), _groups(sp.right, sp.right.first, ne, by=sp.right.costs[:, k])
+
+
 def _single(sp: _Split, k: int) -> _Best:
     """Best pair and feasible count under constraint ``k`` alone (prefix maxima + searchsorted)."""
-    ne = sp.pair_score.shape[0]
-    lefts = _groups(sp.left, sp.left.last, ne)
-    rights = _groups(sp.right, sp.right.first, ne, by=sp.right.costs[:, k])
+    ne, lefts, rights = _meeting_groups(sp, k)
     best = _Best()
     for b in range(ne):
         R = rights[b]
@@ -238,9 +243,7 @@ def _several(sp: _Split, primary: int) -> _Best:
     Left rows sorted by how many right partners the primary constraint leaves them (a prefix of
     the right group sorted by that cost), so a chunk's rectangle wastes little beyond the pairs.
     """
-    ne = sp.pair_score.shape[0]
-    lefts = _groups(sp.left, sp.left.last, ne)
-    rights = _groups(sp.right, sp.right.first, ne, by=sp.right.costs[:, primary])
+    ne, lefts, rights = _meeting_groups(sp, primary)
     best = _Best()
     for b in range(ne):
         R = rights[b]
