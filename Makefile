@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench clean slurm-deps gptq-env
+.PHONY: setup demo test lint bench clean slurm-deps gptq-env
 
 setup: $(STAMP)
 
@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/merino-pl pipeline --config recipes/pipeline/cpu-demo.yaml
 
-test: setup slurm-deps gptq-env
+test: lint slurm-deps gptq-env
 	MERINO_REQUIRE_GPTQ=1 MERINO_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(BIN)/python -m pytest -q tests
+
+# ruff (pinned in the dev extra) over everything Python: lint rules and formatting as pyproject.toml says
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 # A user's environment without merino-pl, for tests/test_export.py's INT4 consumer: the CPU torch,
 # this venv's transformers and pyproject's `gptq` extra (optimum + GPTQModel), in a venv of its own

@@ -141,15 +141,22 @@ def main() -> None:
 def report(rows: dict, gpu: dict, mb: float) -> None:
     base = rows["tokenizer alone, 1 process"]
     base_rate = base["tokens"] / base["seconds"]
-    print(f"\ncorpus: shipped Shakespeare + WikiText-2 text repeated to {mb:g} MB; GPT-NeoX-20B tokenizer; {os.cpu_count()} cores")
+    print(
+        f"\ncorpus: shipped Shakespeare + WikiText-2 text repeated to {mb:g} MB; "
+        f"GPT-NeoX-20B tokenizer; {os.cpu_count()} cores"
+    )
     print(f"{'path':38} {'tokens':>12} {'s':>7} {'M tok/s':>8} {'x tokenizer':>11} {'x H100 need':>11}")
     for name, r in rows.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["vs_tokenizer"] = r["tokens_per_s"] / base_rate
         r["vs_h100"] = r["tokens_per_s"] / gpu["tokens_per_s"]
-        print(f"{name:38} {r['tokens']:>12,} {r['seconds']:>7.2f} {r['tokens_per_s'] / 1e6:>8.2f} {r['vs_tokenizer']:>11.2f} {r['vs_h100']:>11.2f}")
+        print(
+            f"{name:38} {r['tokens']:>12,} {r['seconds']:>7.2f} {r['tokens_per_s'] / 1e6:>8.2f} "
+            f"{r['vs_tokenizer']:>11.2f} {r['vs_h100']:>11.2f}"
+        )
     print(
-        f"\nH100 appetite, {gpu['recipe']}: tokens/s = {MFU:.0%} x {H100_BF16_DENSE:.3g} FLOP/s / (3 x forward FLOPs per token)\n"
+        f"\nH100 appetite, {gpu['recipe']}: tokens/s = {MFU:.0%} x {H100_BF16_DENSE:.3g} FLOP/s "
+        "/ (3 x forward FLOPs per token)\n"
         f"  forward FLOPs/token = 2 x applied non-embedding weights + attention QK^T, AV (costs.count_flops / seq_len)"
         f" = {gpu['forward_flops_per_token'] / 1e6:.1f} M -> {gpu['tokens_per_s'] / 1e6:.3f} M tokens/s\n"
         f"  with the tied LM head ({gpu['lm_head_flops_per_token'] / 1e6:.1f} M FLOPs/token more): "

@@ -40,8 +40,10 @@ def main() -> None:
     pages = wikitext_pages(Path(args.data).read_text(encoding="utf-8"))[: args.docs]
     reqs = [Instance("loglikelihood_rolling", {}, (p,), i) for i, p in enumerate(pages)]
     loaded = load_model(args.recipe)
-    backends = {"merino": MerinoLM(loaded, batch_size=args.batch_size, device="cpu"),
-                "hf (HFLM)": hf_lm(loaded, batch_size=args.batch_size, device="cpu")}
+    backends = {
+        "merino": MerinoLM(loaded, batch_size=args.batch_size, device="cpu"),
+        "hf (HFLM)": hf_lm(loaded, batch_size=args.batch_size, device="cpu"),
+    }
     tokens = sum(len(backends["merino"].tok_encode(p)) for p in pages)
     rows, values = [], {}
     for name, lm in backends.items():
@@ -50,8 +52,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         rows.append({"backend": name, "seconds": seconds, "tokens_per_s": tokens / seconds})
     base = rows[1]["seconds"]
-    print(f"{args.recipe}, {len(pages)} docs, {tokens} tokens, batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"{args.recipe}, {len(pages)} docs, {tokens} tokens, batch {args.batch_size}, threads {torch.get_num_threads()}"
+    )
     print(f"{'backend':<12} {'s':>8} {'tok/s':>10} {'speed-up vs HFLM':>18}")
     for r in rows:
         r["speedup_vs_hflm"] = base / r["seconds"]
@@ -60,8 +63,19 @@ def main() -> None:
     print(f"max |loglikelihood difference| = {diff:.2e}")
     out = REPO / "runs" / "bench" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"recipe": args.recipe, "docs": len(pages), "tokens": tokens,
-                               "batch_size": args.batch_size, "rows": rows, "max_abs_diff": diff}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "recipe": args.recipe,
+                "docs": len(pages),
+                "tokens": tokens,
+                "batch_size": args.batch_size,
+                "rows": rows,
+                "max_abs_diff": diff,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

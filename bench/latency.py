@@ -45,7 +45,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=8, help="timed runs of the full protocol (paper protocol: always 16)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--generate-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads of the full protocol (default: 2)")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch and onnxruntime threads of the full protocol (default: 2)"
+    )
     ap.add_argument("--skip-pairs", action="store_true", help="only the quantized MeRino-64M part")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "latency.json"))
     args = ap.parse_args()
@@ -57,22 +59,49 @@ def main() -> int:
     pairs = []
     if not args.skip_pairs:
         for ours, peer, target in PAIRS:
-            opts = Options(device=device, precisions=("fp32",), runs=runs, warmup=warmup, decode_tokens=decode, peers=(peer,),
-                           protocols=("full", "paper"), generate_tokens=0)
+            opts = Options(
+                device=device,
+                precisions=("fp32",),
+                runs=runs,
+                warmup=warmup,
+                decode_tokens=decode,
+                peers=(peer,),
+                protocols=("full", "paper"),
+                generate_tokens=0,
+            )
             report = build_report(ours, opts, out_dir / f"{ours}-vs-{peer}")
             write_report(out_dir / f"{ours}-vs-{peer}", report)
             pairs.append({"ours": ours, "peer": peer, "target": target, "report": report.to_json()})
-    opts = Options(device=device, precisions=("fp32", "int8", "int4"), runs=runs, warmup=warmup, decode_tokens=decode, onnx=True,
-                   runtimes=("torch", "onnxruntime"), embedding="int8", generate_tokens=gen, generate_runs=1)
+    opts = Options(
+        device=device,
+        precisions=("fp32", "int8", "int4"),
+        runs=runs,
+        warmup=warmup,
+        decode_tokens=decode,
+        onnx=True,
+        runtimes=("torch", "onnxruntime"),
+        embedding="int8",
+        generate_tokens=gen,
+        generate_runs=1,
+    )
     quant = build_report("merino-64m", opts, out_dir / "merino-64m-quantized")
     write_report(out_dir / "merino-64m-quantized", quant)
     quant = quant.to_json()  # the report as latency.json holds it
     summary = {"pairs": [pair_summary(p) for p in pairs], "quantized": quantized_summary(quant)}
     device_line = quant["device"]["summary"]
     print_summary(summary, device_line, runs, warmup, time.time() - t0)
-    write_json(args.out, {"device": quant["device"], "threads": args.threads, "runs": runs, "warmup": warmup, **summary,
-                          "reports": [str(out_dir / f"{p['ours']}-vs-{p['peer']}" / "latency.json") for p in pairs]
-                          + [str(out_dir / "merino-64m-quantized" / "latency.json")]})
+    write_json(
+        args.out,
+        {
+            "device": quant["device"],
+            "threads": args.threads,
+            "runs": runs,
+            "warmup": warmup,
+            **summary,
+            "reports": [str(out_dir / f"{p['ours']}-vs-{p['peer']}" / "latency.json") for p in pairs]
+            + [str(out_dir / "merino-64m-quantized" / "latency.json")],
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -81,11 +110,19 @@ def pair_summary(p: dict) -> dict:
     rep = p["report"]
     paper = rep["paper_protocol"]["speedups"][0]
     full = {s["paths"]: s for s in rep["speedups"]}
-    return {"ours": p["ours"], "peer": p["peer"], "target": p["target"], "paper_protocol": paper["speedup"],
-            "paper_jetson_nano": paper["paper_jetson_nano"], "peer_includes_lm_head": paper["peer_includes_lm_head"],
-            "full_plain_prefill": full["plain vs plain"]["prefill"], "full_fast_prefill": full["fast vs last-logits"]["prefill"],
-            "full_decode": full["plain vs plain"]["decode"], "meets_target": paper["speedup"] >= p["target"],
-            "paper_rows": rep["paper_protocol"]["rows"]}
+    return {
+        "ours": p["ours"],
+        "peer": p["peer"],
+        "target": p["target"],
+        "paper_protocol": paper["speedup"],
+        "paper_jetson_nano": paper["paper_jetson_nano"],
+        "peer_includes_lm_head": paper["peer_includes_lm_head"],
+        "full_plain_prefill": full["plain vs plain"]["prefill"],
+        "full_fast_prefill": full["fast vs last-logits"]["prefill"],
+        "full_decode": full["plain vs plain"]["decode"],
+        "meets_target": paper["speedup"] >= p["target"],
+        "paper_rows": rep["paper_protocol"]["rows"],
+    }
 
 
 def quantized_summary(rep: dict) -> dict:
@@ -98,53 +135,96 @@ def quantized_summary(rep: dict) -> dict:
 
     out = {
         "int4_resident_over_fp32": int4["weights_in_memory_bytes"] / fp32["weights_in_memory_bytes"],
-        "int4_resident_plus_scratch_over_fp32": (int4["weights_in_memory_bytes"] + int4["workspace_bytes"]) / fp32["weights_in_memory_bytes"],
+        "int4_resident_plus_scratch_over_fp32": (int4["weights_in_memory_bytes"] + int4["workspace_bytes"])
+        / fp32["weights_in_memory_bytes"],
         "int4_file_over_fp32": int4["weights_bytes"] / fp32["weights_bytes"],
         "int8_resident_over_fp32": rows[("int8", "plain")]["weights_in_memory_bytes"] / fp32["weights_in_memory_bytes"],
-        "ort_int4_decode_speedup_vs_torch_fp32": ms("fp32", "fast", "decode_ms_per_token") / ms("int4", "onnxruntime", "decode_ms_per_token"),
-        "ort_int4_generation_speedup_vs_torch_fp32": gen[("int4", "onnxruntime")] / gen[("fp32", "torch")] if gen else None,
+        "ort_int4_decode_speedup_vs_torch_fp32": ms("fp32", "fast", "decode_ms_per_token")
+        / ms("int4", "onnxruntime", "decode_ms_per_token"),
+        "ort_int4_generation_speedup_vs_torch_fp32": gen[("int4", "onnxruntime")] / gen[("fp32", "torch")]
+        if gen
+        else None,
         "checks_ok": all(c["match"] for c in rep["checks"]),
-        "bytes": {p: {"file": rows[(p, "plain")]["weights_bytes"], "resident": rows[(p, "plain")]["weights_in_memory_bytes"],
-                      "scratch": rows[(p, "plain")]["workspace_bytes"]} for p in ("fp32", "int8", "int4")},
+        "bytes": {
+            p: {
+                "file": rows[(p, "plain")]["weights_bytes"],
+                "resident": rows[(p, "plain")]["weights_in_memory_bytes"],
+                "scratch": rows[(p, "plain")]["workspace_bytes"],
+            }
+            for p in ("fp32", "int8", "int4")
+        },
         "generation_tokens_per_s": {f"{p} {r}": v for (p, r), v in gen.items()},
     }
     for p in ("int8", "int4"):
-        out[f"ort_{p}_prefill_over_ort_fp32"] = ms(p, "onnxruntime", "prefill_ms") / ms("fp32", "onnxruntime", "prefill_ms")
+        out[f"ort_{p}_prefill_over_ort_fp32"] = ms(p, "onnxruntime", "prefill_ms") / ms(
+            "fp32", "onnxruntime", "prefill_ms"
+        )
         out[f"torch_{p}_plain_prefill_over_fp32"] = ms(p, "plain", "prefill_ms") / ms("fp32", "plain", "prefill_ms")
         out[f"torch_{p}_fast_prefill_over_fp32"] = ms(p, "fast", "prefill_ms") / ms("fp32", "fast", "prefill_ms")
     return out
 
 
 def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) -> None:
-    print(f"\nlatency on {device}: batch 1, seq 128; full protocol mean of {runs} after {warmup} warm-up; paper protocol "
-          f"1 thread, timeit(16).mean ({seconds:.0f} s)\n")
+    print(
+        f"\nlatency on {device}: batch 1, seq 128; full protocol mean of {runs} after {warmup} warm-up; paper protocol "
+        f"1 thread, timeit(16).mean ({seconds:.0f} s)\n"
+    )
     if s["pairs"]:
-        print("| ours | peer | paper protocol x | target | paper (Jetson Nano) x | full: plain x | full: fast vs last-logits x | full: decode x |")
+        print(
+            "| ours | peer | paper protocol x | target | paper (Jetson Nano) x | full: plain x "
+            "| full: fast vs last-logits x | full: decode x |"
+        )
         print("|---|---|---:|---|---:|---:|---:|---:|")
         for p in s["pairs"]:
             ok = "met" if p["meets_target"] else "missed"
-            print(f"| {p['ours']} | {p['peer']} | {p['paper_protocol']:.2f} | >= {p['target']:.0f}x {ok} | {p['paper_jetson_nano']:.1f} | "
-                  f"{p['full_plain_prefill']:.2f} | {p['full_fast_prefill']:.2f} | {p['full_decode']:.2f} |")
+            print(
+                f"| {p['ours']} | {p['peer']} | {p['paper_protocol']:.2f} | >= {p['target']:.0f}x {ok} "
+                f"| {p['paper_jetson_nano']:.1f} | "
+                f"{p['full_plain_prefill']:.2f} | {p['full_fast_prefill']:.2f} | {p['full_decode']:.2f} |"
+            )
     q = s["quantized"]
     checks = [
         ("INT4 resident weights / fp32", q["int4_resident_over_fp32"], "<= 0.30", q["int4_resident_over_fp32"] <= 0.30),
         ("INT4 resident + dequant scratch / fp32", q["int4_resident_plus_scratch_over_fp32"], "(info)", None),
         ("INT4 file / fp32", q["int4_file_over_fp32"], "<= 0.30", q["int4_file_over_fp32"] <= 0.30),
-        ("onnxruntime INT4 decode speed-up vs torch fp32", q["ort_int4_decode_speedup_vs_torch_fp32"], ">= 3", q["ort_int4_decode_speedup_vs_torch_fp32"] >= 3),
+        (
+            "onnxruntime INT4 decode speed-up vs torch fp32",
+            q["ort_int4_decode_speedup_vs_torch_fp32"],
+            ">= 3",
+            q["ort_int4_decode_speedup_vs_torch_fp32"] >= 3,
+        ),
     ]
     if q["ort_int4_generation_speedup_vs_torch_fp32"] is not None:
         g = q["ort_int4_generation_speedup_vs_torch_fp32"]
         checks.append(("onnxruntime INT4 generation tokens/s / torch fp32", g, ">= 2", g >= 2))
     for p in ("int8", "int4"):
-        checks.append((f"onnxruntime {p.upper()} prefill / onnxruntime fp32", q[f"ort_{p}_prefill_over_ort_fp32"], "<= 1", q[f"ort_{p}_prefill_over_ort_fp32"] <= 1))
-        checks.append((f"torch {p.upper()} prefill / fp32 (plain)", q[f"torch_{p}_plain_prefill_over_fp32"], "<= 1.15", q[f"torch_{p}_plain_prefill_over_fp32"] <= 1.15))
-        checks.append((f"torch {p.upper()} prefill / fp32 (fast path)", q[f"torch_{p}_fast_prefill_over_fp32"], "(info)", None))
+        checks.append(
+            (
+                f"onnxruntime {p.upper()} prefill / onnxruntime fp32",
+                q[f"ort_{p}_prefill_over_ort_fp32"],
+                "<= 1",
+                q[f"ort_{p}_prefill_over_ort_fp32"] <= 1,
+            )
+        )
+        checks.append(
+            (
+                f"torch {p.upper()} prefill / fp32 (plain)",
+                q[f"torch_{p}_plain_prefill_over_fp32"],
+                "<= 1.15",
+                q[f"torch_{p}_plain_prefill_over_fp32"] <= 1.15,
+            )
+        )
+        checks.append(
+            (f"torch {p.upper()} prefill / fp32 (fast path)", q[f"torch_{p}_fast_prefill_over_fp32"], "(info)", None)
+        )
     print("\n| MeRino-64M, quantized | ratio | target | |\n|---|---:|---|---|")
     for name, value, target, ok in checks:
         print(f"| {name} | {value:.3f} | {target} | {'' if ok is None else ('met' if ok else 'missed')} |")
     print("\n| bytes | file | resident | scratch |\n|---|---:|---:|---:|")
     for p, b in q["bytes"].items():
-        print(f"| {p} | {b['file'] / 2**20:.1f} MiB | {b['resident'] / 2**20:.1f} MiB | {b['scratch'] / 2**20:.1f} MiB |")
+        print(
+            f"| {p} | {b['file'] / 2**20:.1f} MiB | {b['resident'] / 2**20:.1f} MiB | {b['scratch'] / 2**20:.1f} MiB |"
+        )
     if q["generation_tokens_per_s"]:
         print("\n| generation (128 prompt + new tokens) | tokens/s |\n|---|---:|")
         for k, v in q["generation_tokens_per_s"].items():

@@ -33,7 +33,9 @@ COMMANDS: dict[str, tuple[list[str], float]] = {
     "merino-pl --help": (["--help"], 0.5),
     "merino-pl info recipes/merino-52m.yaml": (["info", "recipes/merino-52m.yaml"], 1.5),
     "merino-pl search --config search/cpu-demo.yaml --no-plot": (
-        ["search", "--config", "search/cpu-demo.yaml", "--no-plot", "--out", "{out}"], 2.0),
+        ["search", "--config", "search/cpu-demo.yaml", "--no-plot", "--out", "{out}"],
+        2.0,
+    ),
     "merino-pl prepare --help": (["prepare", "--help"], 1.0),
 }
 
@@ -61,17 +63,31 @@ def _time(cmd: list[str], tmp: Path, repeats: int) -> list[float]:
 def heavy_imports(args: list[str], tmp: Path) -> list[str]:
     """Top-level heavy packages the command imports, from ``python -X importtime``."""
     argv = [a.replace("{out}", str(tmp / "importtime" / "recipe.yaml")) for a in args]
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "merino_pl.cli", *argv], cwd=REPO, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "merino_pl.cli", *argv],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     names = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     return [m for m in HEAVY if m in names]
 
 
 def _row(label: str, seconds: list[float], target: float | None, bare: float, heavy: list[str] | None) -> dict:
     median = statistics.median(seconds)
-    return {"command": label, "median_s": median, "min_s": min(seconds), "max_s": max(seconds), "runs_s": seconds,
-            "target_s": target, "meets_target": None if target is None else median <= target,
-            "x_bare_python": median / bare, "heavy_imports": heavy}
+    return {
+        "command": label,
+        "median_s": median,
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "runs_s": seconds,
+        "target_s": target,
+        "meets_target": None if target is None else median <= target,
+        "x_bare_python": median / bare,
+        "heavy_imports": heavy,
+    }
 
 
 def main() -> int:
@@ -92,19 +108,35 @@ def main() -> int:
             rows.append(_row(label, seconds, target, bare, heavy_imports(cmd, tmp)))
 
     load = os.getloadavg()
-    print(f"\nStart-up of a fresh process, {args.repeats} runs each ({' '.join(launcher)}), "
-          f"load average {load[0]:.2f} on {os.cpu_count()} cores:")
+    print(
+        f"\nStart-up of a fresh process, {args.repeats} runs each ({' '.join(launcher)}), "
+        f"load average {load[0]:.2f} on {os.cpu_count()} cores:"
+    )
     print(f"{'command':<56} {'median':>7} {'min':>7} {'max':>7} {'target':>7} {'x bare':>7}  heavy imports")
     for r in rows:
         target = "" if r["target_s"] is None else f"{r['target_s']:.1f}s" + ("" if r["meets_target"] else " !")
         heavy = "" if r["heavy_imports"] is None else (", ".join(r["heavy_imports"]) or "none")
-        print(f"{r['command']:<56} {r['median_s']:>6.3f}s {r['min_s']:>6.3f}s {r['max_s']:>6.3f}s {target:>7} "
-              f"{r['x_bare_python']:>6.1f}x  {heavy}")
+        print(
+            f"{r['command']:<56} {r['median_s']:>6.3f}s {r['min_s']:>6.3f}s {r['max_s']:>6.3f}s {target:>7} "
+            f"{r['x_bare_python']:>6.1f}x  {heavy}"
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"repeats": args.repeats, "launcher": launcher, "load_average": load,
-                               "cpu_count": os.cpu_count(), "bare_python_s": bare, "commands": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "repeats": args.repeats,
+                "launcher": launcher,
+                "load_average": load,
+                "cpu_count": os.cpu_count(),
+                "bare_python_s": bare,
+                "commands": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
     return 1 if any(r["heavy_imports"] for r in rows) else 0  # seconds depend on the machine; imports do not
 

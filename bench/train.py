@@ -60,9 +60,18 @@ def run_lightning(args, batches, precision: str, device: str) -> float:
     module = MerinoLightningModule(args.recipe, warmup_steps=2, compile=args.compile, seed=0)
     timer = StepTimes()
     trainer = L.Trainer(
-        accelerator=device, devices=1, precision=precision, max_steps=len(batches), gradient_clip_val=1.0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, pin_memory=device == "gpu")
     trainer.fit(module, train_dataloaders=loader)
@@ -121,11 +130,23 @@ def measure(args, device: str, precision: str) -> dict:
     else:
         peak, peak_src = cpu_gemm_peak(), f"measured fp32 GEMM, {torch.get_num_threads()} thread(s)"
     row = {
-        "device": device, "recipe": args.recipe, "precision": precision, "compile": args.compile,
-        "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "bare_tokens_per_sec": bare_tps, "lightning_tokens_per_sec": lit_tps,
-        "ratio": lit_tps / bare_tps, "bare_runs": bare, "lightning_runs": lit,
-        "flops_per_token": flops_per_token, "peak_flops": peak, "peak_source": peak_src,
+        "device": device,
+        "recipe": args.recipe,
+        "precision": precision,
+        "compile": args.compile,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "bare_tokens_per_sec": bare_tps,
+        "lightning_tokens_per_sec": lit_tps,
+        "ratio": lit_tps / bare_tps,
+        "bare_runs": bare,
+        "lightning_runs": lit,
+        "flops_per_token": flops_per_token,
+        "peak_flops": peak,
+        "peak_source": peak_src,
     }
     if peak:
         row["mfu_lightning"] = lit_tps * flops_per_token / peak
@@ -134,12 +155,17 @@ def measure(args, device: str, precision: str) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'device':<6} {'recipe':<11} {'prec':<10} {'B x T':>9} {'bare tok/s':>12} {'Lightning tok/s':>16} {'ratio':>6} {'MFU':>7}  peak")
+    print(
+        f"\n{'device':<6} {'recipe':<11} {'prec':<10} {'B x T':>9} {'bare tok/s':>12} "
+        f"{'Lightning tok/s':>16} {'ratio':>6} {'MFU':>7}  peak"
+    )
     for r in rows:
         mfu = f"{100 * r['mfu_lightning']:.1f} %" if "mfu_lightning" in r else "n/a"
-        print(f"{r['device']:<6} {r['recipe']:<11} {r['precision']:<10} {r['batch']:>4}x{r['seq_len']:<4} "
-              f"{r['bare_tokens_per_sec']:>12,.0f} {r['lightning_tokens_per_sec']:>16,.0f} {r['ratio']:>6.3f} {mfu:>7}  "
-              f"{(r['peak_flops'] or 0) / 1e12:.3g} TFLOP/s ({r['peak_source']})")
+        print(
+            f"{r['device']:<6} {r['recipe']:<11} {r['precision']:<10} {r['batch']:>4}x{r['seq_len']:<4} "
+            f"{r['bare_tokens_per_sec']:>12,.0f} {r['lightning_tokens_per_sec']:>16,.0f} {r['ratio']:>6.3f} {mfu:>7}  "
+            f"{(r['peak_flops'] or 0) / 1e12:.3g} TFLOP/s ({r['peak_source']})"
+        )
 
 
 def main() -> int:
@@ -152,13 +178,27 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     L.seed_everything(0, verbose=False)
     rows = []
-    cpu = argparse.Namespace(recipe="merino-tiny", batch=8, seq_len=128, compile=False,
-                             steps=8 if args.quick else 40, warmup=2 if args.quick else 5, repeats=1 if args.quick else 3)
+    cpu = argparse.Namespace(
+        recipe="merino-tiny",
+        batch=8,
+        seq_len=128,
+        compile=False,
+        steps=8 if args.quick else 40,
+        warmup=2 if args.quick else 5,
+        repeats=1 if args.quick else 3,
+    )
     rows.append(measure(cpu, "cpu", "32-true"))
     if torch.cuda.is_available() and not args.cpu_only:
         torch.set_float32_matmul_precision("high")
-        gpu = argparse.Namespace(recipe="merino-64m", batch=32, seq_len=1024, compile=True,
-                                 steps=20 if args.quick else 60, warmup=8 if args.quick else 15, repeats=1 if args.quick else 2)
+        gpu = argparse.Namespace(
+            recipe="merino-64m",
+            batch=32,
+            seq_len=1024,
+            compile=True,
+            steps=20 if args.quick else 60,
+            warmup=8 if args.quick else 15,
+            repeats=1 if args.quick else 2,
+        )
         rows.append(measure(gpu, "gpu", "bf16-mixed"))
     print_table(rows)
     out = Path(args.out)

@@ -34,8 +34,7 @@ def unavailable_reason() -> str | None:
     if not sys.platform.startswith("linux"):
         return f"a local SLURM cluster needs Linux (this is {sys.platform})"
     missing = [
-        name for name in DAEMONS + CLIENTS
-        if shutil.which(name) is None and not Path("/usr/sbin", name).exists()
+        name for name in DAEMONS + CLIENTS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()
     ]
     if missing:
         how = "run `make slurm-deps` as root" if os.geteuid() == 0 else "install slurm-wlm and munge as root"
@@ -61,8 +60,7 @@ class LocalSlurmCluster:
     ``env`` is the environment clients need (``SLURM_CONF``); pass it to ``subprocess`` calls.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, cpus: int | None = None,
-                 memory_mb: int = 8000) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, cpus: int | None = None, memory_mb: int = 8000) -> None:
         # munged needs every folder above its socket traversable by all (pytest's tmp_path is
         # 0700), hence a fresh /tmp directory by default, removed again by stop().
         self._owns_root = root is None
@@ -81,8 +79,14 @@ class LocalSlurmCluster:
         # writable by others (the temp root is made 755 for that reason).
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        for name, mode in (("munge-run", 0o755), ("munge-key", 0o700), ("log", 0o755),
-                           ("state", 0o755), ("spool", 0o755), ("run", 0o755)):
+        for name, mode in (
+            ("munge-run", 0o755),
+            ("munge-key", 0o700),
+            ("log", 0o755),
+            ("state", 0o755),
+            ("spool", 0o755),
+            ("run", 0o755),
+        ):
             (self.root / name).mkdir(exist_ok=True)
             (self.root / name).chmod(mode)
 
@@ -123,15 +127,18 @@ class LocalSlurmCluster:
             "MailProg": "/bin/true",
         }
         text = "".join(f"{k}={v}\n" for k, v in lines.items())
-        text += (f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} "
-                 f"RealMemory={self.memory_mb} State=UNKNOWN\n"
-                 "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP\n")
+        text += (
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} "
+            f"RealMemory={self.memory_mb} State=UNKNOWN\n"
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP\n"
+        )
         self.conf.write_text(text)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.logs / f"{name}.stdout", "ab")
-        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                             env=self.env, start_new_session=True)
+        self._procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         log.close()
 
     def start(self, timeout: float = 60.0) -> LocalSlurmCluster:
@@ -142,10 +149,18 @@ class LocalSlurmCluster:
         if not key.exists():
             subprocess.run([_binary("mungekey"), "-c", "-k", str(key)], check=True, capture_output=True)
         try:
-            self._spawn("munged", [
-                _binary("munged"), "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
-                f"--log-file={self.logs / 'munged.log'}", f"--pid-file={self.root / 'run' / 'munged.pid'}",
-                f"--seed-file={self.root / 'munge-key' / 'munged.seed'}"])
+            self._spawn(
+                "munged",
+                [
+                    _binary("munged"),
+                    "-F",
+                    f"--socket={self.munge_socket}",
+                    f"--key-file={key}",
+                    f"--log-file={self.logs / 'munged.log'}",
+                    f"--pid-file={self.root / 'run' / 'munged.pid'}",
+                    f"--seed-file={self.root / 'munge-key' / 'munged.seed'}",
+                ],
+            )
             self._wait(lambda: self.munge_socket.exists(), timeout, "munged socket")
             self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._spawn("slurmd", [_binary("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
@@ -156,8 +171,7 @@ class LocalSlurmCluster:
         return self
 
     def _node_idle(self) -> bool:
-        out = subprocess.run([_binary("sinfo"), "-h", "-N", "-o", "%T"], env=self.env,
-                             capture_output=True, text=True)
+        out = subprocess.run([_binary("sinfo"), "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
         return out.returncode == 0 and out.stdout.strip().rstrip("*") == "idle"
 
     def _wait(self, ready, timeout: float, what: str) -> None:

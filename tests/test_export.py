@@ -39,22 +39,43 @@ GPTQ_PYTHON = Path(os.environ.get("MERINO_GPTQ_PYTHON", REPO / ".venv" / "gptq" 
 REQUIRE_GPTQ = os.environ.get("MERINO_REQUIRE_GPTQ") == "1"
 
 
-def run_isolated(code: str, tmp: Path, python: Path | str = sys.executable, timeout: int = 600,
-                 ) -> subprocess.CompletedProcess:
+def run_isolated(
+    code: str,
+    tmp: Path,
+    python: Path | str = sys.executable,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
     """Run ``code`` in ``python -I -S`` with only that interpreter's site-packages on ``sys.path``;
     the prelude fails the run if ``merino_pl`` is importable there."""
-    site = subprocess.run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     prelude = textwrap.dedent(f"""
         import importlib.util, sys
         sys.path.append({site!r})
         assert importlib.util.find_spec("merino_pl") is None, "merino_pl is importable in the consumer"
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", GPTQMODEL_CPU_WORKERS="2")
-    proc = subprocess.run([str(python), "-I", "-S", "-c", prelude + textwrap.dedent(code)], cwd=tmp, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    env.update(
+        HF_MODULES_CACHE=str(tmp / "hf_modules"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        GPTQMODEL_CPU_WORKERS="2",
+    )
+    proc = subprocess.run(
+        [str(python), "-I", "-S", "-c", prelude + textwrap.dedent(code)],
+        cwd=tmp,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -85,13 +106,19 @@ def test_remote_code_is_the_package_source() -> None:
     package = {}
     for module in (config_module, model_module, hf_module):
         tree = ast.parse(inspect.getsource(module))
-        package.update({(module.__name__, _name(n)): ast.get_source_segment(inspect.getsource(module), n)
-                        for n in tree.body if _name(n)})
+        package.update(
+            {
+                (module.__name__, _name(n)): ast.get_source_segment(inspect.getsource(module), n)
+                for n in tree.body
+                if _name(n)
+            }
+        )
     written: dict[tuple[str, str], str] = {}
     for file, text in sources().items():
         tree = ast.parse(text)
-        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                    and "merino_pl" in ast.unparse(n)], f"{file} imports merino_pl"
+        assert not [
+            n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and "merino_pl" in ast.unparse(n)
+        ], f"{file} imports merino_pl"
         written.update({(file, _name(n)): ast.get_source_segment(text, n) for n in tree.body if _name(n)})
     modules = ("merino_pl.core.model", "merino_pl.core.hf", "merino_pl.core.config")
     for (file, name), segment in written.items():
@@ -109,7 +136,8 @@ def _name(node: ast.stmt) -> str | None:
 
 
 def test_automodel_tokenizer_pipeline_and_generate_without_merino_pl(exported: Path, tmp_path: Path, capfd) -> None:
-    proc = run_isolated(f"""
+    proc = run_isolated(
+        f"""
         import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
         d = {str(exported)!r}
@@ -124,7 +152,9 @@ def test_automodel_tokenizer_pipeline_and_generate_without_merino_pl(exported: P
         print(json.dumps(dict(cls=type(model).__module__, gen=gen.tolist(), text=text, max_len=tok.model_max_length,
                               eos=[model.config.eos_token_id, model.generation_config.eos_token_id],
                               encoded=tok("Hello world")["input_ids"])))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert "deprecat" not in proc.stderr.lower(), proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cls"].startswith("transformers_modules.") and got["max_len"] == 128 and got["eos"] == [0, 0]
@@ -145,11 +175,14 @@ def test_automodel_tokenizer_pipeline_and_generate_without_merino_pl(exported: P
 def test_autotokenizer_without_trust_remote_code(exported: Path, tmp_path: Path) -> None:
     """transformers reads config.json first and cannot (needn't) run its code: it falls back to
     tokenizer_config.json, which names a stock class."""
-    proc = run_isolated(f"""
+    proc = run_isolated(
+        f"""
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(exported)!r})
         print("\\nRESULT", tok.model_max_length, tok.eos_token_id)  # after transformers' unanswered prompt
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert proc.stdout.strip().splitlines()[-1] == "RESULT 128 0"
 
 
@@ -165,33 +198,63 @@ metric_list:
   - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
 metadata: {version: 1.0}
 """
-ARC = [("Which of these is a planet?", ["Mars", "the Moon", "a comet"], "A"),
-       ("Water freezes at what temperature in Celsius?", ["100", "0", "50"], "B")]
+ARC = [
+    ("Which of these is a planet?", ["Mars", "the Moon", "a comet"], "A"),
+    ("Water freezes at what temperature in Celsius?", ["100", "0", "50"], "B"),
+]
 
 
 @pytest.mark.slow
 def test_stock_lm_eval_cli_gives_the_number_of_merino_pl_eval(exported: Path, tmp_path: Path) -> None:
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (
-        "The quick brown fox jumps over the lazy dog. " * 6, "To be, or not to be, that is the question.")))
+    (tasks / "texts.jsonl").write_text(
+        "".join(
+            json.dumps({"text": t}) + "\n"
+            for t in ("The quick brown fox jumps over the lazy dog. " * 6, "To be, or not to be, that is the question.")
+        )
+    )
     (tasks / "ppl_local.yaml").write_text(LOCAL_PPL % (tasks / "texts.jsonl"))
-    (tasks / "arc.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answerKey": a,
-                                                         "choices": {"text": c, "label": list("ABC")}}) + "\n"
-                                             for i, (q, c, a) in enumerate(ARC)))
+    (tasks / "arc.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": q, "answerKey": a, "choices": {"text": c, "label": list("ABC")}})
+            + "\n"
+            for i, (q, c, a) in enumerate(ARC)
+        )
+    )
     arc = (REPO / "eval" / "tasks" / "arc_easy_local.yaml").read_text()
     (tasks / "arc_easy_local.yaml").write_text(arc.replace("/data/eval/arc_easy_test.jsonl", str(tasks / "arc.jsonl")))
 
-    run_isolated(f"""
+    run_isolated(
+        f"""
         sys.argv = ["lm_eval", "--model", "hf", "--model_args", "pretrained={exported},trust_remote_code=True",
                     "--tasks", "ppl_local,arc_easy_local", "--include_path", {str(tasks)!r}, "--device", "cpu",
                     "--batch_size", "2", "--output_path", "stock"]
         from lm_eval.__main__ import cli_evaluate
         cli_evaluate()
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     stock = json.loads(next((tmp_path / "stock").rglob("results_*.json")).read_text())["results"]
-    assert cli(["eval", str(exported), "--tasks", "ppl_local,arc_easy_local", "--include-path", str(tasks),
-                "--ppl", "none", "--bootstrap-iters", "0", "--out", str(tmp_path / "ours")]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                str(exported),
+                "--tasks",
+                "ppl_local,arc_easy_local",
+                "--include-path",
+                str(tasks),
+                "--ppl",
+                "none",
+                "--bootstrap-iters",
+                "0",
+                "--out",
+                str(tmp_path / "ours"),
+            ]
+        )
+        == 0
+    )
     ours = json.loads((tmp_path / "ours" / "eval.json").read_text())["tasks"]
     stock_ppl = stock["ppl_local"]["word_perplexity,none"]
     assert ours["ppl_local"]["metrics"]["word_perplexity"] == pytest.approx(stock_ppl, rel=1e-5)
@@ -201,8 +264,27 @@ def test_stock_lm_eval_cli_gives_the_number_of_merino_pl_eval(exported: Path, tm
 def test_quantized_dir_is_self_contained_and_not_exported_again(exported: Path, tmp_path: Path, capsys) -> None:
     """A GPTQ directory carries what an export does; exporting it again (without --onnx) is
     refused: re-saving a GPTQ model as a float export would write packed tensors no reader expects."""
-    assert cli(["quantize", str(exported), "--method", "rtn", "--bits", "8", "--nsamples", "2", "--seq-len", "32",
-                "--holdout", "2", "--out", str(tmp_path / "int8")]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(exported),
+                "--method",
+                "rtn",
+                "--bits",
+                "8",
+                "--nsamples",
+                "2",
+                "--seq-len",
+                "32",
+                "--holdout",
+                "2",
+                "--out",
+                str(tmp_path / "int8"),
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "int8" / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["eos_token_id"] == 0
     assert config["quantization_config"]["block_name_to_quantize"] == "model.blocks"
@@ -234,18 +316,43 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
     d = tmp_path_factory.mktemp("gptq")
     # two blocks (64 wide, applied twice; 128 wide), over the real vocabulary
     arch = MerinoConfig(
-        blocks=(BlockConfig(embed_dim=64, ffn_dim=128, num_layers=2),
-                BlockConfig(embed_dim=128, ffn_dim=256, num_layers=1)),
-        vocab_size=50304, d_model=64, max_position_embeddings=128)
+        blocks=(
+            BlockConfig(embed_dim=64, ffn_dim=128, num_layers=2),
+            BlockConfig(embed_dim=128, ffn_dim=256, num_layers=1),
+        ),
+        vocab_size=50304,
+        d_model=64,
+        max_position_embeddings=128,
+    )
     recipe = Recipe("tiny-gptq", arch).save(d / "tiny.yaml")
     assert cli(["export", str(recipe), "--out", str(d / "float")]) == 0
-    assert cli(["quantize", str(d / "float"), "--bits", "4", "--group-size", str(group), "--nsamples", "4",
-                "--seq-len", "32", "--holdout", "2", "--out", str(d / "int4")]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(d / "float"),
+                "--bits",
+                "4",
+                "--group-size",
+                str(group),
+                "--nsamples",
+                "4",
+                "--seq-len",
+                "32",
+                "--holdout",
+                "2",
+                "--out",
+                str(d / "int4"),
+            ]
+        )
+        == 0
+    )
     qconfig = json.loads((d / "int4" / "config.json").read_text())["quantization_config"]
     assert qconfig["block_name_to_quantize"] == "model.blocks" and qconfig["bits"] == 4
     assert qconfig.get("backend") == (None if group == 32 else "torch")
 
-    proc = run_isolated(f"""
+    proc = run_isolated(
+        f"""
         import json, torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(d / "int4")!r}, trust_remote_code=True, device_map="cpu",
@@ -259,7 +366,10 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
             gen = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
         torch.save(dict(logits=logits, weights=weights), "out.pt")
         print(json.dumps(dict(cls=type(q_proj).__module__, model=type(model).__module__, gen=gen.shape[1])))
-    """, d, python=gptq_python)
+    """,
+        d,
+        python=gptq_python,
+    )
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cls"].startswith("gptqmodel.") and got["model"].startswith("transformers_modules.") and got["gen"] == 8
     assert got["cls"].endswith(".torch_aten_kernel" if group == 32 else ".torch")

@@ -21,12 +21,23 @@ from merino_pl.latency.harness import Stats, TorchRunner, weight_bytes_in_memory
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, peer_config
 from merino_pl.latency.report import Options, build_report, render_markdown
 
-NANO = "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, DATE: Sat Feb 19 17:05:08 UTC 2022\n"
+NANO = (
+    "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, "
+    "DATE: Sat Feb 19 17:05:08 UTC 2022\n"
+)
 TINY_PEER = {
-    "pythia-70m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512),
-    "pythia-160m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512),
-    "opt-125m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=64, vocab_size=512),
-    "opt-350m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=32, vocab_size=512),
+    "pythia-70m": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512
+    ),
+    "pythia-160m": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=512
+    ),
+    "opt-125m": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=64, vocab_size=512
+    ),
+    "opt-350m": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=32, vocab_size=512
+    ),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512),
     "cerebras-111m": dict(n_embd=64, n_layer=2, n_head=2, n_inner=128, vocab_size=512),
 }
@@ -41,8 +52,17 @@ def recipe_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(recipe_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    opts = Options(precisions=("fp32", "int8"), batch=1, seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m",),
-                   generate_tokens=3, generate_runs=1)
+    opts = Options(
+        precisions=("fp32", "int8"),
+        batch=1,
+        seq=8,
+        runs=2,
+        warmup=1,
+        decode_tokens=2,
+        peers=("pythia-70m",),
+        generate_tokens=3,
+        generate_runs=1,
+    )
     out = tmp_path_factory.mktemp("report")
     return build_report(recipe_file, opts, out, peer_factory=lambda n: build_peer(n, **TINY_PEER[n])).to_json()
 
@@ -53,7 +73,9 @@ def test_jetson_detected_from_a_faked_nv_tegra_release(tmp_path: Path) -> None:
     release.write_text(NANO)
     model.write_bytes(b"NVIDIA Jetson Nano Developer Kit\x00")
     info = jetson_info(release, model)
-    assert info["l4t"] == "32.7.1" and info["board"] == "t210ref" and info["model"] == "NVIDIA Jetson Nano Developer Kit"
+    assert (
+        info["l4t"] == "32.7.1" and info["board"] == "t210ref" and info["model"] == "NVIDIA Jetson Nano Developer Kit"
+    )
     desc = describe_device("cpu", tegra_release=release)
     assert desc["jetson"]["l4t"] == "32.7.1" and "L4T 32.7.1" in desc["summary"]
 
@@ -86,15 +108,24 @@ def test_report_has_every_field(report: dict) -> None:
     assert model["name"] == "tiny" and model["kind"] == "recipe" and model["params"] > 0 and model["flops_g"] > 0
     assert "size_on_disk_bytes" in model
     paths = {(r["model"], r["precision"], r["path"]) for r in report["rows"]}
-    assert paths == {("tiny", "fp32", "plain"), ("tiny", "fp32", "fast"), ("pythia-70m", "fp32", "plain"),
-                     ("pythia-70m", "fp32", "last-logits"), ("tiny", "int8", "plain"), ("tiny", "int8", "fast")}
+    assert paths == {
+        ("tiny", "fp32", "plain"),
+        ("tiny", "fp32", "fast"),
+        ("pythia-70m", "fp32", "plain"),
+        ("pythia-70m", "fp32", "last-logits"),
+        ("tiny", "int8", "plain"),
+        ("tiny", "int8", "fast"),
+    }
     for row in report["rows"]:
         for stat in ("prefill_ms", "decode_ms_per_token"):
             assert set(row[stat]) >= {"mean", "median", "p90", "runs"} and len(row[stat]["runs"]) == 2
             assert row[stat]["mean"] > 0
         assert row["peak_memory_bytes"] is not None and "peak" in row["peak_memory_method"]
         assert row["weights_bytes"] > 0 and row["params"] > 0
-    assert [(s["peer"], s["paths"]) for s in report["speedups"]] == [("pythia-70m", "plain vs plain"), ("pythia-70m", "fast vs last-logits")]
+    assert [(s["peer"], s["paths"]) for s in report["speedups"]] == [
+        ("pythia-70m", "plain vs plain"),
+        ("pythia-70m", "fast vs last-logits"),
+    ]
     assert report["speedups"][0]["prefill"] > 0
     assert report["fast_path"][0]["path"] == "fast"
     assert report["checks"] and all(c["match"] for c in report["checks"])
@@ -127,8 +158,9 @@ def test_decode_and_generate_reuse_the_cache_without_deprecation_warnings() -> N
 
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    peer = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                            intermediate_size=64)).eval()
+    peer = GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    ).eval()
     for model in (MerinoForCausalLM.from_arch(tiny_arch()).eval(), peer):  # ours and a transformers peer
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -143,17 +175,39 @@ def test_decode_and_generate_reuse_the_cache_without_deprecation_warnings() -> N
 
 def test_markdown_names_device_protocol_and_rows(report: dict) -> None:
     md = render_markdown(report)
-    for text in ("AMD" if "AMD" in report["device"]["cpu"] else report["device"]["cpu"], "sequence 8", "pythia-70m", "fast", "p90", "int8"):
+    for text in (
+        "AMD" if "AMD" in report["device"]["cpu"] else report["device"]["cpu"],
+        "sequence 8",
+        "pythia-70m",
+        "fast",
+        "p90",
+        "int8",
+    ):
         assert text in md
 
 
 def test_cli_report_from_an_exported_dir(tmp_path: Path, recipe_file: Path) -> None:
     assert cli(["export", str(recipe_file), "--out", str(tmp_path / "m")]) == 0
     out = tmp_path / "r"
-    args = ["latency", str(tmp_path / "m"), "--seq", "8", "--runs", "1", "--warmup", "0", "--decode-tokens", "1", "--out", str(out)]
+    args = [
+        "latency",
+        str(tmp_path / "m"),
+        "--seq",
+        "8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--decode-tokens",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli(args) == 0
     rep = json.loads((out / "latency.json").read_text())
-    assert rep["model"]["kind"] == "hf-dir" and rep["model"]["size_on_disk_bytes"] > 0 and rep["model"]["weights_sha256"]
+    assert (
+        rep["model"]["kind"] == "hf-dir" and rep["model"]["size_on_disk_bytes"] > 0 and rep["model"]["weights_sha256"]
+    )
     assert (out / "latency.md").read_text().startswith("# Latency: ")
 
 
@@ -166,7 +220,9 @@ def test_cli_report_from_an_exported_dir(tmp_path: Path, recipe_file: Path) -> N
         (["--protocol", "jetson", "--runtime", "tensorrt", "--embedding", "int3"], ["jetson", "tensorrt", "int3"]),
     ],
 )
-def test_bad_input_exits_2_naming_every_problem(tmp_path: Path, recipe_file: Path, capsys: pytest.CaptureFixture, args: list[str], words: list[str]) -> None:
+def test_bad_input_exits_2_naming_every_problem(
+    tmp_path: Path, recipe_file: Path, capsys: pytest.CaptureFixture, args: list[str], words: list[str]
+) -> None:
     assert cli(["latency", str(recipe_file), *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and all(w in err for w in words)
@@ -215,20 +271,46 @@ def test_paper_protocol_excludes_exactly_the_heads_the_authors_code_excludes() -
 
 @pytest.mark.slow
 def test_report_with_both_protocols_onnxruntime_int_rows_and_generation(recipe_file: Path, tmp_path: Path) -> None:
-    opts = Options(precisions=("fp32", "int4"), seq=8, runs=2, warmup=1, decode_tokens=2, peers=("pythia-70m", "opt-350m"),
-                   onnx=True, protocols=("full", "paper"), generate_tokens=4, generate_runs=1, embedding="int8", paper_runs=2)
+    opts = Options(
+        precisions=("fp32", "int4"),
+        seq=8,
+        runs=2,
+        warmup=1,
+        decode_tokens=2,
+        peers=("pythia-70m", "opt-350m"),
+        onnx=True,
+        protocols=("full", "paper"),
+        generate_tokens=4,
+        generate_runs=1,
+        embedding="int8",
+        paper_runs=2,
+    )
     rep = build_report(recipe_file, opts, tmp_path, peer_factory=lambda n: build_peer(n, **TINY_PEER[n])).to_json()
     rows = {(r["model"], r["precision"], r["path"]): r for r in rep["rows"]}
     fp32, int4 = rows[("tiny", "fp32", "plain")], rows[("tiny", "int4", "plain")]
-    assert rows[("tiny", "int4", "onnxruntime")]["runtime"] == "onnxruntime" and (tmp_path / "model-int4.onnx").is_file()
-    assert int4["weights_in_memory_bytes"] < 0.45 * fp32["weights_in_memory_bytes"]  # packed linears + int8 table, measured
+    assert (
+        rows[("tiny", "int4", "onnxruntime")]["runtime"] == "onnxruntime" and (tmp_path / "model-int4.onnx").is_file()
+    )
+    assert (
+        int4["weights_in_memory_bytes"] < 0.45 * fp32["weights_in_memory_bytes"]
+    )  # packed linears + int8 table, measured
     assert int4["workspace_bytes"] > 0 and fp32["workspace_bytes"] == 0
-    assert {(g["precision"], g["runtime"]) for g in rep["generation"]} == {(p, r) for p in ("fp32", "int4") for r in ("torch", "onnxruntime")}
+    assert {(g["precision"], g["runtime"]) for g in rep["generation"]} == {
+        (p, r) for p in ("fp32", "int4") for r in ("torch", "onnxruntime")
+    }
     assert all(g["tokens_per_s"] > 0 and g["new_tokens"] == 4 for g in rep["generation"])
-    assert all(c["match"] for c in rep["checks"]) and any(c["compared"].startswith("onnxruntime vs PyTorch") and c["precision"] == "int4"
-                                                                  and c["tolerance_on"] == "rel_logit_err" for c in rep["checks"])
+    assert all(c["match"] for c in rep["checks"]) and any(
+        c["compared"].startswith("onnxruntime vs PyTorch")
+        and c["precision"] == "int4"
+        and c["tolerance_on"] == "rel_logit_err"
+        for c in rep["checks"]
+    )
     paper = {r["model"]: r for r in rep["paper_protocol"]["rows"]}
-    assert {m: r["includes_lm_head"] for m, r in paper.items()} == {"tiny": False, "pythia-70m": True, "opt-350m": False}
+    assert {m: r["includes_lm_head"] for m, r in paper.items()} == {
+        "tiny": False,
+        "pythia-70m": True,
+        "opt-350m": False,
+    }
     assert all(r["threads"] == 1 and r["runs"] == 2 and r["mean_ms"] > 0 for r in paper.values())
     assert {s["peer"] for s in rep["paper_protocol"]["speedups"]} == {"pythia-70m", "opt-350m"}
     md = render_markdown(rep)
@@ -249,14 +331,22 @@ def _onnx_prefill_and_step(model, onnx_path: Path, T: int = 9, batch: int = 1, r
     assert [i.name for i in session.get_inputs()] == inputs and [o.name for o in session.get_outputs()] == outputs
     ids = torch.randint(0, model.arch.vocab_size, (batch, T))
     empty = [np.zeros((batch, h, 0, d), np.float32) for h, d in cache_shapes(model) for _ in range(2)]
-    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((batch, T), np.int64), "position_ids": np.arange(T)[None].repeat(batch, 0)}
-    logits, *present = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS):], empty)))
+    feed = {
+        "input_ids": ids.numpy(),
+        "attention_mask": np.ones((batch, T), np.int64),
+        "position_ids": np.arange(T)[None].repeat(batch, 0),
+    }
+    logits, *present = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS) :], empty)))
     with torch.no_grad():
         out = model(ids, use_cache=True)
     _close(logits, out.logits.numpy(), rel)
     nxt = torch.tensor([[7]] * batch)
-    feed = {"input_ids": nxt.numpy(), "attention_mask": np.ones((batch, T + 1), np.int64), "position_ids": np.array([[T]] * batch)}
-    step, *_ = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS):], present)))
+    feed = {
+        "input_ids": nxt.numpy(),
+        "attention_mask": np.ones((batch, T + 1), np.int64),
+        "position_ids": np.array([[T]] * batch),
+    }
+    step, *_ = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS) :], present)))
     with torch.no_grad():
         ref = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
     _close(step, ref.numpy(), rel)
@@ -279,7 +369,13 @@ def test_export_onnx_logits_match_pytorch_for_prefill_and_decode(tmp_path: Path,
     from merino_pl.export.onnx import io_names
 
     inputs, outputs = io_names(model)  # optimum's convention
-    assert inputs[:5] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    assert inputs[:5] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    ]
     assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
 
 
@@ -297,16 +393,24 @@ def test_onnx_left_padding_matches_pytorch(tmp_path: Path) -> None:
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]], np.int64)
     empty = [np.zeros((1, h, 0, d), np.float32) for h, d in cache_shapes(model) for _ in range(2)]
-    feed = {"input_ids": padded.numpy(), "attention_mask": mask, "position_ids": np.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]])}
-    logits = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS):], empty)))[0]
+    feed = {
+        "input_ids": padded.numpy(),
+        "attention_mask": mask,
+        "position_ids": np.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]]),
+    }
+    logits = session.run(None, feed | dict(zip(inputs[len(FIXED_INPUTS) :], empty)))[0]
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.numpy()
     np.testing.assert_allclose(logits[:, 3:], ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,desc_act,embedding", [(4, False, "int8"), (8, False, "fp16"), (4, True, "int8"), (8, True, "int8")])
-def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(tmp_path: Path, bits: int, desc_act: bool, embedding: str) -> None:
+@pytest.mark.parametrize(
+    "bits,desc_act,embedding", [(4, False, "int8"), (8, False, "fp16"), (4, True, "int8"), (8, True, "int8")]
+)
+def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(
+    tmp_path: Path, bits: int, desc_act: bool, embedding: str
+) -> None:
     """export GPTQ_DIR --onnx: every quantized linear is one MatMulNBits (act-order rows permuted),
     the int8 table one uint8 initializer shared by the lookup and the head. Logits vs the torch
     packed path, prefill and decode: at accuracy_level 0 (fp32 arithmetic) within 1e-4 absolute
@@ -323,9 +427,34 @@ def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(tmp_pat
     model.save_pretrained(src)
     (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
     q = tmp_path / "q"
-    assert cli(["quantize", str(src), "--bits", str(bits), "--group-size", "32", "--nsamples", "4", "--seq-len", "32",
-                "--holdout", "0", "--embedding", embedding, "--calib", str(tmp_path / "calib.txt"), "--float-dtype", "float32",
-                *(["--desc-act"] if desc_act else []), "--out", str(q)]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(src),
+                "--bits",
+                str(bits),
+                "--group-size",
+                "32",
+                "--nsamples",
+                "4",
+                "--seq-len",
+                "32",
+                "--holdout",
+                "0",
+                "--embedding",
+                embedding,
+                "--calib",
+                str(tmp_path / "calib.txt"),
+                "--float-dtype",
+                "float32",
+                *(["--desc-act"] if desc_act else []),
+                "--out",
+                str(q),
+            ]
+        )
+        == 0
+    )
     assert cli(["export", str(q), "--onnx", "--out", str(tmp_path / "x")]) == 0
     packed = load_model(tmp_path / "x").model  # the copied directory loads as the GPTQ model
     graph = onnx.load(str(tmp_path / "x" / "model.onnx"))
@@ -333,9 +462,13 @@ def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(tmp_pat
     qlins = sum(isinstance(m, QuantLinear) for m in packed.modules())
     head = embedding == "int8"
     assert all(n.domain == "com.microsoft" for n in nbits)
-    assert len(nbits) == qlins // packed.arch.num_blocks * packed.arch.num_layer_applications + head  # one node per application...
+    assert (
+        len(nbits) == qlins // packed.arch.num_blocks * packed.arch.num_layer_applications + head
+    )  # one node per application...
     assert len({n.input[1] for n in nbits}) == qlins + head  # ...all applications of a shared layer read one packed B
-    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == ({bits, 8} if embedding == "int8" else {bits})
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == (
+        {bits, 8} if embedding == "int8" else {bits}
+    )
     table = [i for i in graph.graph.initializer if np.prod(i.dims) >= 50304 * 96 // 2]
     expected = onnx.TensorProto.UINT8 if embedding == "int8" else onnx.TensorProto.FLOAT
     assert [i.data_type for i in table] == [expected]  # ONE table, read by the lookup and the tied head
@@ -354,18 +487,59 @@ def test_profile_writes_a_table_the_search_reads(tmp_path: Path) -> None:
         "architecture: {vocab_size: 512, d_model: 96, max_position_embeddings: 128}\n"
     )
     out = tmp_path / "table.json"
-    assert cli(["latency", "profile", "--space", str(space), "--seq", "8", "--runs", "1", "--warmup", "0", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "latency",
+                "profile",
+                "--space",
+                str(space),
+                "--seq",
+                "8",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = LatencyTable.load(out)
     assert {(r["embed_dim"], r["ffn_dim"]) for r in table.layers} == {(64, 128), (64, 256), (128, 128), (128, 256)}
     assert {(p["in"], p["out"]) for p in table.projections} == {(96, 64), (96, 128), (64, 96), (128, 96), (64, 128)}
     assert table.seq_len == 8 and table.device["summary"] and table.fixed["d_model"] == 96
-    arch = tiny_arch().__class__.from_dict({"vocab_size": 512, "d_model": 96, "max_position_embeddings": 128,
-                                            "blocks": [{"embed_dim": 64, "ffn_dim": 192, "num_layers": 2}, {"embed_dim": 128, "ffn_dim": 128, "num_layers": 1}]})
+    arch = tiny_arch().__class__.from_dict(
+        {
+            "vocab_size": 512,
+            "d_model": 96,
+            "max_position_embeddings": 128,
+            "blocks": [
+                {"embed_dim": 64, "ffn_dim": 192, "num_layers": 2},
+                {"embed_dim": 128, "ffn_dim": 128, "num_layers": 1},
+            ],
+        }
+    )
     assert table.estimate_ms(arch) > table.fixed["ms"]  # F=192 is interpolated
 
 
 def test_profile_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli(["latency", "profile", "--space", str(tmp_path / "none.yaml"), "--precision", "int4", "--out", str(tmp_path / "t.json")]) == 2
+    assert (
+        cli(
+            [
+                "latency",
+                "profile",
+                "--space",
+                str(tmp_path / "none.yaml"),
+                "--precision",
+                "int4",
+                "--out",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "none.yaml" in err and "int4" in err
 
@@ -375,10 +549,29 @@ def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> Non
     from merino_pl.core.io import write_json
 
     write_json(tmp_path / "lat.json", report)
-    tasks = {"hellaswag": {"status": "ok", "value": 0.3}, "boolq": {"status": "ok", "value": 0.4}, "wic": {"status": "skipped"}}
+    tasks = {
+        "hellaswag": {"status": "ok", "value": 0.3},
+        "boolq": {"status": "ok", "value": 0.4},
+        "wic": {"status": "skipped"},
+    }
     write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"}, "tasks": tasks})
     out = tmp_path / "chart.png"
-    assert cli(["latency", "plot", "--latency", str(tmp_path / "lat.json"), "--eval", str(tmp_path / "eval.json"), "--paper", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "latency",
+                "plot",
+                "--latency",
+                str(tmp_path / "lat.json"),
+                "--eval",
+                str(tmp_path / "eval.json"),
+                "--paper",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = json.loads(out.with_suffix(".json").read_text())["panels"]
     measured = {p["model"]: p for p in panels[0]["points"]}
@@ -391,10 +584,31 @@ def test_plot_places_a_model_whose_tasks_were_all_skipped_among_no_accuracy(tmp_
     from merino_pl.core.io import write_json
 
     write_json(tmp_path / "lat.json", report)
-    write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"},
-                                        "tasks": {"hellaswag": {"status": "skipped", "reason": "offline"}}})
+    write_json(
+        tmp_path / "eval.json",
+        {
+            "format": "merino-eval/1",
+            "model": {"name": "tiny"},
+            "tasks": {"hellaswag": {"status": "skipped", "reason": "offline"}},
+        },
+    )
     out = tmp_path / "chart.png"
-    assert cli(["latency", "plot", "--latency", str(tmp_path / "lat.json"), "--eval", str(tmp_path / "eval.json"), "--paper", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "latency",
+                "plot",
+                "--latency",
+                str(tmp_path / "lat.json"),
+                "--eval",
+                str(tmp_path / "eval.json"),
+                "--paper",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     points = json.loads(out.with_suffix(".json").read_text())
     assert "tiny" in points["no_accuracy"] and "tiny" not in {p["model"] for p in points["panels"][0]["points"]}
 
@@ -412,7 +626,14 @@ def test_noisy_timings_are_flagged_and_ratios_come_from_medians_too() -> None:
 
     def row(model: str, role: str, ms: list[float]) -> dict:
         s = Stats.from_samples(ms).to_dict()
-        return {"model": model, "role": role, "precision": "fp32", "path": "plain", "prefill_ms": s, "decode_ms_per_token": s}
+        return {
+            "model": model,
+            "role": role,
+            "precision": "fp32",
+            "path": "plain",
+            "prefill_ms": s,
+            "decode_ms_per_token": s,
+        }
 
     quiet = row("pythia-70m", "peer", [10.0, 10.1, 9.9, 10.0, 10.05, 9.95, 10.0, 10.0, 10.1, 9.9])
     noisy = row("merino-tiny", "model", [2.0, 2.0, 2.1, 1.9, 2.0, 2.0, 2.0, 2.0, 14.0, 14.0])

@@ -77,7 +77,7 @@ def test_ragged_last_group_as_auto_gptq_writes_it(method):
     """96 inputs in groups of 64: two groups, the last of 32 columns (MeRino-64M: 960 in g128)."""
     torch.manual_seed(0)
     W, X = torch.randn(16, 96), torch.randn(512, 96)
-    q = (gptq_quantize(W, 2 * X.t() @ X / 512, 4, 64).weight if method == "gptq" else rtn_quantize(W, 4, 64, True))
+    q = gptq_quantize(W, 2 * X.t() @ X / 512, 4, 64).weight if method == "gptq" else rtn_quantize(W, 4, 64, True)
     assert q.scales.shape == (2, 16) and torch.bincount(q.g_idx.long()).tolist() == [64, 32]
     p = pack(q)
     lin = QuantLinear(96, 16, 4, 64, bias=False)
@@ -95,8 +95,10 @@ def test_gptq_beats_rtn_on_its_objective():
         acc.add(chunk)
     assert acc.samples == 2048
     err = {}
-    for name, Wq in (("gptq", gptq_quantize(W, acc.hessian(), 4, 128).weight.dequantize()),
-                     ("rtn", rtn_quantize(W, 4, 128, True).dequantize())):
+    for name, Wq in (
+        ("gptq", gptq_quantize(W, acc.hessian(), 4, 128).weight.dequantize()),
+        ("rtn", rtn_quantize(W, 4, 128, True).dequantize()),
+    ):
         err[name] = float(((W - Wq) @ X.t()).norm())
     assert err["gptq"] < 0.7 * err["rtn"]
 
@@ -121,7 +123,10 @@ def test_quantize_write_reload_logits(float_dir, tmp_path, bits, limit):
     L = [b.num_layers for b in tiny_arch().blocks]
     assert len(reports) == LINEARS_PER_LAYER * len(L)
     for r in reports:
-        assert r.hessian_samples == 8 * 64 * L[int(r.name.split(".")[2])] and r.applications == L[int(r.name.split(".")[2])]
+        assert (
+            r.hessian_samples == 8 * 64 * L[int(r.name.split(".")[2])]
+            and r.applications == L[int(r.name.split(".")[2])]
+        )
 
 
 def test_gptq_beats_rtn_at_int4_on_the_model(float_dir):
@@ -137,15 +142,44 @@ def test_gptq_beats_rtn_at_int4_on_the_model(float_dir):
 
 
 def test_format_files_keys_and_one_copy_per_shared_block(float_dir, tmp_path):
-    code = cli(["quantize", str(float_dir), "--bits", "4", "--group-size", "32", "--nsamples", "4",
-                "--seq-len", "32", "--holdout", "2", "--out", str(tmp_path / "q")])
+    code = cli(
+        [
+            "quantize",
+            str(float_dir),
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--nsamples",
+            "4",
+            "--seq-len",
+            "32",
+            "--holdout",
+            "2",
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
     assert code == 0
     q = tmp_path / "q"
-    for f in ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json", "quantize_report.json", "quantize_report.md"):
+    for f in (
+        "config.json",
+        "quantize_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "quantize_report.json",
+        "quantize_report.md",
+    ):
         assert (q / f).is_file(), f
     qcfg = json.loads((q / "quantize_config.json").read_text())
     assert {k: qcfg[k] for k in ("bits", "group_size", "desc_act", "sym", "quant_method", "checkpoint_format")} == {
-        "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "quant_method": "gptq", "checkpoint_format": "gptq"}
+        "bits": 4,
+        "group_size": 32,
+        "desc_act": False,
+        "sym": True,
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+    }
     assert json.loads((q / "config.json").read_text())["quantization_config"]["bits"] == 4
     state = load_file(q / "model.safetensors")
     arch = tiny_arch()
@@ -154,7 +188,9 @@ def test_format_files_keys_and_one_copy_per_shared_block(float_dir, tmp_path):
     for j, b in enumerate(arch.blocks):
         p = f"model.blocks.{j}.layer.ffn.down"
         assert state[f"{p}.qweight"].shape == (b.ffn // 8, b.embed_dim) and state[f"{p}.qweight"].dtype == torch.int32
-        assert state[f"{p}.qzeros"].shape == (b.ffn // 32, b.embed_dim // 8) and state[f"{p}.qzeros"].dtype == torch.int32
+        assert (
+            state[f"{p}.qzeros"].shape == (b.ffn // 32, b.embed_dim // 8) and state[f"{p}.qzeros"].dtype == torch.int32
+        )
         assert state[f"{p}.scales"].shape == (b.ffn // 32, b.embed_dim) and state[f"{p}.scales"].dtype == torch.float16
         assert state[f"{p}.g_idx"].shape == (b.ffn,) and f"{p}.weight" not in state and f"{p}.bias" in state
     assert state["model.embed_tokens.weight"].dtype == torch.float16  # embedding / tied head: not quantized, fp16
@@ -196,7 +232,9 @@ def test_packed_model_holds_no_float_weight_copy(float_dir, tmp_path, bits, desc
         for m in qlins:
             torch.testing.assert_close(m.weight_float(), quantized[_name(packed, m)].dequantize(), rtol=0, atol=0)
             x = torch.randn(3, m.in_features)
-            torch.testing.assert_close(m(x), x @ m.weight_float().t() + (0 if m.bias is None else m.bias), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                m(x), x @ m.weight_float().t() + (0 if m.bias is None else m.bias), rtol=1e-5, atol=1e-5
+            )
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
     floats = sum(p.numel() * 4 for p in model.parameters())
     linears = sum(m.in_features * m.out_features for m in qlins)
@@ -215,13 +253,41 @@ def test_int8_embedding_round_trips(float_dir, tmp_path):
     codes, scales = quantize_rows(table)
     assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and int(codes.abs().max()) <= 127
     back = codes.float() * scales.float()[:, None]
-    assert float(((back - table).abs() / scales.float()[:, None]).max()) <= 0.5 + 1e-3 and torch.equal(back[5], table[5])
-    assert cli(["quantize", str(float_dir), "--method", "rtn", "--bits", "4", "--group-size", "32", "--embedding", "int8",
-                "--holdout", "2", "--seq-len", "32", "--float-dtype", "float32", "--out", str(tmp_path / "e")]) == 0
+    assert float(((back - table).abs() / scales.float()[:, None]).max()) <= 0.5 + 1e-3 and torch.equal(
+        back[5], table[5]
+    )
+    assert (
+        cli(
+            [
+                "quantize",
+                str(float_dir),
+                "--method",
+                "rtn",
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--embedding",
+                "int8",
+                "--holdout",
+                "2",
+                "--seq-len",
+                "32",
+                "--float-dtype",
+                "float32",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
     q = tmp_path / "e"
     state = load_file(q / "model.safetensors")
     assert "model.embed_tokens.weight" not in state
-    assert state["model.embed_tokens.qweight"].dtype == torch.int8 and state["model.embed_tokens.scales"].dtype == torch.float16
+    assert (
+        state["model.embed_tokens.qweight"].dtype == torch.int8
+        and state["model.embed_tokens.scales"].dtype == torch.float16
+    )
     assert json.loads((q / "quantize_config.json").read_text())["meta"]["embedding"] == "int8"
     report = json.loads((q / "quantize_report.json").read_text())
     assert report["heldout_linears_only"] and report["heldout"]["tokens"] == report["heldout_linears_only"]["tokens"]
@@ -230,7 +296,10 @@ def test_int8_embedding_round_trips(float_dir, tmp_path):
     model = load_model(q).model
     emb = model.model.embed_tokens
     assert isinstance(emb, QuantEmbedding) and torch.equal(emb.qweight, state["model.embed_tokens.qweight"])
-    assert {k: v for k, v in model.state_dict().items() if "embed_tokens" in k}.keys() == {"model.embed_tokens.qweight", "model.embed_tokens.scales"}
+    assert {k: v for k, v in model.state_dict().items() if "embed_tokens" in k}.keys() == {
+        "model.embed_tokens.qweight",
+        "model.embed_tokens.scales",
+    }
     ref = load_model(float_dir).model.model.embed_tokens.weight
     ids = _ids(1, 16)
     with torch.no_grad():
@@ -247,8 +316,28 @@ def test_rtn_desc_act_asym_and_preset(float_dir, tmp_path):
     cfg = json.loads((tmp_path / "r" / "quantize_config.json").read_text())
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["meta"]["method"]) == (8, -1, False, "rtn")
     assert load_file(tmp_path / "r" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.float32
-    assert cli(["quantize", str(float_dir), "--float-dtype", "float32", "--desc-act", "--group-size", "32", "--nsamples", "2", "--seq-len", "32",
-                "--holdout", "1", "--out", str(tmp_path / "d")]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(float_dir),
+                "--float-dtype",
+                "float32",
+                "--desc-act",
+                "--group-size",
+                "32",
+                "--nsamples",
+                "2",
+                "--seq-len",
+                "32",
+                "--holdout",
+                "1",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
     ref, model = load_model(float_dir).model, load_model(tmp_path / "d").model
     with torch.no_grad():
         assert _rel(model(_ids(1)).logits, ref(_ids(1)).logits) < 0.2  # random-init model, 2 windows
@@ -267,14 +356,17 @@ def test_shipped_presets_parse(preset, capsys):
     assert settings(args).problems() == []
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--bits", "3"], "--bits 3 is not supported (valid: 4, 8)"),
-    (["--bits", "3", "--nsamples", "0"], "--nsamples 0: must be positive"),  # every problem at once
-    (["--group-size", "0"], "--group-size 0: must be positive or -1"),
-    (["--calib", "EMPTY"], "is empty"),
-    (["--calib", "/nonexistent/x.txt"], "no such file"),
-    (["--method", "awq"], "--method 'awq'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bits", "3"], "--bits 3 is not supported (valid: 4, 8)"),
+        (["--bits", "3", "--nsamples", "0"], "--nsamples 0: must be positive"),  # every problem at once
+        (["--group-size", "0"], "--group-size 0: must be positive or -1"),
+        (["--calib", "EMPTY"], "is empty"),
+        (["--calib", "/nonexistent/x.txt"], "no such file"),
+        (["--method", "awq"], "--method 'awq'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(float_dir, tmp_path, capsys, argv, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -289,15 +381,48 @@ def test_bad_input_is_one_line_exit_2(float_dir, tmp_path, capsys, argv, message
 
 
 def test_missing_checkpoint_exit_2(tmp_path, capsys):
-    assert cli(["quantize", str(tmp_path / "nope.ckpt"), "--nsamples", "2", "--seq-len", "32", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                "quantize",
+                str(tmp_path / "nope.ckpt"),
+                "--nsamples",
+                "2",
+                "--seq-len",
+                "32",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "checkpoint not found" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quantized_model_runs_on_gpu(float_dir, tmp_path):
-    assert cli(["quantize", str(float_dir), "--bits", "4", "--group-size", "32", "--nsamples", "2", "--seq-len", "32",
-                "--holdout", "1", "--out", str(tmp_path / "q")]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(float_dir),
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--nsamples",
+                "2",
+                "--seq-len",
+                "32",
+                "--holdout",
+                "1",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
     model, ids = load_model(tmp_path / "q").model, _ids(1)
     with torch.no_grad():
         cpu = model(ids).logits
@@ -327,14 +452,38 @@ def test_group_wider_than_a_layer_is_one_group_per_row(tmp_path, capsys):
     global group_size kept (what auto-gptq / GPTQModel size as ceil(64 / 128) = 1 group), the
     directory loads back, and the report says which layers."""
     out = tmp_path / "q"
-    assert cli(["quantize", "merino-tiny", "--bits", "4", "--nsamples", "2", "--seq-len", "32", "--holdout", "1",
-                "--batch-size", "2", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                "merino-tiny",
+                "--bits",
+                "4",
+                "--nsamples",
+                "2",
+                "--seq-len",
+                "32",
+                "--holdout",
+                "1",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "one group per row" in capsys.readouterr().out
     assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 128
     report = json.loads((out / "quantize_report.json").read_text())
     rows = {r["name"]: r for r in report["layers"]}
-    assert rows["model.blocks.0.layer.attn.q_proj"]["groups"] == 1 and rows["model.blocks.0.layer.attn.q_proj"]["group_columns"] == 64
-    assert rows["model.blocks.2.layer.attn.q_proj"]["groups"] == 1 and rows["model.blocks.2.layer.ffn.down"]["groups"] == 2
+    assert (
+        rows["model.blocks.0.layer.attn.q_proj"]["groups"] == 1
+        and rows["model.blocks.0.layer.attn.q_proj"]["group_columns"] == 64
+    )
+    assert (
+        rows["model.blocks.2.layer.attn.q_proj"]["groups"] == 1 and rows["model.blocks.2.layer.ffn.down"]["groups"] == 2
+    )
     assert "one group per row" in report["group_note"] and "64" in report["group_note"]
     assert "one group per row" in (out / "quantize_report.md").read_text()
     loaded = load_model(out)

@@ -454,7 +454,8 @@ def test_sbatch_trains_with_two_ddp_tasks_and_checkpoint_loads(slurm_cluster, fi
 def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, fit_available, tmp_path):
     """SIGUSR1 (what `--signal=SIGUSR1@90` sends before the time limit) mid-run: the ranks agree
     at a step boundary, save hpc_ckpt_1.ckpt together and requeue (Lightning's own handler saves
-    inside the signal handler and can deadlock DDP: a CI run hung here); the job runs again and continues from that step to the end."""
+    inside the signal handler and can deadlock DDP: a CI run hung here); the job runs again and
+    continues from that step to the end."""
     max_steps = 30
     job_id, run_dir = submit(
         tmp_path, *FIT_TINY, "--trainer.max_steps", str(max_steps), "--checkpoint.every_n_train_steps", "10"

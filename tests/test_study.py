@@ -23,14 +23,22 @@ from merino_pl.study.sample import draw, feasible, sample_codes, width_sequences
 from merino_pl.study.stats import correlate
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SPACE = {"num_blocks": 2, "embed_dims": [64, 128], "ffn_ratios": [1, 2], "num_layers": [1, 2],
-              "architecture": {"vocab_size": 512, "d_model": 64, "max_position_embeddings": 64}}
+TINY_SPACE = {
+    "num_blocks": 2,
+    "embed_dims": [64, 128],
+    "ffn_ratios": [1, 2],
+    "num_layers": [1, 2],
+    "architecture": {"vocab_size": 512, "d_model": 64, "max_position_embeddings": 64},
+}
 
 
 def _all_feasible(space, budgets) -> set[tuple[int, ...]]:
     genes = Genes.of(space)
-    rows = [c for c in itertools.product(range(len(genes.embed_idx)), repeat=space.num_blocks)
-            if all(genes.embed_idx[a] <= genes.embed_idx[b] for a, b in zip(c, c[1:]))]
+    rows = [
+        c
+        for c in itertools.product(range(len(genes.embed_idx)), repeat=space.num_blocks)
+        if all(genes.embed_idx[a] <= genes.embed_idx[b] for a, b in zip(c, c[1:]))
+    ]
     codes = np.array(rows)
     return {tuple(r) for r in codes[feasible(space, genes, budgets, codes)].tolist()}
 
@@ -80,12 +88,24 @@ def _tiny_study(tmp_path: Path, architectures: int = 4) -> Path:
     fit["trainer"]["max_steps"], fit["model"]["warmup_steps"] = 4, 1
     fit["data"]["seq_len"], fit["data"]["batch_size"] = 32, 2
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
-    study = {"name": "tiny", "space": "space.yaml", "budgets": ["flops=1.6G"], "architectures": architectures,
-             "seed": 1, "noise_ceiling": {"architectures": 0, "seed": 2}, "fit": {"config": "fit.yaml"},
-             "tokenizer": {"vocab_size": 300}, "heldout": {"sequences": 8, "cross_domain": "wikitext2"},
-             "proxies": {"batches": 1, "batch_size": 2, "entropy": {"paper": {"beta": 0.0625}, "beta1": {"beta": 1.0}}},
-             "head_to_head": {"searches": {"paper": {"proxy": "entropy"}, "params": {"proxy": "params"}},
-                              "uniform": True, "seeds": [5], "args": ["--trainer.max_steps", "6"]}}
+    study = {
+        "name": "tiny",
+        "space": "space.yaml",
+        "budgets": ["flops=1.6G"],
+        "architectures": architectures,
+        "seed": 1,
+        "noise_ceiling": {"architectures": 0, "seed": 2},
+        "fit": {"config": "fit.yaml"},
+        "tokenizer": {"vocab_size": 300},
+        "heldout": {"sequences": 8, "cross_domain": "wikitext2"},
+        "proxies": {"batches": 1, "batch_size": 2, "entropy": {"paper": {"beta": 0.0625}, "beta1": {"beta": 1.0}}},
+        "head_to_head": {
+            "searches": {"paper": {"proxy": "entropy"}, "params": {"proxy": "params"}},
+            "uniform": True,
+            "seeds": [5],
+            "args": ["--trainer.max_steps", "6"],
+        },
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     return tmp_path / "study.yaml"
 
@@ -99,8 +119,24 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
 def test_study_runs_resumes_reports_and_calibrates_for_search(tmp_path):
     config, out = _tiny_study(tmp_path), tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "merino_pl.cli", "study", "run", "--config", str(config), "--out", str(out),
-                             "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "merino_pl.cli",
+            "study",
+            "run",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--no-report",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not list((out / "results").glob("*.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -114,7 +150,15 @@ def test_study_runs_resumes_reports_and_calibrates_for_search(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     assert len(after) == 4 and all(after[k] == v for k, v in done.items())  # nothing finished was re-trained
     report = json.loads((out / "report.json").read_text())
-    assert {"entropy:paper", "entropy:beta1", "decoder_params", "flops", "layer_applications", "ntk_cond", "dss"} <= set(report["correlations"])
+    assert {
+        "entropy:paper",
+        "entropy:beta1",
+        "decoder_params",
+        "flops",
+        "layer_applications",
+        "ntk_cond",
+        "dss",
+    } <= set(report["correlations"])
     assert (out / "proxies.png").is_file() and (out / "report.md").is_file()
     r = _cli("study", "run", "--config", str(config), "--out", str(out), "--no-report")
     assert r.returncode == 0 and "4 of 4 runs finished, 0 to train" in r.stdout
@@ -169,7 +213,11 @@ def test_compare_trains_each_distinct_recipe_once_per_seed_and_resumes(tmp_path)
     config.write_text(yaml.safe_dump(data))
     cfg = load_study_config(config)
     archs = contenders(cfg)
-    assert list(archs)[0] == "uniform" and set(archs) == {"uniform", "paper", "params", "paper_again"} and archs["paper_again"] == archs["paper"]
+    assert (
+        list(archs)[0] == "uniform"
+        and set(archs) == {"uniform", "paper", "params", "paper_again"}
+        and archs["paper_again"] == archs["paper"]
+    )
     uniform = archs["uniform"].blocks
     assert len({(b.embed_dim, b.ffn, b.num_layers) for b in uniform}) == 1
     assert count_flops(archs["uniform"]) <= cfg.budgets[0].limit
@@ -192,8 +240,12 @@ def test_compare_trains_each_distinct_recipe_once_per_seed_and_resumes(tmp_path)
     for name, row in rows.items():  # paired by seed against the uniform decoder
         if archs[name] != archs["uniform"]:
             vs = row["vs"]["indomain"]
-            assert vs["seeds"] == 2 and 0 <= vs["wins"] <= 2 and vs["delta_mean"] == pytest.approx(
-                row["indomain"]["loss_mean"] - rows["uniform"]["indomain"]["loss_mean"], abs=2e-4)
+            assert (
+                vs["seeds"] == 2
+                and 0 <= vs["wins"] <= 2
+                and vs["delta_mean"]
+                == pytest.approx(row["indomain"]["loss_mean"] - rows["uniform"]["indomain"]["loss_mean"], abs=2e-4)
+            )
     assert "| paper_again (= " in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 10_000
     curves = json.loads((out / "curves.json").read_text())  # training loss kept beside the results
     assert set(curves) == {p.stem for p in (out / "results").glob("*.json")}

@@ -18,7 +18,10 @@ from merino_pl.core.errors import ArgumentParser  # one-line usage errors (study
 # command -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "info": ("merino_pl.info.cli", "architecture table, parameters, FLOPs, KV cache and entropy of a recipe"),
-    "demo": ("merino_pl.demo.cli", "train the tiny model on the embedded corpus and generate (make demo runs `pipeline`)"),
+    "demo": (
+        "merino_pl.demo.cli",
+        "train the tiny model on the embedded corpus and generate (make demo runs `pipeline`)",
+    ),
     "search": ("merino_pl.search.cli", "entropy-driven evolutionary architecture search -> recipe YAML"),
     "prepare": ("merino_pl.data.cli", "tokenize a text source into pre-tokenized shards"),
     "fit": ("merino_pl.fit.cli", "pretrain a recipe (LightningCLI)"),

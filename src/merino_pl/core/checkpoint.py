@@ -92,8 +92,10 @@ def check_shapes(weights: Path, config: MerinoHFConfig) -> None:
         for key in f.keys():
             got = tuple(f.get_slice(key).get_shape())
             if key in expected and expected[key] != got:
-                raise MerinoError(f"{weights.parent}: weights do not match the architecture in config.json: "
-                                  f"{key} is {list(got)} in {weights.name} but {list(expected[key])} by config.json")
+                raise MerinoError(
+                    f"{weights.parent}: weights do not match the architecture in config.json: "
+                    f"{key} is {list(got)} in {weights.name} but {list(expected[key])} by config.json"
+                )
 
 
 def check_safetensors(path: Path) -> None:
@@ -127,7 +129,7 @@ def _load_lightning_ckpt(path: Path) -> LoadedModel:
     if not isinstance(meta, dict) or "recipe" not in meta:
         raise MerinoError(f"{path}: not a merino-pl checkpoint (no 'merino.recipe' entry)")
     recipe = Recipe.from_dict(meta["recipe"], source=f"{path}[merino.recipe]")
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model = MerinoForCausalLM.from_recipe(recipe)
     try:
         model.load_state_dict(state, strict=True)

@@ -60,8 +60,9 @@ def hf_tokenizer(name_or_path: str | None = None, model_max_length: int | None =
     raw = load_tokenizer(name_or_path)
     eos = raw.id_to_token(find_eos(raw, name_or_path))
     limits = {"model_max_length": model_max_length} if model_max_length is not None else {}
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos,
-                                   **limits)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos, **limits
+    )
 
 
 def find_eos(tok: Tokenizer, spec: str | None) -> int:

@@ -60,7 +60,9 @@ class OnnxDecoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         P, T = past[0].shape[2], input_ids.shape[1]
         keys = torch.arange(P + T, device=input_ids.device)
         queries = P + torch.arange(T, device=input_ids.device)
@@ -111,7 +113,9 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, accuracy
 
     path = Path(path)
     model = model.eval()
-    prepare(model, ACCURACY_LEVEL if accuracy_level is None else accuracy_level)  # quantized layers -> MatMulNBits (a float model has none)
+    prepare(
+        model, ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    )  # quantized layers -> MatMulNBits (a float model has none)
     wrapper = OnnxDecoder(model)
     in_names, out_names = io_names(model)
     # dim sizes of 0 / 1 would be specialised by the exporter: trace with 2 / 3 / 4
@@ -119,7 +123,12 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, accuracy
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     total = torch.export.Dim("total")  # past + seq (the exporter relates it to the cache itself)
     # structure follows forward(input_ids, attention_mask, position_ids, *past): the varargs are one tuple
-    dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in in_names[3:]))
+    dyn = (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past} for _ in in_names[3:]),
+    )
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" x4: noise for an LM
@@ -148,11 +157,20 @@ def export_quantized_onnx(loaded: Any, out: str | Path) -> Path:
     return out
 
 
-def _export(wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], out_names: list[str], opset: int, tmp: Path) -> None:
+def _export(
+    wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], out_names: list[str], opset: int, tmp: Path
+) -> None:
     try:
         program = torch.onnx.export(
-            wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
-            dynamic_shapes=dyn, opset_version=opset, external_data=False, verbose=False,
+            wrapper,
+            args,
+            dynamo=True,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_shapes=dyn,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
         )
     except Exception as e:  # the exporter's own report is long; keep its first line
         raise MerinoError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
@@ -162,14 +180,25 @@ def _export(wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], ou
 class OnnxRunner:
     """The harness's runner over an onnxruntime session of an exported graph (see module doc)."""
 
-    def __init__(self, path: str | Path, model: nn.Module, batch: int, seq: int, decode_tokens: int, device: str = "cpu", seed: int = 0,
-                 max_new_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        batch: int,
+        seq: int,
+        decode_tokens: int,
+        device: str = "cpu",
+        seed: int = 0,
+        max_new_tokens: int = 0,
+    ) -> None:
         import numpy as np
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch's rows
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        )
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.in_names, self.out_names = io_names(model)
         self.seq, self.decode_tokens = seq, decode_tokens
@@ -186,9 +215,12 @@ class OnnxRunner:
         import numpy as np
 
         T = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], start + T), dtype=np.int64),
-                "position_ids": self.positions[:, start : start + T]}
-        feed.update(zip(self.in_names[len(FIXED_INPUTS):], past))
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((ids.shape[0], start + T), dtype=np.int64),
+            "position_ids": self.positions[:, start : start + T],
+        }
+        feed.update(zip(self.in_names[len(FIXED_INPUTS) :], past))
         return self.session.run(None, feed)
 
     def prefill(self) -> Any:

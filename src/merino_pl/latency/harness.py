@@ -31,7 +31,9 @@ import torch
 
 from merino_pl.core.hf import CACHE_FIELD  # `cache` (transformers >= 5) or `past_key_values`
 
-PROTOCOL = "warm-up, then each run timed alone with time.perf_counter (CUDA synchronised); mean of runs (paper), median, p90"
+PROTOCOL = (
+    "warm-up, then each run timed alone with time.perf_counter (CUDA synchronised); mean of runs (paper), median, p90"
+)
 
 
 @dataclass
@@ -164,8 +166,15 @@ class TorchRunner:
     """
 
     def __init__(
-        self, model: torch.nn.Module, batch: int, seq: int, device: str, decode_tokens: int,
-        last_logits_only: bool = False, vocab_size: int | None = None, seed: int = 0,
+        self,
+        model: torch.nn.Module,
+        batch: int,
+        seq: int,
+        device: str,
+        decode_tokens: int,
+        last_logits_only: bool = False,
+        vocab_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.model, self.seq, self.decode_tokens = model, seq, decode_tokens
         self.keep = 1 if last_logits_only else 0
@@ -233,14 +242,21 @@ def generation(runner: Any, device: str, new_tokens: int, runs: int) -> dict[str
     sync = synchronizer(device)
     seconds = [t / 1e3 for t in time_calls(lambda: runner.generate(new_tokens), runs, 0, sync)]
     mean = statistics.fmean(seconds)
-    return {"new_tokens": new_tokens, "runs": runs, "seconds": [round(x, 4) for x in seconds],
-            "seconds_mean": round(mean, 4), "tokens_per_s": round(new_tokens / mean, 3)}
+    return {
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "seconds": [round(x, 4) for x in seconds],
+        "seconds_mean": round(mean, 4),
+        "tokens_per_s": round(new_tokens / mean, 3),
+    }
 
 
 # ---- the authors' protocol (paper Table 3) ----------------------------------------------------
-PAPER_PROTOCOL = ("the authors' latency_test (github.com/kennethzhao24/latency_test, utils.measure_inference_latency): "
-                  "torch.utils.benchmark.Timer(...).timeit(16).mean, 1 thread, zero input ids, one forward over the prompt; "
-                  "MeRino and OPT as decoders without the LM head, Pythia, GPT-2 and Cerebras-GPT with it")
+PAPER_PROTOCOL = (
+    "the authors' latency_test (github.com/kennethzhao24/latency_test, utils.measure_inference_latency): "
+    "torch.utils.benchmark.Timer(...).timeit(16).mean, 1 thread, zero input ids, one forward over the prompt; "
+    "MeRino and OPT as decoders without the LM head, Pythia, GPT-2 and Cerebras-GPT with it"
+)
 
 
 def paper_latency_ms(fn: Callable[[torch.Tensor], Any], ids: torch.Tensor, runs: int = 16, threads: int = 1) -> float:
@@ -250,7 +266,9 @@ def paper_latency_ms(fn: Callable[[torch.Tensor], Any], ids: torch.Tensor, runs:
 
     before = torch.get_num_threads()
     try:
-        timer = benchmark.Timer(stmt="fn(ids)", globals={"fn": torch.inference_mode()(fn), "ids": ids}, num_threads=threads)
+        timer = benchmark.Timer(
+            stmt="fn(ids)", globals={"fn": torch.inference_mode()(fn), "ids": ids}, num_threads=threads
+        )
         return timer.timeit(runs).mean * 1e3
     finally:
         torch.set_num_threads(before)

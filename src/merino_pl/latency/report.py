@@ -687,7 +687,6 @@ class LatencyReport(FileReport):
         check_version(data, "latency report", source, FORMAT_VERSION, FORMAT)
         return from_fields(cls, data, "latency report", source, optional=("format_version", "created"))
 
-
     def markdown(self) -> str:
         return render_markdown(self)
 

@@ -71,7 +71,6 @@ class QuantizeReport(FileReport):
         check_version(data, "quantize report", source, FORMAT_VERSION)
         return from_fields(cls, data, "quantize report", source, optional=("format_version",))
 
-
     def markdown(self) -> str:
         return render_markdown(self)
 

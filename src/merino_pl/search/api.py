@@ -32,8 +32,21 @@ from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, Search
 # What other stages may use of the search (the proxy study re-runs its pieces): these names,
 # imported from this module. The modules behind them are the stage's internals.
 PUBLIC_NAMES = (
-    "SearchOptions", "SearchSettings", "search", "resolve_settings", "build_problem", "decode", "run_search",
-    "Budget", "Genes", "cost_tables", "parse_budget", "EntropyConfig", "arch_entropy", "PROXIES", "optimum",
+    "SearchOptions",
+    "SearchSettings",
+    "search",
+    "resolve_settings",
+    "build_problem",
+    "decode",
+    "run_search",
+    "Budget",
+    "Genes",
+    "cost_tables",
+    "parse_budget",
+    "EntropyConfig",
+    "arch_entropy",
+    "PROXIES",
+    "optimum",
 )
 
 CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "name")

@@ -7,7 +7,8 @@ the ``SLURM_*`` variables, so no launcher (torchrun) sits between ``srun`` and `
 Pre-emption and time limits: ``--signal=SIGUSR1@S`` sends SIGUSR1 to every task S seconds
 before the limit (no ``B:`` prefix: the Python processes need it, not the batch shell).
 ``fit``'s ``SlurmRequeue`` callback (Lightning's auto-requeue, made safe under DDP) then saves
-``<run_dir>/hpc_ckpt_N.ckpt`` at the next step boundary and runs ``scontrol requeue``; the requeued job starts this script again, which resumes from the newest
+``<run_dir>/hpc_ckpt_N.ckpt`` at the next step boundary and runs ``scontrol requeue``; the
+requeued job starts this script again, which resumes from the newest
 of that checkpoint and the periodic ``checkpoints/last.ckpt``. ``--ckpt_path last`` alone would
 ignore the ``hpc_ckpt`` file and lose the steps since the last periodic save.
 """

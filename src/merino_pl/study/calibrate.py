@@ -49,8 +49,14 @@ def _rho(x: np.ndarray, y: np.ndarray) -> float:
     return spearman(x, y) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
 
 
-def cross_validate(scores: np.ndarray, target: np.ndarray, folds: int, repeats: int = 20, seed: int = 0,
-                   baselines: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def cross_validate(
+    scores: np.ndarray,
+    target: np.ndarray,
+    folds: int,
+    repeats: int = 20,
+    seed: int = 0,
+    baselines: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Held-out-fold ρ of the config chosen on the other folds (and of fixed baselines)."""
     rng = np.random.default_rng(seed)
     n = len(target)
@@ -66,9 +72,13 @@ def cross_validate(scores: np.ndarray, target: np.ndarray, folds: int, repeats: 
             held.append(_rho(scores[best][test], target[test]))
             for k, v in (baselines or {}).items():
                 base[k].append(_rho(v[test], target[test]))
-    summary = {"folds": folds, "repeats": repeats, "cv_rho_mean": round(float(np.nanmean(held)), 4),
-               "cv_rho_sd": round(float(np.nanstd(held)), 4),
-               "baselines_cv_rho_mean": {k: round(float(np.nanmean(v)), 4) for k, v in base.items()}}
+    summary = {
+        "folds": folds,
+        "repeats": repeats,
+        "cv_rho_mean": round(float(np.nanmean(held)), 4),
+        "cv_rho_sd": round(float(np.nanstd(held)), 4),
+        "baselines_cv_rho_mean": {k: round(float(np.nanmean(v)), 4) for k, v in base.items()},
+    }
     counts = np.bincount(chosen, minlength=len(scores))
     summary["most_chosen"] = int(counts.argmax())
     summary["most_chosen_share"] = round(float(counts.max() / len(chosen)), 3)
@@ -89,15 +99,28 @@ def calibrate(report: dict[str, Any], folds: int = 4, heldout: str = "indomain")
     rhos = np.array([_rho(s, target) for s in scores])
     best = int(np.nanargmax(rhos))
     paper = EntropyConfig(init_std=init_std)
-    baselines = {"entropy (paper settings)": score_matrix(archs, [paper])[0],
-                 "decoder_params": np.array([r["proxies"]["decoder_params"] for r in rows])}
+    baselines = {
+        "entropy (paper settings)": score_matrix(archs, [paper])[0],
+        "decoder_params": np.array([r["proxies"]["decoder_params"] for r in rows]),
+    }
     cv = cross_validate(scores, target, folds, baselines=baselines)
-    return {"heldout": heldout, "architectures": len(rows), "grid": {"beta": list(BETAS), "ffn_over_mhsa": [str(r) for r in FFN_OVER_MHSA],
-            "eps": list(EPS), "init_std": init_std, "size": len(configs)},
-            "best": configs[best].to_dict(), "in_sample_rho": round(float(rhos[best]), 4),
-            "paper_in_sample_rho": round(_rho(baselines["entropy (paper settings)"], target), 4),
-            "decoder_params_in_sample_rho": round(_rho(baselines["decoder_params"], target), 4),
-            "cross_validation": cv, "most_chosen_in_cv": configs[cv["most_chosen"]].to_dict()}
+    return {
+        "heldout": heldout,
+        "architectures": len(rows),
+        "grid": {
+            "beta": list(BETAS),
+            "ffn_over_mhsa": [str(r) for r in FFN_OVER_MHSA],
+            "eps": list(EPS),
+            "init_std": init_std,
+            "size": len(configs),
+        },
+        "best": configs[best].to_dict(),
+        "in_sample_rho": round(float(rhos[best]), 4),
+        "paper_in_sample_rho": round(_rho(baselines["entropy (paper settings)"], target), 4),
+        "decoder_params_in_sample_rho": round(_rho(baselines["decoder_params"], target), 4),
+        "cross_validation": cv,
+        "most_chosen_in_cv": configs[cv["most_chosen"]].to_dict(),
+    }
 
 
 def calibrate_cli(report_path: str, out: str, folds: int) -> int:
@@ -115,12 +138,15 @@ def calibrate_cli(report_path: str, out: str, folds: int) -> int:
     result = calibrate(report, folds)
     best = {k: v for k, v in result["best"].items() if k != "table"}
     cv = result["cross_validation"]
-    header = (f"# Entropy settings calibrated on the proxy study {report['study']!r} ({result['architectures']} trained "
-              f"architectures, {report_path}).\n# Spearman rho vs -held-out loss: in-sample {result['in_sample_rho']:+.3f}, "
-              f"{cv['folds']}-fold cross-validated {cv['cv_rho_mean']:+.3f} +- {cv['cv_rho_sd']:.3f}\n"
-              f"# (paper settings in-sample {result['paper_in_sample_rho']:+.3f}, decoder params {result['decoder_params_in_sample_rho']:+.3f}; "
-              f"cross-validated {cv['baselines_cv_rho_mean']}).\n"
-              f"#   merino-pl search --config {out} --budget flops=60G --out recipes/calibrated-60g.yaml\n")
+    header = (
+        f"# Entropy settings calibrated on the proxy study {report['study']!r} ({result['architectures']} trained "
+        f"architectures, {report_path}).\n# Spearman rho vs -held-out loss: in-sample {result['in_sample_rho']:+.3f}, "
+        f"{cv['folds']}-fold cross-validated {cv['cv_rho_mean']:+.3f} +- {cv['cv_rho_sd']:.3f}\n"
+        f"# (paper settings in-sample {result['paper_in_sample_rho']:+.3f}, "
+        f"decoder params {result['decoder_params_in_sample_rho']:+.3f}; "
+        f"cross-validated {cv['baselines_cv_rho_mean']}).\n"
+        f"#   merino-pl search --config {out} --budget flops=60G --out recipes/calibrated-60g.yaml\n"
+    )
     atomic_write_text(out, header + yaml.safe_dump({"entropy": best}, sort_keys=False))
     write_json(Path(out).with_suffix(".calibration.json"), result)
     print(header.replace("# ", "").rstrip())

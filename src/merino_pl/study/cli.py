@@ -49,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = [a for i, a in enumerate(argv) if a.startswith(PASS_THROUGH)
-             or (i > 0 and argv[i - 1].startswith(PASS_THROUGH) and "=" not in argv[i - 1] and not a.startswith("--"))]
+    extra = [
+        a
+        for i, a in enumerate(argv)
+        if a.startswith(PASS_THROUGH)
+        or (i > 0 and argv[i - 1].startswith(PASS_THROUGH) and "=" not in argv[i - 1] and not a.startswith("--"))
+    ]
     own = [a for a in argv if a not in extra] if extra else argv
     args = _parser().parse_args(own)
     if args.cmd in ("run", "compare"):

@@ -88,21 +88,35 @@ def table(manifest: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
         mine = [r for r in results if r["arch_index"] == i]
         arch = MerinoConfig.from_dict(manifest["architectures"][i])
         same = [n for n, j in zip(manifest["contenders"], manifest["contender_arch"]) if j == i and n != name]
-        row = {"name": name, "same_as": same, "blocks": [[b.embed_dim, b.ffn, b.num_layers] for b in arch.blocks],
-               "decoder_params": count_params(arch) - embedding_params(arch), "flops": count_flops(arch),
-               "seeds": [r["seed"] for r in mine]}
+        row = {
+            "name": name,
+            "same_as": same,
+            "blocks": [[b.embed_dim, b.ffn, b.num_layers] for b in arch.blocks],
+            "decoder_params": count_params(arch) - embedding_params(arch),
+            "flops": count_flops(arch),
+            "seeds": [r["seed"] for r in mine],
+        }
         for h in manifest["heldout"]:
             loss = np.array([r["heldout"][h]["full"] for r in mine])
             if len(loss):
-                row[h] = {"loss_mean": round(float(loss.mean()), 4), "loss_sd": round(float(loss.std(ddof=1)) if len(loss) > 1 else 0.0, 4),
-                          "ppl_mean": round(float(np.exp(loss).mean()), 2), "ppl_sd": round(float(np.exp(loss).std(ddof=1)) if len(loss) > 1 else 0.0, 2)}
+                row[h] = {
+                    "loss_mean": round(float(loss.mean()), 4),
+                    "loss_sd": round(float(loss.std(ddof=1)) if len(loss) > 1 else 0.0, 4),
+                    "ppl_mean": round(float(np.exp(loss).mean()), 2),
+                    "ppl_sd": round(float(np.exp(loss).std(ddof=1)) if len(loss) > 1 else 0.0, 2),
+                }
         rows.append(row)
     base_name, base = manifest["contenders"][0], manifest["contender_arch"][0]
     for row, i in zip(rows, manifest["contender_arch"]):
         if i != base:
             row["vs"] = {h: _paired(results, i, base, h) for h in manifest["heldout"]}
-    return {"format": FORMAT, "budgets": manifest["budgets"], "fit_args": manifest["fit_args"], "baseline": base_name,
-            "rows": rows}
+    return {
+        "format": FORMAT,
+        "budgets": manifest["budgets"],
+        "fit_args": manifest["fit_args"],
+        "baseline": base_name,
+        "rows": rows,
+    }
 
 
 def _paired(results: list[dict[str, Any]], i: int, base: int, heldout: str) -> dict[str, Any] | None:
@@ -115,9 +129,18 @@ def _paired(results: list[dict[str, Any]], i: int, base: int, heldout: str) -> d
     if not seeds:
         return None
     d = np.array([loss[i, s] - loss[base, s] for s in seeds])
-    p = float(stats.ttest_rel([loss[i, s] for s in seeds], [loss[base, s] for s in seeds]).pvalue) if len(d) > 1 else None
-    return {"seeds": len(d), "delta_mean": round(float(d.mean()), 4), "delta_sd": round(float(d.std(ddof=1)) if len(d) > 1 else 0.0, 4),
-            "wins": int((d < 0).sum()), "p": None if p is None or np.isnan(p) else round(p, 4)}
+    p = (
+        float(stats.ttest_rel([loss[i, s] for s in seeds], [loss[base, s] for s in seeds]).pvalue)
+        if len(d) > 1
+        else None
+    )
+    return {
+        "seeds": len(d),
+        "delta_mean": round(float(d.mean()), 4),
+        "delta_sd": round(float(d.std(ddof=1)) if len(d) > 1 else 0.0, 4),
+        "wins": int((d < 0).sum()),
+        "p": None if p is None or np.isnan(p) else round(p, 4),
+    }
 
 
 def training_curves(out: Path, results: list[dict[str, Any]], points: int = 200) -> dict[str, list[list[float]]]:
@@ -129,8 +152,10 @@ def training_curves(out: Path, results: list[dict[str, Any]], points: int = 200)
     curves = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for r in results:
         by_step: dict[int, float] = {}
-        for log in sorted((out / "runs" / r["id"]).glob("fit/logs/version_*/metrics.csv"),
-                          key=lambda p: int(p.parent.name.split("_")[-1])):
+        for log in sorted(
+            (out / "runs" / r["id"]).glob("fit/logs/version_*/metrics.csv"),
+            key=lambda p: int(p.parent.name.split("_")[-1]),
+        ):
             with log.open(encoding="utf-8") as f:
                 for row in csv.DictReader(f):
                     if row.get("train/loss"):
@@ -142,8 +167,13 @@ def training_curves(out: Path, results: list[dict[str, Any]], points: int = 200)
     return curves
 
 
-def plot(t: dict[str, Any], manifest: dict[str, Any], results: list[dict[str, Any]],
-         curves: dict[str, list[list[float]]], path: Path) -> Path:
+def plot(
+    t: dict[str, Any],
+    manifest: dict[str, Any],
+    results: list[dict[str, Any]],
+    curves: dict[str, list[list[float]]],
+    path: Path,
+) -> Path:
     """Left: training loss (mean over seeds) per recipe; right: held-out perplexity ± sd."""
     import matplotlib
 
@@ -166,7 +196,12 @@ def plot(t: dict[str, Any], manifest: dict[str, Any], results: list[dict[str, An
         loss = np.mean([[v for _, v in c[:n]] for c in runs], axis=0)
         w = min(5, n)  # moving average over 5 logged points
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        axes[0].plot((steps[w // 2:w // 2 + len(smooth)] + 1) * tokens / 1e6, smooth, color=colors(k), label=f"{label} ({len(runs)} seeds)")
+        axes[0].plot(
+            (steps[w // 2 : w // 2 + len(smooth)] + 1) * tokens / 1e6,
+            smooth,
+            color=colors(k),
+            label=f"{label} ({len(runs)} seeds)",
+        )
     axes[0].set(xlabel="training tokens (M)", ylabel="training loss (mean over seeds, smoothed)", title="training")
     axes[0].legend(fontsize=8)
     first = {}  # one bar per distinct recipe, named by every setting that found it
@@ -174,8 +209,13 @@ def plot(t: dict[str, Any], manifest: dict[str, Any], results: list[dict[str, An
         first.setdefault(i, row)
     for ax, h in zip(axes[1:], heldout):
         bars = [(k, shown[i], row) for k, (i, row) in enumerate(first.items()) if h in row]
-        ax.bar(range(len(bars)), [row[h]["ppl_mean"] for _, _, row in bars], yerr=[row[h]["ppl_sd"] for _, _, row in bars],
-               capsize=4, color=[colors(k) for k, _, _ in bars])
+        ax.bar(
+            range(len(bars)),
+            [row[h]["ppl_mean"] for _, _, row in bars],
+            yerr=[row[h]["ppl_sd"] for _, _, row in bars],
+            capsize=4,
+            color=[colors(k) for k, _, _ in bars],
+        )
         ax.set_xticks(range(len(bars)), [label for _, label, _ in bars], rotation=15, fontsize=8)
         rows = [row for _, _, row in bars]
         lo = min(r[h]["ppl_mean"] - r[h]["ppl_sd"] for r in rows) if rows else 0
@@ -190,22 +230,33 @@ def plot(t: dict[str, Any], manifest: dict[str, Any], results: list[dict[str, An
 
 def render_markdown(t: dict[str, Any], heldout: list[str]) -> str:
     base = t.get("baseline")
-    lines = [f"# Head to head at {', '.join(t['budgets'])}", "",
-             f"fit overrides: `{' '.join(t['fit_args'])}`; mean ± sd over seeds. Δ: held-out loss (nats) minus "
-             f"{base}'s at the same seed, mean ± sd, seeds where it is lower, paired t-test p.", "",
-             "| recipe | blocks (E, F, L) | decoder params | GFLOPs | seeds | "
-             + " | ".join(f"{h} ppl | {h} Δ vs {base}" for h in heldout) + " |",
-             "|---|---|---|---|---|" + "---|---|" * len(heldout)]
+    lines = [
+        f"# Head to head at {', '.join(t['budgets'])}",
+        "",
+        f"fit overrides: `{' '.join(t['fit_args'])}`; mean ± sd over seeds. Δ: held-out loss (nats) minus "
+        f"{base}'s at the same seed, mean ± sd, seeds where it is lower, paired t-test p.",
+        "",
+        "| recipe | blocks (E, F, L) | decoder params | GFLOPs | seeds | "
+        + " | ".join(f"{h} ppl | {h} Δ vs {base}" for h in heldout)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(heldout),
+    ]
     for r in t["rows"]:
         cells = []
         for h in heldout:
             cells.append(f"{r[h]['ppl_mean']:.2f} ± {r[h]['ppl_sd']:.2f}" if h in r else "—")
             v = (r.get("vs") or {}).get(h)
-            cells.append("—" if not v else f"{v['delta_mean']:+.4f} ± {v['delta_sd']:.4f} ({v['wins']}/{v['seeds']}"
-                         + (f", p = {v['p']:.3f})" if v["p"] is not None else ")"))
+            cells.append(
+                "—"
+                if not v
+                else f"{v['delta_mean']:+.4f} ± {v['delta_sd']:.4f} ({v['wins']}/{v['seeds']}"
+                + (f", p = {v['p']:.3f})" if v["p"] is not None else ")")
+            )
         name = r["name"] + (f" (= {', '.join(r['same_as'])})" if r.get("same_as") else "")
-        lines.append(f"| {name} | {r['blocks']} | {r['decoder_params'] / 1e6:.3f} M | {r['flops'] / 1e9:.2f} | "
-                     f"{len(r['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {r['blocks']} | {r['decoder_params'] / 1e6:.3f} M | {r['flops'] / 1e9:.2f} | "
+            f"{len(r['seeds'])} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,8 +267,10 @@ def compare_cli(config: str, out: Path, jobs: int, threads: int, extra: list[str
         raise MerinoError(f"head_to_head.seeds must be a list of non-negative integers, got {seeds!r}")
     archs = contenders(cfg)
     for name, arch in archs.items():
-        print(f"  {name:<12} E={[b.embed_dim for b in arch.blocks]} F={[b.ffn for b in arch.blocks]} "
-              f"L={[b.num_layers for b in arch.blocks]} {count_flops(arch) / 1e9:.2f} GFLOPs")
+        print(
+            f"  {name:<12} E={[b.embed_dim for b in arch.blocks]} F={[b.ffn for b in arch.blocks]} "
+            f"L={[b.num_layers for b in arch.blocks]} {count_flops(arch) / 1e9:.2f} GFLOPs"
+        )
     cfg.architectures, cfg.ceiling_architectures = 0, 0
     cfg.fit_args = [*cfg.fit_args, *[str(a) for a in cfg.head_to_head.get("args") or []]]
     # two settings that find the same recipe share its runs (training it twice would only add seeds)

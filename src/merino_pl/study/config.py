@@ -1,17 +1,17 @@
 """The study config (``search/study-*.yaml``), checked up front: every problem in one message.
 
-    name: cpu
-    space: space-study.yaml            # relative to this file
-    budgets: [flops=4G]
-    architectures: 24                  # sampled uniformly from the feasible set
-    sample_seed: 0
-    seed: 1                            # training seed of every run (init, data order, Lightning)
-    noise_ceiling: {architectures: 8, seed: 2}   # the first 8 trained again with this seed
-    fit: {config: ../recipes/train/study-cpu.yaml, args: []}   # the `merino-pl fit` config
-    tokenizer: {vocab_size: 2048}      # a BPE trained on the training split; or {file: tokenizer.json}
-    heldout: {sequences: 128, cross_domain: wikitext2}
-    proxies: {batches: 4, batch_size: 8, entropy: {paper: {beta: 0.0625}, beta1: {beta: 1.0}}}
-    head_to_head: {...}                # see merino_pl.study.compare
+name: cpu
+space: space-study.yaml            # relative to this file
+budgets: [flops=4G]
+architectures: 24                  # sampled uniformly from the feasible set
+sample_seed: 0
+seed: 1                            # training seed of every run (init, data order, Lightning)
+noise_ceiling: {architectures: 8, seed: 2}   # the first 8 trained again with this seed
+fit: {config: ../recipes/train/study-cpu.yaml, args: []}   # the `merino-pl fit` config
+tokenizer: {vocab_size: 2048}      # a BPE trained on the training split; or {file: tokenizer.json}
+heldout: {sequences: 128, cross_domain: wikitext2}
+proxies: {batches: 4, batch_size: 8, entropy: {paper: {beta: 0.0625}, beta1: {beta: 1.0}}}
+head_to_head: {...}                # see merino_pl.study.compare
 """
 
 from __future__ import annotations
@@ -25,8 +25,20 @@ from merino_pl.core.io import read_yaml
 from merino_pl.core.space import SearchSpace, load_space
 from merino_pl.search.api import Budget, EntropyConfig, parse_budget
 
-KEYS = ("name", "space", "budgets", "architectures", "sample_seed", "seed", "noise_ceiling", "fit", "tokenizer",
-        "heldout", "proxies", "head_to_head")
+KEYS = (
+    "name",
+    "space",
+    "budgets",
+    "architectures",
+    "sample_seed",
+    "seed",
+    "noise_ceiling",
+    "fit",
+    "tokenizer",
+    "heldout",
+    "proxies",
+    "head_to_head",
+)
 CROSS_DOMAIN = ("wikitext2", None)
 
 
@@ -128,8 +140,13 @@ def load_study_config(path: str | Path) -> StudyConfig:
     entropy = _entropy_configs(proxies.get("entropy", {"paper": {}}), problems)
     h2h = _section(data, "head_to_head", {"searches", "uniform", "seeds", "args"}, problems)
     cfg = StudyConfig(
-        name=str(data.get("name") or path.stem), source=str(path), space=space, budgets=budgets, architectures=n,
-        fit_config=fit_config.resolve(), sample_seed=_int(data, "sample_seed", 0, 0, problems),
+        name=str(data.get("name") or path.stem),
+        source=str(path),
+        space=space,
+        budgets=budgets,
+        architectures=n,
+        fit_config=fit_config.resolve(),
+        sample_seed=_int(data, "sample_seed", 0, 0, problems),
         seed=_int(data, "seed", 1, 0, problems),
         ceiling_architectures=_int(ceiling, "architectures", 8, 0, problems, "noise_ceiling."),
         ceiling_seed=_int(ceiling, "seed", 2, 0, problems, "noise_ceiling."),
@@ -140,14 +157,19 @@ def load_study_config(path: str | Path) -> StudyConfig:
         cross_domain=heldout.get("cross_domain", "wikitext2"),
         proxy_batches=_int(proxies, "batches", 4, 1, problems, "proxies."),
         proxy_batch_size=_int(proxies, "batch_size", 8, 2, problems, "proxies."),
-        entropy=entropy, head_to_head=h2h, raw=data,
+        entropy=entropy,
+        head_to_head=h2h,
+        raw=data,
     )
     if cfg.ceiling_architectures > n:
         problems.append(f"noise_ceiling.architectures {cfg.ceiling_architectures} exceeds architectures {n}")
     if cfg.ceiling_architectures and cfg.ceiling_seed == cfg.seed:
         problems.append(f"noise_ceiling.seed must differ from seed ({cfg.seed})")
     if space is not None and int(space.architecture.get("vocab_size", 50304)) < cfg.vocab_size and tok_file is None:
-        problems.append(f"tokenizer.vocab_size {cfg.vocab_size} exceeds the space's vocab_size {space.architecture.get('vocab_size')}")
+        problems.append(
+            f"tokenizer.vocab_size {cfg.vocab_size} exceeds the space's vocab_size "
+            f"{space.architecture.get('vocab_size')}"
+        )
     if problems:
         raise MerinoError(f"{path}: " + "; ".join(problems))
     return cfg

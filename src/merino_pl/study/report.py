@@ -48,22 +48,30 @@ def build_rows(manifest: dict[str, Any], results: list[dict[str, Any]]) -> list[
     for r in results:
         i = r["arch_index"]
         row = rows.setdefault(i, {"arch_index": i, "architecture": r["architecture"], "runs": {}})
-        row["runs"][str(r["seed"])] = {"heldout": r["heldout"], "train_loss_end": r.get("train_loss_end"),
-                                       "fit_seconds": r.get("fit_seconds")}
+        row["runs"][str(r["seed"])] = {
+            "heldout": r["heldout"],
+            "train_loss_end": r.get("train_loss_end"),
+            "fit_seconds": r.get("fit_seconds"),
+        }
         if r["seed"] == seed:
             arch = MerinoConfig.from_dict(r["architecture"])
             row["proxies"] = {**analytic_proxies(arch, entropy), **{k: r["proxies"][k] for k in DATA}}
     return [rows[i] for i in sorted(rows) if "proxies" in rows[i]]
 
 
-def _noise_ceiling(rows: list[dict[str, Any]], seed: str, other: str, heldout: str, resamples: int) -> dict[str, Any] | None:
+def _noise_ceiling(
+    rows: list[dict[str, Any]], seed: str, other: str, heldout: str, resamples: int
+) -> dict[str, Any] | None:
     both = [r for r in rows if seed in r["runs"] and other in r["runs"]]
     if len(both) < 3:
         return None
     a = np.array([r["runs"][seed]["heldout"][heldout]["full"] for r in both])
     b = np.array([r["runs"][other]["heldout"][heldout]["full"] for r in both])
-    return {**correlate(a, b, resamples).to_dict(), "seed_spread_mean_abs": round(float(np.mean(np.abs(a - b))), 4),
-            "architectures": [r["arch_index"] for r in both]}
+    return {
+        **correlate(a, b, resamples).to_dict(),
+        "seed_spread_mean_abs": round(float(np.mean(np.abs(a - b))), 4),
+        "architectures": [r["arch_index"] for r in both],
+    }
 
 
 def analyse(manifest: dict[str, Any], results: list[dict[str, Any]], resamples: int = 2000) -> dict[str, Any]:
@@ -73,12 +81,24 @@ def analyse(manifest: dict[str, Any], results: list[dict[str, Any]], resamples: 
         raise MerinoError(f"only {len(rows)} finished architecture(s) in the study: a ranking needs at least 4")
     seed = str(manifest["config"].get("seed", 1))
     other = str((manifest["config"].get("noise_ceiling") or {}).get("seed", 2))
-    report: dict[str, Any] = {"format": FORMAT, "study": manifest["name"], "architectures": len(rows),
-                              "budgets": manifest["budgets"], "seed": seed, "ceiling_seed": other, "tokenizer": manifest["tokenizer"],
-                              "fit_config": manifest["fit_config"], "fit_args": manifest["fit_args"],
-                              "target": "-held-out loss at full length (same ranking as -perplexity)",
-                              "heldout": manifest["heldout"], "correlations": {}, "noise_ceiling": {},
-                              "half_vs_full": {}, "spread": {}, "rows": rows}
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "study": manifest["name"],
+        "architectures": len(rows),
+        "budgets": manifest["budgets"],
+        "seed": seed,
+        "ceiling_seed": other,
+        "tokenizer": manifest["tokenizer"],
+        "fit_config": manifest["fit_config"],
+        "fit_args": manifest["fit_args"],
+        "target": "-held-out loss at full length (same ranking as -perplexity)",
+        "heldout": manifest["heldout"],
+        "correlations": {},
+        "noise_ceiling": {},
+        "half_vs_full": {},
+        "spread": {},
+        "rows": rows,
+    }
     proxies = list(rows[0]["proxies"])
     for h in manifest["heldout"]:
         loss = np.array([r["runs"][seed]["heldout"][h]["full"] for r in rows])
@@ -88,35 +108,60 @@ def analyse(manifest: dict[str, Any], results: list[dict[str, Any]], resamples: 
             report["correlations"].setdefault(p, {})[h] = correlate(x, -loss, resamples).to_dict()
         report["half_vs_full"][h] = correlate(half, loss, resamples).to_dict()
         report["noise_ceiling"][h] = _noise_ceiling(rows, seed, other, h, resamples)
-        report["spread"][h] = {"architecture_sd": round(float(np.std(loss, ddof=1)), 4),
-                               "best": round(float(loss.min()), 4), "worst": round(float(loss.max()), 4)}
+        report["spread"][h] = {
+            "architecture_sd": round(float(np.std(loss, ddof=1)), 4),
+            "best": round(float(loss.min()), 4),
+            "worst": round(float(loss.max()), 4),
+        }
     return report
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (the study's stage renderer)."""
     hs = list(report["heldout"])
-    lines = [f"# Proxy study `{report['study']}`", "",
-             f"{report['architectures']} architectures sampled uniformly from the feasible set under "
-             f"{', '.join(report['budgets'])}; each trained with `{Path(report['fit_config']).name}` "
-             f"{' '.join(report['fit_args'])} (identical data order, tokens, schedule and seed). Target: "
-             f"{report['target']}. Intervals: bootstrap 95 % over architectures.", "",
-             "| proxy | " + " | ".join(f"{h} Spearman ρ [95 % CI] | {h} Kendall τ [95 % CI]" for h in hs) + " |",
-             "|---|" + "---|---|" * len(hs)]
+    lines = [
+        f"# Proxy study `{report['study']}`",
+        "",
+        f"{report['architectures']} architectures sampled uniformly from the feasible set under "
+        f"{', '.join(report['budgets'])}; each trained with `{Path(report['fit_config']).name}` "
+        f"{' '.join(report['fit_args'])} (identical data order, tokens, schedule and seed). Target: "
+        f"{report['target']}. Intervals: bootstrap 95 % over architectures.",
+        "",
+        "| proxy | " + " | ".join(f"{h} Spearman ρ [95 % CI] | {h} Kendall τ [95 % CI]" for h in hs) + " |",
+        "|---|" + "---|---|" * len(hs),
+    ]
     for p, by in report["correlations"].items():
-        cells = [f"{c['spearman']:+.3f} [{c['spearman_ci'][0]:+.2f}, {c['spearman_ci'][1]:+.2f}] | "
-                 f"{c['kendall']:+.3f} [{c['kendall_ci'][0]:+.2f}, {c['kendall_ci'][1]:+.2f}]" for c in (by[h] for h in hs)]
+        cells = [
+            f"{c['spearman']:+.3f} [{c['spearman_ci'][0]:+.2f}, {c['spearman_ci'][1]:+.2f}] | "
+            f"{c['kendall']:+.3f} [{c['kendall_ci'][0]:+.2f}, {c['kendall_ci'][1]:+.2f}]"
+            for c in (by[h] for h in hs)
+        ]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines += ["", "## What bounds these figures", "", "| held-out set | noise ceiling ρ (seed vs seed) [CI], n | "
-              "half vs full length ρ [CI] | mean abs. seed difference (nats) | architecture sd (nats) | best / worst loss |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## What bounds these figures",
+        "",
+        "| held-out set | noise ceiling ρ (seed vs seed) [CI], n | "
+        "half vs full length ρ [CI] | mean abs. seed difference (nats) | architecture sd (nats) | best / worst loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for h in hs:
         nc, hf, sp = report["noise_ceiling"].get(h), report["half_vs_full"][h], report["spread"][h]
-        nc_txt = f"{nc['spearman']:+.3f} [{nc['spearman_ci'][0]:+.2f}, {nc['spearman_ci'][1]:+.2f}], {nc['n']}" if nc else "n/a"
-        lines.append(f"| {h} | {nc_txt} | {hf['spearman']:+.3f} [{hf['spearman_ci'][0]:+.2f}, {hf['spearman_ci'][1]:+.2f}] | "
-                     f"{nc['seed_spread_mean_abs'] if nc else 'n/a'} | {sp['architecture_sd']} | {sp['best']} / {sp['worst']} |")
-    lines += ["", "Proxies are oriented so that higher predicts lower loss (`ntk_cond` is −κ). "
-              "Plots: `proxies.png` (all), `proxy-NAME.png` (one each), `noise-ceiling.png`.", ""]
+        nc_txt = (
+            f"{nc['spearman']:+.3f} [{nc['spearman_ci'][0]:+.2f}, {nc['spearman_ci'][1]:+.2f}], {nc['n']}"
+            if nc
+            else "n/a"
+        )
+        lines.append(
+            f"| {h} | {nc_txt} | {hf['spearman']:+.3f} [{hf['spearman_ci'][0]:+.2f}, {hf['spearman_ci'][1]:+.2f}] | "
+            f"{nc['seed_spread_mean_abs'] if nc else 'n/a'} | {sp['architecture_sd']} | {sp['best']} / {sp['worst']} |"
+        )
+    lines += [
+        "",
+        "Proxies are oriented so that higher predicts lower loss (`ntk_cond` is −κ). "
+        "Plots: `proxies.png` (all), `proxy-NAME.png` (one each), `noise-ceiling.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -138,7 +183,9 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     ppl = np.exp([r["runs"][seed]["heldout"]["indomain"]["full"] for r in rows])
     written, proxies = [], list(report["correlations"])
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(proxies) / cols), cols, figsize=(4 * cols, 3.4 * math.ceil(len(proxies) / cols)))
+    fig, axes = plt.subplots(
+        math.ceil(len(proxies) / cols), cols, figsize=(4 * cols, 3.4 * math.ceil(len(proxies) / cols))
+    )
     for ax, p in zip(np.ravel(axes), proxies):
         c = report["correlations"][p]["indomain"]
         x = np.array([r["proxies"][p] for r in rows])
@@ -151,7 +198,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         one.savefig(path, dpi=100)
         plt.close(one)
         written.append(path)
-    for ax in np.ravel(axes)[len(proxies):]:
+    for ax in np.ravel(axes)[len(proxies) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "proxies.png", dpi=90)
@@ -166,7 +213,11 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         ax.scatter(a, b)
         lo, hi = min(a + b), max(a + b)
         ax.plot([lo, hi], [lo, hi], "--", c="gray")
-        ax.set(xlabel=f"held-out loss, seed {seed}", ylabel=f"held-out loss, seed {other}", title=f"noise ceiling ρ={nc['spearman']:+.2f}")
+        ax.set(
+            xlabel=f"held-out loss, seed {seed}",
+            ylabel=f"held-out loss, seed {other}",
+            title=f"noise ceiling ρ={nc['spearman']:+.2f}",
+        )
         fig.tight_layout()
         fig.savefig(out / "noise-ceiling.png", dpi=100)
         plt.close(fig)

@@ -85,8 +85,12 @@ def train_tokenizer(source: str, val_fraction: float, vocab_size: int, out: Path
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts(), trainer=trainer)
     with atomic_path(out) as tmp:
         tok.save(str(tmp))
@@ -102,9 +106,16 @@ def heldout_sets(cfg: StudyConfig, tokenizer: Path, data: dict[str, Any]) -> dic
     from merino_pl.data import DocumentTokenizer, PileDataModule
 
     seq_len = int(data.get("seq_len", 128))
-    dm = PileDataModule(source=str(data.get("source", "embedded")), text_field=str(data.get("text_field", "text")),
-                        tokenizer=str(tokenizer), seq_len=seq_len, val_fraction=float(data.get("val_fraction", 0.05)),
-                        val_sequences=cfg.heldout_sequences, sample_by=data.get("sample_by", "paragraph"), num_workers=0)
+    dm = PileDataModule(
+        source=str(data.get("source", "embedded")),
+        text_field=str(data.get("text_field", "text")),
+        tokenizer=str(tokenizer),
+        seq_len=seq_len,
+        val_fraction=float(data.get("val_fraction", 0.05)),
+        val_sequences=cfg.heldout_sequences,
+        sample_by=data.get("sample_by", "paragraph"),
+        num_workers=0,
+    )
     sets = {"indomain": dm.validation_windows()}
     if cfg.cross_domain == "wikitext2":
         text = embedded_wikitext2().read_text(encoding="utf-8")
@@ -114,8 +125,10 @@ def heldout_sets(cfg: StudyConfig, tokenizer: Path, data: dict[str, Any]) -> dic
         sets["wikitext2"] = torch.from_numpy(tokens[: n * (seq_len + 1)].astype("int64").reshape(n, seq_len + 1))
     for name, windows in sets.items():
         if windows is None or len(windows) < 2:
-            raise MerinoError(f"held-out set {name!r} has fewer than 2 windows of {seq_len + 1} tokens: "
-                              "raise data.val_fraction in the fit config or lower heldout.sequences")
+            raise MerinoError(
+                f"held-out set {name!r} has fewer than 2 windows of {seq_len + 1} tokens: "
+                "raise data.val_fraction in the fit config or lower heldout.sequences"
+            )
     return sets
 
 
@@ -128,21 +141,34 @@ def prepare(cfg: StudyConfig, out: Path, architectures: list | None = None) -> d
 
     archs = architectures or sample_architectures(cfg.space, cfg.budgets, cfg.architectures, cfg.sample_seed)
     data = read_fit_data(cfg)
-    manifest = {"format": FORMAT, "name": cfg.name, "config": cfg.raw, "config_file": cfg.source,
-                "fit_config": str(cfg.fit_config), "fit_args": cfg.fit_args, "space": cfg.space.to_dict(),
-                "budgets": [b.text for b in cfg.budgets], "sample_seed": cfg.sample_seed,
-                "architectures": [a.to_dict() for a in archs], "data": data}
+    manifest = {
+        "format": FORMAT,
+        "name": cfg.name,
+        "config": cfg.raw,
+        "config_file": cfg.source,
+        "fit_config": str(cfg.fit_config),
+        "fit_args": cfg.fit_args,
+        "space": cfg.space.to_dict(),
+        "budgets": [b.text for b in cfg.budgets],
+        "sample_seed": cfg.sample_seed,
+        "architectures": [a.to_dict() for a in archs],
+        "data": data,
+    }
     path = out / "study.json"
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        same = old.get("architectures", [])[: len(archs)] == manifest["architectures"][: len(old.get("architectures", []))]
+        same = (
+            old.get("architectures", [])[: len(archs)] == manifest["architectures"][: len(old.get("architectures", []))]
+        )
         if not same or old.get("data") != data or old.get("fit_args") != cfg.fit_args:
             raise MerinoError(f"{out} holds a study with other architectures, data or fit settings: use another --out")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = cfg.tokenizer_file or out / "tokenizer.json"
     if not tokenizer.exists():
         print(f"study: training a {cfg.vocab_size}-id BPE on the training split of {data.get('source')}", flush=True)
-        train_tokenizer(str(data.get("source", "embedded")), float(data.get("val_fraction", 0.05)), cfg.vocab_size, tokenizer)
+        train_tokenizer(
+            str(data.get("source", "embedded")), float(data.get("val_fraction", 0.05)), cfg.vocab_size, tokenizer
+        )
     manifest["tokenizer"] = str(tokenizer)
     for name, windows in heldout_sets(cfg, tokenizer, data).items():
         torch.save(windows, out / f"heldout-{name}.pt")
@@ -155,8 +181,11 @@ def write_recipe(manifest: dict[str, Any], run: Run, run_dir: Path) -> Path:
     from merino_pl.core.config import MerinoConfig
 
     arch = MerinoConfig.from_dict(manifest["architectures"][run.arch_index])
-    recipe = Recipe(f"{manifest['name']}-{run.id}", arch,
-                    {"source": "study", "study": manifest["name"], "arch_index": run.arch_index, "seed": run.seed})
+    recipe = Recipe(
+        f"{manifest['name']}-{run.id}",
+        arch,
+        {"source": "study", "study": manifest["name"], "arch_index": run.arch_index, "seed": run.seed},
+    )
     return recipe.save(run_dir / "recipe.yaml")
 
 
@@ -166,23 +195,47 @@ def _launch(out: Path, run: Run, threads: int, extra: list[str]) -> tuple[Run, i
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with open(run_dir / "worker.log", "a", encoding="utf-8") as log:
-        rc = subprocess.call([sys.executable, "-m", "merino_pl.study.worker", str(out), str(run.arch_index),
-                              str(run.seed), str(threads), *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
+        rc = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "merino_pl.study.worker",
+                str(out),
+                str(run.arch_index),
+                str(run.seed),
+                str(threads),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     return run, rc, time.perf_counter() - start
 
 
-def run_study(cfg: StudyConfig, out: Path, jobs: int = 1, threads: int = 1, extra: list[str] | None = None,
-              progress: bool = True) -> list[Path]:
+def run_study(
+    cfg: StudyConfig, out: Path, jobs: int = 1, threads: int = 1, extra: list[str] | None = None, progress: bool = True
+) -> list[Path]:
     """Train every run of the study not yet finished, ``jobs`` at a time; returns the result files."""
     manifest = prepare(cfg, out)
     runs = plan_runs(cfg)
-    print(f"study {cfg.name}: {len(runs)} runs ({cfg.architectures} architectures + {cfg.ceiling_architectures} "
-          f"reruns), {jobs} at a time", flush=True)
+    print(
+        f"study {cfg.name}: {len(runs)} runs ({cfg.architectures} architectures + {cfg.ceiling_architectures} "
+        f"reruns), {jobs} at a time",
+        flush=True,
+    )
     return execute(manifest, out, runs, jobs, threads, extra, progress)
 
 
-def execute(manifest: dict[str, Any], out: Path, runs: list[Run], jobs: int = 1, threads: int = 1,
-            extra: list[str] | None = None, progress: bool = True) -> list[Path]:
+def execute(
+    manifest: dict[str, Any],
+    out: Path,
+    runs: list[Run],
+    jobs: int = 1,
+    threads: int = 1,
+    extra: list[str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
     """Train ``runs`` (skipping finished ones) with the worker, ``jobs`` processes at a time."""
     from tqdm.auto import tqdm
 
@@ -215,5 +268,7 @@ def execute(manifest: dict[str, Any], out: Path, runs: list[Run], jobs: int = 1,
                 bar.update(1)
     bar.close()
     if failed:
-        raise MerinoError(f"{len(failed)} run(s) failed: {', '.join(failed)} (logs in {out / 'runs'}); run again to retry them")
+        raise MerinoError(
+            f"{len(failed)} run(s) failed: {', '.join(failed)} (logs in {out / 'runs'}); run again to retry them"
+        )
     return sorted((out / "results").glob("*.json"))

@@ -27,8 +27,9 @@ def width_sequences(space: SearchSpace) -> np.ndarray:
     return np.array(list(seqs), dtype=np.int64)
 
 
-def feasible(space: SearchSpace, genes: Genes, budgets: list[Budget], codes: np.ndarray,
-             tables: list | None = None) -> np.ndarray:
+def feasible(
+    space: SearchSpace, genes: Genes, budgets: list[Budget], codes: np.ndarray, tables: list | None = None
+) -> np.ndarray:
     """Which rows of block codes fit every budget (widths are non-decreasing by construction);
     ``tables``: the budgets' cost tables, when the caller checks many batches."""
     ei = genes.embed_idx[codes]
@@ -47,8 +48,9 @@ def draw(space: SearchSpace, widths: np.ndarray, rng: np.random.Generator, batch
     return Genes.encode(space, ei, fi, li)
 
 
-def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, batch: int = 65536,
-                 max_draws: int = 50_000_000) -> np.ndarray:
+def sample_codes(
+    space: SearchSpace, budgets: list[Budget], n: int, seed: int, batch: int = 65536, max_draws: int = 50_000_000
+) -> np.ndarray:
     """``n`` distinct feasible architectures as block-code rows, uniform over the feasible set."""
     genes = Genes.of(space)
     widths = width_sequences(space)
@@ -59,8 +61,10 @@ def sample_codes(space: SearchSpace, budgets: list[Budget], n: int, seed: int, b
     drawn = 0
     while len(out) < n:
         if drawn >= max_draws:
-            raise MerinoError(f"only {len(out)} distinct feasible architectures found in {drawn:,} draws "
-                              f"(asked for {n}): the budget admits too few designs of {space.source}")
+            raise MerinoError(
+                f"only {len(out)} distinct feasible architectures found in {drawn:,} draws "
+                f"(asked for {n}): the budget admits too few designs of {space.source}"
+            )
         codes = draw(space, widths, rng, batch)
         drawn += batch
         for row in codes[feasible(space, genes, budgets, codes, tables)]:

@@ -34,14 +34,34 @@ def _arg(argv: list[str], flag: str) -> str | None:
 def fit_argv(manifest: dict[str, Any], run: Run, run_dir: Path, extra: list[str]) -> tuple[list[str], int]:
     """The ``merino-pl fit`` arguments of this run, and its step count."""
     overrides = [*manifest["fit_args"], *extra]
-    steps = _arg(overrides, "--trainer.max_steps") or (read_yaml(manifest["fit_config"], "fit config") or {}).get("trainer", {}).get("max_steps")
+    steps = _arg(overrides, "--trainer.max_steps") or (read_yaml(manifest["fit_config"], "fit config") or {}).get(
+        "trainer", {}
+    ).get("max_steps")
     steps = int(steps)
     fit_dir = run_dir / "fit"
-    argv = ["--config", manifest["fit_config"], *overrides,
-            "--model.recipe", str(run_dir / "recipe.yaml"), "--model.seed", str(run.seed), "--data.seed", str(run.seed),
-            "--seed_everything", str(run.seed), "--data.tokenizer", manifest["tokenizer"],
-            "--trainer.default_root_dir", str(fit_dir), "--trainer.logger.init_args.save_dir", str(fit_dir),
-            "--checkpoint.every_n_train_steps", str(max(1, steps // 2)), "--checkpoint.save_top_k", "-1"]
+    argv = [
+        "--config",
+        manifest["fit_config"],
+        *overrides,
+        "--model.recipe",
+        str(run_dir / "recipe.yaml"),
+        "--model.seed",
+        str(run.seed),
+        "--data.seed",
+        str(run.seed),
+        "--seed_everything",
+        str(run.seed),
+        "--data.tokenizer",
+        manifest["tokenizer"],
+        "--trainer.default_root_dir",
+        str(fit_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(fit_dir),
+        "--checkpoint.every_n_train_steps",
+        str(max(1, steps // 2)),
+        "--checkpoint.save_top_k",
+        "-1",
+    ]
     if (fit_dir / "checkpoints" / "last.ckpt").exists():  # a killed run resumes exactly where it saved
         argv += ["--ckpt_path", "last"]
     return argv, steps
@@ -52,11 +72,19 @@ def training_batches(manifest: dict[str, Any], seed: int, n: int) -> list[torch.
     from merino_pl.data import PileDataModule
 
     d = manifest["data"]
-    dm = PileDataModule(source=str(d.get("source", "embedded")), text_field=str(d.get("text_field", "text")),
-                        tokenizer=manifest["tokenizer"], seq_len=int(d.get("seq_len", 128)),
-                        batch_size=int(d.get("batch_size", 8)), seed=seed, val_fraction=float(d.get("val_fraction", 0.05)),
-                        val_sequences=0, shuffle_windows=int(d.get("shuffle_windows", 256)),
-                        sample_by=d.get("sample_by", "paragraph"), num_workers=0)
+    dm = PileDataModule(
+        source=str(d.get("source", "embedded")),
+        text_field=str(d.get("text_field", "text")),
+        tokenizer=manifest["tokenizer"],
+        seq_len=int(d.get("seq_len", 128)),
+        batch_size=int(d.get("batch_size", 8)),
+        seed=seed,
+        val_fraction=float(d.get("val_fraction", 0.05)),
+        val_sequences=0,
+        shuffle_windows=int(d.get("shuffle_windows", 256)),
+        sample_by=d.get("sample_by", "paragraph"),
+        num_workers=0,
+    )
     dm.set_rank(0, 1)
     batches = []
     for batch in dm.train_dataset():
@@ -127,10 +155,18 @@ def main(argv: list[str]) -> int:
         windows = torch.load(out / f"heldout-{name}.pt", weights_only=True)
         heldout[name] = {"half": heldout_loss(half, windows), "full": heldout_loss(full, windows)}
     result = {
-        "format": RESULT_FORMAT, "id": run.id, "arch_index": arch_index, "seed": seed,
-        "architecture": manifest["architectures"][arch_index], "steps": steps, "half_step": max(1, steps // 2),
-        "heldout": heldout, "train_loss_end": last_train_loss(run_dir / "fit", steps),
-        "fit_seconds": round(seconds, 1), "threads": threads, "proxies": json.loads(proxies_file.read_text(encoding="utf-8")),
+        "format": RESULT_FORMAT,
+        "id": run.id,
+        "arch_index": arch_index,
+        "seed": seed,
+        "architecture": manifest["architectures"][arch_index],
+        "steps": steps,
+        "half_step": max(1, steps // 2),
+        "heldout": heldout,
+        "train_loss_end": last_train_loss(run_dir / "fit", steps),
+        "fit_seconds": round(seconds, 1),
+        "threads": threads,
+        "proxies": json.loads(proxies_file.read_text(encoding="utf-8")),
         "fit_argv": args,
     }
     write_json(out / "results" / f"{run.id}.json", result)

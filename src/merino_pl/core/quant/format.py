@@ -54,7 +54,6 @@ class QuantSpec:
     embedding: str = "fp16"  # "fp16": as the other unquantized tensors; "int8": row-wise int8 (qembedding.py)
 
 
-
 def quantize_config(spec: QuantSpec) -> dict[str, Any]:
     """The ``quantize_config.json`` keys auto-gptq 0.7 / GPTQModel 7 write for a v1 checkpoint."""
     return {
@@ -94,7 +93,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def _unquantized(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not (k.endswith(".weight") and k[: -len(".weight")] in quantized)}
+    return {
+        k: v for k, v in model.state_dict().items() if not (k.endswith(".weight") and k[: -len(".weight")] in quantized)
+    }
 
 
 def round_unquantized(model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
@@ -112,15 +113,21 @@ def packed_state_dict(
     """The checkpoint's tensors: packed GPTQ tensors for ``quantized``, the rest in ``dtype``
     (float16 by default, as GPTQ checkpoints are fp16 models: at MeRino's scale the unquantized
     embedding is most of the file)."""
-    state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v).detach().contiguous()
-             for k, v in _unquantized(model, quantized).items()}  # an int8 embedding's scales stay fp16
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v).detach().contiguous()
+        for k, v in _unquantized(model, quantized).items()
+    }  # an int8 embedding's scales stay fp16
     for name, q in quantized.items():
         state.update({f"{name}.{t}": v.contiguous() for t, v in pack(q).items()})
     return state
 
 
 def write_quantized(
-    tmp: Path, model: MerinoForCausalLM, quantized: dict[str, QuantizedWeight], spec: QuantSpec, tokenizer: str | None,
+    tmp: Path,
+    model: MerinoForCausalLM,
+    quantized: dict[str, QuantizedWeight],
+    spec: QuantSpec,
+    tokenizer: str | None,
     float_dtype: str = "float16",
 ) -> None:
     """Fill directory ``tmp`` with config, quantize config, weights and tokenizer."""
@@ -135,7 +142,11 @@ def write_quantized(
     config.dtype = float_dtype  # what the unquantized tensors are stored in
     save_model_files(tmp, config, tokenizer)  # config.json, tokenizer, remote code
     (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
-    save_file(packed_state_dict(model, quantized, torch_dtype(float_dtype)), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(
+        packed_state_dict(model, quantized, torch_dtype(float_dtype)),
+        str(tmp / WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
 
 
 def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]:
@@ -157,8 +168,10 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
     config = MerinoHFConfig.from_pretrained(path)
     # float tensors load as float32 whatever the writer used (GPTQModel writes bf16 / fp16 ones);
     # scales stay fp16 as the format defines them
-    state = {k: v.float() if v.is_floating_point() and not k.endswith(".scales") else v
-             for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
+    state = {
+        k: v.float() if v.is_floating_point() and not k.endswith(".scales") else v
+        for k, v in load_file(str(path / WEIGHTS_NAME)).items()
+    }
     with torch.device("meta"):
         model = MerinoForCausalLM(config)
     for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight") and k != "model.embed_tokens.qweight"]:
@@ -166,16 +179,20 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         if not isinstance(lin, nn.Linear):
             raise MerinoError(f"{path}: {name} holds a qweight but is not a linear layer of this architecture")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None))
+        setattr(
+            model.get_submodule(parent),
+            child,
+            QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None),
+        )
     if embedding == "int8":
         attach(model.model, QuantEmbedding(config.vocab_size, model.arch.d_model))
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise MerinoError(f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}") from None
+        raise MerinoError(
+            f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}"
+        ) from None
     workspace = stream_blocks(model)  # one dequantization per block call; nothing float kept between calls
     if embedding == "int8":
         model.model.embed_tokens.workspace = workspace  # the head converts its row chunks there too
     return model.eval(), qcfg
-

@@ -40,8 +40,10 @@ def block_for(rows_per_group: int) -> int:
     for b in (256, 128, 64, 32, 16):
         if rows_per_group % b == 0:
             return b
-    raise MerinoError(f"a GPTQ group of {rows_per_group} rows has no power-of-two block >= 16 dividing it: "
-                      "MatMulNBits cannot hold it (quantize with --group-size 128, 64 or 32)")
+    raise MerinoError(
+        f"a GPTQ group of {rows_per_group} rows has no power-of-two block >= 16 dividing it: "
+        "MatMulNBits cannot hold it (quantize with --group-size 128, 64 or 32)"
+    )
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,9 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def nbits_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, rows_per_group: int, bits: int) -> dict[str, torch.Tensor]:
+def nbits_tensors(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, rows_per_group: int, bits: int
+) -> dict[str, torch.Tensor]:
     """MatMulNBits ``B`` / ``scales`` / ``zero_points`` from (K, N) uint8 codes whose groups are
     contiguous runs of ``rows_per_group`` rows, (groups, N) float scales and integer zeros."""
     K, N = codes.shape
@@ -65,8 +69,13 @@ def nbits_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         if k_blocks % 2:
             z = torch.cat([z, torch.zeros(N, 1, dtype=torch.uint8)], dim=1)
         z = _pack_nibbles(z)
-    return {"B": w.contiguous(), "scales": scales.float().t()[:, block_group].reshape(-1).contiguous(),
-            "zero_points": z.reshape(-1).contiguous(), "block_size": torch.tensor(b), "K": torch.tensor(K)}
+    return {
+        "B": w.contiguous(),
+        "scales": scales.float().t()[:, block_group].reshape(-1).contiguous(),
+        "zero_points": z.reshape(-1).contiguous(),
+        "block_size": torch.tensor(b),
+        "K": torch.tensor(K),
+    }
 
 
 def prepare(model: nn.Module, accuracy_level: int = ACCURACY_LEVEL) -> int:
@@ -101,10 +110,20 @@ def prepare(model: nn.Module, accuracy_level: int = ACCURACY_LEVEL) -> int:
 
 
 def _nbits(x: torch.Tensor, m: nn.Module, N: int, bits: int) -> torch.Tensor:
-    attrs = {"K": m._onnx["K"], "N": N, "bits": bits, "block_size": m._onnx["block_size"], "accuracy_level": m._onnx["accuracy_level"]}
+    attrs = {
+        "K": m._onnx["K"],
+        "N": N,
+        "bits": bits,
+        "block_size": m._onnx["block_size"],
+        "accuracy_level": m._onnx["accuracy_level"],
+    }
     return torch.onnx.ops.symbolic(
-        "com.microsoft::MatMulNBits", [x, m.onnx_B, m.onnx_scales, m.onnx_zero_points], attrs,
-        dtype=x.dtype, shape=[*x.shape[:-1], N], version=1,
+        "com.microsoft::MatMulNBits",
+        [x, m.onnx_B, m.onnx_scales, m.onnx_zero_points],
+        attrs,
+        dtype=x.dtype,
+        shape=[*x.shape[:-1], N],
+        version=1,
     )
 
 

@@ -58,7 +58,9 @@ def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_rows(qzeros.t(), bits).t() + 1
 
 
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> torch.Tensor:
     """The (out, in) weight in the dtype of ``scales``' float32 upcast (exact for fp16 scales)."""
     codes = unpack_rows(qweight, bits)  # (in, out)
     zeros = unpack_zeros(qzeros, bits)  # (groups, out)

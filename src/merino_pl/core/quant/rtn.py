@@ -87,4 +87,6 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) ->
         scales[g], zeros[g] = grid_params(part, bits, sym)
         codes[:, start : start + gs] = quantize_codes(part, scales[g][:, None], zeros[g][:, None], bits)
     g_idx = torch.arange(cols) // gs
-    return QuantizedWeight(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size)
+    return QuantizedWeight(
+        codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits, group_size
+    )
