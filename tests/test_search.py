@@ -408,12 +408,13 @@ def test_search_with_latency_table(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_shipped_search_configs_load() -> None:
     import argparse
 
-    from merino_pl.search.cli import add_arguments, resolve_settings
+    from merino_pl.search.api import resolve_settings
+    from merino_pl.search.cli import add_arguments, options
 
     for name in PAPER:
         p = argparse.ArgumentParser()
         add_arguments(p)
-        s = resolve_settings(p.parse_args(["--config", str(REPO / "search" / f"{name}.yaml")]))
+        s = resolve_settings(options(p.parse_args(["--config", str(REPO / "search" / f"{name}.yaml")])))
         nominal = float(name.split("-")[1][:-1]) * 1e9  # the paper's printed budget
         assert nominal <= s.budgets[0].limit <= 1.02 * nominal
         assert s.evolution == EvolutionConfig() and s.entropy == ent.DEFAULT and s.space == SPACE

@@ -28,10 +28,11 @@ from merino_pl.search import exhaustive
 from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
 from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
 from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
+from merino_pl.search.exhaustive import optimum
 
 # What other stages may use of the search (the proxy study re-runs its pieces): these names,
 # imported from this module. The modules behind them are the stage's internals.
-PUBLIC_NAMES = (
+__all__ = [
     "SearchOptions",
     "SearchSettings",
     "search",
@@ -47,7 +48,7 @@ PUBLIC_NAMES = (
     "arch_entropy",
     "PROXIES",
     "optimum",
-)
+]
 
 CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "name")
 
