@@ -177,6 +177,20 @@ def _export(
     program.save(str(tmp), external_data=False)
 
 
+def open_session(path: str | Path, threads: int | None = None, device: str = "cpu", quiet: bool = False) -> Any:
+    """An onnxruntime session over ``path`` with ``threads`` intra-op threads (default: PyTorch's,
+    so its rows compare with torch's), on CUDA first when ``device`` is one; ``quiet``: errors only
+    (no "unused initializer" warnings)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    if quiet:
+        options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
+    return ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
+
+
 class OnnxRunner:
     """The harness's runner over an onnxruntime session of an exported graph (see module doc)."""
 
@@ -192,14 +206,8 @@ class OnnxRunner:
         max_new_tokens: int = 0,
     ) -> None:
         import numpy as np
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch's rows
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-        )
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = open_session(path, device=device)
         self.in_names, self.out_names = io_names(model)
         self.seq, self.decode_tokens = seq, decode_tokens
         g = torch.Generator().manual_seed(seed)

@@ -348,14 +348,10 @@ class OrtDecoder:
     """An onnxruntime session over a decoder graph with optimum's KV-cache names (module doc)."""
 
     def __init__(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort
-        import torch
+        from merino_pl.export.onnx import open_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.log_severity_level = 3  # errors only: no "unused initializer" warnings before the text
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:  # quiet: no onnxruntime warnings before the text
+            self.session = open_session(path, threads, quiet=True)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidGraph / OSError
             raise MerinoError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0]})") from None
         self.path = path
