@@ -14,6 +14,11 @@ In one process (so every ratio compares rows of the same run):
    made by the quantize stage's RTN in its GPTQ format and loaded packed), on torch and on
    onnxruntime (MatMulNBits): resident weight bytes (measured), file bytes, prefill, per-token
    decode and generation tokens/s (128-token prompt + 128 new tokens).
+3. **Torch prefill, interleaved**: the report's rows are timed one after the other, so a load
+   change between the fp32 and the INT rows moves their ratio (on this shared 2-core machine
+   by up to +-20 %). The torch prefill ratios of the acceptance (INT8 / INT4 within 1.15x of
+   fp32) are therefore also timed interleaved: ``--rounds`` rounds, each calling fp32, INT8 and
+   INT4 (plain and fast path) once in a shuffled order; medians and means of the same rounds.
 
 Peers have random weights built from their published configs (latency does not depend on the
 values). Prints the acceptance table; writes runs/bench/latency.json and each report under
@@ -33,8 +38,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+import copy  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+
+from merino_pl.core.checkpoint import load_model  # noqa: E402
 from merino_pl.core.io import write_json  # noqa: E402
-from merino_pl.latency.report import Options, build_report, write_report  # noqa: E402
+from merino_pl.latency.fast import fuse_qkv  # noqa: E402
+from merino_pl.latency.harness import TorchRunner  # noqa: E402
+from merino_pl.latency.report import Options, build_report, quantized_model, write_report  # noqa: E402
 
 PAIRS = [("merino-64m", "opt-350m", 5.0), ("merino-52m", "pythia-70m", 2.0)]  # (ours, peer, target x)
 
@@ -49,6 +62,7 @@ def main() -> int:
         "--threads", type=int, default=2, help="torch and onnxruntime threads of the full protocol (default: 2)"
     )
     ap.add_argument("--skip-pairs", action="store_true", help="only the quantized MeRino-64M part")
+    ap.add_argument("--rounds", type=int, default=16, help="rounds of the interleaved torch prefill timing")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "latency.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +101,12 @@ def main() -> int:
     quant = build_report("merino-64m", opts, out_dir / "merino-64m-quantized")
     write_report(out_dir / "merino-64m-quantized", quant)
     quant = quant.to_json()  # the report as latency.json holds it
-    summary = {"pairs": [pair_summary(p) for p in pairs], "quantized": quantized_summary(quant)}
+    interleaved = interleaved_prefill("merino-64m", opts, 2 if args.quick else args.rounds)
+    summary = {
+        "pairs": [pair_summary(p) for p in pairs],
+        "quantized": quantized_summary(quant),
+        "interleaved_prefill": interleaved,
+    }
     device_line = quant["device"]["summary"]
     print_summary(summary, device_line, runs, warmup, time.time() - t0)
     write_json(
@@ -164,6 +183,49 @@ def quantized_summary(rep: dict) -> dict:
     return out
 
 
+def interleaved_prefill(recipe: str, opts: Options, rounds: int) -> dict:
+    """Torch prefill (batch 1, 128 tokens) of fp32, INT8 and INT4 (the report's models: same
+    seed, same RTN directories), plain and fast path, timed in ``rounds`` shuffled rounds after
+    ``opts.warmup`` warm-up calls each: per variant the median and mean ms, and each INT variant
+    over fp32 on the same path."""
+    loaded = load_model(recipe, seed=opts.seed)
+    fp32 = copy.deepcopy(loaded.model).eval()
+    fused = copy.deepcopy(loaded.model).eval()
+    fuse_qkv(fused)
+    runners = {
+        ("fp32", "plain"): TorchRunner(fp32, opts.batch, opts.seq, opts.device, 1, seed=opts.seed),
+        ("fp32", "fast"): TorchRunner(fused, opts.batch, opts.seq, opts.device, 1, True, seed=opts.seed),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in ("int8", "int4"):
+            q = quantized_model(loaded, p, Path(tmp), opts.embedding).eval()
+            runners[(p, "plain")] = TorchRunner(q, opts.batch, opts.seq, opts.device, 1, seed=opts.seed)
+            runners[(p, "fast")] = TorchRunner(q, opts.batch, opts.seq, opts.device, 1, True, seed=opts.seed)
+    for r in runners.values():
+        for _ in range(opts.warmup):
+            r.prefill()
+    samples: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            t0 = time.perf_counter()
+            runners[k].prefill()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    ms = {
+        f"{p} {path}": {"median": statistics.median(v), "mean": statistics.fmean(v)} for (p, path), v in samples.items()
+    }
+    ratios = {
+        f"torch_{p}_{path}_prefill_over_fp32": {
+            stat: ms[f"{p} {path}"][stat] / ms[f"fp32 {path}"][stat] for stat in ("median", "mean")
+        }
+        for p in ("int8", "int4")
+        for path in ("plain", "fast")
+    }
+    return {"rounds": rounds, "warmup": opts.warmup, "ms": ms, "ratios": ratios}
+
+
 def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) -> None:
     print(
         f"\nlatency on {device}: batch 1, seq 128; full protocol mean of {runs} after {warmup} warm-up; paper protocol "
@@ -208,15 +270,27 @@ def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) 
         )
         checks.append(
             (
-                f"torch {p.upper()} prefill / fp32 (plain)",
+                f"torch {p.upper()} prefill / fp32 (plain), report rows (timed one after the other)",
                 q[f"torch_{p}_plain_prefill_over_fp32"],
-                "<= 1.15",
-                q[f"torch_{p}_plain_prefill_over_fp32"] <= 1.15,
+                "(info)",
+                None,
             )
         )
         checks.append(
             (f"torch {p.upper()} prefill / fp32 (fast path)", q[f"torch_{p}_fast_prefill_over_fp32"], "(info)", None)
         )
+    il = s["interleaved_prefill"]
+    for p in ("int8", "int4"):
+        for path in ("plain", "fast"):
+            r = il["ratios"][f"torch_{p}_{path}_prefill_over_fp32"]
+            checks.append(
+                (
+                    f"torch {p.upper()} prefill / fp32 ({path}), interleaved: median (mean {r['mean']:.3f})",
+                    r["median"],
+                    "<= 1.15",
+                    r["median"] <= 1.15,
+                )
+            )
     print("\n| MeRino-64M, quantized | ratio | target | |\n|---|---:|---|---|")
     for name, value, target, ok in checks:
         print(f"| {name} | {value:.3f} | {target} | {'' if ok is None else ('met' if ok else 'missed')} |")
@@ -229,6 +303,10 @@ def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) 
         print("\n| generation (128 prompt + new tokens) | tokens/s |\n|---|---:|")
         for k, v in q["generation_tokens_per_s"].items():
             print(f"| {k} | {v:.2f} |")
+    print(
+        f"\ninterleaved torch prefill, {il['rounds']} rounds: "
+        + ", ".join(f"{k} {v['median']:.1f} ms" for k, v in il["ms"].items())
+    )
     print(f"\noutput checks all ok: {q['checks_ok']}")
 
 

@@ -12,8 +12,11 @@ from merino_pl.core.quant.qlinear import QuantLinear, Workspace
 from merino_pl.core.quant.rtn import QuantizedWeight, num_groups
 
 
-def _layer(k: int, n: int, bits: int, group: int, act_order: bool = False, seed: int = 0) -> QuantLinear:
-    """A QuantLinear over random codes / scales / zeros (all of the grid, not only a symmetric one)."""
+def _layer(
+    k: int, n: int, bits: int, group: int, act_order: bool = False, seed: int = 0, sym: bool = False
+) -> QuantLinear:
+    """A QuantLinear over random codes / scales / zeros (all of the grid; ``sym``: every zero
+    the grid's middle, GPTQ's default, which dequantizes by its own path)."""
     g = torch.Generator().manual_seed(seed)
     groups = num_groups(k, group)
     size = k if group == -1 else group
@@ -23,7 +26,9 @@ def _layer(k: int, n: int, bits: int, group: int, act_order: bool = False, seed:
     q = QuantizedWeight(
         codes=torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.int32),
         scales=(torch.rand(groups, n, generator=g) * 0.01 + 1e-3).half().float(),
-        zeros=torch.randint(1, 2**bits, (groups, n), generator=g, dtype=torch.int32),
+        zeros=torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32)
+        if sym
+        else torch.randint(1, 2**bits, (groups, n), generator=g, dtype=torch.int32),
         g_idx=g_idx.to(torch.int32),
         bits=bits,
         group_size=group,
@@ -45,9 +50,11 @@ CASES = [  # (in, out, bits, group, act_order): per channel, whole groups, a sho
 ]
 
 
+@pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("k,n,bits,group,act_order", CASES)
-def test_dequantized_equals_the_reference_unpacking(k, n, bits, group, act_order):
-    lin = _layer(k, n, bits, group, act_order)
+def test_dequantized_equals_the_reference_unpacking(k, n, bits, group, act_order, sym):
+    lin = _layer(k, n, bits, group, act_order, sym=sym)
+    assert lin._is_symmetric() == sym
     ref = dequantize(lin.qweight, lin.qzeros, lin.scales, lin.g_idx, bits)  # (out, in), original order
     assert torch.equal(lin.codes(), unpack_rows(lin.qweight, bits).to(torch.uint8))
     perm, _ = lin._row_order()
@@ -58,10 +65,11 @@ def test_dequantized_equals_the_reference_unpacking(k, n, bits, group, act_order
     torch.testing.assert_close(lin(x), x @ ref.t() + lin.bias, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits,act_order", [(4, False), (8, False), (4, True)])
-def test_dequantization_writes_into_the_given_workspace(bits, act_order):
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits,act_order", [(4, False), (8, False), (4, True), (8, True)])
+def test_dequantization_writes_into_the_given_workspace(bits, act_order, sym):
     """The reused buffers are written, not fresh tensors; the same result as a fresh dequantization."""
-    lin = _layer(64, 32, bits, 16, act_order, seed=1)
+    lin = _layer(64, 32, bits, 16, act_order, seed=1, sym=sym)
     ws = Workspace(64 * 32 + 7, lin.scratch_bytes())
     w = lin.dequantized(out=ws.floats, scratch=ws.bytes)
     assert w.data_ptr() == ws.floats.data_ptr() and w.shape == (32, 64)
@@ -69,6 +77,28 @@ def test_dequantization_writes_into_the_given_workspace(bits, act_order):
     ws.floats.fill_(float("nan"))  # stale scratch must not leak into the next call
     ws.bytes.fill_(255)
     assert torch.equal(lin.dequantized(out=ws.floats, scratch=ws.bytes), lin.dequantized())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_resident_words_are_transposed_and_the_state_dict_is_the_files(bits, tmp_path):
+    """Loaded (copied or assigned), ``qweight`` is held with each output row's words contiguous;
+    ``state_dict`` and safetensors give back GPTQ's contiguous (in // k, out) tensor, unchanged,
+    and a module given that layout directly still dequantizes the same."""
+    from safetensors.torch import load_file, save_model
+
+    ref = _layer(48, 24, bits, 16, sym=True)
+    packed = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert packed["qweight"].is_contiguous() and packed["qweight"].shape == (48 * bits // 32, 24)
+    for assign in (False, True):
+        lin = QuantLinear(48, 24, bits, 16, bias=True)
+        lin.load_state_dict({k: v.clone() for k, v in packed.items()}, assign=assign)
+        assert lin.qweight.shape == packed["qweight"].shape and lin.qweight.t().is_contiguous()
+        assert torch.equal(lin.qweight, packed["qweight"])
+        assert torch.equal(lin.dequantized(), ref.dequantized())
+        save_model(lin, str(tmp_path / "w.safetensors"))
+        assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["qweight"], packed["qweight"])
+    lin.qweight = packed["qweight"].clone()  # the GPTQ layout itself: transposed per call instead
+    assert torch.equal(lin.dequantized(), ref.dequantized())
 
 
 @pytest.mark.parametrize("tokens", [1, 5])

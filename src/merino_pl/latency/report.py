@@ -556,16 +556,15 @@ def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
 
 def quantized_model(loaded: LoadedModel, precision: str, tmp: Path, embedding: str = "fp16") -> torch.nn.Module:
     """The int8 / int4 model of a float one: the quantize stage's round-to-nearest (its public
-    entry, ``quantize.api.quantize``; group 128 where every width allows it, else per channel;
+    entry, ``quantize.api.quantize``) at its default group size (128: a width that is not a
+    multiple, such as MeRino-64M's 960-wide FFN, ends in a shorter group, as GPTQ writes it;
     ``embedding`` int8: the row-wise int8 table too), written as a GPTQ directory and read back,
     so the rows time exactly what a GPTQ directory runs: packed weights, dequantized per block.
     (A GPTQ directory given to ``latency`` is timed as it is, not through here.)"""
     from merino_pl.core.quant.format import QuantSpec, load_quantized
     from merino_pl.quantize.api import CalibrationSettings, quantize
 
-    arch = loaded.recipe.architecture
-    group = 128 if all(w % 128 == 0 for b in arch.blocks for w in (b.embed_dim, b.ffn)) else -1  # the linears' inputs
-    spec = QuantSpec(bits=INT_BITS[precision], group_size=group, method="rtn", embedding=embedding)
+    spec = QuantSpec(bits=INT_BITS[precision], method="rtn", embedding=embedding)
     out = tmp / f"rtn-{precision}"
     # RTN reads no calibration windows, and no held-out check is wanted: only the directory is timed
     quantize(loaded, spec, CalibrationSettings(holdout=0, seq_len=1), out, verbose=False)

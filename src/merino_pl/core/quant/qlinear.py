@@ -41,18 +41,41 @@ class QuantLinear(nn.Module):
         k = 32 // bits
         groups = num_groups(in_features, group_size)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.register_buffer("qweight", torch.zeros(in_features // k, out_features, dtype=torch.int32))
+        # GPTQ's (in // k, out) words, held transposed ((out, in // k) storage, the (in // k, out)
+        # shape and keys of the format): see ``_load_from_state_dict``
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // k, dtype=torch.int32).t())
         self.register_buffer("qzeros", torch.zeros(groups, out_features // k, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._order: tuple[torch.Tensor | None, int] | None = None  # (row permutation or None, rows per group)
+        self._symmetric: bool | None = None  # every zero point is 2^(bits-1) (GPTQ's sym=True)
         self._transient: torch.Tensor | None = None  # set by stream_blocks while the block runs
 
     # ---- layout -------------------------------------------------------------------------------
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # new tensors: new layout
-        self._order, self._transient = None, None
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Loads the file's tensors, then repacks ``qweight`` to the resident layout.
+
+        Resident ``qweight`` is GPTQ's (in // k, out) int32 tensor stored transposed: each output
+        row's words are contiguous, so its bytes are that row's codes in input order with no
+        transpose per dequantization (the copy that took a third of it). GPTQ kernels repack at
+        load in the same way (ExLlama, Marlin); the bytes are the same, the keys, shapes and
+        values unchanged, and ``state_dict`` gives the file's contiguous layout back.
+        """
+        self._order, self._transient, self._symmetric = None, None, None  # new tensors: new layout
         super()._load_from_state_dict(*args, **kwargs)
+        if not self.qweight.t().is_contiguous():  # ``assign=True`` put the file's layout in place
+            self.qweight = self.qweight.t().contiguous().t()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = destination[prefix + "qweight"].contiguous()  # the file's layout
+
+    def _is_symmetric(self) -> bool:
+        """Every zero point is the grid's middle 2^(bits-1) (GPTQ ``sym=True``, the default)."""
+        if self._symmetric is None:
+            self._symmetric = bool((self.zeros_float() == 2 ** (self.bits - 1)).all())
+        return self._symmetric
 
     def _row_order(self) -> tuple[torch.Tensor | None, int]:
         """(permutation putting every group's rows together, or None when they already are; the
@@ -69,28 +92,31 @@ class QuantLinear(nn.Module):
         return self._order
 
     def codes(self) -> torch.Tensor:
-        """(in, out) uint8 integer codes in original row order (one byte each; a transposed view)."""
-        return self._codes_nk(None).t()
+        """(in, out) uint8 integer codes in original row order (one byte each; a fresh tensor)."""
+        return self._codes_nk(None).clone().t()
 
     def scratch_bytes(self) -> int:
-        """Bytes of uint8 scratch ``dequantized`` uses: the words transposed, the 4-bit spread
-        (two int16 halves), the act-order gather."""
+        """Bytes of uint8 scratch ``dequantized`` uses: the 4-bit spread (two int16 halves) or the
+        8-bit recentred codes, the act-order gather (and the words, if not held transposed)."""
         n = self.in_features * self.out_features
         perm, _ = self._row_order()
-        return _align(n * self.bits // 8) + (2 * _align(n) if self.bits == 4 else 0) + (n if perm is not None else 0)
+        return _align(n * self.bits // 8) + 2 * _align(n) + (n if perm is not None else 0)
 
     def _codes_nk(self, scratch: torch.Tensor | None) -> torch.Tensor:
-        """(out, in) uint8 codes in original column order, built in ``scratch`` (``scratch_bytes``).
+        """(out, in) uint8 codes in original column order: for 8 bits a view of ``qweight`` itself
+        (read-only!), for 4 bits built in ``scratch`` (``scratch_bytes``) after its words part.
 
-        The int32 words are transposed first ((in // k, out) -> (out, in // k): k codes move per
-        element), after which the little-endian bytes of each row ARE its codes in input order:
-        8-bit needs nothing more; 4-bit spreads every byte ``hl`` into the int16 ``0h0l``, i.e.
-        the two bytes ``l, h`` (``(v | v << 4) & 0x0F0F``), all contiguous, vectorised passes.
+        The resident words are (out, in // k) (``_load_from_state_dict``), so the little-endian
+        bytes of each row ARE its codes in input order: 8-bit needs nothing more; 4-bit spreads
+        every byte ``hl`` into the int16 ``0h0l``, i.e. the two bytes ``l, h``
+        (``(v | v << 4) & 0x0F0F``), all contiguous, vectorised passes.
         """
         rows, N = self.qweight.shape
         if scratch is None:
             scratch = torch.empty(self.scratch_bytes(), dtype=torch.uint8, device=self.qweight.device)
-        words = _take(scratch, 0, rows * N * 4, torch.int32).view(N, rows).copy_(self.qweight.t())
+        words = self.qweight.t()
+        if not words.is_contiguous():  # a GPTQ-layout tensor assigned directly: transpose it here
+            words = _take(scratch, 0, rows * N * 4, torch.int32).view(N, rows).copy_(words)
         b = words.view(torch.uint8).view(N, rows * 4)
         if self.bits == 8:
             return b
@@ -124,14 +150,28 @@ class QuantLinear(nn.Module):
         if scratch is None:
             scratch = torch.empty(self.scratch_bytes(), dtype=torch.uint8, device=self.qweight.device)
         codes = self._codes_nk(scratch)
+        s = self.scales.float().t()  # (out, groups)
+        symmetric = self._is_symmetric()
+        if symmetric:  # q - z in bytes (mod 256, read as int8): one byte pass instead of a float one
+            mid = 2 ** (self.bits - 1)
+            if self.bits == 8:  # the codes are the resident bytes: recentre into the scratch
+                codes = torch.sub(codes, mid, out=scratch[_align(K * N) : _align(K * N) + K * N].view(N, K))
+            else:  # the codes are the scratch's own spread
+                codes.sub_(mid)
+            codes = codes.view(torch.int8)
         if perm is not None:  # act-order: columns gathered by group (one byte each), then converted
-            gathered = scratch[scratch.numel() - K * N :].view(N, K)
+            gathered = scratch[scratch.numel() - K * N :].view(N, K).view(codes.dtype)
             codes = torch.index_select(codes, 1, perm.to(codes.device), out=gathered)
         w = torch.empty(N, K, device=codes.device) if out is None else out[: K * N].view(N, K)
         w.copy_(codes)
-        s = self.scales.float().t()  # (out, groups)
-        zs = self.zeros_float().t() * s
         full = (K // size) * size
+        if symmetric:  # w = (q - z) · s: exact, as s · q − z · s is (fp16 s times a byte)
+            if full:
+                w[:, :full].view(N, full // size, size).mul_(s[:, : full // size, None])
+            if full < K:
+                w[:, full:].mul_(s[:, -1:])
+            return w if dtype == torch.float32 else w.to(dtype)
+        zs = self.zeros_float().t() * s
         if full:  # whole groups in one broadcast: (out, groups, size)
             body = w[:, :full].view(N, full // size, size)
             body.mul_(s[:, : full // size, None]).sub_(zs[:, : full // size, None])
