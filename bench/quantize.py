@@ -16,7 +16,8 @@ and the quantization time of MeRino-64M on this CPU.
    Each run prints where its time went (the report's ``seconds``: stem, forwards through the
    shared blocks, Hessian accumulation, solver, outputs of the quantized blocks; tokenize; the
    rest = loading, held-out check, packing, writing, reload check) and its held-out error;
-   ``--timing-no-true-sequential`` adds GPTQ INT4 with 2 passes per block instead of 5.
+   ``--timing-true-sequential`` adds GPTQ INT4 ``--true-sequential`` (5 passes per block
+   instead of the default's 2).
 Writes ``runs/bench/quantize.json``; prints tables and ratios.
 """
 
@@ -220,10 +221,10 @@ def timing_part(work: Path, args: argparse.Namespace) -> dict:
     sizes = {"fp32": (src / "model.safetensors").stat().st_size, "fp16": fp16_size(src, work / "m64-fp16.safetensors")}
     runs = {}
     variants = [("rtn", 8, ()), ("rtn", 4, ()), ("gptq", 4, ())] + ([("gptq", 8, ())] if args.timing_int8_gptq else [])
-    if args.timing_no_true_sequential:  # held-out error and time of the 2-pass recipe beside the default's
-        variants.append(("gptq", 4, ("--no-true-sequential",)))
+    if args.timing_true_sequential:  # held-out error and time of the 5-pass recipe beside the default's
+        variants.append(("gptq", 4, ("--true-sequential",)))
     for method, bits, extra in variants:
-        name = f"{method}-int{bits}" + ("-no-true-seq" if extra else "")
+        name = f"{method}-int{bits}" + ("-true-seq" if extra else "")
         out = work / f"m64-{name}"
         t0 = time.perf_counter()
         rep = quantize(src, out, method, bits, args.timing_nsamples, args.seq_len, extra=extra)
@@ -322,9 +323,9 @@ def main() -> None:
     )
     p.add_argument("--timing-int8-gptq", action="store_true", help="also time GPTQ INT8 on the 64M model")
     p.add_argument(
-        "--timing-no-true-sequential",
+        "--timing-true-sequential",
         action="store_true",
-        help="also GPTQ INT4 with --no-true-sequential (2 passes per block instead of 5): time and held-out error",
+        help="also GPTQ INT4 with --true-sequential (5 passes per block instead of 2): time and held-out error",
     )
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse the bench model trained by an earlier run in --work")

@@ -66,9 +66,9 @@ def test_runner_equals_the_textbook_passes_bitwise():
     assert any(b.num_layers == 1 for b in model.model.blocks) and any(b.num_layers == 3 for b in model.model.blocks)
     calib = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
     for spec in (
-        QuantSpec(bits=4, group_size=32),
-        QuantSpec(bits=4, group_size=32, true_sequential=False),
-        QuantSpec(bits=8, group_size=-1, desc_act=True),
+        QuantSpec(bits=4, group_size=32, true_sequential=True),
+        QuantSpec(bits=4, group_size=32),  # the default: one pass per block
+        QuantSpec(bits=8, group_size=-1, desc_act=True, true_sequential=True),
     ):
         a, b = copy.deepcopy(model), copy.deepcopy(model)
         with torch.no_grad():

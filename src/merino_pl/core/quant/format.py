@@ -50,7 +50,8 @@ class QuantSpec:
     method: str = "gptq"  # "gptq" | "rtn"
     damp_percent: float = 0.01
     block_size: int = 128
-    true_sequential: bool = True
+    # off by default: one input pass per block instead of five (docs/quantize.md measures both)
+    true_sequential: bool = False
     embedding: str = "fp16"  # "fp16": as the other unquantized tensors; "int8": row-wise int8 (qembedding.py)
 
 
