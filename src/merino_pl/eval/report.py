@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path, atomic_write_text, read_json, write_json
-from merino_pl.core.report import check_version
+from merino_pl.core.io import atomic_path
+from merino_pl.core.report import FileReport, check_version
 from merino_pl.eval.tasks import paper_baselines, paper_tasks
 
 FORMAT = "merino-eval/1"
@@ -43,8 +42,8 @@ class EvalModel:
 
 
 @dataclass
-class EvalReport:
-    """What ``merino-pl eval`` writes to ``eval.json``. ``tasks`` maps an lm-eval task to its
+class EvalReport(FileReport):
+    """What ``merino-pl eval`` writes to ``eval.json`` (and ``eval.md``). ``tasks`` maps an lm-eval task to its
     result (``status`` ok / skipped, ``value``, ``metric``, ``stderr``, ``version``, ``metrics``
     or ``reason``); ``perplexity`` maps a corpus to its result (``status``, word / token
     perplexity, bits per byte, ``protocol``, sizes; or ``reason``)."""
@@ -58,6 +57,10 @@ class EvalReport:
     arguments: dict[str, Any] = field(default_factory=dict)  # the EvalSettings it ran with
     created: str = ""  # ISO 8601, UTC
     format_version: int = FORMAT_VERSION
+
+    json_name: ClassVar[str] = "eval.json"
+    markdown_name: ClassVar[str] = "eval.md"
+    what: ClassVar[str] = "eval report"
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``eval.json`` (the keys of ``merino-eval/1`` plus ``format_version``)."""
@@ -97,10 +100,8 @@ class EvalReport:
             format_version=version,
         )
 
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> EvalReport:
-        """``eval.json`` at ``path`` (a missing or malformed file: one-line ``MerinoError``)."""
-        return cls.from_json(read_json(path, "eval report"), str(path))
+    def markdown(self) -> str:
+        return markdown(self)
 
     def ok_tasks(self) -> dict[str, dict[str, Any]]:
         """The tasks that finished (skipped ones left out)."""
@@ -275,12 +276,12 @@ def plot(report: EvalReport, path: Path) -> Path | None:
 
 
 def write(report: EvalReport, out: str | Path) -> dict[str, Path]:
-    """Write ``eval.json``, ``eval.md`` and (when tasks ran) ``accuracy.png`` into ``out``."""
+    """Write ``eval.json``, ``eval.md`` (``FileReport.write``) and (when tasks ran)
+    ``accuracy.png`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
-    write_json(paths["json"], report.to_json())
-    atomic_write_text(paths["markdown"], markdown(report))
+    report.write(out)
+    paths = {"json": out / EvalReport.json_name, "markdown": out / EvalReport.markdown_name}
     png = plot(report, out / "accuracy.png")
     if png:
         paths["plot"] = png
