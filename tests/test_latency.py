@@ -134,23 +134,31 @@ def test_report_has_every_field(report: dict) -> None:
     assert rows[("int8", "plain")]["weights_bytes"] < rows[("fp32", "plain")]["weights_bytes"]
 
 
-def test_fast_path_keeps_outputs_and_copies_no_weights() -> None:
+@pytest.mark.parametrize("fuse_prefill", [None, True])
+def test_fast_path_keeps_outputs_and_copies_no_weights(fuse_prefill) -> None:
+    """Same logits, no weight copied; decode steps take the fused Q/K/V GEMM, a prompt only when
+    asked (the CPU default, ``None``, keeps the three GEMMs there: they measured faster)."""
     model = MerinoForCausalLM.from_arch(tiny_arch()).eval()
     before = weight_bytes_in_memory(model)
     plain = TorchRunner(model, 1, 12, "cpu", decode_tokens=3)
     ref = plain.prefill()
     plain.start_decode()
     ref_decode = plain.decode_run()
-    assert fuse_qkv(model) == 4 and fuse_qkv(model) == 4  # one per block, idempotent
+    assert fuse_qkv(model, fuse_prefill) == 4 and fuse_qkv(model, fuse_prefill) == 4  # one per block, idempotent
     assert weight_bytes_in_memory(model) == before  # Q/K/V are views into the fused tensor
     attn = model.model.blocks[0].layer.attn
     assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.fused_qkv[0].untyped_storage().data_ptr()
+    separate = []
+    attn.q_proj.register_forward_hook(lambda _m, a, _o: separate.append(a[0].shape[-2]))
     fast = TorchRunner(model, 1, 12, "cpu", decode_tokens=3, last_logits_only=True)
     got = fast.prefill()
     assert got.shape[1] == 1
     torch.testing.assert_close(got[:, -1], ref[:, -1], atol=1e-5, rtol=1e-5)
+    assert bool(separate) != bool(fuse_prefill) and all(t == 12 for t in separate)
     fast.start_decode()
+    separate.clear()
     torch.testing.assert_close(fast.decode_run(), ref_decode, atol=1e-5, rtol=1e-5)
+    assert separate == []  # every decode step: the fused GEMM
 
 
 def test_decode_and_generate_reuse_the_cache_without_deprecation_warnings() -> None:
