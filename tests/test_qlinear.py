@@ -116,3 +116,36 @@ def test_int8_head_equals_the_float_table(tokens, workspace):
     torch.testing.assert_close(logits, h @ emb.weight.t(), rtol=1e-5, atol=1e-5)
     ids = torch.tensor([[0, vocab - 1, HEAD_ROWS]])
     torch.testing.assert_close(emb(ids), emb.weight[ids], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("k,n,group,act_order", [(64, 32, 32, False), (128, 32, 64, True), (256, 16, 128, False)])
+def test_int4_kernel_tensors_reproduce_the_dequantized_layer(k, n, group, act_order, sym):
+    """torch's int4 kernel (CUDA's ``_weight_int4pack_mm``; here its CPU variant, which takes the
+    same scales-and-zeros tensor) over the converted GPTQ tensors == the dequantizing path."""
+    from merino_pl.core.quant import tinygemm
+
+    lin = _layer(k, n, 4, group, act_order, sym=sym)
+    kernel = lin.int4_kernel()
+    assert kernel is not None and lin.int4_kernel() is kernel  # built once per device
+    assert "int4_packed" not in lin.state_dict()  # the file's tensors only
+    x = torch.randn(3, 5, k)
+    perm, _ = lin._row_order()
+    xg = x if perm is None else x.index_select(-1, perm)
+    torch.testing.assert_close(tinygemm.matmul(xg, kernel) + lin.bias, lin(x), rtol=1e-4, atol=1e-4)
+
+
+def test_int4_kernel_is_not_used_where_it_does_not_fit_or_disagrees():
+    from merino_pl.core.quant import tinygemm
+
+    assert _layer(96, 16, 4, 64).int4_kernel() is None  # a shorter last group
+    assert _layer(64, 16, 8, 32).int4_kernel() is None  # 8 bits
+    assert _layer(64, 24, 4, 32).int4_kernel() is None  # outputs not a multiple of 16
+    lin = _layer(64, 16, 4, 32, seed=3)
+    wrong = tinygemm.build(lin._codes_nk(None), lin.scales, lin.zeros_float() + 1, 32)
+    with pytest.warns(UserWarning, match="keeps the dequantizing path"):
+        assert tinygemm.checked(wrong, lin.dequantized(), "layer") is None
+    odd = _layer(64, 24, 4, 32)  # a kernel that raises (here: N not a multiple of 16) is the same fallback
+    with pytest.warns(UserWarning, match="not available here"):
+        codes, zeros = odd._codes_nk(None), odd.zeros_float()
+        assert tinygemm.build_checked(codes, odd.scales, zeros, 32, odd.dequantized(), "x") is None

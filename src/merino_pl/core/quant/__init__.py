@@ -1,5 +1,5 @@
 """The quantized-model format: GPTQ v1 directories (``format``), bit packing (``packing``),
 round-to-nearest grids (``rtn``), the packed modules a directory loads into (``qlinear``,
-``qembedding``) and their onnxruntime nodes (``MatMulNBits``; a ``Gather`` + dequantize)
-(``onnx_nbits``). The quantize stage writes this format; checkpoint loading, export and latency
-read it."""
+``qembedding``), torch's int4 kernel for them on CUDA (``tinygemm``) and their onnxruntime
+nodes (``MatMulNBits``; a ``Gather`` + dequantize) (``onnx_nbits``). The quantize stage writes
+this format; checkpoint loading, export and latency read it."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merino_pl.core.quant import tinygemm
 from merino_pl.core.quant.packing import dequantize
 from merino_pl.core.quant.rtn import num_groups
 
@@ -51,6 +52,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._order: tuple[torch.Tensor | None, int] | None = None  # (row permutation or None, rows per group)
         self._symmetric: bool | None = None  # every zero point is 2^(bits-1) (GPTQ's sym=True)
+        self._int4: tuple[torch.device, tinygemm.Int4Kernel | None] | None = None  # CUDA int4 kernel, per device
         self._transient: torch.Tensor | None = None  # set by stream_blocks while the block runs
 
     # ---- layout -------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ class QuantLinear(nn.Module):
         load in the same way (ExLlama, Marlin); the bytes are the same, the keys, shapes and
         values unchanged, and ``state_dict`` gives the file's contiguous layout back.
         """
-        self._order, self._transient, self._symmetric = None, None, None  # new tensors: new layout
+        self._order, self._transient, self._symmetric, self._int4 = None, None, None, None  # new tensors
         super()._load_from_state_dict(*args, **kwargs)
         if not self.qweight.t().is_contiguous():  # ``assign=True`` put the file's layout in place
             self.qweight = self.qweight.t().contiguous().t()
@@ -180,6 +182,27 @@ class QuantLinear(nn.Module):
             w[:, full:].mul_(s[:, -1:]).sub_(zs[:, -1:])
         return w if dtype == torch.float32 else w.to(dtype)
 
+    def int4_kernel(self) -> tinygemm.Int4Kernel | None:
+        """torch's int4 kernel tensors for this layer on its current device (``tinygemm``), built
+        and checked once per device; None where the kernel does not apply or disagreed. Called by
+        ``forward`` on CUDA only (on CPU the dequantizing path measured faster)."""
+        device = self.qweight.device
+        if self._int4 is None or self._int4[0] != device:
+            kernel = None
+            if tinygemm.applies(self.bits, self.in_features, self.out_features, self.group_size):
+                perm, _ = self._row_order()
+                codes = self._codes_nk(None)
+                if perm is not None:  # grouped column order, as the activations are permuted
+                    codes = codes.index_select(1, perm.to(device))
+                kernel = tinygemm.build_checked(
+                    codes, self.scales, self.zeros_float(), self.group_size, self.dequantized(), repr(self)
+                )
+            if kernel is not None:  # buffers (not in state_dict): resident bytes count them, .to() moves them
+                self.register_buffer("int4_packed", kernel.packed, persistent=False)
+                self.register_buffer("int4_scales_zeros", kernel.scales_and_zeros, persistent=False)
+            self._int4 = (device, kernel)
+        return self._int4[1]
+
     def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight in original column order (a fresh tensor, never kept)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits).to(dtype)
@@ -189,6 +212,12 @@ class QuantLinear(nn.Module):
             from merino_pl.core.quant.onnx_nbits import matmul_nbits  # the graph node, not a computation
 
             return matmul_nbits(self, x)
+        kernel = self.int4_kernel() if x.is_cuda and self.bits == 4 else None
+        if kernel is not None:
+            perm, _ = self._row_order()
+            xg = x if perm is None else x.index_select(-1, perm.to(x.device))
+            y = tinygemm.matmul(xg, kernel)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         w = self._transient
         if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self.dequantized(x.dtype)
@@ -269,7 +298,10 @@ def _start(block: nn.Module, args: tuple) -> None:
     offset = 0
     for q in qlins:
         n = q.in_features * q.out_features
-        q._transient = q.dequantized(x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes[: q.scratch_bytes()])
+        if not (x.is_cuda and q.bits == 4 and q.int4_kernel() is not None):  # the int4 kernel needs no float weight
+            q._transient = q.dequantized(
+                x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes[: q.scratch_bytes()]
+            )
         offset += n
 
 
@@ -284,7 +316,7 @@ def float_weight_bytes(model: nn.Module) -> int:
     total = 0
     for m in (m for m in model.modules() if isinstance(m, QuantLinear)):
         for name, t in [*m.named_buffers(recurse=False), *m.named_parameters(recurse=False)]:
-            if t.is_floating_point() and name not in ("scales", "bias"):
+            if t.is_floating_point() and name not in ("scales", "bias", "int4_scales_zeros"):
                 total += t.numel() * t.element_size()
         if m._transient is not None:
             total += m._transient.numel() * m._transient.element_size()
