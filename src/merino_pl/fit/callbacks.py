@@ -203,7 +203,8 @@ class SlurmRequeue(L.Callback):
     another rank's gradient all-reduce: the job hangs until its time limit kills it, and the
     steps since the last periodic save are lost (seen with 2 gloo ranks on a local cluster).
     Here the handler only records the signal; every ``every_n_steps`` optimizer steps the ranks
-    agree on it with one all-reduce of a flag (a single process needs none), then all of them
+    agree on it with one all-reduce of a flag (a single process needs none, and saves at its next
+    accumulation boundary), then all of them
     save ``hpc_ckpt_N.ckpt`` together (Lightning's name, which the job script resumes from),
     rank 0 runs ``scontrol requeue`` and the fit stops. Outside SLURM, or with
     ``SLURMEnvironment(auto_requeue=False)``, it does nothing.
@@ -238,8 +239,8 @@ class SlurmRequeue(L.Callback):
                 return
             if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
                 return
-        elif not self._received:
-            return
+        elif not self._received or trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # one process: save at the next accumulation boundary (no half-accumulated step)
         path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path, weights_only=False)  # full state: the requeued run resumes it
         if trainer.is_global_zero:
