@@ -34,6 +34,23 @@ def tiny_arch(vocab_size: int = 512, **kw) -> MerinoConfig:
     return MerinoConfig(blocks=blocks, vocab_size=vocab_size, d_model=96, max_position_embeddings=128, **kw)
 
 
+def quantize_argv(src, out=None, *extra, **flags) -> list[str]:
+    """``quantize SRC --flag value ... EXTRA... [--out OUT]`` for the CLI, flags in the order given:
+    keyword ``group_size=32`` -> ``--group-size 32``; ``True`` -> the bare flag (``desc_act=True`` ->
+    ``--desc-act``); ``None`` / ``False`` -> left out; every value through ``str()`` untouched (so a
+    bad value stays bad); ``extra``: raw args appended as given, before ``--out``."""
+    argv = ["quantize", str(src)]
+    for key, value in flags.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    argv += [str(a) for a in extra]
+    if out is not None:
+        argv += ["--out", str(out)]
+    return argv
+
+
 @pytest.fixture
 def arch() -> MerinoConfig:
     return tiny_arch()

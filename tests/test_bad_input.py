@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_arch
+from conftest import quantize_argv, tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import export_pretrained
 from merino_pl.core.config import Recipe
@@ -135,27 +135,7 @@ def test_atomic_files_follow_the_umask_and_temp_names_are_unique_and_cleaned(tmp
 @pytest.fixture(scope="module")
 def int4_dir(model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int4") / "q"
-    assert (
-        cli(
-            [
-                "quantize",
-                str(model_dir),
-                "--method",
-                "rtn",
-                "--bits",
-                "4",
-                "--group-size",
-                "32",
-                "--holdout",
-                "0",
-                "--seq-len",
-                "32",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert cli(quantize_argv(model_dir, out, method="rtn", bits=4, group_size=32, holdout=0, seq_len=32)) == 0
     return out
 
 
@@ -325,23 +305,7 @@ def test_hints_name_the_flags_of_the_command_at_hand(model_dir, tmp_path, capsys
     assert cli(["prepare", str(rows), "--out", str(tmp_path / "shards"), "--workers", "1"]) == 2
     err = one_line_error(capsys, "no text field 'text'", "body", "set --text-field")
     assert "--data." not in err
-    assert (
-        cli(
-            [
-                "quantize",
-                str(model_dir),
-                "--calib",
-                str(rows),
-                "--nsamples",
-                "2",
-                "--seq-len",
-                "32",
-                "--out",
-                str(tmp_path / "q"),
-            ]
-        )
-        == 2
-    )
+    assert cli(quantize_argv(model_dir, tmp_path / "q", calib=rows, nsamples=2, seq_len=32)) == 2
     err = one_line_error(capsys, "no text field 'text'", "set --calib-text-field")
     assert "--data." not in err
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_arch
+from conftest import REPO, quantize_argv, tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core import config as config_module
 from merino_pl.core import hf as hf_module
@@ -264,27 +264,7 @@ def test_stock_lm_eval_cli_gives_the_number_of_merino_pl_eval(exported: Path, tm
 def test_quantized_dir_is_self_contained_and_not_exported_again(exported: Path, tmp_path: Path, capsys) -> None:
     """A GPTQ directory carries what an export does; exporting it again (without --onnx) is
     refused: re-saving a GPTQ model as a float export would write packed tensors no reader expects."""
-    assert (
-        cli(
-            [
-                "quantize",
-                str(exported),
-                "--method",
-                "rtn",
-                "--bits",
-                "8",
-                "--nsamples",
-                "2",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "2",
-                "--out",
-                str(tmp_path / "int8"),
-            ]
-        )
-        == 0
-    )
+    assert cli(quantize_argv(exported, tmp_path / "int8", method="rtn", bits=8, nsamples=2, seq_len=32, holdout=2)) == 0
     config = json.loads((tmp_path / "int8" / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["eos_token_id"] == 0
     assert config["quantization_config"]["block_name_to_quantize"] == "model.blocks"
@@ -326,27 +306,7 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
     )
     recipe = Recipe("tiny-gptq", arch).save(d / "tiny.yaml")
     assert cli(["export", str(recipe), "--out", str(d / "float")]) == 0
-    assert (
-        cli(
-            [
-                "quantize",
-                str(d / "float"),
-                "--bits",
-                "4",
-                "--group-size",
-                str(group),
-                "--nsamples",
-                "4",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "2",
-                "--out",
-                str(d / "int4"),
-            ]
-        )
-        == 0
-    )
+    assert cli(quantize_argv(d / "float", d / "int4", bits=4, group_size=group, nsamples=4, seq_len=32, holdout=2)) == 0
     qconfig = json.loads((d / "int4" / "config.json").read_text())["quantization_config"]
     assert qconfig["block_name_to_quantize"] == "model.blocks" and qconfig["bits"] == 4
     assert qconfig.get("backend") == (None if group == 32 else "torch")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_arch
+from conftest import quantize_argv, tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import load_model
 from merino_pl.core.config import Recipe
@@ -50,28 +50,18 @@ def int4_dir(float_dir: Path) -> Path:
     out = float_dir.parent / "int4"
     assert (
         cli(
-            [
-                "quantize",
-                str(float_dir),
-                "--bits",
-                "4",
-                "--group-size",
-                "32",
-                "--nsamples",
-                "4",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "0",
-                "--embedding",
-                "int8",
-                "--calib",
-                str(calib),
-                "--float-dtype",
-                "float32",
-                "--out",
-                str(out),
-            ]
+            quantize_argv(
+                float_dir,
+                out,
+                bits=4,
+                group_size=32,
+                nsamples=4,
+                seq_len=32,
+                holdout=0,
+                embedding="int8",
+                calib=calib,
+                float_dtype="float32",
+            )
         )
         == 0
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_arch
+from conftest import quantize_argv, tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import load_model
 from merino_pl.core.config import Recipe
@@ -437,29 +437,19 @@ def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(
     q = tmp_path / "q"
     assert (
         cli(
-            [
-                "quantize",
-                str(src),
-                "--bits",
-                str(bits),
-                "--group-size",
-                "32",
-                "--nsamples",
-                "4",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "0",
-                "--embedding",
-                embedding,
-                "--calib",
-                str(tmp_path / "calib.txt"),
-                "--float-dtype",
-                "float32",
-                *(["--desc-act"] if desc_act else []),
-                "--out",
-                str(q),
-            ]
+            quantize_argv(
+                src,
+                q,
+                bits=bits,
+                group_size=32,
+                nsamples=4,
+                seq_len=32,
+                holdout=0,
+                embedding=embedding,
+                calib=tmp_path / "calib.txt",
+                float_dtype="float32",
+                desc_act=desc_act,
+            )
         )
         == 0
     )

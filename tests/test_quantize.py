@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_arch
+from conftest import REPO, quantize_argv, tiny_arch
 from merino_pl.cli import main as cli
 from merino_pl.core.checkpoint import export_pretrained, load_model
 from merino_pl.core.hf import MerinoForCausalLM
@@ -142,24 +142,7 @@ def test_gptq_beats_rtn_at_int4_on_the_model(float_dir):
 
 
 def test_format_files_keys_and_one_copy_per_shared_block(float_dir, tmp_path):
-    code = cli(
-        [
-            "quantize",
-            str(float_dir),
-            "--bits",
-            "4",
-            "--group-size",
-            "32",
-            "--nsamples",
-            "4",
-            "--seq-len",
-            "32",
-            "--holdout",
-            "2",
-            "--out",
-            str(tmp_path / "q"),
-        ]
-    )
+    code = cli(quantize_argv(float_dir, tmp_path / "q", bits=4, group_size=32, nsamples=4, seq_len=32, holdout=2))
     assert code == 0
     q = tmp_path / "q"
     for f in (
@@ -258,26 +241,17 @@ def test_int8_embedding_round_trips(float_dir, tmp_path):
     )
     assert (
         cli(
-            [
-                "quantize",
-                str(float_dir),
-                "--method",
-                "rtn",
-                "--bits",
-                "4",
-                "--group-size",
-                "32",
-                "--embedding",
-                "int8",
-                "--holdout",
-                "2",
-                "--seq-len",
-                "32",
-                "--float-dtype",
-                "float32",
-                "--out",
-                str(tmp_path / "e"),
-            ]
+            quantize_argv(
+                float_dir,
+                tmp_path / "e",
+                method="rtn",
+                bits=4,
+                group_size=32,
+                embedding="int8",
+                holdout=2,
+                seq_len=32,
+                float_dtype="float32",
+            )
         )
         == 0
     )
@@ -318,23 +292,16 @@ def test_rtn_desc_act_asym_and_preset(float_dir, tmp_path):
     assert load_file(tmp_path / "r" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.float32
     assert (
         cli(
-            [
-                "quantize",
-                str(float_dir),
-                "--float-dtype",
-                "float32",
-                "--desc-act",
-                "--group-size",
-                "32",
-                "--nsamples",
-                "2",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "1",
-                "--out",
-                str(tmp_path / "d"),
-            ]
+            quantize_argv(
+                float_dir,
+                tmp_path / "d",
+                float_dtype="float32",
+                desc_act=True,
+                group_size=32,
+                nsamples=2,
+                seq_len=32,
+                holdout=1,
+            )
         )
         == 0
     )
@@ -381,48 +348,14 @@ def test_bad_input_is_one_line_exit_2(float_dir, tmp_path, capsys, argv, message
 
 
 def test_missing_checkpoint_exit_2(tmp_path, capsys):
-    assert (
-        cli(
-            [
-                "quantize",
-                str(tmp_path / "nope.ckpt"),
-                "--nsamples",
-                "2",
-                "--seq-len",
-                "32",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert cli(quantize_argv(tmp_path / "nope.ckpt", tmp_path / "o", nsamples=2, seq_len=32)) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quantized_model_runs_on_gpu(float_dir, tmp_path):
-    assert (
-        cli(
-            [
-                "quantize",
-                str(float_dir),
-                "--bits",
-                "4",
-                "--group-size",
-                "32",
-                "--nsamples",
-                "2",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "1",
-                "--out",
-                str(tmp_path / "q"),
-            ]
-        )
-        == 0
-    )
+    assert cli(quantize_argv(float_dir, tmp_path / "q", bits=4, group_size=32, nsamples=2, seq_len=32, holdout=1)) == 0
     model, ids = load_model(tmp_path / "q").model, _ids(1)
     with torch.no_grad():
         cpu = model(ids).logits
@@ -452,27 +385,7 @@ def test_group_wider_than_a_layer_is_one_group_per_row(tmp_path, capsys):
     global group_size kept (what auto-gptq / GPTQModel size as ceil(64 / 128) = 1 group), the
     directory loads back, and the report says which layers."""
     out = tmp_path / "q"
-    assert (
-        cli(
-            [
-                "quantize",
-                "merino-tiny",
-                "--bits",
-                "4",
-                "--nsamples",
-                "2",
-                "--seq-len",
-                "32",
-                "--holdout",
-                "1",
-                "--batch-size",
-                "2",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert cli(quantize_argv("merino-tiny", out, bits=4, nsamples=2, seq_len=32, holdout=1, batch_size=2)) == 0
     assert "one group per row" in capsys.readouterr().out
     assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 128
     report = json.loads((out / "quantize_report.json").read_text())
