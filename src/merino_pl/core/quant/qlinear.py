@@ -203,6 +203,10 @@ class QuantLinear(nn.Module):
             self._int4 = (device, kernel)
         return self._int4[1]
 
+    def _kernel_for(self, x: torch.Tensor) -> tinygemm.Int4Kernel | None:
+        """The int4 kernel for inputs ``x``: on CUDA where it applies, never on CPU."""
+        return self.int4_kernel() if x.is_cuda else None
+
     def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight in original column order (a fresh tensor, never kept)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits).to(dtype)
@@ -212,7 +216,7 @@ class QuantLinear(nn.Module):
             from merino_pl.core.quant.onnx_nbits import matmul_nbits  # the graph node, not a computation
 
             return matmul_nbits(self, x)
-        kernel = self.int4_kernel() if x.is_cuda and self.bits == 4 else None
+        kernel = self._kernel_for(x)
         if kernel is not None:
             perm, _ = self._row_order()
             xg = x if perm is None else x.index_select(-1, perm.to(x.device))
@@ -298,7 +302,7 @@ def _start(block: nn.Module, args: tuple) -> None:
     offset = 0
     for q in qlins:
         n = q.in_features * q.out_features
-        if not (x.is_cuda and q.bits == 4 and q.int4_kernel() is not None):  # the int4 kernel needs no float weight
+        if q._kernel_for(x) is None:  # the int4 kernel needs no float weight
             q._transient = q.dequantized(
                 x.dtype, out=ws.floats[offset : offset + n], scratch=ws.bytes[: q.scratch_bytes()]
             )

@@ -44,8 +44,7 @@ def applies(bits: int, in_features: int, out_features: int, group_size: int) -> 
     return (
         bits == 4
         and group_size in GROUP_SIZES
-        and in_features % group_size == 0
-        and in_features % 32 == 0
+        and in_features % group_size == 0  # no shorter last group (and so a multiple of 32)
         and out_features % 16 == 0  # the CPU variant's rule; CUDA's (8) is looser
     )
 
