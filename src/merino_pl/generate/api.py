@@ -4,7 +4,8 @@ One decoding loop, two runtimes behind it:
 
 * ``torch``: the model as ``merino_pl.core.checkpoint.load_model`` reads it (a GPTQ directory keeps
   its packed weights), through the decoder call the ONNX exporter traces: a prefill with the head
-  on the last position only, then one token at a time on a growing KV cache (``KVCache``);
+  on the last position only, then one token at a time on a growing KV cache (transformers' ``DynamicCache``, as
+  ``MerinoForCausalLM`` uses);
 * ``onnxruntime``: the graph ``merino_pl.export.onnx`` writes (quantized layers as ``MatMulNBits``),
   fed optimum's names: ``input_ids``, ``attention_mask``, ``position_ids`` (when the graph has it),
   ``past_key_values.{i}.key / .value`` in, ``logits`` and ``present.{i}.key / .value`` out. The graph
@@ -307,10 +308,12 @@ class TorchDecoder:
     (``model.model(ids, positions, mask, cache)``, then the tied head on the last position)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.cache, self.length = model.eval(), KVCache(), 0
+        self.model, self.cache, self.length = model.eval(), None, 0
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        self.cache, self.length = KVCache(), 0
+        from transformers import DynamicCache
+
+        self.cache, self.length = DynamicCache(), 0
         return self._run(ids)
 
     def step(self, token: int) -> torch.Tensor:
@@ -325,23 +328,6 @@ class TorchDecoder:
             logits = self.model.model.logits(hidden[:, -1:])  # (1, 1, V): the head on the last position only
         self.length += len(ids)
         return logits[0, -1]
-
-
-class KVCache:
-    """One (keys, values) pair per layer application, grown by concatenation (``DynamicCache``'s
-    ``update``, all the decoder asks of a cache)."""
-
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        if idx in self.layers:
-            k = torch.cat([self.layers[idx][0], k], dim=2)  # (B, nh, past + T, hs)
-            v = torch.cat([self.layers[idx][1], v], dim=2)
-        self.layers[idx] = (k, v)
-        return k, v
 
 
 class OrtDecoder:
