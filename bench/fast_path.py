@@ -5,25 +5,24 @@ device and thread count).
     python bench/fast_path.py --recipes merino-64m --threads 2 --rounds 30
 
 For each recipe and thread count, in one process, calls interleaved in a shuffled order each
-round (batch 1, 128-token prompt, decode steps on its cache):
+round (``harness.time_interleaved``; batch 1, 128-token prompt, decode steps on its cache):
 
 * ``last-logits``: prefill with only the last position's logits vs all positions' (same model);
 * ``fused QKV, prefill``: the last-logits prefill with one (3E x E) Q/K/V GEMM vs three;
 * ``fused QKV, decode``: one decode step (mean of ``--decode-tokens``) fused vs three GEMMs.
 
 Each ratio is the median over rounds of the round's own ratio (paired: a load change between
-rounds cancels). Prints a table; writes runs/bench/fast_path.json. ``latency/fast.py`` states
-which form it applies where, from these figures.
+rounds cancels). Prefills and decode steps are timed in separate interleaved passes. Prints a
+table; writes runs/bench/fast_path.json. ``latency/fast.py`` states which form it applies where,
+from these figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,15 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 from merino_pl.core.checkpoint import load_model  # noqa: E402
 from merino_pl.core.io import write_json  # noqa: E402
 from merino_pl.latency.fast import fuse_qkv  # noqa: E402
-from merino_pl.latency.harness import TorchRunner, synchronizer  # noqa: E402
-
-
-def timed(fn, sync) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return (time.perf_counter() - t0) * 1e3
+from merino_pl.latency.harness import TorchRunner, synchronizer, time_interleaved  # noqa: E402
 
 
 def measure(recipe: str, threads: int, rounds: int, decode_tokens: int, device: str) -> dict:
@@ -57,20 +48,14 @@ def measure(recipe: str, threads: int, rounds: int, decode_tokens: int, device: 
         "fused": TorchRunner(fused, 1, 128, device, decode_tokens, last_logits_only=True),
     }
     sync = synchronizer(device)
-    for r in runners.values():
-        r.prefill()
-        r.prefill()
-    ms: dict[str, list[float]] = {k: [] for k in ("all-logits", "separate", "fused", "separate decode", "fused decode")}
-    rng = random.Random(0)
-    for _ in range(rounds):
-        order = list(runners)
-        rng.shuffle(order)
-        for k in order:
-            ms[k].append(timed(runners[k].prefill, sync))
-        for k in [k for k in order if k != "all-logits"]:
-            runners[k].start_decode()
-            ms[f"{k} decode"].append(timed(runners[k].decode_run, sync) / decode_tokens)
-            runners[k].end_decode()
+    ms = time_interleaved({k: r.prefill for k, r in runners.items()}, rounds, 2, sync)
+    decoders = {k: runners[k] for k in ("separate", "fused")}
+    for r in decoders.values():
+        r.start_decode()  # each timed call decodes on the same cache (the runner crops it back)
+    decode = time_interleaved({f"{k} decode": r.decode_run for k, r in decoders.items()}, rounds, 1, sync)
+    for r in decoders.values():
+        r.end_decode()
+    ms |= {k: [t / decode_tokens for t in v] for k, v in decode.items()}
 
     def paired(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(ms[a], ms[b]))

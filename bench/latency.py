@@ -42,14 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 import copy  # noqa: E402
-import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
 from merino_pl.core.checkpoint import load_model  # noqa: E402
 from merino_pl.core.io import write_json  # noqa: E402
 from merino_pl.latency.fast import fuse_qkv  # noqa: E402
-from merino_pl.latency.harness import TorchRunner  # noqa: E402
+from merino_pl.latency.harness import TorchRunner, synchronizer, time_interleaved  # noqa: E402
 from merino_pl.latency.report import Options, build_report, quantized_model, write_report  # noqa: E402
 
 PAIRS = [("merino-64m", "opt-350m", 5.0), ("merino-52m", "pythia-70m", 2.0)]  # (ours, peer, target x)
@@ -207,27 +206,18 @@ def interleaved_prefill(recipe: str, opts: Options, rounds: int) -> dict:
     fp32 = copy.deepcopy(loaded.model).eval()
     fused = copy.deepcopy(loaded.model).eval()
     fuse_qkv(fused)
-    runners = {
-        ("fp32", "plain"): TorchRunner(fp32, opts.batch, opts.seq, opts.device, 1, seed=opts.seed),
-        ("fp32", "fast"): TorchRunner(fused, opts.batch, opts.seq, opts.device, 1, True, seed=opts.seed),
-    }
+
+    def runner(model: torch.nn.Module, last_logits_only: bool) -> TorchRunner:
+        return TorchRunner(model, opts.batch, opts.seq, opts.device, 1, last_logits_only, seed=opts.seed)
+
+    runners = {("fp32", "plain"): runner(fp32, False), ("fp32", "fast"): runner(fused, True)}
     with tempfile.TemporaryDirectory() as tmp:
         for p in ("int8", "int4"):
             q = quantized_model(loaded, p, Path(tmp), opts.embedding).eval()
-            runners[(p, "plain")] = TorchRunner(q, opts.batch, opts.seq, opts.device, 1, seed=opts.seed)
-            runners[(p, "fast")] = TorchRunner(q, opts.batch, opts.seq, opts.device, 1, True, seed=opts.seed)
-    for r in runners.values():
-        for _ in range(opts.warmup):
-            r.prefill()
-    samples: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
-    order = list(runners)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for k in order:
-            t0 = time.perf_counter()
-            runners[k].prefill()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
+            runners[(p, "plain")], runners[(p, "fast")] = runner(q, False), runner(q, True)
+    samples = time_interleaved(
+        {k: r.prefill for k, r in runners.items()}, rounds, opts.warmup, synchronizer(opts.device)
+    )
     ms = {
         f"{p} {path}": {"median": statistics.median(v), "mean": statistics.fmean(v)} for (p, path), v in samples.items()
     }

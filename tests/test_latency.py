@@ -17,7 +17,7 @@ from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.latency_table import LatencyTable
 from merino_pl.latency.device import describe_device, jetson_info, parse_tegra_release
 from merino_pl.latency.fast import fuse_qkv
-from merino_pl.latency.harness import Stats, TorchRunner, weight_bytes_in_memory
+from merino_pl.latency.harness import Stats, TorchRunner, time_interleaved, weight_bytes_in_memory
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, peer_config
 from merino_pl.latency.report import Options, build_report, render_markdown
 
@@ -132,6 +132,16 @@ def test_report_has_every_field(report: dict) -> None:
     rows = {(r["precision"], r["path"]): r for r in report["rows"] if r["model"] == "tiny"}
     # int8 through the quantize stage's RTN + GPTQ format: the packed file is smaller than fp32's
     assert rows[("int8", "plain")]["weights_bytes"] < rows[("fp32", "plain")]["weights_bytes"]
+
+
+def test_time_interleaved_calls_each_variant_once_per_shuffled_round() -> None:
+    calls: list[str] = []
+    ms = time_interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, rounds=6, warmup=2, sync=lambda: None)
+    assert {k: len(v) for k, v in ms.items()} == {"a": 6, "b": 6, "c": 6}
+    assert all(t >= 0 for v in ms.values() for t in v)
+    assert calls[:6] == list("aabbcc")  # warm-up first, each variant on its own
+    rounds = [calls[6 + 3 * i : 9 + 3 * i] for i in range(6)]
+    assert all(sorted(r) == list("abc") for r in rounds) and len({tuple(r) for r in rounds}) > 1  # shuffled
 
 
 @pytest.mark.parametrize("fuse_prefill", [None, True])

@@ -19,17 +19,20 @@ import contextlib
 import ctypes
 import gc
 import math
+import random
 import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from merino_pl.core.hf import CACHE_FIELD  # `cache` (transformers >= 5) or `past_key_values`
+
+K = TypeVar("K")
 
 PROTOCOL = (
     "warm-up, then each run timed alone with time.perf_counter (CUDA synchronised); mean of runs (paper), median, p90"
@@ -83,6 +86,24 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int, sync: Callable[[],
         fn()
         sync()
         out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def time_interleaved(
+    fns: dict[K, Callable[[], Any]], rounds: int, warmup: int, sync: Callable[[], None], seed: int = 0
+) -> dict[K, list[float]]:
+    """Milliseconds of each of ``fns``, called once per round in a shuffled order after ``warmup``
+    untimed calls each: a load change on a shared machine hits every variant alike, where
+    ``time_calls`` one variant after the other would put it between them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[K, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            out[k] += time_calls(fns[k], 1, 0, sync)
     return out
 
 
