@@ -561,33 +561,27 @@ def test_profile_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 # ---- plot ----------------------------------------------------------------------------------------
-def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> None:
+
+
+def _plot_with_paper(tmp_path: Path, report: dict, tasks: dict) -> Path:
+    """``latency plot --paper`` of ``report`` beside an eval report of model "tiny" with ``tasks``."""
     from merino_pl.core.io import write_json
 
     write_json(tmp_path / "lat.json", report)
+    write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"}, "tasks": tasks})
+    out = tmp_path / "chart.png"
+    args = ["--latency", str(tmp_path / "lat.json"), "--eval", str(tmp_path / "eval.json"), "--paper"]
+    assert cli(["latency", "plot", *args, "--out", str(out)]) == 0
+    return out
+
+
+def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> None:
     tasks = {
         "hellaswag": {"status": "ok", "value": 0.3},
         "boolq": {"status": "ok", "value": 0.4},
         "wic": {"status": "skipped"},
     }
-    write_json(tmp_path / "eval.json", {"format": "merino-eval/1", "model": {"name": "tiny"}, "tasks": tasks})
-    out = tmp_path / "chart.png"
-    assert (
-        cli(
-            [
-                "latency",
-                "plot",
-                "--latency",
-                str(tmp_path / "lat.json"),
-                "--eval",
-                str(tmp_path / "eval.json"),
-                "--paper",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    out = _plot_with_paper(tmp_path, report, tasks)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = json.loads(out.with_suffix(".json").read_text())["panels"]
     measured = {p["model"]: p for p in panels[0]["points"]}
@@ -597,34 +591,7 @@ def test_plot_from_eval_and_latency_reports(tmp_path: Path, report: dict) -> Non
 
 
 def test_plot_places_a_model_whose_tasks_were_all_skipped_among_no_accuracy(tmp_path: Path, report: dict) -> None:
-    from merino_pl.core.io import write_json
-
-    write_json(tmp_path / "lat.json", report)
-    write_json(
-        tmp_path / "eval.json",
-        {
-            "format": "merino-eval/1",
-            "model": {"name": "tiny"},
-            "tasks": {"hellaswag": {"status": "skipped", "reason": "offline"}},
-        },
-    )
-    out = tmp_path / "chart.png"
-    assert (
-        cli(
-            [
-                "latency",
-                "plot",
-                "--latency",
-                str(tmp_path / "lat.json"),
-                "--eval",
-                str(tmp_path / "eval.json"),
-                "--paper",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    out = _plot_with_paper(tmp_path, report, {"hellaswag": {"status": "skipped", "reason": "offline"}})
     points = json.loads(out.with_suffix(".json").read_text())
     assert "tiny" in points["no_accuracy"] and "tiny" not in {p["model"] for p in points["panels"][0]["points"]}
 
