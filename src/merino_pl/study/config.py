@@ -12,6 +12,8 @@ tokenizer: {vocab_size: 2048}      # a BPE trained on the training split; or {fi
 heldout: {sequences: 128, cross_domain: wikitext2}
 proxies: {batches: 4, batch_size: 8, entropy: {paper: {beta: 0.0625}, beta1: {beta: 1.0}}}
 head_to_head: {...}                # see merino_pl.study.compare
+lengths: {multiples: [4], architectures: 8, ceiling: 8}   # also train the first 8 at 4x the steps
+lr_grid: {lrs: [1.0e-3, 2.0e-3, 4.0e-3], architectures: 8}  # each of the first 8 at every lr (1x length)
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ KEYS = (
     "heldout",
     "proxies",
     "head_to_head",
+    "lengths",
+    "lr_grid",
 )
 CROSS_DOMAIN = ("wikitext2", None)
 
@@ -65,6 +69,11 @@ class StudyConfig:
     proxy_batch_size: int = 8
     entropy: dict[str, EntropyConfig] = field(default_factory=dict)
     head_to_head: dict[str, Any] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)
+    length_architectures: int = 0
+    length_ceiling: int = 0
+    lrs: list[float] = field(default_factory=list)
+    lr_architectures: int = 0
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +105,48 @@ def _entropy_configs(value: Any, problems: list[str]) -> dict[str, EntropyConfig
         except MerinoError as e:
             problems.append(str(e))
     return out
+
+
+def _lengths(data: dict, n: int, problems: list[str]) -> tuple[list[int], int, int]:
+    """``lengths``: training lengths as whole multiples of the fit config's ``max_steps`` (1 is the
+    main study itself), for the first ``architectures`` of the sample, and ``ceiling`` of them again
+    with the noise-ceiling seed at every length."""
+    sec = _section(data, "lengths", {"multiples", "architectures", "ceiling"}, problems)
+    if not sec:
+        return [], 0, 0
+    multiples = sec.get("multiples")
+    if (
+        not isinstance(multiples, list)
+        or not multiples
+        or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in multiples)
+        or len(set(multiples)) != len(multiples)
+    ):
+        problems.append(f"lengths.multiples must be distinct whole numbers >= 1 (times max_steps), got {multiples!r}")
+        multiples = []
+    archs = _int(sec, "architectures", n, 1, problems, "lengths.")
+    ceiling = _int(sec, "ceiling", 0, 0, problems, "lengths.")
+    if archs > n:
+        problems.append(f"lengths.architectures {archs} exceeds architectures {n}")
+    if ceiling > archs:
+        problems.append(f"lengths.ceiling {ceiling} exceeds lengths.architectures {archs}")
+    return sorted(m for m in multiples if m != 1), archs, ceiling
+
+
+def _lr_grid(data: dict, n: int, problems: list[str]) -> tuple[list[float], int]:
+    """``lr_grid``: every lr for each of the first ``architectures``, at the main study's length."""
+    sec = _section(data, "lr_grid", {"lrs", "architectures"}, problems)
+    if not sec:
+        return [], 0
+    lrs = sec.get("lrs")
+    ok = isinstance(lrs, list) and len(lrs) >= 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in lrs)
+    if not ok or len(set(lrs)) != len(lrs):
+        problems.append(f"lr_grid.lrs must be at least 2 distinct learning rates in (0, 1), got {lrs!r}")
+        lrs = []
+    archs = _int(sec, "architectures", n, 1, problems, "lr_grid.")
+    if archs > n:
+        problems.append(f"lr_grid.architectures {archs} exceeds architectures {n}")
+    return sorted(float(v) for v in lrs), archs
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
@@ -139,6 +190,8 @@ def load_study_config(path: str | Path) -> StudyConfig:
     proxies = _section(data, "proxies", {"batches", "batch_size", "entropy"}, problems)
     entropy = _entropy_configs(proxies.get("entropy", {"paper": {}}), problems)
     h2h = _section(data, "head_to_head", {"searches", "uniform", "seeds", "args"}, problems)
+    lengths, length_archs, length_ceiling = _lengths(data, n, problems)
+    lrs, lr_archs = _lr_grid(data, n, problems)
     cfg = StudyConfig(
         name=str(data.get("name") or path.stem),
         source=str(path),
@@ -159,6 +212,11 @@ def load_study_config(path: str | Path) -> StudyConfig:
         proxy_batch_size=_int(proxies, "batch_size", 8, 2, problems, "proxies."),
         entropy=entropy,
         head_to_head=h2h,
+        lengths=lengths,
+        length_architectures=length_archs,
+        length_ceiling=length_ceiling,
+        lrs=lrs,
+        lr_architectures=lr_archs,
         raw=data,
     )
     if cfg.ceiling_architectures > n:

@@ -46,6 +46,8 @@ def build_rows(manifest: dict[str, Any], results: list[dict[str, Any]]) -> list[
     entropy = _entropy_configs(manifest)
     rows: dict[int, dict[str, Any]] = {}
     for r in results:
+        if r.get("length", 1) != 1 or "-lr" in r["id"]:  # the lengths / lr grid: see merino_pl.study.regime
+            continue
         i = r["arch_index"]
         row = rows.setdefault(i, {"arch_index": i, "architecture": r["architecture"], "runs": {}})
         row["runs"][str(r["seed"])] = {

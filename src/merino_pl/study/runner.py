@@ -8,7 +8,10 @@ Layout of ``--out DIR`` (the study owns it; a re-run continues it)::
     results/RUN.json        one per finished run: costs, data proxies, held-out loss at half and full length
     runs/RUN/               the run's recipe, fit log and Lightning logs (checkpoints removed once scored)
 
-A run is ``aNNN-sSEED`` (architecture NNN of the sample, training seed SEED). Each run is one
+A run is ``aNNN-sSEED`` (architecture NNN of the sample, training seed SEED), with ``-xM`` when
+it trains M times the main study's steps (``lengths``) and ``-lrLR`` when it overrides the
+learning rate (``lr_grid``); every run of every length and lr shares the tokenizer and the
+held-out windows, so their losses compare directly. Each run is one
 worker process (``python -m merino_pl.study.worker``) that computes the data proxies at init,
 calls ``merino-pl fit``'s entry point and scores the half-length and final checkpoints; its result
 file is written atomically last, so a kill loses at most the runs in flight (and those resume
@@ -18,6 +21,7 @@ from their newest checkpoint).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,21 +45,59 @@ RESULT_FORMAT = "merino-study-run/1"
 class Run:
     arch_index: int
     seed: int
+    length: int = 1  # times the main study's max_steps
+    lr: float | None = None  # None: the fit config's
 
     @property
     def id(self) -> str:
-        return f"a{self.arch_index:03d}-s{self.seed}"
+        tail = (f"-x{self.length}" if self.length != 1 else "") + (f"-lr{self.lr:g}" if self.lr is not None else "")
+        return f"a{self.arch_index:03d}-s{self.seed}{tail}"
+
+    @classmethod
+    def parse(cls, run_id: str) -> Run:
+        """The run an id names (``a003-s1-x4``, ``a003-s1-lr0.004``)."""
+        parts = run_id.split("-")
+        if len(parts) < 2 or not parts[0].startswith("a") or not parts[1].startswith("s"):
+            raise MerinoError(f"not a study run id: {run_id!r} (e.g. a003-s1, a003-s1-x4, a003-s1-lr0.004)")
+        run = cls(int(parts[0][1:]), int(parts[1][1:]))
+        for p in parts[2:]:
+            if p.startswith("x"):
+                run = cls(run.arch_index, run.seed, int(p[1:]), run.lr)
+            elif p.startswith("lr"):
+                run = cls(run.arch_index, run.seed, run.length, float(p[2:]))
+        return run
+
+    def args(self, base_steps: int) -> list[str]:
+        """The fit overrides that make this run's length and lr (after the study's own, so they win)."""
+        out = ["--trainer.max_steps", str(base_steps * self.length)] if self.length != 1 else []
+        return out + (["--model.lr", f"{self.lr:g}"] if self.lr is not None else [])
 
 
-def plan_runs(cfg: StudyConfig) -> list[Run]:
+def plan_runs(cfg: StudyConfig, base_lr: float | None = None) -> list[Run]:
     """Every run, the noise-ceiling reruns interleaved (one after every third architecture) so a
-    study stopped early still has both a ranking and a ceiling to show."""
+    study stopped early still has both a ranking and a ceiling to show; then the longer lengths
+    (architecture by architecture), the lr grid (every lr of one architecture before the next;
+    an lr equal to the fit config's is the main run itself), and last the longer lengths' reruns."""
     runs, reruns = [], [Run(i, cfg.ceiling_seed) for i in range(cfg.ceiling_architectures)]
     for i in range(cfg.architectures):
         runs.append(Run(i, cfg.seed))
         if i % 3 == 2 and reruns and reruns[0].arch_index <= i:
             runs.append(reruns.pop(0))
-    return runs + reruns
+    runs += reruns
+    runs += [Run(i, cfg.seed, m) for m in cfg.lengths for i in range(cfg.length_architectures)]
+    lrs = [lr for lr in cfg.lrs if base_lr is None or not math.isclose(lr, base_lr, rel_tol=1e-9)]
+    runs += [Run(i, cfg.seed, 1, lr) for i in range(cfg.lr_architectures) for lr in lrs]
+    runs += [Run(i, cfg.ceiling_seed, m) for m in cfg.lengths for i in range(cfg.length_ceiling)]
+    return runs
+
+
+def fit_setting(cfg: StudyConfig, section: str, key: str, extra: list[str] | None = None) -> Any:
+    """A fit setting as the main study's runs see it: the fit config, then ``fit.args``, then the
+    command line's pass-through options (the last one given wins, as in LightningCLI)."""
+    from merino_pl.core.io import read_yaml
+
+    given = last_flag([*cfg.fit_args, *(extra or [])], f"--{section}.{key}")
+    return given if given is not None else ((read_yaml(cfg.fit_config, "fit config") or {}).get(section) or {}).get(key)
 
 
 def read_fit_data(cfg: StudyConfig) -> dict[str, Any]:
@@ -177,6 +219,17 @@ def prepare(cfg: StudyConfig, out: Path, architectures: list | None = None) -> d
     return manifest
 
 
+def last_flag(argv: list[str], flag: str) -> str | None:
+    """The last value given to ``flag`` (``--flag v`` or ``--flag=v``) in a LightningCLI argv."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def write_recipe(manifest: dict[str, Any], run: Run, run_dir: Path) -> Path:
     from merino_pl.core.config import MerinoConfig
 
@@ -189,7 +242,7 @@ def write_recipe(manifest: dict[str, Any], run: Run, run_dir: Path) -> Path:
     return recipe.save(run_dir / "recipe.yaml")
 
 
-def _launch(out: Path, run: Run, threads: int, extra: list[str]) -> tuple[Run, int, float]:
+def _launch(out: Path, run: Run, threads: int, extra: list[str], base_steps: int) -> tuple[Run, int, float]:
     run_dir = out / "runs" / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -201,10 +254,10 @@ def _launch(out: Path, run: Run, threads: int, extra: list[str]) -> tuple[Run, i
                 "-m",
                 "merino_pl.study.worker",
                 str(out),
-                str(run.arch_index),
-                str(run.seed),
+                run.id,
                 str(threads),
                 *extra,
+                *run.args(base_steps),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -218,10 +271,12 @@ def run_study(
 ) -> list[Path]:
     """Train every run of the study not yet finished, ``jobs`` at a time; returns the result files."""
     manifest = prepare(cfg, out)
-    runs = plan_runs(cfg)
+    lr = fit_setting(cfg, "model", "lr", extra)
+    runs = plan_runs(cfg, float(lr) if lr is not None else None)
+    variants = len(runs) - cfg.architectures - cfg.ceiling_architectures
     print(
         f"study {cfg.name}: {len(runs)} runs ({cfg.architectures} architectures + {cfg.ceiling_architectures} "
-        f"reruns), {jobs} at a time",
+        f"reruns" + (f" + {variants} at other lengths / lrs" if variants else "") + f"), {jobs} at a time",
         flush=True,
     )
     return execute(manifest, out, runs, jobs, threads, extra, progress)
@@ -239,7 +294,11 @@ def execute(
     """Train ``runs`` (skipping finished ones) with the worker, ``jobs`` processes at a time."""
     from tqdm.auto import tqdm
 
+    from merino_pl.core.io import read_yaml
+
     todo = [r for r in runs if not (out / "results" / f"{r.id}.json").exists()]
+    base_steps = last_flag([*manifest["fit_args"], *(extra or [])], "--trainer.max_steps")
+    base_steps = int(base_steps or (read_yaml(manifest["fit_config"], "fit config") or {})["trainer"]["max_steps"])
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to train", flush=True)
     for run in todo:
         write_recipe(manifest, run, out / "runs" / run.id)
@@ -250,7 +309,7 @@ def execute(
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < jobs:
-                pending.add(pool.submit(_launch, out, queue.pop(0), threads, list(extra or [])))
+                pending.add(pool.submit(_launch, out, queue.pop(0), threads, list(extra or []), base_steps))
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 run, rc, seconds = fut.result()

@@ -1,6 +1,6 @@
 """One study run in its own process: data proxies at init, ``merino-pl fit``, held-out scoring.
 
-    python -m merino_pl.study.worker OUT ARCH_INDEX SEED THREADS [fit overrides ...]
+    python -m merino_pl.study.worker OUT RUN_ID THREADS [fit overrides ...]
 
 Started by ``merino-pl study run`` (``merino_pl.study.runner``); not a user command.
 """
@@ -17,24 +17,13 @@ from typing import Any
 import torch
 
 from merino_pl.core.io import read_yaml, write_json
-from merino_pl.study.runner import RESULT_FORMAT, Run
-
-
-def _arg(argv: list[str], flag: str) -> str | None:
-    """The last value given to ``flag`` (``--flag v`` or ``--flag=v``) in a LightningCLI argv."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
+from merino_pl.study.runner import RESULT_FORMAT, Run, last_flag
 
 
 def fit_argv(manifest: dict[str, Any], run: Run, run_dir: Path, extra: list[str]) -> tuple[list[str], int]:
     """The ``merino-pl fit`` arguments of this run, and its step count."""
     overrides = [*manifest["fit_args"], *extra]
-    steps = _arg(overrides, "--trainer.max_steps") or (read_yaml(manifest["fit_config"], "fit config") or {}).get(
+    steps = last_flag(overrides, "--trainer.max_steps") or (read_yaml(manifest["fit_config"], "fit config") or {}).get(
         "trainer", {}
     ).get("max_steps")
     steps = int(steps)
@@ -134,10 +123,10 @@ def last_train_loss(fit_dir: Path, steps: int) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    out, arch_index, seed, threads, extra = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), argv[4:]
+    out, run, threads, extra = Path(argv[0]), Run.parse(argv[1]), int(argv[2]), argv[3:]
+    arch_index, seed = run.arch_index, run.seed
     torch.set_num_threads(threads)
     manifest = json.loads((out / "study.json").read_text(encoding="utf-8"))
-    run = Run(arch_index, seed)
     run_dir = out / "runs" / run.id
     proxies_file = run_dir / "proxies.json"
     if not proxies_file.exists():
@@ -159,6 +148,8 @@ def main(argv: list[str]) -> int:
         "id": run.id,
         "arch_index": arch_index,
         "seed": seed,
+        "length": run.length,
+        "lr": float(last_flag(args, "--model.lr") or read_yaml(manifest["fit_config"], "fit config")["model"]["lr"]),
         "architecture": manifest["architectures"][arch_index],
         "steps": steps,
         "half_step": max(1, steps // 2),
