@@ -37,7 +37,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "latency": ("merino_pl.latency.cli", "latency report on this device; device latency tables"),
     "study": ("merino_pl.study.cli", "proxy study: train sampled architectures, rank proxies, calibrate the entropy"),
     "slurm": ("merino_pl.slurm.cli", "render / submit SLURM jobs for 8 x H100 nodes"),
-    "pipeline": ("merino_pl.pipeline.cli", "search -> fit -> eval -> quantize -> eval -> latency"),
+    "pipeline": ("merino_pl.pipeline.cli", "search -> fit -> export -> quantize -> eval -> latency"),
 }
 
 
