@@ -189,12 +189,14 @@ def test_fit_writes_loadable_exportable_checkpoints(fit_config, tmp_path, capsys
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)  # what load_model / export use
     assert ckpt["global_step"] == 4 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["merino"]["recipe"]["name"] == "micro" and ckpt["merino"]["tokens_seen"] == 4 * 4 * 32
+    assert ckpt["merino"]["seq_len"] == 32  # the trained context: eval / latency default to it
     assert {"torch", "numpy", "python"} <= set(ckpt["merino"]["rng"])
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "data position missing"
     loaded = load_model(ckpt_dir / "last.ckpt")
     assert torch.equal(loaded.model.model.embed_tokens.weight, ckpt["state_dict"]["model.model.embed_tokens.weight"])
     assert cli_main(["export", str(ckpt_dir / "last.ckpt"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["trained_seq_len"] == 32
 
 
 def test_streaming_resume_on_other_workers_is_one_line_exit_2(fit_config, tmp_path, capsys):

@@ -131,11 +131,77 @@ def _load_lightning_ckpt(path: Path) -> LoadedModel:
     recipe = Recipe.from_dict(meta["recipe"], source=f"{path}[merino.recipe]")
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model = MerinoForCausalLM.from_recipe(recipe)
+    model.config.trained_seq_len = _seq_len(meta.get("seq_len"))  # travels into every export's config.json
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise MerinoError(f"{path}: weights do not match its recipe {recipe.name!r}: {_first_line(e)}") from None
     return LoadedModel(model.eval(), recipe, "lightning-ckpt", str(path), sha256_file(path))
+
+
+def _seq_len(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def trained_context(source: str | Path | LoadedModel) -> int | None:
+    """The context (tokens) a model was trained at, as ``merino-pl fit`` recorded it: from a
+    loaded model, a ``.ckpt`` (its ``merino.seq_len``, read without loading the weights) or a
+    model / GPTQ directory (``config.json``'s ``trained_seq_len``). ``None`` when nothing is
+    recorded (a recipe, or a file written before fit recorded it): callers then fall back to
+    ``max_position_embeddings`` and say so (``context_window``)."""
+    if isinstance(source, LoadedModel):
+        return _seq_len(getattr(source.model.config, "trained_seq_len", None))
+    path = Path(source)
+    if path.is_dir():
+        from merino_pl.core.io import read_json
+
+        config = read_json(path / "config.json", "model config") if (path / "config.json").is_file() else {}
+        return _seq_len(config.get("trained_seq_len") if isinstance(config, dict) else None)
+    if path.suffix == ".ckpt" and path.is_file():
+        try:  # mmap: the small "merino" entry only, not the weights
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - unreadable: the loader reports it in one line
+            return None
+        meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
+        return _seq_len(meta.get("seq_len")) if isinstance(meta, dict) else None
+    return None
+
+
+def trained_tokenizer(source: str | Path) -> str | None:
+    """The tokenizer a model was trained with, for the stages that ship or read text with it:
+    a model / GPTQ directory's own ``tokenizer.json``, or what ``merino-pl fit`` recorded in a
+    ``.ckpt`` (``merino.tokenizer``: a shipped name or a path). ``None`` when nothing is recorded
+    (trained with the default GPT-NeoX-20B, or a recipe)."""
+    path = Path(source)
+    if path.is_dir():
+        return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    if path.suffix == ".ckpt" and path.is_file():
+        tokenizer = _ckpt_meta(path).get("tokenizer")
+        return tokenizer if isinstance(tokenizer, str) and tokenizer else None
+    return None
+
+
+def _ckpt_meta(path: Path) -> dict:
+    """A ``.ckpt``'s ``merino`` entry ({} when unreadable: the loader reports that in one line)."""
+    try:  # mmap: the small "merino" entry only, not the weights
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001
+        return {}
+    meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def context_window(loaded: LoadedModel) -> tuple[int, str | None]:
+    """The default scoring window of ``loaded``: its trained context, else (nothing recorded)
+    ``max_position_embeddings`` with a note saying so, for the caller to print."""
+    trained = trained_context(loaded)
+    if trained is not None:
+        return trained, None
+    limit = loaded.model.config.max_position_embeddings
+    return limit, (
+        f"{loaded.path} records no trained context (a recipe, or written before merino-pl recorded it): "
+        f"using max_position_embeddings {limit}"
+    )
 
 
 def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str | None = None) -> Path:

@@ -30,6 +30,9 @@ class MerinoHFConfig(PretrainedConfig):
 
     The token ids are the tokenizer's, not the architecture's: ``None`` until an export records
     those of the tokenizer it ships (``merino_pl.core.checkpoint.export_pretrained``).
+    ``trained_seq_len`` is the context the weights were trained at (``merino-pl fit``'s
+    ``data.seq_len``): positions past it never received a gradient, so eval and latency default
+    to it; ``None`` for a fresh initialisation or a directory written before it was recorded.
     """
 
     model_type = "merino"
@@ -42,8 +45,10 @@ class MerinoHFConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        trained_seq_len: int | None = None,
         **kwargs: Any,
     ) -> None:
+        self.trained_seq_len = trained_seq_len
         self.architecture = architecture or {"blocks": [{"embed_dim": 64, "ffn_ratio": 1, "num_layers": 1}]}
         self.recipe_name = recipe_name
         self.provenance = provenance or {}

@@ -43,7 +43,8 @@ class EvalSettings:
     backend: str = "merino"  # "merino" or lm-eval's stock "hf"
     ppl_mode: str | None = None
     stride: int | None = None
-    window: int | None = None
+    window: int | None = None  # default: the context the model was trained at
+    beyond_trained_context: bool = False  # allow --window past the trained context (not past max_position_embeddings)
     num_fewshot: int | None = None
     bootstrap_iters: int = 1000
     device: str | None = None
@@ -125,9 +126,12 @@ def evaluate_checkpoint(args: EvalSettings) -> EvalReport:
         raise MerinoError("; ".join([str(e), *problems])) from None
     if problems:
         raise MerinoError("; ".join(problems))
-    _check_window(args, loaded.model.config.max_position_embeddings)
-    print(f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}", file=sys.stderr)
-    report = evaluate(loaded, plan, args)
+    window = _check_window(args, loaded)
+    print(
+        f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}, window {window}",
+        file=sys.stderr,
+    )
+    report = evaluate(loaded, plan, args, window)
     _check_measured(report)
     paths = write(report, args.out)
     print(markdown(report))
@@ -186,26 +190,43 @@ def _check_measured(report: EvalReport) -> None:
         )
 
 
-def _check_window(args: EvalSettings, context: int) -> None:
-    window = args.window or context
-    if window > context:
-        raise MerinoError(f"--window {window}: longer than the model's context ({context})")
+def _check_window(args: EvalSettings, loaded: Any) -> int:
+    """The window perplexity and lm-eval score with: ``--window``, else the context the model was
+    trained at (positions past it never received a gradient); past that only when asked for."""
+    from merino_pl.core.checkpoint import context_window, trained_context
+
+    limit = loaded.model.config.max_position_embeddings
+    default, note = context_window(loaded)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    window = args.window or default
+    trained = trained_context(loaded)
+    if window > limit:
+        raise MerinoError(f"--window {window}: longer than the model's max_position_embeddings ({limit})")
+    if trained is not None and window > trained and not args.beyond_trained_context:
+        raise MerinoError(
+            f"--window {window}: longer than the context the model was trained at ({trained} tokens); "
+            "positions past it never received a gradient (add --beyond-trained-context to score them anyway)"
+        )
     if args.stride is not None and args.stride > window:
         raise MerinoError(f"--stride {args.stride}: longer than the window ({window})")
+    return window
 
 
-def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> EvalReport:
-    """Run the tasks and perplexities of ``plan`` on ``loaded``; the report."""
+def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int) -> EvalReport:
+    """Run the tasks and perplexities of ``plan`` on ``loaded`` with ``window`` tokens of context
+    (lm-eval's ``max_length``, the perplexity window); the report."""
     import lm_eval
 
+    from merino_pl.core.checkpoint import trained_context
     from merino_pl.core.costs import count_flops, count_params
     from merino_pl.eval.harness import MerinoLM, hf_lm
     from merino_pl.eval.tasks import run_tasks
 
     lm = (
-        hf_lm(loaded, args.batch_size, args.device)
+        hf_lm(loaded, args.batch_size, args.device, max_length=window)
         if args.backend == "hf"
-        else MerinoLM(loaded, batch_size=args.batch_size, device=args.device)
+        else MerinoLM(loaded, batch_size=args.batch_size, device=args.device, max_length=window)
     )
     tasks = {}
     if plan["specs"]:
@@ -230,16 +251,18 @@ def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> EvalRepor
             gflops=count_flops(arch) / 1e9,
             context=arch.max_position_embeddings,
             architecture=arch.to_dict(),
+            trained_context=trained_context(loaded),
+            window=window,
         ),
         backend=args.backend,
         lm_eval_version=lm_eval.__version__,
         limit=args.limit,
         tasks=tasks,
-        perplexity=_perplexities(loaded, plan, args),
+        perplexity=_perplexities(loaded, plan, args, window),
     )
 
 
-def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict[str, Any]:
+def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int) -> dict[str, Any]:
     from merino_pl.core.tokenizer import EOS_TOKEN, load_tokenizer
     from merino_pl.eval.harness import tokenizer_source
     from merino_pl.eval.perplexity import DataUnavailable, perplexity
@@ -254,7 +277,7 @@ def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings) -> dict
                 name,
                 data_file=plan["data_files"].get(name),
                 mode=args.ppl_mode,
-                window=args.window,
+                window=window,
                 stride=args.stride,
                 limit=args.limit,
                 batch_size=args.batch_size,

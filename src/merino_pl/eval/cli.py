@@ -63,7 +63,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="document-level (lm-eval's rule; WikiText-2 default) or concatenated (PTB default)",
     )
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: the window)")
-    p.add_argument("--window", type=int, default=None, help="perplexity window (default: the model's context)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="tokens of context for perplexity and lm-eval's max_length (default: the context the model was "
+        "trained at, else its max_position_embeddings)",
+    )
+    p.add_argument(
+        "--beyond-trained-context",
+        action="store_true",
+        help="allow a --window longer than the trained context (positions past it never received a gradient)",
+    )
     p.add_argument("--num-fewshot", type=int, default=None, help="default: the task list's (paper: 0)")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap for non-mean metrics' stderr")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")

@@ -28,7 +28,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from merino_pl.core.checkpoint import LoadedModel, load_model
+from merino_pl.core.checkpoint import LoadedModel, context_window, load_model
 from merino_pl.core.tokenizer import EOS_TOKEN, hf_tokenizer, load_tokenizer
 from merino_pl.eval.scoring import score
 
@@ -61,7 +61,8 @@ class MerinoLM(TemplateLM):
         self.tok = load_tokenizer(tokenizer or tokenizer_source(self.loaded))
         self._eot = self.tok.token_to_id(EOS_TOKEN)
         self.batch_size = 8 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
-        self.max_length = int(max_length or self.model.config.max_position_embeddings)
+        # the trained context (positions past it never received a gradient), else max_position_embeddings
+        self.max_length = int(max_length or context_window(self.loaded)[0])
 
     @property
     def eot_token_id(self) -> int:
@@ -146,12 +147,21 @@ class MerinoLM(TemplateLM):
         return text
 
 
-def hf_lm(loaded: LoadedModel, batch_size: int = 8, device: str | None = None):
-    """lm-eval's stock ``HFLM`` over the loaded instance (path (b): the ``hf`` backend)."""
+def hf_lm(loaded: LoadedModel, batch_size: int = 8, device: str | None = None, max_length: int | None = None):
+    """lm-eval's stock ``HFLM`` over the loaded instance (path (b): the ``hf`` backend);
+    ``max_length`` defaults to the trained context (HFLM's own would be max_position_embeddings)."""
     from lm_eval.models.huggingface import HFLM
 
+    from merino_pl.core.checkpoint import context_window
+
     tok = hf_tokenizer(tokenizer_source(loaded))
-    return HFLM(pretrained=loaded.model, tokenizer=tok, batch_size=batch_size, device=device or "cpu")
+    return HFLM(
+        pretrained=loaded.model,
+        tokenizer=tok,
+        batch_size=batch_size,
+        device=device or "cpu",
+        max_length=max_length or context_window(loaded)[0],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

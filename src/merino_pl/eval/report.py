@@ -37,8 +37,10 @@ class EvalModel:
     weights_sha256: str | None  # None: a fresh initialisation from the recipe
     params_m: float
     gflops: float
-    context: int
+    context: int  # max_position_embeddings
     architecture: dict[str, Any]
+    trained_context: int | None = None  # the seq_len it was trained at (None: not recorded)
+    window: int | None = None  # tokens of context it was scored with (lm-eval max_length, perplexity window)
 
 
 @dataclass
@@ -82,14 +84,16 @@ class EvalReport(FileReport):
         """The report in ``data`` (a parsed ``eval.json``); a ``MerinoError`` naming ``source``
         and what is wrong when it is not one this version reads."""
         version = check_version(data, "eval report", source, FORMAT_VERSION, FORMAT)
-        names = [f.name for f in dataclasses.fields(EvalModel)]
+        fields = dataclasses.fields(EvalModel)
+        names = [f.name for f in fields]
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]  # later fields: older reports lack them
         model = data.get("model")
         missing = [k for k in ("model", "tasks", "perplexity") if not isinstance(data.get(k), dict)]
-        missing += [f"model.{k}" for k in names if isinstance(model, dict) and k not in model]
+        missing += [f"model.{k}" for k in required if isinstance(model, dict) and k not in model]
         if missing:
             raise MerinoError(f"{source}: eval report without {', '.join(missing)}")
         return cls(
-            model=EvalModel(**{k: model[k] for k in names}),
+            model=EvalModel(**{k: model[k] for k in names if k in model}),
             tasks=data["tasks"],
             perplexity=data["perplexity"],
             backend=data.get("backend", "merino"),
@@ -146,7 +150,7 @@ def table2_lines(reports: Sequence[tuple[str, EvalReport]]) -> list[str]:
 
 def table3_lines(reports: Sequence[tuple[str, EvalReport, float | None]], latency_header: str = "latency") -> list[str]:
     """Perplexity table: the paper's rows, then one row per ``(label, report, latency_ms)`` of
-    ours (word perplexity, the paper's unit; no latency measured: ``—``)."""
+    ours (word perplexity, the paper's unit, with its window; no latency measured: ``—``)."""
     lines = [f"| model | FLOPs | {latency_header} | WikiText-2 | PTB |", "|---|---|---|---|---|"]
     for row in paper_baselines()["table3"]["rows"]:
         lines.append(
@@ -154,13 +158,20 @@ def table3_lines(reports: Sequence[tuple[str, EvalReport, float | None]], latenc
         )
     for label, report, latency_ms in reports:
         ppl = report.perplexity
-        cells = [_fmt(ppl.get(k, {}).get("word_perplexity"), 2) for k in ("wikitext2", "ptb")]
+        cells = [_ppl_cell(ppl.get(k, {})) for k in ("wikitext2", "ptb")]
         lines.append(
             f"| {_ours(report, label)} | {report.model.gflops:.3g} G | {_fmt(latency_ms, 2)} | "
             + " | ".join(cells)
             + " |"
         )
     return lines
+
+
+def _ppl_cell(result: dict[str, Any]) -> str:
+    """Word perplexity with the window it was scored at (figures at other windows do not compare)."""
+    value = _fmt(result.get("word_perplexity"), 2)
+    window = (result.get("protocol") or {}).get("window")
+    return f"{value} (window {window})" if window and result.get("word_perplexity") is not None else value
 
 
 def table2(report: EvalReport) -> str:
@@ -206,6 +217,8 @@ def markdown(report: EvalReport) -> str:
         f"# Evaluation of {m.name}",
         "",
         f"- model: `{m.path}` ({m.kind}), {m.params_m:.2f} M parameters",
+        f"- context: scored with {m.window or m.context} tokens; trained at "
+        f"{m.trained_context if m.trained_context else 'not recorded'}; max_position_embeddings {m.context}",
         f"- weights SHA-256: `{m.weights_sha256 or 'none (fresh initialisation from the recipe)'}`",
         f"- backend: {report.backend}, lm-eval {report.lm_eval_version}, limit {report.limit}",
         "",

@@ -66,9 +66,17 @@ class MerinoSaveConfig(SaveConfigCallback):
         config = self.config.as_dict()
         config.pop("config", None)  # the paths of the --config files: not a hyper-parameter
         recipe = pl_module.recipe
-        summary = summarize(recipe, seq_len=_seq_len(config))
+        seq_len = _seq_len(config)
+        summary = summarize(recipe, seq_len=seq_len)
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config, "recipe": pl_module.recipe.to_dict(), "recipe_summary": summary})
+            logger.log_hyperparams(
+                {
+                    "config": config,
+                    "recipe": pl_module.recipe.to_dict(),
+                    "recipe_summary": summary,
+                    "trained_seq_len": seq_len,  # what the checkpoints record as merino.seq_len
+                }
+            )
 
 
 def _seq_len(config: dict[str, Any]) -> int:

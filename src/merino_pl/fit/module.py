@@ -4,16 +4,18 @@
     AdamW(lr 6e-4, betas 0.9/0.95, weight decay 0.1 on 2-D weights) ─► warm-up 1000 steps,
     then linear decay to 10 % of the peak at ``trainer.max_steps`` (Pythia's schedule)
 
-Checkpoint layout (what `merino_pl.checkpoint.load_model` reads): the model's weights under
-``state_dict["model.*"]``, the recipe under ``checkpoint["merino"]["recipe"]``, plus what exact
-resume needs beyond Lightning's own state (tokens seen, RNG states, the W&B run id). Everything
-in it loads with ``torch.load(weights_only=True)``.
+Checkpoint layout (what ``merino_pl.core.checkpoint.load_model`` reads): the model's weights under
+``state_dict["model.*"]``, the recipe under ``checkpoint["merino"]["recipe"]``, the context it
+trains at under ``checkpoint["merino"]["seq_len"]``, its tokenizer (unless the default) under
+``checkpoint["merino"]["tokenizer"]``, plus what exact resume needs beyond Lightning's own state
+(tokens seen, RNG states, the W&B run id). Everything in it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -188,10 +190,34 @@ class MerinoLightningModule(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             "rng": rng_states(),
         }
+        seq_len = self.trained_seq_len()
+        if seq_len:  # the context eval / latency default to (merino_pl.core.checkpoint.trained_context)
+            meta["seq_len"] = seq_len
+        tokenizer = self.trained_tokenizer()
+        if tokenizer:  # what export, quantize and generate use with it (merino_pl.core.checkpoint.trained_tokenizer)
+            meta["tokenizer"] = tokenizer
         run_id = wandb_run_id(self)
         if run_id:
             meta["wandb_run_id"] = run_id
         checkpoint["merino"] = meta
+
+    def trained_seq_len(self) -> int | None:
+        """The context this run trains at: the datamodule's ``seq_len`` (known before the first
+        batch), else that of the last training batch."""
+        trainer = self._trainer
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None) if trainer is not None else None
+        seq_len = hparams.get("seq_len") if hparams is not None else None
+        return int(seq_len) if isinstance(seq_len, int) and seq_len > 0 else (self.seq_len or None)
+
+    def trained_tokenizer(self) -> str | None:
+        """The datamodule's tokenizer (None: the default GPT-NeoX-20B): a shipped name as given, a
+        file as an absolute path, so that a stage run from another folder finds it."""
+        trainer = self._trainer
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None) if trainer is not None else None
+        tokenizer = hparams.get("tokenizer") if hparams is not None else None
+        if not isinstance(tokenizer, str) or not tokenizer:
+            return None
+        return str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("merino") or {}
