@@ -36,7 +36,7 @@ from merino_pl.core.costs import count_flops, count_params  # noqa: E402
 from merino_pl.core.space import load_space  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
 from merino_pl.search import exhaustive  # noqa: E402
-from merino_pl.search.api import SearchSettings, build_problem, decode, run_search  # noqa: E402
+from merino_pl.search.api import SearchPlan, build_problem, decode, run_search  # noqa: E402
 from merino_pl.search.budget import Genes, parse_budget  # noqa: E402
 from merino_pl.search.entropy import EntropyConfig  # noqa: E402
 from merino_pl.search.evolution import EvolutionConfig, evolve  # noqa: E402
@@ -58,7 +58,7 @@ def _cold_caches() -> None:
 
 def time_full_search(space, gflops: int, iterations: int, repeats: int) -> dict:
     """Wall time of table building (once per search) and of Algorithm 1 itself."""
-    s = SearchSettings([parse_budget(budget_text(gflops))], space, evolution=EvolutionConfig(iterations=iterations))
+    s = SearchPlan([parse_budget(budget_text(gflops))], space, evolution=EvolutionConfig(iterations=iterations))
     setups, searches, result = [], [], None
     for _ in range(repeats):
         _cold_caches()  # every repeat pays the table load and the entropy values, as a fresh process does
@@ -102,7 +102,7 @@ def compare_proxies(space, gflops: int, iterations: int) -> list[dict]:
     """Paper Fig. 5 baselines under the same budget, plus the paper's own recipe for reference."""
     rows = []
     for proxy in ("entropy", "params", "naive"):
-        s = SearchSettings(
+        s = SearchPlan(
             [parse_budget(budget_text(gflops))], space, proxy=proxy, evolution=EvolutionConfig(iterations=iterations)
         )
         t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def compare_proxies(space, gflops: int, iterations: int) -> list[dict]:
 
 def certify(space, gflops: int, iterations: int, seeds: int, repeats: int) -> dict:
     """Exhaustive optimum (cold: tables + enumeration, median of ``repeats``) vs the EA over ``seeds``."""
-    s = SearchSettings([parse_budget(budget_text(gflops))], space, evolution=EvolutionConfig(iterations=iterations))
+    s = SearchPlan([parse_budget(budget_text(gflops))], space, evolution=EvolutionConfig(iterations=iterations))
     times = []
     for _ in range(repeats):
         _cold_caches()
@@ -150,7 +150,7 @@ def certify(space, gflops: int, iterations: int, seeds: int, repeats: int) -> di
 
 def paper_ranks(space, gflops: int, beta: float) -> dict:
     """Where the paper's recipe for a target ranks among all feasible designs under Eq. 15 with β."""
-    s = SearchSettings([parse_budget(budget_text(gflops))], space, entropy=EntropyConfig(beta=beta))
+    s = SearchPlan([parse_budget(budget_text(gflops))], space, entropy=EntropyConfig(beta=beta))
     problem = build_problem(s)
     opt = exhaustive.optimum(problem)
     arch = load_recipe(PAPER_RECIPES[gflops]).architecture

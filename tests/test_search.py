@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,7 +106,7 @@ import numpy as np  # noqa: E402
 from merino_pl.cli import main  # noqa: E402
 from merino_pl.core.costs import count_flops, count_params  # noqa: E402
 from merino_pl.search import entropy as ent  # noqa: E402
-from merino_pl.search.api import SearchSettings, decode, run_search  # noqa: E402
+from merino_pl.search.api import SearchPlan, decode, run_search  # noqa: E402
 from merino_pl.search.budget import Genes, cost_tables, min_cost, parse_budget  # noqa: E402
 from merino_pl.search.evolution import EvolutionConfig  # noqa: E402
 
@@ -169,7 +172,7 @@ def _random_codes(space, n: int, seed: int = 0) -> np.ndarray:
     from merino_pl.search.api import build_problem
     from merino_pl.search.evolution import _random_population
 
-    s = SearchSettings([parse_budget("flops=1T")], space)
+    s = SearchPlan([parse_budget("flops=1T")], space)
     return _random_population(build_problem(s), n, np.random.default_rng(seed))
 
 
@@ -220,8 +223,8 @@ def test_parse_budget(text: str, cost: str, limit: float) -> None:
 
 
 # ---- evolutionary search -----------------------------------------------------------------------
-def _settings(budgets: list[str], proxy: str = "entropy", iterations: int = 20000, seed: int = 0) -> SearchSettings:
-    return SearchSettings(
+def _settings(budgets: list[str], proxy: str = "entropy", iterations: int = 20000, seed: int = 0) -> SearchPlan:
+    return SearchPlan(
         [parse_budget(b) for b in budgets],
         SPACE,
         proxy=proxy,
@@ -360,7 +363,7 @@ def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(search_cli, "plot", broken_plot)
     with pytest.raises(OSError):
-        main([*argv, "--seed", "2"])
+        main([*argv, "--seed", "2", "--overwrite"])
     assert {p: p.read_bytes() for p in files} == first and sorted(tmp_path.iterdir()) == sorted(files)
     monkeypatch.undo()
 
@@ -373,7 +376,7 @@ def test_search_out_files_are_one_unit(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(io.os, "replace", killed_after_the_png)
     with pytest.raises(RuntimeError, match="killed"):
-        main([*argv, "--seed", "3"])
+        main([*argv, "--seed", "3", "--overwrite"])
     monkeypatch.undo()
     assert out.read_bytes() == first[out] and files[2].read_bytes() != first[files[2]], "the PNG is the new run's"
     recorded = load_recipe(out).provenance["outputs"]
@@ -408,13 +411,13 @@ def test_search_with_latency_table(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_shipped_search_configs_load() -> None:
     import argparse
 
-    from merino_pl.search.api import resolve_settings
-    from merino_pl.search.cli import add_arguments, options
+    from merino_pl.search.api import resolve_plan
+    from merino_pl.search.cli import add_arguments, settings
 
     for name in PAPER:
         p = argparse.ArgumentParser()
         add_arguments(p)
-        s = resolve_settings(options(p.parse_args(["--config", str(REPO / "search" / f"{name}.yaml")])))
+        s = resolve_plan(settings(p.parse_args(["--config", str(REPO / "search" / f"{name}.yaml")])))
         nominal = float(name.split("-")[1][:-1]) * 1e9  # the paper's printed budget
         assert nominal <= s.budgets[0].limit <= 1.02 * nominal
         assert s.evolution == EvolutionConfig() and s.entropy == ent.DEFAULT and s.space == SPACE
@@ -483,7 +486,7 @@ def test_paper_recipe_is_in_the_default_space_and_meets_its_budget(config: str) 
     assert decode(space, Genes.of(space), codes) == arch
     budget = yaml.safe_load((REPO / "search" / f"{config}.yaml").read_text())["budgets"][0]
     assert count_flops(arch) <= parse_budget(budget).limit
-    score, _, ok = build_problem(SearchSettings([parse_budget(budget)], space)).evaluate(codes[None])
+    score, _, ok = build_problem(SearchPlan([parse_budget(budget)], space)).evaluate(codes[None])
     assert ok[0] and score[0] == pytest.approx(ent.recipe_entropy(arch)["total"])
 
 
@@ -538,7 +541,7 @@ def test_exhaustive_equals_brute_force_on_a_tiny_space(proxy: str, two_budgets: 
     key = "entropy" if proxy == "entropy" else "params_proxy"
     feasible = [(c, r[key]) for c, r in rows if all(r[k] <= v for k, v in limits.items())]
     best = max(v for _, v in feasible)
-    problem = build_problem(SearchSettings([parse_budget(b) for b in budgets], space, proxy=proxy))
+    problem = build_problem(SearchPlan([parse_budget(b) for b in budgets], space, proxy=proxy))
     opt = exhaustive.optimum(problem)
     assert opt.n_feasible == len(feasible) == exhaustive.count_feasible(problem)
     assert opt.score == pytest.approx(best, rel=1e-12)
@@ -554,9 +557,9 @@ def test_exhaustive_any_number_of_blocks(num_blocks: int) -> None:
     space = space_from_dict({**TINY, "num_blocks": num_blocks})
     n = len(Genes.of(space).embed_idx)
     grid = np.array(list(itertools.product(range(n), repeat=num_blocks)))
-    problem = build_problem(SearchSettings([parse_budget("flops=1T")], space))
+    problem = build_problem(SearchPlan([parse_budget("flops=1T")], space))
     cost = problem.evaluate(grid)[1][:, 0]
-    problem = build_problem(SearchSettings([parse_budget(f"flops={np.median(cost)}")], space))
+    problem = build_problem(SearchPlan([parse_budget(f"flops={np.median(cost)}")], space))
     score, _, ok = problem.evaluate(grid)
     opt = exhaustive.optimum(problem)
     assert opt.n_feasible == ok.sum() and opt.score == pytest.approx(score[ok].max(), rel=1e-12)
@@ -621,3 +624,136 @@ def test_exhaustive_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, caps
     assert main(["search", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+# ---- the registry: proxies and budget kinds as plugins -----------------------------------------
+PLUGIN = '''
+import numpy as np
+
+from merino_pl.search.api import register_budget, register_proxy
+from merino_pl.search.budget import CostTables
+
+
+@register_proxy("custom", arch=lambda arch, entropy: -float(sum(b.embed_dim for b in arch.blocks)))
+def custom(plan, genes):
+    """the narrowest blocks win"""
+    return -genes.embed_dim.astype(float)
+
+
+def layers(space, genes, latency):  # an entry point naming a function: registered under its name
+    block = np.repeat(genes.num_layers[None, :].astype(float), space.num_blocks, axis=0)
+    return CostTables("layers", 0.0, block, np.zeros((len(space.embed_dims),) * 2))
+'''
+
+
+def _plugin_dist(root: Path) -> Path:
+    """A throwaway installed package: its module and a dist-info whose entry_points.txt names it
+    in merino-pl's groups (what `pip install` of a package declaring them writes)."""
+    root.mkdir()
+    (root / "merino_custom_plugin.py").write_text(PLUGIN)
+    info = root / "merino_custom_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: merino-custom-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[merino_pl.proxies]\ncustom = merino_custom_plugin\n\n"
+        "[merino_pl.budgets]\nlayers = merino_custom_plugin:layers\n"
+    )
+    return root
+
+
+def _search(argv: list[str], pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pythonpath or ""), str(REPO / "src")]))}
+    cmd = [sys.executable, "-m", "merino_pl.cli", "search", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_plugin_proxy_and_budget_through_entry_points(tmp_path: Path) -> None:
+    """Another package adds a proxy and a budget kind without editing merino-pl: the search
+    finds them through the entry-point groups and uses them."""
+    plugin = _plugin_dist(tmp_path / "site")
+    out = tmp_path / "narrow.yaml"
+    run = _search(["--budget", "layers=8", "--proxy", "custom", "--exhaustive", "--no-plot", "--out", str(out)], plugin)
+    assert run.returncode == 0, run.stderr
+    recipe = load_recipe(out)
+    assert recipe.provenance["proxy"] == "custom" and recipe.provenance["budgets"] == ["layers=8"]
+    widths = [b.embed_dim for b in recipe.architecture.blocks]
+    assert widths == [SPACE.embed_dims[0]] * SPACE.num_blocks  # the custom objective's optimum
+    assert sum(b.num_layers for b in recipe.architecture.blocks) <= 8
+    assert recipe.provenance["proxy_score"] == -sum(widths)
+    # without the plugin on the path the names are unknown, and the message lists the registered ones
+    bad = _search(["--budget", "flops=60G", "--proxy", "custom", "--out", str(tmp_path / "x.yaml")])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "unknown proxy 'custom' (registered: entropy, params, naive, flops, layer_applications)" in bad.stderr
+    bad = _search(["--budget", "layers=8", "--out", str(tmp_path / "x.yaml")])
+    assert bad.returncode == 2 and "unknown cost 'layers' in budget 'layers=8' (valid: flops, params, latency)" in (
+        bad.stderr
+    )
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_a_broken_plugin_is_one_line(tmp_path: Path) -> None:
+    plugin = _plugin_dist(tmp_path / "site")
+    (plugin / "merino_custom_plugin.py").write_text("raise ImportError('needs torch-nightly')\n")
+    run = _search(["--budget", "flops=60G", "--proxy", "custom"], plugin)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "entry point custom = merino_custom_plugin (merino_pl.proxies): ImportError: needs torch-nightly" in (
+        run.stderr
+    )
+
+
+@pytest.fixture
+def registered_depth():
+    """A proxy registered in this process by the decorator, removed afterwards."""
+    from merino_pl.search import registry
+
+    @registry.register_proxy("test-depth", arch=lambda arch, entropy: float(arch.num_layer_applications))
+    def depth(plan, genes):
+        return genes.num_layers.astype(float)
+
+    yield depth
+    del registry._REGISTRY[registry.PROXY_GROUP]["test-depth"]
+
+
+def test_shipped_proxies_come_from_the_registry(registered_depth) -> None:
+    """The search, its CLI check and the proxy study all read one registry: the shipped proxies
+    and budget kinds are registered there like a plugin's, and one registered by the decorator
+    is searched with and studied at once."""
+    from merino_pl.search import budget, proxies, registry
+    from merino_pl.study.proxies import analytic_proxies
+
+    shipped = {n: p for n, p in registry.proxies().items() if n != "test-depth"}
+    assert list(shipped) == ["entropy", "params", "naive", "flops", "layer_applications"]
+    assert all(p.table is getattr(proxies, n) for n, p in shipped.items())
+    assert {n: k.tables for n, k in registry.budget_kinds().items()} == {
+        "flops": budget.flops_tables,
+        "params": budget.params_tables,
+        "latency": budget.latency_tables,
+    }
+    p, result = run_search(_settings(["params=50M"], proxy="test-depth", iterations=2000), progress=False)
+    best = decode(SPACE, p.genes, result.codes[0])
+    assert result.scores[0] == best.num_layer_applications == registered_depth(None, p.genes).max() * SPACE.num_blocks
+    studied = analytic_proxies(best, {"paper": ent.DEFAULT})
+    assert list(studied) == ["entropy:paper", "decoder_params", "flops", "layer_applications", "test-depth"]
+    assert studied["test-depth"] == studied["layer_applications"] == best.num_layer_applications
+    with pytest.raises(MerinoError, match="'test-depth' is registered twice"):
+        registry.register_proxy("test-depth")(lambda plan, genes: genes.num_layers)
+
+
+def test_search_refuses_an_existing_out_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipe, and the PNG / population JSON never named on the command line: each is the
+    user's until --overwrite says otherwise (byte-identical after a refusal)."""
+    out = tmp_path / "r.yaml"
+    argv = ["search", "--budget", "params=60M", "--iterations", "300", "--population", "64", "--parents", "8"]
+    for existing in (out, out.with_suffix(".png"), out.with_suffix(".population.json")):
+        existing.write_bytes(b"the user's own file\n")
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and f"{existing} already exists" in err, err
+        assert "--overwrite" in err and sorted(tmp_path.iterdir()) == [existing]
+        assert existing.read_bytes() == b"the user's own file\n"
+        existing.unlink()
+    out.with_suffix(".png").write_bytes(b"not ours\n")  # --no-plot writes no PNG: that one is no obstacle
+    assert main([*argv, "--no-plot", "--out", str(out)]) == 0
+    assert out.with_suffix(".png").read_bytes() == b"not ours\n"
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

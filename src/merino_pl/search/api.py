@@ -1,10 +1,11 @@
 """The search stage's library: settings, the proxy's tables, the search and its outputs.
 
-``search(options)`` is the stage's entry function (``merino-pl search`` calls it after parsing
+``search(settings)`` is the stage's entry function (``merino-pl search`` calls it after parsing
 its flags, see ``search/cli.py``): budgets in, a recipe YAML out (plus a PNG and the final
 population, the three replaced as one unit: the recipe, renamed last, records the others'
-SHA-256). ``SearchOptions`` holds the options as given (a search config file plus overrides);
-``resolve_settings`` merges and checks them into ``SearchSettings``.
+SHA-256). ``SearchSettings`` holds the settings as given (a search config file plus overrides);
+``resolve_plan`` merges and checks them into the ``SearchPlan`` the search runs. The proxy and
+the budget kinds are looked up by name in ``merino_pl.search.registry`` (plugins included).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,26 @@ from merino_pl.core.io import atomic_path, check_out, read_yaml, sha256_file
 from merino_pl.core.latency_table import LatencyTable
 from merino_pl.core.space import SearchSpace, load_space
 from merino_pl.search import exhaustive
-from merino_pl.search.budget import Budget, Genes, cost_tables, parse_budget
-from merino_pl.search.entropy import EntropyConfig, arch_entropy, block_entropies
-from merino_pl.search.evolution import PROXIES, EvolutionConfig, Problem, SearchResult, evolve, naive_scaling
+from merino_pl.search.budget import Budget, CostTables, Genes, cost_tables, parse_budget
+from merino_pl.search.entropy import EntropyConfig, arch_entropy
+from merino_pl.search.evolution import EvolutionConfig, Problem, SearchResult, evolve
 from merino_pl.search.exhaustive import optimum
+from merino_pl.search.registry import (
+    Proxy,
+    budget_kinds,
+    get_proxy,
+    proxies,
+    register_budget,
+    register_proxy,
+)
 
 # What other stages may use of the search (the proxy study re-runs its pieces): these names,
 # imported from this module. The modules behind them are the stage's internals.
 __all__ = [
-    "SearchOptions",
     "SearchSettings",
+    "SearchPlan",
     "search",
-    "resolve_settings",
+    "resolve_plan",
     "build_problem",
     "decode",
     "run_search",
@@ -46,7 +55,12 @@ __all__ = [
     "parse_budget",
     "EntropyConfig",
     "arch_entropy",
-    "PROXIES",
+    "Proxy",
+    "proxies",
+    "get_proxy",
+    "register_proxy",
+    "budget_kinds",
+    "register_budget",
     "optimum",
 ]
 
@@ -54,12 +68,12 @@ CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "nam
 
 
 @dataclass
-class SearchSettings:
-    """Everything one search needs, resolved and checked."""
+class SearchPlan:
+    """Everything one search needs, resolved and checked (``resolve_plan``)."""
 
     budgets: list[Budget]
     space: SearchSpace
-    proxy: str = "entropy"
+    proxy: str = "entropy"  # a registered proxy's name (merino_pl.search.registry)
     seed: int = 0
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
@@ -69,7 +83,7 @@ class SearchSettings:
 
 
 @dataclass
-class SearchOptions:
+class SearchSettings:
     """One search as asked for: a search config file and the values that override it (None =
     the config's, else the default). ``merino-pl search``'s flags map one to one onto it."""
 
@@ -86,6 +100,7 @@ class SearchOptions:
     parents: int | None = None
     name: str | None = None
     out: str | None = None  # the recipe YAML (NAME.png, NAME.population.json beside it); None: print it
+    overwrite: bool = False  # replace an existing --out (and its companions)
     no_plot: bool = False
     progress: bool | None = None  # None: on a terminal
 
@@ -114,7 +129,7 @@ def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
         return None
 
 
-def resolve_settings(args: SearchOptions) -> SearchSettings:
+def resolve_plan(args: SearchSettings) -> SearchPlan:
     """Merge config file and options; report every problem in one ``MerinoError``."""
     problems: list[str] = []
     cfg = _read_config(args.config, problems) if args.config else {}
@@ -138,8 +153,7 @@ def resolve_settings(args: SearchOptions) -> SearchSettings:
             evo[key] = getattr(args, key)
     evolution = _collect(problems, EvolutionConfig.from_dict, evo)
     proxy = args.proxy or cfg.get("proxy", "entropy")
-    if proxy not in PROXIES:
-        problems.append(f"proxy {proxy!r} is not one of {', '.join(PROXIES)}")
+    _collect(problems, get_proxy, str(proxy))
     seed = args.seed if args.seed is not None else cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         problems.append(f"seed must be a non-negative integer, got {seed!r}")
@@ -152,24 +166,29 @@ def resolve_settings(args: SearchOptions) -> SearchSettings:
         problems.append(f"--exhaustive does not evolve: drop {', '.join(evo_flags)}")
     if args.out and (Path(args.out).is_dir() or Path(args.out).suffix not in (".yaml", ".yml")):
         problems.append(f"--out {args.out} must be a .yaml file path")
+    elif args.out:
+        problems += _check_out(Path(args.out), args)
     if problems:
         raise MerinoError("; ".join(problems))
-    return SearchSettings(
+    return SearchPlan(
         budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"), exhaustive
     )
 
 
-def build_problem(s: SearchSettings) -> Problem:
-    """Per-code score and cost tables for the settings' space, budgets and proxy."""
+def build_problem(s: SearchPlan) -> Problem:
+    """Per-code score and cost tables for the plan's space, budgets and proxy."""
     genes = Genes.of(s.space)
     costs = [cost_tables(b.cost, s.space, genes, s.latency) for b in s.budgets]
-    if s.proxy == "params":  # LTS: the decoder's parameter count (everything but the embeddings)
-        params = cost_tables("params", s.space, genes)
-        score, extra = np.zeros(len(genes.embed_idx)), replace(params, const=0.0)
-    else:
-        mhsa, ffn = block_entropies(genes.embed_dim, genes.ffn_dim, genes.num_layers, s.entropy)
-        score, extra = s.entropy.alpha_mhsa * mhsa + s.entropy.alpha_ffn * ffn, None
-    return Problem(s.space, genes, score, costs, s.budgets, extra)
+    table = get_proxy(s.proxy).table(s, genes)
+    if isinstance(table, CostTables):  # position-dependent: blocks and the projections between them
+        return Problem(s.space, genes, np.zeros(len(genes.embed_idx)), costs, s.budgets, table)
+    score = np.asarray(table, dtype=float)
+    if score.shape != genes.embed_idx.shape:
+        raise MerinoError(
+            f"proxy {s.proxy!r} returned a table of shape {score.shape}, expected one score per block code "
+            f"{genes.embed_idx.shape} (or a CostTables)"
+        )
+    return Problem(s.space, genes, score, costs, s.budgets)
 
 
 def decode(space: SearchSpace, genes: Genes, codes: np.ndarray) -> MerinoConfig:
@@ -178,12 +197,14 @@ def decode(space: SearchSpace, genes: Genes, codes: np.ndarray) -> MerinoConfig:
     return space.config(blocks)
 
 
-def run_search(s: SearchSettings, progress: bool | None = None) -> tuple[Problem, SearchResult]:
-    """Build the tables and run the proxy's search: exhaustive, evolution (certified against the
-    exhaustive optimum when that is cheap), or naive scaling (already exhaustive over its designs)."""
+def run_search(s: SearchPlan, progress: bool | None = None) -> tuple[Problem, SearchResult]:
+    """Build the tables and run the proxy's search: its own (naive scaling, already exhaustive
+    over its designs), exhaustive, or evolution (certified against the exhaustive optimum when
+    that is cheap)."""
     problem = build_problem(s)
-    if s.proxy == "naive":
-        return problem, naive_scaling(problem)
+    own = get_proxy(s.proxy).search
+    if own is not None:
+        return problem, own(problem)
     if s.exhaustive:
         return problem, exhaustive.as_result(problem, exhaustive.optimum(problem))
     result = evolve(problem, s.evolution, seed=s.seed, progress=progress)
@@ -191,7 +212,7 @@ def run_search(s: SearchSettings, progress: bool | None = None) -> tuple[Problem
     return problem, result
 
 
-def arch_costs(arch: MerinoConfig, s: SearchSettings) -> dict[str, float]:
+def arch_costs(arch: MerinoConfig, s: SearchPlan) -> dict[str, float]:
     """Costs of one architecture, from the reference implementations (not the search's tables)."""
     out: dict[str, float] = {"params": count_params(arch), "flops": count_flops(arch)}
     if s.latency is not None:
@@ -199,9 +220,7 @@ def arch_costs(arch: MerinoConfig, s: SearchSettings) -> dict[str, float]:
     return out
 
 
-def make_recipe(
-    s: SearchSettings, problem: Problem, result: SearchResult, name: str, command: str | None = None
-) -> Recipe:
+def make_recipe(s: SearchPlan, problem: Problem, result: SearchResult, name: str, command: str | None = None) -> Recipe:
     """The best architecture as a recipe whose provenance says how it was found."""
     arch = decode(s.space, problem.genes, result.codes[0])
     entropy = {k: round(v, 3) for k, v in arch_entropy(arch, s.entropy).items()}
@@ -254,7 +273,7 @@ def search_provenance(result: SearchResult) -> dict[str, Any]:
     return out
 
 
-def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -> dict[str, Any]:
+def population_json(s: SearchPlan, problem: Problem, result: SearchResult) -> dict[str, Any]:
     g = problem.genes
     members = [
         {
@@ -269,16 +288,13 @@ def population_json(s: SearchSettings, problem: Problem, result: SearchResult) -
     return {"proxy": s.proxy, "budgets": [b.text for b in s.budgets], "history": result.history, "population": members}
 
 
-def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
+def plot(path: Path, s: SearchPlan, result: SearchResult) -> None:
     """Best score over the search, and the final population's score vs its first cost, as a PNG
-    at ``path`` (written in place: ``write_outputs`` passes a temporary file)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    at ``path`` (``write_outputs`` passes a temporary file, renamed with the recipe)."""
+    from merino_pl.core.plotting import pyplot, save_figure
 
     budget = s.budgets[0]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))
     x, y = zip(*result.history)
     a.plot(x, y, marker="o" if len(x) == 1 else None)
     xlabel = "feasible architectures (exhaustive)" if result.method == "exhaustive" else "candidates generated"
@@ -288,9 +304,7 @@ def plot(path: Path, s: SearchSettings, result: SearchResult) -> None:
     b.axvline(budget.limit, ls="--", c="gray", label=f"budget {budget.text}")
     b.set(xlabel=budget.cost, ylabel=f"{s.proxy} score", title="final population")
     b.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def summary(recipe: Recipe, result: SearchResult) -> str:
@@ -335,28 +349,43 @@ def _search_lines(result: SearchResult) -> list[str]:
     return lines
 
 
-def search(options: SearchOptions, command: str | None = None) -> Recipe:
-    """The stage's entry function: resolve and check ``options`` (every problem in one
+def search(settings: SearchSettings, command: str | None = None) -> Recipe:
+    """The stage's entry function: resolve and check ``settings`` (every problem in one
     ``MerinoError``), search, print the summary and write the recipe (with its PNG and
-    population) to ``options.out``, or print it when there is no ``out``. ``command``: the
+    population) to ``settings.out``, or print it when there is no ``out``. ``command``: the
     command line recorded in the recipe's provenance."""
-    s = resolve_settings(options)
-    if options.out:  # an unwritable --out is found before the search, not after it
-        if problems := check_out(options.out, file=True):
-            raise MerinoError("; ".join(problems))
-    problem, result = run_search(s, progress=options.progress)
+    s = resolve_plan(settings)
+    problem, result = run_search(s, progress=settings.progress)
     name = s.name or (
-        Path(options.out).stem if options.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}"
+        Path(settings.out).stem if settings.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}"
     )
     recipe = make_recipe(s, problem, result, name, command)
     print(summary(recipe, result))
-    if not options.out:
+    if not settings.out:
         print(recipe.to_yaml())
         return recipe
-    out = Path(options.out)
-    extra = write_outputs(out, recipe, population_json(s, problem, result), None if options.no_plot else (s, result))
+    out = Path(settings.out)
+    extra = write_outputs(out, recipe, population_json(s, problem, result), None if settings.no_plot else (s, result))
     print(f"wrote {out} (+ {' '.join(p.name for p in extra)})")
     return recipe
+
+
+def companions(out: Path, plot: bool = True) -> list[Path]:
+    """The files written beside the recipe ``out``: the population JSON, and the PNG."""
+    return [out.with_suffix(".population.json")] + ([out.with_suffix(".png")] if plot else [])
+
+
+def _check_out(out: Path, s: SearchSettings) -> list[str]:
+    """An unwritable ``--out`` is found before the search, not after it; an existing recipe or
+    companion is replaced only with ``--overwrite`` (nothing the user did not name is touched)."""
+    problems = check_out(out, file=True)
+    taken = [p for p in [out, *companions(out, not s.no_plot)] if p.exists() or p.is_symlink()]
+    if taken and not s.overwrite:
+        problems.append(
+            f"--out {out}: {', '.join(map(str, taken))} already exists (pass --overwrite to replace "
+            f"{', '.join(p.name for p in [out, *companions(out, not s.no_plot)])})"
+        )
+    return problems
 
 
 def write_outputs(out: Path, recipe: Recipe, population: dict[str, Any], plot_args: tuple | None) -> list[Path]:
@@ -364,13 +393,13 @@ def write_outputs(out: Path, recipe: Recipe, population: dict[str, Any], plot_ar
     first (a failure leaves the previous run's files untouched), then renamed into place, the
     recipe last. Its ``provenance.outputs`` holds the SHA-256 of the two others, so a kill
     between the renames leaves files that say they do not belong together, never a silent mix."""
-    companions = [out.with_suffix(".population.json")] + ([out.with_suffix(".png")] if plot_args else [])
+    extra = companions(out, plot_args is not None)
     with contextlib.ExitStack() as stack:  # renames run in reverse order of entry: the recipe last
         recipe_tmp = stack.enter_context(atomic_path(out))
-        staged = [stack.enter_context(atomic_path(path)) for path in companions]
+        staged = [stack.enter_context(atomic_path(path)) for path in extra]
         staged[0].write_text(json.dumps(population, indent=2, default=str) + "\n", encoding="utf-8")
         if plot_args:
             plot(staged[1], *plot_args)
-        recipe.provenance["outputs"] = {path.name: sha256_file(tmp) for path, tmp in zip(companions, staged)}
+        recipe.provenance["outputs"] = {path.name: sha256_file(tmp) for path, tmp in zip(extra, staged)}
         recipe_tmp.write_text(recipe.to_yaml(), encoding="utf-8")
-    return companions
+    return extra

@@ -10,6 +10,9 @@ pays the d → E_1 projection, the last one E_N → d and the final norm); ``pai
 projection. The tables are built from the same functions ``merino-pl info`` uses
 (``merino_pl.core.costs``) and from the device latency table; a test checks them against
 ``count_params`` / ``count_flops`` / ``LatencyTable.estimate_ms`` on random architectures.
+
+The three kinds register through ``merino_pl.search.registry`` (``@register_budget``), as a
+plugin's would: ``parse_budget`` and ``cost_tables`` look every name up there.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from merino_pl.core.costs import PAPER_SEQ_LEN, embedding_params, layer_flops, l
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.latency_table import LatencyTable
 from merino_pl.core.space import SearchSpace
+from merino_pl.search.registry import get_budget_kind, register_budget
 
-COSTS = {"flops": "FLOPs (paper convention, 1024 tokens)", "params": "parameters", "latency": "ms from --latency-table"}
 _SCALE = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _TIME = {"": 1.0, "ms": 1.0, "s": 1e3, "us": 1e-3}
 
@@ -45,9 +48,7 @@ def parse_budget(text: str) -> Budget:
     if not m:
         raise MerinoError(f"budget {text!r} must look like NAME=VALUE, e.g. flops=60G, params=60M, latency=50ms")
     name, _, number, unit = m.groups()
-    if name not in COSTS:
-        raise MerinoError(f"unknown cost {name!r} in budget {text!r} (valid: {', '.join(COSTS)})")
-    scale = _TIME if name == "latency" else _SCALE
+    scale = get_budget_kind(name, text).units
     if unit not in scale:
         raise MerinoError(f"budget {text!r}: unit {unit!r} is not one of {', '.join(u for u in scale if u)}")
     try:
@@ -95,43 +96,57 @@ def _tables(
 
 
 def cost_tables(name: str, space: SearchSpace, genes: Genes, latency: LatencyTable | None = None) -> CostTables:
-    """Tables for ``params``, ``flops`` or ``latency`` (the last needs a device latency table)."""
-    arch = space.config([space.block(space.embed_dims[0], space.ffn_choices[0], space.num_layers[0])])
-    if name == "params":
-        return _tables(
-            name,
-            space,
-            genes,
-            embedding_params(arch),
-            lambda e, f, L: layer_params(e, f, arch.bias, arch.norm),
-            lambda i, o: i * o if i != o else 0,
-            lambda e: norm_params(arch.norm, e),
-        )
-    if name == "flops":
-        seq = PAPER_SEQ_LEN
-        return _tables(
-            name,
-            space,
-            genes,
-            0.0,
-            lambda e, f, L: L * layer_flops(e, f, seq),
-            lambda i, o: 2 * seq * i * o if i != o else 0,
-            lambda e: 0,
-        )
-    if name == "latency":
-        if latency is None:
-            raise MerinoError("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
-        latency.check_fixed(arch.d_model, arch.vocab_size)
-        return _tables(
-            name,
-            space,
-            genes,
-            float(latency.fixed["ms"]),
-            lambda e, f, L: L * latency.layer_ms(e, f),
-            latency.projection_ms,
-            lambda e: 0.0,
-        )
-    raise MerinoError(f"unknown cost {name!r} (valid: {', '.join(COSTS)})")
+    """Tables of the registered budget kind ``name`` (``latency`` needs a device latency table)."""
+    return get_budget_kind(name).tables(space, genes, latency)
+
+
+def _first_arch(space: SearchSpace):  # the fixed parts (d_model, vocabulary, bias, norm) of every architecture
+    return space.config([space.block(space.embed_dims[0], space.ffn_choices[0], space.num_layers[0])])
+
+
+@register_budget("flops", units=_SCALE, help="FLOPs (paper convention, 1024 tokens)")
+def flops_tables(space: SearchSpace, genes: Genes, latency: LatencyTable | None = None) -> CostTables:
+    seq = PAPER_SEQ_LEN
+    return _tables(
+        "flops",
+        space,
+        genes,
+        0.0,
+        lambda e, f, L: L * layer_flops(e, f, seq),
+        lambda i, o: 2 * seq * i * o if i != o else 0,
+        lambda e: 0,
+    )
+
+
+@register_budget("params", units=_SCALE, help="parameters")
+def params_tables(space: SearchSpace, genes: Genes, latency: LatencyTable | None = None) -> CostTables:
+    arch = _first_arch(space)
+    return _tables(
+        "params",
+        space,
+        genes,
+        embedding_params(arch),
+        lambda e, f, L: layer_params(e, f, arch.bias, arch.norm),
+        lambda i, o: i * o if i != o else 0,
+        lambda e: norm_params(arch.norm, e),
+    )
+
+
+@register_budget("latency", units=_TIME, help="ms from --latency-table")
+def latency_tables(space: SearchSpace, genes: Genes, latency: LatencyTable | None = None) -> CostTables:
+    if latency is None:
+        raise MerinoError("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
+    arch = _first_arch(space)
+    latency.check_fixed(arch.d_model, arch.vocab_size)
+    return _tables(
+        "latency",
+        space,
+        genes,
+        float(latency.fixed["ms"]),
+        lambda e, f, L: L * latency.layer_ms(e, f),
+        latency.projection_ms,
+        lambda e: 0.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ three replaced as one unit: the recipe, renamed last, records the others' SHA-25
     merino-pl search --config search/flops-60g.yaml --budget params=60M --out recipes/x.yaml
     merino-pl search --budget latency=50ms --latency-table jetson.json --proxy params
     merino-pl search --config search/flops-60g.yaml --exhaustive --out recipes/opt-60g.yaml
+    merino-pl search --budget flops=60G --proxy my-proxy --out r.yaml   (a plugin's, see docs/search.md)
 
 ``--exhaustive`` replaces the evolutionary search by exact enumeration (``exhaustive.optimum``):
 the global optimum and the number of feasible architectures. Without it, the evolutionary
@@ -12,7 +13,8 @@ result is reported as a fraction of that optimum whenever it is cheap to compute
 
 A search config (``search/flops-*.yaml``) names the budgets, the space, the proxy, the seed and
 the entropy (ε, init, α, β) and evolution (M, K, T, mutation steps) settings; command-line
-options override it. The recipe records all of it under ``provenance``.
+options override it. The recipe records all of it under ``provenance``. An existing ``--out``
+(or its PNG / population JSON) is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, fields
 
-from merino_pl.search.api import SearchOptions, search
-from merino_pl.search.evolution import PROXIES
+from merino_pl.search.api import SearchSettings, search
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", help="search space YAML (default: the config's, else the shipped search/space.yaml)")
     p.add_argument(
         "--proxy",
-        choices=PROXIES,
         default=None,
-        help="objective: entropy (MeRino), params (LTS), naive (uniform scaling)",
+        help="objective, a registered proxy: entropy (MeRino, default), params (LTS), naive (uniform scaling), "
+        "flops, layer_applications, or a plugin's (an unknown name lists them)",
     )
     p.add_argument(
         "--exhaustive",
@@ -63,18 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parents", type=int, default=None, help="K (default 64)")
     p.add_argument("--name", help="recipe name (default: the --out file's stem)")
     p.add_argument("--out", help="write the recipe here (YAML), with NAME.png and NAME.population.json beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its PNG / population")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
 
 
-def options(args: argparse.Namespace) -> SearchOptions:
-    """The parsed flags as the stage's typed options."""
-    return SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)})
+def settings(args: argparse.Namespace) -> SearchSettings:
+    """The parsed flags as the stage's typed settings."""
+    return SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings)})
 
 
-def _command(opts: SearchOptions) -> str:
+def _command(opts: SearchSettings) -> str:
     """The command line that reproduces this search (the flags as resolved by argparse)."""
     parts = ["merino-pl search"]
     for key, value in asdict(opts).items():
@@ -90,6 +92,6 @@ def _command(opts: SearchOptions) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``merino-pl search`` (see the module docstring)."""
-    opts = options(args)
-    search(opts, _command(opts))
+    s = settings(args)
+    search(s, _command(s))
     return 0

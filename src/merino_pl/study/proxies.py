@@ -1,10 +1,14 @@
 """Zero-cost proxies of an architecture, each oriented so that HIGHER predicts LOWER loss.
 
-Analytic (from the recipe alone):
-* ``entropy:NAME``: Eq. 15 under one entropy config (``merino_pl.search.entropy``);
-* ``decoder_params``: parameters without the token / position embeddings (LTS, Archai);
+Analytic (from the recipe alone): every proxy of the search's registry that scores an
+architecture (``merino_pl.search.registry``: the shipped ones and any plugin's), so a proxy
+registered for the search is studied too:
+* ``entropy:NAME``: Eq. 15 under one entropy config (the ``entropy`` proxy, once per config);
+* ``decoder_params``: parameters without the token / position embeddings (LTS, Archai: the
+  search's ``params`` proxy, under the name the study's reports have always used);
 * ``flops``: forward FLOPs in the paper's convention;
-* ``layer_applications``: Σ L_j (depth as trained).
+* ``layer_applications``: Σ L_j (depth as trained);
+* a plugin's proxy under its own name (its ``arch`` under the default entropy config).
 
 Data-dependent, at initialisation, on a few real training batches (the Fig. 3 baselines):
 * ``ntk_cond``: −κ, κ = λ_max / λ_min of the empirical NTK Gram matrix ``G = J Jᵀ`` (TE-NAS,
@@ -25,20 +29,24 @@ from __future__ import annotations
 import torch
 
 from merino_pl.core.config import MerinoConfig
-from merino_pl.core.costs import count_flops, count_params, embedding_params
 from merino_pl.core.model import lm_loss
-from merino_pl.search.api import EntropyConfig, arch_entropy
+from merino_pl.search.api import EntropyConfig, proxies
 
-ANALYTIC = ("decoder_params", "flops", "layer_applications")
 DATA = ("ntk_cond", "dss")
+COLUMNS = {"params": "decoder_params"}  # registry name -> the study's name, where they differ
 
 
 def analytic_proxies(arch: MerinoConfig, entropy: dict[str, EntropyConfig]) -> dict[str, float]:
-    """Every analytic proxy of one architecture (entropy once per named config)."""
-    out = {f"entropy:{name}": arch_entropy(arch, cfg)["total"] for name, cfg in entropy.items()}
-    out["decoder_params"] = float(count_params(arch) - embedding_params(arch))
-    out["flops"] = float(count_flops(arch))
-    out["layer_applications"] = float(arch.num_layer_applications)
+    """Every registered proxy that scores an architecture, of one architecture (the entropy
+    once per named config; the others under the default one)."""
+    out: dict[str, float] = {}
+    for name, proxy in proxies().items():
+        if proxy.arch is None:  # a rule (naive scaling), not a score
+            continue
+        if name == "entropy":
+            out.update({f"entropy:{label}": float(proxy.arch(arch, cfg)) for label, cfg in entropy.items()})
+        else:
+            out[COLUMNS.get(name, name)] = float(proxy.arch(arch, EntropyConfig()))
     return out
 
 
