@@ -38,16 +38,17 @@ FORMAT = "merino-study-compare/1"
 
 def searched(cfg: StudyConfig, spec: dict[str, Any], where: Path) -> MerinoConfig:
     """The global optimum of one search setting over the study's space and budgets."""
-    from merino_pl.search.api import PROXIES, SearchSettings, build_problem, decode, optimum
+    from merino_pl.search.api import SearchPlan, build_problem, decode, optimum, proxies
 
     spec = dict(spec)
     if "config" in spec:
         path = where / spec.pop("config")
         spec = {**(read_yaml(path, "search config") or {}), **spec}
     proxy = spec.get("proxy", "entropy")
-    if proxy not in PROXIES or proxy == "naive":
-        raise MerinoError(f"head_to_head search proxy {proxy!r} must be entropy or params")
-    settings = SearchSettings(cfg.budgets, cfg.space, proxy, 0, EntropyConfig.from_dict(spec.get("entropy") or {}))
+    scoring = [name for name, p in proxies().items() if p.search is None]  # naive scaling is a rule, not a score
+    if proxy not in scoring:
+        raise MerinoError(f"head_to_head search proxy {proxy!r} must be one of {', '.join(scoring)}")
+    settings = SearchPlan(cfg.budgets, cfg.space, proxy, 0, EntropyConfig.from_dict(spec.get("entropy") or {}))
     problem = build_problem(settings)
     return decode(cfg.space, problem.genes, optimum(problem).codes)
 
