@@ -140,7 +140,7 @@ def test_dry_run_several_nodes_with_options(capsys, train_yaml):
         "--signal=SIGUSR1@300",
         "--requeue",
     } <= set(lines)
-    assert "--output=/scratch/my run/slurm/%j.out" in lines
+    assert "--output='/scratch/my run/slurm/%j.out'" in lines  # sbatch splits #SBATCH lines at blanks
     assert "RUN_DIR='/scratch/my run'" in out and "\nmodule load cuda\n" in out
     assert "--trainer.devices 8 --trainer.num_nodes 4" in out
     assert out.rstrip().endswith("--trainer.max_steps 1000 --data.batch_size=32")
@@ -304,6 +304,134 @@ def test_scripts_are_numbered_never_overwritten(tmp_path):
         "job-005.sbatch",
         "job-006.sbatch",
     ]
+
+
+# -- a recipe other than the config's ------------------------------------------------------
+@pytest.mark.parametrize("action", ["submit", "chain"])
+@pytest.mark.parametrize(
+    "recipe, root, run_dir",
+    [
+        ("merino-64m", "runs/paper-64m", "runs/paper-64m"),  # the config's own recipe: the config's run
+        (str(REPO / "recipes" / "merino-64m.yaml"), "runs/paper-64m", "runs/paper-64m"),  # the same, by path
+        ("merino-52m", "runs/paper-64m", "runs/paper-merino-52m"),  # another: never the 64M run's checkpoints
+        ("merino-52m", None, "runs/merino-52m"),  # no default_root_dir: runs/<recipe>, as fit does
+    ],
+)
+def test_another_recipe_gets_its_own_run_dir(capsys, tmp_path, action, recipe, root, run_dir):
+    config = tmp_path / "paper.yaml"
+    config.write_text("model: {recipe: merino-64m}\n" + (f"trainer: {{default_root_dir: {root}}}\n" if root else ""))
+    rc, out, err = run_cli(capsys, action, "--config", str(config), "--recipe", recipe, "--dry-run")
+    assert (rc, err) == (0, "")
+    assert f"\nRUN_DIR={run_dir}\n" in out and f"--output={run_dir}/slurm/%j.out" in sbatch_lines(out)
+    if action == "chain":
+        assert f"merino-pl export {run_dir}/checkpoints/last.ckpt --out {run_dir}/model" in out
+
+
+# -- the chain ------------------------------------------------------------------------------
+def chain_scripts(out: str) -> dict[str, tuple[str, str]]:
+    """`slurm chain --dry-run`'s output as {stage: (its afterok line, its script)}."""
+    parts = re.split(r"^# ---- (\S+)(?: \(afterok: ([^)]*)\))?\n", out, flags=re.M)[1:]
+    return {parts[i]: (parts[i + 1] or "", parts[i + 2]) for i in range(0, len(parts), 3)}
+
+
+def test_chain_dry_run_renders_every_stage_with_its_resources(capsys, train_yaml, tmp_path):
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(
+        "quantize: {bits: [8, 4], mem: 64G, time: '3:00:00', args: [--nsamples, '256']}\n"
+        "eval: {partition: gpu-short, cpus: 4, args: [--tasks, none]}\n"
+        "latency: {gpus: 0, cpus: 1, args: [--runs, '32']}\n"
+    )
+    run_dir = tmp_path / "my run"
+    argv = ["--config", str(train_yaml), "--recipe", "merino-tiny", "--run-dir", str(run_dir), "--partition", "h100"]
+    rc, out, err = run_cli(
+        capsys, "chain", *argv, "--stages", str(stages), "--dry-run", "--", "--trainer.max_steps", "9"
+    )
+    assert (rc, err) == (0, "")
+    scripts = chain_scripts(out)
+    assert list(scripts) == ["fit", "export", "quantize-int8", "quantize-int4", "eval", "latency"]
+    after = {name: deps for name, (deps, _) in scripts.items()}
+    assert after == {
+        "fit": "",
+        "export": "fit",
+        "quantize-int8": "export",
+        "quantize-int4": "export",
+        "eval": "export, quantize-int8, quantize-int4",
+        "latency": "export, quantize-int8, quantize-int4",
+    }
+
+    def q(rel: str) -> str:
+        return shlex.quote(f"{run_dir}/{rel}")
+
+    fit, export, q8, q4, ev, lat = (script for _, script in scripts.values())
+    assert fit == render(
+        JobSpec(str(train_yaml), "merino-tiny", str(run_dir), partition="h100", fit_args=("--trainer.max_steps", "9"))
+    )
+    assert f"merino-pl export {q('checkpoints/last.ckpt')} --out {q('model')} --overwrite\n" in export
+    assert "--cpus-per-task=4" in sbatch_lines(export) and "--gpus=1" not in sbatch_lines(export)
+    assert f"merino-pl quantize {q('model')} --bits 4 --out {q('quantized/int4')} --overwrite --nsamples 256" in q4
+    assert {"--gpus=1", "--mem=64G", "--time=3:00:00", "--partition=h100"} <= set(sbatch_lines(q8))
+    assert {"--gpus=1", "--cpus-per-task=4", "--partition=gpu-short"} <= set(sbatch_lines(ev))
+    for label, model in (("fp32", "model"), ("int8", "quantized/int8"), ("int4", "quantized/int4")):
+        assert f"merino-pl eval {q(model)} --out {q('eval/' + label)} --tasks none\n" in ev
+        assert f"merino-pl latency {q(model)} --precision {label} --out {q('latency/' + label)} --runs 32\n" in lat
+    assert not any(line.startswith("--gpus") for line in sbatch_lines(lat))
+    for name, (_, script) in scripts.items():
+        assert f"--output={q('slurm/%j.out')}" in sbatch_lines(script), name  # quoted: the path has a blank
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(script)
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    assert not run_dir.exists()  # a dry run writes nothing
+
+
+def test_chain_of_a_cpu_fit_asks_for_no_gpus(capsys, train_yaml):
+    rc, out, _ = run_cli(
+        capsys, "chain", "--config", str(train_yaml), "--recipe", "merino-tiny", "--gpus-per-node", "0", "--dry-run"
+    )
+    assert rc == 0 and not any(line.startswith("--gpus") for line in sbatch_lines(out))
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("fit: {gpus: 1}\neval: {gpu: 1}\n", ["unknown stage 'fit'", "eval.gpu: unknown key"]),
+        (
+            "quantize: {bits: [3], cpus: 0, time: soon}\n",
+            ["quantize.bits [3]", "quantize.cpus 0", "quantize.time 'soon'"],
+        ),
+        ("eval: {args: --tasks none}\nlatency: 3\n", ["eval.args '--tasks none'", "latency: expected a mapping"]),
+        ("- export\n", ["expected a mapping of stages"]),
+    ],
+)
+def test_chain_bad_stages_file_is_one_line(capsys, train_yaml, tmp_path, text, needles):
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(text)
+    argv = ["--config", str(train_yaml), "--recipe", "merino-tiny", "--stages", str(stages), "--dry-run"]
+    rc, out, err = run_cli(capsys, "chain", *argv)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    for needle in needles:
+        assert needle in err
+
+
+def test_chain_refuses_an_earlier_chains_outputs_without_overwrite(capsys, train_yaml, tmp_path):
+    (tmp_path / "run" / "quantized" / "int4").mkdir(parents=True)
+    (tmp_path / "run" / "quantized" / "int4" / "model.safetensors").write_text("mine")
+    argv = ["--config", str(train_yaml), "--recipe", "merino-tiny", "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    rc, _, err = run_cli(capsys, "chain", *argv)
+    assert rc == 2 and "quantized/int4" in err and "--overwrite" in err
+    rc, out, _ = run_cli(capsys, "chain", *argv, "--overwrite")
+    assert rc == 0 and re.search(r"^# Rendered by: merino-pl slurm chain .* --overwrite", out, re.M)
+    assert (tmp_path / "run" / "quantized" / "int4" / "model.safetensors").read_text() == "mine"
+
+
+# -- status / logs on a damaged jobs.json ------------------------------------------------
+@pytest.mark.parametrize("text", ["{", "", "[1]", '{"a": 1}', '[{"x": 1}]', '[{"job_id": 7}]'])
+@pytest.mark.parametrize("action", ["status", "logs"])
+def test_malformed_jobs_file_is_one_line(capsys, tmp_path, action, text):
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "jobs.json").write_text(text)
+    rc, out, err = run_cli(capsys, action, str(tmp_path))
+    assert (rc, out) == (2, "") and len(err.strip().splitlines()) == 1
+    assert "jobs.json" in err and "Traceback" not in err
 
 
 # -- a real cluster -----------------------------------------------------------------------

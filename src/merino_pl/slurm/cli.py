@@ -1,7 +1,9 @@
-"""``merino-pl slurm submit|status|logs``: the flags of the slurm stage (``slurm/jobs.py``).
+"""``merino-pl slurm submit|chain|prepare|status|logs``: the flags of the slurm stage.
 
 ``submit`` renders the sbatch script for ``merino-pl fit``, writes it beside the run's outputs
-and submits it; ``status`` and ``logs`` read the jobs it recorded.
+and submits it (``slurm/jobs.py``); ``chain`` adds export, quantize, eval and latency as
+dependent jobs (``slurm/chain.py``); ``prepare`` tokenizes a source as an array job plus a
+merge (``slurm/prepare.py``); ``status`` and ``logs`` read the jobs they recorded.
 """
 
 from __future__ import annotations
@@ -9,17 +11,44 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from merino_pl.slurm.chain import ChainSettings, chain
 from merino_pl.slurm.jobs import SubmitSettings, logs, status, submit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="{submit,status,logs}")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{submit,chain,prepare,status,logs}")
     s = sub.add_parser(
         "submit",
         help="render the sbatch script for `merino-pl fit` and submit it",
         description="Render the sbatch script, write it beside the run's outputs, submit it. "
         "Arguments after `--` go to `merino-pl fit` unchanged.",
     )
+    _fit_job_arguments(s)
+    c = sub.add_parser(
+        "chain",
+        help="submit fit, then export -> quantize INT8/INT4 -> eval -> latency as dependent jobs",
+        description="Submit the fit job (as `slurm submit`) and, each starting only when the jobs it reads "
+        "from completed (afterok), export, quantize INT8 / INT4, eval and latency of the three models. "
+        "Arguments after `--` go to `merino-pl fit` unchanged.",
+    )
+    c.add_argument(
+        "--stages",
+        default=None,
+        metavar="YAML",
+        help="per-stage resources and arguments: sections export/quantize/eval/latency with gpus, cpus, "
+        "mem, time, partition, args (quantize: bits); e.g. slurm/chain-pile.yaml (default: built-in)",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier chain's model/ and quantized/")
+    _fit_job_arguments(c)
+    for name, help_ in (("status", "state of the jobs submitted for a run"), ("logs", "tail of a job's log")):
+        q = sub.add_parser(name, help=help_, description=help_)
+        q.add_argument("run_dir", help="the run directory given to (or chosen by) `slurm submit|chain|prepare`")
+        q.add_argument("--job", default=None, help="job id or stage name (default: every job / the newest submission)")
+        if name == "logs":
+            q.add_argument("-n", "--lines", type=int, default=40, help="lines to print (default 40)")
+
+
+def _fit_job_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--config", required=True, help="training config YAML (LightningCLI), e.g. recipes/train/pile-8xh100.yaml"
     )
@@ -60,22 +89,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     s.add_argument("fit_args", nargs="*", metavar="-- FIT_ARGS", help="extra `merino-pl fit` arguments")
-    for name, help_ in (("status", "state of the jobs submitted for a run"), ("logs", "tail of a job's log")):
-        q = sub.add_parser(name, help=help_, description=help_)
-        q.add_argument("run_dir", help="the run directory given to (or chosen by) `slurm submit`")
-        q.add_argument("--job", default=None, help="job id (default: every job / the newest job)")
-        if name == "logs":
-            q.add_argument("-n", "--lines", type=int, default=40, help="lines to print (default 40)")
 
 
-def settings(args: argparse.Namespace) -> SubmitSettings:
-    """The parsed ``submit`` flags as the stage's typed settings."""
-    return SubmitSettings(**{f.name: getattr(args, f.name) for f in fields(SubmitSettings)})
+def settings(args: argparse.Namespace) -> SubmitSettings | ChainSettings:
+    """The parsed ``submit`` / ``chain`` flags as the stage's typed settings."""
+    kind = ChainSettings if args.action == "chain" else SubmitSettings
+    return kind(**{f.name: getattr(args, f.name) for f in fields(kind)})
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "submit":
         submit(settings(args))
+    elif args.action == "chain":
+        chain(settings(args))
     elif args.action == "status":
         status(args.run_dir, args.job)
     else:

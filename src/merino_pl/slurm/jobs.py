@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,50 +69,78 @@ def time_limit_seconds(value: str) -> int | None:
     return (a * 60 + b) * 60 + c  # HH:MM:SS
 
 
-def default_run_dir(config: dict[str, Any], recipe: str) -> str:
-    """``trainer.default_root_dir`` of the training config, else ``runs/<recipe name>``."""
+def default_run_dir(config: dict[str, Any], recipe: str, config_path: str = "config") -> str:
+    """Where a run of ``recipe`` with this training config writes: the config's
+    ``trainer.default_root_dir`` when ``recipe`` is the config's own ``model.recipe`` (or the
+    config names none), else ``runs/<config name>-<recipe name>``, so that another recipe never
+    resumes (or overwrites) the config's run; without a ``default_root_dir``, ``runs/<recipe name>``."""
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    return str(trainer.get("default_root_dir") or f"runs/{Path(recipe).stem}")
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    root = trainer.get("default_root_dir")
+    if not root:
+        return f"runs/{_recipe_name(recipe)}"
+    if model.get("recipe") is None or _same_recipe(str(model["recipe"]), recipe):
+        return str(root)
+    return f"runs/{Path(config_path).stem}-{_recipe_name(recipe)}"
 
 
-def _check_files(args: SubmitSettings, problems: list[str]) -> dict[str, Any]:
+def _recipe_name(recipe: str) -> str:
+    try:
+        return load_recipe(recipe).name
+    except MerinoError:  # reported by the argument checks
+        return Path(recipe).stem
+
+
+def _same_recipe(a: str, b: str) -> bool:
+    try:
+        ra, rb = load_recipe(a), load_recipe(b)
+    except MerinoError:
+        return False
+    return (ra.name, ra.architecture) == (rb.name, rb.architecture)
+
+
+def _check_files(settings: SubmitSettings, problems: list[str]) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    if not Path(args.config).is_file():
-        problems.append(f"--config {args.config}: no such file")
+    for flag, value in (("--config", settings.config), ("--recipe", settings.recipe), ("--run-dir", settings.run_dir)):
+        if value is not None and not value.strip():
+            problems.append(f"{flag} {value!r}: empty")
+    if not Path(settings.config).is_file():
+        problems.append(f"--config {settings.config}: no such file")
     else:
         try:
-            loaded = read_yaml(args.config, "training config")
+            loaded = read_yaml(settings.config, "training config")
             config = loaded if isinstance(loaded, dict) else {}
             if not isinstance(loaded, (dict, type(None))):
-                problems.append(f"--config {args.config}: expected a YAML mapping (trainer:, model:, data:)")
+                problems.append(f"--config {settings.config}: expected a YAML mapping (trainer:, model:, data:)")
         except MerinoError as e:  # unreadable or malformed: one line, never a traceback
             problems.append(f"--config: {e}")
     try:
-        load_recipe(args.recipe)
+        load_recipe(settings.recipe)
     except MerinoError as e:
         problems.append(f"--recipe: {e}")
     return config
 
 
-def _check_numbers(args: SubmitSettings, problems: list[str]) -> None:
+def _check_numbers(settings: SubmitSettings, problems: list[str]) -> None:
     for flag, value, low in (
-        ("--nodes", args.nodes, 1),
-        ("--gpus-per-node", args.gpus_per_node, 0),
-        ("--tasks-per-node", args.tasks_per_node, 1),
-        ("--cpus-per-task", args.cpus_per_task, 1),
-        ("--signal-seconds", args.signal_seconds, 1),
+        ("--nodes", settings.nodes, 1),
+        ("--gpus-per-node", settings.gpus_per_node, 0),
+        ("--tasks-per-node", settings.tasks_per_node, 1),
+        ("--cpus-per-task", settings.cpus_per_task, 1),
+        ("--signal-seconds", settings.signal_seconds, 1),
     ):
         if value is not None and value < low:
             problems.append(f"{flag} {value}: must be >= {low}")
-    if args.tasks_per_node is not None and args.gpus_per_node > 0 and args.tasks_per_node != args.gpus_per_node:
+    tasks, gpus = settings.tasks_per_node, settings.gpus_per_node
+    if tasks is not None and gpus > 0 and tasks != gpus:
         problems.append("--tasks-per-node is for CPU jobs (--gpus-per-node 0); GPU jobs run one task per GPU")
-    limit = time_limit_seconds(args.time)
+    limit = time_limit_seconds(settings.time)
     if limit is None:
-        problems.append(f"--time {args.time!r}: expected MM, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
-    elif limit <= args.signal_seconds:
-        problems.append(f"--time {args.time}: must be longer than --signal-seconds {args.signal_seconds}")
-    if args.job_name in ("bash", "interactive"):
-        problems.append(f"--job-name {args.job_name}: Lightning ignores SLURM for jobs named bash/interactive")
+        problems.append(f"--time {settings.time!r}: expected MM, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
+    elif limit <= settings.signal_seconds:
+        problems.append(f"--time {settings.time}: must be longer than --signal-seconds {settings.signal_seconds}")
+    if settings.job_name in ("bash", "interactive"):
+        problems.append(f"--job-name {settings.job_name}: Lightning ignores SLURM for jobs named bash/interactive")
 
 
 def _check_fit_args(fit_args: list[str], problems: list[str]) -> None:
@@ -124,36 +153,36 @@ def _check_fit_args(fit_args: list[str], problems: list[str]) -> None:
             )
 
 
-def build_spec(args: SubmitSettings) -> JobSpec:
+def build_spec(settings: SubmitSettings) -> JobSpec:
     """Check every submit argument (all problems in one MerinoError) and return the job."""
     problems: list[str] = []
-    config = _check_files(args, problems)
-    _check_numbers(args, problems)
-    _check_fit_args(args.fit_args, problems)
-    run_dir = args.run_dir or default_run_dir(config, args.recipe)
+    config = _check_files(settings, problems)
+    _check_numbers(settings, problems)
+    _check_fit_args(settings.fit_args, problems)
+    run_dir = settings.run_dir or default_run_dir(config, settings.recipe, settings.config)
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         problems.append(f"--run-dir {run_dir}: exists and is not a directory")
-    if not args.dry_run and shutil.which("sbatch") is None:
+    if not settings.dry_run and shutil.which("sbatch") is None:
         problems.append("sbatch not found on PATH (not a SLURM login node?): use --dry-run to print the script")
     if problems:
         raise MerinoError("; ".join(problems))
-    cpus = args.cpus_per_task or (8 if args.gpus_per_node else 1)
+    cpus = settings.cpus_per_task or (8 if settings.gpus_per_node else 1)
     return JobSpec(
-        config=args.config,
-        recipe=args.recipe,
+        config=settings.config,
+        recipe=settings.recipe,
         run_dir=run_dir,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
+        nodes=settings.nodes,
+        gpus_per_node=settings.gpus_per_node,
+        tasks_per_node=settings.tasks_per_node,
         cpus_per_task=cpus,
-        time=args.time,
-        partition=args.partition,
-        account=args.account,
-        job_name=args.job_name,
-        signal_seconds=args.signal_seconds,
-        python=args.python,
-        setup=tuple(args.setup),
-        fit_args=tuple(args.fit_args),
+        time=settings.time,
+        partition=settings.partition,
+        account=settings.account,
+        job_name=settings.job_name,
+        signal_seconds=settings.signal_seconds,
+        python=settings.python,
+        setup=tuple(settings.setup),
+        fit_args=tuple(settings.fit_args),
     )
 
 
@@ -184,23 +213,18 @@ def write_new_script(directory: Path, text: str) -> Path:
         os.unlink(tmp)
 
 
-def submit(args: SubmitSettings) -> str | None:
+def submit(settings: SubmitSettings) -> str | None:
     """The stage's entry function: check every argument (all problems in one ``MerinoError``),
     render the script, write it as the run's next ``job-NNN.sbatch`` and hand it to ``sbatch``.
     Returns the job id; ``dry_run`` prints the script instead, writes nothing and returns None."""
-    spec = build_spec(args)
+    spec = build_spec(settings)
     script = render(spec)
-    if args.dry_run:
+    if settings.dry_run:
         sys.stdout.write(script)
         return None
     path = write_new_script(Path(spec.log_dir), script)
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        path.unlink()  # never submitted: keep job-NNN numbers for scripts that ran
-        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise MerinoError(f"sbatch rejected the script: {last}")
-    job_id = proc.stdout.strip().split(";")[0]
-    _record_job(Path(spec.log_dir), job_id, path, spec)
+    job_id = sbatch(path)
+    record_job(Path(spec.run_dir), fit_record(job_id, path, spec))
     print(f"wrote {path}")
     print(
         f"submitted job {job_id}; log {spec.log_dir}/{job_id}.out; follow with: merino-pl slurm status {spec.run_dir}"
@@ -208,67 +232,104 @@ def submit(args: SubmitSettings) -> str | None:
     return job_id
 
 
-def _record_job(log_dir: Path, job_id: str, script: Path, spec: JobSpec) -> None:
-    jobs = read_jobs(log_dir.parent)
-    jobs.append(
-        {
-            "job_id": job_id,
-            "script": str(script),
-            "submitted": dt.datetime.now().isoformat(timespec="seconds"),
-            "nodes": spec.nodes,
-            "tasks_per_node": spec.ntasks_per_node,
-            "command": spec.command_line(),
-        }
-    )
-    write_json(log_dir / "jobs.json", jobs)
+def sbatch(script: Path, options: Sequence[str] = ()) -> str:
+    """``sbatch --parsable [options] script``; the job id. A rejected script is removed again
+    (its ``job-NNN`` number stays free for scripts that ran) and sbatch's message raised."""
+    proc = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        script.unlink()
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise MerinoError(f"sbatch rejected {script.name}: {last}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def fit_record(job_id: str, script: Path, spec: JobSpec, **extra: Any) -> dict[str, Any]:
+    """The ``jobs.json`` entry of a submitted fit job."""
+    return {
+        "job_id": job_id,
+        "stage": "fit",
+        "script": str(script),
+        "submitted": now(),
+        "nodes": spec.nodes,
+        "tasks_per_node": spec.ntasks_per_node,
+        "command": spec.command_line(),
+        **extra,
+    }
+
+
+def now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def record_job(run_dir: Path, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to ``run_dir/slurm/jobs.json`` (what ``status`` and ``logs`` read)."""
+    jobs = read_jobs(run_dir)
+    jobs.append(entry)
+    write_json(run_dir / "slurm" / "jobs.json", jobs)
 
 
 def read_jobs(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The jobs ``submit`` recorded for ``run_dir`` (oldest first; [] when none)."""
+    """The jobs recorded for ``run_dir`` (oldest first; [] when none); a file that is not such a
+    list is a one-line ``MerinoError`` naming it."""
     path = Path(run_dir) / "slurm" / "jobs.json"
-    return read_json(path, "job list") if path.exists() else []
+    if not path.exists():
+        return []
+    jobs = read_json(path, "job list")
+    if not isinstance(jobs, list) or not all(isinstance(j, dict) and isinstance(j.get("job_id"), str) for j in jobs):
+        raise MerinoError(f'{path}: not a job list of `merino-pl slurm` (a JSON list of {{"job_id": ...}} entries)')
+    return jobs
 
 
 # -- status / logs ------------------------------------------------------------------------
 def job_fields(job_id: str) -> dict[str, str] | None:
-    """``scontrol show job`` as a dict (JobState, RunTime, Restarts ...); None if unknown."""
+    """``scontrol show job`` as a dict (JobState, RunTime, Restarts ...); None if unknown.
+    An array job's fields are those of its first task still known."""
     if shutil.which("scontrol") is None:
         raise MerinoError("scontrol not found on PATH: run `slurm status` on a SLURM login node")
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
-    return dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
+    return dict(kv.split("=", 1) for kv in proc.stdout.splitlines()[0].split() if "=" in kv)
 
 
 def _selected_jobs(run_dir: str, job_id: str | None) -> list[dict[str, Any]]:
+    """The jobs of ``run_dir``'s newest submission (a chain is one), or those ``job_id`` names
+    (a job id or a stage name such as ``eval``)."""
     jobs = read_jobs(run_dir)
     if not jobs:
         raise MerinoError(
             f"{run_dir}: no jobs recorded (no {run_dir}/slurm/jobs.json); "
-            "was it submitted with `merino-pl slurm submit`?"
+            "was it submitted with `merino-pl slurm submit|chain|prepare`?"
         )
-    if job_id is not None:
-        jobs = [j for j in jobs if j["job_id"] == job_id]
-        if not jobs:
-            known = ", ".join(j["job_id"] for j in read_jobs(run_dir))
-            raise MerinoError(f"--job {job_id}: not a job of {run_dir} (jobs: {known})")
-    return jobs
+    if job_id is None:
+        newest = jobs[-1].get("chain", jobs[-1]["job_id"])
+        return [j for j in jobs if j.get("chain", j["job_id"]) == newest]
+    found = [j for j in jobs if job_id in (j["job_id"], j.get("stage"))]
+    if not found:
+        known = ", ".join(f"{j['job_id']} ({j.get('stage', 'fit')})" for j in jobs)
+        raise MerinoError(f"--job {job_id}: not a job or stage of {run_dir} (jobs: {known})")
+    return found
 
 
 def status(run_dir: str, job: str | None = None) -> None:
-    """Print the state of the jobs ``submit`` recorded for ``run_dir`` (or of one ``job``)."""
-    rows = [("job", "state", "run time", "limit", "restarts", "nodes", "submitted")]
-    for entry in _selected_jobs(run_dir, job):
+    """Print the state of every job ``run_dir`` recorded (or those ``job`` names)."""
+    rows = [("job", "stage", "after", "state", "run time", "limit", "restarts", "nodes", "submitted")]
+    jobs = read_jobs(run_dir)
+    if job is not None or not jobs:
+        jobs = _selected_jobs(run_dir, job)
+    for entry in jobs:
         f = job_fields(entry["job_id"]) or {}
         rows.append(
             (
                 entry["job_id"],
+                entry.get("stage", "fit"),
+                ",".join(entry.get("depends_on", [])) or "-",
                 f.get("JobState", "unknown (finished and purged?)"),
                 f.get("RunTime", "-"),
                 f.get("TimeLimit", "-"),
                 f.get("Restarts", "-"),
                 f.get("NodeList", "-"),
-                entry["submitted"],
+                entry["submitted"] if isinstance(entry.get("submitted"), str) else "-",
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -276,13 +337,28 @@ def status(run_dir: str, job: str | None = None) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def job_logs(run_dir: str | Path, entry: dict[str, Any]) -> list[Path]:
+    """The log files of a recorded job: ``<id>.out``, or one per task of an array job."""
+    folder = Path(run_dir) / "slurm"
+    if entry.get("array"):
+        tasks = folder.glob(f"{entry['job_id']}_*.out")
+        return sorted(tasks, key=lambda p: int(p.stem.rpartition("_")[2]) if p.stem.rpartition("_")[2].isdigit() else 0)
+    path = folder / f"{entry['job_id']}.out"
+    return [path] if path.exists() else []
+
+
 def logs(run_dir: str, job: str | None = None, lines: int = 40) -> None:
-    """Print the last ``lines`` lines of a job's log (default: the newest job of ``run_dir``)."""
+    """Print the last ``lines`` lines of the logs of ``run_dir``'s newest submission (every job of
+    a chain, under a ``==> stage job <==`` line each) or of the job / stage ``job`` names."""
     if lines < 1:
         raise MerinoError(f"--lines {lines}: must be >= 1")
-    found = _selected_jobs(run_dir, job)[-1]
-    path = Path(run_dir) / "slurm" / f"{found['job_id']}.out"
-    if not path.exists():
-        raise MerinoError(f"{path}: no log yet (job {found['job_id']} has not started; see `merino-pl slurm status`)")
-    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    print("\n".join(text[-lines:]))
+    selected = _selected_jobs(run_dir, job)
+    found = [(entry, path) for entry in selected for path in job_logs(run_dir, entry)]
+    if not found:
+        ids = ", ".join(j["job_id"] for j in selected)
+        raise MerinoError(f"{run_dir}/slurm: no log yet (job {ids} has not started; see `merino-pl slurm status`)")
+    for entry, path in found:
+        if len(selected) > 1 or len(found) > 1:
+            print(f"==> {entry.get('stage', 'fit')} job {entry['job_id']}: {path} <==")
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        print("\n".join(text[-lines:]))

@@ -114,9 +114,15 @@ def _sbatch_lines(spec: JobSpec) -> list[str]:
         f"--signal=SIGUSR1@{spec.signal_seconds}",
         "--requeue",
         "--open-mode=append",  # a requeued run appends to the same log instead of truncating it
-        f"--output={spec.log_dir}/%j.out",
+        f"--output={_sbatch_quote(spec.log_dir + '/%j.out')}",
     ]
     return [f"#SBATCH {line}" for line in lines]
+
+
+def _sbatch_quote(value: str) -> str:
+    """A value for an ``#SBATCH`` line: sbatch splits those lines at blanks and starts a comment
+    at ``#`` unless quoted, and strips shell-style quotes, so ``shlex.quote`` is what it reads."""
+    return shlex.quote(value)
 
 
 def _fit_command(spec: JobSpec) -> list[str]:
@@ -165,3 +171,65 @@ def render(spec: JobSpec) -> str:
         "",
     ]
     return "\n".join(head + _fit_command(spec)) + "\n"
+
+
+# -- one-task jobs: the chain's stages after fit, the prepare array and its merge ----------------
+# Arguments rendered as a double-quoted shell variable instead of a quoted literal.
+SHELL_VARIABLES = ("$SLURM_ARRAY_TASK_ID",)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchJob:
+    """A one-task job running ``merino-pl`` commands in order (``set -e``: the first failure ends
+    it, so no dependent job starts); ``render_batch(job)`` is a pure function of it."""
+
+    name: str  # SLURM job name, e.g. merino-quantize-int8
+    log_dir: str  # the script's --output folder
+    commands: tuple[tuple[str, ...], ...]  # each a `merino-pl` argv (without `merino-pl`)
+    title: str  # the script's first comment line: what the job does
+    rendered_by: str  # the command that renders it
+    gpus: int = 0
+    cpus: int = 1
+    mem: str | None = None  # SLURM --mem (e.g. 64G); None: the cluster's default
+    time: str = "1:00:00"
+    partition: str | None = None
+    account: str | None = None
+    array: int | None = None  # N: an array job of tasks 0..N-1 (one log per task)
+    python: str | None = None  # as JobSpec.python
+    setup: tuple[str, ...] = ()
+
+    @property
+    def log_pattern(self) -> str:
+        return f"{self.log_dir.rstrip('/')}/" + ("%A_%a.out" if self.array else "%j.out")
+
+
+def _argv_text(argv: tuple[str, ...]) -> str:
+    return " ".join(f'"{a}"' if a in SHELL_VARIABLES else shlex.quote(a) for a in argv)
+
+
+def render_batch(job: BatchJob) -> str:
+    """The complete sbatch script of ``job`` (deterministic: same job, same text)."""
+    launcher = "merino-pl" if job.python is None else f"{shlex.quote(job.python)} -m merino_pl.cli"
+    lines = [f"--job-name={_sbatch_quote(job.name)}", "--nodes=1", "--ntasks=1"]
+    if job.array:
+        lines.append(f"--array=0-{job.array - 1}")
+    if job.gpus:
+        lines.append(f"--gpus={job.gpus}")
+    lines += [f"--cpus-per-task={job.cpus}", f"--time={job.time}"]
+    lines += [f"--{k}={_sbatch_quote(v)}" for k, v in (("mem", job.mem), ("partition", job.partition)) if v]
+    if job.account:
+        lines.append(f"--account={_sbatch_quote(job.account)}")
+    lines.append(f"--output={_sbatch_quote(job.log_pattern)}")
+    head = [
+        "#!/bin/bash",
+        f"# merino-pl: {job.title}",
+        f"# Rendered by: {job.rendered_by}",
+        "# Paths are relative to the directory sbatch runs in.",
+        *(f"#SBATCH {line}" for line in lines),
+        "",
+        "set -eo pipefail  # the first failing command fails the job: jobs that depend on it never start",
+        'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
+        *job.setup,
+        "",
+    ]
+    return "\n".join(head + [f"{launcher} {_argv_text(argv)}" for argv in job.commands]) + "\n"
