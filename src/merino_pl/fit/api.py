@@ -29,7 +29,6 @@ import secrets
 import string
 import sys
 import time
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_yaml
 from merino_pl.fit.callbacks import AtomicCheckpointIO, SlurmRequeue, SpeedMonitor, silence_known_warnings
 from merino_pl.fit.module import MerinoLightningModule, validate_hparams
+from merino_pl.fit.resume import check_ckpt_path, checkpoint_meta, run_dir
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -124,13 +124,28 @@ class MerinoCLI(LightningCLI):
 
     pending: frozenset[str] = frozenset()  # recipe paths an earlier pipeline stage will write
 
+    def _parse_ckpt_path(self) -> None:
+        """Not LightningCLI's: it replaces the config's ``model`` section by the checkpoint's saved
+        hyper-parameters, so a resume silently ignored ``--model.lr`` and trained the checkpoint's
+        recipe whatever ``--model.recipe`` said. Here the config decides; ``check_ckpt_path``
+        refuses a checkpoint of another architecture and the module applies the config's
+        optimizer settings on resume."""
+
     def before_instantiate_classes(self) -> None:
         cfg = self._fit_config()
         derive_seeds(cfg)
+        root = run_dir(cfg)
         root_logger_dirs(cfg)
+        for init_args in wandb_init_args(cfg):
+            if not init_args.get("name"):  # per run directory, so per recipe
+                init_args["name"] = root.name
         problems = check_config(cfg, self.pending)
         if problems:
             raise MerinoError("bad fit config: " + "; ".join(problems))
+        # every form of --ckpt_path (file, file://, URL, last, hpc) checked before anything is written
+        resolved = check_ckpt_path(cfg.get("ckpt_path"), cfg, self.subcommand or "fit")
+        if cfg.get("ckpt_path") is not None:
+            cfg["ckpt_path"] = resolved
 
     def instantiate_classes(self) -> None:
         cfg = self._fit_config()
@@ -139,7 +154,8 @@ class MerinoCLI(LightningCLI):
             logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
         for init_args in wandb_init_args(cfg):
             # a fit resumed from a checkpoint continues its W&B run; validate / test start their own
-            resume = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if self.subcommand in (None, "fit") else None
+            ckpt_path = cfg.get("ckpt_path") if self.subcommand in (None, "fit") else None
+            resume = Path(ckpt_path) if ckpt_path else None
             setup_wandb(init_args, resume_from=resume)
         super().instantiate_classes()
 
@@ -251,40 +267,6 @@ def _accelerator_problems(accelerator: Any) -> list[str]:
     return []
 
 
-def _ckpt_path_problems(ckpt_path: Any) -> list[str]:
-    """``--ckpt_path FILE`` must be a readable Lightning checkpoint, checked before anything
-    (logs, the saved config) is written; "last" with no checkpoint yet starts fresh, as in
-    Lightning (that is what makes a first run and its requeues one command)."""
-    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
-        return []
-    path = Path(ckpt_path)
-    if not path.is_file():
-        return [f"ckpt_path {ckpt_path}: {'is a directory' if path.is_dir() else 'file not found'}"]
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
-        return [f"ckpt_path {ckpt_path}: not a readable checkpoint (truncated, or not written by torch.save)"]
-    try:  # mmap: checks the archive and reads the top-level keys without loading the tensors
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - truncated / corrupt / not a torch file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return [f"ckpt_path {ckpt_path}: cannot read checkpoint ({type(e).__name__}: {first})"]
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        return [f"ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict)"]
-    return []
-
-
-def resolve_ckpt_path(ckpt_path: str | None, cfg: Any) -> Path | None:
-    """The file ``--ckpt_path`` will resume from, if it exists ("last" = the newest last*.ckpt
-    in ``checkpoint.dirpath``, as Lightning picks it)."""
-    if not ckpt_path:
-        return None
-    if ckpt_path == "last":
-        dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
-        found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if dirpath else []
-        return found[-1] if found else None
-    path = Path(ckpt_path)
-    return path if path.is_file() else None
-
-
 WANDB_LOGGER = "WandbLogger"
 
 
@@ -347,13 +329,8 @@ def wandb_api_key_available() -> bool:
 
 
 def checkpoint_wandb_id(path: Path) -> str | None:
-    try:  # mmap: reads the small "merino" entry without loading the weights into memory
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file: Lightning reports it when restoring
-        _say(f"warning: cannot read the W&B run id from {path}: {type(e).__name__}")
-        return None
-    meta = ckpt.get("merino") if isinstance(ckpt, dict) else None
-    return (meta or {}).get("wandb_run_id")
+    """The W&B run id a checkpoint stores (None: none, or unreadable: Lightning reports that)."""
+    return checkpoint_meta(path).get("wandb_run_id")
 
 
 def build_cli(
@@ -373,7 +350,7 @@ def build_cli(
             "precision": default_precision(),
             "gradient_clip_val": 1.0,
             "max_steps": 600_000,
-            "default_root_dir": "runs/fit",
+            # default_root_dir: none here; run_dir() makes it runs/<recipe> unless given
         },
         auto_configure_optimizers=False,  # the paper's AdamW + schedule live in the module
         parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in SUBCOMMANDS}},
@@ -394,19 +371,10 @@ def fit(argv: Sequence[str], subcommand: str = "fit") -> None:
     argv = list(argv)
     silence_known_warnings()
     # jsonargparse's YAML errors name "<unicode string>", not the file
-    configs = [read_yaml(path, "fit --config file") for path in _config_files(argv)]
-    # LightningCLI loads --ckpt_path while parsing (a traceback for a corrupt file), and a missing
-    # one only fails once logs and the saved config are written: check it first
-    ckpt_path = _last_value(argv, "--ckpt_path")
-    if ckpt_path is None:
-        ckpt_path = next(
-            (c["ckpt_path"] for c in reversed(configs) if isinstance(c, dict) and c.get("ckpt_path")), None
-        )
-    problems = _ckpt_path_problems(ckpt_path)
-    if problems:
-        raise MerinoError(f"bad {subcommand} config: " + "; ".join(problems))
-    if subcommand != "fit" and not ckpt_path:
-        raise MerinoError(f"{subcommand} scores a trained model: give --ckpt_path CHECKPOINT (or last)")
+    for path in _config_files(argv):
+        read_yaml(path, "fit --config file")
+    # --ckpt_path is checked once the config is parsed, before anything is built or written
+    # (MerinoCLI.before_instantiate_classes -> merino_pl.fit.resume.check_ckpt_path)
     try:
         build_cli(argv, subcommand=subcommand)
     except ArgumentError as e:
@@ -433,11 +401,6 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
 
 def _config_files(argv: Sequence[str]) -> list[str]:
     return [v for i, a in enumerate(argv) if (v := _flag_value(argv, i, "--config")) is not None]
-
-
-def _last_value(argv: Sequence[str], flag: str) -> str | None:
-    values = [v for i in range(len(argv)) if (v := _flag_value(argv, i, flag)) is not None]
-    return values[-1] if values else None
 
 
 def _flag_value(argv: Sequence[str], i: int, flag: str) -> str | None:

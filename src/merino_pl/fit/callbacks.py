@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.core.io import atomic_path
+from merino_pl.fit.resume import requeue_checkpoints
 
 
 def silence_known_warnings() -> None:
@@ -206,8 +207,8 @@ class SlurmRequeue(L.Callback):
     agree on it with one all-reduce of a flag (a single process needs none, and saves at its next
     accumulation boundary), then all of them
     save ``hpc_ckpt_N.ckpt`` together (Lightning's name, which the job script resumes from),
-    rank 0 runs ``scontrol requeue`` and the fit stops. Outside SLURM, or with
-    ``SLURMEnvironment(auto_requeue=False)``, it does nothing.
+    rank 0 removes the older ``hpc_ckpt_*.ckpt`` and runs ``scontrol requeue``, and the fit
+    stops. Outside SLURM, or with ``SLURMEnvironment(auto_requeue=False)``, it does nothing.
     """
 
     def __init__(self, every_n_steps: int = 5) -> None:
@@ -244,6 +245,7 @@ class SlurmRequeue(L.Callback):
         path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path, weights_only=False)  # full state: the requeued run resumes it
         if trainer.is_global_zero:
+            prune_requeue_checkpoints(trainer.default_root_dir, keep=Path(path))
             array = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
             rc = subprocess.call(["scontrol", "requeue", job])
@@ -255,6 +257,14 @@ class SlurmRequeue(L.Callback):
         if self._signum is not None:
             signal.signal(self._signum, self._previous)
             self._signum = None
+
+
+def prune_requeue_checkpoints(root: str | Path, keep: Path) -> None:
+    """Remove the run's older ``hpc_ckpt_N.ckpt`` once ``keep`` (the newest) is saved: each is a
+    full training state (~0.8 GB for MeRino-64M) and a resume reads only the newest."""
+    for old in requeue_checkpoints(root):
+        if old.resolve() != keep.resolve():
+            old.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
