@@ -1,4 +1,5 @@
-"""The tokenizer: GPT-NeoX-20B byte-level BPE (the Pile's, Pythia's), shipped with the package."""
+"""The tokenizers shipped with the package: GPT-NeoX-20B's byte-level BPE (the Pile's, Pythia's; the
+default) and the demo's 2048-id byte-level BPE of the embedded corpus (``DEMO_TOKENIZER``)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,23 @@ from tokenizers import Tokenizer
 from merino_pl.core.errors import MerinoError
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+# trained on the embedded corpus's training split (val_fraction 0.05: held-out paragraphs excluded);
+# a 50 k-row embedding would dominate a CPU-sized model (assets/README.md says how it was built)
+DEMO_TOKENIZER = "shakespeare-bpe-2048"
+SHIPPED_TOKENIZERS = {DEFAULT_TOKENIZER: "gpt-neox-20b", DEMO_TOKENIZER: "shakespeare-bpe-2048"}
 EOS_TOKEN = "<|endoftext|>"
 # end-of-document tokens of common tokenizers, first found wins (GPT-NeoX / GPT-2 first)
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
 def default_tokenizer_file() -> Path:
-    return Path(str(resources.files("merino_pl").joinpath("assets", "tokenizers", "gpt-neox-20b", "tokenizer.json")))
+    return shipped_tokenizer_file(DEFAULT_TOKENIZER)
+
+
+def shipped_tokenizer_file(name: str) -> Path:
+    """The ``tokenizer.json`` of a name in ``SHIPPED_TOKENIZERS``."""
+    folder = SHIPPED_TOKENIZERS[name]
+    return Path(str(resources.files("merino_pl").joinpath("assets", "tokenizers", folder, "tokenizer.json")))
 
 
 def default_corpus_file() -> Path:
@@ -28,9 +39,10 @@ def default_corpus_file() -> Path:
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` path, a folder holding one, or a hub
-    name. ``None`` and the default hub name resolve to the embedded copy (no network needed)."""
-    if name_or_path in (None, DEFAULT_TOKENIZER):
-        return Tokenizer.from_file(str(default_tokenizer_file()))
+    name. ``None`` (the default) and the names in ``SHIPPED_TOKENIZERS`` resolve to the package's
+    copies (no network needed)."""
+    if name_or_path is None or name_or_path in SHIPPED_TOKENIZERS:
+        return Tokenizer.from_file(str(shipped_tokenizer_file(name_or_path or DEFAULT_TOKENIZER)))
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "tokenizer.json"
