@@ -213,10 +213,16 @@ def export_pretrained(model: MerinoForCausalLM, out: str | Path, tokenizer: str 
     """
     out = Path(out)
     with atomic_dir(out) as tmp:
-        model.generation_config = save_model_files(tmp, model.config, tokenizer)
-        with _quiet_transformers():  # no "Writing model shards" bar for one small file
-            model.save_pretrained(tmp, safe_serialization=True)  # the weights (and the same two configs)
+        write_pretrained(model, tmp, tokenizer)
     return out
+
+
+def write_pretrained(model: MerinoForCausalLM, folder: Path, tokenizer: str | None = None) -> None:
+    """``export_pretrained``'s files written into ``folder`` as they are (not atomic by itself:
+    for a caller that builds more files beside them and swaps the whole directory in at once)."""
+    model.generation_config = save_model_files(folder, model.config, tokenizer)
+    with _quiet_transformers():  # no "Writing model shards" bar for one small file
+        model.save_pretrained(folder, safe_serialization=True)  # the weights (and the same two configs)
 
 
 def save_model_files(out: Path, config: MerinoHFConfig, tokenizer: str | None) -> GenerationConfig:
