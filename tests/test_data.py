@@ -377,8 +377,12 @@ def test_corrupted_shard_exits_2(shard_dir, capsys):
     data = bytearray((out / "train-00000.bin").read_bytes())
     data[10] ^= 0xFF
     (out / "train-00000.bin").write_bytes(bytes(data))
-    with pytest.raises(MerinoError, match="train-00000.bin: SHA-256 mismatch"):
+    # a start reads each shard's first and last 4 KiB (here: the whole 600-byte file)
+    with pytest.raises(MerinoError, match="train-00000.bin: its first / last 4096 bytes differ"):
         make_dm("unused", shards=out).setup()
+    assert prepare("--verify", out) == 2
+    err = capsys.readouterr().err
+    assert "1 of" in err and "train-00000.bin (SHA-256 mismatch)" in err and err.count("\n") == 1
     rc = prepare(out.parent / "c", "--out", out, "--shard-tokens", 999)
     assert rc == 2 and "other settings" in capsys.readouterr().err
 

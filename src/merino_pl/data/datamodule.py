@@ -14,6 +14,7 @@ the whole job, so a run resumes exactly on another world size or ``num_workers``
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -26,8 +27,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.tokenizer import find_eos, load_tokenizer
 from merino_pl.data.packing import DocumentTokenizer, PackedStream, is_heldout
-from merino_pl.data.shards import ShardStream, TokenFiles, tokenizer_sha256
+from merino_pl.data.shards import ShardStream, TokenFiles, token_dtype, tokenizer_sha256
 from merino_pl.data.sources import check_text_field, open_stream, resolve_source
+from merino_pl.data.valset import load_or_build, val_key
 
 log = logging.getLogger(__name__)
 LOADER_FORMAT = "merino-loader/1"
@@ -159,8 +161,13 @@ class PileDataModule(L.LightningDataModule):
         epochs: passes over the data before the training loader ends; None = stream forever
             (train with ``max_steps``; with several devices keep None so ranks stay in step).
         resume: restore the data position from a checkpoint (False restarts the stream).
-        verify_shards: check every shard's SHA-256 against the manifest at setup (sizes are
-            always checked; turn off for very large shard sets already verified).
+        verify_shards: SHA-256 of every shard at setup (a full read of the data on every rank;
+            ``merino-pl prepare --verify DIR`` does it once). Every start checks each shard's
+            size and its first and last 4 KiB against the manifest, whatever this is.
+        verify_sample: SHA-256 of this many shards at setup, a different sample on each rank.
+        val_cache: folder for the streaming validation set, built once by rank 0 and read by
+            every rank and restart; None = ``<trainer default_root_dir>/data`` under a Trainer,
+            else built in memory.
     """
 
     def __init__(
@@ -179,11 +186,14 @@ class PileDataModule(L.LightningDataModule):
         sample_by: Literal["line", "paragraph", "document"] = "paragraph",
         epochs: int | None = None,
         resume: bool = True,
-        verify_shards: bool = True,
+        verify_shards: bool = False,
+        verify_sample: int = 0,
+        val_cache: str | None = None,
     ) -> None:
         super().__init__()
         # plain strings in the checkpoint: torch.load(weights_only=True) refuses pathlib objects
         source, shards = str(source), None if shards is None else str(shards)
+        val_cache = None if val_cache is None else str(val_cache)
         tokenizer = None if tokenizer is None else str(tokenizer)
         self.save_hyperparameters()
         self._check_arguments()
@@ -203,7 +213,7 @@ class PileDataModule(L.LightningDataModule):
         for name in ("seq_len", "batch_size", "shuffle_windows"):
             if int(h[name]) < 1:
                 problems.append(f"{name}={h[name]} (must be >= 1)")
-        for name in ("num_workers", "val_sequences"):
+        for name in ("num_workers", "val_sequences", "verify_sample"):
             if int(h[name]) < 0:
                 problems.append(f"{name}={h[name]} (must be >= 0)")
         if not 0.0 <= h.val_fraction < 1.0:
@@ -248,7 +258,8 @@ class PileDataModule(L.LightningDataModule):
             return
         h = self.hparams
         if h.shards:
-            self._files = TokenFiles(h.shards, "train", checksum=h.verify_shards)
+            rank = self.rank_world()[0]
+            self._files = TokenFiles(h.shards, "train", h.verify_shards, h.verify_sample, seed=h.seed + rank)
             self._check_shard_tokenizer(self._files.manifest)
             log.info("data: %s train tokens from shards in %s", f"{self._files.total:,}", h.shards)
             return
@@ -341,9 +352,36 @@ class PileDataModule(L.LightningDataModule):
         h = self.hparams
         size, need = h.seq_len + 1, h.val_sequences * (h.seq_len + 1)
         if self._files is not None:  # prepare held the same documents out into the val split
-            val = TokenFiles(h.shards, "val", checksum=h.verify_shards)
+            val = TokenFiles(h.shards, "val", full=h.verify_shards)
             tokens = val.read(0, min(need, val.total - val.total % size)) if val.total else np.empty(0, np.int32)
             return torch.from_numpy(tokens.astype(np.int64).reshape(-1, size))
+        folder = self._val_folder()
+        if folder is None:
+            return torch.from_numpy(self._scan_heldout().astype(np.int64))
+        key = val_key(
+            self._source,
+            tokenizer_sha256(h.tokenizer),
+            text_field=h.text_field,
+            sample_by=h.sample_by,
+            val_fraction=h.val_fraction,
+            seq_len=h.seq_len,
+            val_sequences=h.val_sequences,
+        )
+        windows, how = load_or_build(folder, key, self._scan_heldout, rank=self.rank_world()[0])
+        log.info("data: validation set %s (%d windows) in %s", how, len(windows), folder)
+        return torch.from_numpy(windows.astype(np.int64))
+
+    def _val_folder(self) -> str | None:
+        if self.hparams.val_cache is not None:
+            return self.hparams.val_cache
+        trainer = self.trainer
+        return None if trainer is None else os.path.join(trainer.default_root_dir, "data")
+
+    def _scan_heldout(self) -> np.ndarray:
+        """The first held-out documents of the source, in order, packed into windows (the
+        token dtype of the shards: 2 bytes a token with the default tokenizer)."""
+        h = self.hparams
+        size, need = h.seq_len + 1, h.val_sequences * (h.seq_len + 1)
         field, tokenize = self._source.field(h.text_field), self.tokenize()
         parts, have = [], 0
         for docs in self._stream.iter(batch_size=256):
@@ -354,7 +392,7 @@ class PileDataModule(L.LightningDataModule):
                 break
         tokens = np.concatenate(parts or [np.empty(0, np.int32)])[:need]
         n = len(tokens) // size
-        return torch.from_numpy(tokens[: n * size].astype(np.int64).reshape(n, size))
+        return tokens[: n * size].astype(token_dtype(self.vocab_size)).reshape(n, size)
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -9,10 +9,17 @@ streaming path). After every shard the manifest is rewritten atomically with whe
 stands in the source (a ``datasets`` state); a re-run verifies the shards already written (size
 and SHA-256), keeps the good prefix and continues from there.
 
+Distributed: ``--num-tasks N --task-index I`` (or a SLURM array's variables) tokenizes the I-th
+contiguous block of the source's files into ``OUT/part-0000I/``; ``merino-pl prepare --merge OUT``
+then lists the parts' shards, in part order, in one manifest (``shardset.merge``): the same
+token stream as a one-task run.
+
 Example::
 
     merino-pl prepare ../shared/data/corpus/tinyshakespeare.txt --out runs/shards/shakespeare
     merino-pl prepare EleutherAI/the_pile_deduplicated --out /data/pile-neox --workers 32
+    merino-pl prepare EleutherAI/the_pile_deduplicated --out /data/pile-neox --num-tasks 64 --task-index 0
+    merino-pl prepare --merge /data/pile-neox
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ import numpy as np
 from tqdm import tqdm
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path, check_out, sha256_file, write_json
+from merino_pl.core.io import atomic_path, check_out, write_json
 from merino_pl.core.tokenizer import default_tokenizer_file, find_eos, load_tokenizer
+from merino_pl.data.shardset import part_name
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
 
 if TYPE_CHECKING:
@@ -59,6 +67,8 @@ class PrepareSettings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # tokenizer processes
     docs_per_batch: int = 256  # documents sent to a worker at once
     max_shards: int | None = None  # stop after this many train shards (a later run continues)
+    num_tasks: int | None = None  # split the source into this many parts (None: SLURM_ARRAY_TASK_COUNT, else 1)
+    task_index: int | None = None  # the part this run writes (None: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)
 
 
 @dataclass
@@ -104,7 +114,7 @@ class SplitWriter:
 
     def write_shard(self) -> None:
         """Write the next ``shard_tokens`` ids (fewer for a split's last shard) as one file."""
-        from merino_pl.data.shards import shard_name
+        from merino_pl.data.shardset import shard_entry, shard_name
 
         n = min(self.buffered, self.shard_tokens)
         if n == 0:
@@ -120,10 +130,11 @@ class SplitWriter:
         self.buffered -= n
         self.new_tokens += n
         path = self.out / shard_name(self.split, len(self.entries))
+        data = np.concatenate(parts).astype(self.dtype)
         with atomic_path(path) as tmp:
-            np.concatenate(parts).astype(self.dtype).tofile(tmp)
+            data.tofile(tmp)
         end = self.pieces[0][0] if self.pieces else self.next
-        self.entries.append({"file": path.name, "tokens": int(n), "sha256": sha256_file(path), "end": asdict(end)})
+        self.entries.append(shard_entry(path, data, end=asdict(end)))  # hashed once, here
 
 
 def _init_worker(tokenizer: str | None, eos_id: int) -> None:
@@ -146,46 +157,89 @@ def _encode(texts: list[str], val_fraction: float) -> dict[str, tuple[np.ndarray
     return out
 
 
-def _check_args(args: PrepareSettings) -> None:
+def _env_int(name: str, problems: list[str]) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        problems.append(f"{name}={value!r} (not an integer)")
+        return None
+
+
+def resolve_task(settings: PrepareSettings, problems: list[str]) -> tuple[int, int]:
+    """(number of tasks, this task's index): the flags, else SLURM's array variables, else (1, 0).
+
+    An index comes from ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` (so ``--array=1-4`` works too);
+    problems are appended to ``problems``."""
+    n = settings.num_tasks
+    if n is None:
+        n = _env_int("SLURM_ARRAY_TASK_COUNT", problems) or 1
+    i = settings.task_index
+    if i is None and n > 1:
+        task_id = _env_int("SLURM_ARRAY_TASK_ID", problems)
+        if task_id is None:
+            problems.append(f"--task-index is needed with --num-tasks {n} (or run as a SLURM array task)")
+            return n, 0
+        i = task_id - (_env_int("SLURM_ARRAY_TASK_MIN", problems) or 0)
+        if not 0 <= i < n:
+            problems.append(f"SLURM array task {task_id} is part {i}, not in [0, {n}) (submit with --array=0-{n - 1})")
+        return n, i
+    i = 0 if i is None else i
+    if n < 1:
+        problems.append(f"--num-tasks {n} (must be >= 1)")
+    elif not 0 <= i < n:
+        problems.append(f"--task-index {i} (must be in [0, {n}) for --num-tasks {n})")
+    return n, i
+
+
+def _check_settings(settings: PrepareSettings) -> tuple[int, int]:
     problems = []
-    if args.shard_tokens < 1:
-        problems.append(f"--shard-tokens {args.shard_tokens} (must be >= 1)")
-    if not 0.0 <= args.val_fraction < 1.0:
-        problems.append(f"--val-fraction {args.val_fraction} (must be in [0, 1))")
-    if args.workers < 1:
-        problems.append(f"--workers {args.workers} (must be >= 1)")
-    if args.docs_per_batch < 1:
-        problems.append(f"--docs-per-batch {args.docs_per_batch} (must be >= 1)")
-    if args.max_shards is not None and args.max_shards < 1:
-        problems.append(f"--max-shards {args.max_shards} (must be >= 1)")
-    problems += check_out(args.out)  # a file, or a folder that cannot be written
+    if settings.shard_tokens < 1:
+        problems.append(f"--shard-tokens {settings.shard_tokens} (must be >= 1)")
+    if not 0.0 <= settings.val_fraction < 1.0:
+        problems.append(f"--val-fraction {settings.val_fraction} (must be in [0, 1))")
+    if settings.workers < 1:
+        problems.append(f"--workers {settings.workers} (must be >= 1)")
+    if settings.docs_per_batch < 1:
+        problems.append(f"--docs-per-batch {settings.docs_per_batch} (must be >= 1)")
+    if settings.max_shards is not None and settings.max_shards < 1:
+        problems.append(f"--max-shards {settings.max_shards} (must be >= 1)")
+    task = resolve_task(settings, problems)
+    problems += check_out(settings.out)  # a file, or a folder that cannot be written
     if problems:
         raise MerinoError("bad arguments: " + "; ".join(problems))
+    return task
 
 
-def _settings(args: PrepareSettings, source_files: tuple[str, ...]) -> dict:
+def _recorded(settings: PrepareSettings, source_files: tuple[str, ...], task: tuple[int, int]) -> dict:
+    """What the manifest records of the run; a re-run must match it (the tokenizer path aside)."""
     from merino_pl.data.shards import SHARDS_FORMAT, token_dtype, tokenizer_sha256
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(settings.tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    eos = find_eos(tok, args.tokenizer)  # the same rule as the streaming DataModule
-    return {
+    eos = find_eos(tok, settings.tokenizer)  # the same rule as the streaming DataModule
+    recorded = {
         "format": SHARDS_FORMAT,
-        "source": args.source,
+        "source": settings.source,
         "source_files": list(source_files),
-        "text_field": args.text_field,
-        "sample_by": args.sample_by,
-        "tokenizer": str(args.tokenizer or default_tokenizer_file()),
-        "tokenizer_sha256": tokenizer_sha256(args.tokenizer),
+        "text_field": settings.text_field,
+        "sample_by": settings.sample_by,
+        "tokenizer": str(settings.tokenizer or default_tokenizer_file()),
+        "tokenizer_sha256": tokenizer_sha256(settings.tokenizer),
         "vocab_size": vocab,
         "eos_id": eos,
         "dtype": token_dtype(vocab).name,
-        "shard_tokens": args.shard_tokens,
-        "val_fraction": args.val_fraction,
+        "shard_tokens": settings.shard_tokens,
+        "val_fraction": settings.val_fraction,
     }
+    if task[0] > 1:  # a one-task manifest stays as it always was
+        recorded.update(num_tasks=task[0], task_index=task[1])
+    return recorded
 
 
-def _resume(out: Path, settings: dict) -> tuple[dict[str, list], dict[str, Position]]:
+def _resume(out: Path, recorded: dict) -> tuple[dict[str, list], dict[str, Position]]:
     """Shards and positions to continue from: the verified prefix of each split."""
     from merino_pl.data.shards import MANIFEST, read_manifest, verify_shard
 
@@ -194,16 +248,22 @@ def _resume(out: Path, settings: dict) -> tuple[dict[str, list], dict[str, Posit
     if not (out / MANIFEST).exists():
         return entries, positions
     old = read_manifest(out)
-    changed = [k for k in settings if k != "tokenizer" and old.get(k) != settings[k]]
+    if "parts" in old:
+        raise MerinoError(
+            f"{out} holds a shard set merged from {old['parts']} parts; write a one-task run to another --out "
+            f"(a part is re-run with --num-tasks {old['parts']} --task-index I)"
+        )
+    keys = dict.fromkeys([*recorded, "num_tasks", "task_index"])  # a part's manifest is no one-task run's
+    changed = [k for k in keys if k != "tokenizer" and old.get(k) != recorded.get(k)]
     if changed:
         raise MerinoError(
             f"{out} holds shards made with other settings ({', '.join(changed)}); use a new --out or delete it"
         )
-    dtype = np.dtype(settings["dtype"])
+    dtype = np.dtype(recorded["dtype"])
     for split in SPLITS:
         for entry in old["splits"].get(split, []):
             try:
-                verify_shard(out, entry, dtype)
+                verify_shard(out, entry, dtype, checksum=True)  # a re-run of prepare: worth the full read
             except MerinoError as e:
                 print(f"prepare: {e}; rewriting from there")
                 break
@@ -212,27 +272,31 @@ def _resume(out: Path, settings: dict) -> tuple[dict[str, list], dict[str, Posit
     return entries, positions
 
 
-def prepare(args: PrepareSettings) -> dict:
-    """The stage's entry function: check ``args`` (every problem in one ``MerinoError``), then
-    tokenize the source into shards under ``args.out``, continuing a run left there. Returns the
-    manifest written last (``complete`` is False when it stopped at ``max_shards``)."""
-    _check_args(args)
-    source = resolve_source(args.source)
-    out = Path(args.out)
-    settings = _settings(args, source.files)
-    stream = open_stream(source, sample_by=args.sample_by, flags=FLAGS)
-    check_text_field(stream, source, args.text_field, flags=FLAGS)
-    entries, positions = _resume(out, settings)
+def prepare(settings: PrepareSettings) -> dict:
+    """The stage's entry function: check ``settings`` (every problem in one ``MerinoError``), then
+    tokenize the source (or this task's part of it) into shards under ``settings.out`` (a part:
+    ``out/part-0000I``), continuing a run left there. Returns the manifest written last
+    (``complete`` is False when it stopped at ``max_shards``)."""
+    task = _check_settings(settings)
+    source = resolve_source(settings.source)
+    stream = open_stream(source, sample_by=settings.sample_by, flags=FLAGS)
+    stream = _task_part(stream, source, task)
+    check_text_field(stream, source, settings.text_field, flags=FLAGS)
+    out = Path(settings.out) / part_name(task[1]) if task[0] > 1 else Path(settings.out)
+    recorded = _recorded(settings, source.files, task)
+    entries, positions = _resume(out, recorded)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.dtype(settings["dtype"])
-    writers = {s: SplitWriter(out, s, dtype, args.shard_tokens, entries[s], positions[s]) for s in SPLITS}
+    dtype = np.dtype(recorded["dtype"])
+    writers = {s: SplitWriter(out, s, dtype, settings.shard_tokens, entries[s], positions[s]) for s in SPLITS}
     start = min(positions.values(), key=lambda p: p.batch)
+    what = f"part {task[1]} of {task[0]} of " if task[0] > 1 else ""
     print(
-        f"prepare: {source.describe()} -> {out} ({len(entries['train'])} train shard(s) kept); {args.workers} worker(s)"
+        f"prepare: {what}{source.describe()} -> {out} ({len(entries['train'])} train shard(s) kept); "
+        f"{settings.workers} worker(s)"
     )
     t0 = time.perf_counter()
-    complete = _tokenize(args, source.field(args.text_field), stream, start, writers, settings)
-    manifest = _write_manifest(out, settings, writers, complete)
+    complete = _tokenize(settings, out, source.field(settings.text_field), stream, start, writers, recorded)
+    manifest = _write_manifest(out, recorded, writers, complete)
     seconds = time.perf_counter() - t0
     new = sum(w.new_tokens for w in writers.values())
     print(
@@ -241,16 +305,33 @@ def prepare(args: PrepareSettings) -> dict:
         f"val {manifest['tokens']['val']:,}; {new:,} tokens this run in {seconds:.1f} s "
         f"({new / max(seconds, 1e-9) / 1e6:.2f} M tokens/s)"
     )
+    if complete and task[0] > 1:
+        print(f"prepare: when all {task[0]} parts are done: merino-pl prepare --merge {settings.out}")
     return manifest
 
 
-def _tokenize(args: PrepareSettings, text_field: str, stream, start: Position, writers: dict, settings: dict) -> bool:
+def _task_part(stream, source, task: tuple[int, int]):
+    """Task ``i`` of ``n``: the ``i``-th contiguous block of the source's files (``datasets``
+    shards), so parts 0, 1, ... read back to back are the one-task stream, document for document."""
+    n, i = task
+    if n == 1:
+        return stream
+    if n > stream.num_shards:
+        raise MerinoError(
+            f"--num-tasks {n}: {source.spec} has {stream.num_shards} file(s) and a task tokenizes whole files; "
+            f"use at most {stream.num_shards} tasks (or split the source into more files)"
+        )
+    return stream.shard(num_shards=n, index=i, contiguous=True)
+
+
+def _tokenize(
+    settings: PrepareSettings, out: Path, text_field: str, stream, start: Position, writers: dict, recorded: dict
+) -> bool:
     """Feed source batches to the pool (at most 2 per worker in flight, so memory stays flat);
     write shards in source order. True when the source is exhausted, False at --max-shards."""
-    out = Path(args.out)
     if start.state is not None:
         stream.load_state_dict(start.state)
-    pool = mp.get_context("fork").Pool(args.workers, _init_worker, (args.tokenizer, settings["eos_id"]))
+    pool = mp.get_context("fork").Pool(settings.workers, _init_worker, (settings.tokenizer, recorded["eos_id"]))
     pending: deque = deque()
     bar = tqdm(unit="tok", unit_scale=True, desc="prepare", mininterval=1.0)
 
@@ -262,18 +343,19 @@ def _tokenize(args: PrepareSettings, text_field: str, stream, start: Position, w
         for w in writers.values():
             while w.full():
                 w.write_shard()
-                _write_manifest(out, settings, writers, complete=False)
-                if args.max_shards is not None and len(writers["train"].entries) >= args.max_shards:
+                _write_manifest(out, recorded, writers, complete=False)
+                if settings.max_shards is not None and len(writers["train"].entries) >= settings.max_shards:
                     return False
         return True
 
     try:
         batch, before = start.batch, start.state
-        for docs in stream.iter(batch_size=args.docs_per_batch):
+        for docs in stream.iter(batch_size=settings.docs_per_batch):
             after = stream.state_dict()
-            pending.append((batch, before, after, pool.apply_async(_encode, (docs[text_field], args.val_fraction))))
+            job = pool.apply_async(_encode, (docs[text_field], settings.val_fraction))
+            pending.append((batch, before, after, job))
             batch, before = batch + 1, after
-            if len(pending) >= 2 * args.workers and not drain_one():
+            if len(pending) >= 2 * settings.workers and not drain_one():
                 return False
         while pending:
             if not drain_one():
@@ -287,11 +369,11 @@ def _tokenize(args: PrepareSettings, text_field: str, stream, start: Position, w
         pool.terminate()
 
 
-def _write_manifest(out: Path, settings: dict, writers: dict, complete: bool) -> dict:
+def _write_manifest(out: Path, recorded: dict, writers: dict, complete: bool) -> dict:
     from merino_pl.data.shards import MANIFEST
 
     manifest = {
-        **settings,
+        **recorded,
         "complete": complete,
         "tokens": {s: sum(e["tokens"] for e in w.entries) for s, w in writers.items()},
         "documents": {s: w.next.docs for s, w in writers.items()},

@@ -1,10 +1,12 @@
-"""Pre-tokenized token shards: the on-disk format ``merino-pl prepare`` writes, and their reader.
+"""Pre-tokenized token shards: the reader of the set ``merino-pl prepare`` writes (the format
+and its checks are in ``shardset``).
 
 A shard directory holds ``manifest.json`` and raw little-endian token files
-``{split}-{index:05d}.bin`` (``uint16`` when the vocabulary fits, else ``uint32``), each exactly
-``shard_tokens`` long except the last of a split. Documents are concatenated with EOS after each,
-so the files of a split read back-to-back are one token stream. ``np.memmap`` gives random access
-at page-cache speed, which is what lets ``ShardStream`` shuffle globally.
+``{split}-{index:05d}.bin`` (``uint16`` when the vocabulary fits, else ``uint32``), each
+``shard_tokens`` long except the last of a split (of each part, in a merged set). Documents are
+concatenated with EOS after each, so the files of a split read back-to-back are one token stream.
+``np.memmap`` gives random access at page-cache speed, which is what lets ``ShardStream`` shuffle
+globally.
 
 ``ShardStream`` cuts the stream into ``seq_len + 1`` windows (the last one EOS-padded) and visits
 them in a seeded two-level order (a permutation of blocks of windows, then of the windows inside
@@ -29,17 +31,19 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import read_json, sha256_file
 from merino_pl.data.packing import check_slot, rng_for, worker_slot
+from merino_pl.data.shardset import (  # noqa: F401 - the format's names, importable from here too
+    MANIFEST,
+    SHARDS_FORMAT,
+    check_split,
+    read_manifest,
+    shard_name,
+    token_dtype,
+    verify_shard,
+)
 
-MANIFEST = "manifest.json"
-SHARDS_FORMAT = "merino-shards/1"
 STATE_FORMAT = "merino-shard-stream/2"
 BLOCK_WINDOWS = 4096
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def tokenizer_sha256(spec: str | None) -> str:
@@ -50,40 +54,13 @@ def tokenizer_sha256(spec: str | None) -> str:
     return hashlib.sha256(load_tokenizer(spec).to_str().encode()).hexdigest()
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.bin"
-
-
-def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise MerinoError(f"{directory}: not a shard directory (no {MANIFEST}); write one with `merino-pl prepare`")
-    manifest = read_json(path, "shard manifest")
-    if manifest.get("format") != SHARDS_FORMAT:
-        raise MerinoError(f"{path}: format {manifest.get('format')!r}, expected {SHARDS_FORMAT!r}")
-    return manifest
-
-
-def verify_shard(directory: Path, entry: dict, dtype: np.dtype, checksum: bool = True) -> None:
-    """Size always; SHA-256 when ``checksum``. A mismatch is a ``MerinoError`` naming the file."""
-    path = directory / entry["file"]
-    if not path.is_file():
-        raise MerinoError(f"shard {path} is missing (listed in {MANIFEST}); re-run `merino-pl prepare` to rewrite it")
-    size = path.stat().st_size
-    if size != entry["tokens"] * dtype.itemsize:
-        raise MerinoError(
-            f"shard {path} is {size} bytes, expected {entry['tokens'] * dtype.itemsize}: truncated or corrupted"
-        )
-    if checksum and sha256_file(path) != entry["sha256"]:
-        raise MerinoError(
-            f"shard {path}: SHA-256 mismatch with {MANIFEST} (corrupted); delete it and re-run `merino-pl prepare`"
-        )
-
-
 class TokenFiles:
-    """The token files of one split as one random-access array (opened lazily per process)."""
+    """The token files of one split as one random-access array (opened lazily per process).
 
-    def __init__(self, directory: str | Path, split: str, checksum: bool = True) -> None:
+    Opening checks every file's size and edges (O(files), see ``shardset``); ``full`` hashes
+    every file, ``sample`` that many chosen by ``seed``."""
+
+    def __init__(self, directory: str | Path, split: str, full: bool = False, sample: int = 0, seed: int = 0) -> None:
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         if not manifest.get("complete"):
@@ -91,8 +68,7 @@ class TokenFiles:
         self.manifest, self.split = manifest, split
         self.dtype = np.dtype(manifest["dtype"])
         self.entries = manifest["splits"].get(split, [])
-        for entry in self.entries:
-            verify_shard(self.directory, entry, self.dtype, checksum)
+        check_split(self.directory, self.entries, self.dtype, full=full, sample=sample, seed=seed)
         self.starts = np.cumsum([0] + [e["tokens"] for e in self.entries])
         self.total = int(self.starts[-1])
         self._maps: list[np.memmap] | None = None

@@ -1,0 +1,235 @@
+"""Data at scale: start-up O(metadata), the validation set built once, distributed prepare.
+
+Real ``prepare`` runs on small local jsonl files; a sparse shard stands in for a big one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from merino_pl.core.errors import MerinoError
+from merino_pl.data.shards import tokenizer_sha256
+from merino_pl.data.shardset import edges_sha256, verify_directory
+from merino_pl.data.valset import load_or_build
+from test_data import make_dm, prepare, take, write_corpus
+
+COMMON = ["--shard-tokens", 300, "--workers", 1, "--val-fraction", 0.1, "--docs-per-batch", 7]
+
+
+def split_tokens(out: Path, split: str) -> np.ndarray:
+    """A split's token stream: its files back to back, in manifest order."""
+    m = json.loads((out / "manifest.json").read_text())
+    files = [np.fromfile(out / e["file"], dtype=m["dtype"]) for e in m["splits"][split]]
+    return np.concatenate(files) if files else np.empty(0, m["dtype"])
+
+
+@pytest.fixture(scope="module")
+def two_ways(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The same 3-file corpus prepared by one task and by two (part 1 from SLURM's variables)."""
+    root = tmp_path_factory.mktemp("tasks")
+    write_corpus(root / "c", n_docs=90, n_files=3)
+    assert prepare(root / "c", "--out", root / "one", *COMMON) == 0
+    assert prepare(root / "c", "--out", root / "two", "--num-tasks", 2, "--task-index", 0, *COMMON) == 0
+    env = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "7"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert prepare(root / "c", "--out", root / "two", *COMMON) == 0  # part 8 - 7 = 1 of 2
+    return root / "c", root / "one", root / "two"
+
+
+def test_two_tasks_merge_into_the_one_task_stream(two_ways):
+    _, one, two = two_ways
+    assert sorted(p.name for p in two.iterdir()) == ["part-00000", "part-00001"]
+    assert prepare("--merge", two) == 0
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(one, split), split_tokens(two, split)), split
+    assert b["parts"] == 2 and b["complete"]
+    same = ("tokens", "documents", "source", "source_files", "tokenizer_sha256", "dtype", "eos_id", "val_fraction")
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert all(e["file"].startswith(("part-00000/", "part-00001/")) for e in b["splits"]["train"])
+    assert verify_directory(two)["shards"] == len(b["splits"]["train"]) + len(b["splits"]["val"])
+    # fit reads the merged set exactly as the one-task set: the same batches, validation too
+    kw = dict(batch_size=3, val_sequences=4)
+    batches = [take(make_dm("unused", shards=d, **kw).train_dataloader(), 12) for d in (one, two)]
+    assert all(torch.equal(x, y) for x, y in zip(*batches))
+    vals = [make_dm("unused", shards=d, **kw).validation_windows() for d in (one, two)]
+    assert torch.equal(*vals)
+    assert prepare("--merge", two) == 0  # merging again rewrites the same manifest
+    assert json.loads((two / "manifest.json").read_text()) == b
+
+
+def test_merge_refuses_a_missing_part(two_ways, tmp_path, capsys):
+    _, _, two = two_ways
+    os.symlink(two / "part-00000", tmp_path / "part-00000")  # part 1 absent
+    assert prepare("--merge", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "part(s) 1 missing of 2" in err and "--task-index I" in err and err.count("\n") == 1
+    assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,env,needle",
+    [
+        (["--num-tasks", 0], {}, "--num-tasks 0 (must be >= 1)"),
+        (["--num-tasks", 2, "--task-index", 2], {}, "--task-index 2 (must be in [0, 2)"),
+        (["--num-tasks", 2], {}, "--task-index is needed with --num-tasks 2"),
+        (
+            [],
+            {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "5"},
+            "SLURM array task 5 is part 5, not in [0, 2)",
+        ),
+        ([], {"SLURM_ARRAY_TASK_COUNT": "x"}, "SLURM_ARRAY_TASK_COUNT='x' (not an integer)"),
+        (["--num-tasks", 4, "--task-index", 0], {}, "has 3 file(s) and a task tokenizes whole files"),
+    ],
+)
+def test_bad_tasks_are_one_line_exit_2(two_ways, tmp_path, capsys, monkeypatch, argv, env, needle):
+    corpus = two_ways[0]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert prepare(corpus, "--out", tmp_path / "o", *argv, *COMMON) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_and_verify_take_no_source(tmp_path, capsys):
+    assert prepare("embedded", "--merge", tmp_path) == 2
+    assert prepare("embedded") == 2
+    assert "takes no SOURCE" in capsys.readouterr().err
+
+
+# -- start-up: O(metadata) ----------------------------------------------------------------------
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls (Linux /proc/self/io ``rchar``)."""
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+def sparse_shards(folder: Path, tokens: int) -> Path:
+    """A shard set whose one train shard is ``tokens`` zeros (sparse: no disk) with a manifest
+    of the real format; its recorded SHA-256 is wrong on purpose, so only a full read finds it."""
+    folder.mkdir()
+    with open(folder / "train-00000.bin", "wb") as f:
+        f.truncate(tokens * 2)
+    entry = {"file": "train-00000.bin", "tokens": tokens, "sha256": "0" * 64}
+    entry["edges_sha256"] = edges_sha256(folder / "train-00000.bin")
+    manifest = {
+        "format": "merino-shards/1",
+        "tokenizer": "default",
+        "tokenizer_sha256": tokenizer_sha256(None),
+        "vocab_size": 50281,
+        "eos_id": 0,
+        "dtype": "uint16",
+        "complete": True,
+        "tokens": {"train": tokens, "val": 0},
+        "splits": {"train": [entry], "val": []},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes through /proc/self/io")
+def test_a_restart_on_shards_reads_no_shard_in_full(tmp_path, capsys):
+    size = 2**27  # tokens: a 256 MiB shard
+    out = sparse_shards(tmp_path / "s", size)
+    kw = dict(shards=out, batch_size=2, seq_len=63)
+    before = bytes_read()
+    loader = make_dm("unused", **kw).train_dataloader()
+    take(loader, 3)
+    fresh = make_dm("unused", **kw).train_dataloader()  # the restart
+    fresh.load_state_dict(loader.state_dict())
+    assert take(fresh, 1)[0].shape == (2, 64)
+    assert bytes_read() - before < 2 * size // 8, "set-up, a restart and a batch read far less than the shard"
+    with pytest.raises(MerinoError, match="SHA-256 mismatch"):  # the full check is there when asked for
+        make_dm("unused", verify_shards=True, **kw).setup()
+    assert prepare("--verify", out) == 2 and "train-00000.bin (SHA-256 mismatch)" in capsys.readouterr().err
+
+
+def test_a_start_checks_sizes_and_edges(two_ways, tmp_path):
+    _, one, _ = two_ways
+    import shutil
+
+    shutil.copytree(one, tmp_path / "s")
+    path = tmp_path / "s" / "train-00001.bin"
+    other = (tmp_path / "s" / "train-00002.bin").read_bytes()
+    path.write_bytes(other)  # another shard of the same size in its place
+    with pytest.raises(MerinoError, match="train-00001.bin: its first / last 4096 bytes differ"):
+        make_dm("unused", shards=tmp_path / "s").setup()
+    path.write_bytes(other[:-2])
+    with pytest.raises(MerinoError, match="train-00001.bin is 598 bytes, expected 600"):
+        make_dm("unused", shards=tmp_path / "s").setup()
+
+
+def test_verify_sample_hashes_that_many_shards(two_ways, tmp_path):
+    _, one, _ = two_ways
+    import shutil
+
+    shutil.copytree(one, tmp_path / "s")
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for e in m["splits"]["train"]:
+        e["sha256"] = "0" * 64  # every recorded hash wrong: a sample of k finds it, k = 0 does not
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    make_dm("unused", shards=tmp_path / "s", verify_sample=0).setup()
+    with pytest.raises(MerinoError, match="SHA-256 mismatch"):
+        make_dm("unused", shards=tmp_path / "s", verify_sample=1).setup()
+
+
+# -- the streaming validation set, built once ------------------------------------------------------
+def test_validation_set_is_built_once_and_keyed(tmp_path, caplog):
+    write_corpus(tmp_path / "c", n_docs=200)
+    kw = dict(val_fraction=0.2, val_sequences=6, val_cache=str(tmp_path / "vc"))
+    caplog.set_level(logging.INFO, logger="merino_pl.data.datamodule")
+    first = make_dm(tmp_path / "c", **kw).validation_windows()
+    files = list((tmp_path / "vc").glob("val-*.npz"))
+    assert len(files) == 1 and "validation set built" in caplog.text
+    caplog.clear()
+    again = make_dm(tmp_path / "c", **kw).validation_windows()  # a restart reads it
+    assert torch.equal(first, again) and "validation set read" in caplog.text
+    assert torch.equal(first, make_dm(tmp_path / "c", **{**kw, "val_cache": None}).validation_windows())
+    make_dm(tmp_path / "c", seq_len=11, **kw).validation_windows()  # another key: another file
+    with open(tmp_path / "c" / "part-0.jsonl", "a") as f:  # an edited source: rebuilt, never stale
+        f.write(json.dumps({"text": "a new document"}) + "\n")
+    make_dm(tmp_path / "c", **kw).validation_windows()
+    assert len(list((tmp_path / "vc").glob("val-*.npz"))) == 3
+
+
+def test_other_ranks_wait_for_rank_0(tmp_path):
+    write_corpus(tmp_path / "c", n_docs=200)
+    kw = dict(val_fraction=0.2, val_sequences=6, val_cache=str(tmp_path / "vc"))
+    got = {}
+
+    def rank1() -> None:
+        dm = make_dm(tmp_path / "c", **kw)
+        dm.set_rank(1, 2)
+        got[1] = dm.validation_windows()
+
+    waiter = threading.Thread(target=rank1)
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive(), "rank 1 waits while rank 0 has not written the set"
+    dm = make_dm(tmp_path / "c", **kw)
+    dm.set_rank(0, 2)
+    got[0] = dm.validation_windows()
+    waiter.join(timeout=60)
+    whole = make_dm(tmp_path / "c", **kw).validation_windows()
+    assert torch.equal(torch.cat([got[0], got[1]]), whole)
+    with pytest.raises(MerinoError, match="rank 1 waited 0 s .*--data.val_cache"):
+        load_or_build(tmp_path / "empty", {"k": 1}, lambda: np.zeros((1, 2)), rank=1, wait_s=0.1)
+
+
+def test_validation_set_lives_beside_the_run(tmp_path):
+    import lightning as L
+
+    write_corpus(tmp_path / "c", n_docs=200)
+    dm = make_dm(tmp_path / "c", val_fraction=0.2, val_sequences=4)
+    dm.trainer = L.Trainer(default_root_dir=tmp_path / "run", logger=False, accelerator="cpu")
+    assert dm.validation_windows().shape == (4, 16)
+    assert len(list((tmp_path / "run" / "data").glob("val-*.npz"))) == 1
