@@ -603,3 +603,58 @@ def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, fit_available, 
     resumed_at = ckpt_step(hpc)
     assert 10 <= resumed_at < max_steps  # the second run started there, not at 0 ...
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == max_steps  # ... and finished
+
+
+# The chain's stages, as small as they go: INT4 only (the INT8 job is the same script with
+# --bits 8, rendered in test_chain_dry_run_...), 2 calibration windows, 2 perplexity documents,
+# one timed run. 1 CPU each: the 2-CPU cluster runs eval and latency side by side.
+CHAIN_STAGES = """\
+export: {cpus: 1, time: '10:00'}
+quantize:
+  {bits: [4], cpus: 1, time: '10:00', args: [--nsamples, '2', --seq-len, '32', --holdout, '1', --group-size, '64']}
+eval: {cpus: 1, time: '10:00', args: [--tasks, none, --ppl, wikitext2, --data-files, wikitext2=embedded, --limit, '2']}
+latency: {cpus: 1, time: '10:00', args: [--runs, '1', --warmup, '0', --generate-tokens, '0', --no-fast, --seq, '16']}
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_chain_runs_every_stage_as_dependent_jobs(slurm_cluster, fit_available, tmp_path, capsys):
+    """fit -> export -> quantize -> eval / latency on the local cluster, into a run directory with
+    a blank in its name (the quoted --output): every job completes and every report is written."""
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(CHAIN_STAGES)
+    run_dir = tmp_path / "my run"
+    fit_tiny = list(FIT_TINY)
+    fit_tiny[fit_tiny.index("--tasks-per-node") + 1] = "1"  # one process: the chain is what is tested here
+    proc = subprocess.run(
+        [sys.executable, "-m", "merino_pl.cli", "slurm", "chain", "--run-dir", str(run_dir), "--python", sys.executable]
+        + ["--stages", str(stages), *fit_tiny, "--trainer.max_steps", "2"],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(re.findall(r"^submitted (\S+)\s+job (\d+)", proc.stdout, re.M))
+    assert list(ids) == ["fit", "export", "quantize-int4", "eval", "latency"]
+    for stage in ("eval", "latency"):  # the last two: once they ended, every job has
+        wait_for(ids[stage], run_dir, timeout=600)
+    states = {stage: (job_fields(job) or {}).get("JobState") for stage, job in ids.items()}
+    logs = {
+        stage: job_log(job, run_dir)[-2000:]
+        for stage, job in ids.items()
+        if (run_dir / "slurm" / f"{job}.out").exists()
+    }
+    assert states == dict.fromkeys(ids, "COMPLETED"), logs
+    reports = ["model/config.json", "quantized/int4/quantize_report.json"]
+    reports += [f"{stage}/{label}/{stage}.json" for stage in ("eval", "latency") for label in ("fp32", "int4")]
+    assert [r for r in reports if not (run_dir / r).is_file()] == []
+    capsys.readouterr()
+    assert merino_main(["slurm", "status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for stage, job in ids.items():
+        assert re.search(rf"^{job}\s+{stage}\s+\S+\s+COMPLETED\s", out, re.M), out
+    assert merino_main(["slurm", "logs", str(run_dir), "-n", "1"]) == 0
+    heads = re.findall(r"^==> (\S+) job (\d+): ", capsys.readouterr().out, re.M)
+    assert heads == list(ids.items())
