@@ -84,11 +84,11 @@ def _losses(root: Path) -> list[tuple[int, float]]:
 def _generate(ckpt: Path, prompt: str, max_new_tokens: int) -> None:
     import torch
 
-    from merino_pl.core.checkpoint import load_model
+    from merino_pl.core.checkpoint import load_model, trained_tokenizer
     from merino_pl.core.tokenizer import hf_tokenizer
 
     loaded = load_model(ckpt)
-    tok = hf_tokenizer()
+    tok = hf_tokenizer(trained_tokenizer(ckpt))  # the one it was trained with (the config's data.tokenizer)
     enc = tok(prompt, return_tensors="pt")
     torch.manual_seed(0)
     with torch.no_grad():  # sampled: greedy decoding of a minutes-old model repeats "\n" forever

@@ -407,10 +407,12 @@ class OrtDecoder:
 
 # ---- model, tokenizer, graph --------------------------------------------------------------------
 def _tokenizer(model: Path) -> tuple[Tokenizer, int]:
-    """The model directory's ``tokenizer.json`` (what its export shipped), else the default one."""
+    """The model directory's ``tokenizer.json`` (what its export shipped), or the one a ``.ckpt``
+    was trained with, else the default one."""
+    from merino_pl.core.checkpoint import trained_tokenizer
     from merino_pl.core.tokenizer import find_eos, load_tokenizer
 
-    spec = str(model) if (model / "tokenizer.json").is_file() else None
+    spec = trained_tokenizer(model)
     tok = load_tokenizer(spec)
     return tok, find_eos(tok, spec)
 
