@@ -10,6 +10,7 @@ failure (CI on a machine that must run them).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -49,7 +50,10 @@ SHIPPED = {
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = merino_main(["slurm", *argv])
+    try:
+        rc = merino_main(["slurm", *argv])
+    except SystemExit as e:  # argparse's own errors (a flag's type)
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -423,6 +427,52 @@ def test_chain_refuses_an_earlier_chains_outputs_without_overwrite(capsys, train
     assert (tmp_path / "run" / "quantized" / "int4" / "model.safetensors").read_text() == "mine"
 
 
+# -- the array prepare ----------------------------------------------------------------------
+def test_prepare_dry_run_renders_the_array_and_its_merge(capsys, tmp_path):
+    out_dir = tmp_path / "pile neox"
+    argv = ["prepare", "data/*.jsonl", "--out", str(out_dir), "--tasks", "64", "--workers", "16", "--mem", "32G"]
+    rc, out, err = run_cli(capsys, *argv, "--text-field", "body", "--dry-run")
+    assert (rc, err) == (0, "")
+    assert re.findall(r"^# ---- (.*)$", out, re.M) == ["prepare (array of 64)", "merge (afterok: prepare)"]
+    array, merge = re.split(r"^# ---- .*\n", out, flags=re.M)[1:]
+    q = shlex.quote(str(out_dir))
+    assert {"--array=0-63", "--cpus-per-task=16", "--mem=32G", "--ntasks=1"} <= set(sbatch_lines(array))
+    assert f"--output={shlex.quote(f'{out_dir}/slurm/%A_%a.out')}" in sbatch_lines(array)  # one log per task
+    assert (
+        f"\nmerino-pl prepare 'data/*.jsonl' --out {q} --num-tasks 64 --task-index \"$SLURM_ARRAY_TASK_ID\" "
+        "--workers 16 --text-field body\n"
+    ) in array
+    assert merge.endswith(f"\nmerino-pl prepare --merge {q}\n")
+    assert not any(line.startswith("--array") for line in sbatch_lines(merge))
+    for name, script in (("array", array), ("merge", merge)):
+        (tmp_path / name).write_text(script)
+        subprocess.run(["bash", "-n", str(tmp_path / name)], check=True)
+    # the header's command prints the same two scripts
+    command = shlex.split(re.search(r"^# Rendered by: (.*)$", array, re.M).group(1))
+    rc, again, _ = run_cli(capsys, *command[2:], "--dry-run")
+    assert (rc, again) == (0, out) and not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--tasks", "0", "--workers", "0", "--time", "soon"], ["--tasks 0", "--workers 0", "--time 'soon'"]),
+        (["--tasks", "2", "--shard-tokens", "x"], ["--shard-tokens", "'x'"]),
+    ],
+)
+def test_prepare_bad_input_is_one_line(capsys, tmp_path, argv, needles):
+    rc, out, err = run_cli(capsys, "prepare", "embedded", "--out", str(tmp_path / "o"), *argv, "--dry-run")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    for needle in needles:
+        assert needle in err
+
+
+def test_prepare_refuses_a_one_task_set(capsys, tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    rc, _, err = run_cli(capsys, "prepare", "embedded", "--out", str(tmp_path), "--tasks", "2", "--dry-run")
+    assert rc == 2 and "one-task shard set" in err
+
+
 # -- status / logs on a damaged jobs.json ------------------------------------------------
 @pytest.mark.parametrize("text", ["{", "", "[1]", '{"a": 1}', '[{"x": 1}]', '[{"job_id": 7}]'])
 @pytest.mark.parametrize("action", ["status", "logs"])
@@ -658,3 +708,45 @@ def test_chain_runs_every_stage_as_dependent_jobs(slurm_cluster, fit_available, 
     assert merino_main(["slurm", "logs", str(run_dir), "-n", "1"]) == 0
     heads = re.findall(r"^==> (\S+) job (\d+): ", capsys.readouterr().out, re.M)
     assert heads == list(ids.items())
+
+
+def split_tokens(out: Path, split: str) -> bytes:
+    """A split's token stream as bytes: its shard files back to back, in manifest order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return b"".join((out / entry["file"]).read_bytes() for entry in manifest["splits"][split])
+
+
+@pytest.mark.slurm
+def test_array_prepare_gives_the_one_task_shards(slurm_cluster, tmp_path, capsys):
+    """`slurm prepare --tasks 2` on the local cluster (2 array tasks, then the merge job): the
+    merged set's train and validation streams are byte-identical to a one-task `prepare`."""
+    from test_data import write_corpus
+
+    write_corpus(tmp_path / "corpus", n_docs=90, n_files=3)
+    common = ["--shard-tokens", "300", "--val-fraction", "0.1", "--docs-per-batch", "7"]
+    assert (
+        merino_main(["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "one"), "--workers", "1", *common])
+        == 0
+    )
+    two = tmp_path / "two parts"
+    proc = subprocess.run(
+        [sys.executable, "-m", "merino_pl.cli", "slurm", "prepare", str(tmp_path / "corpus"), "--out", str(two)]
+        + ["--tasks", "2", "--workers", "1", "--time", "10:00", "--python", sys.executable, *common],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    array_id, merge_id = re.search(r"submitted prepare job (\d+) \(array of 2\); merge job (\d+)", proc.stdout).groups()
+    fields = wait_for(merge_id, two, timeout=300)
+    logs = {p.name: p.read_text()[-1500:] for p in (two / "slurm").glob("*.out")}
+    assert fields["JobState"] == "COMPLETED", logs
+    assert sorted(logs) == [f"{array_id}_0.out", f"{array_id}_1.out", f"{merge_id}.out"]
+    assert json.loads((two / "manifest.json").read_text())["parts"] == 2
+    for split in ("train", "val"):
+        assert split_tokens(two, split) == split_tokens(tmp_path / "one", split), split
+    capsys.readouterr()
+    assert merino_main(["slurm", "status", str(two)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^{array_id}\s+prepare\s+-\s+COMPLETED", out, re.M), out
+    assert re.search(rf"^{merge_id}\s+merge\s+{array_id}\s+COMPLETED", out, re.M), out

@@ -13,6 +13,7 @@ from dataclasses import fields
 
 from merino_pl.slurm.chain import ChainSettings, chain
 from merino_pl.slurm.jobs import SubmitSettings, logs, status, submit
+from merino_pl.slurm.prepare import PrepareJobSettings, prepare_array
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--overwrite", action="store_true", help="replace an earlier chain's model/ and quantized/")
     _fit_job_arguments(c)
+    _prepare_arguments(
+        sub.add_parser(
+            "prepare",
+            help="tokenize SOURCE as an array job of N tasks, then merge the parts (a dependent job)",
+            description="Submit `merino-pl prepare SOURCE --out DIR --num-tasks N --task-index I` as an array job "
+            "(I = 0..N-1) and `merino-pl prepare --merge DIR` after every task succeeded. --tokenizer ... "
+            "--docs-per-batch go to `merino-pl prepare` as given (its defaults otherwise).",
+        )
+    )
     for name, help_ in (("status", "state of the jobs submitted for a run"), ("logs", "tail of a job's log")):
         q = sub.add_parser(name, help=help_, description=help_)
         q.add_argument("run_dir", help="the run directory given to (or chosen by) `slurm submit|chain|prepare`")
@@ -91,8 +101,41 @@ def _fit_job_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("fit_args", nargs="*", metavar="-- FIT_ARGS", help="extra `merino-pl fit` arguments")
 
 
-def settings(args: argparse.Namespace) -> SubmitSettings | ChainSettings:
-    """The parsed ``submit`` / ``chain`` flags as the stage's typed settings."""
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="what `merino-pl prepare` reads: hub dataset, local files, glob or directory")
+    p.add_argument("--out", required=True, help="the shard set's directory (scripts and logs in OUT/slurm/)")
+    p.add_argument("--tasks", type=int, required=True, help="array tasks = parts the source's files are split into")
+    p.add_argument("--workers", type=int, default=8, help="tokenizer processes (= CPUs) per task (default 8)")
+    p.add_argument("--time", default="12:00:00", help="time limit per task, SLURM syntax (default 12:00:00)")
+    p.add_argument("--mem", default=None, help="memory per task, SLURM syntax, e.g. 32G (default: the cluster's)")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--account", default=None, help="SLURM account to charge")
+    p.add_argument("--python", default=None, help="run `PYTHON -m merino_pl.cli prepare` instead of `merino-pl`")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE", help="shell line run first (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print both scripts; write and submit nothing")
+    for flag, kind in PREPARE_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, help="passed to `merino-pl prepare` (see its --help)")
+
+
+# `merino-pl prepare` options passed through to every task when given (the tasks must all agree
+# on them, and argparse cannot take `-- ARGS` after a positional SOURCE).
+PREPARE_FLAGS = {
+    "--tokenizer": str,
+    "--text-field": str,
+    "--sample-by": str,
+    "--shard-tokens": int,
+    "--val-fraction": float,
+    "--docs-per-batch": int,
+}
+
+
+def settings(args: argparse.Namespace) -> SubmitSettings | ChainSettings | PrepareJobSettings:
+    """The parsed ``submit`` / ``chain`` / ``prepare`` flags as the stage's typed settings."""
+    if args.action == "prepare":
+        dest = {flag: flag[2:].replace("-", "_") for flag in PREPARE_FLAGS}
+        given = [x for flag, d in dest.items() if getattr(args, d) is not None for x in (flag, str(getattr(args, d)))]
+        kept = {f.name: getattr(args, f.name) for f in fields(PrepareJobSettings) if f.name != "prepare_args"}
+        return PrepareJobSettings(**kept, prepare_args=given)
     kind = ChainSettings if args.action == "chain" else SubmitSettings
     return kind(**{f.name: getattr(args, f.name) for f in fields(kind)})
 
@@ -102,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         submit(settings(args))
     elif args.action == "chain":
         chain(settings(args))
+    elif args.action == "prepare":
+        prepare_array(settings(args))
     elif args.action == "status":
         status(args.run_dir, args.job)
     else:
