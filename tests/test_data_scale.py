@@ -233,3 +233,38 @@ def test_validation_set_lives_beside_the_run(tmp_path):
     dm.trainer = L.Trainer(default_root_dir=tmp_path / "run", logger=False, accelerator="cpu")
     assert dm.validation_windows().shape == (4, 16)
     assert len(list((tmp_path / "run" / "data").glob("val-*.npz"))) == 1
+
+
+# -- a real SLURM array job (tests/slurm_cluster.py: a local single-node cluster) -------------------
+@pytest.fixture(scope="module")
+def local_slurm():
+    from slurm_cluster import LocalSlurmCluster, unavailable_reason
+
+    if reason := unavailable_reason():
+        pytest.skip(reason)
+    with LocalSlurmCluster(cpus=2) as cluster:
+        yield cluster
+
+
+@pytest.mark.slurm
+def test_slurm_array_prepare_gives_the_one_task_stream(local_slurm, two_ways, tmp_path):
+    """`sbatch --array=0-1` runs the same `merino-pl prepare` in both tasks; the array variables
+    pick each task's part; the merge equals the one-task run."""
+    import subprocess
+    import sys
+
+    corpus, one, _ = two_ways
+    src = Path(__file__).resolve().parents[1] / "src"
+    command = [sys.executable, "-m", "merino_pl.cli", "prepare", str(corpus), "--out", str(tmp_path / "s")]
+    command += list(map(str, COMMON))
+    env = {**local_slurm.env, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    sbatch = ["sbatch", "--wait", "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"]
+    proc = subprocess.run(
+        [*sbatch, "--wrap", " ".join(command)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert proc.returncode == 0, proc.stderr + logs
+    assert "part 0 of 2" in logs and "part 1 of 2" in logs
+    assert prepare("--merge", tmp_path / "s") == 0
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(one, split), split_tokens(tmp_path / "s", split)), split
