@@ -253,3 +253,109 @@ def test_compare_trains_each_distinct_recipe_once_per_seed_and_resumes(tmp_path)
     r = _cli("study", "compare", "--config", str(config), "--out", str(out))
     assert r.returncode == 0 and f"{2 * distinct} of {2 * distinct} runs finished, 0 to train" in r.stdout
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+
+
+def _synthetic_regime_study(tmp_path: Path) -> Path:
+    """The shipped CPU study's first 8 architectures (manifest + both seeds' 1x results), with 4x and
+    lr-grid results made up so that the answer is known: at 4x held-out loss falls with decoder
+    parameters exactly; at lr 1e-3 every architecture is worse than at 2e-3 except a000 and a001."""
+    from merino_pl.study.regime import decoder_params
+
+    src, out = ROOT / "docs/study/cpu", tmp_path / "study"
+    (out / "results").mkdir(parents=True)
+    manifest = json.loads((src / "study.json").read_text())
+    manifest["fit_config"] = str(ROOT / "recipes/train/study-cpu.yaml")  # the main runs' lr (2e-3) is read there
+    (out / "study.json").write_text(json.dumps(manifest))
+    for i in range(8):
+        for seed in (1, 2):
+            r = json.loads((src / "results" / f"a{i:03d}-s{seed}.json").read_text())
+            (out / "results" / f"{r['id']}.json").write_text(json.dumps(r))
+            p = decoder_params(r["architecture"])
+            x4 = {**r, "id": f"{r['id']}-x4", "steps": 4 * r["steps"], "half_step": 4 * r["half_step"]}
+            x4["heldout"] = {h: {"half": 5 - p / 1e7, "full": 4 - p / 1e7 + 1e-3 * seed} for h in r["heldout"]}
+            (out / "results" / f"{x4['id']}.json").write_text(json.dumps(x4))
+            if seed == 1:
+                for lr, delta in ((0.001, -0.1 if i < 2 else 0.1), (0.004, 0.2)):
+                    v = {**r, "id": f"{r['id']}-lr{lr:g}", "lr": lr}
+                    v["heldout"] = {h: {k: x + delta for k, x in d.items()} for h, d in r["heldout"].items()}
+                    (out / "results" / f"{v['id']}.json").write_text(json.dumps(v))
+    return out
+
+
+def test_regime_report_ranks_per_length_and_picks_each_best_lr(tmp_path):
+    study = _synthetic_regime_study(tmp_path)
+    r = _cli("study", "regime", str(study), "--bootstrap", "200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((study / "regime.json").read_text())
+    pts = report["points"]
+    assert [(p["length"], p["checkpoint"]) for p in pts] == [(1, "half"), (1, "full"), (4, "half"), (4, "full")]
+    assert [p["tokens"] for p in pts] == [600 * 1024, 1200 * 1024, 2400 * 1024, 4800 * 1024]
+    assert pts[0]["tokens_per_decoder_param"] < pts[-1]["tokens_per_decoder_param"]
+    x4 = pts[-1]["heldout"]["indomain"]
+    assert x4["correlations"]["decoder_params"]["spearman"] == pytest.approx(1.0)
+    assert x4["noise_ceiling"]["spearman"] == pytest.approx(1.0) and x4["noise_ceiling"]["n"] == 8
+    one = pts[1]["heldout"]["indomain"]  # the real 1x study: decoder params rank backwards there
+    assert one["correlations"]["decoder_params"]["spearman"] < 0 and one["noise_ceiling"]["n"] == 8
+    grid = report["lr_grid"]["heldout"]["indomain"]
+    assert report["lr_grid"]["lrs"] == [0.001, 0.002, 0.004]
+    assert {i: row["best_lr"] for i, row in grid["rows"].items()} == {
+        str(i): 0.001 if i < 2 else 0.002 for i in range(8)
+    }
+    assert set(grid["correlations"]["decoder_params"]) == {"fixed_lr", "best_lr"}
+    md = (study / "regime.md").read_text()
+    assert "| 4.92 M |" in md and "best lr" in md and (study / "regime.png").stat().st_size > 20_000
+
+
+def test_study_lengths_and_lr_grid_are_checked_and_planned(tmp_path):
+    from merino_pl.study.config import load_study_config
+    from merino_pl.study.runner import Run, plan_runs
+
+    config = _tiny_study(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["lengths"] = {"multiples": [2], "architectures": 4, "ceiling": 2}
+    data["lr_grid"] = {"lrs": [1e-3, 2e-3, 4e-3], "architectures": 2}
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_study_config(config)
+    ids = [r.id for r in plan_runs(cfg, base_lr=2e-3)]
+    assert ids[4:] == [
+        *[f"a{i:03d}-s1-x2" for i in range(4)],
+        "a000-s1-lr0.001", "a000-s1-lr0.004", "a001-s1-lr0.001", "a001-s1-lr0.004",
+        "a000-s2-x2", "a001-s2-x2",
+    ]  # fmt: skip
+    assert all(Run.parse(i).id == i for i in ids)
+    assert Run.parse("a001-s1-x2").args(4) == ["--trainer.max_steps", "8"]
+    assert Run.parse("a001-s1-lr0.004").args(4) == ["--model.lr", "0.004"]
+    for key, bad, named in [
+        ("lengths", {"multiples": [0, 2]}, "lengths.multiples"),
+        ("lengths", {"multiples": [2, 2]}, "lengths.multiples"),
+        ("lengths", {"multiples": ["4x"]}, "'4x'"),
+        ("lengths", {"multiples": [4], "architectures": 9}, "lengths.architectures 9"),
+        ("lengths", {"multiples": [4], "ceiling": 5, "architectures": 4}, "lengths.ceiling 5"),
+        ("lr_grid", {"lrs": [1e-3]}, "lr_grid.lrs"),
+        ("lr_grid", {"lrs": [1e-3, -1]}, "-1"),
+        ("lr_grid", {"lrs": [1e-3, 2e-3], "bogus": 1}, "lr_grid.bogus"),
+    ]:
+        config.write_text(yaml.safe_dump({**data, key: bad}))
+        r = _cli("study", "run", "--config", str(config), "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and named in r.stderr, (bad, r.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_damaged_results_and_options_are_one_line(tmp_path):
+    study = _synthetic_regime_study(tmp_path)
+    r = _cli("study", "report", str(study), "--bootstrap", "0")
+    assert r.returncode == 2 and "--bootstrap must be >= 100" in r.stderr and not (study / "report.json").exists()
+    bad = study / "results" / "a003-s1.json"
+    bad.write_text(bad.read_text()[:200])  # truncated
+    r = _cli("study", "report", str(study))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr
+    from merino_pl.study.runner import read_result
+
+    assert read_result(study, "a003-s1") is None and read_result(study, "a004-s1") is not None  # re-trained by `run`
+    config = _tiny_study(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    for seeds in ([], [5, 5], "5"):
+        data["head_to_head"]["seeds"] = seeds
+        config.write_text(yaml.safe_dump(data))
+        r = _cli("study", "compare", "--config", str(config), "--out", str(tmp_path / "h2h"))
+        assert r.returncode == 2 and "head_to_head.seeds" in r.stderr and repr(seeds) in r.stderr

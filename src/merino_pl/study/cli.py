@@ -2,6 +2,7 @@
 
     merino-pl study run --config search/study-cpu.yaml --out runs/study/cpu [--jobs 2] [--trainer.max_steps 400]
     merino-pl study report runs/study/cpu
+    merino-pl study regime runs/study/cpu      # rho per training length and the lr grid (config lengths / lr_grid)
     merino-pl study calibrate runs/study/cpu/report.json --out search/entropy-calibrated.yaml
     merino-pl study compare --config search/study-cpu.yaml --out runs/study/cpu-h2h
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from merino_pl.core.errors import MerinoError
 
+MIN_BOOTSTRAP = 100
 PASS_THROUGH = ("--trainer.", "--model.", "--data.", "--checkpoint.", "--speed.")
 
 
@@ -35,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="correlate every proxy with held-out loss: JSON, Markdown, plots")
     rep.add_argument("study", help="a study directory written by `study run`")
     rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95 %% intervals")
+    reg = sub.add_parser("regime", help="rho of every proxy per training length, and the lr grid: JSON, Markdown, plot")
+    reg.add_argument("study", help="a study directory whose config has `lengths` and / or `lr_grid`")
+    reg.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95 %% intervals")
     cal = sub.add_parser("calibrate", help="fit the entropy settings the paper leaves open, cross-validated")
     cal.add_argument("report", help="report.json of a study")
     cal.add_argument("--out", required=True, help="entropy config YAML that `merino-pl search --config` reads")
@@ -63,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise MerinoError(f"--{name} must be >= 1, got {getattr(args, name)}")
     elif extra:
         raise MerinoError(f"study {args.cmd} takes no fit options, got {' '.join(extra)}")
+    if getattr(args, "bootstrap", MIN_BOOTSTRAP) < MIN_BOOTSTRAP:
+        raise MerinoError(
+            f"--bootstrap must be >= {MIN_BOOTSTRAP} (resamples for the 95 % intervals), got {args.bootstrap}"
+        )
     if args.cmd == "run":
         from merino_pl.study.config import load_study_config
         from merino_pl.study.runner import run_study
@@ -73,11 +82,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from merino_pl.study.report import write_report
 
             write_report(Path(args.out))
+            if cfg.lengths or cfg.lrs:
+                from merino_pl.study.regime import write_regime
+
+                write_regime(Path(args.out))
         return 0
     if args.cmd == "report":
         from merino_pl.study.report import write_report
 
         write_report(_study_dir(args.study), bootstrap=args.bootstrap)
+        return 0
+    if args.cmd == "regime":
+        from merino_pl.study.regime import write_regime
+
+        write_regime(_study_dir(args.study), bootstrap=args.bootstrap)
         return 0
     if args.cmd == "calibrate":
         from merino_pl.study.calibrate import calibrate_cli

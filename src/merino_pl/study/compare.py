@@ -263,9 +263,16 @@ def render_markdown(t: dict[str, Any], heldout: list[str]) -> str:
 
 def compare_cli(config: str, out: Path, jobs: int, threads: int, extra: list[str]) -> int:
     cfg = load_study_config(config)
-    seeds = cfg.head_to_head.get("seeds") or [11, 12, 13]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise MerinoError(f"head_to_head.seeds must be a list of non-negative integers, got {seeds!r}")
+    seeds = cfg.head_to_head.get("seeds", [11, 12, 13])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise MerinoError(
+            f"head_to_head.seeds must be a non-empty list of distinct non-negative integers, got {seeds!r}"
+        )
     archs = contenders(cfg)
     for name, arch in archs.items():
         print(

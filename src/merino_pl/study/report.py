@@ -28,8 +28,22 @@ FORMAT = "merino-study-report/1"
 
 
 def load_results(study: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    manifest = json.loads((study / "study.json").read_text(encoding="utf-8"))
-    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((study / "results").glob("*.json"))]
+    """The study's manifest and every finished, readable result (one line naming a damaged file)."""
+    from merino_pl.study.runner import read_result
+
+    try:
+        manifest = json.loads((study / "study.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MerinoError(f"{study / 'study.json'} cannot be read ({e}): run `merino-pl study run` again") from None
+    results = []
+    for p in sorted((study / "results").glob("*.json")):
+        result = read_result(study, p.stem)
+        if result is None:
+            raise MerinoError(
+                f"{p} is not a complete study result (truncated or edited): `merino-pl study run` with the same "
+                "--config and --out trains that run again and replaces it"
+            )
+        results.append(result)
     return manifest, results
 
 

@@ -73,6 +73,18 @@ class Run:
         return out + (["--model.lr", f"{self.lr:g}"] if self.lr is not None else [])
 
 
+def read_result(out: Path, run_id: str) -> dict[str, Any] | None:
+    """A finished run's result, or None when it has none yet. A result that cannot be read (truncated,
+    edited, another format) counts as not finished: the run trains again and replaces it."""
+    path = out / "results" / f"{run_id}.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(result, dict) and result.get("format") == RESULT_FORMAT and result.get("id") == run_id
+    return result if ok and isinstance(result.get("heldout"), dict) else None
+
+
 def plan_runs(cfg: StudyConfig, base_lr: float | None = None) -> list[Run]:
     """Every run, the noise-ceiling reruns interleaved (one after every third architecture) so a
     study stopped early still has both a ranking and a ceiling to show; then the longer lengths
@@ -296,7 +308,7 @@ def execute(
 
     from merino_pl.core.io import read_yaml
 
-    todo = [r for r in runs if not (out / "results" / f"{r.id}.json").exists()]
+    todo = [r for r in runs if read_result(out, r.id) is None]
     base_steps = last_flag([*manifest["fit_args"], *(extra or [])], "--trainer.max_steps")
     base_steps = int(base_steps or (read_yaml(manifest["fit_config"], "fit config") or {})["trainer"]["max_steps"])
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to train", flush=True)

@@ -62,8 +62,8 @@ def sample_codes(
     while len(out) < n:
         if drawn >= max_draws:
             raise MerinoError(
-                f"only {len(out)} distinct feasible architectures found in {drawn:,} draws "
-                f"(asked for {n}): the budget admits too few designs of {space.source}"
+                f"only {len(out)} distinct feasible architectures found in {drawn:,} draws (asked for {n}): "
+                f"the budget {', '.join(b.text for b in budgets)} admits too few designs of {space.source}"
             )
         codes = draw(space, widths, rng, batch)
         drawn += batch
