@@ -190,7 +190,7 @@ def test_packed_model_holds_no_float_weight_copy(float_dir, tmp_path, bits, desc
     """A loaded GPTQ model keeps only the packed tensors, before, during and after a forward; the
     block-streamed and per-call paths give the reference dequantization's logits."""
     from merino_pl.core.quant.qlinear import float_weight_bytes
-    from merino_pl.latency.harness import weight_bytes_in_memory
+    from merino_pl.latency.timing import weight_bytes_in_memory
 
     model = load_model(float_dir).model
     spec = QuantSpec(bits=bits, group_size=32, desc_act=desc_act, method="rtn" if not desc_act else "gptq")
@@ -405,3 +405,85 @@ def test_group_wider_than_a_layer_is_one_group_per_row(tmp_path, capsys):
     assert lin.scales.shape == (1, 64) and lin.g_idx.eq(0).all()
     with torch.no_grad():
         assert torch.isfinite(loaded.model(torch.arange(8)[None]).logits).all()
+
+
+# ---- issue 28: the second run, a lying quantize_config.json, the model's own tokenizer ----------
+def _rtn_dir(src: Path, out: Path, **flags) -> Path:
+    defaults = {"method": "rtn", "bits": 4, "group_size": 32, "seq_len": 32, "holdout": 1}
+    argv = quantize_argv(src, out, **{**defaults, **flags})
+    assert cli(argv) == 0
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_on_the_same_out_is_one_line_naming_the_first(float_dir, tmp_path, capsys):
+    """Two `quantize` runs to one new --out: the one that comes second stops before reading the
+    model, naming the running one, and writes nothing (the first one's --out stays its own)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "q"
+    holder = (  # the first run, at the point where it holds --out (core.lock, as quantize takes it)
+        "import sys, time\nfrom merino_pl.core.lock import folder_lock\n"
+        f"with folder_lock({str(out)!r}, 'merino-pl quantize first'):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    first = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "held\n"
+        assert cli(quantize_argv(float_dir, out, method="rtn", bits=8, group_size=32, seq_len=32, holdout=1)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{out} is in use by pid {first.pid}" in err and "merino-pl quantize first" in err
+        assert not out.exists()
+    finally:
+        first.kill()
+        first.wait()
+    _rtn_dir(float_dir, out, bits=8)  # the owner gone, the folder is free again
+
+
+@pytest.mark.parametrize(
+    "claims,named",
+    [
+        ({"bits": 8}, "bits: 8, group_size: 32 do not match model.safetensors"),
+        ({"group_size": 64}, "bits: 4, group_size: 64 do not match model.safetensors"),
+        ({"bits": 3}, "bits: 3, group_size: 32 (bits 4 or 8"),
+    ],
+    ids=["bits-8", "group-64", "bits-3"],
+)
+def test_a_quantize_config_claiming_other_bits_or_group_names_the_file_and_values(
+    float_dir, tmp_path, capsys, claims, named
+):
+    q = _rtn_dir(float_dir, tmp_path / "q")
+    config = q / "quantize_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **claims}, indent=2))
+    before = _snapshot(q)
+    capsys.readouterr()
+    assert cli(quantize_argv(q, tmp_path / "again", method="rtn", seq_len=32, holdout=1)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{config}: {named}" in err
+    if "bits" in claims and claims["bits"] != 3:
+        assert "holds 4-bit codes" in err  # what the file really holds, beside what the config claims
+    assert _snapshot(q) == before and not (tmp_path / "again").exists()
+
+
+def test_an_exported_directory_calibrates_with_and_keeps_its_own_tokenizer(tmp_path):
+    """A model trained with another tokenizer (the demo's 2048-id BPE): quantizing its exported
+    directory tokenizes the calibration text with that directory's tokenizer.json (NeoX ids would
+    not even fit the 2048-row embedding) and ships it; the source directory is left as it was."""
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=2048))
+    src = export_pretrained(model, tmp_path / "demo", "shakespeare-bpe-2048")
+    before = _snapshot(src)
+    out = _rtn_dir(src, tmp_path / "q", bits=8)
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["calibration"]["holdout_windows"] == 1 and report["heldout"]["tokens"] == 31
+    vocab = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab()
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab() == vocab and len(vocab) <= 2048
+    assert _snapshot(src) == before

@@ -1,8 +1,9 @@
-"""The quantize stage's entry: ``quantize(checkpoint, spec, calib, out) -> QuantizeReport``.
+"""The quantize stage's entry: ``quantize(settings: QuantizeSettings) -> QuantizeReport``.
 
-``merino-pl quantize`` (``cli.py``) turns its flags (and a ``--config`` preset) into a
-``QuantSpec`` and a ``CalibrationSettings`` and calls ``quantize``; so does any other stage that
-needs a quantized model (latency's on-the-fly int rows). Every argument is checked before the
+``merino-pl quantize`` (``cli.py``) turns its flags (and a ``--config`` preset) into one
+``QuantizeSettings`` (a ``QuantSpec``, a ``CalibrationSettings``, the paths) and calls
+``quantize``; so does any other stage that needs a quantized model (latency's on-the-fly int
+rows, passing the model it already holds as ``loaded``). Every argument is checked before the
 model is read (``QuantizeSettings.problems``) and again against the architecture once it is
 (``validate_for_model``), all problems in one ``MerinoError``.
 
@@ -12,6 +13,7 @@ check load only what they show.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -20,13 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
-from merino_pl.quantize import SUPPORTED_BITS
+from merino_pl.core.quant.spec import EMBEDDINGS, SUPPORTED_BITS, QuantSpec
 
 if TYPE_CHECKING:
     import torch
 
     from merino_pl.core.checkpoint import LoadedModel
-    from merino_pl.core.quant.format import QuantSpec
     from merino_pl.quantize.report import QuantizeReport
 
 METHODS = ("gptq", "rtn")
@@ -54,7 +55,7 @@ class QuantizeSettings:
     calib: CalibrationSettings = field(default_factory=CalibrationSettings)
     out: str | None = None  # default: beside the checkpoint (``default_out``)
     float_dtype: str = "float16"  # torch's name of the dtype the unquantized tensors are stored in
-    tokenizer: str | None = None  # tokenizer.json (default: the shipped GPT-NeoX-20B)
+    tokenizer: str | None = None  # tokenizer.json (default: the model's own, else the shipped GPT-NeoX-20B)
     overwrite: bool = False
 
     @property
@@ -64,7 +65,7 @@ class QuantizeSettings:
     def problems(self, pending: frozenset[str] = frozenset()) -> list[str]:
         """Every problem that needs no model (all at once); ``pending``: paths an earlier
         pipeline stage will write (not missing, only not there yet)."""
-        from merino_pl.core.quant.format import EMBEDDINGS, FLOAT_DTYPES, dtype_name
+        from merino_pl.core.quant.format import FLOAT_DTYPES, dtype_name  # torch: only once checked
 
         spec, c, problems = self.spec, self.calib, []
         if spec.bits not in SUPPORTED_BITS:
@@ -153,71 +154,67 @@ def group_note(group_size: int, arch: Any) -> str | None:
     )
 
 
-def quantize(
-    checkpoint: str | Path | LoadedModel,
-    spec: QuantSpec,
-    calib: CalibrationSettings | None = None,
-    out: str | Path | None = None,
-    *,
-    float_dtype: str = "float16",
-    tokenizer: str | None = None,
-    overwrite: bool = False,
-    verbose: bool = True,
-) -> QuantizeReport:
-    """Quantize the float model ``checkpoint`` (a ``.ckpt``, an exported directory, a recipe, or
-    a ``LoadedModel`` already in memory, which is copied, not changed) as ``spec`` says,
-    calibrated on ``calib``, into the GPTQ v1 directory ``out`` (default: beside the checkpoint)
-    with ``quantize_report.{json,md}``; returns the report.
+def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, verbose: bool = True) -> QuantizeReport:
+    """Quantize the float model ``settings.checkpoint`` (a ``.ckpt``, an exported directory, a
+    recipe), or ``loaded``, that model already in memory (copied, not changed), as
+    ``settings.spec`` says, calibrated on ``settings.calib``, into the GPTQ v1 directory
+    ``settings.out_dir`` with ``quantize_report.{json,md}``; returns the report. The model's own
+    tokenizer (its directory's ``tokenizer.json``, or the one its ``.ckpt`` records) tokenizes the
+    calibration text and ships with the result unless ``settings.tokenizer`` names another.
 
-    Every problem with the arguments, the checkpoint and the calibration data is found before
-    any quantization starts and raised as one ``MerinoError``. ``verbose``: print what runs and
-    show progress bars.
+    Every problem with the settings, the checkpoint and the calibration data is found before any
+    quantization starts and raised as one ``MerinoError``; so is a run already writing the same
+    ``out`` (``core.lock``: held from the checks to the final rename). ``verbose``: print what runs and show
+    progress bars.
     """
     import copy
 
-    from merino_pl.core.checkpoint import LoadedModel
-    from merino_pl.quantize.pipeline import quantize_checkpoint
+    from merino_pl.core.checkpoint import trained_tokenizer
+    from merino_pl.core.lock import folder_lock
+    from merino_pl.quantize.run import quantize_checkpoint
 
-    given = checkpoint if isinstance(checkpoint, LoadedModel) else None
-    path = given.path if given else str(checkpoint)
-    settings = QuantizeSettings(
-        path, spec, calib or CalibrationSettings(), None if out is None else str(out), float_dtype, tokenizer, overwrite
-    )
-    problems = settings.problems(pending=frozenset({path}) if given else frozenset())
-    out_dir = settings.out_dir
+    if settings.tokenizer is None:  # calibrate with, and ship, the model's own
+        settings = dataclasses.replace(settings, tokenizer=trained_tokenizer(settings.checkpoint))
+    problems = settings.problems(pending=frozenset({settings.checkpoint}) if loaded else frozenset())
+    out_dir, spec = settings.out_dir, settings.spec
     protect = [
         (p, what)
         for p, what in [
-            (path, "the checkpoint being quantized"),
+            (settings.checkpoint, "the checkpoint being quantized"),
             (settings.calib.source, "the --calib data"),
-            (tokenizer, "the --tokenizer file"),
+            (settings.tokenizer, "the --tokenizer file"),
         ]
         if p and Path(p).exists()
     ]
-    problems += check_out(out_dir, overwrite=overwrite, protect=protect)
-    if given:  # quantization changes the model in place: the caller's stays as it was
-        given = dataclasses.replace(given, model=copy.deepcopy(given.model))
-    loaded, ids, held, tokenize_s, problems = _load_inputs(settings, problems, given, progress=verbose)
-    if problems:
-        raise MerinoError("; ".join(problems))
-    note = group_note(spec.group_size, loaded.recipe.architecture)
-    if verbose:
-        print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out_dir}: {spec}")
-        if note:
-            print(note)
-    return quantize_checkpoint(
-        loaded,
-        spec,
-        ids,
-        held,
-        out_dir,
-        settings.calib,
-        float_dtype,
-        tokenizer,
-        tokenize_seconds=tokenize_s,
-        group_note=note,
-        progress=verbose,
-    )
+    problems += check_out(out_dir, overwrite=settings.overwrite, protect=protect)
+    with contextlib.ExitStack() as stack:
+        if not problems:  # one writer per --out: a second run is one line naming the first
+            stack.enter_context(folder_lock(out_dir, f"merino-pl quantize {settings.checkpoint}"))
+            # again, under the lock: a run that held it until now may have written --out meanwhile
+            problems += check_out(out_dir, overwrite=settings.overwrite, protect=protect)
+        if loaded:  # quantization changes the model in place: the caller's stays as it was
+            loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+        loaded, ids, held, tokenize_s, problems = _load_inputs(settings, problems, loaded, progress=verbose)
+        if problems:
+            raise MerinoError("; ".join(problems))
+        note = group_note(spec.group_size, loaded.recipe.architecture)
+        if verbose:
+            print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out_dir}: {spec}")
+            if note:
+                print(note)
+        return quantize_checkpoint(
+            loaded,
+            spec,
+            ids,
+            held,
+            out_dir,
+            settings.calib,
+            settings.float_dtype,
+            settings.tokenizer,
+            tokenize_seconds=tokenize_s,
+            group_note=note,
+            progress=verbose,
+        )
 
 
 def _load_inputs(

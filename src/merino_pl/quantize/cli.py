@@ -8,42 +8,36 @@ Reads any checkpoint ``load_model`` reads; writes a GPTQ v1 directory (see ``for
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from merino_pl.core.errors import MerinoError, parse_problems
 from merino_pl.core.io import check_out, read_yaml
-from merino_pl.quantize import SUPPORTED_BITS
+from merino_pl.core.quant.spec import SUPPORTED_BITS, QuantSpec
 from merino_pl.quantize.api import METHODS, CalibrationSettings, QuantizeSettings
 
-_CALIB = CalibrationSettings()
+# flag name (dashes as underscores) -> CalibrationSettings field
+CALIB_FLAGS = {
+    "calib": "source",
+    "calib_text_field": "text_field",
+    "nsamples": "nsamples",
+    "seq_len": "seq_len",
+    "holdout": "holdout",
+    "batch_size": "batch_size",
+    "seed": "seed",
+}
+# every option's default, read from the settings dataclasses (QuantSpec is torch-free: --help loads no torch)
 DEFAULTS: dict[str, Any] = {
-    # QuantSpec's defaults, spelled out: core.quant.format imports torch, and --help must not
-    "bits": 4,
-    "group_size": 128,
-    "desc_act": False,
-    "sym": True,
-    "method": "gptq",
-    "damp_percent": 0.01,
-    "block_size": 128,
-    "true_sequential": False,
-    "embedding": "fp16",
-    # CalibrationSettings' (flag name: field)
-    "calib": _CALIB.source,
-    "calib_text_field": _CALIB.text_field,
-    "nsamples": _CALIB.nsamples,
-    "seq_len": _CALIB.seq_len,
-    "holdout": _CALIB.holdout,
-    "batch_size": _CALIB.batch_size,
-    "seed": _CALIB.seed,
-    "float_dtype": "float16",  # quantize()'s default
+    **{f.name: getattr(QuantSpec(), f.name) for f in fields(QuantSpec)},
+    **{flag: getattr(CalibrationSettings(), name) for flag, name in CALIB_FLAGS.items()},
+    "float_dtype": QuantizeSettings.__dataclass_fields__["float_dtype"].default,
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options default to None here so a ``--config`` preset can tell them apart from flags
-    (``DEFAULTS``: the defaults of ``QuantSpec`` and ``CalibrationSettings``, spelled out so
-    ``--help`` imports no torch)."""
+    (``DEFAULTS``: the defaults of ``QuantSpec`` and ``CalibrationSettings``)."""
     d, flag = DEFAULTS, argparse.BooleanOptionalAction
     p.add_argument("checkpoint", help="a .ckpt from `merino-pl fit`, an exported directory, or a recipe")
     p.add_argument("--config", help="YAML preset of these options (e.g. quantize/int4-g128.yaml); flags override it")
@@ -51,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", help="output directory (default: beside the checkpoint, <name>-<method>-int<bits>-g<group>)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped GPT-NeoX-20B)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the model's own, else the shipped GPT-NeoX-20B)")
     p.add_argument(
         "--bits", type=int, help=f"weight bits: {' or '.join(map(str, SUPPORTED_BITS))} (default {d['bits']})"
     )
@@ -123,23 +117,9 @@ def resolve_options(given: dict[str, Any]) -> dict[str, Any]:
 
 def settings(args: argparse.Namespace) -> QuantizeSettings:
     """The flags (and the ``--config`` preset) as the typed settings ``api.quantize`` takes."""
-    from merino_pl.core.quant.format import QuantSpec  # torch: not for --help
-
     o = resolve_options(vars(args))
-    spec = QuantSpec(
-        o["bits"],
-        o["group_size"],
-        o["sym"],
-        o["desc_act"],
-        o["method"],
-        o["damp_percent"],
-        o["block_size"],
-        o["true_sequential"],
-        o["embedding"],
-    )
-    calib = CalibrationSettings(
-        o["calib"], o["calib_text_field"], o["nsamples"], o["seq_len"], o["holdout"], o["batch_size"], o["seed"]
-    )
+    spec = QuantSpec(**{f.name: o[f.name] for f in fields(QuantSpec)})
+    calib = CalibrationSettings(**{name: o[flag] for flag, name in CALIB_FLAGS.items()})
     return QuantizeSettings(
         o["checkpoint"], spec, calib, o["out"], o["float_dtype"], o["tokenizer"], bool(o["overwrite"])
     )
@@ -161,9 +141,6 @@ def run(args: argparse.Namespace) -> int:
     """Validate everything (all problems in one message), then quantize, write and report."""
     from merino_pl.quantize.api import quantize
 
-    s = settings(args)
-    report = quantize(
-        s.checkpoint, s.spec, s.calib, s.out, float_dtype=s.float_dtype, tokenizer=s.tokenizer, overwrite=s.overwrite
-    )
+    report = quantize(settings(args))
     print(report.summary_line)
     return 0

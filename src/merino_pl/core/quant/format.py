@@ -17,7 +17,6 @@ times it runs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +32,11 @@ from merino_pl.core.quant.packing import pack
 from merino_pl.core.quant.qembedding import QuantEmbedding, attach
 from merino_pl.core.quant.qlinear import QuantLinear, stream_blocks
 from merino_pl.core.quant.rtn import QuantizedWeight
+from merino_pl.core.quant.spec import EMBEDDINGS, SUPPORTED_BITS, QuantSpec  # re-exported: the format's readers
 
 QUANTIZE_CONFIG = "quantize_config.json"
 WEIGHTS_NAME = "model.safetensors"
 BLOCKS = "model.blocks"  # the shared blocks: every quantized linear lies under them
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize (what ``quantize_config.json`` records)."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    method: str = "gptq"  # "gptq" | "rtn"
-    damp_percent: float = 0.01
-    block_size: int = 128
-    # off by default: one input pass per block instead of five (docs/quantize.md measures both)
-    true_sequential: bool = False
-    embedding: str = "fp16"  # "fp16": as the other unquantized tensors; "int8": row-wise int8 (qembedding.py)
 
 
 def quantize_config(spec: QuantSpec) -> dict[str, Any]:
@@ -76,7 +60,6 @@ def quantize_config(spec: QuantSpec) -> dict[str, Any]:
     }
 
 
-EMBEDDINGS = ("fp16", "int8")  # --embedding: stored like the other unquantized tensors, or int8 rows
 # The one float dtype table: precision name (latency's --precision) -> dtype. quantize's
 # --float-dtype and config.json's "dtype" use torch's own name of the same dtypes (dtype_name).
 FLOAT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -150,6 +133,31 @@ def write_quantized(
     )
 
 
+def _check_shapes(path: Path, model: MerinoForCausalLM, state: dict[str, torch.Tensor], bits: int, group: int) -> None:
+    """Every tensor of the file against the module built from the two configs, before loading: a
+    quantized linear's that disagree mean ``quantize_config.json`` claims other bits / groups than
+    the file holds (both named); another tensor's, that ``config.json`` describes another model."""
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None or tuple(want.shape) == tuple(tensor.shape):
+            continue
+        name, _, kind = key.rpartition(".")
+        module = model.get_submodule(name) if name else None
+        if isinstance(module, QuantLinear) and f"{name}.qweight" in state and f"{name}.scales" in state:
+            held_bits = 32 * state[f"{name}.qweight"].shape[0] // module.in_features
+            groups = state[f"{name}.scales"].shape[0]
+            raise MerinoError(
+                f"{path / QUANTIZE_CONFIG}: bits: {bits}, group_size: {group} do not match {WEIGHTS_NAME}, whose "
+                f"{name} holds {held_bits}-bit codes in {groups} group(s) of its {module.in_features} inputs "
+                f"({kind} {tuple(tensor.shape)}, expected {tuple(want.shape)})"
+            )
+        raise MerinoError(
+            f"{path}: {WEIGHTS_NAME} does not match config.json's architecture: {key} is {tuple(tensor.shape)}, "
+            f"config.json makes it {tuple(want.shape)}"
+        )
+
+
 def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]:
     """A ``MerinoForCausalLM`` whose quantized linears are ``QuantLinear`` modules, and its config."""
     path = Path(path)
@@ -158,8 +166,15 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MerinoError(f"{path / QUANTIZE_CONFIG}: not a GPTQ quantize config ({type(e).__name__}: {e})") from None
-    if qcfg.get("checkpoint_format", "gptq") != "gptq" or bits not in (4, 8):
-        raise MerinoError(f"{path / QUANTIZE_CONFIG}: only checkpoint_format 'gptq' with bits 4 or 8 loads here")
+    if qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise MerinoError(
+            f"{path / QUANTIZE_CONFIG}: checkpoint_format: {qcfg.get('checkpoint_format')!r} (only 'gptq' loads here)"
+        )
+    if bits not in SUPPORTED_BITS or group_size == 0 or group_size < -1:
+        raise MerinoError(
+            f"{path / QUANTIZE_CONFIG}: bits: {bits}, group_size: {group_size} "
+            f"(bits {' or '.join(map(str, SUPPORTED_BITS))}, group_size positive or -1 load here)"
+        )
     embedding = (qcfg.get("meta") or {}).get("embedding", "fp16")
     if embedding not in EMBEDDINGS:
         raise MerinoError(f"{path / QUANTIZE_CONFIG}: meta.embedding {embedding!r} (valid: {', '.join(EMBEDDINGS)})")
@@ -187,12 +202,12 @@ def load_quantized(path: str | Path) -> tuple[MerinoForCausalLM, dict[str, Any]]
         )
     if embedding == "int8":
         attach(model.model, QuantEmbedding(config.vocab_size, model.arch.d_model))
+    _check_shapes(path, model, state, bits, group_size)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise MerinoError(
-            f"{path}: tensors do not match config.json's architecture: {str(e).splitlines()[0]}"
-        ) from None
+        detail = " ".join(str(e).split())  # torch's message spans lines: one line, all of it
+        raise MerinoError(f"{path}: {WEIGHTS_NAME} does not match config.json's architecture: {detail}") from None
     workspace = stream_blocks(model)  # one dequantization per block call; nothing float kept between calls
     if embedding == "int8":
         model.model.embed_tokens.workspace = workspace  # the head converts its row chunks there too
