@@ -562,12 +562,13 @@ def quantized_model(loaded: LoadedModel, precision: str, tmp: Path, embedding: s
     so the rows time exactly what a GPTQ directory runs: packed weights, dequantized per block.
     (A GPTQ directory given to ``latency`` is timed as it is, not through here.)"""
     from merino_pl.core.quant.format import QuantSpec, load_quantized
-    from merino_pl.quantize.api import CalibrationSettings, quantize
+    from merino_pl.quantize.api import CalibrationSettings, QuantizeSettings, quantize
 
     spec = QuantSpec(bits=INT_BITS[precision], method="rtn", embedding=embedding)
     out = tmp / f"rtn-{precision}"
     # RTN reads no calibration windows, and no held-out check is wanted: only the directory is timed
-    quantize(loaded, spec, CalibrationSettings(holdout=0, seq_len=1), out, verbose=False)
+    settings = QuantizeSettings(loaded.path, spec, CalibrationSettings(holdout=0, seq_len=1), str(out))
+    quantize(settings, loaded=loaded, verbose=False)
     quantized, _ = load_quantized(out)
     return quantized
 
