@@ -5,7 +5,7 @@ device and thread count).
     python bench/fast_path.py --recipes merino-64m --threads 2 --rounds 30
 
 For each recipe and thread count, in one process, calls interleaved in a shuffled order each
-round (``harness.time_interleaved``; batch 1, 128-token prompt, decode steps on its cache):
+round (``timing.time_interleaved``; batch 1, 128-token prompt, decode steps on its cache):
 
 * ``last-logits``: prefill with only the last position's logits vs all positions' (same model);
 * ``fused QKV, prefill``: the last-logits prefill with one (3E x E) Q/K/V GEMM vs three;
@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "src"))
 from merino_pl.core.checkpoint import load_model  # noqa: E402
 from merino_pl.core.io import write_json  # noqa: E402
 from merino_pl.latency.fast import fuse_qkv  # noqa: E402
-from merino_pl.latency.harness import TorchRunner, synchronizer, time_interleaved  # noqa: E402
+from merino_pl.latency.runners import TorchRunner  # noqa: E402
+from merino_pl.latency.timing import synchronizer, time_interleaved  # noqa: E402
 
 
 def measure(recipe: str, threads: int, rounds: int, decode_tokens: int, device: str) -> dict:

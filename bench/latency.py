@@ -47,9 +47,12 @@ import tempfile  # noqa: E402
 
 from merino_pl.core.checkpoint import load_model  # noqa: E402
 from merino_pl.core.io import write_json  # noqa: E402
+from merino_pl.latency.api import LatencySettings, latency  # noqa: E402
 from merino_pl.latency.fast import fuse_qkv  # noqa: E402
-from merino_pl.latency.harness import TorchRunner, synchronizer, time_interleaved  # noqa: E402
-from merino_pl.latency.report import Options, build_report, quantized_model, write_report  # noqa: E402
+from merino_pl.latency.measure import quantized_model  # noqa: E402
+from merino_pl.latency.options import Options  # noqa: E402
+from merino_pl.latency.runners import TorchRunner  # noqa: E402
+from merino_pl.latency.timing import synchronizer, time_interleaved  # noqa: E402
 
 PAIRS = [("merino-64m", "opt-350m", 5.0), ("merino-52m", "pythia-70m", 2.0)]  # (ours, peer, target x)
 
@@ -86,8 +89,7 @@ def main() -> int:
                 protocols=("full", "paper"),
                 generate_tokens=0,
             )
-            report = build_report(ours, opts, out_dir / f"{ours}-vs-{peer}")
-            write_report(out_dir / f"{ours}-vs-{peer}", report)
+            report = latency(LatencySettings(ours, str(out_dir / f"{ours}-vs-{peer}"), opts))
             pairs.append({"ours": ours, "peer": peer, "target": target, "report": report.to_json()})
     opts = Options(
         device=device,
@@ -101,8 +103,7 @@ def main() -> int:
         generate_tokens=gen,
         generate_runs=1,
     )
-    quant = build_report("merino-64m", opts, out_dir / "merino-64m-quantized")
-    write_report(out_dir / "merino-64m-quantized", quant)
+    quant = latency(LatencySettings("merino-64m", str(out_dir / "merino-64m-quantized"), opts))
     quant = quant.to_json()  # the report as latency.json holds it
     rounds, repeats = (2, 1) if args.quick else (args.rounds, args.repeats)
     interleaved = interleaved_repeats("merino-64m", opts, rounds, repeats)

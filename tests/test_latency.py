@@ -15,11 +15,14 @@ from merino_pl.core.checkpoint import load_model
 from merino_pl.core.config import Recipe
 from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.latency_table import LatencyTable
+from merino_pl.latency.api import LatencySettings, latency
 from merino_pl.latency.device import describe_device, jetson_info, parse_tegra_release
 from merino_pl.latency.fast import fuse_qkv
-from merino_pl.latency.harness import Stats, TorchRunner, time_interleaved, weight_bytes_in_memory
+from merino_pl.latency.options import Options
 from merino_pl.latency.peers import PAPER, PEER_CONFIGS, build_peer, peer_config
-from merino_pl.latency.report import Options, build_report, render_markdown
+from merino_pl.latency.report import LatencyReport, render_markdown
+from merino_pl.latency.runners import TorchRunner
+from merino_pl.latency.timing import Stats, time_interleaved, weight_bytes_in_memory
 
 NANO = (
     "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, "
@@ -64,7 +67,12 @@ def report(recipe_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         generate_runs=1,
     )
     out = tmp_path_factory.mktemp("report")
-    return build_report(recipe_file, opts, out, peer_factory=lambda n: build_peer(n, **TINY_PEER[n])).to_json()
+    return _report(recipe_file, opts, out).to_json()
+
+
+def _report(source: Path, opts: Options, out: Path) -> LatencyReport:
+    """The stage's entry with the tiny peers (the flags never build a peer this small)."""
+    return latency(LatencySettings(str(source), str(out), opts), peer_factory=lambda n: build_peer(n, **TINY_PEER[n]))
 
 
 # ---- device --------------------------------------------------------------------------------------
@@ -303,7 +311,7 @@ def test_report_with_both_protocols_onnxruntime_int_rows_and_generation(recipe_f
         embedding="int8",
         paper_runs=2,
     )
-    rep = build_report(recipe_file, opts, tmp_path, peer_factory=lambda n: build_peer(n, **TINY_PEER[n])).to_json()
+    rep = _report(recipe_file, opts, tmp_path).to_json()
     rows = {(r["model"], r["precision"], r["path"]): r for r in rep["rows"]}
     fp32, int4 = rows[("tiny", "fp32", "plain")], rows[("tiny", "int4", "plain")]
     assert (
@@ -395,6 +403,20 @@ def test_export_onnx_logits_match_pytorch_for_prefill_and_decode(tmp_path: Path,
         "past_key_values.0.value",
     ]
     assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    from merino_pl.export.session import DecoderSession  # what latency's and generate's decoders run on
+
+    graph = DecoderSession(tmp_path / "m" / "model.onnx")
+    assert graph.past_names == inputs[3:] and graph.present_names == outputs[1:]
+    assert graph.layers == model.arch.num_layer_applications and graph.vocab == model.arch.vocab_size
+    ids = np.array([[3, 1, 4, 1, 5]], dtype=np.int64)
+    logits, past = graph.run(ids, 0, graph.empty_past())
+    step, present = graph.run(np.array([[9]], dtype=np.int64), 5, past)
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), use_cache=True)
+        ref = model(torch.tensor([[9]]), past_key_values=out.past_key_values, use_cache=True).logits
+    _close(logits, out.logits.numpy(), None)
+    _close(step, ref.numpy(), None)
+    assert present[0].shape[2] == 6  # the cache grew by the step's token
 
 
 def test_onnx_left_padding_matches_pytorch(tmp_path: Path) -> None:
@@ -437,7 +459,7 @@ def test_quantized_onnx_is_matmulnbits_and_matches_the_packed_torch_path(
 
     from merino_pl.core.quant.qlinear import QuantLinear
     from merino_pl.export.onnx import export_onnx
-    from merino_pl.latency.report import REL_TOLERANCE_INT8_ACTIVATIONS
+    from merino_pl.latency.measure import REL_TOLERANCE_INT8_ACTIVATIONS
 
     torch.manual_seed(0)
     model = MerinoForCausalLM.from_arch(tiny_arch(vocab_size=50304))  # the shipped tokenizer's ids fit
@@ -605,7 +627,7 @@ def test_plot_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -
 def test_noisy_timings_are_flagged_and_ratios_come_from_medians_too() -> None:
     """A loaded machine (p90 = 7x the median) gets a warning naming the row; every ratio is
     given of the means (paper) and of the medians (which one outlier cannot move)."""
-    from merino_pl.latency.report import speedups, spread_warnings
+    from merino_pl.latency.ratios import speedups, spread_warnings
 
     def row(model: str, role: str, ms: list[float]) -> dict:
         s = Stats.from_samples(ms).to_dict()
@@ -627,11 +649,24 @@ def test_noisy_timings_are_flagged_and_ratios_come_from_medians_too() -> None:
     assert s["prefill_median"] == pytest.approx(10.0 / 2.0) and s["prefill"] == pytest.approx(10.0 / 4.4, rel=1e-3)
 
 
+def test_the_report_schema_and_the_plot_import_no_torch() -> None:
+    """Reading and drawing reports is cheap: the pipeline's summary and `latency plot` load no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, merino_pl.latency.report, merino_pl.latency.plot, merino_pl.latency.ratios; "
+        "print([m for m in ('torch', 'merino_pl.latency.measure') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_report_schema_round_trips_and_refuses_other_files(report: dict, tmp_path: Path) -> None:
     """latency.json is LatencyReport.to_json(): read back it is the same report; another file is
     a one-line MerinoError naming it."""
     from merino_pl.core.errors import MerinoError
-    from merino_pl.latency.report import FORMAT_VERSION, LatencyReport
+    from merino_pl.latency.report import FORMAT_VERSION
 
     assert report["format_version"] == FORMAT_VERSION
     LatencyReport.from_json(report).write(tmp_path)

@@ -21,6 +21,7 @@ layers as onnxruntime's ``MatMulNBits`` (``onnx_nbits.py``): the graph stays pac
 
 ``transformers``' ``DynamicCache`` is not a tensor, so the exporter gets a thin wrapper that
 takes and returns flat tensors; the model inside is the very ``MerinoForCausalLM`` PyTorch runs.
+The graph is run through ``export.session.DecoderSession`` (the names, the feeds, the cache).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path
+from merino_pl.export.session import FIXED_INPUTS, GRAPH_NAME, PAST, PRESENT
 
 OPSET = 18
 
@@ -79,14 +81,11 @@ def cache_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [(b.embed_dim // arch.head_dim, arch.head_dim) for b in arch.blocks for _ in range(b.num_layers)]
 
 
-FIXED_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
 def io_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """optimum's names: ``past_key_values.{i}.key`` / ``.value`` in, ``present.{i}.key`` / ``.value`` out."""
     n = len(cache_shapes(model))
-    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    past = [f"{PAST}{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    present = [f"{PRESENT}{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     return [*FIXED_INPUTS, *past], ["logits", *present]
 
 
@@ -143,7 +142,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, accuracy
 
 def export_quantized_onnx(loaded: Any, out: str | Path) -> Path:
     """``merino-pl export GPTQ_DIR --onnx --out OUT``: the quantized directory's files, plus
-    ``model.onnx`` with its quantized layers as MatMulNBits; ``out`` replaced atomically."""
+    ``GRAPH_NAME`` (model.onnx) with its quantized layers as MatMulNBits; ``out`` replaced atomically."""
     import shutil
 
     from merino_pl.core.io import atomic_dir
@@ -153,7 +152,7 @@ def export_quantized_onnx(loaded: Any, out: str | Path) -> Path:
         for f in src.iterdir():
             if f.is_file() and f.suffix != ".onnx":
                 shutil.copy2(f, tmp / f.name)
-        export_onnx(loaded.model, tmp / "model.onnx")
+        export_onnx(loaded.model, tmp / GRAPH_NAME)
     return out
 
 
@@ -175,85 +174,3 @@ def _export(
     except Exception as e:  # the exporter's own report is long; keep its first line
         raise MerinoError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     program.save(str(tmp), external_data=False)
-
-
-def open_session(path: str | Path, threads: int | None = None, device: str = "cpu", quiet: bool = False) -> Any:
-    """An onnxruntime session over ``path`` with ``threads`` intra-op threads (default: PyTorch's,
-    so its rows compare with torch's), on CUDA first when ``device`` is one; ``quiet``: errors only
-    (no "unused initializer" warnings)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    if quiet:
-        options.log_severity_level = 3
-    providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
-    return ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
-
-
-class OnnxRunner:
-    """The harness's runner over an onnxruntime session of an exported graph (see module doc)."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        model: nn.Module,
-        batch: int,
-        seq: int,
-        decode_tokens: int,
-        device: str = "cpu",
-        seed: int = 0,
-        max_new_tokens: int = 0,
-    ) -> None:
-        import numpy as np
-
-        self.session = open_session(path, device=device)
-        self.in_names, self.out_names = io_names(model)
-        self.seq, self.decode_tokens = seq, decode_tokens
-        g = torch.Generator().manual_seed(seed)
-        vocab = model.arch.vocab_size
-        self.ids = torch.randint(0, vocab, (batch, seq), generator=g).numpy()
-        self.next_ids = torch.randint(0, vocab, (batch, decode_tokens), generator=g).numpy()
-        dtype = np.float16 if float_dtype(model) == torch.float16 else np.float32
-        self.empty = [np.zeros((batch, h, 0, d), dtype=dtype) for h, d in cache_shapes(model) for _ in range(2)]
-        self.positions = np.arange(seq + max(decode_tokens, max_new_tokens), dtype=np.int64)[None].repeat(batch, 0)
-        self.past: list[Any] = []
-
-    def _run(self, ids: Any, start: int, past: list[Any]) -> list[Any]:
-        import numpy as np
-
-        T = ids.shape[1]
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones((ids.shape[0], start + T), dtype=np.int64),
-            "position_ids": self.positions[:, start : start + T],
-        }
-        feed.update(zip(self.in_names[len(FIXED_INPUTS) :], past))
-        return self.session.run(None, feed)
-
-    def prefill(self) -> Any:
-        return self._run(self.ids, 0, self.empty)[0]
-
-    def start_decode(self) -> None:
-        self.past = self._run(self.ids, 0, self.empty)[1:]
-
-    def decode_run(self) -> Any:
-        past, logits = self.past, None  # each run starts again from the same seq-token cache
-        for i in range(self.decode_tokens):
-            logits, *past = self._run(self.next_ids[:, i : i + 1], self.seq + i, past)
-        return logits
-
-    def end_decode(self) -> None:
-        self.past = []
-
-    def generate(self, new_tokens: int) -> Any:
-        """Greedy generation after the prompt, as ``TorchRunner.generate`` (the full graph's
-        prefill returns every position's logits: onnxruntime has no logits_to_keep here)."""
-        logits, *past = self._run(self.ids, 0, self.empty)
-        tok = logits[:, -1:].argmax(-1)
-        new = [tok]
-        for i in range(new_tokens - 1):
-            logits, *past = self._run(tok, self.seq + i, past)
-            tok = logits[:, -1:].argmax(-1)
-            new.append(tok)
-        return new

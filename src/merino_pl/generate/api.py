@@ -7,8 +7,8 @@ One decoding loop, two runtimes behind it:
   on the last position only, then one token at a time on a growing KV cache (transformers' ``DynamicCache``, as
   ``MerinoForCausalLM`` uses);
 * ``onnxruntime``: the graph ``merino_pl.export.onnx`` writes (quantized layers as ``MatMulNBits``),
-  fed optimum's names: ``input_ids``, ``attention_mask``, ``position_ids`` (when the graph has it),
-  ``past_key_values.{i}.key / .value`` in, ``logits`` and ``present.{i}.key / .value`` out. The graph
+  run through ``merino_pl.export.session.DecoderSession`` (optimum's names read from the graph, the
+  feeds, the cache: the latency stage's onnxruntime runner is built on it too). The graph
   is ``--onnx PATH``, else the model directory's own ``model.onnx`` (``merino-pl export --onnx``),
   else exported on the fly to ``--onnx-out`` (a new file) or to a temporary folder removed after.
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from merino_pl.core.errors import MerinoError
+from merino_pl.export.session import GRAPH_NAME  # numpy / onnxruntime only on use: no torch
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,6 @@ STOPS = ("eos", "max_new_tokens", "context")
 # the weights file of an exported and of a GPTQ directory (core.checkpoint / core.quant.format
 # WEIGHTS_NAME), named here so that checking a path imports no torch
 WEIGHTS_FILE = "model.safetensors"
-GRAPH_FILE = "model.onnx"  # what `merino-pl export --onnx` writes into its directory
 
 Emit = Callable[[str], None]
 
@@ -331,77 +331,41 @@ class TorchDecoder:
 
 
 class OrtDecoder:
-    """An onnxruntime session over a decoder graph with optimum's KV-cache names (module doc)."""
+    """The exported graph on onnxruntime (``export.session.DecoderSession``: its names, feeds, cache)."""
 
     def __init__(self, path: Path, threads: int | None) -> None:
-        from merino_pl.export.onnx import open_session
+        import torch
 
-        try:  # quiet: no onnxruntime warnings before the text
-            self.session = open_session(path, threads, quiet=True)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidGraph / OSError
-            raise MerinoError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0]})") from None
+        from merino_pl.export.session import DecoderSession
+
+        # quiet: no onnxruntime warnings before the text; threads default to torch's, as the torch runtime's
+        self.graph = DecoderSession(path, threads or torch.get_num_threads(), quiet=True)
         self.path = path
-        self._read_signature()
-        self.past: dict[str, Any] = {}
+        self.past: list[Any] = []
         self.length = 0  # tokens in the cache
-
-    def _read_signature(self) -> None:
-        import numpy as np
-
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
-        shapes = [inputs[n].shape for n in self.past_names]
-        if (
-            {"input_ids", "attention_mask"} - set(inputs)
-            or "logits" not in outputs
-            or not self.past_names
-            or set(self.present_names) - set(outputs)
-            or not all(len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int) for s in shapes)
-        ):
-            raise MerinoError(
-                f"{self.path}: not a decoder graph with a KV cache (expected input_ids, attention_mask, "
-                "past_key_values.{i}.key/value -> logits, present.{i}.key/value; has "
-                f"{', '.join(list(inputs)[:5])} -> {', '.join(list(outputs)[:3])})"
-            )
-        self.with_positions = "position_ids" in inputs
-        dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
-        self.empty = {n: np.zeros((1, s[1], 0, s[3]), dtype) for n, s in zip(self.past_names, shapes)}
-        vocab = outputs["logits"].shape[-1]
-        self.vocab = vocab if isinstance(vocab, int) else None
 
     def check(self, arch: MerinoConfig, model: str) -> None:
         """The graph is of ``model``: as many cache entries per layer application, the same vocabulary."""
-        layers = len(self.past_names) // 2
-        if layers != arch.num_layer_applications or self.vocab not in (None, arch.vocab_size):
+        layers, vocab = self.graph.layers, self.graph.vocab
+        if layers != arch.num_layer_applications or vocab not in (None, arch.vocab_size):
             raise MerinoError(
-                f"{self.path}: a graph of another model ({layers} cached layers, vocabulary {self.vocab}; "
+                f"{self.path}: a graph of another model ({layers} cached layers, vocabulary {vocab}; "
                 f"{model} has {arch.num_layer_applications} and {arch.vocab_size})"
             )
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        import numpy as np
-
         self.length = 0
-        return self._run(np.array([ids], dtype=np.int64), self.empty)
+        return self._run(ids, self.graph.empty_past())
 
     def step(self, token: int) -> torch.Tensor:
-        import numpy as np
+        return self._run([token], self.past)
 
-        return self._run(np.array([[token]], dtype=np.int64), self.past)
-
-    def _run(self, ids: Any, past: dict[str, Any]) -> torch.Tensor:
+    def _run(self, ids: list[int], past: list[Any]) -> torch.Tensor:
         import numpy as np
         import torch
 
-        T = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + T), dtype=np.int64), **past}
-        if self.with_positions:
-            feed["position_ids"] = np.arange(self.length, self.length + T, dtype=np.int64)[None]
-        logits, *present = self.session.run(["logits", *self.present_names], feed)
-        self.past = dict(zip(self.past_names, present))
-        self.length += T
+        logits, self.past = self.graph.run(np.array([ids], dtype=np.int64), self.length, past)
+        self.length += len(ids)
         return torch.from_numpy(logits[0, -1].copy())
 
 
@@ -447,13 +411,13 @@ def _graph(
     if settings.onnx is not None:
         result.onnx = settings.onnx
         return Path(settings.onnx)
-    beside = Path(settings.model) / GRAPH_FILE
+    beside = Path(settings.model) / GRAPH_NAME
     if beside.is_file():
         result.onnx = str(beside)
         return beside
     from merino_pl.export.onnx import export_onnx
 
-    path = Path(settings.onnx_out) if settings.onnx_out else tmp / GRAPH_FILE
+    path = Path(settings.onnx_out) if settings.onnx_out else tmp / GRAPH_NAME
     note(f"exporting {settings.model} as ONNX to {path if settings.onnx_out else 'a temporary file'} ...")
     t0 = time.perf_counter()
     export_onnx(model if model is not None else _load(settings.model), path)

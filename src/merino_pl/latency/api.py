@@ -2,28 +2,30 @@
 peers on this device) and ``profile(ProfileSettings) -> LatencyTable`` (the device latency table
 the search reads).
 
-``merino-pl latency`` / ``merino-pl latency profile`` (``cli.py``, ``profile.py``) turn their
-flags into these settings and call them. Every argument is checked before any model is built,
-all problems in one ``MerinoError``. Nothing heavy is imported until an entry runs.
+``merino-pl latency`` / ``merino-pl latency profile`` (``cli.py``) turn their flags into these
+settings and call them. Every argument is checked once, before any model is built, all problems
+in one ``MerinoError``; what needs the model (its context, a GPTQ directory's one precision) is
+checked as soon as it is read, before any timing. Nothing heavy is imported until an entry runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
+from merino_pl.latency.options import INT_BITS, Options, device_problems
 
 if TYPE_CHECKING:
+    import torch
+
+    from merino_pl.core.checkpoint import LoadedModel
     from merino_pl.core.latency_table import LatencyTable
-    from merino_pl.latency.report import LatencyReport, Options
-
-
-def _options() -> Options:
-    from merino_pl.latency.report import Options
-
-    return Options()
+    from merino_pl.latency.measure import ReportBuilder
+    from merino_pl.latency.report import LatencyReport
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class LatencySettings:
 
     source: str  # a .ckpt, an exported / GPTQ directory, a recipe YAML or a built-in recipe name
     out: str  # directory for latency.json, latency.md (and model-*.onnx)
-    options: Options = field(default_factory=_options)
+    options: Options = field(default_factory=Options)
     threads: int | None = None  # torch (and onnxruntime) intra-op threads (None: torch's)
 
     def problems(self) -> list[str]:
@@ -43,21 +45,169 @@ class LatencySettings:
         return problems + self.options.problems() + check_out(self.out)
 
 
-def latency(settings: LatencySettings) -> LatencyReport:
+def latency(
+    settings: LatencySettings,
+    peer_factory: Callable[[str], torch.nn.Module] | None = None,
+    tegra_release: Path | None = None,
+) -> LatencyReport:
     """Time ``settings.source`` (and its peers) on this device; write ``latency.json`` and
-    ``latency.md`` into ``settings.out``; return the report."""
+    ``latency.md`` into ``settings.out``; return the report. ``peer_factory`` builds a peer by
+    name (default: from its published config); ``tegra_release`` is where a Jetson says so."""
     import torch
 
-    from merino_pl.latency.report import build_report
+    from merino_pl.core.checkpoint import load_model
+    from merino_pl.latency import device, peers
+    from merino_pl.latency.measure import ReportBuilder
 
     problems = settings.problems()
     if problems:
         raise MerinoError("; ".join(problems))
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    report = build_report(settings.source, settings.options, settings.out)
-    report.write(settings.out)
+    loaded = load_model(settings.source, seed=settings.options.seed)
+    opts = fit_to_model(settings.options, loaded, settings.source)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    builder = ReportBuilder(loaded, opts, out, peer_factory or peers.build_peer)
+    builder.warnings += _warnings(opts)
+    try:
+        _measure(builder, opts)
+    finally:
+        builder.close()
+    report = assemble(loaded, opts, builder, tegra_release or device.TEGRA_RELEASE)
+    report.write(out)
     return report
+
+
+def fit_to_model(opts: Options, loaded: LoadedModel, source: str) -> Options:
+    """The options this model can be timed with: a ``MerinoError`` when the prompt and decode
+    steps exceed its context or a GPTQ directory is asked for another precision; generation
+    clipped to the context (with a note saying so)."""
+    problems, name = [], loaded.recipe.name
+    limit = loaded.recipe.architecture.max_position_embeddings
+    if opts.seq + opts.decode_tokens > limit:
+        problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {name}'s {limit} positions")
+    bits = int(loaded.model.config.quantization_config["bits"]) if loaded.kind == "gptq" else None
+    other = [p for p in opts.precisions if bits is not None and p != f"int{bits}"]
+    if other:  # a GPTQ directory holds one precision: any other would be an empty row
+        problems.append(
+            f"--precision {','.join(other)}: {source} is a GPTQ int{bits} directory, timed only at --precision "
+            f"int{bits} (time the float model for the other precisions)"
+        )
+    if problems:
+        raise MerinoError("; ".join(problems))
+    if opts.generate_tokens and opts.seq + opts.generate_tokens > limit and opts.seq < limit:
+        clipped = (
+            f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} "
+            f"({name} has {limit} positions)"
+        )
+        opts = dataclasses.replace(opts, generate_tokens=limit - opts.seq, notes=[*opts.notes, clipped])
+    return opts
+
+
+def _warnings(opts: Options) -> list[str]:
+    """What the reader of these rows must know before trusting them."""
+    out = []
+    slow = [p for p in opts.precisions if p in ("fp16", "bf16")]
+    if slow and not opts.device.startswith("cuda"):
+        out.append(
+            f"{','.join(slow)} on CPU: allowed, but CPUs without native half units emulate it "
+            "(bf16 measured ~11x slower than fp32 on an AVX2-only CPU); time it on the target GPU"
+        )
+    if any(p in INT_BITS for p in opts.precisions) and "full" in opts.protocols:
+        out.append(
+            "int rows on torch: only the packed weights stay resident; each block's weights are dequantized "
+            "into a reused workspace when the block runs (fp32 GEMMs: torch's CPU int kernels are slower here). "
+            "The fast int path is onnxruntime's MatMulNBits (--runtime onnxruntime)"
+        )
+    return out
+
+
+def _measure(builder: ReportBuilder, opts: Options) -> None:
+    """Every row: the full protocol per precision (float or int), then the paper protocol (float only)."""
+    ints = [p for p in opts.precisions if p in INT_BITS]
+    if "paper" in opts.protocols and ints:
+        builder.skipped.append(
+            {"row": f"paper protocol {','.join(ints)}", "reason": "the authors time float models only"}
+        )
+    if "full" in opts.protocols:
+        for p in opts.precisions:
+            if p in INT_BITS:
+                builder.integer(p)
+            else:
+                builder.precision(p)
+    if "paper" in opts.protocols:
+        for p in (p for p in opts.precisions if p not in INT_BITS):
+            builder.paper(p)
+
+
+def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release: Path) -> LatencyReport:
+    """The report of the measured rows: versions, device, ratios, checks and warnings."""
+    import torch
+    import transformers
+
+    from merino_pl.latency import ratios
+    from merino_pl.latency.device import describe_device
+    from merino_pl.latency.report import LatencyReport
+
+    name, rows = loaded.recipe.name, b.rows
+    paper = {"rows": b.paper_rows, "speedups": ratios.paper_speedups(b.paper_rows, name)} if b.paper_rows else None
+    mismatches = [
+        f"{c['compared']} ({c['precision']}): {c['tolerance_on']} {c[c['tolerance_on']]:.2e} > {c['tolerance']}"
+        for c in b.checks
+        if not c["match"]
+    ]
+    return LatencyReport(
+        model=model_info(loaded, opts.seq),
+        device=describe_device(opts.device, tegra_release),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        onnxruntime=_onnxruntime_version() if opts.onnx else None,
+        precisions=list(opts.precisions),
+        protocol=opts.protocol(),
+        rows=rows,
+        generation=b.generation,
+        paper_protocol=paper,
+        speedups=ratios.speedups(rows, name),
+        fast_path=ratios.fast_path_gains(rows),
+        checks=b.checks,
+        skipped=b.skipped,
+        warnings=b.warnings + opts.notes + ratios.spread_warnings(rows) + mismatches,
+    )
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def model_info(loaded: LoadedModel, seq: int) -> dict[str, Any]:
+    """The report's ``model``: what was timed, its size and FLOPs."""
+    from merino_pl.core.costs import count_flops
+
+    arch = loaded.recipe.architecture
+    return {
+        "name": loaded.recipe.name,
+        "kind": loaded.kind,
+        "path": loaded.path,
+        "weights_sha256": loaded.weights_sha256,
+        "size_on_disk_bytes": size_on_disk(loaded),
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "flops_g": count_flops(arch) / 1e9,  # paper convention: 1024 tokens, no LM head
+        "flops_prefill_g": count_flops(arch, seq_len=seq, include_lm_head=True) / 1e9,
+        "architecture": arch.to_dict(),
+    }
+
+
+def size_on_disk(loaded: LoadedModel) -> int | None:
+    """Bytes of the weight files the model was loaded from (None for a recipe: nothing on disk)."""
+    path = Path(loaded.path)
+    if loaded.kind == "recipe":
+        return None
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+    return path.stat().st_size
 
 
 @dataclass(frozen=True)
@@ -75,15 +225,9 @@ class ProfileSettings:
     threads: int | None = None
 
     def problems(self) -> list[str]:
-        import torch
-
         from merino_pl.core.quant.format import FLOAT_DTYPES
 
-        problems = []
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            problems.append(f"--device {self.device!r} is not one of cpu, cuda")
-        elif self.device.startswith("cuda") and not torch.cuda.is_available():
-            problems.append(f"--device {self.device}: no CUDA device is available here")
+        problems = device_problems(self.device)
         if self.precision not in FLOAT_DTYPES:
             problems.append(
                 f"--precision {self.precision!r} is not one of {', '.join(FLOAT_DTYPES)} "

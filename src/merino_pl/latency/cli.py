@@ -93,18 +93,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure, then write ``latency.json`` and ``latency.md`` into ``--out``."""
     from merino_pl.latency.api import latency
-    from merino_pl.latency.report import render_markdown
+    from merino_pl.latency.report import JSON_NAME, MARKDOWN_NAME
 
     report = latency(settings(args))
-    print(render_markdown(report))
-    print(f"wrote {Path(args.out) / 'latency.json'} and {Path(args.out) / 'latency.md'}")
+    print(report.markdown())
+    print(f"wrote {Path(args.out) / JSON_NAME} and {Path(args.out) / MARKDOWN_NAME}")
     return 0
 
 
 def settings(args: argparse.Namespace) -> LatencySettings:
     """The flags as the typed settings ``api.latency`` takes."""
     from merino_pl.latency.api import LatencySettings
-    from merino_pl.latency.report import Options
+    from merino_pl.latency.options import Options
 
     def items(flag: str) -> tuple[str, ...]:
         return tuple(x.strip().lower() for x in flag.split(",") if x.strip())

@@ -14,7 +14,9 @@ from typing import Any
 
 from merino_pl.core import paper
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path, read_json, write_json
+from merino_pl.core.io import read_json, write_json
+from merino_pl.core.plotting import pyplot, save_figure
+from merino_pl.latency.report import LatencyReport
 
 
 def eval_accuracy(path: str) -> tuple[str, float | None]:
@@ -45,11 +47,9 @@ def measured_points(
     published = paper.paper_points()
     points, device, missing = [], None, []
     for path in latency:
-        report = read_json(path, "latency report")
-        if not isinstance(report, dict) or report.get("format") != "merino-latency-report/1":
-            raise MerinoError(f"{path}: not a latency report (format {report.get('format')!r})")
-        device = device or report["device"]["summary"]
-        for row in report["rows"]:
+        report = LatencyReport.read(path)  # another file, or a newer format: one line naming it
+        device = device or report.device["summary"]
+        for row in report.rows:
             if row["precision"] != precision or row["path"] != "plain":
                 continue
             name = row["model"]
@@ -113,11 +113,7 @@ def draw(
     FLOPs as in the paper. A point is annotated with its ``label`` (default: ``model``), or named
     in the panel's legend when it has a ``legend``; ``color`` overrides its family's colour. The
     pipeline's perplexity-vs-latency chart uses it with ``y="perplexity"`` and a log axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {
         "merino": "tab:red",
         "pythia": "tab:green",
@@ -167,11 +163,9 @@ def draw(
         ax.margins(0.18)
         ax.grid(alpha=0.3, which="both" if log_y else "major")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout()  # the labels are placed on the final layout
     _declutter(fig, labels)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=130)
-    plt.close(fig)
+    save_figure(fig, out, dpi=130)
 
 
 def _declutter(fig: Any, labels: list[tuple[Any, float]]) -> None:

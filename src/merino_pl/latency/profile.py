@@ -29,7 +29,7 @@ from merino_pl.core.model import DecoderLayer, make_norm
 from merino_pl.core.quant.format import FLOAT_DTYPES
 from merino_pl.core.space import SearchSpace
 from merino_pl.latency.device import describe_device
-from merino_pl.latency.harness import Stats, synchronizer, time_calls
+from merino_pl.latency.timing import Stats, synchronizer, time_calls
 
 
 def _mean_ms(fn: Callable[[], Any], device: str, runs: int, warmup: int) -> float:

@@ -1,4 +1,4 @@
-"""The timing protocol, shared by our models, the peers and the onnxruntime path.
+"""The timing protocol, shared by our models, the peers and the onnxruntime path (``runners``).
 
 Protocol (paper: "batch size 1, sequence length 128, averaged over 16 measurements"):
 ``warmup`` untimed calls, then ``runs`` timed calls; each call is timed on its own with
@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
-
-from merino_pl.core.hf import CACHE_FIELD  # `cache` (transformers >= 5) or `past_key_values`
 
 K = TypeVar("K")
 
@@ -166,9 +164,10 @@ def peak_memory(device: str) -> Iterator[PeakMemory]:
     )
 
 
-# ---- runners ----------------------------------------------------------------------------------
+# ---- what is timed -----------------------------------------------------------------------------
 class Runner(Protocol):
-    """What the harness times: a prefill, and decode runs on top of a ``seq``-token cache."""
+    """What the timer times: a prefill, and decode runs on top of a ``seq``-token cache
+    (``runners.TorchRunner`` and ``runners.OnnxRunner``)."""
 
     def prefill(self) -> Any: ...
 
@@ -177,66 +176,6 @@ class Runner(Protocol):
     def decode_run(self) -> Any: ...
 
     def end_decode(self) -> None: ...
-
-
-class TorchRunner:
-    """Any transformers causal LM (ours or a peer) on random token ids, under inference_mode.
-
-    ``last_logits_only`` is the generation-time prefill: only the last position's logits (what
-    ``generate`` needs) instead of ``seq × vocab`` of them.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        batch: int,
-        seq: int,
-        device: str,
-        decode_tokens: int,
-        last_logits_only: bool = False,
-        vocab_size: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.model, self.seq, self.decode_tokens = model, seq, decode_tokens
-        self.keep = 1 if last_logits_only else 0
-        vocab = vocab_size or model.config.vocab_size
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-        self.next_ids = torch.randint(0, vocab, (batch, decode_tokens), generator=g).to(device)
-        self.cache: Any = None
-
-    @torch.inference_mode()
-    def prefill(self) -> torch.Tensor:
-        return self.model(self.ids, use_cache=True, logits_to_keep=self.keep).logits
-
-    @torch.inference_mode()
-    def start_decode(self) -> None:
-        self.cache = self.model(self.ids, use_cache=True, logits_to_keep=1)[CACHE_FIELD]
-
-    @torch.inference_mode()
-    def decode_run(self) -> torch.Tensor:
-        logits = None
-        for i in range(self.decode_tokens):
-            out = self.model(self.next_ids[:, i : i + 1], use_cache=True, **{CACHE_FIELD: self.cache})
-            logits = out.logits
-        self.cache.crop(-self.decode_tokens)  # back to seq tokens: every run decodes on the same cache
-        return logits
-
-    def end_decode(self) -> None:
-        self.cache = None
-
-    @torch.inference_mode()
-    def generate(self, new_tokens: int) -> torch.Tensor:
-        """Greedy generation after the ``seq``-token prompt: last-position prefill, then one
-        token at a time on the KV cache (what ``generate`` does, without its bookkeeping)."""
-        out = self.model(self.ids, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        new = [tok]
-        for _ in range(new_tokens - 1):
-            out = self.model(tok, use_cache=True, **{CACHE_FIELD: out[CACHE_FIELD]})
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            new.append(tok)
-        return torch.cat(new, dim=1)
 
 
 @dataclass
