@@ -394,6 +394,16 @@ def test_chain_of_a_cpu_fit_asks_for_no_gpus(capsys, train_yaml):
     assert rc == 0 and not any(line.startswith("--gpus") for line in sbatch_lines(out))
 
 
+def test_shipped_chain_stages_load_and_render(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["--config", PAPER_CONFIG, "--recipe", "merino-64m", "--stages", "slurm/chain-pile.yaml", "--dry-run"]
+    rc, out, err = run_cli(capsys, "chain", *argv)
+    assert (rc, err) == (0, "")
+    scripts = chain_scripts(out)
+    assert "--calib EleutherAI/the_pile_deduplicated" in scripts["quantize-int4"][1]
+    assert {"--gpus=1", "--mem=64G"} <= set(sbatch_lines(scripts["eval"][1]))
+
+
 @pytest.mark.parametrize(
     "text, needles",
     [
@@ -451,6 +461,17 @@ def test_prepare_dry_run_renders_the_array_and_its_merge(capsys, tmp_path):
     command = shlex.split(re.search(r"^# Rendered by: (.*)$", array, re.M).group(1))
     rc, again, _ = run_cli(capsys, *command[2:], "--dry-run")
     assert (rc, again) == (0, out) and not out_dir.exists()
+
+
+def test_shipped_prepare_scripts_are_current(capsys, monkeypatch):
+    """slurm/prepare-pile.sbatch and its -merge twin: what their header's command prints."""
+    array, merge = (
+        (REPO / "slurm" / name).read_text() for name in ("prepare-pile.sbatch", "prepare-pile-merge.sbatch")
+    )
+    command = shlex.split(re.search(r"^# Rendered by: (.*)$", array, re.M).group(1))
+    monkeypatch.chdir(REPO)
+    rc, out, err = run_cli(capsys, *command[2:], "--dry-run")
+    assert (rc, err) == (0, "") and re.split(r"^# ---- .*\n", out, flags=re.M)[1:] == [array, merge]
 
 
 @pytest.mark.parametrize(

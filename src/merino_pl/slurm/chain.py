@@ -138,6 +138,7 @@ def chain_jobs(spec: JobSpec, stages: dict[str, dict[str, Any]], rendered_by: st
             account=spec.account,
             python=spec.python,
             setup=spec.setup,
+            after=":".join(f"{a.upper().replace('-', '_')}_JOB_ID" for a in after[name]),
         )
         jobs.append(ChainJob(name, after[name], render_batch(job)))
     return jobs

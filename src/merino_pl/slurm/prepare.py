@@ -107,6 +107,7 @@ def prepare_jobs(settings: PrepareJobSettings) -> tuple[BatchJob, BatchJob]:
         name="merino-prepare-merge",
         commands=(("prepare", "--merge", out),),
         title=f"merge the {n} parts of {out} into one shard set (after every array task succeeded)",
+        after="PREPARE_JOB_ID",
         **{**common, "time": "1:00:00"},
     )
     return array, merge

@@ -197,6 +197,7 @@ class BatchJob:
     array: int | None = None  # N: an array job of tasks 0..N-1 (one log per task)
     python: str | None = None  # as JobSpec.python
     setup: tuple[str, ...] = ()
+    after: str = ""  # by hand: the jobs it waits for, e.g. "PREPARE_JOB" (sbatch --dependency=afterok:...)
 
     @property
     def log_pattern(self) -> str:
@@ -224,7 +225,10 @@ def render_batch(job: BatchJob) -> str:
         "#!/bin/bash",
         f"# merino-pl: {job.title}",
         f"# Rendered by: {job.rendered_by}",
-        "# Paths are relative to the directory sbatch runs in.",
+        "# Paths are relative to the directory sbatch runs in. By hand, from there:",
+        f"#   mkdir -p {shlex.quote(job.log_dir)} && sbatch "
+        + (f"--dependency=afterok:{job.after} " if job.after else "")
+        + "THIS_FILE",
         *(f"#SBATCH {line}" for line in lines),
         "",
         "set -eo pipefail  # the first failing command fails the job: jobs that depend on it never start",
