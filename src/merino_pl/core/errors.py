@@ -4,8 +4,11 @@ argparse parser whose usage errors are one line too."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -43,3 +46,49 @@ def parse_problems(
         return parser.parse_args(list(argv)), []
     except MerinoError as e:
         return None, [str(e)]
+
+
+# What libraries say when the disk fills under them without an OSError: torch.save's zip writer
+# ("PytorchStreamWriter failed writing file ...: file write failed", "unexpected pos 39104 vs 38998").
+_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> MerinoError | None:
+    """The one-line error for a write that failed because its file system is full, or None when
+    ``exc`` is something else. Follows the exception chain (libraries wrap the OSError)."""
+    seen: BaseException | None = exc
+    for _ in range(20):  # a chain, never a cycle, but bounded all the same
+        if seen is None:
+            return None
+        text = str(seen).lower()
+        where = getattr(seen, "filename", None) or path
+        if getattr(seen, "errno", None) == errno.ENOSPC or "no space left on device" in text:
+            break
+        if any(w in text for w in _WRITE_FAILED) and _free_bytes(where or ".") < (64 << 20):
+            break  # a library's write failure on an (almost) full disk
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    if where is None:
+        return MerinoError(
+            f"no space left on device ({str(seen).splitlines()[0][:200] if str(seen) else 'a write failed'})"
+        )
+    return MerinoError(f"no space left on {mount_point(where)} writing {where}")
+
+
+def _free_bytes(path: str | os.PathLike) -> int:
+    try:
+        st = os.statvfs(mount_point(path))
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system holding ``path`` (its nearest existing ancestor)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p

@@ -55,19 +55,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash (or ``kill -9``) at any point leaves either the old file or the new one, never a
     truncated mix: the rename is atomic on POSIX file systems and the data is fsync'ed first.
     The file gets the mode the user's umask gives (teammates can read a shared checkpoint);
-    temp files of processes that died mid-write are removed here, on the next write.
+    temp files of processes that died mid-write are removed here, on the next write. A full disk
+    is one ``MerinoError`` naming the file system and ``path``, the partial temp file removed.
     """
+    from merino_pl.core.errors import disk_full
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path.parent, path.name)
     tmp_path = path.parent / _temp_name(path.name, "tmp")
-    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 & ~umask
     try:
+        os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 & ~umask
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except Exception as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
