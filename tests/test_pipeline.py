@@ -16,7 +16,7 @@ import yaml
 from merino_pl.cli import main as cli_main
 from merino_pl.eval.report import EvalModel, EvalReport
 from merino_pl.latency.report import LatencyReport
-from merino_pl.pipeline.api import PipelineConfig, build_stages
+from merino_pl.pipeline.api import PipelineConfig, RunLayout, build_stages
 from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
 STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
@@ -44,7 +44,8 @@ def pipeline_config(tmp_path: Path, fit_config: Path, eval_args: list[str]) -> P
 
 
 def state(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "out" / "pipeline-state.json").read_text())
+    """The stages' entries of the run's state file."""
+    return json.loads((tmp_path / "out" / "pipeline-state.json").read_text())["stages"]
 
 
 def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, fit_config, capsys):  # noqa: F811
@@ -90,10 +91,24 @@ def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, f
     evals = {lb: json.loads((tmp_path / "out" / "eval" / lb / "eval.json").read_text()) for lb in ("fp32", "int8")}
     assert evals["int8"]["model"]["kind"] == "gptq" and evals["fp32"]["perplexity"]["wikitext2"]["word_perplexity"] > 1
 
+    # the state records every file the run wrote (and nothing else is in the folder); the lock is gone
+    files = json.loads((tmp_path / "out" / "pipeline-state.json").read_text())["files"]
+    written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert set(files) == written - {"pipeline-state.json"} and "fit/checkpoints/last.ckpt" in files
+    assert not (tmp_path / ".out.lock").exists()
+
     # 3. nothing changed: every stage is skipped and summary.md is rewritten
     assert cli_main(["pipeline", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.count("up to date (inputs unchanged), skipped") == len(STAGES)
+
+    # a file of the user's in a stage folder stops the run (and --force all) before anything is touched
+    notes = tmp_path / "out" / "quantized" / "int8" / "notes.txt"
+    notes.write_text("mine\n")
+    assert cli_main(["pipeline", "--config", str(config), "--force", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "quantized/int8/notes.txt" in err and err.count("\n") == 1 and notes.read_text() == "mine\n"
+    notes.unlink()
 
     # 4. a changed input: the dry run names that stage and every stage downstream of it
     cfg = yaml.safe_load(fit_config.read_text())
@@ -102,11 +117,16 @@ def test_pipeline_runs_resumes_after_a_failure_then_skips_everything(tmp_path, f
     assert cli_main(["pipeline", "--config", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("would run") == len(STAGES)
-    # ... and --force of one late stage re-runs only that one
+    # ... and --force of one late stage re-runs only that one, beside a folder of the user's
+    # (--keep-unknown), which it leaves alone
     fit_config.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "lr": 3e-3}}))
-    assert cli_main(["pipeline", "--config", str(config), "--force", "plot"]) == 0
+    mine = tmp_path / "out" / "mine" / "notes.md"
+    mine.parent.mkdir()
+    mine.write_text("mine\n")
+    assert cli_main(["pipeline", "--config", str(config), "--force", "plot", "--keep-unknown"]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == len(STAGES) - 1 and "[8/8] plot           done" in out
+    assert mine.read_text() == "mine\n"
 
 
 def test_search_stage_feeds_fit(tmp_path):
@@ -276,10 +296,16 @@ def _reports(out: Path, accuracy: float | None) -> None:
         )
 
 
+def _layout(out: Path) -> RunLayout:
+    """The layout of a run with fp32 and int8 models, every stage on."""
+    return RunLayout(out, {"fp32": out / "model", "int8": out / "quantized" / "int8"}, True, True, True, True)
+
+
 def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known(tmp_path, capsys):
     from lightning.pytorch.loggers import CSVLogger
 
     from merino_pl.pipeline.plots import loss_history, summary_plots
+    from merino_pl.pipeline.reports import load_reports
 
     out = tmp_path / "out"
     for version, steps in ((0, range(0, 30)), (1, range(20, 40))):  # a resumed fit: two CSV versions
@@ -293,7 +319,7 @@ def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known
     assert val == {29: 7.5, 39: 8.5}
 
     _reports(out, accuracy=0.41)
-    models = {"fp32": out / "model", "int8": out / "quantized" / "int8"}
+    layout = _layout(out)
     assert (
         cli_main(
             [
@@ -309,7 +335,7 @@ def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known
         )
         == 0
     )
-    lines, shown = summary_plots(out, models)
+    lines, shown = summary_plots(layout, load_reports(layout))
     text = "\n".join(lines)
     for png in ("training-loss.png", "accuracy-vs-latency.png", "precisions.png"):
         assert f"![plots/{png}](plots/{png})" in text and (out / "plots" / png).stat().st_size > 10_000, png
@@ -318,16 +344,18 @@ def test_summary_plots_loss_curve_from_every_csv_version_and_accuracy_when_known
 
 def test_summary_plots_perplexity_vs_latency_without_accuracy(tmp_path):
     from merino_pl.pipeline.plots import precision_rows, summary_plots
+    from merino_pl.pipeline.reports import load_reports
 
     out = tmp_path / "out"
     _reports(out, accuracy=None)
-    models = {"fp32": out / "model", "int8": out / "quantized" / "int8"}
-    rows = precision_rows(out, models)
+    layout = _layout(out)
+    reports = load_reports(layout)
+    rows = precision_rows(reports)
     assert [(r.label, r.size_mb, r.perplexity, r.latency_ms) for r in rows] == [
         ("fp32", 4.0, 900.0, 3.0),
         ("int8", 2.0, 950.0, 2.0),
     ]
-    lines, _ = summary_plots(out, models)
+    lines, _ = summary_plots(layout, reports)
     text = "\n".join(lines)
     assert "![plots/perplexity-vs-latency.png]" in text and "no CSVLogger" in text  # no fit logs here
     assert (out / "plots" / "perplexity-vs-latency.png").stat().st_size > 10_000

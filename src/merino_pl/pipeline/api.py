@@ -1,4 +1,4 @@
-"""The pipeline stage's library: ``run_pipeline(PipelineConfig.load(path))`` runs search → fit →
+"""The pipeline stage's entry: ``run_pipeline(PipelineConfig.load(path))`` runs search → fit →
 export → quantize → eval → latency (``merino-pl pipeline --config PIPELINE.yaml`` is
 ``pipeline/cli.py``, which turns its flags into these calls).
 
@@ -6,248 +6,36 @@ Every stage is the stage's own ``merino-pl`` command run as a subprocess (so a c
 Lightning/lm-eval global never leaks into the next stage), with its output streamed to the
 terminal and to ``OUT/logs/<stage>.log``. Stages talk through files only (STYLE §6).
 
+The package, by job: ``config`` (the YAML), ``layout`` (every path of a run), ``stages`` (the
+command lines and their skip keys), ``state`` (``pipeline-state.json``: keys, statuses and the
+files the pipeline owns), this module (checking, locking, running), ``summary`` + ``reports`` +
+``plots`` (``OUT/summary.md`` and its pictures).
+
 A stage is *skipped* when its outputs exist and its key is unchanged; the key hashes the
 command line and the content of every input file (configs, the recipe, the upstream checkpoint
-or quantized model). A stage whose key changed starts from a clean output folder; a stage that
-failed (or was killed) with the same key keeps its folder, so ``fit`` resumes from ``last``.
-The state lives in ``OUT/pipeline-state.json``; ``OUT/summary.md`` links every report and plot
-and shows the run's pictures (training loss, perplexity or accuracy vs latency, per-precision
-bars: ``merino_pl.pipeline.plots``), drawn when it is written, and the paper's tables with this
-run's rows, drawn by the eval report's own renderer from each ``eval.json``.
+or quantized model). A stage whose key changed starts from a folder cleaned of the pipeline's own
+files; a stage that failed (or was killed) with the same key keeps its folder, so ``fit`` resumes
+from ``last``. One run at a time per output folder (``core.lock``), and never beside files the
+pipeline did not write unless told (``keep_unknown``): it deletes only what it wrote.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_write_text, read_json, read_yaml, sha256_file, write_json
-from merino_pl.pipeline.plots import model_latency_row, read_eval, read_latency, summary_plots
+from merino_pl.core.lock import folder_lock
+from merino_pl.pipeline.config import PipelineConfig
+from merino_pl.pipeline.layout import RunLayout
+from merino_pl.pipeline.stages import Stage, build_stages
+from merino_pl.pipeline.state import RunState
+from merino_pl.pipeline.summary import write_summary
 
-if TYPE_CHECKING:
-    from merino_pl.latency.report import LatencyReport
-
-SECTIONS = ("name", "out_dir", "recipe", "search", "fit", "eval", "quantize", "latency")
-STAGE_KEYS = {
-    "search": {"config", "budget", "args"},
-    "fit": {"config", "args"},
-    "eval": {"tasks", "ppl", "args"},
-    "quantize": {"bits", "method", "args"},
-    "latency": {"precision", "peers", "args"},
-}
-
-
-@dataclass
-class Stage:
-    """One step: a ``merino-pl`` command line, the files it reads, and what it must produce."""
-
-    name: str
-    argv: list[str]
-    inputs: list[Path]
-    outputs: list[Path]
-    workdir: Path  # cleaned when the stage's key changes
-    key: str = ""
-    status: str = "pending"
-    seconds: float = 0.0
-
-    def compute_key(self) -> str:
-        h = hashlib.sha256(json.dumps(self.argv).encode())
-        for path in self.inputs:
-            h.update(str(path).encode())
-            h.update(_content_hash(path).encode())
-        self.key = h.hexdigest()
-        return self.key
-
-
-def _content_hash(path: Path) -> str:
-    """SHA-256 over a file, or over every file under a directory (relative names and digests)."""
-    if not path.exists():
-        return "missing"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        name = f.relative_to(path) if f != path else f.name
-        h.update(f"{name}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}".encode())
-    return h.hexdigest()
-
-
-@functools.cache
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """One read per file version per run: the model directory is an input of half the stages."""
-    return sha256_file(path)
-
-
-# ---- the config ------------------------------------------------------------------------------
-@dataclass
-class PipelineConfig:
-    name: str
-    out_dir: Path
-    recipe: str | None = None  # a recipe instead of a search
-    search: dict[str, Any] | None = None
-    fit: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] | None = None
-    quantize: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
-    source: Path = Path(".")
-
-    @classmethod
-    def load(cls, path: str | Path, out_dir: str | None = None) -> PipelineConfig:
-        path = Path(path)
-        data = read_yaml(path, "pipeline config")
-        if not isinstance(data, dict):
-            raise MerinoError(f"{path}: a pipeline config must be a mapping, got {type(data).__name__}")
-        problems = [f"unknown key {k!r} (valid: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
-        for section, keys in STAGE_KEYS.items():
-            value = data.get(section)
-            if value is not None and not isinstance(value, dict):
-                problems.append(f"{section} must be a mapping, got {value!r}")
-            elif isinstance(value, dict):
-                problems += [
-                    f"unknown key {section}.{k!r} (valid: {', '.join(sorted(keys))})" for k in value if k not in keys
-                ]
-                if not isinstance(value.get("args", []), list):
-                    problems.append(f"{section}.args must be a list of command-line arguments, got {value['args']!r}")
-        bits = (data.get("quantize") or {}).get("bits") if isinstance(data.get("quantize"), dict) else None
-        if bits is not None and (
-            not isinstance(bits, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits)
-        ):
-            problems.append(f"quantize.bits must be a list of integers, got {bits!r}")
-        if bool(data.get("recipe")) == bool(data.get("search")):
-            problems.append("give exactly one of 'recipe' (a recipe to train) or 'search' (search for one)")
-        if not isinstance(data.get("fit"), dict) or not data["fit"].get("config"):
-            problems.append("fit.config (a `merino-pl fit` config YAML) is required")
-        if problems:
-            raise MerinoError(f"{path}: " + "; ".join(problems))
-        out = Path(out_dir or data.get("out_dir") or f"runs/pipeline/{data.get('name') or path.stem}")
-        return cls(
-            name=str(data.get("name") or path.stem),
-            out_dir=out,
-            recipe=data.get("recipe"),
-            search=data.get("search"),
-            fit=data["fit"],
-            eval=data.get("eval"),
-            quantize=data.get("quantize"),
-            latency=data.get("latency"),
-            source=path,
-        )
-
-
-# ---- the stages ------------------------------------------------------------------------------
-def _args(section: dict[str, Any] | None) -> list[str]:
-    return [str(a) for a in (section or {}).get("args", [])]
-
-
-def _csv(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-
-
-def _fit_overrides(config: Path, run_dir: Path) -> list[str]:
-    """Send the run (checkpoints, and a logger's files when the config names a save_dir) under
-    the pipeline's folder, so two pipelines never share (or resume) each other's run."""
-    argv = ["--trainer.default_root_dir", str(run_dir)]
-    data = read_yaml(config, "fit config")
-    trainer = (data.get("trainer") if isinstance(data, dict) else None) or {}
-    logger = trainer.get("logger")
-    if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
-        argv += ["--trainer.logger.init_args.save_dir", str(run_dir)]
-    return argv
-
-
-def _per_model(
-    command: str,
-    models: dict[str, Path],
-    out: Path,
-    section: dict[str, Any],
-    options: Callable[[str], list[str]],
-    report: str,
-) -> list[Stage]:
-    """One ``merino-pl COMMAND MODEL --out OUT/COMMAND/LABEL OPTIONS`` stage per model (label ->
-    path), then the config section's own arguments; each stage's output is its ``report``."""
-    stages = []
-    for label, path in models.items():
-        d = out / command / label
-        argv = [command, str(path), "--out", str(d), *options(label), *_args(section)]
-        stages.append(Stage(f"{command}-{label}", argv, [path], [d / report], d))
-    return stages
-
-
-def build_stages(cfg: PipelineConfig) -> list[Stage]:
-    """The stage list of a config, in run order (each stage's inputs are earlier outputs)."""
-    out = cfg.out_dir
-    stages: list[Stage] = []
-    if cfg.search is not None:
-        s = cfg.search
-        recipe = out / "search" / "recipe.yaml"
-        argv = ["search", "--out", str(recipe), "--name", f"{cfg.name}-searched"]
-        inputs: list[Path] = []
-        if s.get("config"):
-            argv += ["--config", str(s["config"])]
-            inputs.append(Path(s["config"]))
-        for b in s.get("budget") or []:
-            argv += ["--budget", str(b)]
-        stages.append(Stage("search", argv + _args(s), inputs, [recipe], out / "search"))
-        recipe_arg, recipe_inputs = str(recipe), [recipe]
-    else:
-        recipe_arg = str(cfg.recipe)
-        recipe_inputs = [Path(recipe_arg)] if Path(recipe_arg).exists() else []
-    fit_cfg = Path(cfg.fit["config"])
-    run_dir = out / "fit"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    argv = ["fit", "--config", str(fit_cfg), "--model.recipe", recipe_arg, *_fit_overrides(fit_cfg, run_dir)]
-    stages.append(
-        Stage("fit", argv + _args(cfg.fit) + ["--ckpt_path", "last"], [fit_cfg, *recipe_inputs], [ckpt], run_dir)
-    )
-    model = out / "model"
-    # --overwrite: the pipeline owns these folders (a stage killed after writing reruns over its own output)
-    stages.append(
-        Stage(
-            "export", ["export", str(ckpt), "--out", str(model), "--overwrite"], [ckpt], [model / "config.json"], model
-        )
-    )
-    models = {"fp32": model}
-    q = cfg.quantize
-    for bits in [int(b) for b in (q.get("bits") or [8, 4])] if q is not None else []:
-        qdir = out / "quantized" / f"int{bits}"
-        argv = ["quantize", str(model), "--bits", str(bits), "--out", str(qdir), "--overwrite"]
-        if q.get("method"):
-            argv += ["--method", str(q["method"])]
-        stages.append(Stage(f"quantize-int{bits}", argv + _args(q), [model], [qdir / "quantize_config.json"], qdir))
-        models[f"int{bits}"] = qdir
-    if cfg.eval is not None:
-        e = cfg.eval
-        evaluate = ["--tasks", _csv(e.get("tasks", "paper")), "--ppl", _csv(e.get("ppl", "wikitext2,ptb"))]
-        stages += _per_model("eval", models, out, e, lambda label: evaluate, "eval.json")
-    if cfg.latency is not None:
-        lat = cfg.latency
-
-        def timing(label: str) -> list[str]:
-            if label != "fp32":
-                return ["--precision", label]
-            peers = ["--peers", _csv(lat["peers"])] if lat.get("peers") else []
-            return ["--precision", _csv(lat.get("precision", "fp32")), *peers]
-
-        stages += _per_model("latency", models, out, lat, timing, "latency.json")
-        # accuracy vs latency (paper Figure 1) of this run's models beside the paper's points
-        reports = [out / "latency" / label / "latency.json" for label in models]
-        evals = [out / "eval" / label / "eval.json" for label in models] if cfg.eval is not None else []
-        png = out / "plots" / "accuracy-vs-latency.png"
-        argv = ["latency", "plot", "--latency", *map(str, reports), "--paper", "--out", str(png)]
-        if evals:
-            argv[argv.index("--paper") : argv.index("--paper")] = ["--eval", *map(str, evals)]
-        stages.append(Stage("plot", argv, reports + evals, [png], out / "plots"))
-    return stages
+__all__ = ["PipelineConfig", "RunLayout", "Stage", "build_stages", "run_pipeline", "stage_problems", "write_summary"]
 
 
 # ---- checking --------------------------------------------------------------------------------
@@ -268,20 +56,49 @@ def stage_problems(stages: list[Stage]) -> list[str]:
     return problems
 
 
+def _check_folder(layout: RunLayout, stages: list[Stage], state: RunState, keep_unknown: bool) -> None:
+    """Refuse (one line) an output folder holding files the pipeline did not write; with
+    ``keep_unknown``, only those inside a folder a stage or the summary writes into."""
+    interrupted = {
+        s.name: [s.workdir, layout.log(s.name)]
+        for s in stages
+        if state.stages.get(s.name, {}).get("status") == "running"
+    }
+    unknown = state.unknown(interrupted)
+    if not unknown:
+        return
+    rel = [str(p.relative_to(layout.out)) for p in unknown]
+    named = ", ".join(rel[:3]) + (f" and {len(rel) - 3} more" if len(rel) > 3 else "")
+    if not keep_unknown:
+        raise MerinoError(
+            f"{layout.out} holds {len(rel)} file(s) this pipeline did not write ({named}); it never deletes "
+            "what it did not write: move them out, use another out_dir, or pass --keep-unknown to run beside them"
+        )
+    written = [s.workdir for s in stages] + [layout.plots, layout.out / "logs"]
+    inside = [p for p in unknown if p == layout.summary or any(w == p or w in p.parents for w in written)]
+    if inside:
+        raise MerinoError(
+            f"{inside[0]}: not written by this pipeline, and it sits where a stage writes; "
+            "--keep-unknown keeps files only outside the stage folders: move it"
+        )
+
+
 # ---- running ---------------------------------------------------------------------------------
-def _up_to_date(stage: Stage, state: dict[str, Any]) -> bool:
-    done = state.get(stage.name, {})
+def _up_to_date(stage: Stage, state: RunState) -> bool:
+    done = state.stages.get(stage.name, {})
     return done.get("key") == stage.key and done.get("status") == "done" and all(p.exists() for p in stage.outputs)
 
 
-def _run_command(stage: Stage, log_path: Path) -> int:
-    """Run one stage's command, streaming its output to the terminal and to its log file."""
+def _run_command(stage: Stage, log_path: Path, lock_fd: int) -> int:
+    """Run one stage's command, streaming its output to the terminal and to its log file. The
+    child holds the folder's lock too (``lock_fd``), so a stage left running by a killed
+    pipeline keeps a second run out until it ends."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "merino_pl.cli", *stage.argv]
     with open(log_path, "ab") as log:
         log.write(f"\n$ merino-pl {' '.join(stage.argv)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, pass_fds=[lock_fd])
         assert proc.stdout is not None
         try:
             while chunk := proc.stdout.read1(1 << 14):  # chunks, not lines: progress bars use \r
@@ -295,152 +112,105 @@ def _run_command(stage: Stage, log_path: Path) -> int:
         return proc.wait()
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    """``OUT/pipeline-state.json``; {} when missing or unreadable: a state we cannot read only
-    costs a re-run, never a wrong skip."""
+def _run_stage(stage: Stage, layout: RunLayout, state: RunState, forced: bool, lock_fd: int) -> int:
+    """Clean the stage's folder when its inputs changed (or it is forced), run it, and record
+    its status and every file it wrote; the exit code (1 when it wrote no output)."""
+    if forced or state.stages.get(stage.name, {}).get("key") != stage.key:
+        state.clean(stage.workdir)  # inputs changed (or forced): never resume an older run
+    state.stages[stage.name] = {"key": stage.key, "status": "running", "argv": stage.argv, "started": time.time()}
+    state.save()
+    t0 = time.perf_counter()
     try:
-        state = read_json(path, "pipeline state")
-    except MerinoError:
-        return {}
-    return state if isinstance(state, dict) else {}
+        code = _run_command(stage, layout.log(stage.name), lock_fd)
+    finally:
+        stage.seconds = time.perf_counter() - t0
+        state.record([*state.files_under(stage.workdir), layout.log(stage.name)])
+        state.save()
+    missing = [str(p) for p in stage.outputs if not p.exists()]
+    if code != 0 or missing:
+        state.stages[stage.name].update(status="failed", exit_code=code, seconds=round(stage.seconds, 1))
+        state.save()
+        why = f"exit code {code}" if code else f"it did not write {', '.join(missing)}"
+        print(
+            f"pipeline: stage {stage.name!r} failed ({why}); log: {layout.log(stage.name)}; "
+            f"fix it and rerun the same command to resume at {stage.name!r}",
+            file=sys.stderr,
+        )
+        return code or 1
+    stage.status = "done"
+    state.stages[stage.name].update(status="done", seconds=round(stage.seconds, 1))
+    state.save()
+    return 0
 
 
-def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool = False) -> int:
+def run_pipeline(
+    cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool = False, keep_unknown: bool = False
+) -> int:
     """Run (or skip) every stage in order; stop at the first failure with the stage named."""
-    stages = build_stages(cfg)
+    layout = RunLayout.of(cfg)
+    stages = build_stages(cfg, layout)
     unknown = [f for f in force if f not in {s.name for s in stages} and f != "all"]
     if unknown:
         raise MerinoError(f"--force {', '.join(unknown)}: no such stage (stages: {', '.join(s.name for s in stages)})")
     problems = stage_problems(stages)
     if problems:
         raise MerinoError(f"{cfg.source}: " + "; ".join(problems))
-    state_path = cfg.out_dir / "pipeline-state.json"
-    state = _read_state(state_path)
+    if dry_run:  # reads only: no lock
+        state = RunState.read(layout.out)
+        _check_folder(layout, stages, state, keep_unknown)
+        return _dry_run(cfg, stages, state, force)
+    with folder_lock(layout.out, "pipeline") as lock:
+        state = RunState.read(layout.out)
+        _check_folder(layout, stages, state, keep_unknown)
+        if lock.previous:
+            print(f"pipeline: took over the lock of a run that is gone (pid {lock.previous.get('pid')})")
+        return _run(cfg, layout, stages, state, force, lock.fd)
+
+
+def _stale(stage: Stage, state: RunState, force: tuple[str, ...], changed: set[Path]) -> bool:
+    """Whether the stage must run: forced, its key or outputs changed, or it reads a changed output."""
+    forced = stage.name in force or "all" in force
+    upstream = any(p == o or o in p.parents or p in o.parents for p in stage.inputs for o in changed)
+    return forced or upstream or not _up_to_date(stage, state)
+
+
+def _dry_run(cfg: PipelineConfig, stages: list[Stage], state: RunState, force: tuple[str, ...]) -> int:
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
-    t_start = time.perf_counter()
-    changed: set[Path] = set()  # dry run: outputs of stages that would run (their readers would too)
+    changed: set[Path] = set()  # outputs of stages that would run (their readers would too)
     for i, stage in enumerate(stages, 1):
-        stage.compute_key()  # after the earlier stages ran: their outputs are this one's inputs
-        forced = stage.name in force or "all" in force
-        upstream_reruns = any(p == o or o in p.parents or p in o.parents for p in stage.inputs for o in changed)
-        fresh = _up_to_date(stage, state) and not forced and not upstream_reruns
+        stage.compute_key()
         head = f"[{i}/{len(stages)}] {stage.name:<14}"
-        if fresh:
-            stage.status = "skipped"
-            print(f"{head} up to date (inputs unchanged), skipped")
-            continue
-        if dry_run:
+        if _stale(stage, state, force, changed):
             stage.status = "would run"
             print(f"{head} would run: merino-pl {' '.join(stage.argv)}")
             changed.update(stage.outputs)
-            continue
-        if (forced or state.get(stage.name, {}).get("key") != stage.key) and stage.workdir.exists():
-            shutil.rmtree(stage.workdir)  # inputs changed (or forced): never resume an older run
-        state[stage.name] = {"key": stage.key, "status": "running", "argv": stage.argv}
-        write_json(state_path, state)
-        print(f"{head} running: merino-pl {' '.join(stage.argv)}", flush=True)
-        t0 = time.perf_counter()
-        code = _run_command(stage, cfg.out_dir / "logs" / f"{stage.name}.log")
-        stage.seconds = time.perf_counter() - t0
-        missing = [str(p) for p in stage.outputs if not p.exists()]
-        if code != 0 or missing:
-            state[stage.name].update(status="failed", exit_code=code, seconds=round(stage.seconds, 1))
-            write_json(state_path, state)
-            why = f"exit code {code}" if code else f"it did not write {', '.join(missing)}"
-            print(
-                f"pipeline: stage {stage.name!r} failed ({why}); log: {cfg.out_dir / 'logs' / (stage.name + '.log')}; "
-                f"fix it and rerun the same command to resume at {stage.name!r}",
-                file=sys.stderr,
-            )
-            return code or 1
-        stage.status = "done"
-        state[stage.name].update(status="done", seconds=round(stage.seconds, 1))
-        write_json(state_path, state)
-        print(f"{head} done in {stage.seconds:.1f} s")
-    if dry_run:
-        return 0
-    summary = write_summary(cfg, stages, state)
-    print(f"pipeline {cfg.name}: finished in {time.perf_counter() - t_start:.1f} s; summary: {summary}")
+        else:
+            stage.status = "skipped"
+            print(f"{head} up to date (inputs unchanged), skipped")
     return 0
 
 
-# ---- the summary -----------------------------------------------------------------------------
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _our_latency_ms(report: LatencyReport | None, precision: str) -> float | None:
-    """Our model's prefill mean (the paper's protocol) at ``precision``, plain path."""
-    row = model_latency_row(report, precision)
-    return row["prefill_ms"]["mean"] if row else None
-
-
-def _tables(out: Path, labels: list[str]) -> list[str]:
-    """Paper Tables 2 and 3 with this run's rows (one per precision) under the paper's, drawn
-    by the eval report's own renderer."""
-    from merino_pl.eval.report import table2_lines, table3_lines
-
-    evals = {lb: read_eval(out / "eval" / lb / "eval.json") for lb in labels}
-    lats = {lb: read_latency(out / "latency" / lb / "latency.json") for lb in labels}
-    ours = [(lb, rep) for lb, rep in evals.items() if rep]
-    if not ours:
-        return []
-    t2 = table2_lines(ours)
-    t3 = table3_lines([(lb, rep, _our_latency_ms(lats[lb], lb)) for lb, rep in ours], latency_header="latency (ms)")
-    lat_note = next(
-        (
-            f"{r.device['summary']}, batch {r.protocol['batch']}, "
-            f"sequence {r.protocol['seq_len']}, mean of {r.protocol['runs']} prefill runs"
-            for r in lats.values()
-            if r
-        ),
-        "latency: not measured in this run",
-    )
-    return [
-        "## Zero-shot accuracy (paper Table 2 layout)",
-        "",
-        *t2,
-        "",
-        "## Perplexity and latency (paper Table 3 layout; word perplexity)",
-        "",
-        *t3,
-        "",
-        f"Paper latency is on a Jetson Nano; ours: {lat_note}. Tasks whose data could not be "
-        "fetched are blank (see each eval report's *Skipped* list).",
-        "",
-    ]
-
-
-def _models(out: Path, stages: list[Stage]) -> dict[str, Path]:
-    """Precision label -> model directory of this run (the exported float model, then each quantized one)."""
-    models = {"fp32": out / "model"} if any(s.name == "export" for s in stages) else {}
-    models.update({s.name[len("quantize-") :]: s.workdir for s in stages if s.name.startswith("quantize-")})
-    return models
-
-
-def write_summary(cfg: PipelineConfig, stages: list[Stage], state: dict[str, Any]) -> Path:
-    """``OUT/summary.md``: stages, the run's pictures, the paper's tables with this run's rows,
-    links to reports."""
-    out = cfg.out_dir
-    labels = [s.name[len("eval-") :] for s in stages if s.name.startswith("eval-")]
-    lines = [
-        f"# Pipeline `{cfg.name}`",
-        "",
-        f"Config: `{cfg.source}`. Every path below is relative to this file.",
-        "",
-        "| stage | status | seconds | outputs |",
-        "|---|---|---|---|",
-    ]
-    for s in stages:
-        seconds = state.get(s.name, {}).get("seconds")
-        links = ", ".join(f"[{p.relative_to(out)}]({p.relative_to(out)})" for p in s.outputs)
-        lines.append(f"| {s.name} | {s.status} | {_fmt(seconds, 1)} | {links} |")
-    plot_lines, shown = summary_plots(out, _models(out, stages))
-    lines += ["", *plot_lines, *_tables(out, labels), "## Reports and plots", ""]
-    for p in sorted(out.glob("*/**/*")):
-        if p.suffix in (".md", ".png") and p.is_file() and "logs" not in p.parts and p not in shown:
-            rel = p.relative_to(out)
-            lines.append(f"- ![{rel}]({rel})" if p.suffix == ".png" else f"- [{rel}]({rel})")
-    path = out / "summary.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+def _run(
+    cfg: PipelineConfig, layout: RunLayout, stages: list[Stage], state: RunState, force: tuple[str, ...], lock_fd: int
+) -> int:
+    print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
+    t_start = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        stage.compute_key()  # after the earlier stages ran: their outputs are this one's inputs
+        head = f"[{i}/{len(stages)}] {stage.name:<14}"
+        if not _stale(stage, state, force, set()):
+            stage.status = "skipped"
+            print(f"{head} up to date (inputs unchanged), skipped")
+            continue
+        print(f"{head} running: merino-pl {' '.join(stage.argv)}", flush=True)
+        forced = stage.name in force or "all" in force
+        code = _run_stage(stage, layout, state, forced, lock_fd)
+        if code:
+            return code
+        print(f"{head} done in {stage.seconds:.1f} s")
+    seconds = {name: entry.get("seconds") for name, entry in state.stages.items()}
+    summary = write_summary(cfg, layout, stages, seconds)
+    state.record([summary, *state.files_under(layout.plots)])
+    state.save()
+    print(f"pipeline {cfg.name}: finished in {time.perf_counter() - t_start:.1f} s; summary: {summary}")
+    return 0

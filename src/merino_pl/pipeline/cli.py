@@ -1,7 +1,8 @@
-"""``merino-pl pipeline --config PIPELINE.yaml [--out-dir DIR] [--force STAGE] [--dry-run]``.
+"""``merino-pl pipeline --config PIPELINE.yaml [--out-dir DIR] [--force STAGE] [--dry-run] [--keep-unknown]``.
 
-Flags -> ``PipelineConfig`` -> ``run_pipeline`` (``pipeline/api.py``: the stages, their skip
-keys, the summary).
+Flags -> ``PipelineConfig`` -> ``run_pipeline`` (``pipeline/api.py``: checking, locking and
+running the stages; the package's other modules hold the config, the stages, the state and the
+summary).
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="re-run this stage (and so everything after it whose inputs change); 'all' re-runs every stage",
     )
     p.add_argument("--dry-run", action="store_true", help="list the stages and whether each would run, run nothing")
+    p.add_argument(
+        "--keep-unknown",
+        action="store_true",
+        help="run even though the output folder holds files this pipeline did not write (outside the stage "
+        "folders); they are never touched",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = PipelineConfig.load(args.config, args.out_dir)
-    return run_pipeline(cfg, force=tuple(args.force), dry_run=args.dry_run)
+    return run_pipeline(cfg, force=tuple(args.force), dry_run=args.dry_run, keep_unknown=args.keep_unknown)

@@ -1,4 +1,5 @@
-"""The pictures of a pipeline run, drawn by its summary step into ``OUT/plots/`` (matplotlib, Agg).
+"""The pictures of a pipeline run, drawn by its summary step into ``OUT/plots/`` (``core.plotting``:
+headless, written atomically).
 
 * ``training-loss.png``: the fit's training loss per logged step (and its validation loss), from
   the CSVLogger's ``metrics.csv`` under ``OUT/fit`` (a resumed run writes one per version; for a
@@ -9,8 +10,8 @@
   out of reach); with one, the plot stage's ``accuracy-vs-latency.png`` carries our points.
 * ``precisions.png``: size on disk, perplexity and prefill latency per precision (fp32 / int8 / int4).
 
-Only the reports' files are read (STYLE §6), each through its stage's own schema
-(``EvalReport.read``, ``LatencyReport.read``); the bubble chart is ``latency plot``'s renderer.
+Only the reports' files are read (STYLE §6), once per summary (``reports.load_reports``, each
+through its stage's own schema); the bubble chart is ``latency plot``'s renderer.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path
 from merino_pl.core.paper import paper_baselines
-from merino_pl.eval.report import EvalReport
+from merino_pl.core.plotting import pyplot, save_figure
+from merino_pl.pipeline.layout import RunLayout
+from merino_pl.pipeline.reports import ModelReports
 
 if TYPE_CHECKING:
     from merino_pl.latency.report import LatencyReport
 
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:red"}
 PPL_DATASETS = ("wikitext2", "ptb")  # the paper's Table 3, in its order
+DPI = 130
 
 
 @dataclass
@@ -46,46 +48,19 @@ class PrecisionRow:
     flops_g: float | None = None
 
 
-def read_eval(path: Path) -> EvalReport | None:
-    """An eval report (``merino-pl eval``'s ``eval.json``), None when missing or not one."""
-    try:
-        return EvalReport.read(path)
-    except MerinoError:
-        return None
-
-
-def read_latency(path: Path) -> LatencyReport | None:
-    """A latency report (``merino-pl latency``'s ``latency.json``), None when missing or not one."""
-    from merino_pl.latency.report import LatencyReport  # torch: only once a summary is written
-
-    try:
-        return LatencyReport.read(path)
-    except MerinoError:
-        return None
-
-
-def model_latency_row(report: LatencyReport | None, precision: str) -> dict[str, Any] | None:
-    """A latency report's row of our model at ``precision`` on the plain path (the paper's
-    protocol), None when it has none."""
-    for row in report.rows if report else []:
-        if row.get("role") == "model" and row.get("precision") == precision and row.get("path") == "plain":
-            return row
-    return None
-
-
-def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
-    """One row per precision label (``models``: label -> model directory)."""
+def precision_rows(reports: list[ModelReports]) -> list[PrecisionRow]:
+    """One row per model of the run."""
     rows = []
-    for label, model_dir in models.items():
-        row = PrecisionRow(label)
-        weights = list(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    for m in reports:
+        row = PrecisionRow(m.label)
+        weights = list(m.model_dir.glob("*.safetensors")) if m.model_dir.is_dir() else []
         row.size_mb = sum(p.stat().st_size for p in weights) / 1e6 if weights else None
-        ev = read_eval(out / "eval" / label / "eval.json")
+        ev = m.eval
         row.model = ev.model.name if ev else None
         ppl = ev.perplexity if ev else {}
         row.dataset = next((k for k in (*PPL_DATASETS, *ppl) if (ppl.get(k) or {}).get("word_perplexity")), None)
         row.perplexity = ppl[row.dataset]["word_perplexity"] if row.dataset else None
-        lat = model_latency_row(read_latency(out / "latency" / label / "latency.json"), label)
+        lat = m.latency_row()
         if lat:
             row.latency_ms, row.flops_g = lat["prefill_ms"]["mean"], lat.get("flops_g")
             row.model = row.model or lat.get("model")
@@ -93,9 +68,9 @@ def precision_rows(out: Path, models: dict[str, Path]) -> list[PrecisionRow]:
     return rows
 
 
-def accuracy_known(out: Path, labels: list[str]) -> bool:
+def accuracy_known(reports: list[ModelReports]) -> bool:
     """Whether any eval report of this run has a finished zero-shot task."""
-    return any((ev := read_eval(out / "eval" / label / "eval.json")) and ev.ok_tasks() for label in labels)
+    return any(m.eval and m.eval.ok_tasks() for m in reports)
 
 
 # ---- training loss -------------------------------------------------------------------------------
@@ -122,7 +97,7 @@ def loss_history(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
 
 
 def draw_loss_curve(train: dict[int, float], val: dict[int, float], title: str, out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps, losses = list(train), list(train.values())
     smooth = len(losses) >= 20
@@ -140,7 +115,7 @@ def draw_loss_curve(train: dict[int, float], val: dict[int, float], title: str, 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out)
+    save_figure(fig, out, dpi=DPI)
 
 
 # ---- perplexity vs latency ------------------------------------------------------------------------
@@ -165,9 +140,10 @@ def paper_perplexity_points(dataset: str) -> list[dict[str, Any]]:
     ]
 
 
-def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Path) -> bool:
-    """Our precisions (and peers timed here, with the paper's perplexity) beside the paper's
-    points; False when no precision has both a perplexity and a latency."""
+def draw_perplexity_vs_latency(rows: list[PrecisionRow], report: LatencyReport | None, out: Path) -> bool:
+    """Our precisions (and the peers timed here by the float model's latency ``report``, with the
+    paper's perplexity) beside the paper's points; False when no precision has both a perplexity
+    and a latency."""
     from merino_pl.latency.plot import draw
 
     ours = [r for r in rows if r.perplexity is not None and r.latency_ms is not None]
@@ -188,7 +164,6 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Pat
     ]
     paper = paper_perplexity_points(dataset) if dataset in PPL_DATASETS else []
     by_name = {p["model"]: p for p in paper}
-    report = read_latency(out_dir / "latency" / "fp32" / "latency.json")
     device = report.device.get("summary", "this machine") if report else "this machine"
     for r in report.rows if report else []:  # peers timed on this device: the paper's perplexity
         if r.get("role") != "model" and r.get("path") == "plain" and r.get("model") in by_name:
@@ -217,7 +192,7 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], out_dir: Path, out: Pat
 
 # ---- per precision --------------------------------------------------------------------------------
 def draw_precision_bars(rows: list[PrecisionRow], out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     dataset = next((r.dataset for r in rows if r.dataset), "held-out")
     panels = [
         ("size on disk (MB)", "size_mb", "{:.1f}"),
@@ -244,15 +219,14 @@ def draw_precision_bars(rows: list[PrecisionRow], out: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     model = next((r.model for r in rows if r.model), "the model")
     fig.suptitle(f"{model} per precision")
-    fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out, dpi=DPI)
 
 
 # ---- the summary's section --------------------------------------------------------------------------
-def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[Path]]:
-    """Draw the run's pictures into ``out/plots``; the summary.md lines that show them (each
+def summary_plots(layout: RunLayout, reports: list[ModelReports]) -> tuple[list[str], list[Path]]:
+    """Draw the run's pictures into ``layout.plots``; the summary.md lines that show them (each
     missing picture says why) and the files they show or link."""
-    plots = out / "plots"
+    out, plots = layout.out, layout.plots
     lines: list[str] = ["## Plots", ""]
     shown: list[Path] = []
 
@@ -261,7 +235,7 @@ def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[P
         lines.extend([f"{caption}", "", f"![{rel}]({rel})", ""])
         shown.append(path)
 
-    train, val = loss_history(out / "fit")
+    train, val = loss_history(layout.fit_dir)
     if train:
         draw_loss_curve(
             train,
@@ -272,13 +246,14 @@ def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[P
         show(plots / "training-loss.png", "**Training loss** (from the fit's CSV log):")
     else:
         lines += ["**Training loss**: no `metrics.csv` under `fit/` (the fit config has no CSVLogger).", ""]
-    rows = precision_rows(out, models)
-    acc_png = plots / "accuracy-vs-latency.png"
+    rows = precision_rows(reports)
+    acc_png = layout.accuracy_png
     ppl_png = plots / "perplexity-vs-latency.png"
-    if accuracy_known(out, list(models)) and acc_png.exists():
+    fp32_latency = next((m.latency for m in reports if m.label == "fp32"), None)
+    if accuracy_known(reports) and acc_png.exists():
         ppl_png.unlink(missing_ok=True)
         show(acc_png, "**Accuracy vs latency** (paper Figure 1 layout):")
-    elif draw_perplexity_vs_latency(rows, out, ppl_png):
+    elif draw_perplexity_vs_latency(rows, fp32_latency, ppl_png):
         note = ""
         if acc_png.exists():  # drawn by the plot stage without a point of ours: a link, not a picture
             note = f"; the [accuracy-vs-latency chart]({acc_png.relative_to(out)}) has no point of this run's model"
@@ -294,19 +269,3 @@ def summary_plots(out: Path, models: dict[str, Path]) -> tuple[list[str], list[P
         draw_precision_bars(rows, plots / "precisions.png")
         show(plots / "precisions.png", "**Per precision**: weight files, perplexity, prefill latency:")
     return lines, shown
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=130)
-    _pyplot().close(fig)
