@@ -37,6 +37,8 @@ PUBLIC = {
     "merino_pl.eval.report": "the eval report's renderer (whoever shows a report calls its renderer)",
     "merino_pl.eval.intrinsic": "held-out nats / character and bits / byte at the trained context (pipeline summary)",
     "merino_pl.generate.api": "the generate stage's entry: the continuations the demo's summary shows",
+    "merino_pl.eval.intrinsic": "held-out nats / character and bits / byte at the trained context (pipeline summary)",
+    "merino_pl.generate.api": "the generate stage's entry: the continuations the demo's summary shows",
     "merino_pl.latency.plot": "the latency plot's renderer",
     "merino_pl.latency.report": "LatencyReport: the latency report's schema (the pipeline's summary reads it)",
     "merino_pl.export.onnx": "the export stage's ONNX entry: latency times the graph a user deploys",
