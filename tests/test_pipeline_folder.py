@@ -196,3 +196,14 @@ def test_a_lock_left_by_another_host_is_not_taken_over(tmp_path):
         with folder_lock(out, "test"):
             pass
     assert json.loads(lock_path(out).read_text())["host"] == "node-7"
+
+
+def test_a_users_symlink_is_theirs_and_never_followed(tmp_path):
+    out = tmp_path / "out"
+    state, _ = owned_run(out)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"x")
+    (out / "fit" / "data").symlink_to(tmp_path / "data")  # a link to a directory: one entry, not its files
+    assert state.unknown({}) == [out / "fit" / "data"]
+    state.clean(out / "fit")
+    assert (out / "fit" / "data").is_symlink() and (tmp_path / "data" / "big.bin").read_bytes() == b"x"

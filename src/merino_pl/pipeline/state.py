@@ -29,7 +29,7 @@ from merino_pl.pipeline.stages import file_digest
 FORMAT = 2
 # left in OUT by our own writers and never the user's: atomic temp files / directories of a killed
 # writer (core.io: ``.NAME.HOST-PID-TOKEN.tmp|old``) and folder locks (core.lock: ``.NAME.lock``)
-TRANSIENT = re.compile(r"^\..+\.([^.]+-\d+-[0-9a-f]+\.(tmp|old)|lock)$")
+TRANSIENT = re.compile(r"^\..+\.(.+-\d+-[0-9a-f]+\.(tmp|old)|lock)$")
 
 
 @dataclass
@@ -79,13 +79,15 @@ class RunState:
                 self.files[self._rel(p)] = fp
 
     def files_under(self, folder: Path) -> list[Path]:
-        """Every file under ``folder`` (symlinks as files, never followed), transient ones left out."""
+        """Every file under ``folder`` (symlinks, to directories too, as files: never followed),
+        transient ones left out."""
         if folder.is_file() or folder.is_symlink():
             return [folder]
         found = []
         for root, dirs, names in os.walk(folder):
-            dirs[:] = [d for d in dirs if not TRANSIENT.match(d)]
-            found += [Path(root) / n for n in names if not TRANSIENT.match(n)]
+            links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+            dirs[:] = [d for d in dirs if not TRANSIENT.match(d) and d not in links]
+            found += [Path(root) / n for n in [*names, *links] if not TRANSIENT.match(n)]
         return sorted(found)
 
     def unknown(self, interrupted: dict[str, list[Path]]) -> list[Path]:
@@ -93,7 +95,7 @@ class RunState:
         (``interrupted``: stage name -> its folder and log) the files it left there."""
         for name, places in interrupted.items():
             started = float(self.stages.get(name, {}).get("started") or time.time())
-            self.record(p for place in places for p in self.files_under(place) if p.stat().st_mtime >= started - 1)
+            self.record(p for place in places for p in self.files_under(place) if p.lstat().st_mtime >= started - 1)
         return [p for p in self.files_under(self.out) if p != self.path and not self.owns(p)]
 
     def clean(self, folder: Path) -> None:
