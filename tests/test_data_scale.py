@@ -268,3 +268,54 @@ def test_slurm_array_prepare_gives_the_one_task_stream(local_slurm, two_ways, tm
     assert prepare("--merge", tmp_path / "s") == 0
     for split in ("train", "val"):
         assert np.array_equal(split_tokens(one, split), split_tokens(tmp_path / "s", split)), split
+
+
+def _recorder():
+    """A LightningModule that trains one scalar and logs the mean of each validation batch."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, _):
+            return (self.w - batch.float().mean()) ** 2
+
+        def validation_step(self, batch, _):
+            self.log("val_mean", batch.float().mean(), sync_dist=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return Recorder
+
+
+@pytest.mark.slow
+def test_two_process_fit_builds_the_validation_set_once(tmp_path):
+    """Real DDP (2 processes, gloo, Lightning's launcher re-running a script): rank 0 builds the
+    set, rank 1 waits for the file, both validate."""
+    import subprocess
+    import sys
+
+    write_corpus(tmp_path / "c", n_docs=200)
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch, lightning as L\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_data_scale import _recorder\n"
+        "from test_data import make_dm\n"
+        "if __name__ == '__main__':\n"
+        "    torch.set_num_threads(1)\n"
+        f"    dm = make_dm({str(tmp_path / 'c')!r}, val_fraction=0.2, val_sequences=8, batch_size=2)\n"
+        "    trainer = L.Trainer(accelerator='cpu', devices=2, strategy='ddp', max_steps=2, logger=False,\n"
+        "                        enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,\n"
+        f"                        val_check_interval=2, default_root_dir={str(tmp_path / 'run')!r})\n"
+        "    trainer.fit(_recorder()(), datamodule=dm)\n"
+        "    print('windows', len(dm.validation_windows()), 'rank', dm.rank_world())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "run" / "data").glob("val-*.npz"))) == 1
+    assert "windows 4 rank (0, 2)" in proc.stdout and "windows 4 rank (1, 2)" in proc.stdout, proc.stdout
