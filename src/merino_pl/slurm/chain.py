@@ -188,7 +188,7 @@ def chain(settings: ChainSettings) -> list[str] | None:
         print(
             f"submitted {job.stage:<14} job {ids[job.stage]}" + (f"  after {', '.join(job.after)}" if job.after else "")
         )
-    print(f"logs in {spec.log_dir}/; follow with: merino-pl slurm status {spec.run_dir}")
+    print(f"logs in {spec.log_dir}/; follow with: merino-pl slurm status {shlex.quote(spec.run_dir)}")
     return [ids[job.stage] for job in jobs]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def default_run_dir(config: dict[str, Any], recipe: str, config_path: str = "con
     """Where a run of ``recipe`` with this training config writes: the config's
     ``trainer.default_root_dir`` when ``recipe`` is the config's own ``model.recipe`` (or the
     config names none), else ``runs/<config name>-<recipe name>``, so that another recipe never
-    resumes (or overwrites) the config's run; without a ``default_root_dir``, ``runs/<recipe name>``."""
+    resumes (or overwrites) the config's run; without a ``default_root_dir``, ``runs/<recipe name>``
+    as ``fit`` itself does (the name: a recipe file's stem, or the built-in name)."""
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     root = trainer.get("default_root_dir")
@@ -85,10 +87,8 @@ def default_run_dir(config: dict[str, Any], recipe: str, config_path: str = "con
 
 
 def _recipe_name(recipe: str) -> str:
-    try:
-        return load_recipe(recipe).name
-    except MerinoError:  # reported by the argument checks
-        return Path(recipe).stem
+    """The file name of a recipe path, or the built-in name: what ``fit`` names its run directory after."""
+    return Path(recipe).stem
 
 
 def _same_recipe(a: str, b: str) -> bool:
@@ -226,9 +226,8 @@ def submit(settings: SubmitSettings) -> str | None:
     job_id = sbatch(path)
     record_job(Path(spec.run_dir), fit_record(job_id, path, spec))
     print(f"wrote {path}")
-    print(
-        f"submitted job {job_id}; log {spec.log_dir}/{job_id}.out; follow with: merino-pl slurm status {spec.run_dir}"
-    )
+    follow = f"merino-pl slurm status {shlex.quote(spec.run_dir)}"
+    print(f"submitted job {job_id}; log {spec.log_dir}/{job_id}.out; follow with: {follow}")
     return job_id
 
 

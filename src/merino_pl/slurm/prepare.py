@@ -137,5 +137,5 @@ def prepare_array(settings: PrepareJobSettings) -> tuple[str, str] | None:
     entry = {"job_id": merge_id, "stage": "merge", "script": str(merge_script)}
     record_job(run_dir, {**entry, **common, "depends_on": [array_id]})
     print(f"submitted prepare job {array_id} (array of {settings.tasks}); merge job {merge_id} after it")
-    print(f"logs in {log_dir}/; follow with: merino-pl slurm status {run_dir}")
+    print(f"logs in {log_dir}/; follow with: merino-pl slurm status {shlex.quote(str(run_dir))}")
     return array_id, merge_id
