@@ -3,6 +3,7 @@ default) and the demo's 2048-id byte-level BPE of the embedded corpus (``DEMO_TO
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -83,3 +84,37 @@ def find_eos(tok: Tokenizer, spec: str | None) -> int:
         if (i := tok.token_to_id(token)) is not None:
             return i
     raise MerinoError(f"tokenizer {spec!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+
+
+def model_tokenizer(source: str | os.PathLike) -> str:
+    """The tokenizer a model goes with, for every stage that ships or reads text with it (export,
+    generate, quantize, eval, latency): a ``tokenizer.json`` path, or a hub name a checkpoint
+    recorded (never the default in place of a recorded one).
+
+    * a model / GPTQ directory: its own ``tokenizer.json`` (a directory without one is an error);
+    * a ``.ckpt`` from ``merino-pl fit``: the ``merino.tokenizer`` it recorded (a shipped name ->
+      the package's file; a path, which must still exist), else the default GPT-NeoX-20B (fit
+      records only a tokenizer other than the default);
+    * anything else (a recipe: a fresh model): the default.
+    """
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise MerinoError(f"{path}: no tokenizer.json beside the model; pass the tokenizer it was trained with")
+        return str(path / "tokenizer.json")
+    if path.suffix != ".ckpt" or not path.is_file():
+        return str(default_tokenizer_file())
+    from merino_pl.core.checkpoint import trained_tokenizer  # torch: only for a checkpoint
+
+    recorded = trained_tokenizer(path)
+    if recorded is None or recorded in SHIPPED_TOKENIZERS:
+        return str(shipped_tokenizer_file(recorded or DEFAULT_TOKENIZER))
+    file = Path(recorded) / "tokenizer.json" if Path(recorded).is_dir() else Path(recorded)
+    if file.is_file():
+        return str(file)
+    if file.is_absolute() or file.suffix == ".json" or os.sep in recorded:  # a path (fit records files absolute)
+        raise MerinoError(
+            f"{path} was trained with the tokenizer {recorded}, which is missing: put it back, "
+            "or pass the same tokenizer.json with --tokenizer"
+        )
+    return recorded  # a hub name the checkpoint recorded: load_tokenizer fetches it
