@@ -37,11 +37,11 @@ def two_ways(tmp_path_factory) -> tuple[Path, Path, Path]:
     write_corpus(root / "c", n_docs=90, n_files=3)
     assert prepare(root / "c", "--out", root / "one", *COMMON) == 0
     assert prepare(root / "c", "--out", root / "two", "--num-tasks", 2, "--task-index", 0, *COMMON) == 0
-    env = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "7"}
+    env = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "1"}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        assert prepare(root / "c", "--out", root / "two", *COMMON) == 0  # part 8 - 7 = 1 of 2
+        assert prepare(root / "c", "--out", root / "two", *COMMON) == 0  # part 1 of 2
     return root / "c", root / "one", root / "two"
 
 
@@ -85,7 +85,7 @@ def test_merge_refuses_a_missing_part(two_ways, tmp_path, capsys):
         (
             [],
             {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "5"},
-            "SLURM array task 5 is part 5, not in [0, 2)",
+            "SLURM array task 5 is not in [0, 2) (SLURM_ARRAY_TASK_COUNT 2)",
         ),
         ([], {"SLURM_ARRAY_TASK_COUNT": "x"}, "SLURM_ARRAY_TASK_COUNT='x' (not an integer)"),
         (["--num-tasks", 4, "--task-index", 0], {}, "has 3 file(s) and a task tokenizes whole files"),
@@ -99,6 +99,34 @@ def test_bad_tasks_are_one_line_exit_2(two_ways, tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,env,task",
+    [
+        ({}, {}, (1, 0)),
+        ({}, {"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "3"}, (8, 3)),
+        ({"num_tasks": 8}, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "5"}, (8, 5)),  # re-run --array=3,5
+        ({"num_tasks": 4, "task_index": 2}, {"SLURM_ARRAY_TASK_ID": "0"}, (4, 2)),  # flags win
+    ],
+)
+def test_task_from_flags_or_slurm_array(monkeypatch, flags, env, task):
+    from merino_pl.data.prepare import PrepareSettings, resolve_task
+
+    for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    problems: list[str] = []
+    assert resolve_task(PrepareSettings("embedded", "out", **flags), problems) == task and not problems
+
+
+def test_one_task_array_rerun_without_num_tasks_is_refused(monkeypatch, tmp_path, capsys):
+    """`sbatch --array=5` alone: COUNT is 1, so without --num-tasks it cannot be part 5 of a run."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    assert prepare("embedded", "--out", tmp_path / "o") == 2
+    assert "SLURM array task 5 is not in [0, 1)" in capsys.readouterr().err
 
 
 def test_merge_and_verify_take_no_source(tmp_path, capsys):

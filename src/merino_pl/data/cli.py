@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task-index",
         type=int,
         default=None,
-        help="the part this task writes, into OUT/part-0000I (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)",
+        help="the part this task writes, into OUT/part-0000I (default: SLURM_ARRAY_TASK_ID, else 0)",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--merge", metavar="DIR", help="after all tasks: merge DIR/part-* into one shard set DIR")

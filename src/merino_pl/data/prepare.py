@@ -68,7 +68,7 @@ class PrepareSettings:
     docs_per_batch: int = 256  # documents sent to a worker at once
     max_shards: int | None = None  # stop after this many train shards (a later run continues)
     num_tasks: int | None = None  # split the source into this many parts (None: SLURM_ARRAY_TASK_COUNT, else 1)
-    task_index: int | None = None  # the part this run writes (None: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)
+    task_index: int | None = None  # the part this run writes (None: SLURM_ARRAY_TASK_ID, else 0)
 
 
 @dataclass
@@ -169,29 +169,34 @@ def _env_int(name: str, problems: list[str]) -> int | None:
 
 
 def resolve_task(settings: PrepareSettings, problems: list[str]) -> tuple[int, int]:
-    """(number of tasks, this task's index): the flags, else SLURM's array variables, else (1, 0).
+    """(number of tasks, this task's index): the flags, else SLURM's array variables
+    (``SLURM_ARRAY_TASK_COUNT``, ``SLURM_ARRAY_TASK_ID``), else (1, 0); problems are appended.
 
-    An index comes from ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` (so ``--array=1-4`` works too);
-    problems are appended to ``problems``."""
+    The index is the array index itself, so ``--array=3,5 ... --num-tasks 8`` re-runs parts 3
+    and 5 of an 8-task run (an index taken relative to the array's first would silently redo 0
+    and 2); a full run is ``--array=0-(N-1)``."""
     n = settings.num_tasks
+    n_from = "--num-tasks" if n is not None else "SLURM_ARRAY_TASK_COUNT"
     if n is None:
         n = _env_int("SLURM_ARRAY_TASK_COUNT", problems) or 1
-    i = settings.task_index
-    if i is None and n > 1:
-        task_id = _env_int("SLURM_ARRAY_TASK_ID", problems)
-        if task_id is None:
-            problems.append(f"--task-index is needed with --num-tasks {n} (or run as a SLURM array task)")
-            return n, 0
-        i = task_id - (_env_int("SLURM_ARRAY_TASK_MIN", problems) or 0)
-        if not 0 <= i < n:
-            problems.append(f"SLURM array task {task_id} is part {i}, not in [0, {n}) (submit with --array=0-{n - 1})")
-        return n, i
-    i = 0 if i is None else i
     if n < 1:
-        problems.append(f"--num-tasks {n} (must be >= 1)")
-    elif not 0 <= i < n:
-        problems.append(f"--task-index {i} (must be in [0, {n}) for --num-tasks {n})")
-    return n, i
+        problems.append(f"{n_from} {n} (must be >= 1)")
+        return n, 0
+    if settings.task_index is not None:
+        if not 0 <= settings.task_index < n:
+            problems.append(f"--task-index {settings.task_index} (must be in [0, {n}) for --num-tasks {n})")
+        return n, settings.task_index
+    task_id = _env_int("SLURM_ARRAY_TASK_ID", problems)
+    if task_id is None:
+        if n > 1:
+            problems.append(f"--task-index is needed with --num-tasks {n} (or run as a SLURM array task)")
+        return n, 0
+    if not 0 <= task_id < n:
+        problems.append(
+            f"SLURM array task {task_id} is not in [0, {n}) ({n_from} {n}): submit --array=0-{n - 1}, "
+            "or pass --num-tasks N to re-run some tasks of an N-task run"
+        )
+    return n, task_id
 
 
 def _check_settings(settings: PrepareSettings) -> tuple[int, int]:
