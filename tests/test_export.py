@@ -348,3 +348,100 @@ def test_int4_dir_loads_through_transformers_gptq_integration(tmp_path_factory, 
     # logits: their kernel (at group 32 an int4 matmul in bfloat16) vs merino-pl's float32 dequantization
     logits = theirs["logits"].float()
     assert (logits - ref).norm() / ref.norm() < 2e-2 and (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_onnx_step_leaves_the_old_complete_export(tmp_path: Path, capsys) -> None:
+    """`export --onnx --out D --overwrite` builds weights, tokenizer, remote code and model.onnx
+    aside and swaps them in as one unit: killed while the ONNX file is being written, D is the old
+    export byte for byte with no temp file in it, and the re-run replaces it (and clears the leftover)."""
+    import signal
+    import time
+
+    old = Recipe("old", tiny_arch(), {"source": "test"}).save(tmp_path / "old.yaml")
+    new = Recipe("new", tiny_arch(vocab_size=640), {"source": "test"}).save(tmp_path / "new.yaml")
+    out = tmp_path / "exported"
+    assert cli(["export", str(old), "--out", str(out), "--onnx"]) == 0
+    before = _hashes(out)
+    argv = [sys.executable, "-m", "merino_pl.cli", "export", str(new), "--out", str(out), "--overwrite", "--onnx"]
+    proc = subprocess.Popen(argv, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("**/.model.onnx.*.tmp")):  # the ONNX step has begun
+        assert proc.poll() is None and time.monotonic() < deadline, "the export ended before its ONNX step was seen"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _hashes(out) == before and not [f for f in out.iterdir() if f.name.startswith(".")]
+    assert list(tmp_path.glob(".exported.*.tmp/model.safetensors"))  # the new weights were built aside
+    assert cli(["export", str(new), "--out", str(out), "--overwrite", "--onnx"]) == 0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 640 and (out / "model.onnx").is_file()
+    assert not list(tmp_path.glob(".exported.*")), "the killed run's temp directory is left beside the export"
+
+
+def _bpe(path: Path, text: str, vocab: int = 300) -> Path:
+    """A small byte-level BPE with GPT-NeoX's end-of-text token (a tokenizer that is not the default)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([text], trainer)
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_export_ships_the_tokenizer_the_checkpoint_was_trained_with(tmp_path: Path, capsys) -> None:
+    """fit --data.tokenizer my.json records it; export ships that very file (never the shipped NeoX);
+    a recorded tokenizer that has gone missing is one line, exit 2, nothing written."""
+    import yaml
+
+    from merino_pl.core.tokenizer import default_corpus_file
+
+    custom = _bpe(tmp_path / "my tokenizer.json", default_corpus_file().read_text()[:60_000])
+    arch = tiny_arch(vocab_size=320)
+    recipe = Recipe("custom-tok", arch, {"source": "test"}).save(tmp_path / "r.yaml")
+    data = {"source": "embedded", "tokenizer": str(custom), "seq_len": 32, "batch_size": 2, "num_workers": 0}
+    config = {
+        "seed_everything": 1,
+        "model": {"recipe": str(recipe), "lr": 1e-3, "warmup_steps": 1},
+        "data": {**data, "val_sequences": 0, "shuffle_windows": 16},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+        },
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert cli(["fit", "--config", str(tmp_path / "fit.yaml")]) == 0
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    assert cli(["export", str(ckpt), "--out", str(tmp_path / "model")]) == 0
+    assert (tmp_path / "model" / "tokenizer.json").read_bytes() == custom.read_bytes()
+    assert cli(["export", str(tmp_path / "model"), "--out", str(tmp_path / "again")]) == 0  # a directory: its own
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == custom.read_bytes()
+
+    custom.rename(tmp_path / "moved.json")
+    capsys.readouterr()
+    assert cli(["export", str(ckpt), "--out", str(tmp_path / "lost")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(custom) in err and "missing" in err and "Traceback" not in err
+    assert not (tmp_path / "lost").exists()

@@ -12,7 +12,9 @@ existing non-empty one needs ``--overwrite``, and one that holds the checkpoint 
 (``export RUN/checkpoints/last.ckpt --out RUN``) is refused even with it.
 
 ``--onnx`` additionally writes ``model.onnx`` with KV-cache inputs for decoding (``onnx.py``):
-what a Jetson user feeds to TensorRT.
+what a Jetson user feeds to TensorRT. ``--executorch [fp32,8da4w]`` writes ExecuTorch programs with
+their KV cache (``executorch.py``; bare: both), for phones and embedded Linux. Everything goes into
+``--out`` as one unit.
 """
 
 from __future__ import annotations
@@ -33,11 +35,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokenizer.json to ship with the model (default: the one it was trained with, else GPT-NeoX-20B)",
     )
     p.add_argument("--onnx", action="store_true", help="also write model.onnx with KV-cache inputs")
+    p.add_argument(
+        "--executorch",
+        nargs="?",
+        const="fp32,8da4w",
+        default="",
+        metavar="KINDS",
+        help="also write ExecuTorch programs (XNNPACK, KV cache): fp32 -> model.pte, 8da4w -> model-8da4w.pte "
+        "(comma-separated; bare: both). Needs executorch (make executorch-env)",
+    )
 
 
 def settings(args: argparse.Namespace) -> ExportSettings:
     """The flags as the typed settings ``api.export`` takes."""
-    return ExportSettings(args.checkpoint, args.out, args.overwrite, args.tokenizer, args.onnx)
+    kinds = tuple(dict.fromkeys(k.strip() for k in args.executorch.split(",") if k.strip()))
+    return ExportSettings(args.checkpoint, args.out, args.overwrite, args.tokenizer, args.onnx, kinds)
 
 
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
@@ -57,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {done.recipe} ({done.kind}) -> {done.out}")
     if done.onnx:
         print(f"onnx -> {done.onnx}")
+    for pte in done.pte:
+        print(f"executorch -> {pte}")
     return 0
