@@ -302,6 +302,14 @@ def test_regime_report_ranks_per_length_and_picks_each_best_lr(tmp_path):
         str(i): 0.001 if i < 2 else 0.002 for i in range(8)
     }
     assert set(grid["correlations"]["decoder_params"]) == {"fixed_lr", "best_lr"}
+    from merino_pl.core.evidence import judge, load_evidence
+
+    ev = load_evidence(study / "proxy-evidence.json")  # what `search --tokens` reads: the decayed points only
+    assert [p["tokens"] for p in ev["points"]] == [1200 * 1024, 4800 * 1024]
+    at4x = judge(ev, "params", "decoder_params", pts[-1]["tokens_per_decoder_param"] * 1.2)
+    assert at4x.status == "measured" and at4x.rho == pytest.approx(1.0) and "ranks forwards" in at4x.line()
+    far = judge(ev, "params", "decoder_params", 1000.0)
+    assert far.status == "unvalidated" and "unvalidated" in far.line()
     md = (study / "regime.md").read_text()
     assert "| 4.92 M |" in md and "best lr" in md and (study / "regime.png").stat().st_size > 20_000
 

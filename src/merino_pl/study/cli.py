@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("regime", help="rho of every proxy per training length, and the lr grid: JSON, Markdown, plot")
     reg.add_argument("study", help="a study directory whose config has `lengths` and / or `lr_grid`")
     reg.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95 %% intervals")
+    reg.add_argument(
+        "--evidence",
+        help="where to write the proxy evidence that `search --tokens` reads (default STUDY/proxy-evidence.json)",
+    )
     cal = sub.add_parser("calibrate", help="fit the entropy settings the paper leaves open, cross-validated")
     cal.add_argument("report", help="report.json of a study")
     cal.add_argument("--out", required=True, help="entropy config YAML that `merino-pl search --config` reads")
@@ -95,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "regime":
         from merino_pl.study.regime import write_regime
 
-        write_regime(_study_dir(args.study), bootstrap=args.bootstrap)
+        write_regime(
+            _study_dir(args.study),
+            bootstrap=args.bootstrap,
+            evidence_out=Path(args.evidence) if args.evidence else None,
+        )
         return 0
     if args.cmd == "calibrate":
         from merino_pl.study.calibrate import calibrate_cli

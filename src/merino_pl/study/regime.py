@@ -325,12 +325,39 @@ def plot_regime(report: dict[str, Any], path: Path, heldout: str = "indomain") -
     return path
 
 
-def write_regime(study: Path, bootstrap: int = 2000) -> dict[str, Any]:
-    """Analyse the lengths / lr grid of a study; write regime.json, regime.md and regime.png into it."""
+def evidence(report: dict[str, Any], manifest: dict[str, Any], heldout: str = "indomain") -> dict[str, Any]:
+    """The decayed (full-length) points of a regime report as a proxy evidence file (core.evidence),
+    which ``merino-pl search --tokens`` reads: a planned run is a whole schedule, never a half one."""
+    from merino_pl.core.evidence import FORMAT as EVIDENCE
+
+    return {
+        "format": EVIDENCE,
+        "source": f"study {report['study']}: {len(report['architectures'])} designs under "
+        f"{', '.join(manifest['budgets'])}, {manifest['data'].get('source', 'embedded')} data, {heldout} held-out loss",
+        "entropy": (manifest["config"].get("proxies") or {}).get("entropy") or {},
+        "points": [
+            {
+                "tokens": p["tokens"],
+                "tokens_per_decoder_param": p["tokens_per_decoder_param"],
+                "proxies": p["heldout"][heldout]["correlations"],
+                "noise_ceiling": p["heldout"][heldout]["noise_ceiling"],
+            }
+            for p in report["points"]
+            if p["checkpoint"] == "full"
+        ],
+    }
+
+
+def write_regime(study: Path, bootstrap: int = 2000, evidence_out: Path | None = None) -> dict[str, Any]:
+    """Analyse the lengths / lr grid of a study; write regime.json, regime.md, regime.png and the proxy
+    evidence (``proxy-evidence.json``, or ``evidence_out``) into it."""
     report = analyse_regime(study, bootstrap)
     write_json(study / "regime.json", report)
     atomic_write_text(study / "regime.md", render_markdown(report))
     plot_regime(report, study / "regime.png")
+    manifest, _ = load_results(study)
+    out = evidence_out or study / "proxy-evidence.json"
+    write_json(out, evidence(report, manifest))
     print(render_markdown(report))
-    print(f"wrote {study / 'regime.json'}, {study / 'regime.md'} and {study / 'regime.png'}")
+    print(f"wrote {study / 'regime.json'}, {study / 'regime.md'}, {study / 'regime.png'} and {out}")
     return report
