@@ -347,3 +347,14 @@ def test_two_process_fit_builds_the_validation_set_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "run" / "data").glob("val-*.npz"))) == 1
     assert "windows 4 rank (0, 2)" in proc.stdout and "windows 4 rank (1, 2)" in proc.stdout, proc.stdout
+
+
+def test_an_interrupted_part_resumes_to_the_same_shards(two_ways, tmp_path):
+    corpus, _, two = two_ways
+    args = (corpus, "--out", tmp_path / "s", "--num-tasks", 2, "--task-index", 1, *COMMON)
+    assert prepare(*args, "--max-shards", 1) == 0
+    assert not json.loads((tmp_path / "s" / "part-00001" / "manifest.json").read_text())["complete"]
+    assert prepare(*args) == 0
+    done, ref = (json.loads((d / "part-00001" / "manifest.json").read_text()) for d in (tmp_path / "s", two))
+    for split in ("train", "val"):
+        assert [e["sha256"] for e in done["splits"][split]] == [e["sha256"] for e in ref["splits"][split]]
