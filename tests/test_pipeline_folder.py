@@ -158,6 +158,9 @@ def test_files_a_killed_stage_left_in_its_folder_are_its_own(tmp_path):
     put(out, {"fit/checkpoints/step-4.ckpt": b"written by the killed fit", "logs/fit.log": b"log"})
     unknown = state.unknown({"fit": [out / "fit", out / "logs" / "fit.log"]})
     assert unknown == [out / "fit" / "old.txt"]
+    # a start time that is not a number gives the stage nothing (no traceback)
+    state = RunState(out, {"fit": {"key": "k", "status": "running", "started": "yesterday"}})
+    assert len(state.unknown({"fit": [out / "fit", out / "logs" / "fit.log"]})) == 3
 
 
 # ---- one run per folder ------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class RunState:
         """Files in ``out`` the pipeline does not own, after giving a stage the run was killed in
         (``interrupted``: stage name -> its folder and log) the files it left there."""
         for name, places in interrupted.items():
-            started = float(self.stages.get(name, {}).get("started") or time.time())
+            started = self.stages.get(name, {}).get("started")
+            started = started if isinstance(started, (int, float)) else time.time()  # unrecorded: give it nothing
             self.record(p for place in places for p in self.files_under(place) if p.lstat().st_mtime >= started - 1)
         return [p for p in self.files_under(self.out) if p != self.path and not self.owns(p)]
 
