@@ -148,3 +148,22 @@ def test_run_directory_and_wandb_name_follow_the_recipe(tmp_path, monkeypatch):
         assert cli.config["checkpoint"]["dirpath"] == f"runs/{recipe}/checkpoints"
         wandb_logger = trainer["logger"][0]["init_args"]
         assert wandb_logger["name"] == recipe and wandb_logger["save_dir"] == f"runs/{recipe}"
+
+
+def test_resume_trains_at_the_new_lr(fit_config, tmp_path, capsys):  # noqa: F811
+    """`fit --ckpt_path last --model.lr 1e-5` (the non-finite guard's advice) trains at 1e-5 x the
+    schedule from the restored step, not at the checkpoint's 3e-3."""
+    import csv
+
+    assert cli_main(["fit", "--config", str(fit_config), *TRAIN]) == 0
+    capsys.readouterr()
+    resume = ["--trainer.max_steps", "6", "--model.lr", "1e-5", "--ckpt_path", "last"]
+    assert cli_main(["fit", "--config", str(fit_config), *TRAIN[2:], *resume]) == 0
+    assert "resume at step 4: model.lr 0.003 -> 1e-05" in capsys.readouterr().out
+    lrs = {}
+    for path in sorted((tmp_path / "run").glob("logs/version_*/metrics.csv")):
+        lrs.update({int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(path.open()) if r.get("train/lr")})
+    # warm-up 1, decay to 10 % at step 6: step 4 runs at 1 - 0.9 * 3/5 of the peak
+    assert lrs[4] == pytest.approx(1e-5 * 0.46) and lrs[5] == pytest.approx(1e-5 * 0.28), lrs
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["lr_schedulers"][0]["base_lrs"] == [1e-5, 1e-5]

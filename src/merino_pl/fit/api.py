@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import string
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from merino_pl.core.io import read_yaml
 from merino_pl.fit.callbacks import AtomicCheckpointIO, SlurmRequeue, SpeedMonitor, silence_known_warnings
 from merino_pl.fit.module import MerinoLightningModule, validate_hparams
 from merino_pl.fit.resume import check_ckpt_path, checkpoint_meta, run_dir
+from merino_pl.fit.startup import STARTUP, ReleaseStartupLines
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -158,6 +158,8 @@ class MerinoCLI(LightningCLI):
             resume = Path(ckpt_path) if ckpt_path else None
             setup_wandb(init_args, resume_from=resume)
         super().instantiate_classes()
+        if getattr(self, "trainer", None) is not None:
+            self.trainer.callbacks.append(ReleaseStartupLines())
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
@@ -314,8 +316,9 @@ def setup_wandb(init_args: Any, resume_from: Path | None) -> None:
 
 @rank_zero_only
 def _say(message: str) -> None:
-    """One notice on stderr from rank 0 (not through logging: it must show in every setup)."""
-    print(message, file=sys.stderr, flush=True)
+    """One notice on stderr from rank 0 (not through logging: it must show in every setup); held
+    with Lightning's start-up lines until the run starts (``merino_pl.fit.startup``)."""
+    STARTUP.say(message)
 
 
 def wandb_api_key_available() -> bool:
@@ -375,10 +378,17 @@ def fit(argv: Sequence[str], subcommand: str = "fit") -> None:
         read_yaml(path, "fit --config file")
     # --ckpt_path is checked once the config is parsed, before anything is built or written
     # (MerinoCLI.before_instantiate_classes -> merino_pl.fit.resume.check_ckpt_path)
+    STARTUP.hold()  # Lightning's banners wait until the run starts: an error is the only line
     try:
         build_cli(argv, subcommand=subcommand)
     except ArgumentError as e:
+        STARTUP.release(emit=False)
         raise MerinoError(_one_line(str(e))) from None
+    except MerinoError:
+        STARTUP.release(emit=False)
+        raise
+    finally:
+        STARTUP.release()
 
 
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:

@@ -219,6 +219,34 @@ class MerinoLightningModule(L.LightningModule):
             return None
         return str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
 
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            self.apply_optimizer_settings()
+
+    def apply_optimizer_settings(self) -> None:
+        """On resume, the config's ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` replace the ones
+        restored with the optimizer and schedule state (Lightning restores the checkpoint's), so
+        ``--ckpt_path last --model.lr 1e-5`` (the non-finite guard's advice) trains at the new peak,
+        the schedule continuing from the restored step; a change is said in one line."""
+        hp = self.hparams
+        optimizer, schedulers = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs
+        scheduler = schedulers[0].scheduler if schedulers else None
+        before = optimizer.param_groups[0]
+        was = {"lr": before.get("initial_lr", before["lr"]), "betas": tuple(before["betas"]), "eps": before["eps"]}
+        was["weight_decay"] = before["weight_decay"]
+        now = {"lr": hp.lr, "betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay}
+        step = scheduler.last_epoch if scheduler is not None else self.trainer.global_step
+        factor = lr_factor(step, hp.warmup_steps, self.trainer.max_steps, hp.min_lr_ratio)
+        for i, group in enumerate(optimizer.param_groups):
+            group.update(initial_lr=hp.lr, lr=hp.lr * factor, betas=tuple(hp.betas), eps=hp.eps)
+            group["weight_decay"] = hp.weight_decay if i == 0 else 0.0  # param_groups: decayed group first
+        if scheduler is not None:
+            scheduler.base_lrs = [hp.lr] * len(optimizer.param_groups)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+        changed = [f"model.{k} {was[k]} -> {now[k]}" for k in now if was[k] != now[k]]
+        if changed and self.trainer.is_global_zero:
+            print(f"resume at step {step}: {', '.join(changed)} (the config's values)", flush=True)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("merino") or {}
         self.tokens_seen = int(meta.get("tokens_seen", 0))
