@@ -358,3 +358,23 @@ def test_an_interrupted_part_resumes_to_the_same_shards(two_ways, tmp_path):
     done, ref = (json.loads((d / "part-00001" / "manifest.json").read_text()) for d in (tmp_path / "s", two))
     for split in ("train", "val"):
         assert [e["sha256"] for e in done["splits"][split]] == [e["sha256"] for e in ref["splits"][split]]
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        ({"complete": False}, "part(s) 1 unfinished of 2"),
+        ({"shard_tokens": 999}, "part-00001 made with other settings than part-00000"),
+    ],
+)
+def test_merge_refuses_unfinished_or_foreign_parts(two_ways, tmp_path, capsys, edit, needle):
+    import shutil
+
+    _, _, two = two_ways
+    for part in ("part-00000", "part-00001"):
+        shutil.copytree(two / part, tmp_path / part)
+    m = json.loads((tmp_path / "part-00001" / "manifest.json").read_text())
+    (tmp_path / "part-00001" / "manifest.json").write_text(json.dumps({**m, **edit}))
+    assert prepare("--merge", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err

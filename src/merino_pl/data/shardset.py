@@ -177,22 +177,8 @@ def merge(directory: str | Path) -> dict:
             f"{out}: no {PART_PREFIX}*/{MANIFEST} to merge; run `merino-pl prepare SOURCE --out {out} "
             "--num-tasks N --task-index I` for every I first"
         )
-    first = next(iter(found.values()))
-    n = int(first.get("num_tasks", 1))
-    missing = [i for i in range(n) if part_name(i) not in found]
-    unfinished = [i for i in range(n) if part_name(i) in found and not found[part_name(i)].get("complete")]
-    if missing or unfinished:
-        what = [f"part(s) {_ids(missing)} missing"] * bool(missing) + [f"part(s) {_ids(unfinished)} unfinished"] * bool(
-            unfinished
-        )
-        raise MerinoError(
-            f"cannot merge {out}: {' and '.join(what)} of {n}; run `merino-pl prepare SOURCE --out {out} "
-            f"--num-tasks {n} --task-index I` for those, then merge again"
-        )
-    settings = _run_settings(first)
-    strays = [name for name, m in found.items() if _run_settings(m) != settings or name not in map(part_name, range(n))]
-    if strays:
-        raise MerinoError(f"cannot merge {out}: {', '.join(strays)} made with other settings than {part_name(0)}")
+    n = _check_parts(out, found)
+    settings = _run_settings(found[part_name(0)])
     _check_target(out)
     parts = [found[part_name(i)] for i in range(n)]
     dtype = np.dtype(settings["dtype"])
@@ -215,8 +201,27 @@ def merge(directory: str | Path) -> dict:
     return merged
 
 
-def _ids(indices: list[int]) -> str:
-    return ", ".join(map(str, indices))
+def _check_parts(out: Path, found: dict[str, dict]) -> int:
+    """The number of parts, once parts 0..N-1 are all there, finished and of one run."""
+    n = int(next(iter(found.values())).get("num_tasks", 1))
+    missing = [i for i in range(n) if part_name(i) not in found]
+    unfinished = [i for i in range(n) if part_name(i) in found and not found[part_name(i)].get("complete")]
+    what = [
+        f"part(s) {', '.join(map(str, ids))} {word}"
+        for ids, word in ((missing, "missing"), (unfinished, "unfinished"))
+        if ids
+    ]
+    if what:
+        raise MerinoError(
+            f"cannot merge {out}: {' and '.join(what)} of {n}; run `merino-pl prepare SOURCE --out {out} "
+            f"--num-tasks {n} --task-index I` for those, then merge again"
+        )
+    settings = _run_settings(found[part_name(0)])
+    names = {part_name(i) for i in range(n)}
+    strays = [name for name, m in found.items() if name not in names or _run_settings(m) != settings]
+    if strays:
+        raise MerinoError(f"cannot merge {out}: {', '.join(strays)} made with other settings than {part_name(0)}")
+    return n
 
 
 def _run_settings(manifest: dict) -> dict:
