@@ -20,6 +20,7 @@ from typing import Any
 from merino_pl.core.assets import embedded_wikitext2
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
+from merino_pl.core.tracking import log_report
 from merino_pl.eval.perplexity import CORPORA
 from merino_pl.eval.report import EvalModel, EvalReport, markdown, write
 
@@ -48,6 +49,7 @@ class EvalSettings:
     num_fewshot: int | None = None
     bootstrap_iters: int = 1000
     device: str | None = None
+    wandb: str | None = None  # W&B project to log the report to, linked to the training run (core.tracking)
 
 
 def _pairs(items: list[str], what: str, errors: list[str]) -> dict[str, str]:
@@ -136,6 +138,7 @@ def evaluate_checkpoint(args: EvalSettings) -> EvalReport:
     paths = write(report, args.out)
     print(markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    log_report(args.wandb, paths["json"], args.checkpoint, "eval")
     return report
 
 

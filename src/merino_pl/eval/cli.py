@@ -13,6 +13,7 @@ import logging
 from dataclasses import fields
 
 from merino_pl.core.errors import MerinoError, parse_problems
+from merino_pl.core.tracking import add_wandb_argument
 from merino_pl.eval.api import EvalSettings, evaluate_checkpoint, validate
 from merino_pl.eval.perplexity import CORPORA, MODES
 
@@ -78,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="default: the task list's (paper: 0)")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap for non-mean metrics' stderr")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    add_wandb_argument(p)
 
 
 def settings(args: argparse.Namespace) -> EvalSettings:
