@@ -1,9 +1,10 @@
 """core/tracking: a finished report logged to W&B, offline-safe, linked to the training run.
 
-A real `merino-pl eval` of the tiny recipe on a local copy of lm-eval's ARC-Easy format (named
-``arc_easy``, so the report draws its accuracy figure), then ``log_report`` with W&B offline:
-the offline run directory holds the figure and the report; the run records the training run id
-read from the run's checkpoint (chain layout: RUN/checkpoints/last.ckpt beside RUN/model)."""
+A real ``merino-pl eval --wandb merino-pl`` of the tiny recipe on a local copy of lm-eval's
+ARC-Easy format (named ``arc_easy``, so the report draws its accuracy figure) with no API key and
+no ``WANDB_MODE``: offline is chosen and the offline run directory holds the figure and the
+report. ``log_report`` of that report for a model in the chain layout records the training run
+id read from RUN/checkpoints/last.ckpt."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ ARC = [
 ]
 
 
+NO_KEY = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_GROUP", "NETRC")
+
+
 @pytest.fixture(scope="module")
 def eval_out(tmp_path_factory) -> Path:
-    """`merino-pl eval merino-tiny` on a 2-question local `arc_easy`: eval.json, eval.md, accuracy.png."""
+    """`merino-pl eval merino-tiny --wandb merino-pl` on a 2-question local `arc_easy`, no W&B key:
+    eval.json, eval.md, accuracy.png and the offline W&B run in wandb/."""
     root = tmp_path_factory.mktemp("tracking")
     data = root / "arc.jsonl"
     rows = [
@@ -42,7 +47,11 @@ def eval_out(tmp_path_factory) -> Path:
     (tasks / "arc_easy.yaml").write_text(yaml)
     out = root / "run" / "eval" / "fp32"
     argv = ["eval", "merino-tiny", "--tasks", "arc_easy", "--include-path", str(tasks), "--ppl", "none"]
-    assert main([*argv, "--limit", "2", "--device", "cpu", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        for name in NO_KEY:
+            mp.delenv(name, raising=False)
+        mp.setenv("HOME", str(root / "home"))  # no netrc: no key anywhere
+        assert main([*argv, "--limit", "2", "--device", "cpu", "--wandb", "merino-pl", "--out", str(out)]) == 0
     assert (out / "accuracy.png").is_file()
     return out
 
@@ -50,12 +59,20 @@ def eval_out(tmp_path_factory) -> Path:
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path):
     """No API key anywhere (no WANDB_API_KEY, an empty HOME: no netrc) and no WANDB_MODE."""
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_GROUP", "NETRC"):
+    for name in NO_KEY:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
-def test_eval_report_logged_offline_with_its_figure_and_the_training_link(eval_out, offline_env):
+def test_eval_with_wandb_writes_an_offline_run_holding_the_report(eval_out):
+    where = sorted((eval_out / "wandb").glob("offline-run-*"))[0]  # the eval's own (the next test adds one)
+    files = where / "files"
+    assert len(list((files / "media" / "images").rglob("accuracy*.png"))) == 1  # the report's figure
+    assert (files / "eval.json").read_bytes() == (eval_out / "eval.json").read_bytes()
+    assert (files / "eval.md").read_bytes() == (eval_out / "eval.md").read_bytes()
+
+
+def test_a_report_is_linked_to_the_training_run(eval_out, offline_env):
     run_dir = eval_out.parents[1]
     (run_dir / "checkpoints").mkdir()
     torch.save({"merino": {"wandb_run_id": "train123"}}, run_dir / "checkpoints" / "last.ckpt")
@@ -65,10 +82,7 @@ def test_eval_report_logged_offline_with_its_figure_and_the_training_link(eval_o
 
     where = log_report("merino-pl", eval_out / "eval.json", run_dir / "model", "eval")
     assert where is not None and where.parent == eval_out / "wandb" and where.name.startswith("offline-run-")
-    files = where / "files"
-    assert len(list((files / "media" / "images").rglob("accuracy*.png"))) == 1  # the report's figure
-    assert (files / "eval.json").read_bytes() == (eval_out / "eval.json").read_bytes()
-    assert (files / "eval.md").is_file()
+    assert len(list((where / "files" / "media" / "images").rglob("accuracy*.png"))) == 1
     wandb.teardown()  # ends W&B's service process, which writes the run's log file asynchronously
     record = next(where.glob("run-*.wandb")).read_bytes()  # wandb's own binary log of the run
     assert b"train123" in record and b"merino-pl" in record  # group / config: the training run
