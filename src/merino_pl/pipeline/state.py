@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +94,7 @@ class RunState:
         (``interrupted``: stage name -> its folder and log) the files it left there."""
         for name, places in interrupted.items():
             started = self.stages.get(name, {}).get("started")
-            started = started if isinstance(started, (int, float)) else time.time()  # unrecorded: give it nothing
+            started = started if isinstance(started, (int, float)) else float("inf")  # unrecorded: give it nothing
             self.record(p for place in places for p in self.files_under(place) if p.lstat().st_mtime >= started - 1)
         return [p for p in self.files_under(self.out) if p != self.path and not self.owns(p)]
 
