@@ -97,7 +97,24 @@ def _section_problems(name: str, section: Any, into: dict[str, Any]) -> list[str
     return problems
 
 
-def stage_commands(run_dir: str, stages: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, ...]]]:
+# Stages whose command takes `--wandb PROJECT` (core.tracking); the chain passes the training
+# config's W&B project to them, so their reports join the training run's project and group.
+WANDB_STAGES = ("eval",)
+
+
+def wandb_project(config: Any) -> str | None:
+    """The ``project`` of the training config's ``WandbLogger`` (one logger or a list), if any."""
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    loggers = trainer.get("logger") if isinstance(trainer, dict) else None
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+            return str((logger.get("init_args") or {}).get("project") or "lightning_logs")  # WandbLogger's default
+    return None
+
+
+def stage_commands(
+    run_dir: str, stages: dict[str, dict[str, Any]], wandb: str | None = None
+) -> dict[str, list[tuple[str, ...]]]:
     """Each stage's ``merino-pl`` command lines (several for eval and latency: one per model)."""
     run = Path(run_dir)
     model = str(run / "model")
@@ -112,12 +129,17 @@ def stage_commands(run_dir: str, stages: dict[str, dict[str, Any]]) -> dict[str,
     commands["latency"] = [
         ("latency", path, "--precision", label, "--out", str(run / "latency" / label)) for label, path in models.items()
     ]
+    for name in WANDB_STAGES:
+        if wandb:
+            commands[name] = [c + ("--wandb", wandb) for c in commands[name]]
     return {name: [c + args[name.partition("-")[0]] for c in cmds] for name, cmds in commands.items()}
 
 
-def chain_jobs(spec: JobSpec, stages: dict[str, dict[str, Any]], rendered_by: str) -> list[ChainJob]:
+def chain_jobs(
+    spec: JobSpec, stages: dict[str, dict[str, Any]], rendered_by: str, wandb: str | None = None
+) -> list[ChainJob]:
     """The chain's jobs in submission order, each with its script and the stages it waits for."""
-    commands = stage_commands(spec.run_dir, stages)
+    commands = stage_commands(spec.run_dir, stages, wandb)
     quantized = tuple(name for name in commands if name.startswith("quantize-"))
     after = {"export": ("fit",), **{q: ("export",) for q in quantized}}
     after |= {"eval": ("export", *quantized), "latency": ("export", *quantized)}
@@ -175,7 +197,8 @@ def chain(settings: ChainSettings) -> list[str] | None:
     problems = _outputs_problems(spec.run_dir, stages, settings.overwrite)
     if problems:
         raise MerinoError("; ".join(problems))
-    jobs = chain_jobs(spec, stages, command_line(settings, spec))
+    project = wandb_project(read_yaml(settings.config, "training config"))
+    jobs = chain_jobs(spec, stages, command_line(settings, spec), project)
     if settings.dry_run:
         for job in jobs:
             sys.stdout.write(
