@@ -774,3 +774,27 @@ def test_array_prepare_gives_the_one_task_shards(slurm_cluster, tmp_path, capsys
     out = capsys.readouterr().out
     assert re.search(rf"^{array_id}\s+prepare\s+-\s+COMPLETED", out, re.M), out
     assert re.search(rf"^{merge_id}\s+merge\s+{array_id}\s+COMPLETED", out, re.M), out
+
+
+@pytest.mark.slurm
+def test_chain_is_all_or_nothing_when_sbatch_refuses_a_job(slurm_cluster, tmp_path):
+    """The last job's partition does not exist: sbatch refuses it, the five jobs already queued
+    (fit held) are cancelled before any ran, and the error is sbatch's message in one line."""
+    stages = tmp_path / "stages.yaml"
+    stages.write_text("latency: {partition: no-such-partition}\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "merino_pl.cli", "slurm", "chain", "--run-dir", str(run_dir), "--stages", str(stages)]
+        + ["--config", str(TRAIN_CONFIG), "--recipe", "merino-tiny", "--gpus-per-node", "0", "--time", "10:00"],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "sbatch rejected job-006.sbatch" in proc.stderr and "partition" in proc.stderr.lower()
+    jobs = json.loads((run_dir / "slurm" / "jobs.json").read_text())
+    assert [j["stage"] for j in jobs] == ["fit", "export", "quantize-int8", "quantize-int4", "eval"]
+    states = {(job_fields(j["job_id"]) or {}).get("JobState") for j in jobs}
+    assert states == {"CANCELLED"}, states
+    assert sorted(p.name for p in (run_dir / "slurm").glob("*.sbatch"))[-1] == "job-005.sbatch"
+    assert list((run_dir / "slurm").glob("*.out")) == []  # none of them started
