@@ -199,8 +199,57 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_kit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", metavar="MODEL", help="a .ckpt, an exported / GPTQ directory or a recipe")
+    p.add_argument("--space", default=None, help="a search space YAML: its pieces, as `latency profile` times them")
+    p.add_argument("--precision", default="fp32", help="model graphs: comma-separated, of fp32,fp16 (default: fp32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--seq", type=int, default=128, help="prompt length (default: 128)")
+    p.add_argument("--runs", type=int, default=16, help="timed runs per graph (default: 16)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed runs first (default: 4)")
+    p.add_argument("--decode-tokens", type=int, default=8, help="one-token decode steps per timed run (default: 8)")
+    p.add_argument("--out", required=True, help="the kit folder to write (a new one)")
+
+
+def run_kit(args: argparse.Namespace) -> int:
+    from merino_pl.latency.kit import RUNNER, KitSettings, build_kit
+
+    precisions = tuple(x.strip().lower() for x in args.precision.split(",") if x.strip())
+    s = KitSettings(
+        args.out, args.source, args.space, precisions, args.batch, args.seq, args.runs, args.warmup, args.decode_tokens
+    )
+    manifest = build_kit(s)
+    print(
+        f"wrote {args.out}: {len(manifest['graphs'])} graphs, {RUNNER}; on the device: "
+        f"python {RUNNER} --providers cpu (or tensorrt,cuda,cpu), then merino-pl latency import results.json "
+        f"--kit {args.out} --out OUT"
+    )
+    return 0
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", metavar="RESULTS.json", help="what the kit's run_kit.py wrote on the device")
+    p.add_argument("--kit", required=True, help="the kit folder the results are of")
+    p.add_argument("--out", required=True, help="a space kit: the latency table (JSON); a model kit: the report folder")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from merino_pl.core.io import check_out
+    from merino_pl.latency.kit import import_results
+
+    problems = check_out(args.out)
+    if problems:
+        from merino_pl.core.errors import MerinoError
+
+        raise MerinoError("; ".join(problems))
+    print(f"wrote {import_results(args.results, args.kit, args.out)}")
+    return 0
+
+
 # sub-command -> (its flags, its run, one-line description)
 SUBCOMMANDS = {
+    "kit": (add_kit_arguments, run_kit, "write a device kit: ONNX graphs, manifest, a numpy + onnxruntime runner"),
+    "import": (add_import_arguments, run_import, "a device kit's results as a latency report or latency table"),
     "plot": (add_plot_arguments, run_plot, "accuracy vs latency bubble chart in the style of the paper's Figure 1"),
     "profile": (add_profile_arguments, run_profile, "measure a device latency table over a search space"),
 }

@@ -15,11 +15,13 @@ laptop CPU and longer on a Jetson, hence ``--runs`` and the progress bar.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from merino_pl.core.config import BlockConfig, MerinoConfig
@@ -42,6 +44,90 @@ def _layer_config(space: SearchSpace, embed_dim: int, ffn_dim: int) -> MerinoCon
     return space.config([BlockConfig(embed_dim=embed_dim, ffn_dim=ffn_dim, num_layers=1)])
 
 
+class _Layer(nn.Module):
+    """One application of the model's own decoder layer over a prefill (no KV cache)."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, None, None, 0)
+
+
+class _Projection(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class _Fixed(nn.Module):
+    """Token + position embeddings, the final norm (at d_model: it costs the same order at E_N,
+    a few µs) and the tied LM head over all positions."""
+
+    def __init__(self, cfg: MerinoConfig) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
+        self.norm = make_norm(cfg, cfg.d_model)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        h = self.norm(self.tokens(ids) + self.positions(pos))
+        return F.linear(h, self.tokens.weight)  # (B, T, V): the tied LM head
+
+
+Piece = tuple[dict[str, Any], nn.Module, torch.Tensor]
+
+
+def pieces(
+    space: SearchSpace, batch: int, seq: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Iterator[Piece]:
+    """(table entry without its time, module, input) of every piece of ``space``: the layer
+    shapes, the projections, then the fixed part. ``latency profile`` times them with torch;
+    ``latency kit`` exports them for the device (``export_piece``)."""
+    opts: dict[str, Any] = dict(device=device, dtype=dtype)
+    for e, f in space.layer_shapes():
+        layer = DecoderLayer(_layer_config(space, e, f), e, f)
+        yield (
+            {"role": "layer", "embed_dim": e, "ffn_dim": f},
+            _Layer(layer).to(**opts).eval(),
+            torch.randn(batch, seq, e, **opts),
+        )
+    for i, o in space.projection_shapes():
+        weight = torch.randn(o, i) * i**-0.5
+        yield (
+            {"role": "projection", "in": i, "out": o},
+            _Projection(weight).to(**opts),
+            torch.randn(batch, seq, i, **opts),
+        )
+    cfg = _layer_config(space, space.embed_dims[0], space.ffn_dim(space.embed_dims[0], space.ffn_choices[0]))
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    yield {"role": "fixed", "d_model": cfg.d_model, "vocab_size": cfg.vocab_size}, _Fixed(cfg).to(**opts).eval(), ids
+
+
+def export_piece(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``module(example)`` as an ONNX graph with static shapes (the kit's protocol is fixed)."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "torchvision is not installed": noise for an LM
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, input_names=["x"], output_names=["y"], opset_version=18, verbose=False
+            )
+        program.save(str(path), external_data=False)
+    finally:
+        log.setLevel(level)
+
+
 def profile_space(
     space: SearchSpace,
     device: str = "cpu",
@@ -56,64 +142,25 @@ def profile_space(
     max_pos = int(space.architecture.get("max_position_embeddings", 2048))
     if seq > max_pos:
         raise MerinoError(f"--seq {seq} exceeds the space's max_position_embeddings {max_pos}")
-    opts: dict[str, Any] = dict(device=device, dtype=FLOAT_DTYPES[precision])
-    shapes, projections = space.layer_shapes(), space.projection_shapes()
-    bar = tqdm(
-        total=len(shapes) + len(projections) + 1, desc="profile", unit="shape", disable=not progress, dynamic_ncols=True
-    )
-    layers = []
-    for e, f in shapes:
-        cfg = _layer_config(space, e, f)
-        layer = DecoderLayer(cfg, e, f).to(**opts).eval()
-        x = torch.randn(batch, seq, e, **opts)
-        layers.append(
-            {
-                "embed_dim": e,
-                "ffn_dim": f,
-                "ms": _mean_ms(lambda layer=layer, x=x: layer(x, None, None, 0), device, runs, warmup),
-            }
-        )
-        bar.set_postfix_str(f"E={e} F={f}")
+    total = len(space.layer_shapes()) + len(space.projection_shapes()) + 1
+    bar = tqdm(total=total, desc="profile", unit="shape", disable=not progress, dynamic_ncols=True)
+    layers, projs, fixed = [], [], {}
+    for entry, module, x in pieces(space, batch, seq, device, FLOAT_DTYPES[precision]):
+        role = entry.pop("role")
+        entry["ms"] = _mean_ms(lambda module=module, x=x: module(x), device, runs, warmup)
+        {"layer": layers, "projection": projs}.get(role, []).append(entry)
+        if role == "fixed":
+            fixed = entry
+        bar.set_postfix_str(role)
         bar.update(1)
-    projs = []
-    for i, o in projections:
-        weight = torch.randn(o, i, **opts) * i**-0.5
-        x = torch.randn(batch, seq, i, **opts)
-        projs.append(
-            {"in": i, "out": o, "ms": _mean_ms(lambda x=x, weight=weight: F.linear(x, weight), device, runs, warmup)}
-        )
-        bar.update(1)
-    fixed = _profile_fixed(space, opts, batch, seq, runs, warmup)
-    bar.update(1)
     bar.close()
-    dev = describe_device(device)
     return LatencyTable(
         fixed=fixed,
         layers=layers,
         projections=projs,
-        device=dev,
+        device=describe_device(device),
         torch=torch.__version__,
         precision=precision,
         batch=batch,
         seq_len=seq,
     )
-
-
-def _profile_fixed(
-    space: SearchSpace, opts: dict[str, Any], batch: int, seq: int, runs: int, warmup: int
-) -> dict[str, Any]:
-    """Embeddings + final norm + tied LM head over all positions, at the space's d_model / vocab."""
-    cfg = _layer_config(space, space.embed_dims[0], space.ffn_dim(space.embed_dims[0], space.ffn_choices[0]))
-    tokens = torch.nn.Embedding(cfg.vocab_size, cfg.d_model).to(**opts)
-    positions = torch.nn.Embedding(cfg.max_position_embeddings, cfg.d_model).to(**opts)
-    # the final norm is applied at E_N; at d_model it costs the same order (a few µs)
-    norm = make_norm(cfg, cfg.d_model).to(**opts)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=opts["device"])
-    pos = torch.arange(seq, device=opts["device"])[None]
-
-    def fixed() -> torch.Tensor:
-        h = norm(tokens(ids) + positions(pos))
-        return F.linear(h, tokens.weight)  # (B, T, V): the tied LM head
-
-    ms = _mean_ms(fixed, opts["device"], runs, warmup)
-    return {"d_model": cfg.d_model, "vocab_size": cfg.vocab_size, "ms": ms}

@@ -1,0 +1,127 @@
+"""The device kit: `merino-pl latency kit` writes graphs + manifest + a standalone runner; the
+runner times them where neither torch nor merino_pl can be imported; `merino-pl latency import`
+turns the results into the table `search --latency-table` reads and the report `latency plot`
+reads. Exporting the graphs takes a while on 2 busy cores: slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+from conftest import tiny_arch
+from merino_pl.cli import main as cli
+from merino_pl.core.config import Recipe
+from merino_pl.core.latency_table import LatencyTable
+from merino_pl.latency.report import LatencyReport
+
+pytestmark = pytest.mark.slow
+
+# one embed width: every projection a searched architecture holds is in the space's list
+SPACE = (
+    "num_blocks: 2\nembed_dims: [64]\nffn_dims: [128, 256]\nnum_layers: [1, 2]\n"
+    "architecture: {vocab_size: 512, d_model: 96, max_position_embeddings: 128}\n"
+)
+# run the runner as a device would: the base interpreter without site-packages (-I -S), and on
+# its path only numpy, onnxruntime and what onnxruntime imports; torch and merino_pl must fail
+ISOLATED = """
+import runpy, sys
+sys.path.insert(0, sys.argv.pop(1))
+for name in ("torch", "merino_pl"):
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise SystemExit(name + " imports in the device's environment")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def device_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    site = Path(numpy.__file__).parents[1]
+    path = tmp_path_factory.mktemp("device-site")
+    for name in ("numpy", "numpy.libs", "onnxruntime", "flatbuffers", "packaging", "google"):
+        if (site / name).exists():
+            (path / name).symlink_to(site / name)
+    return path
+
+
+def run_on_device(kit: Path, device_path: Path, *args: str) -> subprocess.CompletedProcess:
+    script = kit.parent / "isolated.py"
+    script.write_text(ISOLATED)
+    cmd = [sys.executable, "-I", "-S", str(script), str(device_path), "run_kit.py", *args]
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=kit, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_space_kit_runs_without_torch_and_imports_as_the_search_table(tmp_path: Path, device_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    kit = tmp_path / "kit"
+    argv = ["--seq", "16", "--runs", "3", "--warmup", "1"]
+    assert cli(["latency", "kit", "--space", str(space), *argv, "--out", str(kit)]) == 0
+    manifest = json.loads((kit / "manifest.json").read_text())
+    assert {g["role"] for g in manifest["graphs"]} == {"layer", "projection", "fixed"} and len(manifest["graphs"]) == 5
+    done = run_on_device(kit, device_path, "--providers", "cpu", "--out", str(tmp_path / "results.json"))
+    assert done.returncode == 0, done.stderr
+    table_path = tmp_path / "table.json"
+    assert cli(["latency", "import", str(tmp_path / "results.json"), "--kit", str(kit), "--out", str(table_path)]) == 0
+    table = LatencyTable.load(table_path)
+    profiled = tmp_path / "profiled.json"  # what `latency profile` measures of the same pieces with torch
+    assert cli(["latency", "profile", "--space", str(space), *argv, "--out", str(profiled)]) == 0
+    torch_table = LatencyTable.load(profiled)
+    assert [(r["embed_dim"], r["ffn_dim"]) for r in table.layers] == [
+        (r["embed_dim"], r["ffn_dim"]) for r in torch_table.layers
+    ]
+    assert [(p["in"], p["out"]) for p in table.projections] == [(p["in"], p["out"]) for p in torch_table.projections]
+    assert table.seq_len == 16 and table.fixed["d_model"] == 96 and all(r["ms"] > 0 for r in table.layers)
+    rec = tmp_path / "rec.yaml"
+    search = ["search", "--space", str(space), "--budget", "latency=1000ms", "--latency-table", str(table_path)]
+    assert cli([*search, "--iterations", "50", "--no-plot", "--out", str(rec)]) == 0
+
+
+def test_model_kit_imports_as_a_latency_report_and_refuses_mixed_up_results(
+    tmp_path: Path, device_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    Recipe("tiny", tiny_arch()).save(recipe)
+    kit = tmp_path / "kit"
+    argv = ["--seq", "8", "--runs", "2", "--warmup", "1", "--decode-tokens", "2"]
+    assert cli(["latency", "kit", str(recipe), *argv, "--out", str(kit)]) == 0
+    results = tmp_path / "results.json"
+    done = run_on_device(kit, device_path, "--out", str(results))
+    assert done.returncode == 0, done.stderr
+    assert cli(["latency", "import", str(results), "--kit", str(kit), "--out", str(tmp_path / "report")]) == 0
+    report = LatencyReport.read(tmp_path / "report")
+    (row,) = report.rows
+    assert (row["model"], row["precision"], row["path"]) == ("tiny", "fp32", "onnxruntime")
+    assert row["prefill_ms"]["runs"] and row["decode_ms_per_token"]["mean"] > 0
+    assert report.device["onnxruntime"] and "CPUExecutionProvider" in report.device["providers"]
+    capsys.readouterr()
+
+    # results of another kit: one line, exit 2
+    other = json.loads(results.read_text()) | {"kit_id": "0" * 64}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert (
+        cli(["latency", "import", str(tmp_path / "other.json"), "--kit", str(kit), "--out", str(tmp_path / "x")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "results of another kit" in err and len(err.strip().splitlines()) == 1
+
+    # a provider this onnxruntime lacks: one line, exit 2, nothing written
+    done = run_on_device(kit, device_path, "--providers", "tensorrt", "--out", str(tmp_path / "trt.json"))
+    assert done.returncode == 2 and "--providers tensorrt" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "trt.json").exists()
+
+    # a graph changed after the kit was written: the runner refuses it
+    graph = kit / "graphs" / "model-fp32.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    done = run_on_device(kit, device_path, "--out", str(tmp_path / "again.json"))
+    assert done.returncode == 2 and "SHA-256" in done.stderr
