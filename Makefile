@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test lint bench clean slurm-deps gptq-env
+.PHONY: setup demo test lint bench clean slurm-deps gptq-env executorch-env
 
 setup: $(STAMP)
 
@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/merino-pl pipeline --config recipes/pipeline/cpu-demo.yaml
 
-test: lint slurm-deps gptq-env
-	MERINO_REQUIRE_GPTQ=1 MERINO_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python $(BIN)/python -m pytest -q tests
+test: lint slurm-deps gptq-env executorch-env
+	MERINO_REQUIRE_GPTQ=1 MERINO_GPTQ_PYTHON=$(GPTQ_VENV)/bin/python \
+	MERINO_REQUIRE_EXECUTORCH=1 MERINO_EXECUTORCH_PYTHON=$(EXECUTORCH_VENV)/bin/python $(BIN)/python -m pytest -q tests
 
 # ruff (pinned in the dev extra) over everything Python: lint rules and formatting as pyproject.toml says
 lint: setup
@@ -57,6 +58,22 @@ extra = [r.split(";")[0].replace(" ", "") for r in md.requires("merino-pl") if '
 print(" ".join([f"transformers=={transformers.__version__}", *extra]))
 endef
 export GPTQ_REQUIREMENTS
+
+# ExecuTorch (`merino-pl export --executorch`, `generate --runtime executorch`; tests/test_executorch.py):
+# the same CPU torch, .venv's transformers, merino-pl itself (editable) and pyproject's `executorch`
+# extra, in a venv of its own: executorch pulls torchao (CUDA-library warnings on import, like
+# GPTQModel's), coremltools, pandas and scikit-learn, none of which .venv needs. ~2 min, 1.5 GB.
+# `make test` requires it (MERINO_REQUIRE_EXECUTORCH=1); a bare pytest skips those tests without it.
+EXECUTORCH_VENV  ?= $(VENV)/executorch
+EXECUTORCH_STAMP := $(EXECUTORCH_VENV)/.installed
+executorch-env: $(EXECUTORCH_STAMP)
+
+$(EXECUTORCH_STAMP): pyproject.toml Makefile | $(STAMP)
+	test -x $(EXECUTORCH_VENV)/bin/python || $(PYTHON) -m venv $(EXECUTORCH_VENV)
+	$(EXECUTORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(EXECUTORCH_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" \
+	  "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')" -e ".[executorch]"
+	touch $(EXECUTORCH_STAMP)
 
 # The real-SLURM tests (tests/test_slurm.py) start a local cluster from Debian's slurm-wlm and
 # munge. Installed only when missing, and only as root with apt-get (CI on this machine);
