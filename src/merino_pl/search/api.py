@@ -25,7 +25,7 @@ from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path, check_out, read_yaml, sha256_file
 from merino_pl.core.latency_table import LatencyTable
 from merino_pl.core.space import SearchSpace, load_space
-from merino_pl.search import exhaustive
+from merino_pl.search import evidence, exhaustive
 from merino_pl.search.budget import Budget, CostTables, Genes, cost_tables, parse_budget
 from merino_pl.search.entropy import EntropyConfig, arch_entropy
 from merino_pl.search.evolution import EvolutionConfig, Problem, SearchResult, evolve
@@ -103,6 +103,8 @@ class SearchSettings:
     overwrite: bool = False  # replace an existing --out (and its companions)
     no_plot: bool = False
     progress: bool | None = None  # None: on a terminal
+    tokens: str | None = None  # planned training tokens (a count or a fit config): record the proxy's evidence
+    evidence: str | None = None  # the proxy evidence file (default: the shipped CPU study's)
 
 
 def _read_config(path: str, problems: list[str]) -> dict[str, Any]:
@@ -355,12 +357,26 @@ def search(settings: SearchSettings, command: str | None = None) -> Recipe:
     population) to ``settings.out``, or print it when there is no ``out``. ``command``: the
     command line recorded in the recipe's provenance."""
     s = resolve_plan(settings)
-    problem, result = run_search(s, progress=settings.progress)
+    if settings.tokens:  # checked before the search: a bad count or evidence file is one line, at once
+        evidence.planned_tokens(settings.tokens)
+        evidence.load_evidence(settings.evidence)
     name = s.name or (
         Path(settings.out).stem if settings.out else f"search-{s.budgets[0].text.replace('=', '-').lower()}"
     )
-    recipe = make_recipe(s, problem, result, name, command)
+    searched: list[Any] = []  # the last search's (problem, result)
+
+    def found(plan: SearchPlan) -> Recipe:
+        problem, result = run_search(plan, progress=settings.progress)
+        searched[:] = [problem, result]
+        return make_recipe(plan, problem, result, name, command)
+
+    recipe, verdict = found(s), None
+    if settings.tokens:
+        recipe, verdict = evidence.apply_evidence(settings, s, recipe, found)
+    problem, result = searched
     print(summary(recipe, result))
+    if verdict:
+        print(f"  {verdict.line()}")
     if not settings.out:
         print(recipe.to_yaml())
         return recipe

@@ -58,6 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="return the global optimum by exact enumeration (and count the feasible architectures) "
         "instead of evolving",
     )
+    p.add_argument(
+        "--tokens",
+        metavar="N|FIT_CONFIG",
+        help="planned training tokens (600B, 4.9M, or the fit config to train with): record and print what the "
+        "proxy studies measured for the chosen proxy at that many tokens per decoder parameter",
+    )
+    p.add_argument(
+        "--evidence", help="proxy evidence JSON (`merino-pl study regime`; default: the shipped CPU study's)"
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="T: candidates to generate (default 100000)")
     p.add_argument("--population", type=int, default=None, help="M (default 512)")
