@@ -3,9 +3,11 @@
     merino-pl latency CKPT_OR_RECIPE --device cpu --precision fp32,fp16 --peers opt-350m --out DIR
     merino-pl latency profile --device cpu [--space search/space.yaml] --out table.json
     merino-pl latency plot --latency REPORT.json ... [--eval REPORT.json ...] --out chart.png
+    merino-pl latency kit MODEL|--space SPACE --out KIT      (then, on the device: python run_kit.py)
+    merino-pl latency import RESULTS.json --kit KIT --out TABLE.json|DIR
 
-The first form owns the positional argument, so the two sub-commands are recognised by the
-first word before argparse sees the rest.
+The first form owns the positional argument, so the sub-commands are recognised by the first
+word before argparse sees the rest.
 """
 
 from __future__ import annotations
@@ -208,7 +210,8 @@ def add_kit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=16, help="timed runs per graph (default: 16)")
     p.add_argument("--warmup", type=int, default=4, help="untimed runs first (default: 4)")
     p.add_argument("--decode-tokens", type=int, default=8, help="one-token decode steps per timed run (default: 8)")
-    p.add_argument("--out", required=True, help="the kit folder to write (a new one)")
+    p.add_argument("--out", required=True, help="the kit folder to write (a new one, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing kit folder at --out")
 
 
 def run_kit(args: argparse.Namespace) -> int:
@@ -216,7 +219,16 @@ def run_kit(args: argparse.Namespace) -> int:
 
     precisions = tuple(x.strip().lower() for x in args.precision.split(",") if x.strip())
     s = KitSettings(
-        args.out, args.source, args.space, precisions, args.batch, args.seq, args.runs, args.warmup, args.decode_tokens
+        args.out,
+        args.source,
+        args.space,
+        precisions,
+        args.batch,
+        args.seq,
+        args.runs,
+        args.warmup,
+        args.decode_tokens,
+        args.overwrite,
     )
     manifest = build_kit(s)
     print(
@@ -257,7 +269,7 @@ SUBCOMMANDS = {
 
 def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> list[str]:
     """Problems with these arguments that need no model, for ``pipeline`` before any stage runs
-    (the ``plot`` / ``profile`` sub-commands: their own parsers)."""
+    (the sub-commands: their own parsers)."""
     if argv and argv[0] in SUBCOMMANDS:
         return parse_problems(SUBCOMMANDS[argv[0]][0], argv[1:], f"latency {argv[0]}")[1]
     args, problems = parse_problems(add_arguments, argv, "latency")
@@ -273,8 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run_sub(parser.parse_args(argv[1:])) or 0)
     parser = ArgumentParser(
         prog="merino-pl latency",
-        description="latency report on this device (sub-commands: profile, plot)",
-        epilog="sub-commands: `merino-pl latency profile --help`, `merino-pl latency plot --help`",
+        description="latency report on this device (sub-commands: profile, plot, kit, import)",
+        epilog="sub-commands: `merino-pl latency profile --help`, `merino-pl latency plot --help`, "
+        "`merino-pl latency kit --help` (a device kit: ONNX graphs + a numpy / onnxruntime runner), "
+        "`merino-pl latency import --help` (its results as a report or table)",
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

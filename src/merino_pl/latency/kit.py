@@ -40,6 +40,7 @@ class KitSettings:
     runs: int = 16
     warmup: int = 4
     decode_tokens: int = 8
+    overwrite: bool = False  # replace an existing kit folder at ``out``
 
     def problems(self) -> list[str]:
         from merino_pl.core.io import check_out
@@ -57,7 +58,7 @@ class KitSettings:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             p.append(f"--warmup must be >= 0, got {self.warmup}")
-        return p + check_out(self.out, overwrite=False)
+        return p + check_out(self.out, overwrite=self.overwrite)
 
     def protocol(self) -> dict[str, Any]:
         return {
