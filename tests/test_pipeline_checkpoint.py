@@ -40,6 +40,7 @@ def test_a_ckpt_start_exports_it_and_a_directory_start_is_the_float_model(tmp_pa
     assert not (out / "fit").exists() and not (out / "search").exists()
     stages = json.loads((out / "pipeline-state.json").read_text())["stages"]
     assert list(stages) == ["export"] and stages["export"]["argv"][1] == str(ckpt)
+    assert "started from a trained checkpoint" in (out / "summary.md").read_text()
     capsys.readouterr()
 
     model = tmp_path / "exported"

@@ -244,6 +244,8 @@ def summary_plots(layout: RunLayout, reports: list[ModelReports]) -> tuple[list[
             plots / "training-loss.png",
         )
         show(plots / "training-loss.png", "**Training loss** (from the fit's CSV log):")
+    elif not layout.trains:
+        lines += ["**Training loss**: not here (this run started from a trained checkpoint).", ""]
     else:
         lines += ["**Training loss**: no `metrics.csv` under `fit/` (the fit config has no CSVLogger).", ""]
     rows = precision_rows(reports)
