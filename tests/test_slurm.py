@@ -646,7 +646,7 @@ def test_sbatch_trains_with_two_ddp_tasks_and_checkpoint_loads(slurm_cluster, fi
     assert sorted(p.name for p in (run_dir / "slurm").glob("job-*.sbatch")) == ["job-001.sbatch"]
     # status / logs read the recorded job
     assert merino_main(["slurm", "status", str(run_dir)]) == 0
-    assert re.search(rf"^{job_id}\s+COMPLETED\s", capsys.readouterr().out, re.M)
+    assert re.search(rf"^{job_id}\s+fit\s+-\s+COMPLETED\s", capsys.readouterr().out, re.M)
     assert merino_main(["slurm", "logs", str(run_dir), "-n", "3"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
 
