@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
 from merino_pl.core.quant.spec import EMBEDDINGS, SUPPORTED_BITS, QuantSpec
+from merino_pl.core.tracking import log_report
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +58,7 @@ class QuantizeSettings:
     float_dtype: str = "float16"  # torch's name of the dtype the unquantized tensors are stored in
     tokenizer: str | None = None  # tokenizer.json (default: the model's own, else the shipped GPT-NeoX-20B)
     overwrite: bool = False
+    wandb: str | None = None  # W&B project to log the report to, linked to the training run (core.tracking)
 
     @property
     def out_dir(self) -> Path:
@@ -202,7 +204,7 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
             print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out_dir}: {spec}")
             if note:
                 print(note)
-        return quantize_checkpoint(
+        report = quantize_checkpoint(
             loaded,
             spec,
             ids,
@@ -215,6 +217,9 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
             group_note=note,
             progress=verbose,
         )
+    # the offline run beside the GPTQ directory, not in it (a re-run with --overwrite replaces it)
+    log_report(settings.wandb, out_dir / report.json_name, settings.checkpoint, "quantize", out_dir.parent)
+    return report
 
 
 def _load_inputs(

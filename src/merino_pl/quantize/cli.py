@@ -15,6 +15,7 @@ from typing import Any
 from merino_pl.core.errors import MerinoError, parse_problems
 from merino_pl.core.io import check_out, read_yaml
 from merino_pl.core.quant.spec import SUPPORTED_BITS, QuantSpec
+from merino_pl.core.tracking import add_wandb_argument
 from merino_pl.quantize.api import METHODS, CalibrationSettings, QuantizeSettings
 
 # flag name (dashes as underscores) -> CalibrationSettings field
@@ -92,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the tied token table / LM head: fp16 (default: stored as --float-dtype, loadable by "
         "standard GPTQ tools) or int8 (row-wise int8 + fp16 scales, ~4x smaller; merino-pl and its ONNX export only)",
     )
+    add_wandb_argument(p)
 
 
 def resolve_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +123,7 @@ def settings(args: argparse.Namespace) -> QuantizeSettings:
     spec = QuantSpec(**{f.name: o[f.name] for f in fields(QuantSpec)})
     calib = CalibrationSettings(**{name: o[flag] for flag, name in CALIB_FLAGS.items()})
     return QuantizeSettings(
-        o["checkpoint"], spec, calib, o["out"], o["float_dtype"], o["tokenizer"], bool(o["overwrite"])
+        o["checkpoint"], spec, calib, o["out"], o["float_dtype"], o["tokenizer"], bool(o["overwrite"]), o.get("wandb")
     )
 
 
