@@ -109,10 +109,13 @@ def flat_numbers(data: Any, prefix: str = "") -> dict[str, float]:
     return {}
 
 
-def log_report(project: str | None, report: str | Path, model: str | Path, stage: str) -> Path | None:
+def log_report(
+    project: str | None, report: str | Path, model: str | Path, stage: str, local: str | Path | None = None
+) -> Path | None:
     """Log the finished report ``report`` (a stage's ``*.json``; its ``.md`` and the folder's
     PNGs with it) of ``model`` as a ``stage`` run of W&B ``project``; the run's local folder
-    (None when ``project`` is None or ``WANDB_MODE=disabled``)."""
+    (None when ``project`` is None or ``WANDB_MODE=disabled``). The run's files go to
+    ``WANDB_DIR``, else ``local``, else the report's folder (under ``wandb/``)."""
     if not project:
         return None
     mode = wandb_mode()
@@ -128,7 +131,7 @@ def log_report(project: str | None, report: str | Path, model: str | Path, stage
         group=os.environ.get("WANDB_RUN_GROUP") or run_id,
         job_type=stage,
         name=f"{stage}-{Path(model).name}",
-        dir=os.environ.get("WANDB_DIR") or str(folder),
+        dir=os.environ.get("WANDB_DIR") or str(local or folder),
         mode=mode,
         config={"stage": stage, "model": str(model), "report": str(report), "training_run_id": run_id},
         settings=wandb.Settings(console="off", silent=True),
