@@ -1,7 +1,7 @@
 """The device kit: `merino-pl latency kit` writes graphs + manifest + a standalone runner; the
 runner times them where neither torch nor merino_pl can be imported; `merino-pl latency import`
 turns the results into the table `search --latency-table` reads and the report `latency plot`
-reads. Exporting the graphs takes a while on 2 busy cores: slow."""
+reads. Exporting the graphs takes a while on 2 busy cores: those tests are slow."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from merino_pl.cli import main as cli
 from merino_pl.core.config import Recipe
 from merino_pl.core.latency_table import LatencyTable
 from merino_pl.latency.report import LatencyReport
-
-pytestmark = pytest.mark.slow
 
 # one embed width: every projection a searched architecture holds is in the space's list
 SPACE = (
@@ -61,6 +59,20 @@ def run_on_device(kit: Path, device_path: Path, *args: str) -> subprocess.Comple
     return subprocess.run(cmd, cwd=kit, capture_output=True, text=True, env=env, timeout=600)
 
 
+def test_the_runner_is_python_3_8_and_imports_only_numpy_and_onnxruntime() -> None:
+    """A Jetson's JetPack ships Python 3.8 at best: the runner parses as 3.8 and imports nothing
+    beyond the standard library, numpy and onnxruntime."""
+    import ast
+
+    from merino_pl.latency import kit_runner
+
+    tree = ast.parse(Path(kit_runner.__file__).read_text(), feature_version=(3, 8))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported - set(sys.stdlib_module_names) == {"numpy", "onnxruntime"}
+
+
+@pytest.mark.slow
 def test_space_kit_runs_without_torch_and_imports_as_the_search_table(tmp_path: Path, device_path: Path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -87,6 +99,7 @@ def test_space_kit_runs_without_torch_and_imports_as_the_search_table(tmp_path: 
     assert cli([*search, "--iterations", "50", "--no-plot", "--out", str(rec)]) == 0
 
 
+@pytest.mark.slow
 def test_model_kit_imports_as_a_latency_report_and_refuses_mixed_up_results(
     tmp_path: Path, device_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
