@@ -99,7 +99,7 @@ def _section_problems(name: str, section: Any, into: dict[str, Any]) -> list[str
 
 # Stages whose command takes `--wandb PROJECT` (core.tracking); the chain passes the training
 # config's W&B project to them, so their reports join the training run's project and group.
-WANDB_STAGES = ("eval",)
+WANDB_STAGES = ("eval", "quantize")
 
 
 def wandb_project(config: Any) -> str | None:
@@ -129,8 +129,8 @@ def stage_commands(
     commands["latency"] = [
         ("latency", path, "--precision", label, "--out", str(run / "latency" / label)) for label, path in models.items()
     ]
-    for name in WANDB_STAGES:
-        if wandb:
+    for name in commands:
+        if wandb and name.partition("-")[0] in WANDB_STAGES:
             commands[name] = [c + ("--wandb", wandb) for c in commands[name]]
     return {name: [c + args[name.partition("-")[0]] for c in cmds] for name, cmds in commands.items()}
 
