@@ -71,13 +71,18 @@ class IntrinsicScore:
 
 
 def heldout_texts(
-    name: str, source: str = "embedded", val_fraction: float = 0.05, text_field: str = "text"
+    name: str,
+    source: str = "embedded",
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    max_chars: int = 1_000_000,
 ) -> list[str]:
     """The documents of a held-out set (see the module docstring), in source order.
 
     ``indomain``: the documents of ``source`` that ``fit`` holds out at ``val_fraction`` (the fit
-    config's ``data.source`` / ``data.val_fraction``); ``wikitext2``: the shipped test split's
-    articles."""
+    config's ``data.source`` / ``data.val_fraction``), the first ``max_chars`` characters' worth
+    (a corpus like the Pile is never read to its end; the embedded one holds 55 k); ``wikitext2``:
+    the shipped test split's articles."""
     from merino_pl.core.errors import MerinoError
 
     if name == "wikitext2":
@@ -97,6 +102,8 @@ def heldout_texts(
     docs = []
     for batch in open_stream(src).iter(batch_size=1024):
         docs += [t for t in batch[field] if t and is_heldout(t, val_fraction)]
+        if sum(map(len, docs)) >= max_chars:
+            break
     if not docs:
         raise MerinoError(f"no held-out documents in {source!r} at val_fraction {val_fraction}")
     return docs
@@ -288,3 +295,33 @@ def continuation_lines(rows: list[dict[str, Any]], prompt: str = DEMO_PROMPT) ->
             "",
         ]
     return lines
+
+
+def demo_section(models: dict[str, Path], data: dict[str, Any], cache: Path) -> list[str]:
+    """The summary's section: held-out figures and continuations of each model, computed once per
+    set of model files (``cache``: a JSON of both, keyed by the models' files and ``data``)."""
+    import json
+
+    from merino_pl.core.io import write_json
+
+    key = {"data": data, "models": {label: _stamp(path) for label, path in models.items()}}
+    saved = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+    if saved.get("key") != json.loads(json.dumps(key)):
+        saved = {"key": key, "figures": heldout_figures(models, data), "continuations": continuations(models)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, saved)
+    return [
+        "## Held-out quality at the trained context",
+        "",
+        *figures_lines(saved["figures"]),
+        "",
+        "## What the models write",
+        "",
+        *continuation_lines(saved["continuations"]),
+    ]
+
+
+def _stamp(path: Path) -> list:
+    """Name, size and mtime of every file of a model (directory or file): its cache key."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
