@@ -25,6 +25,7 @@ SPACE = (
     "num_blocks: 2\nembed_dims: [64]\nffn_dims: [128, 256]\nnum_layers: [1, 2]\n"
     "architecture: {vocab_size: 512, d_model: 96, max_position_embeddings: 128}\n"
 )
+OK = {"status": "ok", "value": 0.4}
 # run the runner as a device would: the base interpreter without site-packages (-I -S), and on
 # its path only numpy, onnxruntime and what onnxruntime imports; torch and merino_pl must fail
 ISOLATED = """
@@ -117,6 +118,14 @@ def test_model_kit_imports_as_a_latency_report_and_refuses_mixed_up_results(
     assert (row["model"], row["precision"], row["path"]) == ("tiny", "fp32", "onnxruntime")
     assert row["prefill_ms"]["runs"] and row["decode_ms_per_token"]["mean"] > 0
     assert report.device["onnxruntime"] and "CPUExecutionProvider" in report.device["providers"]
+    evals = tmp_path / "eval.json"  # `latency plot` reads the kit's report unchanged: its onnxruntime row
+    evals.write_text(json.dumps({"format": "merino-eval/1", "model": {"name": "tiny"}, "tasks": {"boolq": OK}}))
+    chart = tmp_path / "chart.png"
+    assert (
+        cli(["latency", "plot", "--latency", str(tmp_path / "report"), "--eval", str(evals), "--out", str(chart)]) == 0
+    )
+    (point,) = json.loads(chart.with_suffix(".json").read_text())["panels"][0]["points"]
+    assert point["model"] == "tiny" and point["latency_ms"] == row["prefill_ms"]["mean"] and point["accuracy"] == 0.4
     capsys.readouterr()
 
     # results of another kit: one line, exit 2

@@ -49,9 +49,7 @@ def measured_points(
     for path in latency:
         report = LatencyReport.read(path)  # another file, or a newer format: one line naming it
         device = device or report.device["summary"]
-        for row in report.rows:
-            if row["precision"] != precision or row["path"] != "plain":
-                continue
+        for row in _timed_rows(report, precision):
             name = row["model"]
             accuracy, source = (
                 (acc[name], "eval report")
@@ -71,6 +69,14 @@ def measured_points(
                 }
             )
     return points, device, missing
+
+
+def _timed_rows(report: LatencyReport, precision: str) -> list[dict[str, Any]]:
+    """Each model's plain-path row at ``precision`` (the full forward, as the paper times it); a
+    model with none, as in a device kit's report (``latency import``), its onnxruntime row."""
+    rows = [r for r in report.rows if r["precision"] == precision]
+    plain = {r["model"] for r in rows if r["path"] == "plain"}
+    return [r for r in rows if r["path"] == "plain" or (r["path"] == "onnxruntime" and r["model"] not in plain)]
 
 
 def paper_points() -> list[dict[str, Any]]:
