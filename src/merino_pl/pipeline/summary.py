@@ -53,6 +53,23 @@ def _tables(layout: RunLayout, reports: list[ModelReports]) -> list[str]:
     ]
 
 
+def _heldout(cfg: PipelineConfig, layout: RunLayout) -> list[str]:
+    """Held-out nats / character and bits / byte per precision at the trained context, and what
+    each model writes (``merino_pl.eval.intrinsic``), for a run that trained its models."""
+    from merino_pl.core.errors import MerinoError
+    from merino_pl.core.io import read_yaml
+    from merino_pl.eval.intrinsic import demo_section
+
+    models = {label: path for label, path in layout.models.items() if path.exists()}
+    if not layout.trains or not models or not cfg.fit.get("config"):
+        return []
+    data = (read_yaml(Path(cfg.fit["config"]), "fit config") or {}).get("data") or {}
+    try:
+        return [*demo_section(models, data.get("init_args", data), layout.plots / "heldout.json"), ""]
+    except MerinoError as e:  # e.g. a hub corpus offline: the rest of the summary still stands
+        return ["## Held-out quality at the trained context", "", f"Not measured: {e}", ""]
+
+
 def write_summary(cfg: PipelineConfig, layout: RunLayout, stages: list[Stage], seconds: dict[str, Any]) -> Path:
     """Write ``OUT/summary.md`` (``seconds``: stage name -> its recorded run time) and the
     pictures it shows; returns its path."""
@@ -70,7 +87,7 @@ def write_summary(cfg: PipelineConfig, layout: RunLayout, stages: list[Stage], s
         lines.append(f"| {s.name} | {s.status} | {_fmt(seconds.get(s.name), 1)} | {links} |")
     reports = load_reports(layout)
     plot_lines, shown = summary_plots(layout, reports)
-    lines += ["", *plot_lines, *_tables(layout, reports), "## Reports and plots", ""]
+    lines += ["", *plot_lines, *_heldout(cfg, layout), *_tables(layout, reports), "## Reports and plots", ""]
     for p in sorted(out.glob("*/**/*")):
         if p.suffix in (".md", ".png") and p.is_file() and "logs" not in p.parts and p not in shown:
             rel = p.relative_to(out)
