@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import REPO, tiny_arch
 from merino_pl.core.tokenizer import (
     DEMO_TOKENIZER,
@@ -61,3 +63,39 @@ def test_intrinsic_scores_each_token_once_at_the_window():
     assert short.nats != whole.nats  # less context, another loss
     assert math.isclose(short.nats_per_char * short.characters, short.nats_per_token * short.tokens)
     assert math.isclose(short.bits_per_byte, short.nats / short.bytes / math.log(2))
+
+
+@pytest.mark.slow
+def test_demo_pipeline_summary_shows_heldout_figures_and_text(tmp_path):
+    """The shipped demo pipeline, shortened (a few fit steps, fewer GPTQ samples, no eval or
+    latency stage): its summary holds the per-character figure of the three precisions and what
+    each model writes."""
+    import json
+
+    import yaml
+
+    from merino_pl.cli import main as cli_main
+
+    cfg = yaml.safe_load((REPO / "recipes" / "pipeline" / "cpu-demo.yaml").read_text())
+    cfg.update(out_dir=str(tmp_path / "out"))
+    cfg["search"]["args"] = ["--iterations", "600"]
+    cfg["fit"]["args"] = ["--trainer.max_steps", "12", "--model.warmup_steps", "2", "--data.val_sequences", "0"]
+    cfg["quantize"]["args"] = ["--group-size", "64", "--nsamples", "8", "--seq-len", "128"]
+    for stage in ("eval", "latency"):
+        cfg.pop(stage)
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["pipeline", "--config", str(config)]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "nats / char" in summary and "WikiText-2" in summary
+    saved = json.loads((tmp_path / "out" / "plots" / "heldout.json").read_text())
+    assert list(saved["figures"]) == ["fp32", "int8", "int4"]
+    for label, sets in saved["figures"].items():
+        assert 0 < sets["indomain"]["nats_per_char"] < 4 and f"| {label} | " in summary
+    assert {(r["precision"], r["runtime"]) for r in saved["continuations"]} >= {
+        ("fp32", "torch"),
+        ("int8", "torch"),
+        ("int4", "torch"),
+        ("int4", "onnxruntime"),
+    }
+    assert all(any(r["text"] for r in saved["continuations"] if r["precision"] == lb) for lb in saved["figures"])
