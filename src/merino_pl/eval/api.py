@@ -1,4 +1,4 @@
-"""The eval stage's library: ``evaluate_checkpoint(EvalSettings(...))`` is its entry function
+"""The eval stage's library: ``evaluate(EvalSettings(...))`` is its entry function
 (``merino-pl eval`` calls it after parsing its flags, see ``eval/cli.py``).
 
 Zero-shot lm-eval tasks through the ``merino`` backend (or lm-eval's stock ``hf`` backend) and
@@ -104,7 +104,7 @@ def validate(args: EvalSettings, index_tasks: bool = True) -> dict[str, Any]:
     return {"specs": specs, "ppl": ppl, "data_files": data_files, "manager": manager, "num_fewshot": num_fewshot}
 
 
-def evaluate_checkpoint(args: EvalSettings) -> EvalReport:
+def evaluate(args: EvalSettings) -> EvalReport:
     """The stage's entry function: check ``args`` (every problem in one ``MerinoError``), load
     the model, run the tasks and perplexities, write ``eval.json`` / ``eval.md`` /
     ``accuracy.png`` into ``args.out`` and print the Markdown. Returns the report."""
@@ -133,7 +133,7 @@ def evaluate_checkpoint(args: EvalSettings) -> EvalReport:
         f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}, window {window}",
         file=sys.stderr,
     )
-    report = evaluate(loaded, plan, args, window)
+    report = _measure(loaded, plan, args, window)
     _check_measured(report)
     paths = write(report, args.out)
     print(markdown(report))
@@ -200,7 +200,7 @@ def _check_window(args: EvalSettings, loaded: Any) -> int:
 
     limit = loaded.model.config.max_position_embeddings
     default, note = context_window(loaded)
-    if note:
+    if note and loaded.kind != "recipe":  # a recipe is untrained: it has no trained context to miss
         print(f"note: {note}", file=sys.stderr)
     window = args.window or default
     trained = trained_context(loaded)
@@ -216,7 +216,7 @@ def _check_window(args: EvalSettings, loaded: Any) -> int:
     return window
 
 
-def evaluate(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int) -> EvalReport:
+def _measure(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int) -> EvalReport:
     """Run the tasks and perplexities of ``plan`` on ``loaded`` with ``window`` tokens of context
     (lm-eval's ``max_length``, the perplexity window); the report."""
     import lm_eval

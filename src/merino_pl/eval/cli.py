@@ -14,7 +14,7 @@ from dataclasses import fields
 
 from merino_pl.core.errors import MerinoError, parse_problems
 from merino_pl.core.tracking import add_wandb_argument
-from merino_pl.eval.api import EvalSettings, evaluate_checkpoint, validate
+from merino_pl.eval.api import EvalSettings, evaluate, validate
 from merino_pl.eval.perplexity import CORPORA, MODES
 
 
@@ -102,5 +102,5 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    evaluate_checkpoint(settings(args))
+    evaluate(settings(args))
     return 0

@@ -1,8 +1,8 @@
 """lm-evaluation-harness backends for MeRino models.
 
 (a) ``merino``: our own ``TemplateLM`` registered with ``@register_model("merino")``, over
-    anything :func:`merino_pl.checkpoint.load_model` loads (``.ckpt``, exported directory,
-    recipe, and GPTQ directories once the quantize stage extends ``load_model``)::
+    anything :func:`merino_pl.core.checkpoint.load_model` loads (``.ckpt``, exported directory,
+    recipe, GPTQ directory); ``max_length`` defaults to the context the model was trained at::
 
         simple_evaluate(model=MerinoLM(loaded), tasks=[...])
         simple_evaluate(model="merino", model_args="pretrained=runs/demo/checkpoints/last.ckpt")

@@ -10,11 +10,14 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from merino_pl.core import paper as core_paper
 from merino_pl.core.errors import MerinoError
@@ -84,7 +87,12 @@ def task_manager(names: list[str], include_paths: list[str], metadata: dict[str,
     paths = tuple(str(Path(p).resolve()) for p in include_paths)
     if paths:
         local = _task_manager(paths, False, meta)
-        if all(n in local.all_tasks for n in names):
+        missing = [n for n in names if n not in local.all_tasks]
+        files = [f for root in paths for f in sorted(Path(root).rglob("*.y*ml"))]
+        broken = [problem for f in files if (problem := _broken_task_yaml(f, list(names), bool(missing)))]
+        if broken:  # lm-eval skips a YAML it cannot read ("unknown task") or fails late on one it can
+            raise MerinoError("bad local task YAML: " + "; ".join(broken))
+        if not missing:
             return local
     manager = _task_manager(paths, True, meta)
     unknown = [n for n in names if n not in manager.all_tasks]
@@ -104,6 +112,37 @@ def _unknown_message(unknown: list[str], manager: Any, paths: tuple[str, ...], m
         parts.append(f"--include-path tasks: {', '.join(local)}")
     parts.append("`lm_eval ls tasks` lists all")
     return "; ".join(parts)
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads lm-eval's ``!function`` tags as plain strings: a task file
+    is checked without importing (running) the code it names."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: str(getattr(node, "value", "")))
+
+
+def _broken_task_yaml(path: Path, names: list[str], unnamed: bool) -> str | None:
+    """What is wrong with a local task YAML that declares one of ``names`` (or, with ``unnamed``:
+    some task is still not found, whose ``task:`` name cannot be read); None when nothing is."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    declared = re.search(r"^task:\s*['\"]?([\w.\-]+)['\"]?\s*(#.*)?$", text, re.M)
+    if (declared.group(1) not in names) if declared is not None else not unnamed:
+        return None
+    try:
+        config = yaml.load(text, Loader=_TaskYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        return f"{path}: not a readable task YAML ({' '.join(str(e).split())[:200]})"
+    if not isinstance(config, dict):
+        return f"{path}: not a task YAML (a {type(config).__name__}, not a mapping)"
+    task = config.get("task")
+    if declared is None and task is None:
+        return None if config.get("group") or config.get("include") else f"{path}: no `task:` name"
+    if not isinstance(task, str) or not task:
+        return f"{path}: `task:` must be a task name, got {task!r}"
+    if task in names and "dataset_path" not in config and "include" not in config:
+        return f"{path}: task {task!r} has no dataset_path (nor an include giving one)"
+    return None
 
 
 def build_tasks(names: list[str], manager: Any) -> tuple[list[Any], dict[str, str]]:
