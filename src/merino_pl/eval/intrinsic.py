@@ -199,13 +199,11 @@ def heldout_figures(
     """precision label -> held-out set -> ``IntrinsicScore.to_dict()`` of each model directory (or
     ``.ckpt``), at the trained context. ``data``: the fit config's ``data`` section (source,
     text_field, val_fraction, seq_len: what was held out, and the context)."""
-    window = int(data.get("seq_len", 128))
+    data = fit_data(data)
+    window = int(data["seq_len"])
     sets = {
         "indomain": heldout_texts(
-            "indomain",
-            str(data.get("source", "embedded")),
-            float(data.get("val_fraction", 0.05)),
-            str(data.get("text_field", "text")),
+            "indomain", str(data["source"]), float(data["val_fraction"]), str(data["text_field"])
         ),
         "wikitext2": first_chars(heldout_texts("wikitext2"), wikitext_chars) if wikitext_chars else [],
     }
@@ -214,6 +212,17 @@ def heldout_figures(
         label: {name: s.to_dict() for name, s in score_model(path, sets, window).items()}
         for label, path in models.items()
     }
+
+
+def fit_data(data: dict[str, Any]) -> dict[str, Any]:
+    """What ``fit`` trained on and held out: the config's ``data`` values, the data module's
+    defaults for those it leaves out (a default is what that run used)."""
+    from inspect import signature
+
+    from merino_pl.data import PileDataModule
+
+    params = signature(PileDataModule.__init__).parameters
+    return {k: data.get(k, params[k].default) for k in ("source", "text_field", "val_fraction", "seq_len")}
 
 
 def figures_lines(figures: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
