@@ -167,3 +167,11 @@ def test_resume_trains_at_the_new_lr(fit_config, tmp_path, capsys):  # noqa: F81
     assert lrs[4] == pytest.approx(1e-5 * 0.46) and lrs[5] == pytest.approx(1e-5 * 0.28), lrs
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["lr_schedulers"][0]["base_lrs"] == [1e-5, 1e-5]
+
+
+def test_no_banner_before_a_data_error(fit_config, tmp_path, capsys):  # noqa: F811
+    """A data source found missing while the datamodule is built is the only line printed: no
+    "Seed set to", no device lines, no tip (held until the loop starts, merino_pl.fit.startup)."""
+    assert cli_main(["fit", "--config", str(fit_config), "--data.source", str(tmp_path / "nope.jsonl")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "nope.jsonl" in err and "Traceback" not in err, (out, err)
