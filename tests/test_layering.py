@@ -37,12 +37,11 @@ PUBLIC = {
     "merino_pl.eval.report": "the eval report's renderer (whoever shows a report calls its renderer)",
     "merino_pl.eval.intrinsic": "held-out nats / character and bits / byte at the trained context (pipeline summary)",
     "merino_pl.generate.api": "the generate stage's entry: the continuations the demo's summary shows",
-    "merino_pl.eval.intrinsic": "held-out nats / character and bits / byte at the trained context (pipeline summary)",
-    "merino_pl.generate.api": "the generate stage's entry: the continuations the demo's summary shows",
     "merino_pl.latency.plot": "the latency plot's renderer",
     "merino_pl.latency.report": "LatencyReport: the latency report's schema (the pipeline's summary reads it)",
     "merino_pl.export.onnx": "the export stage's ONNX entry: latency times the graph a user deploys",
     "merino_pl.export.session": "the exported graph on onnxruntime: latency's and generate's decoders run it",
+    "merino_pl.export.executorch": "the ExecuTorch program on its runtime (PteRunner): generate and latency run it",
     "merino_pl.quantize.api": "the quantize stage's entry: latency's int rows of a float model are its RTN output",
 }
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from merino_pl.core.config import MerinoConfig
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "executorch")
 STOPS = ("eos", "max_new_tokens", "context")
 # the weights file of an exported and of a GPTQ directory (core.checkpoint / core.quant.format
 # WEIGHTS_NAME), named here so that checking a path imports no torch
@@ -65,6 +65,7 @@ class GenerateSettings:
     runtime: str = "torch"  # torch | onnxruntime
     onnx: str | None = None  # an existing graph to decode with (onnxruntime)
     onnx_out: str | None = None  # keep the graph exported on the fly here (a new file; onnxruntime)
+    pte: str | None = None  # executorch: the program to run (default: MODEL/model.pte, from `export --executorch`)
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None  # sample among the k most likely tokens (with temperature > 0)
     seed: int = 0  # of the sampling generator
@@ -112,6 +113,10 @@ class GenerateSettings:
                 p.append(f"--onnx-out {out}: no folder {out.parent}")
         if self.runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
             p.append("--runtime onnxruntime: onnxruntime is not installed (pip install onnxruntime)")
+        if self.pte is not None and self.runtime != "executorch":
+            p.append(f"--pte {self.pte}: a program runs on --runtime executorch, not {self.runtime}")
+        if self.runtime == "executorch" and importlib.util.find_spec("executorch") is None:
+            p.append("--runtime executorch: executorch is not installed (make executorch-env: .venv/executorch)")
         return p
 
 
@@ -186,6 +191,12 @@ def generate(settings: GenerateSettings, on_text: Emit | None = None, on_note: E
         result = GenerateResult(len(ids), [], "", "", 0.0, 0.0, settings.runtime, settings.sampling)
         if settings.runtime == "torch":
             backend: Decoder = TorchDecoder(model if model is not None else _load(settings.model))
+        elif settings.runtime == "executorch":  # the program `export --executorch` wrote (export/executorch.py)
+            from merino_pl.export.executorch import PteRunner
+
+            result.onnx = settings.pte or str(Path(settings.model) / "model.pte")
+            backend = PteRunner(result.onnx)
+            backend.check(arch, settings.model)
         else:
             backend = OrtDecoder(_graph(settings, model, Path(tmp), result, note), settings.threads)
             backend.check(arch, settings.model)

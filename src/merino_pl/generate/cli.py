@@ -1,5 +1,6 @@
 """``merino-pl generate MODEL [--prompt TEXT | --prompt-file F] [--max-new-tokens N]
-[--runtime torch|onnxruntime] [--onnx PATH | --onnx-out PATH] [--temperature T --top-k K --seed S] [--threads N]``.
+[--runtime torch|onnxruntime|executorch] [--onnx PATH | --onnx-out PATH | --pte PATH]
+[--temperature T --top-k K --seed S] [--threads N]``.
 
 Streams the prompt and its continuation to stdout, then one line: prompt tokens, new tokens, why
 it stopped, prefill ms, decode tokens/s (what it does: ``generate.api``; docs/generate.md).
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="onnxruntime: keep the graph exported on the fly here, a new file (default: a temporary one)",
     )
     p.add_argument(
+        "--pte", default=None, metavar="PATH", help="executorch: run this program (default: MODEL/model.pte)"
+    )
+    p.add_argument(
         "--temperature",
         type=float,
         default=None,
@@ -58,7 +62,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerateSettings, list
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             problems.append(f"--prompt-file {args.prompt_file}: cannot read it ({type(e).__name__}: {e.args[-1]})")
-    runtime = args.runtime or ("onnxruntime" if args.onnx or args.onnx_out else "torch")
+    runtime = args.runtime or ("onnxruntime" if args.onnx or args.onnx_out else "executorch" if args.pte else "torch")
     temperature = args.temperature if args.temperature is not None else (1.0 if args.top_k is not None else 0.0)
     settings = GenerateSettings(
         model=args.model,
@@ -67,6 +71,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerateSettings, list
         runtime=runtime,
         onnx=args.onnx,
         onnx_out=args.onnx_out,
+        pte=args.pte,
         temperature=temperature,
         top_k=args.top_k,
         seed=args.seed,
