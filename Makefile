@@ -62,7 +62,7 @@ export GPTQ_REQUIREMENTS
 # ExecuTorch (`merino-pl export --executorch`, `generate --runtime executorch`; tests/test_executorch.py):
 # the same CPU torch, .venv's transformers, merino-pl itself (editable) and pyproject's `executorch`
 # extra, in a venv of its own: executorch pulls torchao (CUDA-library warnings on import, like
-# GPTQModel's), coremltools, pandas and scikit-learn, none of which .venv needs. ~2 min, 1.5 GB.
+# GPTQModel's), coremltools, pandas and scikit-learn, none of which .venv needs. 2 min (19 on busy cores), 1.7 GB.
 # `make test` requires it (MERINO_REQUIRE_EXECUTORCH=1); a bare pytest skips those tests without it.
 EXECUTORCH_VENV  ?= $(VENV)/executorch
 EXECUTORCH_STAMP := $(EXECUTORCH_VENV)/.installed
