@@ -55,6 +55,7 @@ def test_bf16_mixed_training_on_cpu(fit_config, tmp_path):  # noqa: F811
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow  # 8 micro-batches of MeRino-64M x 1024 tokens on one CPU thread: 12 min on the loaded 2-core machine
 def test_shipped_8xh100_config_trains_two_steps_of_merino_64m_on_cpu(tmp_path, monkeypatch):
     """``recipes/train/pile-8xh100.yaml`` as shipped (MeRino-64M, seq 1024, bf16-mixed, DDP,
     4 accumulated micro-batches, clipping, W&B + CSV loggers), with only these overrides:
