@@ -105,6 +105,7 @@ def fit(recipe: Path, run: Path, steps: int, max_time_s: float | None) -> tuple[
         str(steps),
     ]
     argv += ["--model.warmup_steps", str(min(60, max(1, steps // 10)))]
+    argv += ["--trainer.log_every_n_steps", str(max(1, min(20, steps // 4)))]  # the probe's rate needs >= 2 lines
     if max_time_s is not None:
         d, rest = divmod(int(max_time_s), 86400)
         argv += ["--trainer.max_time", f"{d:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"]
@@ -116,7 +117,7 @@ def probe_rate(recipe: Path, out: Path, steps: int) -> tuple[float, float]:
     seconds, output = fit(recipe, out / "probe", steps, None)
     points = curve(output)
     (t0, s0, _), (t1, s1, _) = points[0], points[-1]
-    rate = (s1 - s0) / max(t1 - t0, 1e-9)
+    rate = (s1 - s0) / (t1 - t0) if t1 > t0 else s1 / max(t1, 1)  # elapsed is printed in whole seconds
     return max(0.0, seconds - s1 / rate), rate
 
 
