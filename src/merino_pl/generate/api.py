@@ -350,8 +350,7 @@ class OrtDecoder:
         from merino_pl.export.session import DecoderSession
 
         # quiet: no onnxruntime warnings before the text; threads default to torch's, as the torch runtime's
-        self.graph = DecoderSession(path, threads or torch.get_num_threads(), quiet=True)
-        self.path = path
+        self.graph, self.path = DecoderSession(path, threads or torch.get_num_threads(), quiet=True), path
         self.past: list[Any] = []
         self.length = 0  # tokens in the cache
 
