@@ -36,6 +36,7 @@ class LatencySettings:
     out: str  # directory for latency.json, latency.md (and model-*.onnx)
     options: Options = field(default_factory=Options)
     threads: int | None = None  # torch (and onnxruntime) intra-op threads (None: torch's)
+    wandb: str | None = None  # W&B project to log the report to, linked to the training run (core.tracking)
 
     def problems(self) -> list[str]:
         """Every problem that needs no model (the model's own limits are checked once it is read)."""
@@ -56,6 +57,8 @@ def latency(
     import torch
 
     from merino_pl.core.checkpoint import load_model
+    from merino_pl.core.lock import folder_lock
+    from merino_pl.core.tracking import log_report
     from merino_pl.latency import device, peers
     from merino_pl.latency.measure import ReportBuilder
 
@@ -67,15 +70,17 @@ def latency(
     loaded = load_model(settings.source, seed=settings.options.seed)
     opts = fit_to_model(settings.options, loaded, settings.source)
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    builder = ReportBuilder(loaded, opts, out, peer_factory or peers.build_peer)
-    builder.warnings += _warnings(opts)
-    try:
-        _measure(builder, opts)
-    finally:
-        builder.close()
-    report = assemble(loaded, opts, builder, tegra_release or device.TEGRA_RELEASE)
-    report.write(out)
+    with folder_lock(out, f"merino-pl latency {settings.source}"):  # one writer per --out
+        out.mkdir(parents=True, exist_ok=True)
+        builder = ReportBuilder(loaded, opts, out, peer_factory or peers.build_peer)
+        builder.warnings += _warnings(opts)
+        try:
+            _measure(builder, opts)
+        finally:
+            builder.close()
+        report = assemble(loaded, opts, builder, tegra_release or device.TEGRA_RELEASE)
+        report.write(out)
+    log_report(settings.wandb, out / "latency.json", settings.source, "latency")
     return report
 
 
@@ -83,10 +88,15 @@ def fit_to_model(opts: Options, loaded: LoadedModel, source: str) -> Options:
     """The options this model can be timed with: a ``MerinoError`` when the prompt and decode
     steps exceed its context or a GPTQ directory is asked for another precision; generation
     clipped to the context (with a note saying so)."""
+    from merino_pl.core.checkpoint import trained_context
+
     problems, name = [], loaded.recipe.name
-    limit = loaded.recipe.architecture.max_position_embeddings
+    positions = loaded.recipe.architecture.max_position_embeddings
+    trained = trained_context(loaded)  # positions past it never got a gradient: not the deployed model
+    limit = min(trained, positions) if trained else positions
+    what = f"trained context of {limit} tokens ({positions} positions)" if trained else f"{limit} positions"
     if opts.seq + opts.decode_tokens > limit:
-        problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {name}'s {limit} positions")
+        problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {name}'s {what}")
     bits = int(loaded.model.config.quantization_config["bits"]) if loaded.kind == "gptq" else None
     other = [p for p in opts.precisions if bits is not None and p != f"int{bits}"]
     if other:  # a GPTQ directory holds one precision: any other would be an empty row
@@ -98,8 +108,7 @@ def fit_to_model(opts: Options, loaded: LoadedModel, source: str) -> Options:
         raise MerinoError("; ".join(problems))
     if opts.generate_tokens and opts.seq + opts.generate_tokens > limit and opts.seq < limit:
         clipped = (
-            f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} "
-            f"({name} has {limit} positions)"
+            f"generation: {limit - opts.seq} new tokens, not --generate-tokens {opts.generate_tokens} ({name}'s {what})"
         )
         opts = dataclasses.replace(opts, generate_tokens=limit - opts.seq, notes=[*opts.notes, clipped])
     return opts

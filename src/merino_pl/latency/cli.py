@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merino_pl.core.errors import ArgumentParser, parse_problems
+from merino_pl.core.tracking import add_wandb_argument
 
 if TYPE_CHECKING:
     from merino_pl.latency.api import LatencySettings
@@ -90,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (and of a recipe's fresh weights)")
     p.add_argument("--out", required=True, help="output directory: latency.json, latency.md (and model-*.onnx)")
+    add_wandb_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +133,7 @@ def settings(args: argparse.Namespace) -> LatencySettings:
         embedding=args.embedding,
         runtimes=runtimes,
     )
-    return LatencySettings(args.source, args.out, options, args.threads)
+    return LatencySettings(args.source, args.out, options, args.threads, args.wandb)
 
 
 def add_plot_arguments(p: argparse.ArgumentParser) -> None:

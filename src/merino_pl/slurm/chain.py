@@ -99,7 +99,7 @@ def _section_problems(name: str, section: Any, into: dict[str, Any]) -> list[str
 
 # Stages whose command takes `--wandb PROJECT` (core.tracking); the chain passes the training
 # config's W&B project to them, so their reports join the training run's project and group.
-WANDB_STAGES = ("eval", "quantize")
+WANDB_STAGES = ("eval", "quantize", "latency")
 
 
 def wandb_project(config: Any) -> str | None:
