@@ -402,10 +402,10 @@ def test_shipped_chain_stages_load_and_render(capsys, monkeypatch):
     scripts = chain_scripts(out)
     assert "--calib EleutherAI/the_pile_deduplicated" in scripts["quantize-int4"][1]
     assert {"--gpus=1", "--mem=64G"} <= set(sbatch_lines(scripts["eval"][1]))
-    # the config's W&B project reaches the stages that log their reports there (eval, quantize so far)
+    # the config's W&B project reaches the stages that log their reports there (eval, quantize, latency)
     assert re.search(r"--out \S+/eval/int4 --wandb merino-pl --tasks paper", scripts["eval"][1])
     assert re.search(r"--out \S+/quantized/int8 --overwrite --wandb merino-pl --calib", scripts["quantize-int8"][1])
-    assert "--wandb" not in scripts["latency"][1]
+    assert re.search(r"--out \S+/latency/int4 --wandb merino-pl", scripts["latency"][1])
 
 
 @pytest.mark.parametrize(
