@@ -438,6 +438,14 @@ def test_export_ships_the_tokenizer_the_checkpoint_was_trained_with(tmp_path: Pa
     assert (tmp_path / "model" / "tokenizer.json").read_bytes() == custom.read_bytes()
     assert cli(["export", str(tmp_path / "model"), "--out", str(tmp_path / "again")]) == 0  # a directory: its own
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == custom.read_bytes()
+    from merino_pl.core.checkpoint import load_model
+    from merino_pl.core.tokenizer import load_tokenizer
+    from merino_pl.eval.harness import tokenizer_source
+    from merino_pl.generate.api import _tokenizer
+
+    for source in (ckpt, tmp_path / "model"):  # eval and generate read the text with that tokenizer too
+        assert Path(tokenizer_source(load_model(source))).read_bytes() == custom.read_bytes()
+        assert _tokenizer(source)[0].to_str() == load_tokenizer(str(custom)).to_str()
 
     custom.rename(tmp_path / "moved.json")
     capsys.readouterr()

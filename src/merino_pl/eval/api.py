@@ -63,19 +63,19 @@ def _pairs(items: list[str], what: str, errors: list[str]) -> dict[str, str]:
     return out
 
 
-def validate(args: EvalSettings, index_tasks: bool = True) -> dict[str, Any]:
+def validate(settings: EvalSettings, index_tasks: bool = True) -> dict[str, Any]:
     """Check every argument before any heavy work; all problems in one ``MerinoError``."""
     from merino_pl.eval.tasks import resolve_tasks
 
     errors: list[str] = []
     specs, fewshot = [], None
     try:
-        specs, fewshot = resolve_tasks(args.tasks)
+        specs, fewshot = resolve_tasks(settings.tasks)
     except MerinoError as e:
         errors.append(str(e))
-    ppl = [] if args.ppl in ("", "none") else [s.strip() for s in args.ppl.split(",") if s.strip()]
+    ppl = [] if settings.ppl in ("", "none") else [s.strip() for s in settings.ppl.split(",") if s.strip()]
     errors += [f"--ppl {n!r}: unknown corpus (valid: {', '.join(CORPORA)})" for n in ppl if n not in CORPORA]
-    data_files = _pairs(args.data_files, "--data-files", errors)
+    data_files = _pairs(settings.data_files, "--data-files", errors)
     if data_files.get("wikitext2") == "embedded":  # the copy shipped in the package (offline demo)
         data_files["wikitext2"] = str(embedded_wikitext2())
     for name, path in data_files.items():
@@ -83,32 +83,32 @@ def validate(args: EvalSettings, index_tasks: bool = True) -> dict[str, Any]:
             errors.append(f"--data-files {name}=...: unknown corpus (valid: {', '.join(CORPORA)})")
         elif not Path(path).is_file():
             errors.append(f"--data-files {name}={path}: file not found")
-    metadata = _pairs(args.metadata, "--metadata", errors)
-    errors += [f"--include-path {d}: not a directory" for d in args.include_path if not Path(d).is_dir()]
+    metadata = _pairs(settings.metadata, "--metadata", errors)
+    errors += [f"--include-path {d}: not a directory" for d in settings.include_path if not Path(d).is_dir()]
     for flag in ("limit", "batch_size", "stride", "window"):
-        value = getattr(args, flag)
+        value = getattr(settings, flag)
         if value is not None and value < 1:
             errors.append(f"--{flag.replace('_', '-')} {value}: must be >= 1")
     if not specs and not ppl:
         errors.append("nothing to evaluate: --tasks none and --ppl none")
-    errors += _device_problems(args.device)
-    errors += check_out(args.out)
+    errors += _device_problems(settings.device)
+    errors += check_out(settings.out)
     if errors:
         raise MerinoError("; ".join(errors))
     manager = None
     if specs and index_tasks:
         from merino_pl.eval.tasks import task_manager
 
-        manager = task_manager([s.task for s in specs], args.include_path, metadata)
-    num_fewshot = args.num_fewshot if args.num_fewshot is not None else fewshot
+        manager = task_manager([s.task for s in specs], settings.include_path, metadata)
+    num_fewshot = settings.num_fewshot if settings.num_fewshot is not None else fewshot
     return {"specs": specs, "ppl": ppl, "data_files": data_files, "manager": manager, "num_fewshot": num_fewshot}
 
 
-def evaluate(args: EvalSettings) -> EvalReport:
-    """The stage's entry function: check ``args`` (every problem in one ``MerinoError``), load
+def evaluate(settings: EvalSettings) -> EvalReport:
+    """The stage's entry function: check ``settings`` (every problem in one ``MerinoError``), load
     the model, run the tasks and perplexities, write ``eval.json`` / ``eval.md`` /
-    ``accuracy.png`` into ``args.out`` and print the Markdown. Returns the report."""
-    plan = validate(args)
+    ``accuracy.png`` into ``settings.out`` and print the Markdown. Returns the report."""
+    plan = validate(settings)
     if plan["specs"] or any(c not in plan["data_files"] for c in plan["ppl"]):  # some data comes from the hub
         from merino_pl.data.sources import offline_unless_reachable
 
@@ -121,24 +121,26 @@ def evaluate(args: EvalSettings) -> EvalReport:
             )
     problems = _offline_corpora_problems(plan)
     from merino_pl.core.checkpoint import load_model
+    from merino_pl.core.lock import folder_lock
 
     try:
-        loaded = load_model(args.checkpoint)  # MerinoError: missing file, weights of another architecture
+        loaded = load_model(settings.checkpoint)  # MerinoError: missing file, weights of another architecture
     except MerinoError as e:
         raise MerinoError("; ".join([str(e), *problems])) from None
     if problems:
         raise MerinoError("; ".join(problems))
-    window = _check_window(args, loaded)
+    window = _check_window(settings, loaded)
     print(
         f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}, window {window}",
         file=sys.stderr,
     )
-    report = _measure(loaded, plan, args, window)
-    _check_measured(report)
-    paths = write(report, args.out)
+    with folder_lock(settings.out, f"merino-pl eval {settings.checkpoint}"):  # one writer per --out
+        report = _measure(loaded, plan, settings, window)
+        _check_measured(report)
+        paths = write(report, settings.out)
     print(markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    log_report(args.wandb, paths["json"], args.checkpoint, "eval")
+    log_report(settings.wandb, paths["json"], settings.checkpoint, "eval")
     return report
 
 
@@ -193,7 +195,7 @@ def _check_measured(report: EvalReport) -> None:
         )
 
 
-def _check_window(args: EvalSettings, loaded: Any) -> int:
+def _check_window(settings: EvalSettings, loaded: Any) -> int:
     """The window perplexity and lm-eval score with: ``--window``, else the context the model was
     trained at (positions past it never received a gradient); past that only when asked for."""
     from merino_pl.core.checkpoint import context_window, trained_context
@@ -202,21 +204,21 @@ def _check_window(args: EvalSettings, loaded: Any) -> int:
     default, note = context_window(loaded)
     if note and loaded.kind != "recipe":  # a recipe is untrained: it has no trained context to miss
         print(f"note: {note}", file=sys.stderr)
-    window = args.window or default
+    window = settings.window or default
     trained = trained_context(loaded)
     if window > limit:
         raise MerinoError(f"--window {window}: longer than the model's max_position_embeddings ({limit})")
-    if trained is not None and window > trained and not args.beyond_trained_context:
+    if trained is not None and window > trained and not settings.beyond_trained_context:
         raise MerinoError(
             f"--window {window}: longer than the context the model was trained at ({trained} tokens); "
             "positions past it never received a gradient (add --beyond-trained-context to score them anyway)"
         )
-    if args.stride is not None and args.stride > window:
-        raise MerinoError(f"--stride {args.stride}: longer than the window ({window})")
+    if settings.stride is not None and settings.stride > window:
+        raise MerinoError(f"--stride {settings.stride}: longer than the window ({window})")
     return window
 
 
-def _measure(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int) -> EvalReport:
+def _measure(loaded: Any, plan: dict[str, Any], settings: EvalSettings, window: int) -> EvalReport:
     """Run the tasks and perplexities of ``plan`` on ``loaded`` with ``window`` tokens of context
     (lm-eval's ``max_length``, the perplexity window); the report."""
     import lm_eval
@@ -227,9 +229,9 @@ def _measure(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int)
     from merino_pl.eval.tasks import run_tasks
 
     lm = (
-        hf_lm(loaded, args.batch_size, args.device, max_length=window)
-        if args.backend == "hf"
-        else MerinoLM(loaded, batch_size=args.batch_size, device=args.device, max_length=window)
+        hf_lm(loaded, settings.batch_size, settings.device, max_length=window)
+        if settings.backend == "hf"
+        else MerinoLM(loaded, batch_size=settings.batch_size, device=settings.device, max_length=window)
     )
     tasks = {}
     if plan["specs"]:
@@ -237,14 +239,14 @@ def _measure(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int)
             lm,
             plan["specs"],
             plan["manager"],
-            limit=args.limit,
+            limit=settings.limit,
             num_fewshot=plan["num_fewshot"],
-            bootstrap_iters=args.bootstrap_iters,
+            bootstrap_iters=settings.bootstrap_iters,
         )
     arch = loaded.recipe.architecture
     return EvalReport(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        arguments=dataclasses.asdict(args),
+        arguments=dataclasses.asdict(settings),
         model=EvalModel(
             name=loaded.recipe.name,
             path=str(loaded.path),
@@ -257,15 +259,15 @@ def _measure(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int)
             trained_context=trained_context(loaded),
             window=window,
         ),
-        backend=args.backend,
+        backend=settings.backend,
         lm_eval_version=lm_eval.__version__,
-        limit=args.limit,
+        limit=settings.limit,
         tasks=tasks,
-        perplexity=_perplexities(loaded, plan, args, window),
+        perplexity=_perplexities(loaded, plan, settings, window),
     )
 
 
-def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings, window: int) -> dict[str, Any]:
+def _perplexities(loaded: Any, plan: dict[str, Any], settings: EvalSettings, window: int) -> dict[str, Any]:
     from merino_pl.core.tokenizer import EOS_TOKEN, load_tokenizer
     from merino_pl.eval.harness import tokenizer_source
     from merino_pl.eval.perplexity import DataUnavailable, perplexity
@@ -279,11 +281,11 @@ def _perplexities(loaded: Any, plan: dict[str, Any], args: EvalSettings, window:
                 tok,
                 name,
                 data_file=plan["data_files"].get(name),
-                mode=args.ppl_mode,
+                mode=settings.ppl_mode,
                 window=window,
-                stride=args.stride,
-                limit=args.limit,
-                batch_size=args.batch_size,
+                stride=settings.stride,
+                limit=settings.limit,
+                batch_size=settings.batch_size,
                 eos_id=tok.token_to_id(EOS_TOKEN),
             )
         except DataUnavailable as e:

@@ -19,7 +19,6 @@ Both compute the same numbers (a test checks every log-likelihood to 1e-4).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (before registering: lm-eval fills its built-in registry
@@ -29,16 +28,15 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from merino_pl.core.checkpoint import LoadedModel, context_window, load_model
-from merino_pl.core.tokenizer import EOS_TOKEN, hf_tokenizer, load_tokenizer
+from merino_pl.core.tokenizer import EOS_TOKEN, hf_tokenizer, load_tokenizer, model_tokenizer
 from merino_pl.eval.scoring import score
 
 
 def tokenizer_source(loaded: LoadedModel) -> str | None:
-    """The tokenizer shipped with an exported directory, else the default (GPT-NeoX-20B)."""
-    path = Path(loaded.path)
-    if loaded.kind != "recipe" and path.is_dir() and (path / "tokenizer.json").exists():
-        return str(path / "tokenizer.json")
-    return None
+    """The tokenizer the model was trained with (``model_tokenizer``: an exported directory's own,
+    the one a ``.ckpt`` recorded, an error when that is missing); None (the default) for a recipe,
+    a freshly initialised model."""
+    return None if loaded.kind == "recipe" else model_tokenizer(loaded.path)
 
 
 @register_model("merino")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
+from merino_pl.export.session import GRAPH_NAME
 
 PTE_FILES = {"fp32": "model.pte", "8da4w": "model-8da4w.pte"}  # the ExecuTorch programs --executorch writes, by kind
 
@@ -99,6 +100,7 @@ def export(settings: ExportSettings) -> Exported:
     """Check every argument, then write the directory (and ``model.onnx``, the ``.pte`` files);
     all problems in one ``MerinoError`` before the model is read."""
     from merino_pl.core.checkpoint import load_model  # torch: not for validation
+    from merino_pl.core.lock import folder_lock
     from merino_pl.core.tokenizer import model_tokenizer
 
     problems = settings.problems()
@@ -108,12 +110,13 @@ def export(settings: ExportSettings) -> Exported:
         settings.checkpoint
     )  # never the default in place of a recorded one
     loaded = load_model(settings.checkpoint)
-    if loaded.kind == "gptq" and settings.onnx:  # a quantized directory: its files + the packed graph (MatMulNBits)
-        from merino_pl.export.onnx import export_quantized_onnx
+    with folder_lock(settings.out, f"merino-pl export {settings.checkpoint}"):  # one writer per --out
+        if loaded.kind == "gptq" and settings.onnx:  # a quantized directory: its files + the packed graph
+            from merino_pl.export.onnx import export_quantized_onnx
 
-        out = export_quantized_onnx(loaded, settings.out)
-        return Exported(Path(out), Path(out) / "model.onnx", loaded.recipe.name, loaded.kind)
-    out, onnx, pte = _write(loaded.model, settings, tokenizer)
+            out = export_quantized_onnx(loaded, settings.out)
+            return Exported(Path(out), Path(out) / GRAPH_NAME, loaded.recipe.name, loaded.kind)
+        out, onnx, pte = _write(loaded.model, settings, tokenizer)
     return Exported(out, onnx, loaded.recipe.name, loaded.kind, pte, tokenizer)
 
 
@@ -130,11 +133,11 @@ def _write(model, settings: ExportSettings, tokenizer: str) -> tuple[Path, Path 
         if settings.onnx:
             from merino_pl.export.onnx import export_onnx
 
-            export_onnx(model, tmp / "model.onnx")
+            export_onnx(model, tmp / GRAPH_NAME)
         if settings.executorch:
             from merino_pl.export.executorch import export_pte
 
             for kind in settings.executorch:
                 export_pte(model, tmp / PTE_FILES[kind], kind)
-    onnx = out / "model.onnx" if settings.onnx else None
+    onnx = out / GRAPH_NAME if settings.onnx else None
     return out, onnx, tuple(out / PTE_FILES[k] for k in settings.executorch)

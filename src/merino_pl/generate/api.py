@@ -383,10 +383,9 @@ class OrtDecoder:
 def _tokenizer(model: Path) -> tuple[Tokenizer, int]:
     """The model directory's ``tokenizer.json`` (what its export shipped), or the one a ``.ckpt``
     was trained with, else the default one."""
-    from merino_pl.core.checkpoint import trained_tokenizer
-    from merino_pl.core.tokenizer import find_eos, load_tokenizer
+    from merino_pl.core.tokenizer import find_eos, load_tokenizer, model_tokenizer
 
-    spec = trained_tokenizer(model)
+    spec = model_tokenizer(model)  # never the default in place of a recorded one
     tok = load_tokenizer(spec)
     return tok, find_eos(tok, spec)
 

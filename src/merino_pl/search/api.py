@@ -131,11 +131,11 @@ def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
         return None
 
 
-def resolve_plan(args: SearchSettings) -> SearchPlan:
+def resolve_plan(settings: SearchSettings) -> SearchPlan:
     """Merge config file and options; report every problem in one ``MerinoError``."""
     problems: list[str] = []
-    cfg = _read_config(args.config, problems) if args.config else {}
-    budget_texts = args.budget or cfg.get("budgets") or []
+    cfg = _read_config(settings.config, problems) if settings.config else {}
+    budget_texts = settings.budget or cfg.get("budgets") or []
     if isinstance(budget_texts, str):
         budget_texts = [budget_texts]
     budgets = [b for b in (_collect(problems, parse_budget, str(t)) for t in budget_texts) if b]
@@ -144,36 +144,36 @@ def resolve_plan(args: SearchSettings) -> SearchPlan:
     names = [b.cost for b in budgets]
     if len(set(names)) < len(names):
         problems.append(f"each cost may be budgeted once, got {', '.join(b.text for b in budgets)}")
-    space = _collect(problems, load_space, args.space or cfg.get("space"))
+    space = _collect(problems, load_space, settings.space or cfg.get("space"))
     entropy_cfg = cfg.get("entropy") or {}
-    if args.entropy_table and isinstance(entropy_cfg, dict):
-        entropy_cfg = {**entropy_cfg, "table": args.entropy_table}
+    if settings.entropy_table and isinstance(entropy_cfg, dict):
+        entropy_cfg = {**entropy_cfg, "table": settings.entropy_table}
     entropy = _collect(problems, EntropyConfig.from_dict, entropy_cfg)
     evo = dict(cfg.get("evolution") or {}) if isinstance(cfg.get("evolution") or {}, dict) else cfg.get("evolution")
     for key in ("iterations", "population", "parents"):
-        if getattr(args, key) is not None and isinstance(evo, dict):
-            evo[key] = getattr(args, key)
+        if getattr(settings, key) is not None and isinstance(evo, dict):
+            evo[key] = getattr(settings, key)
     evolution = _collect(problems, EvolutionConfig.from_dict, evo)
-    proxy = args.proxy or cfg.get("proxy", "entropy")
+    proxy = settings.proxy or cfg.get("proxy", "entropy")
     _collect(problems, get_proxy, str(proxy))
-    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
+    seed = settings.seed if settings.seed is not None else cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         problems.append(f"seed must be a non-negative integer, got {seed!r}")
-    latency = _collect(problems, LatencyTable.load, args.latency_table) if args.latency_table else None
-    if "latency" in names and not args.latency_table:
+    latency = _collect(problems, LatencyTable.load, settings.latency_table) if settings.latency_table else None
+    if "latency" in names and not settings.latency_table:
         problems.append("a latency budget needs --latency-table FILE (written by `merino-pl latency profile`)")
-    exhaustive = bool(args.exhaustive)
-    evo_flags = [f"--{k}" for k in ("iterations", "population", "parents") if getattr(args, k) is not None]
+    exhaustive = bool(settings.exhaustive)
+    evo_flags = [f"--{k}" for k in ("iterations", "population", "parents") if getattr(settings, k) is not None]
     if exhaustive and evo_flags:
         problems.append(f"--exhaustive does not evolve: drop {', '.join(evo_flags)}")
-    if args.out and (Path(args.out).is_dir() or Path(args.out).suffix not in (".yaml", ".yml")):
-        problems.append(f"--out {args.out} must be a .yaml file path")
-    elif args.out:
-        problems += _check_out(Path(args.out), args)
+    if settings.out and (Path(settings.out).is_dir() or Path(settings.out).suffix not in (".yaml", ".yml")):
+        problems.append(f"--out {settings.out} must be a .yaml file path")
+    elif settings.out:
+        problems += _check_out(Path(settings.out), settings)
     if problems:
         raise MerinoError("; ".join(problems))
     return SearchPlan(
-        budgets, space, proxy, seed, entropy, evolution, latency, args.name or cfg.get("name"), exhaustive
+        budgets, space, proxy, seed, entropy, evolution, latency, settings.name or cfg.get("name"), exhaustive
     )
 
 
