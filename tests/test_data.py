@@ -322,7 +322,7 @@ def test_shards_resume_on_another_num_workers(shard_dir, before, after):
 def test_shards_resume_two_ranks_two_workers_on_one_rank(shard_dir, monkeypatch):
     """2 ranks x 2 workers stopped after 4 batches each, resumed on 1 rank x 0 workers: no
     window repeated or skipped in the epoch (the gather across ranks is simulated here; the
-    2-process run is tests/test_train.py::test_ddp_kill_resumes_on_one_process_exactly)."""
+    2-process run is tests/test_fit.py::test_ddp_kill_resumes_on_one_process_exactly)."""
     out, _ = shard_dir
     kw = dict(shards=out, batch_size=3, epochs=1)
     loaders, seen = [], Counter()

@@ -20,7 +20,7 @@ from merino_pl.cli import main as cli_main
 from merino_pl.core.errors import MerinoError
 from merino_pl.fit.callbacks import prune_requeue_checkpoints
 from merino_pl.fit.resume import check_ckpt_path
-from test_train import MICRO, fit_config  # noqa: F401 - the fixture
+from test_fit import MICRO, fit_config  # noqa: F401 - the fixture
 
 TRAIN = ["--trainer.max_steps", "4", "--model.warmup_steps", "1", "--checkpoint.every_n_train_steps", "2"]
 

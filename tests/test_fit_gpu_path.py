@@ -13,7 +13,7 @@ import yaml
 
 from merino_pl.cli import main as cli_main
 from merino_pl.fit.module import MerinoLightningModule
-from test_train import REPO, fit_config, step_losses  # noqa: F401 - the fixture
+from test_fit import REPO, fit_config, step_losses  # noqa: F401 - the fixture
 
 SHORT = ["--trainer.max_steps", "3", "--model.warmup_steps", "1"]
 

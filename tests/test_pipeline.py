@@ -17,7 +17,7 @@ from merino_pl.cli import main as cli_main
 from merino_pl.eval.report import EvalModel, EvalReport
 from merino_pl.latency.report import LatencyReport
 from merino_pl.pipeline.api import PipelineConfig, RunLayout, build_stages
-from test_train import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
+from test_fit import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
 STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
 

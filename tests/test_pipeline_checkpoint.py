@@ -12,7 +12,7 @@ import yaml
 
 from merino_pl.cli import main as cli_main
 from merino_pl.pipeline.api import PipelineConfig, build_stages
-from test_train import fit_config  # noqa: F401  (the fixture is used by name)
+from test_fit import fit_config  # noqa: F401  (the fixture is used by name)
 
 
 def write(tmp_path: Path, **cfg) -> Path:

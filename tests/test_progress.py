@@ -1,5 +1,5 @@
 """Progress a user can plan by in ``quantize``: tqdm bars (count, rate, ETA) for reading the
-calibration text and for GPTQ's layer loop. (``fit``'s ETA lines: tests/test_train.py.)"""
+calibration text and for GPTQ's layer loop. (``fit``'s ETA lines: tests/test_fit.py.)"""
 
 from __future__ import annotations
 

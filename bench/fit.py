@@ -8,8 +8,8 @@ ratio Lightning / bare (target >= 0.97) and MFU:
 * GPU (when ``torch.cuda.is_available()``): MeRino-64M, bf16-mixed, ``torch.compile``; MFU
   against the device's dense bf16 peak (989 TFLOPS on an H100 SXM). Target >= 45 %.
 
-    python bench/train.py            # CPU: merino-tiny, seq 128, batch 8; + GPU rows if present
-    python bench/train.py --quick    # a few steps, while developing
+    python bench/fit.py            # CPU: merino-tiny, seq 128, batch 8; + GPU rows if present
+    python bench/fit.py --quick    # a few steps, while developing
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="few steps, one repeat (development)")
     p.add_argument("--cpu-only", action="store_true", help="skip the GPU rows even when a GPU is present")
-    p.add_argument("--out", default="runs/bench/train.json")
+    p.add_argument("--out", default="runs/bench/fit.json")
     args = p.parse_args()
     silence_known_warnings()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
