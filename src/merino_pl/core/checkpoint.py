@@ -111,13 +111,12 @@ def check_safetensors(path: Path) -> None:
 
 
 def _load_gptq_dir(path: Path) -> LoadedModel:
-    from merino_pl.core.quant.format import WEIGHTS_NAME as QWEIGHTS  # only when needed
     from merino_pl.core.quant.format import load_quantized
 
     model, _ = load_quantized(path)
     config = model.config
     recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
-    return LoadedModel(model, recipe, "gptq", str(path), sha256_file(path / QWEIGHTS))
+    return LoadedModel(model, recipe, "gptq", str(path), sha256_file(path / WEIGHTS_NAME))
 
 
 def _load_lightning_ckpt(path: Path) -> LoadedModel:

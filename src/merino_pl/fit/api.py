@@ -22,7 +22,6 @@ On top of plain LightningCLI it:
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import re
 import secrets
@@ -41,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from merino_pl.core.config import load_recipe
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_yaml
+from merino_pl.core.tracking import api_key_available
 from merino_pl.fit.callbacks import AtomicCheckpointIO, SlurmRequeue, SpeedMonitor, silence_known_warnings
 from merino_pl.fit.module import MerinoLightningModule, validate_hparams
 from merino_pl.fit.resume import check_ckpt_path, checkpoint_meta, run_dir
@@ -294,7 +294,7 @@ def setup_wandb(init_args: Any, resume_from: Path | None) -> None:
     """
     mode = init_args.get("mode") or os.environ.get("WANDB_MODE")
     if not mode:
-        if init_args.get("offline") or not wandb_api_key_available():
+        if init_args.get("offline") or not api_key_available():
             mode = init_args["mode"] = "offline"
             where = Path(init_args.get("save_dir") or init_args.get("dir") or ".") / "wandb"
             _say(
@@ -319,16 +319,6 @@ def _say(message: str) -> None:
     """One notice on stderr from rank 0 (not through logging: it must show in every setup); held
     with Lightning's start-up lines until the run starts (``merino_pl.fit.startup``)."""
     STARTUP.say(message)
-
-
-def wandb_api_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 def checkpoint_wandb_id(path: Path) -> str | None:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from merino_pl import __version__
-from merino_pl.core.checkpoint import check_safetensors, save_model_files
+from merino_pl.core.checkpoint import WEIGHTS_NAME, check_safetensors, save_model_files
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.hf import MerinoForCausalLM, MerinoHFConfig
 from merino_pl.core.quant.packing import pack
@@ -35,7 +35,6 @@ from merino_pl.core.quant.rtn import QuantizedWeight
 from merino_pl.core.quant.spec import EMBEDDINGS, SUPPORTED_BITS, QuantSpec  # re-exported: the format's readers
 
 QUANTIZE_CONFIG = "quantize_config.json"
-WEIGHTS_NAME = "model.safetensors"
 BLOCKS = "model.blocks"  # the shared blocks: every quantized linear lies under them
 
 
