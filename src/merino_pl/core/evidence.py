@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from merino_pl.core.assets import asset
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_json
 
@@ -30,7 +30,7 @@ COVERS = math.sqrt(2)
 
 def shipped() -> Path:
     """The evidence of the CPU study shipped with the package (docs/study/cpu in the repository)."""
-    return Path(str(resources.files("merino_pl").joinpath("assets", "study", "proxy-evidence.json")))
+    return asset("study", "proxy-evidence.json")
 
 
 @dataclass(frozen=True)

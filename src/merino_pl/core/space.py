@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from merino_pl.core.assets import asset
 from merino_pl.core.config import BlockConfig, MerinoConfig
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_yaml
@@ -181,7 +181,7 @@ def _check_buildable(space: SearchSpace) -> list[str]:
 
 def default_space_path() -> Path:
     """The shipped default space (a byte-identical copy of ``search/space.yaml`` inside the package)."""
-    return Path(str(resources.files("merino_pl").joinpath("assets", "search", "space.yaml")))
+    return asset("search", "space.yaml")
 
 
 def load_space(path: str | Path | None = None) -> SearchSpace:

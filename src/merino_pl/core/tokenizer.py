@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from merino_pl.core.assets import asset
 from merino_pl.core.errors import MerinoError
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
@@ -29,12 +29,12 @@ def default_tokenizer_file() -> Path:
 def shipped_tokenizer_file(name: str) -> Path:
     """The ``tokenizer.json`` of a name in ``SHIPPED_TOKENIZERS``."""
     folder = SHIPPED_TOKENIZERS[name]
-    return Path(str(resources.files("merino_pl").joinpath("assets", "tokenizers", folder, "tokenizer.json")))
+    return asset("tokenizers", folder, "tokenizer.json")
 
 
 def default_corpus_file() -> Path:
     """The embedded pretraining corpus (public-domain Shakespeare) for demos and tests."""
-    return Path(str(resources.files("merino_pl").joinpath("assets", "corpus", "tinyshakespeare.txt")))
+    return asset("corpus", "tinyshakespeare.txt")
 
 
 @lru_cache(maxsize=8)

@@ -10,9 +10,9 @@ Figure-1 style chart.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from merino_pl.core.assets import asset
 from merino_pl.core.paper import PaperPoint, paper_points
 
 if TYPE_CHECKING:  # torch only where a peer is built: `latency plot` reads PAPER without it
@@ -22,11 +22,10 @@ if TYPE_CHECKING:  # torch only where a peer is built: `latency plot` reads PAPE
 def _peer_configs() -> dict[str, tuple[str, dict[str, Any]]]:
     """name -> (transformers config class, hyper-parameters of the published config.json), from
     the package's ``assets/peers.yaml`` (data, with each peer's source repository)."""
-    from importlib import resources
 
     from merino_pl.core.io import read_yaml
 
-    data = read_yaml(Path(str(resources.files("merino_pl").joinpath("assets", "peers.yaml"))), "peer configs")
+    data = read_yaml(asset("peers.yaml"), "peer configs")
     return {name: (peer["class"], peer["config"]) for name, peer in data.items()}
 
 

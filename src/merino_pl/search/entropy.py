@@ -36,12 +36,12 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from merino_pl.core.assets import asset
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import read_json, write_json
@@ -182,7 +182,7 @@ def closed_form_many(rows: np.ndarray, cols: np.ndarray, cfg: EntropyConfig = DE
 
 # ---- the shipped table ---------------------------------------------------------------------------
 def default_table_path() -> Path:
-    return Path(str(resources.files("merino_pl").joinpath("assets", "entropy", "table.json")))
+    return asset("entropy", "table.json")
 
 
 @dataclass(frozen=True)
