@@ -58,7 +58,7 @@ def study_key(proxy: str, entropy: Any, evidence: dict[str, Any]) -> str | None:
     """The proxy's name in the study's tables; an entropy proxy only where a study measured the
     entropy with exactly these settings."""
     if proxy == "entropy":
-        from merino_pl.search.api import EntropyConfig
+        from merino_pl.search.entropy import EntropyConfig
 
         for name, settings in (evidence.get("entropy") or {}).items():
             if EntropyConfig.from_dict(settings, source=f"evidence entropy {name}") == entropy:
