@@ -122,8 +122,8 @@ def export(settings: ExportSettings) -> Exported:
 
 def _write(model, settings: ExportSettings, tokenizer: str) -> tuple[Path, Path | None, tuple[Path, ...]]:
     """The whole export built in one temp directory beside ``out``, then swapped in at once."""
-    from merino_pl.core.checkpoint import write_pretrained
-    from merino_pl.core.io import atomic_dir
+    from merino_pl.core.checkpoint import WEIGHTS_NAME, write_pretrained
+    from merino_pl.core.io import atomic_dir, sha256_file
 
     out = Path(settings.out)
     with atomic_dir(out) as tmp:
@@ -133,7 +133,7 @@ def _write(model, settings: ExportSettings, tokenizer: str) -> tuple[Path, Path 
         if settings.onnx:
             from merino_pl.export.onnx import export_onnx
 
-            export_onnx(model, tmp / GRAPH_NAME)
+            export_onnx(model, tmp / GRAPH_NAME, weights_sha256=sha256_file(tmp / WEIGHTS_NAME))
         if settings.executorch:
             from merino_pl.export.executorch import export_pte
 

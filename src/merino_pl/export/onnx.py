@@ -36,7 +36,7 @@ from torch import nn
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_path
-from merino_pl.export.session import FIXED_INPUTS, GRAPH_NAME, PAST, PRESENT
+from merino_pl.export.session import FIXED_INPUTS, GRAPH_NAME, PAST, PRESENT, WEIGHTS_KEY
 
 OPSET = 18
 
@@ -103,9 +103,17 @@ def example_inputs(model: nn.Module, batch: int, seq: int, past: int) -> tuple[t
     return (ids, mask, pos, *cache)
 
 
-def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, accuracy_level: int | None = None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    opset: int = OPSET,
+    accuracy_level: int | None = None,
+    weights_sha256: str | None = None,
+) -> Path:
     """Write ``model`` (a MerinoForCausalLM) as ONNX with KV-cache inputs; atomic, one file.
-    ``accuracy_level``: the quantized layers' MatMulNBits compute type (``onnx_nbits``)."""
+    ``accuracy_level``: the quantized layers' MatMulNBits compute type (``onnx_nbits``);
+    ``weights_sha256``: the SHA-256 of the directory's weights file the graph was made from, kept in
+    the graph's metadata (``WEIGHTS_KEY``) so a graph handed over with another model is refused."""
     if not hasattr(model, "arch"):
         raise MerinoError(f"ONNX export supports MeRino models only, got {type(model).__name__}")
     from merino_pl.core.quant.onnx_nbits import ACCURACY_LEVEL, prepare
@@ -134,7 +142,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, accuracy
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            _export(wrapper, args, dyn, in_names, out_names, opset, tmp)
+            _export(wrapper, args, dyn, in_names, out_names, opset, tmp, weights_sha256)
     finally:
         onnx_log.setLevel(level)
     return path
@@ -145,19 +153,27 @@ def export_quantized_onnx(loaded: Any, out: str | Path) -> Path:
     ``GRAPH_NAME`` (model.onnx) with its quantized layers as MatMulNBits; ``out`` replaced atomically."""
     import shutil
 
-    from merino_pl.core.io import atomic_dir
+    from merino_pl.core.checkpoint import WEIGHTS_NAME
+    from merino_pl.core.io import atomic_dir, sha256_file
 
     src, out = Path(loaded.path), Path(out)
     with atomic_dir(out) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.suffix != ".onnx":
                 shutil.copy2(f, tmp / f.name)
-        export_onnx(loaded.model, tmp / GRAPH_NAME)
+        export_onnx(loaded.model, tmp / GRAPH_NAME, weights_sha256=sha256_file(tmp / WEIGHTS_NAME))
     return out
 
 
 def _export(
-    wrapper: nn.Module, args: tuple, dyn: tuple, in_names: list[str], out_names: list[str], opset: int, tmp: Path
+    wrapper: nn.Module,
+    args: tuple,
+    dyn: tuple,
+    in_names: list[str],
+    out_names: list[str],
+    opset: int,
+    tmp: Path,
+    weights_sha256: str | None = None,
 ) -> None:
     try:
         program = torch.onnx.export(
@@ -173,4 +189,6 @@ def _export(
         )
     except Exception as e:  # the exporter's own report is long; keep its first line
         raise MerinoError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    if weights_sha256:
+        program.model.metadata_props[WEIGHTS_KEY] = weights_sha256
     program.save(str(tmp), external_data=False)

@@ -17,6 +17,7 @@ from typing import Any
 
 from merino_pl.core.errors import MerinoError
 
+WEIGHTS_KEY = "merino.weights_sha256"  # graph metadata: the SHA-256 of the weights file it was exported from
 GRAPH_NAME = "model.onnx"  # the graph `merino-pl export --onnx` writes into a model directory
 FIXED_INPUTS = ("input_ids", "attention_mask", "position_ids")
 PAST, PRESENT = "past_key_values.", "present."
@@ -78,6 +79,22 @@ class DecoderSession:
         self.cache_shapes = [(s[1], s[3]) for s in shapes]  # (heads, head_dim) of each cache input
         vocab = outputs["logits"].shape[-1]
         self.vocab = vocab if isinstance(vocab, int) else None
+        self.weights_sha256 = self.session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
+
+    def check_weights(self, model: str | Path) -> None:
+        """A graph that records the SHA-256 of the weights file it was exported from belongs to the
+        model directory ``model`` holding that file and no other (same shapes are not enough)."""
+        from merino_pl.core.checkpoint import WEIGHTS_NAME  # torch: only once a graph is run
+        from merino_pl.core.io import sha256_file
+
+        weights = Path(model) / WEIGHTS_NAME
+        if not self.weights_sha256 or not weights.is_file() or sha256_file(weights) == self.weights_sha256:
+            return
+        raise MerinoError(
+            f"{self.path}: a graph of other weights than {model} (exported from weights with SHA-256 "
+            f"{self.weights_sha256[:12]}..., {weights} has {sha256_file(weights)[:12]}...): pass that "
+            f"model's own graph, or export one with `merino-pl export {model} --onnx`"
+        )
 
     @property
     def layers(self) -> int:

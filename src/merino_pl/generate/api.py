@@ -355,7 +355,8 @@ class OrtDecoder:
         self.length = 0  # tokens in the cache
 
     def check(self, arch: MerinoConfig, model: str) -> None:
-        """The graph is of ``model``: as many cache entries per layer application, the same vocabulary."""
+        """The graph is of ``model``: its weights file (when the graph records it), its cache, its vocabulary."""
+        self.graph.check_weights(model)
         layers, vocab = self.graph.layers, self.graph.vocab
         if layers != arch.num_layer_applications or vocab not in (None, arch.vocab_size):
             raise MerinoError(
