@@ -367,3 +367,31 @@ def test_study_damaged_results_and_options_are_one_line(tmp_path):
         config.write_text(yaml.safe_dump(data))
         r = _cli("study", "compare", "--config", str(config), "--out", str(tmp_path / "h2h"))
         assert r.returncode == 2 and "head_to_head.seeds" in r.stderr and repr(seeds) in r.stderr
+
+
+@pytest.mark.slow
+def test_a_two_length_study_with_an_lr_grid_trains_and_reports_each(tmp_path):
+    """Real runs: the 1x study, the same 4 designs at 2x the steps, and at a second lr; `study run`
+    writes the regime report (rho per length) and picks each design's best lr from the losses."""
+    config, out = _tiny_study(tmp_path), tmp_path / "out"
+    data = yaml.safe_load(config.read_text())
+    data["lengths"] = {"multiples": [2], "architectures": 4}
+    data["lr_grid"] = {"lrs": [2e-3, 4e-3], "architectures": 4}  # 2e-3 is the fit config's: the 1x runs
+    config.write_text(yaml.safe_dump(data))
+    r = _cli("study", "run", "--config", str(config), "--out", str(out), "--jobs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = {p.stem: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+    assert set(results) == {f"a{i:03d}-s1{t}" for i in range(4) for t in ("", "-x2", "-lr0.004")}
+    assert {results[f"a000-s1{t}"]["steps"] for t in ("", "-lr0.004")} == {4} and results["a000-s1-x2"]["steps"] == 8
+    assert results["a001-s1-lr0.004"]["lr"] == 0.004 and results["a001-s1"]["lr"] == 0.002
+    regime = json.loads((out / "regime.json").read_text())
+    assert [(p["length"], p["checkpoint"], p["steps"]) for p in regime["points"]] == [
+        (1, "half", 2), (1, "full", 4), (2, "half", 4), (2, "full", 8)
+    ]  # fmt: skip
+    assert all("decoder_params" in p["heldout"]["indomain"]["correlations"] for p in regime["points"])
+    rows = regime["lr_grid"]["heldout"]["indomain"]["rows"]
+    for i, row in rows.items():
+        losses = {0.002: results[f"a{int(i):03d}-s1"], 0.004: results[f"a{int(i):03d}-s1-lr0.004"]}
+        best = min(losses, key=lambda lr: losses[lr]["heldout"]["indomain"]["full"])
+        assert row["best_lr"] == best
+    assert (out / "regime.png").is_file() and (out / "proxy-evidence.json").is_file()
