@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_path
 from merino_pl.core.report import FileReport, check_version
 from merino_pl.eval.tasks import paper_baselines, paper_tasks
 
@@ -260,11 +259,9 @@ def plot(report: EvalReport, path: Path) -> Path | None:
     columns = [t for t in paper_tasks() if report.tasks.get(t.task, {}).get("status") == "ok"]
     if not columns:
         return None
-    import matplotlib
+    from merino_pl.core.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base = paper_baselines()["table2"]
     fig, ax = plt.subplots(figsize=(10, 4))
     xs = range(len(columns))
@@ -281,10 +278,7 @@ def plot(report: EvalReport, path: Path) -> Path | None:
     ax.set_xticks(list(xs), [c.column for c in columns], rotation=30)
     ax.set_ylabel("zero-shot accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

@@ -176,11 +176,9 @@ def plot(
     path: Path,
 ) -> Path:
     """Left: training loss (mean over seeds) per recipe; right: held-out perplexity ± sd."""
-    import matplotlib
+    from merino_pl.core.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     heldout = list(manifest["heldout"])
     fig, axes = plt.subplots(1, 1 + len(heldout), figsize=(5.5 + 3.2 * len(heldout), 4.2))
     shown: dict[int, str] = {}
@@ -223,9 +221,7 @@ def plot(
         ax.set_ylim(lo * 0.95, None)
         ax.set(ylabel="held-out perplexity (mean ± sd)", title=h)
     fig.suptitle(f"head to head at {', '.join(t['budgets'])}: {' '.join(t['fit_args'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 

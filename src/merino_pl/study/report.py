@@ -190,11 +190,9 @@ def _scatter(ax: Any, x: np.ndarray, ppl: np.ndarray, title: str, xlabel: str) -
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """Fig. 3-style scatters: one PNG per proxy, a grid of all, and the noise ceiling."""
-    import matplotlib
+    from merino_pl.core.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, seed, other = report["rows"], report["seed"], report["ceiling_seed"]
     ppl = np.exp([r["runs"][seed]["heldout"]["indomain"]["full"] for r in rows])
     written, proxies = [], list(report["correlations"])
@@ -209,16 +207,12 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         _scatter(ax, x, ppl, title, p)
         one, ax1 = plt.subplots(figsize=(5, 4))
         _scatter(ax1, x, ppl, title, p)
-        one.tight_layout()
         path = out / f"proxy-{p.replace(':', '-')}.png"
-        one.savefig(path, dpi=100)
-        plt.close(one)
+        save_figure(one, path, dpi=100)
         written.append(path)
     for ax in np.ravel(axes)[len(proxies) :]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "proxies.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "proxies.png", dpi=90)
     written.append(out / "proxies.png")
     nc = report["noise_ceiling"].get("indomain")
     if nc:
@@ -234,9 +228,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
             ylabel=f"held-out loss, seed {other}",
             title=f"noise ceiling ρ={nc['spearman']:+.2f}",
         )
-        fig.tight_layout()
-        fig.savefig(out / "noise-ceiling.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / "noise-ceiling.png", dpi=100)
         written.append(out / "noise-ceiling.png")
     return written
 
