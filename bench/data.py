@@ -59,7 +59,7 @@ def h100_tokens_per_s(recipe: str, seq_len: int = 1024) -> dict:
 
 
 def make_corpus(folder: Path, target_mb: float) -> Path:
-    """The shipped real text (Shakespeare + WikiText-2 test, the same files as ../shared/data),
+    """The shipped real text (Shakespeare + WikiText-2 test, shipped in the package),
     repeated to ``target_mb``, as jsonl files of paragraph documents (a repeat index keeps every
     document distinct)."""
     from merino_pl.core.assets import embedded_wikitext2

@@ -1,5 +1,5 @@
-"""Shared test fixtures: tiny configs on CPU, one thread (see MACHINE-NOTES: 2 threads on 2 busy
-cores made tiny steps 4x slower), offline hubs, W&B never prompting."""
+"""Shared test fixtures: tiny configs on CPU, one thread (2 threads on 2 busy cores made tiny
+steps 4x slower), offline hubs, W&B never prompting."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def arch() -> MerinoConfig:
 
 @pytest.fixture
 def wikitext_raw() -> Path:
-    """WikiText-2 raw test split: the copy shipped in the package (tests never need ../shared)."""
+    """WikiText-2 raw test split: the copy shipped in the package (tests need nothing outside the repository)."""
     from merino_pl.core.assets import embedded_wikitext2
 
     return embedded_wikitext2()

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from merino_pl.cli import main
 
-# Paper Table 8 (params) and the paper's FLOPs budgets as DESIGN.md derives them, vocab 50272
+# Paper Table 8 (params) and the paper's FLOPs budgets by the FLOPs convention (core/costs.py), vocab 50272
 PAPER = {"merino-52m": (52.6e6, 60e9), "merino-61m": (61.3e6, 107e9), "merino-64m": (64.1e6, 163e9)}
 
 

@@ -65,7 +65,7 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class MerinoConfig:
-    """An adaptive block-wise shared decoder (see DESIGN.md / paper Table 8)."""
+    """An adaptive block-wise shared decoder (paper Table 8; docs/architecture.md)."""
 
     blocks: tuple[BlockConfig, ...]
     vocab_size: int = 50304

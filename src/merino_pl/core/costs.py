@@ -3,7 +3,7 @@
 Pure arithmetic over a ``MerinoConfig`` (no torch), so the search can call it millions of times.
 A test checks ``count_params`` against the real model's ``numel``.
 
-FLOPs convention (DESIGN.md, reproduces the paper's 60 / 110 / 160 G budgets):
+FLOPs convention (it reproduces the paper's 60 / 110 / 160 G budgets):
 ``2 × multiply-accumulates of one forward pass over a 1024-token sequence``, counting every
 layer *application*, the QKᵀ and AV products over the full T×T score matrix, and the in / between
 / out projections, but neither the token embedding nor the tied LM head (reported separately).

@@ -4,7 +4,7 @@ DIR`` (SHA-256 of every shard).
 
 Example::
 
-    merino-pl prepare ../shared/data/corpus/tinyshakespeare.txt --out runs/shards/shakespeare
+    merino-pl prepare data/my-corpus.txt --out runs/shards/my-corpus
     merino-pl prepare EleutherAI/the_pile_deduplicated --out /data/pile-neox --workers 32
     merino-pl prepare EleutherAI/the_pile_deduplicated --out /data/pile-neox --num-tasks 64   # in a SLURM array
     merino-pl prepare --merge /data/pile-neox

@@ -5,7 +5,7 @@
 continue with exactly the next one (torchdata's ``StatefulDataLoader`` calls it in each worker).
 
 Why not ``datasets``' own ``.shuffle(buffer_size)``: its buffer is not part of its state, so a
-resume loses and repeats examples (MACHINE-NOTES). Here the shuffle is a seeded permutation of
+resume loses and repeats examples (datasets saves no shuffle buffer). Here the shuffle is a seeded permutation of
 blocks of ``shuffle_windows`` packed windows; the state names where a block starts in the
 source (a ``datasets`` state + a token offset) and how many of its windows were used, so a
 resume re-reads one block and permutes it the same way. The shard (file) order changes every

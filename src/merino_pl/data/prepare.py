@@ -16,7 +16,7 @@ token stream as a one-task run.
 
 Example::
 
-    merino-pl prepare ../shared/data/corpus/tinyshakespeare.txt --out runs/shards/shakespeare
+    merino-pl prepare data/my-corpus.txt --out runs/shards/my-corpus
     merino-pl prepare EleutherAI/the_pile_deduplicated --out /data/pile-neox --workers 32
     merino-pl prepare EleutherAI/the_pile_deduplicated --out /data/pile-neox --num-tasks 64 --task-index 0
     merino-pl prepare --merge /data/pile-neox
