@@ -3,8 +3,8 @@
 Everything lives in one temporary directory (config, munge key and socket, state, spool, logs,
 PID files), the daemons listen on free non-default ports and run in the foreground as children
 of this process, and ``stop()`` ends exactly those PIDs. Nothing under /etc or /run is touched,
-so it can run beside a real SLURM installation. The recipe was measured on this kind of machine: Debian's slurm-wlm 22.05 + munge 0.5, as root, without
-systemd or cgroups.
+so it can run beside a real SLURM installation. The recipe was measured on this kind of machine:
+Debian's slurm-wlm 22.05 + munge 0.5, as root, without systemd or cgroups.
 
 By hand::
 
