@@ -193,8 +193,10 @@ def test_shipped_study_config_loads():
     from merino_pl.study.runner import plan_runs
 
     cfg = load_study_config(ROOT / "search" / "study-cpu.yaml")
-    runs = plan_runs(cfg)
-    assert len(runs) == cfg.architectures + cfg.ceiling_architectures >= 24 + 8
+    runs = plan_runs(cfg, base_lr=2e-3)  # the fit config's lr: the grid's 2e-3 runs are the study's own
+    main = [r for r in runs if r.length == 1 and r.lr is None]
+    assert len(main) == cfg.architectures + cfg.ceiling_architectures >= 24 + 8
+    assert len(runs) == len(main) + 8 + 8 * 2 + 8  # 4x, the two other lrs, the 4x seed re-runs
     assert len({r.id for r in runs}) == len(runs)
     assert cfg.vocab_size <= cfg.space.architecture["vocab_size"]
 
