@@ -134,7 +134,9 @@ def log_report(
         dir=os.environ.get("WANDB_DIR") or str(local or folder),
         mode=mode,
         config={"stage": stage, "model": str(model), "report": str(report), "training_run_id": run_id},
-        settings=wandb.Settings(console="off", silent=True),
+        # a run of its own even when the calling process has one active (a training run in the same
+        # process, a notebook): logging into that run would put the report's figures in the wrong place
+        settings=wandb.Settings(console="off", silent=True, reinit="create_new"),
     )
     try:
         run.summary.update(flat_numbers(json.loads(report.read_text(encoding="utf-8"))))
