@@ -62,3 +62,12 @@ def wikitext_raw() -> Path:
     from merino_pl.core.assets import embedded_wikitext2
 
     return embedded_wikitext2()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_ddp_rendezvous():
+    """Lightning's in-process DDP sets MASTER_PORT / MASTER_ADDR in os.environ and leaves them; a later
+    `sbatch` exports them into its job, whose DDP then binds a port a SLURM daemon holds by now."""
+    yield
+    for name in ("MASTER_PORT", "MASTER_ADDR"):
+        os.environ.pop(name, None)
