@@ -31,7 +31,7 @@ from merino_pl.core.quant.format import FLOAT_DTYPES
 from merino_pl.latency.fast import fuse_qkv
 from merino_pl.latency.options import INT_BITS, Options
 from merino_pl.latency.peers import PAPER, paper_forward
-from merino_pl.latency.runners import OnnxRunner, TorchRunner
+from merino_pl.latency.runners import OrtRunner, TorchRunner
 from merino_pl.latency.timing import (
     Measurement,
     Runner,
@@ -285,7 +285,7 @@ class ReportBuilder:
         )
         del cpu_copy
         vocab = self.loaded.model.config.vocab_size
-        runner = OnnxRunner(path, vocab, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed)
+        runner = OrtRunner(path, vocab, o.batch, o.seq, o.decode_tokens, o.device, seed=o.seed)
         approx = precision in INT_BITS and o.onnx_accuracy_level == 4
         what = "onnxruntime vs PyTorch" + (" (MatMulNBits accuracy_level 4: int8 activations)" if approx else "")
         self.checks.append(

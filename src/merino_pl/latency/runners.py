@@ -1,6 +1,6 @@
 """What the latency stage times: one model on one runtime, behind the ``timing.Runner`` calls.
 
-``TorchRunner`` runs any transformers causal LM (ours or a peer); ``OnnxRunner`` runs the graph
+``TorchRunner`` runs any transformers causal LM (ours or a peer); ``OrtRunner`` runs the graph
 ``export.onnx`` wrote, through the export stage's ``DecoderSession`` (the same feeds and cache
 ``merino-pl generate --runtime onnxruntime`` uses). Both draw the same random token ids from the
 same seed, so their rows time the same inputs and their logits can be compared.
@@ -83,7 +83,7 @@ class TorchRunner:
         return torch.cat(new, dim=1)
 
 
-class OnnxRunner:
+class OrtRunner:
     """The exported graph at ``path`` on onnxruntime, with ``TorchRunner``'s inputs (same seed),
     and ``threads`` intra-op threads (None: torch's, so its rows compare with torch's)."""
 

@@ -167,7 +167,7 @@ def peak_memory(device: str) -> Iterator[PeakMemory]:
 # ---- what is timed -----------------------------------------------------------------------------
 class Runner(Protocol):
     """What the timer times: a prefill, and decode runs on top of a ``seq``-token cache
-    (``runners.TorchRunner`` and ``runners.OnnxRunner``)."""
+    (``runners.TorchRunner`` and ``runners.OrtRunner``)."""
 
     def prefill(self) -> Any: ...
 
