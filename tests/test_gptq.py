@@ -16,7 +16,7 @@ from merino_pl.core.tokenizer import EOS_TOKEN, load_tokenizer
 from merino_pl.data.sources import open_stream, resolve_source
 from merino_pl.quantize.calibration import POOL, calibration_tokens
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize, inverse_hessian
-from merino_pl.quantize.runner import SUBGROUPS, Split, quantize_model
+from merino_pl.quantize.passes import SUBGROUPS, Split, quantize_model
 
 
 def _textbook(model: MerinoForCausalLM, spec: QuantSpec, calib: torch.Tensor, batch: int) -> dict:

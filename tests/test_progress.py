@@ -11,7 +11,7 @@ from conftest import tiny_arch
 from merino_pl.core.hf import MerinoForCausalLM
 from merino_pl.core.quant.format import QuantSpec
 from merino_pl.quantize.calibration import POOL, calibration_tokens
-from merino_pl.quantize.runner import quantize_model
+from merino_pl.quantize.passes import quantize_model
 
 
 def test_calibration_loading_shows_tokens_rate_and_eta(capsys):

@@ -19,7 +19,7 @@ from merino_pl.core.quant.packing import dequantize, pack, pack_rows, unpack_row
 from merino_pl.core.quant.qlinear import QuantLinear
 from merino_pl.core.quant.rtn import rtn_quantize
 from merino_pl.quantize.gptq import HessianAccumulator, gptq_quantize
-from merino_pl.quantize.runner import quantize_model
+from merino_pl.quantize.passes import quantize_model
 
 LINEARS_PER_LAYER = 6
 

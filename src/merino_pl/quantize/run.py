@@ -24,8 +24,8 @@ from merino_pl.core.quant.format import (
     write_quantized,
 )
 from merino_pl.core.quant.qembedding import QuantEmbedding, attach
+from merino_pl.quantize.passes import Split, quantize_model, report_rows
 from merino_pl.quantize.report import QuantizeReport
-from merino_pl.quantize.runner import Split, quantize_model, report_rows
 
 if TYPE_CHECKING:
     from merino_pl.quantize.api import CalibrationSettings
