@@ -5,7 +5,7 @@
 Prints, and writes to ``runs/bench/gpu.json``:
 
 1. training throughput of MeRino-52M and MeRino-64M as ``merino-pl fit`` trains them on 8 x H100
-   (``recipes/train/pile-8xh100.yaml``): bf16 autocast, ``torch.compile`` of the module's loss,
+   (``recipes/fit/pile-8xh100.yaml``): bf16 autocast, ``torch.compile`` of the module's loss,
    fused AdamW with the paper's groups and schedule, clipping at 1.0, the shipped micro-batch of
    32 x 1024 tokens; tokens/s and MFU. MFU = tokens/s x training FLOPs per token / peak, with
    training FLOPs = 3 x forward (= 6 x the parameters as applied per token, shared layers counted
@@ -144,7 +144,7 @@ def gptq_int4(args: argparse.Namespace, device: torch.device, results: dict[str,
     """The quantize stage's GPTQ solver over a model on ``device`` (random init: the time does not
     depend on the values; random calibration ids likewise)."""
     from merino_pl.core.quant.spec import QuantSpec
-    from merino_pl.quantize.runner import quantize_model
+    from merino_pl.quantize.passes import quantize_model
 
     torch.manual_seed(0)
     model = MerinoForCausalLM.from_recipe(load_recipe(args.quant_recipe)).to(device).eval()

@@ -29,9 +29,9 @@ def test_demo_tokenizer_is_the_bpe_of_the_training_split(tmp_path):
     val_fraction 0.05), it is the shipped file: no held-out text shaped the vocabulary."""
     import yaml
 
-    from merino_pl.study.runner import train_tokenizer
+    from merino_pl.study.runs import train_tokenizer
 
-    data = yaml.safe_load((REPO / "recipes" / "train" / "cpu-demo.yaml").read_text())["data"]
+    data = yaml.safe_load((REPO / "recipes" / "fit" / "cpu-demo.yaml").read_text())["data"]
     assert data["tokenizer"] == DEMO_TOKENIZER and data["source"] == "embedded"
     fresh = train_tokenizer("embedded", data["val_fraction"], 2048, tmp_path / "tokenizer.json")
     assert fresh.read_text(encoding="utf-8") == shipped_tokenizer_file(DEMO_TOKENIZER).read_text(encoding="utf-8")

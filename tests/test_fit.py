@@ -213,7 +213,7 @@ def test_streaming_resume_on_other_workers_is_one_line_exit_2(fit_config, tmp_pa
     assert "num_workers: 0 -> 1" in err and "--data.shards" in err and "--data.resume false" in err
 
 
-def test_shipped_train_recipes_parse(tmp_path):
+def test_shipped_fit_configs_parse(tmp_path):
     """Both shipped configs parse and instantiate (the paper's with CPU overrides)."""
     from merino_pl.fit.api import build_cli
 
@@ -229,16 +229,16 @@ def test_shipped_train_recipes_parse(tmp_path):
         "--trainer.default_root_dir",
         str(tmp_path),
     ]
-    demo = build_cli(["--config", str(REPO / "recipes/train/cpu-demo.yaml"), *cpu], run=False)
+    demo = build_cli(["--config", str(REPO / "recipes/fit/cpu-demo.yaml"), *cpu], run=False)
     assert demo.model.recipe.name == "merino-tiny" and demo.datamodule.hparams.source == "embedded"
-    pile = yaml.safe_load((REPO / "recipes/train/pile-8xh100.yaml").read_text())
+    pile = yaml.safe_load((REPO / "recipes/fit/pile-8xh100.yaml").read_text())
     t, d = pile["trainer"], pile["data"]
     assert t["max_steps"] == 600_000 and t["precision"] == "bf16-mixed" and t["strategy"] == "ddp"
     assert t["devices"] * d["batch_size"] * t["accumulate_grad_batches"] == 1024 and d["seq_len"] == 1024
     pile_cli = build_cli(
         [
             "--config",
-            str(REPO / "recipes/train/pile-8xh100.yaml"),
+            str(REPO / "recipes/fit/pile-8xh100.yaml"),
             *cpu,
             "--model.recipe",
             "merino-tiny",
@@ -312,7 +312,7 @@ def test_logs_follow_default_root_dir(tmp_path):
 
     root = tmp_path / "elsewhere"
     cli = build_cli(
-        ["--config", str(REPO / "recipes/train/cpu-demo.yaml"), "--trainer.default_root_dir", str(root)], run=False
+        ["--config", str(REPO / "recipes/fit/cpu-demo.yaml"), "--trainer.default_root_dir", str(root)], run=False
     )
     assert [Path(lg.save_dir) for lg in cli.trainer.loggers] == [root]
     assert Path(cli.trainer.checkpoint_callback.dirpath) == root / "checkpoints"
@@ -320,7 +320,7 @@ def test_logs_follow_default_root_dir(tmp_path):
     cli = build_cli(
         [
             "--config",
-            str(REPO / "recipes/train/cpu-demo.yaml"),
+            str(REPO / "recipes/fit/cpu-demo.yaml"),
             "--trainer.default_root_dir",
             str(root),
             "--trainer.logger.init_args.save_dir",
@@ -606,12 +606,12 @@ def test_wandb_run_id_is_stored_and_a_resume_continues_that_run(fit_config, tmp_
     assert (init_args["version"], init_args["resume"]) == (run_id, "allow")
 
 
-def test_packaged_train_configs_are_the_recipes_folder():
-    packaged = REPO / "src" / "merino_pl" / "recipes" / "train"
-    names = sorted(p.name for p in (REPO / "recipes" / "train").glob("*.yaml"))
+def test_packaged_fit_configs_are_the_recipes_folder():
+    packaged = REPO / "src" / "merino_pl" / "recipes" / "fit"
+    names = sorted(p.name for p in (REPO / "recipes" / "fit").glob("*.yaml"))
     assert names == ["cpu-demo.yaml", "pile-8xh100.yaml", "study-cpu.yaml"]
     for name in names:
-        assert (packaged / name).read_bytes() == (REPO / "recipes" / "train" / name).read_bytes(), name
+        assert (packaged / name).read_bytes() == (REPO / "recipes" / "fit" / name).read_bytes(), name
 
 
 def test_demo_trains_then_generates(tmp_path, capsys):

@@ -141,7 +141,7 @@ def test_run_directory_and_wandb_name_follow_the_recipe(tmp_path, monkeypatch):
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
     for recipe in ("merino-52m", "merino-64m"):
         cli = build_cli(
-            ["--config", str(repo / "recipes/train/pile-8xh100.yaml"), *cpu, "--model.recipe", recipe], run=False
+            ["--config", str(repo / "recipes/fit/pile-8xh100.yaml"), *cpu, "--model.recipe", recipe], run=False
         )
         trainer = cli.config["trainer"]
         assert trainer["default_root_dir"] == f"runs/{recipe}"

@@ -57,7 +57,7 @@ def test_bf16_mixed_training_on_cpu(fit_config, tmp_path):  # noqa: F811
 
 @pytest.mark.slow  # 8 micro-batches of MeRino-64M x 1024 tokens on one CPU thread: 12 min on the loaded 2-core machine
 def test_shipped_8xh100_config_trains_two_steps_of_merino_64m_on_cpu(tmp_path, monkeypatch):
-    """``recipes/train/pile-8xh100.yaml`` as shipped (MeRino-64M, seq 1024, bf16-mixed, DDP,
+    """``recipes/fit/pile-8xh100.yaml`` as shipped (MeRino-64M, seq 1024, bf16-mixed, DDP,
     4 accumulated micro-batches, clipping, W&B + CSV loggers), with only these overrides:
 
     * trainer.accelerator cpu, trainer.devices 1, trainer.max_steps 2 (and model.warmup_steps 1:
@@ -86,7 +86,7 @@ def test_shipped_8xh100_config_trains_two_steps_of_merino_64m_on_cpu(tmp_path, m
     }
     argv = [a for k, v in overrides.items() for a in (f"--{k}", v)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    assert cli_main(["fit", "--config", str(REPO / "recipes/train/pile-8xh100.yaml"), *argv]) == 0
+    assert cli_main(["fit", "--config", str(REPO / "recipes/fit/pile-8xh100.yaml"), *argv]) == 0
     ckpt = torch.load(tmp_path / "runs/merino-64m/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["merino"]["recipe"]["name"] == "merino-64m"
     assert ckpt["merino"]["seq_len"] == 1024 and ckpt["merino"]["tokens_seen"] == 2 * 4 * 1024

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def config(tmp_path: Path) -> Path:
     """recipe -> fit -> export into tmp_path/out (the refusals come before any stage runs)."""
     path = tmp_path / "p.yaml"
-    fit = str(REPO / "recipes" / "train" / "cpu-demo.yaml")
+    fit = str(REPO / "recipes" / "fit" / "cpu-demo.yaml")
     path.write_text(
         yaml.safe_dump({"name": "t", "recipe": "merino-tiny", "out_dir": str(tmp_path / "out"), "fit": {"config": fit}})
     )

@@ -28,8 +28,8 @@ from merino_pl.slurm.render import JobSpec, render
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_CONFIG = REPO / "recipes" / "train" / "cpu-demo.yaml"
-PAPER_CONFIG = "recipes/train/pile-8xh100.yaml"
+FIT_CONFIG = REPO / "recipes" / "fit" / "cpu-demo.yaml"
+PAPER_CONFIG = "recipes/fit/pile-8xh100.yaml"
 # The shipped job scripts: what `merino-pl slurm submit --dry-run` prints for these (from the repo
 # root); each script's header line is that command.
 SHIPPED_COMMON = dict(
@@ -593,7 +593,7 @@ def test_srun_starts_two_tasks(slurm_cluster, tmp_path):
 # Tiny and short: 2 CPU tasks (DDP over gloo), 32-token sequences, no logger, no validation.
 FIT_TINY = [
     "--config",
-    str(TRAIN_CONFIG),
+    str(FIT_CONFIG),
     "--recipe",
     "merino-tiny",
     "--gpus-per-node",
@@ -626,8 +626,8 @@ def ckpt_step(path: Path) -> int:
 
 @pytest.fixture
 def fit_available():
-    if not TRAIN_CONFIG.exists():
-        pytest.skip(f"{TRAIN_CONFIG.relative_to(REPO)} not in this checkout (training stage)")
+    if not FIT_CONFIG.exists():
+        pytest.skip(f"{FIT_CONFIG.relative_to(REPO)} not in this checkout (training stage)")
 
 
 @pytest.mark.slurm
@@ -786,7 +786,7 @@ def test_chain_is_all_or_nothing_when_sbatch_refuses_a_job(slurm_cluster, tmp_pa
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "merino_pl.cli", "slurm", "chain", "--run-dir", str(run_dir), "--stages", str(stages)]
-        + ["--config", str(TRAIN_CONFIG), "--recipe", "merino-tiny", "--gpus-per-node", "0", "--time", "10:00"],
+        + ["--config", str(FIT_CONFIG), "--recipe", "merino-tiny", "--gpus-per-node", "0", "--time", "10:00"],
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         capture_output=True,
         text=True,

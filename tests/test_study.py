@@ -84,7 +84,7 @@ def test_cross_validation_picks_the_informative_setting():
 
 def _tiny_study(tmp_path: Path, architectures: int = 4) -> Path:
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
-    fit = yaml.safe_load((ROOT / "recipes/train/study-cpu.yaml").read_text())
+    fit = yaml.safe_load((ROOT / "recipes/fit/study-cpu.yaml").read_text())
     fit["trainer"]["max_steps"], fit["model"]["warmup_steps"] = 4, 1
     fit["data"]["seq_len"], fit["data"]["batch_size"] = 32, 2
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
@@ -190,7 +190,7 @@ def test_study_bad_inputs_are_one_line(tmp_path):
 
 def test_shipped_study_config_loads():
     from merino_pl.study.config import load_study_config
-    from merino_pl.study.runner import plan_runs
+    from merino_pl.study.runs import plan_runs
 
     cfg = load_study_config(ROOT / "search" / "study-cpu.yaml")
     runs = plan_runs(cfg, base_lr=2e-3)  # the fit config's lr: the grid's 2e-3 runs are the study's own
@@ -266,7 +266,7 @@ def _synthetic_regime_study(tmp_path: Path) -> Path:
     src, out = ROOT / "docs/study/cpu", tmp_path / "study"
     (out / "results").mkdir(parents=True)
     manifest = json.loads((src / "study.json").read_text())
-    manifest["fit_config"] = str(ROOT / "recipes/train/study-cpu.yaml")  # the main runs' lr (2e-3) is read there
+    manifest["fit_config"] = str(ROOT / "recipes/fit/study-cpu.yaml")  # the main runs' lr (2e-3) is read there
     (out / "study.json").write_text(json.dumps(manifest))
     for i in range(8):
         for seed in (1, 2):
@@ -318,7 +318,7 @@ def test_regime_report_ranks_per_length_and_picks_each_best_lr(tmp_path):
 
 def test_study_lengths_and_lr_grid_are_checked_and_planned(tmp_path):
     from merino_pl.study.config import load_study_config
-    from merino_pl.study.runner import Run, plan_runs
+    from merino_pl.study.runs import Run, plan_runs
 
     config = _tiny_study(tmp_path)
     data = yaml.safe_load(config.read_text())
@@ -359,7 +359,7 @@ def test_study_damaged_results_and_options_are_one_line(tmp_path):
     bad.write_text(bad.read_text()[:200])  # truncated
     r = _cli("study", "report", str(study))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr
-    from merino_pl.study.runner import read_result
+    from merino_pl.study.runs import read_result
 
     assert read_result(study, "a003-s1") is None and read_result(study, "a004-s1") is not None  # re-trained by `run`
     config = _tiny_study(tmp_path)

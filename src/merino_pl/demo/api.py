@@ -2,7 +2,7 @@
 then generates from it (``merino-pl demo`` is ``demo/cli.py``).
 
 It runs the fit stage's entry (``merino_pl.fit.api.fit``) with the packaged
-``recipes/train/cpu-demo.yaml`` (the tiny recipe, public-domain Shakespeare, fp32 on the CPU, a
+``recipes/fit/cpu-demo.yaml`` (the tiny recipe, public-domain Shakespeare, fp32 on the CPU, a
 few minutes on 2 cores, no network), prints the recipe through ``merino_pl.info.api``, the loss
 as it falls, and a sampled generation (top-k 40, temperature 0.8) from the trained checkpoint.
 `make demo` runs the whole pipeline instead (``merino-pl pipeline``).
@@ -28,7 +28,7 @@ DEFAULT_PROMPT = "First Citizen:\nBefore we proceed any further,"
 class DemoSettings:
     """One demo run, as ``merino-pl demo``'s flags give it (same names, same defaults)."""
 
-    config: str | None = None  # fit config; None: the packaged recipes/train/cpu-demo.yaml
+    config: str | None = None  # fit config; None: the packaged recipes/fit/cpu-demo.yaml
     max_steps: int | None = None  # overrides the config's trainer.max_steps
     out: str = "runs/demo"  # parent folder of this run's folder (checkpoints, logs)
     prompt: str = DEFAULT_PROMPT
@@ -36,7 +36,7 @@ class DemoSettings:
 
 
 def demo_config() -> Path:
-    return Path(str(resources.files("merino_pl").joinpath("recipes", "train", "cpu-demo.yaml")))
+    return Path(str(resources.files("merino_pl").joinpath("recipes", "fit", "cpu-demo.yaml")))
 
 
 def _fit_argv(config: Path, root: Path, cfg: dict, max_steps: int | None) -> list[str]:

@@ -10,7 +10,7 @@ from merino_pl.demo.api import DEFAULT_PROMPT, DemoSettings, demo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="fit config (default: the packaged recipes/train/cpu-demo.yaml)")
+    p.add_argument("--config", default=None, help="fit config (default: the packaged recipes/fit/cpu-demo.yaml)")
     p.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
     p.add_argument("--out", default="runs/demo", help="parent folder of this run's folder (checkpoints, logs)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

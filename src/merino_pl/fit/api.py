@@ -1,7 +1,7 @@
 """The fit stage's library: pretraining through LightningCLI (``merino-pl fit`` is
 ``fit/cli.py``, which hands its arguments to :func:`fit` unchanged).
 
-    merino-pl fit --config recipes/train/cpu-demo.yaml [--model.recipe R] [--trainer.max_steps N]
+    merino-pl fit --config recipes/fit/cpu-demo.yaml [--model.recipe R] [--trainer.max_steps N]
                   [--ckpt_path last]
 
 The config has LightningCLI's sections: ``model`` (``MerinoLightningModule``: recipe + optimizer),

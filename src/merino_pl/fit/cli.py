@@ -1,7 +1,7 @@
 """``merino-pl fit`` (and ``validate`` / ``test``): LightningCLI's own command line, handed
 unchanged to the fit stage's entry function :func:`merino_pl.fit.api.fit`.
 
-    merino-pl fit --config recipes/train/cpu-demo.yaml [--model.recipe R] [--trainer.max_steps N]
+    merino-pl fit --config recipes/fit/cpu-demo.yaml [--model.recipe R] [--trainer.max_steps N]
                   [--ckpt_path last]
 """
 

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _fit_job_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
-        "--config", required=True, help="training config YAML (LightningCLI), e.g. recipes/train/pile-8xh100.yaml"
+        "--config", required=True, help="training config YAML (LightningCLI), e.g. recipes/fit/pile-8xh100.yaml"
     )
     s.add_argument("--recipe", required=True, help="recipe YAML path or built-in name (--model.recipe)")
     s.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")

@@ -16,8 +16,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merino_pl.core.errors import MerinoError
+
+if TYPE_CHECKING:
+    from merino_pl.study.runs import StudySettings
 
 MIN_BOOTSTRAP = 100
 PASS_THROUGH = ("--trainer.", "--model.", "--data.", "--checkpoint.", "--speed.")
@@ -77,16 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--bootstrap must be >= {MIN_BOOTSTRAP} (resamples for the 95 % intervals), got {args.bootstrap}"
         )
     if args.cmd == "run":
-        from merino_pl.study.config import load_study_config
-        from merino_pl.study.runner import run_study
+        from merino_pl.study.runs import run_study
 
-        cfg = load_study_config(args.config)
-        run_study(cfg, _writable(args.out), jobs=args.jobs, threads=args.threads, extra=extra)
+        settings = _settings(args, extra)
+        run_study(settings)
         if not args.no_report:
             from merino_pl.study.report import write_report
 
             write_report(Path(args.out))
-            if cfg.lengths or cfg.lrs:
+            if settings.config.lengths or settings.config.lrs:
                 from merino_pl.study.regime import write_regime
 
                 write_regime(Path(args.out))
@@ -109,9 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from merino_pl.study.calibrate import calibrate_cli
 
         return calibrate_cli(args.report, args.out, args.folds)
-    from merino_pl.study.compare import compare_cli
+    from merino_pl.study.compare import compare
 
-    return compare_cli(args.config, _writable(args.out), args.jobs, args.threads, extra)
+    return compare(_settings(args, extra))
+
+
+def _settings(args: argparse.Namespace, extra: list[str]) -> StudySettings:
+    """``study run`` / ``study compare``'s flags as the one ``StudySettings`` their entries take."""
+    from merino_pl.study.config import load_study_config
+    from merino_pl.study.runs import StudySettings
+
+    out = _writable(args.out)
+    return StudySettings(load_study_config(args.config), out, args.jobs, args.threads, list(extra))
 
 
 def _study_dir(path: str) -> Path:

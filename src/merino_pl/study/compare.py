@@ -30,8 +30,8 @@ from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, read_yaml, write_json
 from merino_pl.core.space import SearchSpace
 from merino_pl.search.api import EntropyConfig
-from merino_pl.study.config import StudyConfig, load_study_config
-from merino_pl.study.runner import Run, execute, prepare
+from merino_pl.study.config import StudyConfig
+from merino_pl.study.runs import Run, StudySettings, execute, prepare
 
 FORMAT = "merino-study-compare/1"
 
@@ -257,8 +257,10 @@ def render_markdown(t: dict[str, Any], heldout: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_cli(config: str, out: Path, jobs: int, threads: int, extra: list[str]) -> int:
-    cfg = load_study_config(config)
+def compare(settings: StudySettings) -> int:
+    """``study compare``: train the contenders of ``head_to_head`` on every seed, then the table,
+    its Markdown and the plot in ``settings.out``."""
+    cfg, out = settings.config, settings.out
     seeds = cfg.head_to_head.get("seeds", [11, 12, 13])
     if (
         not isinstance(seeds, list)
@@ -291,7 +293,7 @@ def compare_cli(config: str, out: Path, jobs: int, threads: int, extra: list[str
     manifest["contenders"], manifest["contender_arch"] = list(archs), index
     write_json(out / "study.json", manifest)
     runs = [Run(i, s) for s in seeds for i in range(len(unique))]
-    execute(manifest, out, runs, jobs, threads, extra)
+    execute(manifest, runs, settings)
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "results").glob("*.json"))]
     t = table(manifest, results)
     write_json(out / "compare.json", t)

@@ -7,7 +7,7 @@ architectures: 24                  # sampled uniformly from the feasible set
 sample_seed: 0
 seed: 1                            # training seed of every run (init, data order, Lightning)
 noise_ceiling: {architectures: 8, seed: 2}   # the first 8 trained again with this seed
-fit: {config: ../recipes/train/study-cpu.yaml, args: []}   # the `merino-pl fit` config
+fit: {config: ../recipes/fit/study-cpu.yaml, args: []}   # the `merino-pl fit` config
 tokenizer: {vocab_size: 2048}      # a BPE trained on the training split; or {file: tokenizer.json}
 heldout: {sequences: 128, cross_domain: wikitext2}
 proxies: {batches: 4, batch_size: 8, entropy: {paper: {beta: 0.0625}, beta1: {beta: 1.0}}}

@@ -1,7 +1,7 @@
 """``merino-pl study regime``: how each proxy's ranking moves with training length and learning rate.
 
 A study config with ``lengths`` trains its first architectures again at whole multiples of the
-main study's steps, and with ``lr_grid`` at several learning rates (``merino_pl.study.runner``).
+main study's steps, and with ``lr_grid`` at several learning rates (``merino_pl.study.runs``).
 Every run is scored on the same held-out windows, so this report can line them up:
 
 * one **point** per training length: the half-length checkpoint of every run (mid-schedule: the
@@ -34,7 +34,7 @@ from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_write_text, write_json
 from merino_pl.study.proxies import DATA, analytic_proxies
 from merino_pl.study.report import _entropy_configs, load_results
-from merino_pl.study.runner import Run
+from merino_pl.study.runs import Run
 from merino_pl.study.stats import correlate
 
 FORMAT = "merino-study-regime/1"
@@ -156,7 +156,7 @@ def analyse_regime(study: Path, resamples: int = 2000) -> dict[str, Any]:
 def _base_lr(manifest: dict[str, Any], result: dict[str, Any]) -> float | None:
     """The lr the main study trained at: recorded in the result, else its fit argv, else the fit config."""
     from merino_pl.core.io import read_yaml
-    from merino_pl.study.runner import last_flag
+    from merino_pl.study.runs import last_flag
 
     lr = result.get("lr") or last_flag(result.get("fit_argv") or [], "--model.lr")
     if lr is None and Path(manifest["fit_config"]).is_file():

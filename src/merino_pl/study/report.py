@@ -29,7 +29,7 @@ FORMAT = "merino-study-report/1"
 
 def load_results(study: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The study's manifest and every finished, readable result (one line naming a damaged file)."""
-    from merino_pl.study.runner import read_result
+    from merino_pl.study.runs import read_result
 
     try:
         manifest = json.loads((study / "study.json").read_text(encoding="utf-8"))

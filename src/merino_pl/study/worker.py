@@ -2,7 +2,7 @@
 
     python -m merino_pl.study.worker OUT RUN_ID THREADS [fit overrides ...]
 
-Started by ``merino-pl study run`` (``merino_pl.study.runner``); not a user command.
+Started by ``merino-pl study run`` (``merino_pl.study.runs``); not a user command.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from merino_pl.core.io import read_yaml, write_json
-from merino_pl.study.runner import RESULT_FORMAT, Run, last_flag
+from merino_pl.study.runs import RESULT_FORMAT, Run, last_flag
 
 
 def fit_argv(manifest: dict[str, Any], run: Run, run_dir: Path, extra: list[str]) -> tuple[list[str], int]:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,18 @@ from merino_pl.study.sample import sample_architectures
 
 FORMAT = "merino-study/1"
 RESULT_FORMAT = "merino-study-run/1"
+
+
+@dataclass
+class StudySettings:
+    """What ``study run`` and ``study compare`` take: the study config, its folder, and how runs go."""
+
+    config: StudyConfig
+    out: Path
+    jobs: int = 1  # runs trained at once
+    threads: int = 1  # torch threads per run
+    extra: list[str] = field(default_factory=list)  # `merino-pl fit` options passed to every run
+    progress: bool = True  # the progress bar
 
 
 @dataclass(frozen=True)
@@ -278,12 +290,11 @@ def _launch(out: Path, run: Run, threads: int, extra: list[str], base_steps: int
     return run, rc, time.perf_counter() - start
 
 
-def run_study(
-    cfg: StudyConfig, out: Path, jobs: int = 1, threads: int = 1, extra: list[str] | None = None, progress: bool = True
-) -> list[Path]:
-    """Train every run of the study not yet finished, ``jobs`` at a time; returns the result files."""
+def run_study(settings: StudySettings) -> list[Path]:
+    """Train every run of the study not yet finished, ``settings.jobs`` at a time; returns the result files."""
+    cfg, out, jobs = settings.config, settings.out, settings.jobs
     manifest = prepare(cfg, out)
-    lr = fit_setting(cfg, "model", "lr", extra)
+    lr = fit_setting(cfg, "model", "lr", settings.extra)
     runs = plan_runs(cfg, float(lr) if lr is not None else None)
     variants = len(runs) - cfg.architectures - cfg.ceiling_architectures
     print(
@@ -291,23 +302,17 @@ def run_study(
         f"reruns" + (f" + {variants} at other lengths / lrs" if variants else "") + f"), {jobs} at a time",
         flush=True,
     )
-    return execute(manifest, out, runs, jobs, threads, extra, progress)
+    return execute(manifest, runs, settings)
 
 
-def execute(
-    manifest: dict[str, Any],
-    out: Path,
-    runs: list[Run],
-    jobs: int = 1,
-    threads: int = 1,
-    extra: list[str] | None = None,
-    progress: bool = True,
-) -> list[Path]:
-    """Train ``runs`` (skipping finished ones) with the worker, ``jobs`` processes at a time."""
+def execute(manifest: dict[str, Any], runs: list[Run], settings: StudySettings) -> list[Path]:
+    """Train ``runs`` (skipping finished ones) with the worker, ``settings.jobs`` processes at a time
+    into ``settings.out``."""
     from tqdm.auto import tqdm
 
     from merino_pl.core.io import read_yaml
 
+    out, jobs, threads, extra = settings.out, settings.jobs, settings.threads, settings.extra
     todo = [r for r in runs if read_result(out, r.id) is None]
     base_steps = last_flag([*manifest["fit_args"], *(extra or [])], "--trainer.max_steps")
     base_steps = int(base_steps or (read_yaml(manifest["fit_config"], "fit config") or {})["trainer"]["max_steps"])
@@ -315,7 +320,9 @@ def execute(
     for run in todo:
         write_recipe(manifest, run, out / "runs" / run.id)
     failed, finished = [], 0
-    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(runs), initial=len(runs) - len(todo), unit="run", disable=not settings.progress, dynamic_ncols=True
+    )
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: set[Future] = set()
         queue = list(todo)
