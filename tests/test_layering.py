@@ -1,4 +1,4 @@
-"""The import graph keeps merino-pl's two layers apart (STYLE §6, docs/architecture.md).
+"""The import graph keeps merino-pl's two layers apart (docs/architecture.md).
 
 Every ``import`` in ``src/merino_pl`` (module level and inside functions) is read from the AST.
 The **core** (config, costs, io, errors, model, tokenizer, checkpoint, the quantized formats, the
@@ -28,7 +28,7 @@ ENTRY = {"merino_pl.cli"}
 # what one stage may import of another: its public entry points (module -> why)
 PUBLIC = {
     "merino_pl.data": "PileDataModule, what fit trains on",
-    "merino_pl.data.sources": "the one resolver for every data source (STYLE §7)",
+    "merino_pl.data.sources": "the one resolver for every data source",
     "merino_pl.search": "recipe_entropy: the entropy info and fit report for any recipe",
     "merino_pl.search.api": "the search stage's entry (SearchSettings, build_problem, decode, run_search)",
     "merino_pl.fit.api": "the fit stage's entry",

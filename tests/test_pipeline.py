@@ -16,7 +16,7 @@ import yaml
 from merino_pl.cli import main as cli_main
 from merino_pl.eval.report import EvalModel, EvalReport
 from merino_pl.latency.report import LatencyReport
-from merino_pl.pipeline.api import PipelineConfig, RunLayout, build_stages
+from merino_pl.pipeline.api import PipelineSettings, RunLayout, build_stages
 from test_fit import MICRO, fit_config  # noqa: F401  (the fixture is used by name)
 
 STAGES = ["fit", "export", "quantize-int8", "eval-fp32", "eval-int8", "latency-fp32", "latency-int8", "plot"]
@@ -141,7 +141,7 @@ def test_search_stage_feeds_fit(tmp_path):
             }
         )
     )
-    stages = build_stages(PipelineConfig.load(config, str(tmp_path / "out")))
+    stages = build_stages(PipelineSettings.load(config, str(tmp_path / "out")))
     assert [s.name for s in stages] == ["search", "fit", "export"]
     recipe = str(tmp_path / "out" / "search" / "recipe.yaml")
     assert stages[0].argv[:3] == ["search", "--out", recipe] and stages[0].argv[-2:] == ["--iterations", "600"]
@@ -187,7 +187,7 @@ def test_missing_config_and_unknown_force_stage_exit_2(tmp_path, capsys):
 
 def test_shipped_demo_pipeline_parses():
     repo = Path(__file__).resolve().parents[1]
-    stages = build_stages(PipelineConfig.load(repo / "recipes" / "pipeline" / "cpu-demo.yaml"))
+    stages = build_stages(PipelineSettings.load(repo / "recipes" / "pipeline" / "cpu-demo.yaml"))
     assert [s.name for s in stages] == [
         "search",
         "fit",
@@ -218,7 +218,7 @@ def test_every_stage_checks_its_arguments_before_the_first_runs(tmp_path, capsys
                 "name": "x",
                 "recipe": "merino-tiny",
                 "out_dir": str(tmp_path / "out"),
-                "fit": {"config": str(repo / "recipes" / "train" / "cpu-demo.yaml"), "args": ["--model.lr", "-1"]},
+                "fit": {"config": str(repo / "recipes" / "fit" / "cpu-demo.yaml"), "args": ["--model.lr", "-1"]},
                 "quantize": {"bits": [3]},
                 "latency": {"precision": "fp64"},
             }

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from merino_pl.cli import main as cli_main
-from merino_pl.pipeline.api import PipelineConfig, build_stages
+from merino_pl.pipeline.api import PipelineSettings, build_stages
 from test_fit import fit_config  # noqa: F401  (the fixture is used by name)
 
 
@@ -27,7 +27,7 @@ def test_a_ckpt_start_exports_it_and_a_directory_start_is_the_float_model(tmp_pa
     assert cli_main(["fit", "--config", str(fit_config), *args, "--trainer.logger.init_args.save_dir", str(run)]) == 0
     ckpt = next(run.rglob("last.ckpt"))
     config = write(tmp_path, checkpoint=str(ckpt), quantize={"bits": [8]}, eval={"tasks": "none"})
-    assert [s.name for s in build_stages(PipelineConfig.load(config))] == [
+    assert [s.name for s in build_stages(PipelineSettings.load(config))] == [
         "export",
         "quantize-int8",
         "eval-fp32",
@@ -46,7 +46,7 @@ def test_a_ckpt_start_exports_it_and_a_directory_start_is_the_float_model(tmp_pa
     model = tmp_path / "exported"
     (out / "model").rename(model)
     config = write(tmp_path, checkpoint=str(model), quantize={"bits": [8]}, latency={"precision": "fp32"})
-    stages = build_stages(PipelineConfig.load(config))
+    stages = build_stages(PipelineSettings.load(config))
     assert [s.name for s in stages] == ["quantize-int8", "latency-fp32", "latency-int8", "plot"]
     assert stages[0].argv[1] == str(model) and stages[1].argv[1] == str(model)
     assert stages[0].inputs == [model]

@@ -1,10 +1,10 @@
-"""The pipeline stage's entry: ``run_pipeline(PipelineConfig.load(path))`` runs search → fit →
+"""The pipeline stage's entry: ``run_pipeline(PipelineSettings.load(path, ...))`` runs search → fit →
 export → quantize → eval → latency (``merino-pl pipeline --config PIPELINE.yaml`` is
 ``pipeline/cli.py``, which turns its flags into these calls).
 
 Every stage is the stage's own ``merino-pl`` command run as a subprocess (so a crash or a
 Lightning/lm-eval global never leaks into the next stage), with its output streamed to the
-terminal and to ``OUT/logs/<stage>.log``. Stages talk through files only (STYLE §6).
+terminal and to ``OUT/logs/<stage>.log``. Stages talk through files only (docs/architecture.md).
 
 The package, by job: ``config`` (the YAML), ``layout`` (every path of a run), ``stages`` (the
 command lines and their skip keys), ``state`` (``pipeline-state.json``: keys, statuses and the
@@ -29,13 +29,13 @@ from pathlib import Path
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.lock import folder_lock
-from merino_pl.pipeline.config import PipelineConfig
+from merino_pl.pipeline.config import PipelineSettings
 from merino_pl.pipeline.layout import RunLayout
 from merino_pl.pipeline.stages import Stage, build_stages
 from merino_pl.pipeline.state import RunState
 from merino_pl.pipeline.summary import write_summary
 
-__all__ = ["PipelineConfig", "RunLayout", "Stage", "build_stages", "run_pipeline", "stage_problems", "write_summary"]
+__all__ = ["PipelineSettings", "RunLayout", "Stage", "build_stages", "run_pipeline", "stage_problems", "write_summary"]
 
 
 # ---- checking --------------------------------------------------------------------------------
@@ -143,28 +143,26 @@ def _run_stage(stage: Stage, layout: RunLayout, state: RunState, forced: bool, l
     return 0
 
 
-def run_pipeline(
-    cfg: PipelineConfig, force: tuple[str, ...] = (), dry_run: bool = False, keep_unknown: bool = False
-) -> int:
+def run_pipeline(settings: PipelineSettings) -> int:
     """Run (or skip) every stage in order; stop at the first failure with the stage named."""
-    layout = RunLayout.of(cfg)
-    stages = build_stages(cfg, layout)
-    unknown = [f for f in force if f not in {s.name for s in stages} and f != "all"]
+    layout = RunLayout.of(settings)
+    stages = build_stages(settings, layout)
+    unknown = [f for f in settings.force if f not in {s.name for s in stages} and f != "all"]
     if unknown:
         raise MerinoError(f"--force {', '.join(unknown)}: no such stage (stages: {', '.join(s.name for s in stages)})")
     problems = stage_problems(stages)
     if problems:
-        raise MerinoError(f"{cfg.source}: " + "; ".join(problems))
-    if dry_run:  # reads only: no lock
+        raise MerinoError(f"{settings.source}: " + "; ".join(problems))
+    if settings.dry_run:  # reads only: no lock
         state = RunState.read(layout.out)
-        _check_folder(layout, stages, state, keep_unknown)
-        return _dry_run(cfg, stages, state, force)
+        _check_folder(layout, stages, state, settings.keep_unknown)
+        return _dry_run(settings, stages, state, settings.force)
     with folder_lock(layout.out, "pipeline") as lock:
         state = RunState.read(layout.out)
-        _check_folder(layout, stages, state, keep_unknown)
+        _check_folder(layout, stages, state, settings.keep_unknown)
         if lock.previous:
             print(f"pipeline: took over the lock of a run that is gone (pid {lock.previous.get('pid')})")
-        return _run(cfg, layout, stages, state, force, lock.fd)
+        return _run(settings, layout, stages, state, settings.force, lock.fd)
 
 
 def _stale(stage: Stage, state: RunState, force: tuple[str, ...], changed: set[Path]) -> bool:
@@ -174,7 +172,7 @@ def _stale(stage: Stage, state: RunState, force: tuple[str, ...], changed: set[P
     return forced or upstream or not _up_to_date(stage, state)
 
 
-def _dry_run(cfg: PipelineConfig, stages: list[Stage], state: RunState, force: tuple[str, ...]) -> int:
+def _dry_run(cfg: PipelineSettings, stages: list[Stage], state: RunState, force: tuple[str, ...]) -> int:
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
     changed: set[Path] = set()  # outputs of stages that would run (their readers would too)
     for i, stage in enumerate(stages, 1):
@@ -191,7 +189,7 @@ def _dry_run(cfg: PipelineConfig, stages: list[Stage], state: RunState, force: t
 
 
 def _run(
-    cfg: PipelineConfig, layout: RunLayout, stages: list[Stage], state: RunState, force: tuple[str, ...], lock_fd: int
+    cfg: PipelineSettings, layout: RunLayout, stages: list[Stage], state: RunState, force: tuple[str, ...], lock_fd: int
 ) -> int:
     print(f"pipeline {cfg.name}: {len(stages)} stages -> {cfg.out_dir}")
     t_start = time.perf_counter()

@@ -1,15 +1,15 @@
 """``merino-pl pipeline --config PIPELINE.yaml [--out-dir DIR] [--force STAGE] [--dry-run] [--keep-unknown]``.
 
-Flags -> ``PipelineConfig`` -> ``run_pipeline`` (``pipeline/api.py``: checking, locking and
-running the stages; the package's other modules hold the config, the stages, the state and the
-summary).
+Flags -> ``PipelineSettings`` (the YAML and the run's flags) -> ``run_pipeline``
+(``pipeline/api.py``: checking, locking and running the stages; the package's other modules
+hold the config, the stages, the state and the summary).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from merino_pl.pipeline.api import PipelineConfig, run_pipeline
+from merino_pl.pipeline.api import PipelineSettings, run_pipeline
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,5 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PipelineConfig.load(args.config, args.out_dir)
-    return run_pipeline(cfg, force=tuple(args.force), dry_run=args.dry_run, keep_unknown=args.keep_unknown)
+    settings = PipelineSettings.load(
+        args.config, args.out_dir, force=tuple(args.force), dry_run=args.dry_run, keep_unknown=args.keep_unknown
+    )
+    return run_pipeline(settings)

@@ -1,5 +1,6 @@
-"""The pipeline config: ``PipelineConfig.load(path)`` reads and checks a pipeline YAML, every
-problem in one line before anything runs (docs/pipeline.md shows the format)."""
+"""The pipeline's settings: ``PipelineSettings.load(path)`` reads and checks a pipeline YAML, every
+problem in one line before anything runs (docs/pipeline.md shows the format), and holds the run's
+flags (``--force``, ``--dry-run``, ``--keep-unknown``) beside it: the one object the entry takes."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ STARTS = ("recipe", "search", "checkpoint")  # where the model comes from: exact
 
 
 @dataclass
-class PipelineConfig:
+class PipelineSettings:
     name: str
     out_dir: Path
     recipe: str | None = None  # a recipe to train instead of a search
@@ -34,9 +35,19 @@ class PipelineConfig:
     quantize: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     source: Path = Path(".")
+    force: tuple[str, ...] = ()  # stages to re-run ("all": every one)
+    dry_run: bool = False  # list the stages and whether each would run, run nothing
+    keep_unknown: bool = False  # run beside files the pipeline did not write (never touching them)
 
     @classmethod
-    def load(cls, path: str | Path, out_dir: str | None = None) -> PipelineConfig:
+    def load(
+        cls,
+        path: str | Path,
+        out_dir: str | None = None,
+        force: tuple[str, ...] = (),
+        dry_run: bool = False,
+        keep_unknown: bool = False,
+    ) -> PipelineSettings:
         path = Path(path)
         data = read_yaml(path, "pipeline config")
         if not isinstance(data, dict):
@@ -57,6 +68,9 @@ class PipelineConfig:
             quantize=data.get("quantize"),
             latency=data.get("latency"),
             source=path,
+            force=tuple(force),
+            dry_run=dry_run,
+            keep_unknown=keep_unknown,
         )
 
 

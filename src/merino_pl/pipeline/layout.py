@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from merino_pl.pipeline.config import PipelineConfig
+from merino_pl.pipeline.config import PipelineSettings
 
 STATE_NAME = "pipeline-state.json"
 
@@ -40,7 +40,7 @@ class RunLayout:
     times: bool  # latency runs
 
     @classmethod
-    def of(cls, cfg: PipelineConfig) -> RunLayout:
+    def of(cls, cfg: PipelineSettings) -> RunLayout:
         out = cfg.out_dir
         start = cfg.checkpoint
         exports = start is None or start.is_file()

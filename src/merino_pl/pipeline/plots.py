@@ -10,8 +10,9 @@ headless, written atomically).
   out of reach); with one, the plot stage's ``accuracy-vs-latency.png`` carries our points.
 * ``precisions.png``: size on disk, perplexity and prefill latency per precision (fp32 / int8 / int4).
 
-Only the reports' files are read (STYLE §6), once per summary (``reports.load_reports``, each
-through its stage's own schema); the bubble chart is ``latency plot``'s renderer.
+Only the reports' files are read (stages meet through files: docs/architecture.md), once per
+summary (``reports.load_reports``, each through its stage's own schema); the bubble chart is
+``latency plot``'s renderer.
 """
 
 from __future__ import annotations

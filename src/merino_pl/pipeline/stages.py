@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from merino_pl.core.io import read_yaml, sha256_file
-from merino_pl.pipeline.config import PipelineConfig
+from merino_pl.pipeline.config import PipelineSettings
 from merino_pl.pipeline.layout import RunLayout
 
 
@@ -83,7 +83,7 @@ def _fit_overrides(config: Path, run_dir: Path) -> list[str]:
     return argv
 
 
-def build_stages(cfg: PipelineConfig, layout: RunLayout | None = None) -> list[Stage]:
+def build_stages(cfg: PipelineSettings, layout: RunLayout | None = None) -> list[Stage]:
     """The stage list of a config, in run order (each stage's inputs are earlier outputs)."""
     layout = layout or RunLayout.of(cfg)
     stages = _training_stages(cfg, layout)
@@ -110,7 +110,7 @@ def build_stages(cfg: PipelineConfig, layout: RunLayout | None = None) -> list[S
     return stages
 
 
-def _training_stages(cfg: PipelineConfig, layout: RunLayout) -> list[Stage]:
+def _training_stages(cfg: PipelineSettings, layout: RunLayout) -> list[Stage]:
     """search (a ``search:`` start) and fit; none when starting from a checkpoint."""
     if not layout.trains:
         return []

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from merino_pl.core.io import atomic_write_text
-from merino_pl.pipeline.config import PipelineConfig
+from merino_pl.pipeline.config import PipelineSettings
 from merino_pl.pipeline.layout import RunLayout
 from merino_pl.pipeline.plots import summary_plots
 from merino_pl.pipeline.reports import ModelReports, load_reports
@@ -53,7 +53,7 @@ def _tables(layout: RunLayout, reports: list[ModelReports]) -> list[str]:
     ]
 
 
-def _heldout(cfg: PipelineConfig, layout: RunLayout) -> list[str]:
+def _heldout(cfg: PipelineSettings, layout: RunLayout) -> list[str]:
     """Held-out nats / character and bits / byte per precision at the trained context, and what
     each model writes (``merino_pl.eval.intrinsic``), for a run that trained its models."""
     from merino_pl.core.errors import MerinoError
@@ -70,7 +70,7 @@ def _heldout(cfg: PipelineConfig, layout: RunLayout) -> list[str]:
         return ["## Held-out quality at the trained context", "", f"Not measured: {e}", ""]
 
 
-def write_summary(cfg: PipelineConfig, layout: RunLayout, stages: list[Stage], seconds: dict[str, Any]) -> Path:
+def write_summary(cfg: PipelineSettings, layout: RunLayout, stages: list[Stage], seconds: dict[str, Any]) -> Path:
     """Write ``OUT/summary.md`` (``seconds``: stage name -> its recorded run time) and the
     pictures it shows; returns its path."""
     out = layout.out
