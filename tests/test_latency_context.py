@@ -19,6 +19,20 @@ def test_latency_refuses_a_prompt_past_the_trained_context(tmp_path: Path, capsy
     assert not (tmp_path / "l").exists()
 
 
+def test_latency_without_seq_shortens_the_prompt_to_the_trained_context(tmp_path: Path) -> None:
+    """The paper's 128-token prompt plus the decode steps does not fit a model trained at 64: with
+    no --seq named, the prompt is shortened (and the report says so) instead of refusing."""
+    from merino_pl.latency.report import LatencyReport
+
+    ckpt = _ckpt(tmp_path, 64)
+    out = tmp_path / "l"
+    args = ["latency", str(ckpt), "--runs", "1", "--warmup", "0", "--decode-tokens", "2", "--generate-tokens", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = LatencyReport.read(out / "latency.json")
+    assert report.protocol["seq_len"] == 62
+    assert any("prompt: 62 tokens, not the paper's 128" in w for w in report.warnings)
+
+
 def test_a_second_latency_on_the_same_out_is_one_line(tmp_path: Path, capsys) -> None:
     out = tmp_path / "l"
     with folder_lock(out, "a test holding the folder"):

@@ -95,6 +95,10 @@ def fit_to_model(opts: Options, loaded: LoadedModel, source: str) -> Options:
     trained = trained_context(loaded)  # positions past it never got a gradient: not the deployed model
     limit = min(trained, positions) if trained else positions
     what = f"trained context of {limit} tokens ({positions} positions)" if trained else f"{limit} positions"
+    if not opts.seq_given and opts.seq + opts.decode_tokens > limit > opts.decode_tokens:
+        shorter = limit - opts.decode_tokens  # the paper's 128-token prompt does not fit with the decode steps
+        note = f"prompt: {shorter} tokens, not the paper's {opts.seq} ({name}'s {what}, {opts.decode_tokens} decode steps)"
+        opts = dataclasses.replace(opts, seq=shorter, notes=[*opts.notes, note])
     if opts.seq + opts.decode_tokens > limit:
         problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {name}'s {what}")
     bits = int(loaded.model.config.quantization_config["bits"]) if loaded.kind == "gptq" else None

@@ -27,6 +27,7 @@ class Options:
     precisions: tuple[str, ...] = ("fp32",)
     batch: int = 1
     seq: int = 128
+    seq_given: bool = True  # False: --seq not named, so a shorter trained context shortens the prompt
     runs: int = 16
     warmup: int = 4
     decode_tokens: int = 8
