@@ -99,3 +99,14 @@ def test_demo_pipeline_summary_shows_heldout_figures_and_text(tmp_path):
         ("int4", "onnxruntime"),
     }
     assert all(any(r["text"] for r in saved["continuations"] if r["precision"] == lb) for lb in saved["figures"])
+
+
+def test_shipped_demo_recipe_is_what_the_demo_search_finds(tmp_path):
+    """``merino-demo`` (what `merino-pl demo` and the standalone fit config train) is the design
+    `make demo`'s search stage finds: one model, whichever way the demo is started."""
+    from merino_pl.cli import main
+    from merino_pl.core.config import load_recipe
+
+    out = tmp_path / "found.yaml"
+    assert main(["search", "--config", str(REPO / "search/cpu-demo.yaml"), "--out", str(out), "--no-plot"]) == 0
+    assert load_recipe(str(out)).architecture == load_recipe("merino-demo").architecture

@@ -230,7 +230,8 @@ def test_shipped_fit_configs_parse(tmp_path):
         str(tmp_path),
     ]
     demo = build_cli(["--config", str(REPO / "recipes/fit/cpu-demo.yaml"), *cpu], run=False)
-    assert demo.model.recipe.name == "merino-tiny" and demo.datamodule.hparams.source == "embedded"
+    assert demo.model.recipe.name == "merino-demo" and demo.datamodule.hparams.source == "embedded"
+    assert demo.model.recipe.architecture.vocab_size == demo.datamodule.tok.get_vocab_size() == 2048
     pile = yaml.safe_load((REPO / "recipes/fit/pile-8xh100.yaml").read_text())
     t, d = pile["trainer"], pile["data"]
     assert t["max_steps"] == 600_000 and t["precision"] == "bf16-mixed" and t["strategy"] == "ddp"

@@ -1,1 +1,1 @@
-"""``merino-pl demo``: train the tiny model on the embedded corpus and generate."""
+"""``merino-pl demo``: train the demo model (recipe merino-demo) on the embedded corpus and generate."""

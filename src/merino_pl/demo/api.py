@@ -2,8 +2,9 @@
 then generates from it (``merino-pl demo`` is ``demo/cli.py``).
 
 It runs the fit stage's entry (``merino_pl.fit.api.fit``) with the packaged
-``recipes/fit/cpu-demo.yaml`` (the tiny recipe, public-domain Shakespeare, fp32 on the CPU, a
-few minutes on 2 cores, no network), prints the recipe through ``merino_pl.info.api``, the loss
+``recipes/fit/cpu-demo.yaml`` (recipe merino-demo: the demo search's 0.8 M-parameter design with
+the shipped 2048-id BPE; public-domain Shakespeare, fp32 on the CPU, a few minutes on 2 cores, no
+network), prints the recipe through ``merino_pl.info.api``, the loss
 as it falls, and a sampled generation (top-k 40, temperature 0.8) from the trained checkpoint.
 `make demo` runs the whole pipeline instead (``merino-pl pipeline``).
 """
