@@ -91,7 +91,10 @@ def _tables(
     block[0] += [proj(d, int(a)) for a in e]
     block[-1] += [proj(int(a), d) + final(int(a)) for a in e]
     dims = space.embed_dims
-    pair = np.array([[proj(a, b) for b in dims] for a in dims])
+    # widths never decrease, so no architecture has E_a -> E_b with E_a > E_b, and a device latency
+    # table holds only the projections one can have (space.projection_shapes): there the b -> a
+    # entry stands in (the same for flops and params, which are symmetric)
+    pair = np.array([[proj(a, b) if a <= b else proj(b, a) for b in dims] for a in dims])
     return CostTables(name, const, block, pair)
 
 
