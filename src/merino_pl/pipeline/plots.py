@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:red"}
 PPL_DATASETS = ("wikitext2", "ptb")  # the paper's Table 3, in its order
 DPI = 130
+CROSS_DOMAIN = "; WikiText-2 is cross-domain for this model: its in-domain figures are in the table below"
 
 
 @dataclass
@@ -47,13 +48,26 @@ class PrecisionRow:
     dataset: str | None = None
     latency_ms: float | None = None  # prefill mean, plain path (the paper's protocol)
     flops_g: float | None = None
+    nats_per_char: float | None = None  # held-out, in-domain (the summary's ``plots/heldout.json``)
 
 
-def precision_rows(reports: list[ModelReports]) -> list[PrecisionRow]:
-    """One row per model of the run."""
+def heldout_nats_per_char(cache: Path) -> dict[str, float]:
+    """Precision label -> held-out in-domain nats / character, from the summary's held-out cache
+    (``merino_pl.eval.intrinsic.demo_section`` writes it; empty when this run did not train)."""
+    import json
+
+    try:
+        figures = json.loads(cache.read_text(encoding="utf-8"))["figures"]
+        return {label: float(f["indomain"]["nats_per_char"]) for label, f in figures.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def precision_rows(reports: list[ModelReports], heldout: dict[str, float] | None = None) -> list[PrecisionRow]:
+    """One row per model of the run (``heldout``: label -> in-domain nats / character)."""
     rows = []
     for m in reports:
-        row = PrecisionRow(m.label)
+        row = PrecisionRow(m.label, nats_per_char=(heldout or {}).get(m.label))
         weights = list(m.model_dir.glob("*.safetensors")) if m.model_dir.is_dir() else []
         row.size_mb = sum(p.stat().st_size for p in weights) / 1e6 if weights else None
         ev = m.eval
@@ -141,10 +155,13 @@ def paper_perplexity_points(dataset: str) -> list[dict[str, Any]]:
     ]
 
 
-def draw_perplexity_vs_latency(rows: list[PrecisionRow], report: LatencyReport | None, out: Path) -> bool:
+def draw_perplexity_vs_latency(
+    rows: list[PrecisionRow], report: LatencyReport | None, out: Path, cross_domain: bool = False
+) -> bool:
     """Our precisions (and the peers timed here by the float model's latency ``report``, with the
     paper's perplexity) beside the paper's points; False when no precision has both a perplexity
-    and a latency."""
+    and a latency. ``cross_domain``: the model was trained on other text (its held-out in-domain
+    figures exist), so its points say so."""
     from merino_pl.latency.plot import draw
 
     ours = [r for r in rows if r.perplexity is not None and r.latency_ms is not None]
@@ -154,7 +171,7 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], report: LatencyReport |
     points = [
         {
             "model": r.model or "ours",
-            "legend": f"{r.model} {r.label} (this run)",
+            "legend": f"{r.model} {r.label} (this run{', cross-domain' if cross_domain else ''})",
             "latency_ms": r.latency_ms,
             "perplexity": r.perplexity,
             "flops_g": r.flops_g,
@@ -195,11 +212,10 @@ def draw_perplexity_vs_latency(rows: list[PrecisionRow], report: LatencyReport |
 def draw_precision_bars(rows: list[PrecisionRow], out: Path) -> None:
     plt = pyplot()
     dataset = next((r.dataset for r in rows if r.dataset), "held-out")
-    panels = [
-        ("size on disk (MB)", "size_mb", "{:.1f}"),
-        (f"{dataset} word perplexity", "perplexity", "{:.1f}"),
-        ("prefill latency (ms)", "latency_ms", "{:.2f}"),
-    ]
+    quality = (f"{dataset} word perplexity", "perplexity", "{:.1f}")
+    if any(r.nats_per_char is not None for r in rows):  # in-domain, tokenizer-independent: the honest figure
+        quality = ("held-out nats / character (in-domain)", "nats_per_char", "{:.3f}")
+    panels = [("size on disk (MB)", "size_mb", "{:.1f}"), quality, ("prefill latency (ms)", "latency_ms", "{:.2f}")]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     labels = [r.label for r in rows]
     for ax, (title, key, fmt) in zip(axes, panels):
@@ -249,14 +265,15 @@ def summary_plots(layout: RunLayout, reports: list[ModelReports]) -> tuple[list[
         lines += ["**Training loss**: not here (this run started from a trained checkpoint).", ""]
     else:
         lines += ["**Training loss**: no `metrics.csv` under `fit/` (the fit config has no CSVLogger).", ""]
-    rows = precision_rows(reports)
+    heldout = heldout_nats_per_char(plots / "heldout.json")
+    rows = precision_rows(reports, heldout)
     acc_png = layout.accuracy_png
     ppl_png = plots / "perplexity-vs-latency.png"
     fp32_latency = next((m.latency for m in reports if m.label == "fp32"), None)
     if accuracy_known(reports) and acc_png.exists():
         ppl_png.unlink(missing_ok=True)
         show(acc_png, "**Accuracy vs latency** (paper Figure 1 layout):")
-    elif draw_perplexity_vs_latency(rows, fp32_latency, ppl_png):
+    elif draw_perplexity_vs_latency(rows, fp32_latency, ppl_png, cross_domain=bool(heldout)):
         note = ""
         if acc_png.exists():  # drawn by the plot stage without a point of ours: a link, not a picture
             note = f"; the [accuracy-vs-latency chart]({acc_png.relative_to(out)}) has no point of this run's model"
@@ -264,11 +281,12 @@ def summary_plots(layout: RunLayout, reports: list[ModelReports]) -> tuple[list[
         show(
             ppl_png,
             f"**Perplexity vs latency** (no zero-shot accuracy in this run's eval reports: offline, "
-            f"the tasks' data is out of reach{note}):",
+            f"the tasks' data is out of reach{note}{CROSS_DOMAIN if heldout else ''}):",
         )
     else:
         lines += ["**Perplexity / accuracy vs latency**: no precision has both an eval and a latency report.", ""]
     if len(rows) > 1 or any(r.perplexity or r.latency_ms for r in rows):
         draw_precision_bars(rows, plots / "precisions.png")
-        show(plots / "precisions.png", "**Per precision**: weight files, perplexity, prefill latency:")
+        what = "held-out nats / character" if heldout else "perplexity"
+        show(plots / "precisions.png", f"**Per precision**: weight files, {what}, prefill latency:")
     return lines, shown

@@ -86,8 +86,9 @@ def write_summary(cfg: PipelineSettings, layout: RunLayout, stages: list[Stage],
         links = ", ".join(f"[{p.relative_to(out)}]({p.relative_to(out)})" for p in s.outputs)
         lines.append(f"| {s.name} | {s.status} | {_fmt(seconds.get(s.name), 1)} | {links} |")
     reports = load_reports(layout)
+    heldout = _heldout(cfg, layout)  # first: the per-precision chart shows its in-domain figure
     plot_lines, shown = summary_plots(layout, reports)
-    lines += ["", *plot_lines, *_heldout(cfg, layout), *_tables(layout, reports), "## Reports and plots", ""]
+    lines += ["", *plot_lines, *heldout, *_tables(layout, reports), "## Reports and plots", ""]
     for p in sorted(out.glob("*/**/*")):
         if p.suffix in (".md", ".png") and p.is_file() and "logs" not in p.parts and p not in shown:
             rel = p.relative_to(out)
