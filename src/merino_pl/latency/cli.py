@@ -227,16 +227,16 @@ def run_kit(args: argparse.Namespace) -> int:
 
     precisions = tuple(x.strip().lower() for x in args.precision.split(",") if x.strip())
     s = KitSettings(
-        args.out,
-        args.source,
-        args.space,
-        precisions,
-        args.batch,
-        args.seq,
-        args.runs,
-        args.warmup,
-        args.decode_tokens,
-        args.overwrite,
+        out=args.out,
+        source=args.source,
+        space=args.space,
+        precisions=precisions,
+        batch=args.batch,
+        seq=args.seq,
+        runs=args.runs,
+        warmup=args.warmup,
+        decode_tokens=args.decode_tokens,
+        overwrite=args.overwrite,
     )
     manifest = build_kit(s)
     print(

@@ -15,31 +15,28 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import atomic_dir, read_json, sha256_file, write_json
+from merino_pl.latency.options import Timing
 
 KIT_FORMAT, RESULTS_FORMAT = "merino-latency-kit/1", "merino-latency-kit-results/1"
 MANIFEST, RUNNER = "manifest.json", "run_kit.py"
 KIT_PRECISIONS = ("fp32", "fp16")  # a GPTQ directory: its own bits
 
 
-@dataclass(frozen=True)
-class KitSettings:
-    """One kit: of a model (``source``) or of a search space (``space``), into ``out``."""
+@dataclass(kw_only=True)
+class KitSettings(Timing):
+    """One kit: of a model (``source``) or of a search space (``space``), into ``out``, its graphs
+    timed on the device as ``Timing`` says (the same fields and checks as a report's ``Options``)."""
 
     out: str
     source: str | None = None  # anything `merino-pl latency` times
     space: str | None = None  # a search-space YAML
     precisions: tuple[str, ...] = ("fp32",)
-    batch: int = 1
-    seq: int = 128
-    runs: int = 16
-    warmup: int = 4
-    decode_tokens: int = 8
     overwrite: bool = False  # replace an existing kit folder at ``out``
 
     def problems(self) -> list[str]:
@@ -53,22 +50,11 @@ class KitSettings:
         bad = [x for x in self.precisions if x not in KIT_PRECISIONS]
         if bad or not self.precisions:
             p.append(f"--precision {','.join(bad) or '(empty)'} is not valid (choose from {','.join(KIT_PRECISIONS)})")
-        for name in ("batch", "seq", "runs", "decode_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            p.append(f"--warmup must be >= 0, got {self.warmup}")
-        return p + check_out(self.out, overwrite=self.overwrite)
+        return p + self.timing_problems() + check_out(self.out, overwrite=self.overwrite)
 
     def protocol(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "seq": self.seq,
-            "runs": self.runs,
-            "warmup": self.warmup,
-            "decode_tokens": self.decode_tokens,
-            "seed": 0,
-        }
+        """What the manifest records (and ``kit_id`` hashes): ``Timing``'s fields and the input seed."""
+        return {**{f.name: getattr(self, f.name) for f in fields(Timing)}, "seed": 0}
 
 
 def build_kit(settings: KitSettings) -> dict[str, Any]:

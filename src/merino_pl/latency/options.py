@@ -20,17 +20,33 @@ EMBEDDINGS = ("fp16", "int8")
 
 
 @dataclass
-class Options:
-    """Everything a report depends on besides the model and the device."""
+class Timing:
+    """How a model (or a kit's graph) is timed: a ``batch`` x ``seq`` prompt, ``runs`` timed after
+    ``warmup`` untimed, ``decode_tokens`` one-token steps per decode run. A report's ``Options``
+    and a device kit's ``kit.KitSettings`` are both made of it."""
 
-    device: str = "cpu"
-    precisions: tuple[str, ...] = ("fp32",)
     batch: int = 1
     seq: int = 128
-    seq_given: bool = True  # False: --seq not named, so a shorter trained context shortens the prompt
     runs: int = 16
     warmup: int = 4
     decode_tokens: int = 8
+
+    def timing_problems(self) -> list[str]:
+        p = [
+            f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+            for name in ("batch", "seq", "runs", "decode_tokens")
+            if getattr(self, name) < 1
+        ]
+        return p + ([f"--warmup must be >= 0, got {self.warmup}"] if self.warmup < 0 else [])
+
+
+@dataclass
+class Options(Timing):
+    """Everything a report depends on besides the model and the device (the timing: ``Timing``)."""
+
+    device: str = "cpu"
+    precisions: tuple[str, ...] = ("fp32",)
+    seq_given: bool = True  # False: --seq not named, so a shorter trained context shortens the prompt
     peers: tuple[str, ...] = ()
     onnx: bool = False  # add the onnxruntime rows (--runtime onnxruntime)
     fast: bool = True
@@ -50,7 +66,8 @@ class Options:
         bad = [x for x in self.precisions if x not in PRECISIONS]
         if bad or not self.precisions:
             p.append(f"--precision {','.join(bad) or '(empty)'} is not valid (choose from {','.join(PRECISIONS)})")
-        for name in ("batch", "seq", "runs", "decode_tokens", "generate_runs", "paper_runs"):
+        p += self.timing_problems()
+        for name in ("generate_runs", "paper_runs"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.generate_tokens < 0:
@@ -65,8 +82,6 @@ class Options:
             p.append(f"--onnx-accuracy-level {self.onnx_accuracy_level} is not valid (0-4)")
         if self.embedding not in EMBEDDINGS:
             p.append(f"--embedding {self.embedding!r} is not valid (choose from {','.join(EMBEDDINGS)})")
-        if self.warmup < 0:
-            p.append(f"--warmup must be >= 0, got {self.warmup}")
         unknown = [x for x in self.peers if x not in PEER_CONFIGS]
         if unknown:
             p.append(f"unknown peer(s) {', '.join(unknown)} (valid: {', '.join(PEER_CONFIGS)})")
