@@ -223,20 +223,15 @@ def add_kit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_kit(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from merino_pl.latency.kit import RUNNER, KitSettings, build_kit
+    from merino_pl.latency.options import Timing
 
     precisions = tuple(x.strip().lower() for x in args.precision.split(",") if x.strip())
+    timing = {f.name: getattr(args, f.name) for f in fields(Timing)}  # --batch, --seq, --runs, ...
     s = KitSettings(
-        out=args.out,
-        source=args.source,
-        space=args.space,
-        precisions=precisions,
-        batch=args.batch,
-        seq=args.seq,
-        runs=args.runs,
-        warmup=args.warmup,
-        decode_tokens=args.decode_tokens,
-        overwrite=args.overwrite,
+        out=args.out, source=args.source, space=args.space, precisions=precisions, overwrite=args.overwrite, **timing
     )
     manifest = build_kit(s)
     print(
