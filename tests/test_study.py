@@ -284,6 +284,22 @@ def _synthetic_regime_study(tmp_path: Path) -> Path:
     return out
 
 
+def test_a_moved_fit_config_is_found_through_the_study_config(tmp_path, monkeypatch):
+    """study.json records the fit config's path; where that file has moved since (recipes/train/ to
+    recipes/fit/), the one the study config names now stands in, but only with the recorded data."""
+    from merino_pl.study.runs import fit_config_of
+
+    monkeypatch.chdir(ROOT)  # the shipped study ran here: its config_file is search/study-cpu.yaml
+    manifest = json.loads((ROOT / "docs/study/cpu/study.json").read_text())
+    manifest["fit_config"] = str(tmp_path / "moved" / "study-cpu.yaml")
+    assert fit_config_of(manifest).resolve() == ROOT / "recipes/fit/study-cpu.yaml"
+    assert fit_config_of({**manifest, "data": {**manifest["data"], "val_fraction": 0.5}}) is None
+    assert fit_config_of({**manifest, "config_file": str(tmp_path / "gone.yaml")}) is None
+    here = tmp_path / "fit.yaml"
+    here.write_text("model: {lr: 1.0e-3}\n")
+    assert fit_config_of({**manifest, "fit_config": str(here)}) == here
+
+
 def test_regime_report_ranks_per_length_and_picks_each_best_lr(tmp_path):
     study = _synthetic_regime_study(tmp_path)
     r = _cli("study", "regime", str(study), "--bootstrap", "200")

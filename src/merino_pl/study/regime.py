@@ -156,11 +156,12 @@ def analyse_regime(study: Path, resamples: int = 2000) -> dict[str, Any]:
 def _base_lr(manifest: dict[str, Any], result: dict[str, Any]) -> float | None:
     """The lr the main study trained at: recorded in the result, else its fit argv, else the fit config."""
     from merino_pl.core.io import read_yaml
-    from merino_pl.study.runs import last_flag
+    from merino_pl.study.runs import fit_config_of, last_flag
 
     lr = result.get("lr") or last_flag(result.get("fit_argv") or [], "--model.lr")
-    if lr is None and Path(manifest["fit_config"]).is_file():
-        lr = ((read_yaml(manifest["fit_config"], "fit config") or {}).get("model") or {}).get("lr")
+    fit_config = fit_config_of(manifest) if lr is None else None
+    if fit_config is not None:
+        lr = ((read_yaml(fit_config, "fit config") or {}).get("model") or {}).get("lr")
     return float(lr) if lr is not None else None
 
 

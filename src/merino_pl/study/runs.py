@@ -124,6 +124,28 @@ def fit_setting(cfg: StudyConfig, section: str, key: str, extra: list[str] | Non
     return given if given is not None else ((read_yaml(cfg.fit_config, "fit config") or {}).get(section) or {}).get(key)
 
 
+def fit_config_of(manifest: dict[str, Any]) -> Path | None:
+    """The fit config a study was trained with: the path its ``study.json`` records, or, where that
+    file has moved since (``recipes/train/`` became ``recipes/fit/``), the one its study config
+    (``config_file``) names now, taken only when its ``data`` section is the one recorded (the
+    check a resume makes). None when neither is found."""
+    from merino_pl.core.io import read_yaml
+
+    recorded = Path(manifest.get("fit_config") or "")
+    if recorded.is_file():
+        return recorded
+    source = Path(manifest.get("config_file") or "")
+    if not source.is_file():
+        return None
+    fit = ((read_yaml(source, "study config") or {}).get("fit") or {}).get("config")
+    path = source.parent / str(fit) if fit else None
+    if path is None or not path.is_file():
+        return None
+    data = (read_yaml(path, "fit config") or {}).get("data") or {}
+    data = data.get("init_args", data) if isinstance(data, dict) else {}
+    return path if data == manifest.get("data") else None
+
+
 def read_fit_data(cfg: StudyConfig) -> dict[str, Any]:
     """The ``data`` section of the study's fit config (what the held-out sets must match)."""
     from merino_pl.core.io import read_yaml
