@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test lint bench clean slurm-deps gptq-env executorch-env
+.PHONY: setup demo test lint bench clean slurm-deps gptq-env executorch-env litgpt-env
 
 setup: $(STAMP)
 
@@ -74,6 +74,22 @@ $(EXECUTORCH_STAMP): pyproject.toml Makefile | $(STAMP)
 	$(EXECUTORCH_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" \
 	  "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')" -e ".[executorch]"
 	touch $(EXECUTORCH_STAMP)
+
+# LitGPT, the peer trainer of bench/time_to_quality.py (its system (c), bench/peers/litgpt_peer.py):
+# the CPU torch and `litgpt` in a venv of its own, since LitGPT 0.5 pins jsonargparse <= 4.41 and
+# huggingface-hub < 1.4, which clash with .venv's; `requests` too, which LitGPT's checkpoint saver
+# imports (through jsonargparse) without declaring it. 1 min, 1.1 GB.
+# Not part of `make test`; bench/time_to_quality.py builds it when its `litgpt` system runs.
+LITGPT_VENV  ?= $(VENV)/litgpt
+LITGPT_STAMP := $(LITGPT_VENV)/.installed
+LITGPT       ?= litgpt==0.5.13
+litgpt-env: $(LITGPT_STAMP)
+
+$(LITGPT_STAMP): Makefile
+	test -x $(LITGPT_VENV)/bin/python || $(PYTHON) -m venv $(LITGPT_VENV)
+	$(LITGPT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LITGPT_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" "$(LITGPT)" requests
+	touch $(LITGPT_STAMP)
 
 # The real-SLURM tests (tests/test_slurm.py) start a local cluster from Debian's slurm-wlm and
 # munge. Installed only when missing, and only as root with apt-get (CI on this machine);
