@@ -297,7 +297,10 @@ def run_litgpt(budget: float, run: Path, out: Path, probe_steps: int) -> dict:
 
 def run_contender(name: str, budget: float, out: Path, probe_steps: int) -> dict:
     run = out / f"{name}-{int(budget)}s"
-    run.mkdir(parents=True, exist_ok=True)
+    if run.exists():  # this bench's own run folder from an earlier run: its checkpoints would be read back
+        print(f"   replacing the earlier run folder {run}", flush=True)
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
     if name == "litgpt":
         return run_litgpt(budget, run, out, probe_steps)
     return run_merino(name, budget, run, probe_steps)
