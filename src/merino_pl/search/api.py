@@ -29,7 +29,7 @@ from merino_pl.search import evidence, exhaustive
 from merino_pl.search.budget import Budget, CostTables, Genes, cost_tables, parse_budget
 from merino_pl.search.entropy import EntropyConfig, arch_entropy
 from merino_pl.search.evolution import EvolutionConfig, Problem, SearchResult, evolve
-from merino_pl.search.exhaustive import optimum
+from merino_pl.search.exhaustive import feasible_designs, optimum
 from merino_pl.search.registry import (
     Proxy,
     budget_kinds,
@@ -62,6 +62,8 @@ __all__ = [
     "budget_kinds",
     "register_budget",
     "optimum",
+    "feasible_designs",
+    "Problem",
 ]
 
 CONFIG_KEYS = ("budgets", "space", "proxy", "seed", "entropy", "evolution", "name")

@@ -315,9 +315,23 @@ def optimum(problem: Problem, max_pairs: int = MAX_PAIRS, max_half_rows: int = M
     return Optimum(codes, float(score[0]), best.count, time.perf_counter() - start, method)
 
 
-def count_feasible(problem: Problem, max_pairs: int = MAX_PAIRS) -> int:
+def count_feasible(problem: Problem, max_pairs: int = MAX_PAIRS, max_half_rows: int = MAX_HALF_ROWS) -> int:
     """How many architectures of the space meet every budget of ``problem`` (0 when none)."""
-    return _solve(_split(problem), max_pairs)[0].count
+    return _solve(_split(problem, max_half_rows), max_pairs)[0].count
+
+
+def feasible_designs(problem: Problem) -> tuple[int | None, int]:
+    """(how many architectures meet every budget, how many the space has) without enumerating
+    the space; the first is None when counting would take more than about a second (a large
+    space, several budgets). A budget below the space's cheapest architecture is a ``MerinoError``
+    naming it (``check_meetable``)."""
+    space = problem.space
+    total = sequences(len(space.embed_dims), len(problem.genes.embed_idx) // len(space.embed_dims), space.num_blocks)
+    check_meetable(problem)
+    try:
+        return count_feasible(problem, CHEAP_PAIRS, CHEAP_HALF_ROWS), total
+    except TooLarge:
+        return None, total
 
 
 def count_better(problem: Problem, score: float, max_pairs: int = MAX_PAIRS) -> int:

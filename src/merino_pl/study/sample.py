@@ -18,7 +18,9 @@ import numpy as np
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.space import SearchSpace
-from merino_pl.search.api import Budget, Genes, cost_tables
+from merino_pl.search.api import Budget, Genes, Problem, cost_tables, feasible_designs
+
+MAX_DRAWS = 50_000_000  # architectures drawn at most for one sample (~8 s of rejection sampling)
 
 
 def width_sequences(space: SearchSpace) -> np.ndarray:
@@ -48,10 +50,37 @@ def draw(space: SearchSpace, widths: np.ndarray, rng: np.random.Generator, batch
     return Genes.encode(space, ei, fi, li)
 
 
+def check_sample(space: SearchSpace, budgets: list[Budget], n: int, max_draws: int = MAX_DRAWS) -> None:
+    """Refuse at once (one ``MerinoError`` naming the budget) a sample the budgets cannot give:
+    a budget below the space's cheapest architecture, fewer than ``n`` feasible architectures,
+    or so few of the space's that rejection sampling would not find ``n`` in ``max_draws`` draws.
+    Counted exactly (``search.api.feasible_designs``, about a second at most); a space too large
+    to count in passing is left to the sampler's own limit."""
+    genes = Genes.of(space)
+    tables = [cost_tables(b.cost, space, genes) for b in budgets]
+    count, total = feasible_designs(Problem(space, genes, np.zeros(len(genes.embed_idx)), tables, budgets))
+    if count is None:
+        return
+    text = ", ".join(b.text for b in budgets)
+    if count < n:
+        raise MerinoError(
+            f"architectures: {n}: the budget {text} admits only {count:,} distinct architectures of {space.source}; "
+            "sample fewer or relax the budget"
+        )
+    draws = total * sum(1 / (count - i) for i in range(n))  # expected draws until n distinct feasible ones
+    if draws > max_draws:
+        raise MerinoError(
+            f"the budget {text} admits {count:,} of the {total:,} architectures of {space.source}: "
+            f"sampling {n} of them would take ~{draws:,.0f} draws (limit {max_draws:,}); relax the budget"
+        )
+
+
 def sample_codes(
-    space: SearchSpace, budgets: list[Budget], n: int, seed: int, batch: int = 65536, max_draws: int = 50_000_000
+    space: SearchSpace, budgets: list[Budget], n: int, seed: int, batch: int = 65536, max_draws: int = MAX_DRAWS
 ) -> np.ndarray:
-    """``n`` distinct feasible architectures as block-code rows, uniform over the feasible set."""
+    """``n`` distinct feasible architectures as block-code rows, uniform over the feasible set
+    (a sample the budgets cannot give is refused at once, ``check_sample``)."""
+    check_sample(space, budgets, n, max_draws)
     genes = Genes.of(space)
     widths = width_sequences(space)
     tables = [cost_tables(b.cost, space, genes) for b in budgets]  # built once, not per batch
