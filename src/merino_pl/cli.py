@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, _, entry = STAGES[name][0].partition(":")
     module = importlib.import_module(module_name)
-    from merino_pl.core.errors import MerinoError, disk_full
+    from merino_pl.core.errors import MerinoError, disk_full, not_permitted
 
     try:
         if entry or hasattr(module, "main"):  # stages that own their argument parsing (LightningCLI)
@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"merino-pl {name}: interrupted\n")
         return 130
-    except Exception as e:  # a full disk under a library's own writer (Lightning, torch.save, onnx)
-        full = disk_full(e)
+    except Exception as e:  # a full disk or a read-only folder under a library's writer (Lightning, torch.save, onnx)
+        full = disk_full(e) or not_permitted(e)
         if full is None:
             raise
         sys.stderr.write(f"merino-pl {name}: error: {full}\n")

@@ -53,19 +53,28 @@ def parse_problems(
 _WRITE_FAILED = ("file write failed", "unexpected pos")
 
 
-def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> MerinoError | None:
+def disk_full(
+    exc: BaseException, path: str | os.PathLike | None = None, near: Sequence[str | os.PathLike] = ()
+) -> MerinoError | None:
     """The one-line error for a write that failed because its file system is full, or None when
-    ``exc`` is something else. Follows the exception chain (libraries wrap the OSError)."""
+    ``exc`` is something else. Follows the exception chain (libraries wrap the OSError).
+
+    ``path``: the file being written, when the caller knows it. A library's write often names no
+    file (a logger's ``OSError`` without ``filename``, torch's "file write failed"): then the first
+    of ``near`` (folders the write may have gone to, e.g. a run's folder) and the working directory
+    whose file system is (almost) full is named, and a library's write failure on a file system
+    with room is not taken for a full disk."""
     seen: BaseException | None = exc
     for _ in range(20):  # a chain, never a cycle, but bounded all the same
         if seen is None:
             return None
         text = str(seen).lower()
-        where = getattr(seen, "filename", None) or path
-        if getattr(seen, "errno", None) == errno.ENOSPC or "no space left on device" in text:
-            break
-        if any(w in text for w in _WRITE_FAILED) and _free_bytes(where or ".") < (64 << 20):
-            break  # a library's write failure on an (almost) full disk
+        named = getattr(seen, "filename", None) or path
+        enospc = getattr(seen, "errno", None) == errno.ENOSPC or "no space left on device" in text
+        if enospc or any(w in text for w in _WRITE_FAILED):
+            where = named if named is not None else _full_one([*near, "."])
+            if enospc or (where is not None and _free_bytes(where) < _LOW):
+                break  # ENOSPC, or a library's write failure on an (almost) full disk
         seen = seen.__cause__ or seen.__context__
     else:
         return None
@@ -73,7 +82,43 @@ def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> Meri
         return MerinoError(
             f"no space left on device ({str(seen).splitlines()[0][:200] if str(seen) else 'a write failed'})"
         )
+    if named is None and os.path.isdir(where):  # a folder the write went to, not the file
+        return MerinoError(f"no space left on {mount_point(where)} writing in {os.path.abspath(where)}")
     return MerinoError(f"no space left on {mount_point(where)} writing {where}")
+
+
+_LOW = 64 << 20  # bytes free below which a file system counts as full (a failed write left the rest)
+
+
+def _full_one(folders: Sequence[str | os.PathLike]) -> Path | None:
+    """The first of ``folders`` (its nearest existing one) on an (almost) full file system, else None."""
+    for folder in folders:
+        p = Path(os.path.abspath(folder))
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        if _free_bytes(p) < _LOW:
+            return p
+    return None
+
+
+def not_permitted(exc: BaseException) -> MerinoError | None:
+    """The one-line error for a file the operating system would not let us create, write or read
+    (a read-only folder, ``chattr +i``, a read-only mount: ``EACCES``, ``EPERM``, ``EROFS``),
+    naming the file; None when ``exc`` (or what it wraps) is something else."""
+    seen: BaseException | None = exc
+    for _ in range(20):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _DENIED and seen.filename is not None:
+            where = seen.filename
+            if Path(str(where)).name.startswith("."):  # a temp file beside the output: name its folder
+                where = os.path.dirname(os.path.abspath(where))
+            return MerinoError(f"no permission for {where} ({seen.strerror or 'not permitted'})")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _free_bytes(path: str | os.PathLike) -> int:

@@ -131,7 +131,10 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
             old = out.parent / _temp_name(out.name, "old")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # --out was a link: the link is replaced, the folder it points to stays
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
     finally:

@@ -14,6 +14,10 @@ A stage adopts it with two lines::
     from merino_pl.core.lock import folder_lock
     with folder_lock(settings.out, "export"):
         ...
+
+``locked_output`` is the same lock plus the clean-up of a failed run: whatever the failure (a
+full disk, bad input found late, Ctrl-C), what this run created is removed again and nothing
+that was there before.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merino_pl.core.errors import MerinoError
+from merino_pl.core.errors import MerinoError, disk_full
 from merino_pl.core.io import _alive  # the one "is this pid running here" check (stale temp files use it too)
 
 
@@ -58,14 +63,70 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[HeldLock]:
     fd, previous = _acquire(path, Path(folder))
     try:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": command}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk: one line naming the lock file
+            raise (disk_full(e, path) or MerinoError(f"{path}: cannot write the lock file ({e.strerror})")) from None
         yield HeldLock(path, fd, previous)
     finally:
         with contextlib.suppress(OSError):
             path.unlink()  # before the flock goes: a waiter that opened this inode re-checks it (_acquire)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_output(folder: str | os.PathLike, command: str, names: Sequence[str] = ()) -> Iterator[HeldLock]:
+    """``folder_lock`` for a stage that writes its files into ``folder``; if the block fails (any
+    exception, Ctrl-C included) it removes what this run created and nothing else:
+
+    * ``folder`` with its contents when it did not exist before (checked under the lock, so it is
+      not another run's), and the empty folders above it this run made;
+    * in a folder that existed, the entries of ``names`` (the stage's own files) that were not
+      there before; a file it replaced, and everything else, stays.
+    """
+    folder = Path(os.path.abspath(folder))
+    above = folder.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent  # the nearest folder that exists now: nothing at or above it is removed
+    ok = False
+    try:
+        with folder_lock(folder, command) as held:
+            existed = folder.exists() or folder.is_symlink()
+            before = {n for n in names if (folder / n).exists() or (folder / n).is_symlink()} if existed else set()
+            try:
+                yield held
+            except BaseException:
+                if not existed:
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    for name in set(names) - before:
+                        _remove(folder / name)
+                raise
+        ok = True
+    finally:
+        if not ok:  # the lock file is gone by now: remove the empty folders it (or the run) made
+            _remove_empty_parents(folder, above)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _remove_empty_parents(folder: Path, stop: Path) -> None:
+    """``rmdir`` the folders from ``folder``'s parent up to, not including, ``stop``, while empty."""
+    p = folder.parent
+    while p != stop and stop in p.parents:
+        try:
+            p.rmdir()
+        except OSError:  # not empty (another run's, or the user's files): leave it and all above
+            return
+        p = p.parent
 
 
 def _acquire(path: Path, folder: Path) -> tuple[int, dict[str, Any]]:

@@ -55,18 +55,24 @@ def _fit_argv(config: Path, root: Path, cfg: dict, max_steps: int | None) -> lis
 def demo(settings: DemoSettings) -> Path:
     """Train (through ``fit.api.fit``), report the loss, generate; returns the last checkpoint.
     Bad settings: one ``MerinoError`` before anything is trained."""
-    from merino_pl.fit.api import fit
-
     config = Path(settings.config) if settings.config else demo_config()
     if not config.is_file():
         raise MerinoError(f"--config {config}: no such file")
     if settings.max_steps is not None and settings.max_steps < 1:
         raise MerinoError(f"--max-steps must be >= 1, got {settings.max_steps}")
     cfg = read_yaml(config, "fit config")
-    print(format_table(summarize(load_recipe(cfg["model"]["recipe"]))), "\n", flush=True)
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("model", "trainer")):
+        raise MerinoError(f"--config {config}: not a fit config (mappings model: and trainer: expected)")
+    recipe = load_recipe(cfg["model"].get("recipe") or "merino-tiny")
     root = Path(settings.out) / time.strftime("%Y%m%d-%H%M%S")
+    from merino_pl.fit.api import fit, validate_argv  # Lightning: once the settings are checked
+
+    argv = _fit_argv(config, root, cfg, settings.max_steps)
+    if problems := validate_argv(argv):  # the whole config, before the table: an error is the only line
+        raise MerinoError("; ".join(problems))
+    print(format_table(summarize(recipe)), "\n", flush=True)
     start = time.perf_counter()
-    fit(_fit_argv(config, root, cfg, settings.max_steps))
+    fit(argv)
     losses = _losses(root)
     if losses:
         (s0, l0), (s1, l1) = losses[0], losses[-1]

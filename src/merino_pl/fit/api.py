@@ -38,9 +38,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from merino_pl.core.config import load_recipe
-from merino_pl.core.errors import MerinoError
+from merino_pl.core.errors import MerinoError, disk_full
 from merino_pl.core.io import read_yaml
 from merino_pl.core.tracking import api_key_available
+from merino_pl.fit.argv import config_files
 from merino_pl.fit.callbacks import AtomicCheckpointIO, SlurmRequeue, SpeedMonitor, silence_known_warnings
 from merino_pl.fit.module import MerinoLightningModule, validate_hparams
 from merino_pl.fit.resume import check_ckpt_path, checkpoint_meta, run_dir
@@ -131,20 +132,29 @@ class MerinoCLI(LightningCLI):
         refuses a checkpoint of another architecture and the module applies the config's
         optimizer settings on resume."""
 
+    run_folders: list[str] = []  # the run's folders once parsed (root, checkpoints): where a full disk is looked for
+
     def before_instantiate_classes(self) -> None:
         cfg = self._fit_config()
         derive_seeds(cfg)
         root = run_dir(cfg)
+        dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
+        MerinoCLI.run_folders = [str(d) for d in (root, dirpath) if d]
         root_logger_dirs(cfg)
         for init_args in wandb_init_args(cfg):
             if not init_args.get("name"):  # per run directory, so per recipe
                 init_args["name"] = root.name
-        problems = check_config(cfg, self.pending)
+        problems, ckpt = check_config(cfg, self.pending), cfg.get("ckpt_path")
+        if problems and ckpt and str(ckpt) not in ("last", "hpc"):  # a wrong checkpoint FILE is named with them
+            try:
+                check_ckpt_path(ckpt, cfg, self.subcommand or "fit")
+            except MerinoError as e:
+                problems.append(str(e))
         if problems:
-            raise MerinoError("bad fit config: " + "; ".join(problems))
+            raise MerinoError("bad fit config: " + "; ".join(dict.fromkeys(problems)))
         # every form of --ckpt_path (file, file://, URL, last, hpc) checked before anything is written
-        resolved = check_ckpt_path(cfg.get("ckpt_path"), cfg, self.subcommand or "fit")
-        if cfg.get("ckpt_path") is not None:
+        resolved = check_ckpt_path(ckpt, cfg, self.subcommand or "fit")
+        if ckpt is not None:
             cfg["ckpt_path"] = resolved
 
     def instantiate_classes(self) -> None:
@@ -364,11 +374,12 @@ def fit(argv: Sequence[str], subcommand: str = "fit") -> None:
     argv = list(argv)
     silence_known_warnings()
     # jsonargparse's YAML errors name "<unicode string>", not the file
-    for path in _config_files(argv):
+    for path in config_files(argv):
         read_yaml(path, "fit --config file")
     # --ckpt_path is checked once the config is parsed, before anything is built or written
     # (MerinoCLI.before_instantiate_classes -> merino_pl.fit.resume.check_ckpt_path)
     STARTUP.hold()  # Lightning's banners wait until the run starts: an error is the only line
+    MerinoCLI.run_folders = []
     try:
         build_cli(argv, subcommand=subcommand)
     except ArgumentError as e:
@@ -377,6 +388,11 @@ def fit(argv: Sequence[str], subcommand: str = "fit") -> None:
     except MerinoError:
         STARTUP.release(emit=False)
         raise
+    except Exception as e:  # a full disk under Lightning's own writers (logs, configs): named where it is
+        full = disk_full(e, near=MerinoCLI.run_folders)
+        if full is None:
+            raise
+        raise full from None
     finally:
         STARTUP.release()
 
@@ -389,7 +405,7 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
     keep = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i and argv[i - 1] == "--ckpt_path"))]
     silence_known_warnings()
     try:
-        for path in _config_files(keep):
+        for path in config_files(keep):
             read_yaml(path, "fit --config file")
         build_cli(keep, run=False, cli_class=type("PipelineCheck", (CheckOnlyCLI,), {"pending": pending}))
     except MerinoError as e:
@@ -397,19 +413,6 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
     except ArgumentError as e:
         return [_one_line(str(e))]
     return []
-
-
-def _config_files(argv: Sequence[str]) -> list[str]:
-    return [v for i, a in enumerate(argv) if (v := _flag_value(argv, i, "--config")) is not None]
-
-
-def _flag_value(argv: Sequence[str], i: int, flag: str) -> str | None:
-    """The value of ``flag`` at ``argv[i]`` (``--flag V`` or ``--flag=V``), else None."""
-    if argv[i] == flag and i + 1 < len(argv):
-        return argv[i + 1]
-    if argv[i].startswith(flag + "="):
-        return argv[i].split("=", 1)[1]
-    return None
 
 
 def _one_line(message: str) -> str:
