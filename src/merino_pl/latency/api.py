@@ -10,8 +10,11 @@ checked as soon as it is read, before any timing. Nothing heavy is imported unti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +73,9 @@ def latency(
     loaded = load_model(settings.source, seed=settings.options.seed)
     opts = fit_to_model(settings.options, loaded, settings.source)
     out = Path(settings.out)
-    with folder_lock(out, f"merino-pl latency {settings.source}"):  # one writer per --out
+    # one writer per --out (the lock, in out's parent); a failure removes the folders this run made
+    lock = folder_lock(out, f"merino-pl latency {settings.source}")
+    with new_folders_undone(out.parent), lock, new_folders_undone(out, contents=True):
         out.mkdir(parents=True, exist_ok=True)
         builder = ReportBuilder(loaded, opts, out, peer_factory or peers.build_peer)
         builder.warnings += _warnings(opts)
@@ -82,6 +87,29 @@ def latency(
         report.write(out)
     log_report(settings.wandb, out / "latency.json", settings.source, "latency")
     return report
+
+
+@contextlib.contextmanager
+def new_folders_undone(folder: str | Path, contents: bool = False) -> Iterator[None]:
+    """When the ``with`` block fails (a full disk, an interruption), the folders it created for
+    ``folder`` are removed again, so a failed run leaves no empty ``--out`` behind: ``folder``
+    itself with what this run wrote into it (``contents``: only where nothing else can write into
+    it meanwhile, e.g. under the folder's lock), then each parent this run created, while empty.
+    A folder that existed before is never touched."""
+    created, path = [], Path(os.path.abspath(folder))
+    while not path.exists():
+        created.append(path)  # deepest first
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        for i, d in enumerate(created):
+            if i == 0 and contents:
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only while empty
+        raise
 
 
 def fit_to_model(opts: Options, loaded: LoadedModel, source: str) -> Options:
@@ -97,7 +125,9 @@ def fit_to_model(opts: Options, loaded: LoadedModel, source: str) -> Options:
     what = f"trained context of {limit} tokens ({positions} positions)" if trained else f"{limit} positions"
     if not opts.seq_given and opts.seq + opts.decode_tokens > limit > opts.decode_tokens:
         shorter = limit - opts.decode_tokens  # the paper's 128-token prompt does not fit with the decode steps
-        note = f"prompt: {shorter} tokens, not the paper's {opts.seq} ({name}'s {what}, {opts.decode_tokens} decode steps)"
+        note = (
+            f"prompt: {shorter} tokens, not the paper's {opts.seq} ({name}'s {what}, {opts.decode_tokens} decode steps)"
+        )
         opts = dataclasses.replace(opts, seq=shorter, notes=[*opts.notes, note])
     if opts.seq + opts.decode_tokens > limit:
         problems.append(f"--seq {opts.seq} + --decode-tokens {opts.decode_tokens} exceeds {name}'s {what}")
@@ -176,6 +206,7 @@ def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release
         torch=torch.__version__,
         transformers=transformers.__version__,
         onnxruntime=_onnxruntime_version() if opts.onnx else None,
+        executorch=_version("executorch") if "executorch" in opts.runtimes else None,
         precisions=list(opts.precisions),
         protocol=opts.protocol(),
         rows=rows,
@@ -187,6 +218,12 @@ def assemble(loaded: LoadedModel, opts: Options, b: ReportBuilder, tegra_release
         skipped=b.skipped,
         warnings=b.warnings + opts.notes + ratios.spread_warnings(rows) + mismatches,
     )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def _onnxruntime_version() -> str:
@@ -273,6 +310,7 @@ def profile(settings: ProfileSettings) -> LatencyTable:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     s = settings
-    table = profile_space(space, s.device, s.precision, s.batch, s.seq, s.runs, s.warmup)
-    table.save(s.out)
+    with new_folders_undone(Path(s.out).parent):  # the table is written atomically: no partial file
+        table = profile_space(space, s.device, s.precision, s.batch, s.seq, s.runs, s.warmup)
+        table.save(s.out)
     return table

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seq",
         type=int,
         default=None,
-        help="prompt length (default: the paper's 128, shortened to fit a shorter trained context with the decode steps)",
+        help="prompt length (default: the paper's 128, shortened to fit a shorter trained context with the "
+        "decode steps)",
     )
     p.add_argument("--runs", type=int, default=16, help="timed runs; the paper reports their mean (default: 16)")
     p.add_argument("--warmup", type=int, default=4, help="untimed runs first (default: 4)")
@@ -60,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime",
         default="torch",
-        help="comma-separated, of torch,onnxruntime: onnxruntime adds its rows (float graphs; "
-        "GPTQ / int rows as MatMulNBits) beside torch's, which every ratio and check refers to (default: torch)",
+        help="comma-separated, of torch,onnxruntime,executorch: onnxruntime adds its rows (float graphs; "
+        "GPTQ / int rows as MatMulNBits), executorch its .pte rows (fp32; int4 as 8da4w; needs `make "
+        "executorch-env`) beside torch's, which every ratio and check refers to (default: torch)",
     )
     p.add_argument(
         "--protocol",

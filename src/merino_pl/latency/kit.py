@@ -172,11 +172,14 @@ def device_of(results: dict[str, Any]) -> dict[str, Any]:
 def import_results(results: str | Path, kit: str | Path, out: str | Path) -> Path:
     """``merino-pl latency import``: a space kit's results as the latency table ``out`` (what
     ``search --latency-table`` reads), a model kit's as a latency report in the folder ``out``."""
+    from merino_pl.latency.api import new_folders_undone
+
     data, manifest = read_results(results, kit)
     timed = {g["file"]: g for g in data["graphs"]}
-    if manifest["kind"] == "space":
-        return _table(data, manifest, timed, Path(out))
-    return _report(data, manifest, timed, Path(out))
+    with new_folders_undone(Path(out).parent), new_folders_undone(out, contents=True):  # a failed write: gone
+        if manifest["kind"] == "space":
+            return _table(data, manifest, timed, Path(out))
+        return _report(data, manifest, timed, Path(out))
 
 
 def _table(data: dict[str, Any], manifest: dict[str, Any], timed: dict[str, Any], out: Path) -> Path:

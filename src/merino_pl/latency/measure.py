@@ -29,7 +29,7 @@ from merino_pl.core.checkpoint import LoadedModel
 from merino_pl.core.costs import count_flops
 from merino_pl.core.quant.format import FLOAT_DTYPES
 from merino_pl.latency.fast import fuse_qkv
-from merino_pl.latency.options import INT_BITS, Options
+from merino_pl.latency.options import INT_BITS, PTE_KINDS, Options
 from merino_pl.latency.peers import PAPER, paper_forward
 from merino_pl.latency.runners import OrtRunner, TorchRunner
 from merino_pl.latency.timing import (
@@ -69,7 +69,7 @@ def _row(
         "role": role,
         "precision": precision,
         "path": path,
-        "runtime": "onnxruntime" if path == "onnxruntime" else "torch",
+        "runtime": path if path in ("onnxruntime", "executorch") else "torch",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_g": flops,
         "weights_bytes": serialized_bytes(model, tmp) if weights_bytes is None else weights_bytes,
@@ -145,6 +145,8 @@ class ReportBuilder:
         full = len(floats) * (1 + int(o.fast) + int(o.onnx) + len(o.peers) * (1 + int(o.fast))) + len(ints) * (
             1 + int(o.fast) + int(o.onnx)
         )
+        if "executorch" in o.runtimes:
+            full += sum(p in PTE_KINDS for p in o.precisions)
         paper = len(floats) * (1 + len(o.peers))
         return full * ("full" in o.protocols) + paper * ("paper" in o.protocols)
 
@@ -204,6 +206,7 @@ class ReportBuilder:
                 f"{name} {precision} onnxruntime",
                 lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(self.loaded.model).to(dtype)),
             )
+        self._executorch(precision, ref)
         del model
         for peer in o.peers:
             self._peer(peer, dtype, precision)
@@ -239,8 +242,20 @@ class ReportBuilder:
                 f"{name} {precision} onnxruntime",
                 lambda model=model: self._onnx(model, precision, ref, copy.deepcopy(model)),
             )
+        self._executorch(precision, ref)
         if o.peers:
             self.skipped.append({"row": f"peers {precision}", "reason": "int rows are ours only (peers stay float)"})
+
+    def _executorch(self, precision: str, ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """With ``--runtime executorch``: the ExecuTorch row of this precision (``pte_rows``)."""
+        if "executorch" not in self.opts.runtimes:
+            return
+        from merino_pl.latency.pte_rows import executorch_row, skip_reason
+
+        if precision not in PTE_KINDS:  # no row counted: only skipped
+            self.skipped.append({"row": f"executorch {precision}", "reason": skip_reason(self, precision) or ""})
+            return
+        self._add(f"{self.loaded.recipe.name} {precision} executorch", lambda: executorch_row(self, precision, ref))
 
     def _peer(self, peer: str, dtype: torch.dtype, precision: str) -> None:
         """The peer's plain rows, and with ``fast`` its generation-time prefill (last-position

@@ -15,7 +15,9 @@ from merino_pl.latency.peers import PEER_CONFIGS
 
 INT_BITS = {"int8": 8, "int4": 4}
 PROTOCOLS = ("full", "paper")
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "executorch")
+# the ExecuTorch rows: program kind per precision (fp32 as it is; int4 as ExecuTorch quantizes: 8da4w)
+PTE_KINDS = {"fp32": "fp32", "int4": "8da4w"}
 EMBEDDINGS = ("fp16", "int8")
 
 
@@ -52,7 +54,8 @@ class Options(Timing):
     fast: bool = True
     seed: int = 0
     protocols: tuple[str, ...] = ("full",)
-    runtimes: tuple[str, ...] = ("torch",)  # "onnxruntime" here and ``onnx`` both add the onnxruntime rows
+    runtimes: tuple[str, ...] = ("torch",)  # "onnxruntime" here and ``onnx`` both add the onnxruntime rows;
+    # "executorch": the ExecuTorch rows (fp32 -> fp32 program, int4 -> 8da4w program: PTE_KINDS)
     generate_tokens: int = 128  # new tokens of the generation rows (0: none)
     generate_runs: int = 2
     embedding: str = "fp16"  # int rows made from a float model: its tied table fp16 or int8 (quantize --embedding)
@@ -78,6 +81,8 @@ class Options(Timing):
         bad = [x for x in self.runtimes if x not in RUNTIMES]
         if bad or not self.runtimes:
             p.append(f"--runtime {','.join(bad) or '(empty)'} is not valid (choose from {','.join(RUNTIMES)})")
+        if "executorch" in self.runtimes:
+            p += executorch_problems(self.device, self.batch)
         if self.onnx_accuracy_level not in (0, 1, 2, 3, 4):
             p.append(f"--onnx-accuracy-level {self.onnx_accuracy_level} is not valid (0-4)")
         if self.embedding not in EMBEDDINGS:
@@ -108,6 +113,26 @@ class Options(Timing):
             "inputs": f"random token ids (seed {self.seed})",
             "decode": f"{self.decode_tokens} one-token steps on a {self.seq}-token KV cache, per token",
         }
+
+
+def executorch_problems(device: str, batch: int) -> list[str]:
+    """What keeps ``--runtime executorch`` from running here: the package (its own environment),
+    a CUDA device (ExecuTorch's XNNPACK delegate runs on the CPU), a batch (the program holds one
+    sequence's cache)."""
+    import importlib.util
+
+    p = []
+    missing = [m for m in ("executorch", "torchao") if importlib.util.find_spec(m) is None]
+    if missing:
+        p.append(
+            f"--runtime executorch: {' and '.join(missing)} not installed in this interpreter: `make executorch-env` "
+            'builds .venv/executorch (then run .venv/executorch/bin/merino-pl), or pip install "merino-pl[executorch]"'
+        )
+    if device != "cpu":
+        p.append(f"--runtime executorch runs on the CPU (XNNPACK), not --device {device}: time it with --device cpu")
+    if batch != 1:
+        p.append(f"--runtime executorch times batch 1 (the program holds one sequence's KV cache), not --batch {batch}")
+    return p
 
 
 def device_problems(device: str) -> list[str]:

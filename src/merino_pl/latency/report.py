@@ -50,6 +50,7 @@ class LatencyReport(FileReport):
     torch: str
     transformers: str
     onnxruntime: str | None
+    executorch: str | None = None  # the ExecuTorch version, with --runtime executorch (its rows: runtime "executorch")
     precisions: list[str]
     protocol: dict[str, Any]  # options.Options.protocol
     rows: list[dict[str, Any]]  # the full protocol: one per model / precision / path
@@ -69,7 +70,7 @@ class LatencyReport(FileReport):
         """The report of a ``to_json`` object; another format, a newer version or a missing key
         is a ``MerinoError``."""
         check_version(data, "latency report", source, FORMAT_VERSION, FORMAT)
-        return from_fields(cls, data, "latency report", source, optional=("format_version", "created"))
+        return from_fields(cls, data, "latency report", source, optional=("format_version", "created", "executorch"))
 
     def markdown(self) -> str:
         return render_markdown(self)
@@ -93,6 +94,11 @@ def _spread(s: dict[str, float]) -> str:
 def _x(r: dict[str, float], key: str) -> str:
     median = r.get(f"{key}_median")
     return f"{r[key]:.2f}" + (f" / {median:.2f}" if median is not None else "")
+
+
+def _path(row: dict[str, Any]) -> str:
+    """The path, and an ExecuTorch row's program kind (its int4 is 8da4w, not the GPTQ format)."""
+    return row["path"] + (f" ({row['scheme']})" if row.get("scheme") else "")
 
 
 def _gpu(gpu: dict[str, Any] | None) -> str:
@@ -119,7 +125,8 @@ def _header(r: dict[str, Any]) -> list[str]:
         f"GPU {_gpu(d['gpu'])}; "
         f"Jetson {('L4T ' + d['jetson']['l4t']) if d['jetson'] else '–'}",
         f"- torch {r['torch']}, transformers {r['transformers']}"
-        + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else ""),
+        + (f", onnxruntime {r['onnxruntime']}" if r.get("onnxruntime") else "")
+        + (f", executorch {r['executorch']}" if r.get("executorch") else ""),
         f"- protocol: batch {p['batch']}, sequence {p['seq_len']}, {p['warmup']} warm-up + {p['runs']} runs; "
         f"{p['decode']}; {p['timing']}",
         f"- protocols: {', '.join(p.get('protocols', ['full']))}"
@@ -144,7 +151,7 @@ def _rows(r: dict[str, Any]) -> list[str]:
         if row.get("workspace_bytes"):
             resident += f" (+{_mb(row['workspace_bytes'])} scratch)"
         lines.append(
-            f"| {row['model']} | {row['precision']} | {row['path']} | {row['params'] / 1e6:.1f} | "
+            f"| {row['model']} | {row['precision']} | {_path(row)} | {row['params'] / 1e6:.1f} | "
             f"{_mb(row['weights_bytes'])} | {resident} | "
             f"{_stats(row['prefill_ms'])} | {_spread(row['prefill_ms'])} | {_stats(row['decode_ms_per_token'])} | "
             f"{_spread(row['decode_ms_per_token'])} | {_mb(row['peak_memory_bytes'])} |"
@@ -167,7 +174,8 @@ def _generation(r: dict[str, Any]) -> list[str]:
         "| precision | runtime | tokens/s | seconds (mean) |",
         "|---|---|---:|---:|",
     ] + [
-        f"| {g['precision']} | {g['runtime']} | {g['tokens_per_s']:.2f} | {g['seconds_mean']:.2f} |"
+        f"| {g['precision']} | {g['runtime']}{' (' + g['scheme'] + ')' if g.get('scheme') else ''} | "
+        f"{g['tokens_per_s']:.2f} | {g['seconds_mean']:.2f} |"
         for g in r["generation"]
     ]
 

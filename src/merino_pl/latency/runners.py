@@ -2,8 +2,10 @@
 
 ``TorchRunner`` runs any transformers causal LM (ours or a peer); ``OrtRunner`` runs the graph
 ``export.onnx`` wrote, through the export stage's ``DecoderSession`` (the same feeds and cache
-``merino-pl generate --runtime onnxruntime`` uses). Both draw the same random token ids from the
-same seed, so their rows time the same inputs and their logits can be compared.
+``merino-pl generate --runtime onnxruntime`` uses); ``ExecuTorchRunner`` runs a ``.pte`` program
+``export.executorch`` wrote, through its ``PteRunner`` (what ``generate --runtime executorch``
+decodes with). All draw the same random token ids from the same seed, so their rows time the same
+inputs and their logits can be compared.
 """
 
 from __future__ import annotations
@@ -133,3 +135,42 @@ class OrtRunner:
             tok = logits[:, -1:].argmax(-1)
             new.append(tok)
         return new
+
+
+class ExecuTorchRunner:
+    """A ``.pte`` program (``export.executorch.export_pte``) on ExecuTorch's runtime, batch 1, with
+    ``TorchRunner``'s inputs (same seed). The program's KV cache is slots addressed by position:
+    every decode run starts again at position ``seq``, overwriting the same slots, so each run sees
+    the same ``seq``-token cache (no cropping needed). ``threads``: XNNPACK's thread pool (None:
+    torch's, so its rows compare with torch's)."""
+
+    def __init__(
+        self, path: str | Path, vocab: int, seq: int, decode_tokens: int, seed: int = 0, threads: int | None = None
+    ) -> None:
+        from merino_pl.export.executorch import PteRunner, set_threads
+
+        set_threads(threads or torch.get_num_threads())
+        self.program = PteRunner(path)
+        self.seq, self.decode_tokens = seq, decode_tokens
+        ids, next_ids = random_ids(vocab, 1, seq, decode_tokens, seed)
+        self.ids, self.next_ids = ids[0], next_ids[0].tolist()
+
+    def prefill(self) -> torch.Tensor:
+        return self.program.logits(self.ids)[None]  # (1, seq, vocab): every position's, as OrtRunner's
+
+    def start_decode(self) -> None:
+        self.program.prefill(self.ids)
+
+    def decode_run(self) -> torch.Tensor:
+        self.program.pos = self.seq  # back to the prompt's cache: the slots after it are written again
+        for token in self.next_ids:
+            logits = self.program.step(token)
+        return logits[None, None]  # (1, 1, vocab)
+
+    def end_decode(self) -> None:
+        pass
+
+    def generate(self, new_tokens: int) -> list[int]:
+        """Greedy generation after the prompt, as ``TorchRunner.generate`` (the program's prefill
+        computes every position's logits: the exported graph has no logits_to_keep)."""
+        return self.program.generate(self.ids, new_tokens)
