@@ -23,6 +23,15 @@ In one process (so every ratio compares rows of the same run):
    it is measured ``--repeats`` times, each on freshly built models, and every repeat printed
    with their median.
 
+``--deploy`` (run it with ``.venv/executorch/bin/python``: one interpreter with torch, onnxruntime
+and executorch): instead, **the deployment runtimes side by side** for MeRino-52M (``--model``):
+torch fp32, onnxruntime INT4 (the quantize stage's RTN at group 128 in its GPTQ format, int8
+embedding / head, exported as the packed ``MatMulNBits`` graph) and ExecuTorch 8da4w (and, for
+reference, onnxruntime and ExecuTorch fp32), all rows of one ``merino-pl latency`` report (same
+protocol, same inputs): file size, prefill, per-token decode, generation tokens/s, each as a
+speed-up over torch fp32. Writes runs/bench/latency-deploy.json and the report under
+runs/bench/latency-deploy/.
+
 Peers have random weights built from their published configs (latency does not depend on the
 values). Prints the acceptance table; writes runs/bench/latency.json and each report under
 runs/bench/latency/. Timings on a shared machine are noisy: compare the ratios of one run, and
@@ -69,8 +78,15 @@ def main() -> int:
     ap.add_argument("--skip-pairs", action="store_true", help="only the quantized MeRino-64M part")
     ap.add_argument("--rounds", type=int, default=16, help="rounds of the interleaved torch prefill timing")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timings, each on freshly built models")
-    ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "latency.json"))
+    ap.add_argument("--deploy", action="store_true", help="only torch fp32 vs onnxruntime INT4 vs ExecuTorch 8da4w")
+    ap.add_argument("--model", default="merino-52m", help="--deploy: the recipe timed (default: merino-52m)")
+    ap.add_argument(
+        "--out", default=None, help="JSON (default: runs/bench/latency.json, --deploy: latency-deploy.json)"
+    )
     args = ap.parse_args()
+    args.out = args.out or str(REPO / "runs" / "bench" / ("latency-deploy.json" if args.deploy else "latency.json"))
+    if args.deploy:
+        return deploy(args)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs, warmup, decode, gen = (2, 1, 2, 16) if args.quick else (args.runs, args.warmup, 4, args.generate_tokens)
@@ -124,6 +140,117 @@ def main() -> int:
             **summary,
             "reports": [str(out_dir / f"{p['ours']}-vs-{p['peer']}" / "latency.json") for p in pairs]
             + [str(out_dir / "merino-64m-quantized" / "latency.json")],
+        },
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+# (label, precision, path) of the deployment table; the ratios are over torch fp32 plain (every
+# position's logits, as the onnxruntime and ExecuTorch graphs compute them) and its generation
+DEPLOY_ROWS = (
+    ("torch fp32", "fp32", "plain"),
+    ("torch fp32, fast path", "fp32", "fast"),
+    ("onnxruntime INT4 (MatMulNBits)", "int4", "onnxruntime"),
+    ("ExecuTorch 8da4w", "int4", "executorch"),
+    ("onnxruntime fp32", "fp32", "onnxruntime"),
+    ("ExecuTorch fp32", "fp32", "executorch"),
+)
+
+
+def deploy(args: argparse.Namespace) -> int:
+    """One latency report with the torch, onnxruntime and ExecuTorch rows of fp32 and int4; the
+    deployment table of its rows."""
+    from merino_pl.latency.options import executorch_problems
+
+    if problems := executorch_problems("cpu", 1):
+        print("; ".join(problems) + " (run this bench with .venv/executorch/bin/python)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    runs, warmup, decode, gen = (2, 1, 2, 16) if args.quick else (args.runs, args.warmup, 4, args.generate_tokens)
+    opts = Options(
+        precisions=("fp32", "int4"),
+        runs=runs,
+        warmup=warmup,
+        decode_tokens=decode,
+        onnx=True,
+        runtimes=("torch", "onnxruntime", "executorch"),
+        embedding="int8",
+        generate_tokens=gen,
+        generate_runs=1,
+    )
+    t0 = time.time()
+    out_dir = Path(args.out).with_suffix("")
+    rep = latency(LatencySettings(args.model, str(out_dir), opts, threads=args.threads)).to_json()
+    rows = {(r["precision"], r["path"]): r for r in rep["rows"]}
+    gen_rows = {(g["precision"], g["runtime"]): g["tokens_per_s"] for g in rep["generation"]}
+    base = rows[("fp32", "plain")]
+    base_gen = gen_rows.get(("fp32", "torch"))
+    table = []
+    for label, precision, path in DEPLOY_ROWS:
+        r = rows.get((precision, path))
+        if r is None:
+            continue
+        runtime = "torch" if path in ("plain", "fast") else path
+        tps = gen_rows.get((precision, runtime)) if path != "plain" else None
+        ms = {k: r[k] for k in ("prefill_ms", "decode_ms_per_token")}
+        table.append(
+            {
+                "row": label,
+                "precision": precision,
+                "path": path,
+                "file_bytes": r["weights_bytes"],
+                "prefill_ms": {s: ms["prefill_ms"][s] for s in ("mean", "median", "cv")},
+                "decode_ms_per_token": {s: ms["decode_ms_per_token"][s] for s in ("mean", "median", "cv")},
+                "generation_tokens_per_s": tps,
+                "prefill_speedup": base["prefill_ms"]["mean"] / ms["prefill_ms"]["mean"],
+                "prefill_speedup_median": base["prefill_ms"]["median"] / ms["prefill_ms"]["median"],
+                "decode_speedup": base["decode_ms_per_token"]["mean"] / ms["decode_ms_per_token"]["mean"],
+                "decode_speedup_median": base["decode_ms_per_token"]["median"] / ms["decode_ms_per_token"]["median"],
+                "generation_speedup": tps / base_gen if tps and base_gen else None,
+                "file_over_fp32": r["weights_bytes"] / base["weights_bytes"],
+            }
+        )
+    print(
+        f"\n{args.model} on {rep['device']['summary']}: batch 1, "
+        f"prompt {rep['protocol']['seq_len']}, mean / median of {runs} runs after {warmup} warm-up, "
+        f"decode {decode} steps, generation {gen} new tokens "
+        f"({time.time() - t0:.0f} s)\n"
+    )
+    print(
+        "| runtime | file MiB (/ fp32) | prefill ms mean / median | decode ms/token mean / median "
+        "| generation tokens/s | prefill x torch fp32 (mean / median) | decode x | generation x |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in table:
+        p, d, g = t["prefill_ms"], t["decode_ms_per_token"], t["generation_tokens_per_s"]
+        gx = t["generation_speedup"]
+        print(
+            f"| {t['row']} | {t['file_bytes'] / 2**20:.1f} ({t['file_over_fp32']:.2f}) | {p['mean']:.2f} / "
+            f"{p['median']:.2f} | {d['mean']:.2f} / {d['median']:.2f} | {'-' if g is None else f'{g:.1f}'} | "
+            f"{t['prefill_speedup']:.2f} / {t['prefill_speedup_median']:.2f} | "
+            f"{t['decode_speedup']:.2f} / {t['decode_speedup_median']:.2f} | {'-' if gx is None else f'{gx:.2f}'} |"
+        )
+    pte = {p: rows[(p, "executorch")]["weights_bytes"] for p in ("fp32", "int4") if (p, "executorch") in rows}
+    pte_ratio = pte["int4"] / pte["fp32"] if len(pte) == 2 else None
+    if pte_ratio is not None:
+        print(f"\nExecuTorch 8da4w .pte / fp32 .pte: {pte_ratio:.3f} (issue 24: <= 0.35)")
+    for line in [c for c in rep["checks"] if not c["match"]]:
+        print(f"output check failed: {line['compared']} ({line['precision']})")
+    for w in rep["warnings"]:
+        print(f"warning: {w}")
+    write_json(
+        args.out,
+        {
+            "model": args.model,
+            "device": rep["device"],
+            "threads": args.threads,
+            "runs": runs,
+            "warmup": warmup,
+            "rows": table,
+            "pte_8da4w_over_fp32": pte_ratio,
+            "checks_ok": all(c["match"] for c in rep["checks"]),
+            "report": str(out_dir / "latency.json"),
         },
     )
     print(f"wrote {args.out}")
