@@ -15,8 +15,9 @@ tokenized with the model's own tokenizer, cut into ``--windows`` windows of ``--
 Per scheme: agreement of the 8da4w argmax with the fp32 program's at every position, each one's
 accuracy on the true next token, and the size ratio. The fp32 program is also checked against
 eager torch (its argmax must be the same). ``--schemes`` also tries other 8da4w variants
-(``export.executorch.Scheme``): ``head8`` (the LM head at 8 bit), ``emb8`` (tables at 8 bit),
-``head8emb8``, ``g64`` / ``g128`` (coarser groups), ``fp32head`` (the LM head left fp32).
+(``export.executorch.Scheme``; ``default`` is what the export writes: the LM head at 8 bit):
+``all4`` (the head and the tables at 4 bit too), ``head8``, ``emb8`` (the tables at 8 bit, the
+head at 4), ``head8emb8``, ``fp32head`` (the LM head left fp32), ``g64`` / ``g128`` (coarser groups).
 Prints a table; writes runs/bench/executorch_agreement.json.
 """
 
@@ -41,11 +42,12 @@ from merino_pl.eval.intrinsic import heldout_texts, token_stream  # noqa: E402
 from merino_pl.export.executorch import PteRunner, Scheme, export_pte  # noqa: E402
 
 SCHEMES = {
-    "default": Scheme(),
-    "head8": Scheme(head_bits=8),
-    "emb8": Scheme(embedding_bits=8),
+    "default": Scheme(),  # what `export --executorch 8da4w` writes
+    "all4": Scheme(head_bits=4, embedding_bits=4),
+    "head8": Scheme(head_bits=8, embedding_bits=4),
+    "emb8": Scheme(head_bits=4, embedding_bits=8),
     "head8emb8": Scheme(head_bits=8, embedding_bits=8),
-    "fp32head": Scheme(head_bits=0),
+    "fp32head": Scheme(head_bits=0, embedding_bits=4),
     "g64": Scheme(group=64),
     "g128": Scheme(group=128),
 }
