@@ -147,3 +147,28 @@ def test_model_kit_imports_as_a_latency_report_and_refuses_mixed_up_results(
     graph.write_bytes(graph.read_bytes() + b"\0")
     done = run_on_device(kit, device_path, "--out", str(tmp_path / "again.json"))
     assert done.returncode == 2 and "SHA-256" in done.stderr
+
+
+def test_import_of_bad_results_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Not JSON, not kit results, no kit at the path, another kit's results: one line each, exit
+    2, no --out folder left behind."""
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    manifest = {"format": "merino-latency-kit/1", "kind": "space", "kit_id": "a" * 64, "graphs": []}
+    (kit / "manifest.json").write_text(json.dumps(manifest))
+    files = {
+        "garbled.json": "{not json",
+        "other.json": json.dumps({"format": "merino-eval/1"}),
+        "another-kit.json": json.dumps({"format": "merino-latency-kit-results/1", "kit_id": "b" * 64, "graphs": []}),
+    }
+    expected = {"garbled.json": "malformed JSON", "other.json": "not latency kit results"}
+    expected |= {"another-kit.json": "results of another kit", "nokit": "manifest not found"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [(name, kit) for name in files] + [("another-kit.json", tmp_path / "nokit")]
+    for (name, where), key in zip(cases, expected.values()):
+        out = tmp_path / "new" / "table.json"
+        assert cli(["latency", "import", str(tmp_path / name), "--kit", str(where), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], (name, err)
+        assert not (tmp_path / "new").exists()
