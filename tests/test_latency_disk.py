@@ -17,11 +17,13 @@ FLAGS = ["--seq", "8", "--runs", "1", "--warmup", "0", "--decode-tokens", "1", "
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path):
-    """A tmpfs of one page: the lock file fits, the report does not."""
+def tiny_fs(tmp_path: Path, request: pytest.FixtureRequest):
+    """A tmpfs of one page (or ``size`` of the test's parameter): the lock file fits, the report does not."""
     mnt = tmp_path / "full"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    size = getattr(request, "param", "4k")
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]
+    r = subprocess.run(mount, capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -65,3 +67,16 @@ def test_a_full_disk_leaves_no_folder_of_a_profile_table(
     argv = ["latency", "profile", "--space", str(space), "--seq", "8", "--runs", "1", "--warmup", "0"]
     _fails_with_one_line([*argv, "--out", str(tiny_fs / "new" / "table.json")], capsys)
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("tiny_fs", ["64k"], indirect=True)
+def test_a_full_disk_removes_only_the_new_files_of_an_out_that_existed(
+    tiny_fs: Path, recipe: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """In an --out that existed, the run's own new files go (here the ONNX graph, 200 KB, that
+    did not fit), the user's stay."""
+    out = tiny_fs / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _fails_with_one_line(["latency", str(recipe), *FLAGS, "--onnx", "--out", str(out)], capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

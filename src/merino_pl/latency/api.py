@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
-from merino_pl.latency.options import INT_BITS, Options, device_problems
+from merino_pl.latency.options import INT_BITS, PTE_KINDS, Options, device_problems
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ def latency(
     import torch
 
     from merino_pl.core.checkpoint import load_model
-    from merino_pl.core.lock import folder_lock
+    from merino_pl.core.lock import locked_output
     from merino_pl.core.tracking import log_report
     from merino_pl.latency import device, peers
     from merino_pl.latency.measure import ReportBuilder
@@ -73,9 +73,8 @@ def latency(
     loaded = load_model(settings.source, seed=settings.options.seed)
     opts = fit_to_model(settings.options, loaded, settings.source)
     out = Path(settings.out)
-    # one writer per --out (the lock, in out's parent); a failure removes the folders this run made
-    lock = folder_lock(out, f"merino-pl latency {settings.source}")
-    with new_folders_undone(out.parent), lock, new_folders_undone(out, contents=True):
+    # one writer per --out; a failure removes what this run created: an --out it made, else its new files
+    with locked_output(out, f"merino-pl latency {settings.source}", output_names(opts)):
         out.mkdir(parents=True, exist_ok=True)
         builder = ReportBuilder(loaded, opts, out, peer_factory or peers.build_peer)
         builder.warnings += _warnings(opts)
@@ -89,13 +88,23 @@ def latency(
     return report
 
 
+def output_names(opts: Options) -> list[str]:
+    """The files a report run writes into ``--out``: the report, the graphs and the programs."""
+    from merino_pl.latency.measure import GRAPH_NAME
+    from merino_pl.latency.pte_rows import PTE_NAME
+    from merino_pl.latency.report import JSON_NAME, MARKDOWN_NAME
+
+    graphs = [GRAPH_NAME.format(precision=p) for p in opts.precisions]
+    return [JSON_NAME, MARKDOWN_NAME, *graphs, *(PTE_NAME.format(kind=k) for k in PTE_KINDS.values())]
+
+
 @contextlib.contextmanager
 def new_folders_undone(folder: str | Path, contents: bool = False) -> Iterator[None]:
-    """When the ``with`` block fails (a full disk, an interruption), the folders it created for
-    ``folder`` are removed again, so a failed run leaves no empty ``--out`` behind: ``folder``
-    itself with what this run wrote into it (``contents``: only where nothing else can write into
-    it meanwhile, e.g. under the folder's lock), then each parent this run created, while empty.
-    A folder that existed before is never touched."""
+    """For a stage that writes one file (``latency profile``'s table, ``latency import``'s table or
+    report) rather than into a locked ``--out`` folder (``core.lock.locked_output``): when the
+    ``with`` block fails (a full disk, an interruption), the folders it created for ``folder`` are
+    removed again: ``folder`` itself with what this run wrote into it (``contents``), then each
+    parent this run created, while empty. A folder that existed before is never touched."""
     created, path = [], Path(os.path.abspath(folder))
     while not path.exists():
         created.append(path)  # deepest first
