@@ -58,8 +58,9 @@ def et_python() -> Path:
 def exported(tmp_path_factory, et_python: Path) -> Path:
     """A tiny model exported here with model.onnx, then by the ExecuTorch environment with both programs."""
     d = tmp_path_factory.mktemp("executorch")
-    recipe = Recipe("tiny-et", tiny_arch(), {"source": "test"}).save(d / "tiny.yaml")
-    assert cli(["export", str(recipe), "--out", str(d / "hf"), "--onnx"]) == 0
+    # the demo's 2048-id tokenizer: a 2048-row model that `generate` can read text with
+    recipe = Recipe("tiny-et", tiny_arch(vocab_size=2048), {"source": "test"}).save(d / "tiny.yaml")
+    assert cli(["export", str(recipe), "--out", str(d / "hf"), "--onnx", "--tokenizer", "shakespeare-bpe-2048"]) == 0
     proc = et_run(["-m", "merino_pl.cli", "export", str(d / "hf"), "--executorch", "--out", str(d / "et")], d)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "executorch -> " in proc.stdout

@@ -42,3 +42,122 @@ def test_a_library_writer_on_a_full_disk_is_the_same_one_line(tiny_fs: Path):
         with atomic_path(target) as tmp:
             torch.save({"w": torch.zeros(1 << 18)}, tmp)  # torch's zip writer: "file write failed" / "unexpected pos"
     assert list(tiny_fs.iterdir()) == []
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path):
+    """``mount_tmpfs(size)``: a fresh tmpfs of ``size`` (e.g. "64k") under ``tmp_path``, its name
+    with a space and non-ASCII letters; unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"full disk ü{len(mounted)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_library_write_failure_names_the_full_folder_it_went_to(tiny_fs: Path, tmp_path: Path, monkeypatch):
+    """torch's "file write failed" names no file: the full one of the folders a stage names is
+    reported, wherever the working directory is; on a disk with room it is no full disk."""
+    from merino_pl.core.errors import disk_full
+
+    monkeypatch.chdir(tmp_path)  # a roomy working directory
+    with pytest.raises(OSError):
+        (tiny_fs / "filler").write_bytes(b"x" * (1 << 20))  # fills it
+    error = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    full = disk_full(error, near=[tiny_fs / "run" / "checkpoints", tiny_fs])
+    assert full is not None and str(full) == f"no space left on {tiny_fs} writing in {tiny_fs}"
+    assert disk_full(error) is None  # not on a full disk: a real error, shown as such
+    assert disk_full(error, near=[tmp_path]) is None
+
+
+def test_fit_checkpoints_on_a_full_disk_elsewhere_than_the_working_directory(mount_tmpfs, tmp_path: Path):
+    """The run's folder on a 45 MiB tmpfs, the working directory on a roomy disk: the third
+    checkpoint file (~20 MB each) does not fit. One line naming the file system and the file,
+    exit 2, no temp file left, the step-4 checkpoints intact and loadable."""
+    import sys
+
+    import yaml
+
+    from merino_pl.core.checkpoint import load_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_fit import MICRO, REPO
+
+    mnt = mount_tmpfs("45m")
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text(yaml.safe_dump(MICRO))
+    run = mnt / "run"
+    cfg = {
+        "seed_everything": 7,
+        "model": {"recipe": str(recipe), "lr": 3e-3, "warmup_steps": 2},
+        "data": {"source": "embedded", "seq_len": 32, "batch_size": 4, "num_workers": 0, "val_sequences": 0},
+        "trainer": {
+            "accelerator": "cpu",
+            "precision": "32-true",
+            "max_steps": 10,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(run),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run)}},
+        },
+        "checkpoint": {"every_n_train_steps": 4},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "merino_pl.cli", "fit", "--config", "fit.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"merino-pl fit: error: no space left on {mnt} writing {run / 'checkpoints' / 'step-00000008.ckpt'}"
+    assert "Traceback" not in proc.stderr
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-00000004.ckpt"]  # no partial temp file
+    for name in ("last.ckpt", "step-00000004.ckpt"):
+        assert torch.load(ckpts / name, weights_only=True, mmap=True)["global_step"] == 4
+        load_model(ckpts / name)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_eval_on_a_full_disk_leaves_nothing_it_created(mount_tmpfs, tmp_path: Path, capsys, existed):
+    """One 4 KiB page left on a 64 KiB tmpfs: the lock's record fits, eval.json does not. The
+    error names the file system and the file; a --out eval created is gone (and the folders it
+    made above it), one that existed keeps exactly the user's files."""
+    from conftest import tiny_arch
+    from merino_pl.cli import main as cli
+    from merino_pl.core.checkpoint import export_pretrained
+    from merino_pl.core.hf import MerinoForCausalLM
+
+    torch.manual_seed(0)
+    model = export_pretrained(MerinoForCausalLM.from_arch(tiny_arch(vocab_size=50304)), tmp_path / "model")
+    mnt = mount_tmpfs("64k")
+    if existed:
+        out = mnt / "my results"
+        out.mkdir()
+        (out / "notes.txt").write_text("")  # no page: an empty file
+    else:
+        out = mnt / "new folder" / "eval out"
+    (mnt / "filler").write_bytes(b"x" * (60 << 10))
+    argv = ["eval", str(model), "--out", str(out), "--tasks", "none", "--ppl", "wikitext2"]
+    assert cli([*argv, "--data-files", "wikitext2=embedded", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"merino-pl eval: error: no space left on {mnt} writing {out / 'eval.json'}"
+    want = ["filler", "my results", "my results/notes.txt"] if existed else ["filler"]
+    assert sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*")) == want

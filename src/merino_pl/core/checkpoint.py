@@ -67,6 +67,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     if not weights.exists():
         raise MerinoError(f"{path}: no {WEIGHTS_NAME} (only safetensors weights are loaded)")
     check_safetensors(weights)
+    check_config_json(path / "config.json")
     try:
         config = MerinoHFConfig.from_pretrained(path)
     except (ValueError, TypeError, OSError) as e:
@@ -79,6 +80,19 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         raise MerinoError(f"{path}: weights do not match the architecture in config.json: {_first_line(e)}") from None
     recipe = Recipe(config.recipe_name or path.name, config.arch, dict(config.provenance))
     return LoadedModel(model.eval(), recipe, "hf-dir", str(path), sha256_file(weights))
+
+
+def check_config_json(path: Path) -> None:
+    """A ``config.json`` that is not an object holding an ``architecture`` mapping is one line
+    naming the file (transformers would fill the gaps with defaults: a wrong model, silently)."""
+    from merino_pl.core.io import read_json
+
+    data = read_json(path, "model config")
+    if not isinstance(data, dict):
+        raise MerinoError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data.get("architecture"), dict):
+        got = "no 'architecture'" if "architecture" not in data else f"'architecture' is {data['architecture']!r}"
+        raise MerinoError(f"{path}: not a MeRino config ({got}; expected the mapping merino-pl export writes)")
 
 
 def check_shapes(weights: Path, config: MerinoHFConfig) -> None:

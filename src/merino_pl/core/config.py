@@ -245,3 +245,20 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     if path.is_dir():
         raise MerinoError(f"{path}: is a directory, expected a recipe YAML file")
     return Recipe.from_dict(read_yaml(path, "recipe"), source=str(path))
+
+
+def model_source_problems(source: str | Path) -> list[str]:
+    """A model argument (a ``.ckpt``, a model directory, a recipe YAML or a built-in recipe name)
+    that names nothing, found without torch so a stage can refuse it before its heavy imports;
+    what an existing file holds is checked when it is read (``core.checkpoint.load_model``)."""
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").is_file():
+        return [f"{path}: not a model directory (no config.json)"]
+    if path.exists() or str(source) in builtin_recipe_names():
+        return []
+    if path.suffix == ".ckpt":
+        return [f"checkpoint not found: {path}"]
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return [f"{path}: no such file or directory (expected a .ckpt, a model directory or a recipe YAML)"]
+    names = ", ".join(builtin_recipe_names())
+    return [f"recipe not found: {str(source)!r} is neither a file nor a built-in recipe ({names})"]

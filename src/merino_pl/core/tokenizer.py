@@ -47,6 +47,10 @@ def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "tokenizer.json"
+        if not path.is_file():  # a folder is never a hub name: no minutes of hub retries for it
+            raise MerinoError(f"tokenizer {name_or_path}: a folder without a tokenizer.json")
+    elif path.suffix == ".json" and not path.exists():
+        raise MerinoError(f"tokenizer {name_or_path}: no such file")
     if path.exists():
         try:
             return Tokenizer.from_file(str(path))
@@ -84,6 +88,20 @@ def find_eos(tok: Tokenizer, spec: str | None) -> int:
         if (i := tok.token_to_id(token)) is not None:
             return i
     raise MerinoError(f"tokenizer {spec!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, model: str | os.PathLike, spec: str | None) -> int:
+    """The tokenizer's size (ids ``0 .. size - 1``, added tokens included); a ``MerinoError`` naming
+    both sizes when its ids reach past the model's ``vocab_size`` rows: it is not the tokenizer the
+    model was trained with (``merino-pl fit`` refuses such a pair), and its text would index past
+    the embedding. Every stage that feeds a tokenizer's ids to a model checks this first."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise MerinoError(
+            f"{model}: its vocab_size is {vocab_size} but the tokenizer {spec or DEFAULT_TOKENIZER} has {size} ids: "
+            "use the tokenizer it was trained with"
+        )
+    return size
 
 
 def model_tokenizer(source: str | os.PathLike) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from merino_pl.core.assets import embedded_wikitext2
+from merino_pl.core.config import model_source_problems
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
 from merino_pl.core.tracking import log_report
@@ -25,6 +26,7 @@ from merino_pl.eval.perplexity import CORPORA
 from merino_pl.eval.report import EvalModel, EvalReport, markdown, write
 
 log = logging.getLogger("merino_pl.eval")
+OUTPUT_NAMES = (EvalReport.json_name, EvalReport.markdown_name, "accuracy.png")  # what eval writes into --out
 
 
 @dataclass
@@ -63,8 +65,9 @@ def _pairs(items: list[str], what: str, errors: list[str]) -> dict[str, str]:
     return out
 
 
-def validate(settings: EvalSettings, index_tasks: bool = True) -> dict[str, Any]:
-    """Check every argument before any heavy work; all problems in one ``MerinoError``."""
+def validate(settings: EvalSettings, index_tasks: bool = True, pending: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Check every argument before any heavy work; all problems in one ``MerinoError``
+    (``pending``: paths an earlier pipeline stage will write: not there yet, not missing)."""
     from merino_pl.eval.tasks import resolve_tasks
 
     errors: list[str] = []
@@ -92,6 +95,7 @@ def validate(settings: EvalSettings, index_tasks: bool = True) -> dict[str, Any]
     if not specs and not ppl:
         errors.append("nothing to evaluate: --tasks none and --ppl none")
     errors += _device_problems(settings.device)
+    errors += [] if settings.checkpoint in pending else model_source_problems(settings.checkpoint)
     errors += check_out(settings.out)
     if errors:
         raise MerinoError("; ".join(errors))
@@ -121,7 +125,7 @@ def evaluate(settings: EvalSettings) -> EvalReport:
             )
     problems = _offline_corpora_problems(plan)
     from merino_pl.core.checkpoint import load_model
-    from merino_pl.core.lock import folder_lock
+    from merino_pl.core.lock import locked_output
 
     try:
         loaded = load_model(settings.checkpoint)  # MerinoError: missing file, weights of another architecture
@@ -129,12 +133,14 @@ def evaluate(settings: EvalSettings) -> EvalReport:
         raise MerinoError("; ".join([str(e), *problems])) from None
     if problems:
         raise MerinoError("; ".join(problems))
+    _check_tokenizer(settings, loaded)
     window = _check_window(settings, loaded)
     print(
         f"evaluating {loaded.recipe.name} ({loaded.kind}) sha256={loaded.weights_sha256}, window {window}",
         file=sys.stderr,
     )
-    with folder_lock(settings.out, f"merino-pl eval {settings.checkpoint}"):  # one writer per --out
+    # one writer per --out; a failure (a full disk, Ctrl-C) leaves no --out or file of its own behind
+    with locked_output(settings.out, f"merino-pl eval {settings.checkpoint}", names=OUTPUT_NAMES):
         report = _measure(loaded, plan, settings, window)
         _check_measured(report)
         paths = write(report, settings.out)
@@ -193,6 +199,15 @@ def _check_measured(report: EvalReport) -> None:
                 for name, r in [*report.tasks.items(), *report.perplexity.items()]
             )
         )
+
+
+def _check_tokenizer(settings: EvalSettings, loaded: Any) -> None:
+    """The tokenizer lm-eval and perplexity read text with (the model's own, ``harness.tokenizer_source``;
+    a recipe's: the default) must fit the model's embedding: one line naming both sizes."""
+    from merino_pl.core.tokenizer import check_vocab, load_tokenizer, model_tokenizer
+
+    spec = None if loaded.kind == "recipe" else model_tokenizer(loaded.path)
+    check_vocab(load_tokenizer(spec), loaded.recipe.architecture.vocab_size, settings.checkpoint, spec)
 
 
 def _check_window(settings: EvalSettings, loaded: Any) -> int:

@@ -94,7 +94,7 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
     if args is None:
         return problems
     try:
-        validate(settings(args), index_tasks=False)
+        validate(settings(args), index_tasks=False, pending=pending)
     except MerinoError as e:
         return [str(e)]
     return []

@@ -46,9 +46,11 @@ class ExportSettings:
     onnx: bool = False  # also write model.onnx with KV-cache inputs
     executorch: tuple[str, ...] = ()  # ExecuTorch programs to write: "fp32" -> model.pte, "8da4w" -> model-8da4w.pte
 
-    def problems(self) -> list[str]:
+    def problems(self, pending: frozenset[str] = frozenset()) -> list[str]:
         """Problems with the paths, the tokenizer and the outputs asked for, before the model is
-        read (``out`` is replaced as a whole, so it must not hold anything this export reads)."""
+        read (``out`` is replaced as a whole, so it must not hold anything this export reads);
+        ``pending``: paths an earlier pipeline stage will write (not there yet, not missing)."""
+        from merino_pl.core.config import model_source_problems
         from merino_pl.core.tokenizer import load_tokenizer
 
         problems = []
@@ -81,6 +83,7 @@ class ExportSettings:
             )
         elif self.executorch and (why := executorch_missing()) is not None:
             problems.append(f"--executorch: {why}")
+        problems += [] if self.checkpoint in pending else model_source_problems(self.checkpoint)
         return problems + check_out(self.out, overwrite=self.overwrite, protect=protect)
 
 
@@ -99,18 +102,19 @@ class Exported:
 def export(settings: ExportSettings) -> Exported:
     """Check every argument, then write the directory (and ``model.onnx``, the ``.pte`` files);
     all problems in one ``MerinoError`` before the model is read."""
-    from merino_pl.core.checkpoint import load_model  # torch: not for validation
-    from merino_pl.core.lock import folder_lock
-    from merino_pl.core.tokenizer import model_tokenizer
-
     problems = settings.problems()
     if problems:
         raise MerinoError("; ".join(problems))
+    from merino_pl.core.checkpoint import load_model  # torch: only once the arguments are checked
+    from merino_pl.core.lock import locked_output
+    from merino_pl.core.tokenizer import model_tokenizer
+
     tokenizer = settings.tokenizer or model_tokenizer(
         settings.checkpoint
     )  # never the default in place of a recorded one
     loaded = load_model(settings.checkpoint)
-    with folder_lock(settings.out, f"merino-pl export {settings.checkpoint}"):  # one writer per --out
+    # one writer per --out; a failure leaves no folder of its own behind (the old --out stays)
+    with locked_output(settings.out, f"merino-pl export {settings.checkpoint}"):
         if loaded.kind == "gptq" and settings.onnx:  # a quantized directory: its files + the packed graph
             from merino_pl.export.onnx import export_quantized_onnx
 

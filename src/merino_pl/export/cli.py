@@ -56,7 +56,7 @@ def validate_argv(argv: list[str], pending: frozenset[str] = frozenset()) -> lis
     """Problems with these arguments, for ``pipeline`` before any stage runs (``pending``: paths
     earlier stages will write, so their absence is no problem)."""
     args, problems = parse_problems(add_arguments, argv, "export")
-    return problems if args is None else settings(args).problems()
+    return problems if args is None else settings(args).problems(pending)
 
 
 def run(args: argparse.Namespace) -> int:

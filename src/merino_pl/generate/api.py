@@ -1,24 +1,23 @@
 """The generate stage's entry: ``generate(GenerateSettings(...)) -> GenerateResult``.
 
-One decoding loop, two runtimes behind it:
+One decoding loop, three runtimes behind it (``executorch``: the program ``export --executorch`` wrote):
 
-* ``torch``: the model as ``merino_pl.core.checkpoint.load_model`` reads it (a GPTQ directory keeps
-  its packed weights), through the decoder call the ONNX exporter traces: a prefill with the head
-  on the last position only, then one token at a time on a growing KV cache (transformers' ``DynamicCache``, as
-  ``MerinoForCausalLM`` uses);
+* ``torch``: the model as ``merino_pl.core.checkpoint.load_model`` reads it (a GPTQ directory keeps its packed
+  weights), through the decoder call the ONNX exporter traces: a prefill with the head on the last position only,
+  then one token at a time on a growing KV cache (transformers' ``DynamicCache``, as ``MerinoForCausalLM`` uses);
 * ``onnxruntime``: the graph ``merino_pl.export.onnx`` writes (quantized layers as ``MatMulNBits``),
   run through ``merino_pl.export.session.DecoderSession`` (optimum's names read from the graph, the
   feeds, the cache: the latency stage's onnxruntime runner is built on it too). The graph
   is ``--onnx PATH``, else the model directory's own ``model.onnx`` (``merino-pl export --onnx``),
   else exported on the fly to ``--onnx-out`` (a new file) or to a temporary folder removed after.
 
-Both runtimes hand their last-position logits to the same chooser (argmax, or a seeded
-temperature / top-k draw in PyTorch), so the same logits give the same tokens. The vocabulary is
-cut to the tokenizer's (a padded embedding's extra rows are never chosen). Decoding stops at the
-tokenizer's end-of-text token (``core.tokenizer.find_eos``), after ``max_new_tokens``, or when the
-sequence fills the model's context. Timings cover the model calls and the choice only, not the
-detokenization or printing: ``prefill_ms`` is the prompt's forward and the first new token,
-decode tokens/s the remaining tokens over their steps.
+Every runtime hands its last-position logits to the same chooser (argmax, or a seeded temperature / top-k draw
+in PyTorch), so the same logits give the same tokens. A tokenizer with more ids than the model's vocabulary is
+refused (``core.tokenizer.check_vocab``); the vocabulary is cut to the tokenizer's (a padded embedding's extra
+rows are never chosen). Decoding stops at the tokenizer's end-of-text token (``core.tokenizer.find_eos``), after
+``max_new_tokens``, or when the sequence fills the model's context. Timings cover the model calls and the choice
+only, not the detokenization or printing: ``prefill_ms`` is the prompt's forward and the first new token, decode
+tokens/s the remaining tokens over their steps.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from merino_pl.core.errors import MerinoError
+from merino_pl.core.io import check_out
 from merino_pl.export.session import GRAPH_NAME  # numpy / onnxruntime only on use: no torch
 
 if TYPE_CHECKING:
@@ -51,8 +51,7 @@ WEIGHTS_FILE = "model.safetensors"
 Emit = Callable[[str], None]
 
 
-def _ignore(_: str) -> None:
-    pass
+def _ignore(_: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -111,6 +110,8 @@ class GenerateSettings:
                 p.append(f"--onnx-out {out}: exists (generate never overwrites a file; name a new one)")
             elif not out.parent.is_dir():
                 p.append(f"--onnx-out {out}: no folder {out.parent}")
+            else:  # a folder nothing can be created in: found now, not after the export
+                p += check_out(out, flag="--onnx-out", file=True)
         if self.runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
             p.append("--runtime onnxruntime: onnxruntime is not installed (pip install onnxruntime)")
         if self.pte is not None and self.runtime != "executorch":
@@ -175,14 +176,13 @@ class GenerateResult:
 def generate(settings: GenerateSettings, on_text: Emit | None = None, on_note: Emit | None = None) -> GenerateResult:
     """Decode ``settings.max_new_tokens`` tokens at most after ``settings.prompt``; ``on_text``
     receives the text as it is generated, ``on_note`` what is being done (export, which graph)."""
-    problems = settings.problems()
-    if problems:
+    if problems := settings.problems():
         raise MerinoError("; ".join(problems))
     note = on_note or _ignore
-    tok, eos = _tokenizer(Path(settings.model))
-    ids = tok.encode(settings.prompt).ids or [eos]  # an empty prompt starts a new document
     with _num_threads(settings.threads), tempfile.TemporaryDirectory(prefix="merino-generate-") as tmp:
         arch, model = _architecture(Path(settings.model))
+        tok, eos, vocab = _tokenizer(Path(settings.model), arch.vocab_size)
+        ids = tok.encode(settings.prompt).ids or [eos]  # an empty prompt starts a new document
         if len(ids) >= arch.max_position_embeddings:
             raise MerinoError(
                 f"the prompt is {len(ids)} tokens, {settings.model}'s context {arch.max_position_embeddings}: "
@@ -205,7 +205,6 @@ def generate(settings: GenerateSettings, on_text: Emit | None = None, on_note: E
             f"generate: {settings.model} on {settings.runtime}{graph}, {settings.sampling}, "
             f"at most {settings.max_new_tokens} new tokens"
         )
-        vocab = min(arch.vocab_size, tok.get_vocab_size(with_added_tokens=True))
         _decode(
             backend,
             ids,
@@ -381,14 +380,15 @@ class OrtDecoder:
 
 
 # ---- model, tokenizer, graph --------------------------------------------------------------------
-def _tokenizer(model: Path) -> tuple[Tokenizer, int]:
+def _tokenizer(model: Path, vocab_size: int) -> tuple[Tokenizer, int, int]:
     """The model directory's ``tokenizer.json`` (what its export shipped), or the one a ``.ckpt``
-    was trained with, else the default one."""
-    from merino_pl.core.tokenizer import find_eos, load_tokenizer, model_tokenizer
+    was trained with, else the default one: (it, its end-of-text id, its size), one line when its ids
+    reach past the model's ``vocab_size`` (``core.tokenizer.check_vocab``)."""
+    from merino_pl.core.tokenizer import check_vocab, find_eos, load_tokenizer, model_tokenizer
 
     spec = model_tokenizer(model)  # never the default in place of a recorded one
     tok = load_tokenizer(spec)
-    return tok, find_eos(tok, spec)
+    return tok, find_eos(tok, spec), check_vocab(tok, vocab_size, model, spec)
 
 
 def _architecture(model: Path) -> tuple[MerinoConfig, torch.nn.Module | None]:

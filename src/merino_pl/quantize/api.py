@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.io import check_out
-from merino_pl.core.quant.spec import EMBEDDINGS, SUPPORTED_BITS, QuantSpec
+from merino_pl.core.quant.spec import EMBEDDINGS, FLOAT_DTYPE_NAMES, SUPPORTED_BITS, QuantSpec
 from merino_pl.core.tracking import log_report
 
 if TYPE_CHECKING:
@@ -67,8 +67,6 @@ class QuantizeSettings:
     def problems(self, pending: frozenset[str] = frozenset()) -> list[str]:
         """Every problem that needs no model (all at once); ``pending``: paths an earlier
         pipeline stage will write (not missing, only not there yet)."""
-        from merino_pl.core.quant.format import FLOAT_DTYPES, dtype_name  # torch: only once checked
-
         spec, c, problems = self.spec, self.calib, []
         if spec.bits not in SUPPORTED_BITS:
             problems.append(f"--bits {spec.bits} is not supported (valid: {', '.join(map(str, SUPPORTED_BITS))})")
@@ -84,9 +82,8 @@ class QuantizeSettings:
         ):
             if value <= 0:
                 problems.append(f"--{flag.replace('_', '-')} {value}: must be positive")
-        dtypes = [dtype_name(d) for d in FLOAT_DTYPES.values()]
-        if self.float_dtype not in dtypes:
-            problems.append(f"--float-dtype {self.float_dtype!r} (valid: {', '.join(dtypes)})")
+        if self.float_dtype not in FLOAT_DTYPE_NAMES:
+            problems.append(f"--float-dtype {self.float_dtype!r} (valid: {', '.join(FLOAT_DTYPE_NAMES)})")
         if spec.embedding not in EMBEDDINGS:
             problems.append(f"--embedding {spec.embedding!r} (valid: {', '.join(EMBEDDINGS)})")
         if c.holdout < 0 or not 0 <= spec.damp_percent < 1:
@@ -171,11 +168,11 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
     """
     import copy
 
-    from merino_pl.core.checkpoint import trained_tokenizer
-    from merino_pl.core.lock import folder_lock
-    from merino_pl.quantize.run import quantize_checkpoint
+    from merino_pl.core.lock import locked_output
 
-    if settings.tokenizer is None:  # calibrate with, and ship, the model's own
+    if settings.tokenizer is None and Path(settings.checkpoint).exists():  # calibrate with, and ship, the model's own
+        from merino_pl.core.checkpoint import trained_tokenizer  # torch + transformers: only for a real file
+
         settings = dataclasses.replace(settings, tokenizer=trained_tokenizer(settings.checkpoint))
     problems = settings.problems(pending=frozenset({settings.checkpoint}) if loaded else frozenset())
     out_dir, spec = settings.out_dir, settings.spec
@@ -191,7 +188,8 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
     problems += check_out(out_dir, overwrite=settings.overwrite, protect=protect)
     with contextlib.ExitStack() as stack:
         if not problems:  # one writer per --out: a second run is one line naming the first
-            stack.enter_context(folder_lock(out_dir, f"merino-pl quantize {settings.checkpoint}"))
+            # (a failure, Ctrl-C included, leaves no folder of its own behind; the old --out stays)
+            stack.enter_context(locked_output(out_dir, f"merino-pl quantize {settings.checkpoint}"))
             # again, under the lock: a run that held it until now may have written --out meanwhile
             problems += check_out(out_dir, overwrite=settings.overwrite, protect=protect)
         if loaded:  # quantization changes the model in place: the caller's stays as it was
@@ -199,6 +197,8 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
         loaded, ids, held, tokenize_s, problems = _load_inputs(settings, problems, loaded, progress=verbose)
         if problems:
             raise MerinoError("; ".join(problems))
+        from merino_pl.quantize.run import quantize_checkpoint  # torch + transformers: once all is checked
+
         note = group_note(spec.group_size, loaded.recipe.architecture)
         if verbose:
             print(f"quantize {loaded.recipe.name} ({loaded.kind}) -> {out_dir}: {spec}")
@@ -227,13 +227,12 @@ def _load_inputs(
 ) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, float, list[str]]:
     """The model, the calibration and held-out windows and the seconds spent reading +
     tokenizing them, collecting their problems with the ones found so far."""
-    import torch
-
-    from merino_pl.core.checkpoint import load_model
-    from merino_pl.quantize.calibration import calibration_tokens
+    from merino_pl.quantize.calibration import calibration_tokens, check_source
 
     c, calib, held, tokenize_s = s.calib, None, None, 0.0
     if not any(p.startswith("checkpoint not found") for p in problems):
+        from merino_pl.core.checkpoint import load_model  # torch + transformers: a model to read
+
         try:
             loaded = loaded or load_model(s.checkpoint)
             if loaded.kind == "gptq":
@@ -244,10 +243,16 @@ def _load_inputs(
                 )
             else:
                 problems += validate_for_model(s.spec, c, loaded.recipe.architecture)
+                problems += _vocab_problems(s, loaded)
         except MerinoError as e:
             problems.append(str(e))
     n_calib = c.nsamples if s.spec.method == "gptq" else 0
-    if (n_calib or c.holdout > 0) and c.seq_len > 0 and c.nsamples > 0 and c.holdout >= 0:
+    if problems and (n_calib or c.holdout > 0):  # it will not run: check the source, tokenize nothing
+        try:
+            check_source(c.source, c.text_field)
+        except MerinoError as e:
+            problems.append(str(e))
+    elif (n_calib or c.holdout > 0) and c.seq_len > 0 and c.nsamples > 0 and c.holdout >= 0:
         t0 = time.perf_counter()
         try:
             # no bar once a problem is known: the error must stay the only line on stderr
@@ -264,6 +269,24 @@ def _load_inputs(
             tokenize_s = time.perf_counter() - t0
         except MerinoError as e:
             problems.append(str(e))
-    else:
+    elif not problems:
+        import torch
+
         calib = held = torch.zeros(0, max(c.seq_len, 0), dtype=torch.long)
     return loaded, calib, held, tokenize_s, problems
+
+
+def _vocab_problems(s: QuantizeSettings, loaded: LoadedModel) -> list[str]:
+    """The tokenizer that calibrates and ships with the result must fit the model's embedding (one
+    line naming both sizes); one that does not load is reported by the calibration."""
+    from merino_pl.core.tokenizer import check_vocab, load_tokenizer
+
+    try:
+        tok = load_tokenizer(s.tokenizer)
+    except MerinoError:
+        return []
+    try:
+        check_vocab(tok, loaded.recipe.architecture.vocab_size, s.checkpoint, s.tokenizer)
+    except MerinoError as e:
+        return [str(e)]
+    return []

@@ -12,15 +12,18 @@ shows a tqdm bar (tokens, rate, ETA): at the paper's sizes from the hub it takes
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from merino_pl.core.errors import MerinoError
 from merino_pl.core.tokenizer import find_eos, load_tokenizer
 from merino_pl.data import DocumentTokenizer
 from merino_pl.data.sources import Flags, check_text_field, open_stream, resolve_source
+
+if TYPE_CHECKING:
+    import torch
 
 POOL = 4  # read up to POOL x the tokens needed, then draw windows at random from them
 FLAGS = Flags(source="--calib", text_field="--calib-text-field")  # what hints name here
@@ -39,9 +42,9 @@ def calibration_tokens(
     """(nsamples, seq_len) calibration ids and (holdout, seq_len) held-out ids: disjoint windows,
     drawn at random (``seed``) from the first ``POOL`` x (nsamples + holdout) x seq_len tokens
     (``progress``: a bar on stderr while they are read and tokenized)."""
-    src = resolve_source(source)
-    stream = open_stream(src, flags=FLAGS)
-    check_text_field(stream, src, text_field, flags=FLAGS)
+    import torch
+
+    src, stream = check_source(source, text_field)
     field = src.field(text_field)
     tokenize = DocumentTokenizer(tokenizer, find_eos(load_tokenizer(tokenizer), tokenizer))
     need = (nsamples + holdout) * seq_len
@@ -81,6 +84,15 @@ def calibration_tokens(
     order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))
     # held-out windows first: the same ones whatever nsamples is (GPTQ and RTN reports compare)
     return windows[order[holdout : holdout + nsamples]], windows[order[:holdout]]
+
+
+def check_source(source: str, text_field: str = "text") -> tuple[Any, Any]:
+    """The calibration source resolved and opened, its text field checked (a ``MerinoError``
+    naming ``--calib`` / ``--calib-text-field`` otherwise): (the source, its row stream)."""
+    src = resolve_source(source)
+    stream = open_stream(src, flags=FLAGS)
+    check_text_field(stream, src, text_field, flags=FLAGS)
+    return src, stream
 
 
 def _extend(chunks: list[np.ndarray], ids: np.ndarray, bar: tqdm) -> int:

@@ -23,7 +23,7 @@ import yaml
 
 from merino_pl.core.config import MerinoConfig
 from merino_pl.core.errors import MerinoError
-from merino_pl.core.io import atomic_write_text, write_json
+from merino_pl.core.io import atomic_write_text, check_out, write_json
 from merino_pl.search.api import EntropyConfig, arch_entropy
 from merino_pl.study.stats import spearman
 
@@ -135,6 +135,8 @@ def calibrate_cli(report_path: str, out: str, folds: int) -> int:
         raise MerinoError(f"{path}: not a study report (format merino-study-report/1)")
     if Path(out).suffix not in (".yaml", ".yml"):
         raise MerinoError(f"--out {out} must be a .yaml file")
+    if problems := check_out(out, file=True):  # a folder, or a folder nothing can be created in
+        raise MerinoError("; ".join(problems))
     result = calibrate(report, folds)
     best = {k: v for k, v in result["best"].items() if k != "table"}
     cv = result["cross_validation"]

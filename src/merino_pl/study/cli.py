@@ -95,15 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_regime(Path(args.out))
         return 0
     if args.cmd == "report":
+        study = _study_dir(args.study)  # before the report's imports (scipy, matplotlib)
         from merino_pl.study.report import write_report
 
-        write_report(_study_dir(args.study), bootstrap=args.bootstrap)
+        write_report(study, bootstrap=args.bootstrap)
         return 0
     if args.cmd == "regime":
+        study = _study_dir(args.study)
         from merino_pl.study.regime import write_regime
 
         write_regime(
-            _study_dir(args.study),
+            study,
             bootstrap=args.bootstrap,
             evidence_out=Path(args.evidence) if args.evidence else None,
         )
@@ -134,13 +136,11 @@ def _study_dir(path: str) -> Path:
 
 
 def _writable(path: str) -> Path:
-    """The output directory, checked writable before any work (created if missing)."""
-    import os
+    """The output directory, checked writable before any work (created if missing): a file, or a
+    folder nothing can be created in (read-only, ``chattr +i``: probed, root included), is one line."""
+    from merino_pl.core.io import check_out
 
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise MerinoError(f"--out {out} exists and is not a directory")
-    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    if not os.access(parent, os.W_OK):
-        raise MerinoError(f"--out {out}: {parent} is not writable")
-    return out
+    problems = check_out(path)
+    if problems:
+        raise MerinoError("; ".join(problems))
+    return Path(path)

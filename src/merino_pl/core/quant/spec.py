@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 SUPPORTED_BITS = (4, 8)  # the widths the grid, the packing and the file format handle
 EMBEDDINGS = ("fp16", "int8")  # --embedding: stored like the other unquantized tensors, or int8 rows
+# --float-dtype: torch's names of format.FLOAT_DTYPES' dtypes, here so that checking one imports no torch
+FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
