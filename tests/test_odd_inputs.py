@@ -276,3 +276,12 @@ def test_the_float_dtype_names_quantize_checks_without_torch_are_the_formats():
     from merino_pl.core.quant.spec import FLOAT_DTYPE_NAMES
 
     assert FLOAT_DTYPE_NAMES == tuple(dtype_name(d) for d in FLOAT_DTYPES.values())
+
+
+def test_pipeline_out_dir_that_is_a_file_is_named_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the shipped config's paths are relative to the repository
+    mine = tmp_path / "notes ü.txt"
+    mine.write_text("mine")
+    assert cli(["pipeline", "--config", "recipes/pipeline/cpu-demo.yaml", "--out-dir", str(mine)]) == 2
+    err = one_line(capsys, f"out_dir {mine} exists and is not a directory")
+    assert err.count(str(mine)) == 1 and mine.read_text() == "mine"

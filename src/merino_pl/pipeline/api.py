@@ -150,6 +150,8 @@ def run_pipeline(settings: PipelineSettings) -> int:
     unknown = [f for f in settings.force if f not in {s.name for s in stages} and f != "all"]
     if unknown:
         raise MerinoError(f"--force {', '.join(unknown)}: no such stage (stages: {', '.join(s.name for s in stages)})")
+    if layout.out.exists() and not layout.out.is_dir():  # once, not once per stage that writes under it
+        raise MerinoError(f"out_dir {layout.out} exists and is not a directory")
     problems = stage_problems(stages)
     if problems:
         raise MerinoError(f"{settings.source}: " + "; ".join(problems))
