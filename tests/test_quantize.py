@@ -487,3 +487,17 @@ def test_an_exported_directory_calibrates_with_and_keeps_its_own_tokenizer(tmp_p
     vocab = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab()
     assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab() == vocab and len(vocab) <= 2048
     assert _snapshot(src) == before
+
+
+def test_default_calibration_window_is_the_trained_context(tmp_path):
+    """No --seq-len: 512-token windows, or the trained context when shorter (a model trained at 64
+    with 128 positions calibrates on 64-token windows); a --seq-len past its positions is refused."""
+    from test_eval_context import _ckpt
+
+    ckpt = _ckpt(tmp_path, 64)
+    out = tmp_path / "q"
+    args = ["quantize", str(ckpt), "--bits", "4", "--nsamples", "2", "--holdout", "1", "--out", str(out)]
+    assert cli(args) == 0
+    assert json.loads((out / "quantize_report.json").read_text())["calibration"]["seq_len"] == 64
+    assert cli([*args[:-2], "--seq-len", "256", "--out", str(tmp_path / "q2")]) == 2
+    assert not (tmp_path / "q2").exists()

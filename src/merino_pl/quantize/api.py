@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 METHODS = ("gptq", "rtn")
 
 
+DEFAULT_SEQ_LEN = 512  # calibration window when --seq-len is not given (capped at the model's context)
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """Where the calibration windows (and the held-out check's) come from, and their shape."""
@@ -41,7 +44,7 @@ class CalibrationSettings:
     source: str = "embedded"  # any data-stage source: embedded, files, glob, directory, hub name
     text_field: str = "text"  # text field of jsonl / parquet rows
     nsamples: int = 128  # calibration windows (GPTQ; RTN reads none)
-    seq_len: int = 512  # tokens per window
+    seq_len: int | None = None  # tokens per window; None: DEFAULT_SEQ_LEN, or the model's trained context if shorter
     holdout: int = 8  # held-out windows for the float-vs-quantized check
     batch_size: int = 8  # windows per calibration forward
     seed: int = 0  # of the window draw
@@ -80,7 +83,7 @@ class QuantizeSettings:
             ("batch_size", c.batch_size),
             ("block_size", spec.block_size),
         ):
-            if value <= 0:
+            if value is not None and value <= 0:
                 problems.append(f"--{flag.replace('_', '-')} {value}: must be positive")
         if self.float_dtype not in FLOAT_DTYPE_NAMES:
             problems.append(f"--float-dtype {self.float_dtype!r} (valid: {', '.join(FLOAT_DTYPE_NAMES)})")
@@ -117,7 +120,7 @@ def validate_for_model(spec: QuantSpec, calib: CalibrationSettings, arch: Any) -
         problems.append(
             f"layer widths {widths} must be multiples of {32 // spec.bits} to pack {spec.bits}-bit codes in int32"
         )
-    if calib.seq_len > arch.max_position_embeddings:
+    if calib.seq_len is not None and calib.seq_len > arch.max_position_embeddings:
         problems.append(
             f"--seq-len {calib.seq_len} exceeds the model's max_position_embeddings {arch.max_position_embeddings}"
         )
@@ -194,7 +197,7 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
             problems += check_out(out_dir, overwrite=settings.overwrite, protect=protect)
         if loaded:  # quantization changes the model in place: the caller's stays as it was
             loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-        loaded, ids, held, tokenize_s, problems = _load_inputs(settings, problems, loaded, progress=verbose)
+        loaded, ids, held, tokenize_s, problems, settings = _load_inputs(settings, problems, loaded, verbose)
         if problems:
             raise MerinoError("; ".join(problems))
         from merino_pl.quantize.run import quantize_checkpoint  # torch + transformers: once all is checked
@@ -224,17 +227,20 @@ def quantize(settings: QuantizeSettings, *, loaded: LoadedModel | None = None, v
 
 def _load_inputs(
     s: QuantizeSettings, problems: list[str], loaded: LoadedModel | None = None, progress: bool = True
-) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, float, list[str]]:
+) -> tuple[LoadedModel, torch.Tensor, torch.Tensor, float, list[str], QuantizeSettings]:
     """The model, the calibration and held-out windows and the seconds spent reading +
-    tokenizing them, collecting their problems with the ones found so far."""
+    tokenizing them, collecting their problems with the ones found so far; and the settings with
+    the calibration window resolved (no --seq-len: ``DEFAULT_SEQ_LEN``, or the model's trained
+    context / positions when shorter)."""
     from merino_pl.quantize.calibration import calibration_tokens, check_source
 
-    c, calib, held, tokenize_s = s.calib, None, None, 0.0
+    calib, held, tokenize_s = None, None, 0.0
     if not any(p.startswith("checkpoint not found") for p in problems):
         from merino_pl.core.checkpoint import load_model  # torch + transformers: a model to read
 
         try:
             loaded = loaded or load_model(s.checkpoint)
+            s = _resolve_seq_len(s, loaded)
             if loaded.kind == "gptq":
                 bits = loaded.model.config.quantization_config.get("bits")
                 problems.append(
@@ -242,10 +248,14 @@ def _load_inputs(
                     "quantize the float model it came from (the exported directory or the .ckpt)"
                 )
             else:
-                problems += validate_for_model(s.spec, c, loaded.recipe.architecture)
-                problems += _vocab_problems(s, loaded)
+                problems += validate_for_model(s.spec, s.calib, loaded.recipe.architecture)
+                if (s.calib.nsamples if s.spec.method == "gptq" else 0) or s.calib.holdout > 0:  # text feeds the model
+                    problems += _vocab_problems(s, loaded)
         except MerinoError as e:
             problems.append(str(e))
+    if s.calib.seq_len is None:  # the model did not load: the error says why; nothing is tokenized
+        s = dataclasses.replace(s, calib=dataclasses.replace(s.calib, seq_len=DEFAULT_SEQ_LEN))
+    c = s.calib
     n_calib = c.nsamples if s.spec.method == "gptq" else 0
     if problems and (n_calib or c.holdout > 0):  # it will not run: check the source, tokenize nothing
         try:
@@ -273,7 +283,19 @@ def _load_inputs(
         import torch
 
         calib = held = torch.zeros(0, max(c.seq_len, 0), dtype=torch.long)
-    return loaded, calib, held, tokenize_s, problems
+    return loaded, calib, held, tokenize_s, problems, s
+
+
+def _resolve_seq_len(s: QuantizeSettings, loaded: LoadedModel) -> QuantizeSettings:
+    """No --seq-len given: ``DEFAULT_SEQ_LEN`` tokens, fewer for a model trained on (or holding)
+    a shorter context, whose positions past it never got a gradient."""
+    if s.calib.seq_len is not None:
+        return s
+    from merino_pl.core.checkpoint import trained_context
+
+    positions = loaded.recipe.architecture.max_position_embeddings
+    seq_len = min(DEFAULT_SEQ_LEN, positions, trained_context(loaded) or positions)
+    return dataclasses.replace(s, calib=dataclasses.replace(s.calib, seq_len=seq_len))
 
 
 def _vocab_problems(s: QuantizeSettings, loaded: LoadedModel) -> list[str]:

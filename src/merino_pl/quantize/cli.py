@@ -16,7 +16,7 @@ from merino_pl.core.errors import MerinoError, parse_problems
 from merino_pl.core.io import check_out, read_yaml
 from merino_pl.core.quant.spec import SUPPORTED_BITS, QuantSpec
 from merino_pl.core.tracking import add_wandb_argument
-from merino_pl.quantize.api import METHODS, CalibrationSettings, QuantizeSettings
+from merino_pl.quantize.api import DEFAULT_SEQ_LEN, METHODS, CalibrationSettings, QuantizeSettings
 
 # flag name (dashes as underscores) -> CalibrationSettings field
 CALIB_FLAGS = {
@@ -65,7 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--calib-text-field", help="text field of jsonl / parquet rows (default text)")
     p.add_argument("--nsamples", type=int, help=f"calibration windows (default {d['nsamples']})")
-    p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d['seq_len']})")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN}, or the model's trained context if shorter)",
+    )
     p.add_argument(
         "--holdout", type=int, help=f"held-out windows for the float-vs-quantized check (default {d['holdout']})"
     )
