@@ -104,8 +104,11 @@ slurm-deps:
 	    || echo "slurm-deps: apt-get failed: SLURM tests will skip"; \
 	fi
 
+# the CPU benches (bench/gpu.py needs a CUDA GPU; bench/executorch_agreement.py a trained checkpoint and
+# .venv/executorch, as bench/latency.py --deploy does: docs/latency.md)
+BENCHES := search data data_startup fit eval quantize qlinear latency fast_path startup latency_kit time_to_quality
 bench: setup
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
