@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))  # device_env: the device's environment, shared with tests/test_kit.py
 
+from device_env import device_site, run_on_device  # noqa: E402
 from merino_pl.cli import main as merino  # noqa: E402
 from merino_pl.core.io import write_json  # noqa: E402
 from merino_pl.core.latency_table import LatencyTable  # noqa: E402
@@ -40,30 +40,10 @@ SPACE = (
     "num_blocks: 2\nembed_dims: [64, 128]\nffn_dims: [128, 256]\nnum_layers: [1, 2]\n"
     "architecture: {vocab_size: 2048, d_model: 128, max_position_embeddings: 256}\n"
 )
-# the runner as a device runs it: no site-packages, only numpy and onnxruntime on the path
-ISOLATED = """
-import runpy, sys
-sys.path.insert(0, sys.argv.pop(1))
-for name in ("torch", "merino_pl"):
-    try:
-        __import__(name)
-    except ImportError:
-        continue
-    raise SystemExit(name + " imports in the device's environment")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def device_path(tmp: Path) -> Path:
-    import numpy
-
-    site, path = Path(numpy.__file__).parents[1], tmp / "device-site"
-    path.mkdir()
-    for name in ("numpy", "numpy.libs", "onnxruntime", "flatbuffers", "packaging", "google"):
-        if (site / name).exists():
-            (path / name).symlink_to(site / name)
-    return path
+    return device_site(tmp / "device-site")
 
 
 def entry_key(e: dict) -> str:
@@ -79,11 +59,7 @@ def table_ms(table: LatencyTable) -> dict[str, float]:
 
 def kit_run(kit: Path, site: Path, threads: int, out: Path) -> dict:
     """One run of the kit's runner in the torch-free interpreter, imported as a table."""
-    script = kit.parent / "isolated.py"
-    script.write_text(ISOLATED)
-    cmd = [sys.executable, "-I", "-S", str(script), str(site), "run_kit.py", "--threads", str(threads), "--out"]
-    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([*cmd, str(out)], cwd=kit, capture_output=True, text=True, env=env)
+    done = run_on_device(kit, site, "--threads", str(threads), "--out", str(out), threads=threads)
     if done.returncode:
         raise SystemExit(f"run_kit.py failed: {done.stderr.strip()}")
     results = json.loads(out.read_text())

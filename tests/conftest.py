@@ -71,3 +71,26 @@ def _no_leaked_ddp_rendezvous():
     yield
     for name in ("MASTER_PORT", "MASTER_ADDR"):
         os.environ.pop(name, None)
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path):
+    """``mount_tmpfs(size, name=None)``: a fresh tmpfs of ``size`` (e.g. "64k") under ``tmp_path``,
+    by default named with a space and non-ASCII letters; unmounted after the test. The test skips
+    where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str, name: str | None = None) -> Path:
+        mnt = tmp_path / (name or f"full disk ü{len(mounted)}")
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -48,12 +48,12 @@ MICRO = {
 }
 
 
-@pytest.fixture
-def fit_config(tmp_path: Path) -> Path:
-    """A complete ``fit`` config: micro recipe, embedded corpus, CSV losses every step."""
+def micro_fit_config(tmp_path: Path, run: Path) -> dict:
+    """A complete ``fit`` config as a dict: the micro recipe (written to ``tmp_path``), embedded
+    corpus, CSV losses every step and a checkpoint every 4 steps under ``run``."""
     recipe = tmp_path / "micro.yaml"
     recipe.write_text(yaml.safe_dump(MICRO))
-    cfg = {
+    return {
         "seed_everything": 7,
         "model": {"recipe": str(recipe), "lr": 3e-3, "warmup_steps": 2},
         "data": {
@@ -73,16 +73,21 @@ def fit_config(tmp_path: Path) -> Path:
             "num_sanity_val_steps": 0,
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "default_root_dir": str(tmp_path / "run"),
+            "default_root_dir": str(run),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path / "run"), "name": "logs"},
+                "init_args": {"save_dir": str(run), "name": "logs"},
             },
         },
         "checkpoint": {"every_n_train_steps": 4},
     }
+
+
+@pytest.fixture
+def fit_config(tmp_path: Path) -> Path:
+    """A complete ``fit`` config file (``micro_fit_config``) running under ``tmp_path / "run"``."""
     path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(micro_fit_config(tmp_path, tmp_path / "run")))
     return path
 
 

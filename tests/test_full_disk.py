@@ -14,16 +14,8 @@ from merino_pl.core.io import atomic_path, atomic_write_text
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path):
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_fs(mount_tmpfs):
+    return mount_tmpfs("512k", "full")
 
 
 def test_full_disk_is_one_line_and_keeps_the_older_file(tiny_fs: Path):
@@ -42,26 +34,6 @@ def test_a_library_writer_on_a_full_disk_is_the_same_one_line(tiny_fs: Path):
         with atomic_path(target) as tmp:
             torch.save({"w": torch.zeros(1 << 18)}, tmp)  # torch's zip writer: "file write failed" / "unexpected pos"
     assert list(tiny_fs.iterdir()) == []
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path):
-    """``mount_tmpfs(size)``: a fresh tmpfs of ``size`` (e.g. "64k") under ``tmp_path``, its name
-    with a space and non-ASCII letters; unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        mnt = tmp_path / f"full disk ü{len(mounted)}"
-        mnt.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        mounted.append(mnt)
-        return mnt
-
-    yield mount
-    for mnt in mounted:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_library_write_failure_names_the_full_folder_it_went_to(tiny_fs: Path, tmp_path: Path, monkeypatch):
@@ -90,29 +62,11 @@ def test_fit_checkpoints_on_a_full_disk_elsewhere_than_the_working_directory(mou
     from merino_pl.core.checkpoint import load_model
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_fit import MICRO, REPO
+    from test_fit import REPO, micro_fit_config
 
     mnt = mount_tmpfs("45m")
-    recipe = tmp_path / "micro.yaml"
-    recipe.write_text(yaml.safe_dump(MICRO))
     run = mnt / "run"
-    cfg = {
-        "seed_everything": 7,
-        "model": {"recipe": str(recipe), "lr": 3e-3, "warmup_steps": 2},
-        "data": {"source": "embedded", "seq_len": 32, "batch_size": 4, "num_workers": 0, "val_sequences": 0},
-        "trainer": {
-            "accelerator": "cpu",
-            "precision": "32-true",
-            "max_steps": 10,
-            "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(run),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run)}},
-        },
-        "checkpoint": {"every_n_train_steps": 4},
-    }
+    cfg = micro_fit_config(tmp_path, run)
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(

@@ -6,15 +6,15 @@ reads. Exporting the graphs takes a while on 2 busy cores: those tests are slow.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy
 import pytest
 
 from conftest import tiny_arch
+from device_env import device_site
+from device_env import run_on_device as on_device
 from merino_pl.cli import main as cli
 from merino_pl.core.config import Recipe
 from merino_pl.core.latency_table import LatencyTable
@@ -26,38 +26,15 @@ SPACE = (
     "architecture: {vocab_size: 512, d_model: 96, max_position_embeddings: 128}\n"
 )
 OK = {"status": "ok", "value": 0.4}
-# run the runner as a device would: the base interpreter without site-packages (-I -S), and on
-# its path only numpy, onnxruntime and what onnxruntime imports; torch and merino_pl must fail
-ISOLATED = """
-import runpy, sys
-sys.path.insert(0, sys.argv.pop(1))
-for name in ("torch", "merino_pl"):
-    try:
-        __import__(name)
-    except ImportError:
-        continue
-    raise SystemExit(name + " imports in the device's environment")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
 def device_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    site = Path(numpy.__file__).parents[1]
-    path = tmp_path_factory.mktemp("device-site")
-    for name in ("numpy", "numpy.libs", "onnxruntime", "flatbuffers", "packaging", "google"):
-        if (site / name).exists():
-            (path / name).symlink_to(site / name)
-    return path
+    return device_site(tmp_path_factory.mktemp("device-site"))
 
 
 def run_on_device(kit: Path, device_path: Path, *args: str) -> subprocess.CompletedProcess:
-    script = kit.parent / "isolated.py"
-    script.write_text(ISOLATED)
-    cmd = [sys.executable, "-I", "-S", str(script), str(device_path), "run_kit.py", *args]
-    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=kit, capture_output=True, text=True, env=env, timeout=600)
+    return on_device(kit, device_path, *args)
 
 
 def test_the_runner_is_python_3_8_and_imports_only_numpy_and_onnxruntime() -> None:

@@ -4,7 +4,6 @@ that existed before is kept. On a real, tiny tmpfs (root can mount one; elsewher
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,9 @@ FLAGS = ["--seq", "8", "--runs", "1", "--warmup", "0", "--decode-tokens", "1", "
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path, request: pytest.FixtureRequest):
+def tiny_fs(mount_tmpfs, request: pytest.FixtureRequest):
     """A tmpfs of one page (or ``size`` of the test's parameter): the lock file fits, the report does not."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    size = getattr(request, "param", "4k")
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]
-    r = subprocess.run(mount, capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return mount_tmpfs(getattr(request, "param", "4k"), "full")
 
 
 @pytest.fixture(scope="module")
