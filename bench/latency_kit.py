@@ -6,13 +6,15 @@ For a small search space (default: two embed widths, two FFN widths, d_model 128
 ``merino-pl latency kit --space`` writes the pieces' ONNX graphs and ``run_kit.py``; the runner
 times them ``--repeats`` times in an interpreter where neither torch nor merino_pl can be
 imported (the base Python with ``-I -S`` and a path holding only numpy and onnxruntime, as on a
-device), and ``merino-pl latency profile`` times the same pieces with torch ``--repeats`` times
-here. Per entry (layer shape, projection, fixed part): the kit's and the profile's ms (median of
-the repeats' means, the statistic the table keeps), the noise of each (the spread of the
+device), and ``merino-pl latency profile --runtime onnxruntime`` times the same graphs here, in
+merino-pl's own process, ``--repeats`` times; ``latency profile`` (torch: the modules, not the
+graphs) is timed too, for reference. Per entry (layer shape, projection, fixed part): each one's
+ms (median of the repeats' means, the statistic the table keeps), the noise (the spread of the
 repeats' means, (max - min) / median, and the kit's within-run CV), and kit / profile with
 whether it lies within the noise: |ln(kit / profile)| <= ln(1 + kit spread) + ln(1 + profile
-spread). Runs alternate kit and profile, so a load change hits both. The two time different
-runtimes (onnxruntime vs torch): agreement is what the issue asks of a CPU, not a law.
+spread). Runs alternate kit and profiles, so a load change hits all. The kit and the onnxruntime
+profile time one runtime and should agree; the torch profile times another (the table a kit
+brings back describes the deployed runtime, not torch).
 Prints the table; writes runs/bench/latency_kit.json.
 """
 
@@ -93,19 +95,22 @@ def main() -> int:
         kit, site = tmp / "kit", device_path(tmp)
         argv = ["--seq", str(args.seq), "--runs", str(args.runs), "--warmup", str(args.warmup)]
         assert merino(["latency", "kit", "--space", str(space), *argv, "--out", str(kit)]) == 0
-        kits, profiles = [], []
+        kits, profiles, torches = [], [], []
         for i in range(args.repeats):
             kits.append(kit_run(kit, site, args.threads, tmp / f"results-{i}.json"))
-            table = tmp / f"profile-{i}.json"
             threads = ["--threads", str(args.threads)]
-            assert merino(["latency", "profile", "--space", str(space), *argv, *threads, "--out", str(table)]) == 0
-            profiles.append(table_ms(LatencyTable.load(table)))
+            for runtime, tables in (("onnxruntime", profiles), ("torch", torches)):
+                table = tmp / f"profile-{runtime}-{i}.json"
+                cmd = ["latency", "profile", "--space", str(space), *argv, *threads, "--runtime", runtime]
+                assert merino([*cmd, "--out", str(table)]) == 0
+                tables.append(table_ms(LatencyTable.load(table)))
     rows = []
     for key in profiles[0]:
         k = [r["ms"][key] for r in kits]
         p = [r[key] for r in profiles]
         ks, ps = spread(k), spread(p)
         ratio = statistics.median(k) / statistics.median(p)
+        torch_ms = statistics.median(r[key] for r in torches)
         rows.append(
             {
                 "entry": key,
@@ -118,23 +123,27 @@ def main() -> int:
                 "profile_spread": ps,
                 "kit_over_profile": ratio,
                 "within_noise": abs(math.log(ratio)) <= math.log1p(ks) + math.log1p(ps),
+                "torch_profile_ms": torch_ms,
+                "kit_over_torch_profile": statistics.median(k) / torch_ms,
             }
         )
     print(
-        f"\nkit (onnxruntime, torch-free interpreter) vs latency profile (torch) on this CPU: {args.repeats} "
+        f"\nkit (onnxruntime, torch-free interpreter) vs latency profile --runtime onnxruntime (and torch) "
+        f"on this CPU: {args.repeats} "
         f"repeats each, {args.runs} runs per piece, {args.threads} thread(s), seq {args.seq} "
         f"({time.time() - t0:.0f} s)\n"
     )
     print(
         "| entry | kit ms | kit spread % | kit CV in a run % | profile ms | profile spread % "
-        "| kit / profile | within noise |"
+        "| kit / profile | within noise | torch profile ms | kit / torch |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         print(
             f"| {r['entry']} | {r['kit_ms']:.3f} | {100 * r['kit_spread']:.0f} | {100 * r['kit_cv_within_runs']:.0f} | "
             f"{r['profile_ms']:.3f} | "
-            f"{100 * r['profile_spread']:.0f} | {r['kit_over_profile']:.2f} | {'yes' if r['within_noise'] else 'no'} |"
+            f"{100 * r['profile_spread']:.0f} | {r['kit_over_profile']:.2f} | {'yes' if r['within_noise'] else 'no'} | "
+            f"{r['torch_profile_ms']:.3f} | {r['kit_over_torch_profile']:.2f} |"
         )
     agree = sum(r["within_noise"] for r in rows)
     print(f"\n{agree} of {len(rows)} entries agree within the measured noise")

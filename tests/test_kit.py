@@ -71,6 +71,14 @@ def test_space_kit_runs_without_torch_and_imports_as_the_search_table(tmp_path: 
         (r["embed_dim"], r["ffn_dim"]) for r in torch_table.layers
     ]
     assert [(p["in"], p["out"]) for p in table.projections] == [(p["in"], p["out"]) for p in torch_table.projections]
+    ort_profiled = tmp_path / "ort.json"  # the same graphs through onnxruntime, here: what the kit's should match
+    on_ort = ["--runtime", "onnxruntime", "--out", str(ort_profiled)]
+    assert cli(["latency", "profile", "--space", str(space), *argv, *on_ort]) == 0
+    ort_table = LatencyTable.load(ort_profiled)
+    assert ort_table.device["runtime"].startswith("onnxruntime ") and "runtime" not in torch_table.device
+    assert [(r["embed_dim"], r["ffn_dim"]) for r in ort_table.layers] == [
+        (r["embed_dim"], r["ffn_dim"]) for r in table.layers
+    ]
     assert table.seq_len == 16 and table.fixed["d_model"] == 96 and all(r["ms"] > 0 for r in table.layers)
     rec = tmp_path / "rec.yaml"
     search = ["search", "--space", str(space), "--budget", "latency=1000ms", "--latency-table", str(table_path)]
@@ -149,3 +157,11 @@ def test_import_of_bad_results_is_one_line_and_writes_nothing(tmp_path: Path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and key in err[0], (name, err)
         assert not (tmp_path / "new").exists()
+
+
+def test_profile_on_onnxruntime_is_fp32_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["latency", "profile", "--runtime", "onnxruntime", "--precision", "fp16", "--out", str(tmp_path / "t.json")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--runtime onnxruntime" in err and "fp16" in err
+    assert not (tmp_path / "t.json").exists()

@@ -282,11 +282,19 @@ class ProfileSettings:
     runs: int = 16  # timed runs per shape; the table keeps their mean
     warmup: int = 2
     threads: int | None = None
+    runtime: str = "torch"  # or "onnxruntime": the kit's ONNX graphs through onnxruntime, on the CPU
 
     def problems(self) -> list[str]:
         from merino_pl.core.quant.format import FLOAT_DTYPES
 
         problems = device_problems(self.device)
+        if self.runtime not in ("torch", "onnxruntime"):
+            problems.append(f"--runtime {self.runtime!r} is not one of torch, onnxruntime")
+        elif self.runtime == "onnxruntime" and (self.device != "cpu" or self.precision != "fp32"):
+            problems.append(
+                f"--runtime onnxruntime profiles fp32 on the cpu here, not --device {self.device} "
+                f"--precision {self.precision} (time other providers on the device with `latency kit`)"
+            )
         if self.precision not in FLOAT_DTYPES:
             problems.append(
                 f"--precision {self.precision!r} is not one of {', '.join(FLOAT_DTYPES)} "
@@ -320,6 +328,8 @@ def profile(settings: ProfileSettings) -> LatencyTable:
         torch.set_num_threads(settings.threads)
     s = settings
     with new_folders_undone(Path(s.out).parent):  # the table is written atomically: no partial file
-        table = profile_space(space, s.device, s.precision, s.batch, s.seq, s.runs, s.warmup)
+        table = profile_space(
+            space, s.device, s.precision, s.batch, s.seq, s.runs, s.warmup, runtime=s.runtime, threads=s.threads
+        )
         table.save(s.out)
     return table

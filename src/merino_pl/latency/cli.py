@@ -183,7 +183,13 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
         "--runs", type=int, default=16, help="timed runs per shape; the table keeps their mean (default: 16)"
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape first (default: 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        help="torch (the modules) or onnxruntime (the ONNX graphs `latency kit` ships, on this CPU; "
+        "what a kit's results here should match) (default: torch)",
+    )
     p.add_argument("--out", required=True, help="the table (JSON) to write")
 
 
@@ -202,6 +208,7 @@ def run_profile(args: argparse.Namespace) -> int:
             args.runs,
             args.warmup,
             args.threads,
+            args.runtime,
         )
     )
     print(

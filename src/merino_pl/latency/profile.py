@@ -9,6 +9,10 @@ adds up (``merino_pl.core.latency_table``: fixed + Σ projections + Σ_j L_j · 
 * ``fixed``: token + position embeddings, a final norm of width ``d_model`` and the tied LM head
   over all ``seq_len`` positions (what the paper's prefill computes).
 
+``runtime="onnxruntime"`` times each piece as the ONNX graph ``latency kit`` ships for it, through
+an onnxruntime session on this CPU (the table then describes the deployed runtime, and a kit's
+results on this machine should match it); ``"torch"`` times the modules themselves.
+
 The paper's full space is 512 layer shapes and 152 projections; at 16 runs that is minutes on a
 laptop CPU and longer on a Jetson, hence ``--runs`` and the progress bar.
 """
@@ -128,6 +132,25 @@ def export_piece(module: nn.Module, example: torch.Tensor, path: Path) -> None:
         log.setLevel(level)
 
 
+def _ort_timer(workdir: Path, threads: int | None) -> Callable[[nn.Module, torch.Tensor, int, int], float]:
+    """Mean ms of a piece run as its exported ONNX graph in an onnxruntime CPU session (the session
+    options of the kit's runner: ``threads`` intra-op threads, onnxruntime's default optimizations)."""
+    import onnxruntime as ort
+
+    def time_piece(module: nn.Module, x: torch.Tensor, runs: int, warmup: int) -> float:
+        path = workdir / "piece.onnx"
+        export_piece(module, x, path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
+        return Stats.from_samples(time_calls(lambda: sess.run(None, feed), runs, warmup, synchronizer("cpu"))).mean
+
+    return time_piece
+
+
 def profile_space(
     space: SearchSpace,
     device: str = "cpu",
@@ -137,28 +160,44 @@ def profile_space(
     runs: int = 16,
     warmup: int = 2,
     progress: bool = True,
+    runtime: str = "torch",
+    threads: int | None = None,
 ) -> LatencyTable:
-    """Measure every layer shape, projection and the fixed part of ``space`` on ``device``."""
+    """Measure every layer shape, projection and the fixed part of ``space`` on ``device``, with
+    torch or (``runtime="onnxruntime"``, CPU) as the kit's ONNX graphs through onnxruntime."""
+    import tempfile
+
     max_pos = int(space.architecture.get("max_position_embeddings", 2048))
     if seq > max_pos:
         raise MerinoError(f"--seq {seq} exceeds the space's max_position_embeddings {max_pos}")
     total = len(space.layer_shapes()) + len(space.projection_shapes()) + 1
     bar = tqdm(total=total, desc="profile", unit="shape", disable=not progress, dynamic_ncols=True)
     layers, projs, fixed = [], [], {}
+    workdir = tempfile.TemporaryDirectory(prefix="merino-profile-")
+    ort_ms = _ort_timer(Path(workdir.name), threads) if runtime == "onnxruntime" else None
     for entry, module, x in pieces(space, batch, seq, device, FLOAT_DTYPES[precision]):
         role = entry.pop("role")
-        entry["ms"] = _mean_ms(lambda module=module, x=x: module(x), device, runs, warmup)
+        if ort_ms is not None:
+            entry["ms"] = ort_ms(module, x, runs, warmup)
+        else:
+            entry["ms"] = _mean_ms(lambda module=module, x=x: module(x), device, runs, warmup)
         {"layer": layers, "projection": projs}.get(role, []).append(entry)
         if role == "fixed":
             fixed = entry
         bar.set_postfix_str(role)
         bar.update(1)
     bar.close()
+    workdir.cleanup()
+    described = describe_device(device)
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        described = {**described, "runtime": f"onnxruntime {ort.__version__}"}
     return LatencyTable(
         fixed=fixed,
         layers=layers,
         projections=projs,
-        device=describe_device(device),
+        device=described,
         torch=torch.__version__,
         precision=precision,
         batch=batch,
