@@ -94,3 +94,12 @@ def mount_tmpfs(tmp_path: Path):
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N`` (pytest-xdist, as `make test` runs it): the tests that start a local
+    SLURM cluster or a multi-process DDP run share one worker (``--dist loadgroup``), so no two of
+    them hold the cluster's or DDP's ports at once."""
+    for item in items:
+        if item.path.name in ("test_slurm.py", "test_data_scale.py") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))

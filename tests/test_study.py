@@ -167,6 +167,12 @@ def test_study_runs_resumes_reports_and_calibrates_for_search(tmp_path):
     r = _cli("study", "calibrate", str(out / "report.json"), "--out", str(cal), "--folds", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     best = yaml.safe_load(cal.read_text())["entropy"]
+    before = cal.read_bytes()  # an existing --out is replaced only with --overwrite
+    r = _cli("study", "calibrate", str(out / "report.json"), "--out", str(cal), "--folds", "2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
+    assert cal.read_bytes() == before
+    r = _cli("study", "calibrate", str(out / "report.json"), "--out", str(cal), "--folds", "2", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
     recipe = tmp_path / "r.yaml"
     r = _cli("search", "--config", str(cal), "--budget", "flops=60G", "--out", str(recipe), "--no-plot")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -123,7 +123,7 @@ def calibrate(report: dict[str, Any], folds: int = 4, heldout: str = "indomain")
     }
 
 
-def calibrate_cli(report_path: str, out: str, folds: int) -> int:
+def calibrate_cli(report_path: str, out: str, folds: int, overwrite: bool = False) -> int:
     path = Path(report_path)
     if not path.is_file():
         raise MerinoError(f"study report not found: {path} (write it with `merino-pl study report DIR`)")
@@ -135,7 +135,11 @@ def calibrate_cli(report_path: str, out: str, folds: int) -> int:
         raise MerinoError(f"{path}: not a study report (format merino-study-report/1)")
     if Path(out).suffix not in (".yaml", ".yml"):
         raise MerinoError(f"--out {out} must be a .yaml file")
-    if problems := check_out(out, file=True):  # a folder, or a folder nothing can be created in
+    problems = check_out(out, file=True)  # a folder, or a folder nothing can be created in
+    written = [p for p in (Path(out), Path(out).with_suffix(".calibration.json")) if p.exists()]
+    if written and not overwrite:  # as `search --out`: never replace what the user did not name
+        problems.append(f"--out {out}: {', '.join(map(str, written))} already exists (pass --overwrite to replace)")
+    if problems:
         raise MerinoError("; ".join(problems))
     result = calibrate(report, folds)
     best = {k: v for k, v in result["best"].items() if k != "table"}

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("report", help="report.json of a study")
     cal.add_argument("--out", required=True, help="entropy config YAML that `merino-pl search --config` reads")
     cal.add_argument("--folds", type=int, default=4)
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .calibration.json")
     cmp_ = sub.add_parser("compare", help="train the searched recipes head to head, several seeds")
     cmp_.add_argument("--config", required=True, help="study config with a head_to_head section")
     cmp_.add_argument("--out", required=True)
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "calibrate":
         from merino_pl.study.calibrate import calibrate_cli
 
-        return calibrate_cli(args.report, args.out, args.folds)
+        return calibrate_cli(args.report, args.out, args.folds, args.overwrite)
     from merino_pl.study.compare import compare
 
     return compare(_settings(args, extra))
