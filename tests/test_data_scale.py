@@ -340,7 +340,9 @@ def test_two_process_fit_builds_the_validation_set_once(tmp_path):
         "                        enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,\n"
         f"                        val_check_interval=2, default_root_dir={str(tmp_path / 'run')!r})\n"
         "    trainer.fit(_recorder()(), datamodule=dm)\n"
-        "    print('windows', len(dm.validation_windows()), 'rank', dm.rank_world())\n"
+        # one write per rank (short: atomic on a pipe), so the two ranks' lines cannot interleave
+        "    line = f'windows {len(dm.validation_windows())} rank {dm.rank_world()}\\n'\n"
+        "    sys.stdout.flush(); sys.stdout.write(line); sys.stdout.flush()\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
