@@ -249,7 +249,7 @@ def _load_inputs(
                 )
             else:
                 problems += validate_for_model(s.spec, s.calib, loaded.recipe.architecture)
-                if (s.calib.nsamples if s.spec.method == "gptq" else 0) or s.calib.holdout > 0:  # text feeds the model
+                if _calibration_windows(s):  # text feeds the model
                     problems += _vocab_problems(s, loaded)
         except MerinoError as e:
             problems.append(str(e))
@@ -291,11 +291,15 @@ def _resolve_seq_len(s: QuantizeSettings, loaded: LoadedModel) -> QuantizeSettin
     a shorter context, whose positions past it never got a gradient."""
     if s.calib.seq_len is not None:
         return s
-    from merino_pl.core.checkpoint import trained_context
+    from merino_pl.core.checkpoint import context_window  # eval's default window: the same rule
 
-    positions = loaded.recipe.architecture.max_position_embeddings
-    seq_len = min(DEFAULT_SEQ_LEN, positions, trained_context(loaded) or positions)
+    seq_len = min(DEFAULT_SEQ_LEN, context_window(loaded)[0])
     return dataclasses.replace(s, calib=dataclasses.replace(s.calib, seq_len=seq_len))
+
+
+def _calibration_windows(s: QuantizeSettings) -> int:
+    """Windows of text the run feeds the model: GPTQ's calibration (RTN reads none) + the held-out check."""
+    return (s.calib.nsamples if s.spec.method == "gptq" else 0) + max(s.calib.holdout, 0)
 
 
 def _vocab_problems(s: QuantizeSettings, loaded: LoadedModel) -> list[str]:
